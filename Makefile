@@ -1,0 +1,38 @@
+# The two commands: `make demo` and `make test`. Everything they need, they install.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench sysdeps clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "make: $(PY) not found (set PY=...)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+# Debian packages for the real-peer tests (strongSwan, ping, tcpdump); only as root.
+sysdeps:
+	@./scripts/install-sysdeps.sh
+
+demo: $(STAMP)
+	$(BIN)/ipsec-cluster demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check common dispatcher member tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy common dispatcher member
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: $(STAMP) sysdeps lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/pytest bench -q --benchmark-columns=min,median,mean,ops --benchmark-sort=name
+
+clean:
+	rm -rf $(VENV) build *.egg-info

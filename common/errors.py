@@ -1,0 +1,53 @@
+"""The one exception tree of ipsec-cluster.
+
+Rules of this file:
+- ``MalformedMessage`` is the only error that code parsing bytes from the
+  network may raise for bad bytes; no ``IndexError`` or ``struct.error`` escapes.
+- ``RemoteProtocolError`` (the peer misbehaved) and ``LocalProtocolError`` (our
+  caller misused the API) stay apart, as in h11.
+- IKE protocol errors carry the notify type they map to as ``notify_type``.
+"""
+
+from __future__ import annotations
+
+
+class IpsecClusterError(Exception):
+    """Base of every error raised on purpose by ipsec-cluster."""
+
+
+class RemoteProtocolError(IpsecClusterError):
+    """The peer (or a packet from the network) broke the protocol.
+
+    ``notify_type`` is the IKEv2 Notify Message Type (RFC 7296 §3.10.1) this
+    error is reported with, or 0 when it is not reported to the peer.
+    """
+
+    notify_type: int = 0
+
+
+class MalformedMessage(RemoteProtocolError):
+    """Bytes from the network that cannot be parsed (truncated, bad lengths,
+    bad field values). RFC 7296 maps it to INVALID_SYNTAX (7)."""
+
+    notify_type = 7
+
+
+class IntegrityError(RemoteProtocolError):
+    """Authentication of a packet failed (ICV mismatch, AEAD tag mismatch).
+
+    Always one error, whatever the cipher said, so nothing leaks which check
+    failed."""
+
+
+class ReplayError(RemoteProtocolError):
+    """An ESP packet whose sequence number was already seen or lies left of the
+    anti-replay window (RFC 4303 §3.4.3)."""
+
+
+class LocalProtocolError(IpsecClusterError):
+    """Our own caller used an API wrongly (a bug on our side, not the peer's)."""
+
+
+class SequenceExhausted(LocalProtocolError):
+    """An outbound SA has used its last sequence number; it must be rekeyed
+    (RFC 4303 §3.3.3: sequence numbers never wrap)."""
