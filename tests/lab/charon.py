@@ -383,7 +383,9 @@ class Charon:
         found = [s for s in self.list_sas() if s["name"] == name and s["state"] == "ESTABLISHED"]
         return max(found, key=lambda s: int(s["uniqueid"])) if found else None
 
-    def child_sas(self, name: str | None = None, state: str = "INSTALLED") -> list[dict[str, Any]]:
+    def child_sas(
+        self, name: str | None = None, state: str | None = "INSTALLED"
+    ) -> list[dict[str, Any]]:
         """CHILD_SAs in ``state`` (rekeyed ones linger as DELETED), of ``name`` if given."""
         return [
             c for s in self.list_sas() for c in s["child-sas"]
