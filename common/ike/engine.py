@@ -1,0 +1,217 @@
+"""The IKE engine: every IKE SA of one gateway (or one cluster member), fed
+with datagrams and the time, giving datagrams and events back (aioquic style).
+
+Surface for the shells:
+    receive_datagram(data, remote, local_port, now)
+    datagrams_to_send() -> list[Outgoing]
+    next_event() -> IkeEvent | None
+    get_timer() -> float | None ;  handle_timer(now)
+    initiate(...), create_child(...), rekey_child(...), rekey_ike(...),
+    delete_child(...), delete_ike(...), dpd(...), mid_sync(...)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from common.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
+from common.ike.constants import ExchangeType
+from common.ike.cookies import CookieJar
+from common.ike.events import IkeEvent
+from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
+from common.ike.exchanges.ike_auth import IkeAuthTask
+from common.ike.exchanges.ike_init import ZERO_SPI, IkeInitTask, handle_init_request
+from common.ike.exchanges.ike_rekey import IkeRekeyTask
+from common.ike.exchanges.informational import (
+    ChildDeleteTask,
+    DpdTask,
+    IkeDeleteTask,
+    MidSyncTask,
+)
+from common.ike.message import decode_header, decode_message
+from common.ike.policy import IkePolicy
+from common.ike.sa import (
+    Address,
+    IkeContext,
+    IkeOptions,
+    IkeSa,
+    IkeState,
+    Outgoing,
+    SpiSource,
+)
+from common.rand import RandomBytes
+
+log = logging.getLogger("ipsec_cluster.ike")
+
+
+class IkeEngine:
+    def __init__(self, policies: list[IkePolicy], *, random: RandomBytes, spis: SpiSource,
+                 options: IkeOptions | None = None) -> None:
+        self.policies = {p.name: p for p in policies}
+        self.ctx = IkeContext(random, spis, options or IkeOptions())
+        self.cookies = CookieJar(random)
+        #: IKE SAs by the SPI we chose (spi_r as responder, spi_i as initiator)
+        self.sas: dict[bytes, IkeSa] = {}
+        self.by_id: dict[int, IkeSa] = {}
+        #: half-open responder SAs by (peer SPI, peer address): IKE_SA_INIT retransmits
+        self.half_open: dict[tuple[bytes, str], IkeSa] = {}
+        self.drops: Counter[str] = Counter()
+
+    # -- datagrams ----------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, remote: Address, local_port: int,
+                         now: float) -> None:
+        """One IKE message (without the non-ESP marker) from ``remote``."""
+        try:
+            header = decode_header(data)
+        except RemoteProtocolError as exc:
+            self.drops["malformed"] += 1
+            log.debug("dropped IKE datagram from %s: %s", remote[0], exc)
+            return
+        if (header.exchange == ExchangeType.IKE_SA_INIT and not header.is_response
+                and header.spi_r == ZERO_SPI):
+            self._init_request(data, remote, local_port, now)
+        else:
+            # The I flag says whether the sender is the original initiator, so
+            # whether our SPI is the responder's or the initiator's.
+            ours = header.spi_r if header.is_initiator else header.spi_i
+            sa = self.sas.get(ours)
+            if sa is None or sa.terminal:
+                self.drops["unknown_spi"] += 1
+                return
+            if header.is_response:
+                sa.receive_response(header, data, remote, local_port, now)
+            else:
+                sa.receive_request(header, data, remote, local_port, now)
+        self._housekeeping()
+
+    def _init_request(self, data: bytes, remote: Address, local_port: int, now: float) -> None:
+        try:
+            header = decode_header(data)
+            old = self.half_open.get((header.spi_i, remote[0]))
+            if old is not None and not old.terminal:
+                if data == old.init_request and old.mids.response is not None:
+                    self.ctx.outbox.append(Outgoing(old.mids.response, remote, local_port))
+                else:
+                    self.drops["init_for_known_spi"] += 1
+                return
+            msg = decode_message(data)
+            result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
+                                         self.half_open_count(), msg, data, remote, local_port,
+                                         now)
+        except (MalformedMessage, RemoteProtocolError, ValueError) as exc:
+            self.drops["bad_init"] += 1
+            log.info("dropped IKE_SA_INIT from %s: %s", remote[0], exc)
+            return
+        self.ctx.outbox.append(Outgoing(result.response, remote, local_port))
+        if result.sa is not None:
+            self._index(result.sa)
+            self.half_open[(result.sa.spi_i, remote[0])] = result.sa
+
+    def datagrams_to_send(self) -> list[Outgoing]:
+        out, self.ctx.outbox = self.ctx.outbox, []
+        return out
+
+    def next_event(self) -> IkeEvent | None:
+        return self.ctx.events.popleft() if self.ctx.events else None
+
+    # -- timers ---------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        deadlines = [d for d in (sa.next_deadline() for sa in self.by_id.values())
+                     if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        for sa in list(self.by_id.values()):
+            deadline = sa.next_deadline()
+            if deadline is not None and deadline <= now:
+                sa.handle_timer(now)
+        self._housekeeping()
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _index(self, sa: IkeSa) -> None:
+        self.sas[sa.spi_i if sa.initiator else sa.spi_r] = sa
+        self.by_id[sa.ike_id] = sa
+
+    def _housekeeping(self) -> None:
+        for sa in self.ctx.created:
+            self._index(sa)
+        self.ctx.created.clear()
+        for sa in [s for s in self.by_id.values() if s.terminal]:
+            self.by_id.pop(sa.ike_id, None)
+            self.sas.pop(sa.spi_i if sa.initiator else sa.spi_r, None)
+            self.half_open.pop((sa.spi_i, sa.remote[0]), None)
+        for key, sa in list(self.half_open.items()):
+            if sa.state is not IkeState.HALF_OPEN:
+                del self.half_open[key]
+
+    def half_open_count(self) -> int:
+        return sum(1 for sa in self.half_open.values() if sa.state is IkeState.HALF_OPEN)
+
+    def get(self, ike_id: int) -> IkeSa:
+        sa = self.by_id.get(ike_id)
+        if sa is None:
+            raise LocalProtocolError(f"no IKE SA {ike_id}")
+        return sa
+
+    def established(self) -> list[IkeSa]:
+        return [sa for sa in self.by_id.values() if sa.state is IkeState.ESTABLISHED]
+
+    # -- actions (initiator side) --------------------------------------------------------
+
+    def initiate(self, policy_name: str, remote: Address, now: float,
+                 children: list[str] | None = None) -> int:
+        """Start IKE_SA_INIT + IKE_AUTH with the first child, then CREATE_CHILD_SA
+        for the others. Returns the new IKE SA's id."""
+        policy = self.policies.get(policy_name)
+        if policy is None:
+            raise LocalProtocolError(f"no connection named {policy_name!r}")
+        names = list(policy.children) if children is None else children
+        for name in names:
+            if name not in policy.children:
+                raise LocalProtocolError(f"connection {policy_name!r} has no child {name!r}")
+        sa = IkeSa(self.ctx, initiator=True, spi_i=self.ctx.spis.allocate_ike(),
+                   spi_r=ZERO_SPI, remote=remote, local_port=self.ctx.options.ike_port,
+                   state=IkeState.INIT_SENT, policy=policy)
+        sa.created_at = sa.last_heard = now
+        self._index(sa)
+        sa.queue.append(IkeInitTask())
+        first = policy.children[names[0]] if names else None
+        sa.queue.append(IkeAuthTask(first))
+        for name in names[1:]:
+            sa.queue.append(ChildCreateTask(policy.children[name]))
+        sa.kick(now)
+        return sa.ike_id
+
+    def create_child(self, ike_id: int, child_name: str, now: float) -> None:
+        sa = self.get(ike_id)
+        if sa.policy is None or child_name not in sa.policy.children:
+            raise LocalProtocolError(f"IKE SA {ike_id} has no child config {child_name!r}")
+        sa.queue_task(ChildCreateTask(sa.policy.children[child_name]), now)
+
+    def rekey_child(self, ike_id: int, spi_in: int, now: float) -> None:
+        self.get(ike_id).queue_task(ChildRekeyTask(spi_in), now)
+
+    def rekey_ike(self, ike_id: int, now: float) -> None:
+        self.get(ike_id).queue_task(IkeRekeyTask(), now)
+
+    def delete_child(self, ike_id: int, spi_in: int, now: float) -> None:
+        self.get(ike_id).queue_task(ChildDeleteTask([spi_in]), now)
+
+    def delete_ike(self, ike_id: int, now: float) -> None:
+        self.get(ike_id).queue_task(IkeDeleteTask(), now)
+
+    def dpd(self, ike_id: int, now: float) -> None:
+        self.get(ike_id).queue_task(DpdTask(), now)
+
+    def mid_sync(self, ike_id: int, now: float, margin: int = 0) -> None:
+        self.get(ike_id).queue_task(MidSyncTask(margin), now, first=True)
+
+    def note_activity(self, ike_id: int, now: float) -> None:
+        """ESP traffic arrived for this IKE SA: no DPD needed (RFC 7296 §2.4)."""
+        sa = self.by_id.get(ike_id)
+        if sa is not None:
+            sa.last_heard = max(sa.last_heard, now)

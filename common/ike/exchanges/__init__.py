@@ -1,0 +1,89 @@
+"""One module per exchange (strongSwan ``libcharon/sa/ikev2/tasks``).
+
+``dispatch_request`` picks the responder handler for a request from the
+table below: (exchange type, what the request carries) -> handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from common.errors import RemoteProtocolError
+from common.ike.constants import ExchangeType, NotifyType, ProtocolId
+from common.ike.message import IkeMessage
+from common.ike.payloads import DeletePayload, NotifyPayload, Payload, SaPayload
+
+if TYPE_CHECKING:
+    from common.ike.sa import IkeSa
+
+Handler = Callable[["IkeSa", IkeMessage, float], list[Payload]]
+
+
+class UnexpectedExchange(RemoteProtocolError):
+    """A request that this IKE SA cannot take in its state (RFC 7296 §2.21)."""
+
+    notify_type = int(NotifyType.INVALID_SYNTAX)
+
+
+def classify(msg: IkeMessage) -> str:
+    """The kind of request, the second column of the dispatch table."""
+    if msg.exchange == ExchangeType.CREATE_CHILD_SA:
+        sa = msg.get(SaPayload)
+        if sa is not None and sa.proposals and sa.proposals[0].protocol == ProtocolId.IKE:
+            return "ike_rekey"
+        if msg.has_notify(NotifyType.REKEY_SA):
+            return "child_rekey"
+        return "child_new"
+    if msg.exchange == ExchangeType.INFORMATIONAL:
+        if msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC):
+            return "mid_sync"
+        if msg.get(DeletePayload) is not None:
+            return "delete"
+        return "dpd"
+    if msg.exchange == ExchangeType.IKE_AUTH:
+        return "auth"
+    return "other"
+
+
+def _table() -> dict[tuple[str, str], Handler]:
+    from common.ike.exchanges import child_sa, ike_auth, ike_rekey, informational
+
+    return {
+        ("HALF_OPEN", "auth"): ike_auth.handle_auth_request,
+        ("ESTABLISHED", "child_new"): child_sa.handle_new_child,
+        ("ESTABLISHED", "child_rekey"): child_sa.handle_child_rekey,
+        ("ESTABLISHED", "ike_rekey"): ike_rekey.handle_ike_rekey,
+        ("ESTABLISHED", "delete"): informational.handle_delete,
+        ("ESTABLISHED", "dpd"): informational.handle_dpd,
+        ("ESTABLISHED", "mid_sync"): informational.handle_mid_sync,
+        ("REKEYED", "delete"): informational.handle_delete,
+        ("REKEYED", "dpd"): informational.handle_dpd,
+        ("REKEYED", "child_new"): informational.handle_temporary_failure,
+        ("REKEYED", "child_rekey"): informational.handle_temporary_failure,
+        ("REKEYED", "ike_rekey"): informational.handle_temporary_failure,
+        ("REKEYED", "mid_sync"): informational.handle_mid_sync,
+        ("DELETING", "delete"): informational.handle_delete,
+        ("DELETING", "dpd"): informational.handle_dpd,
+        ("DELETING", "child_new"): informational.handle_temporary_failure,
+        ("DELETING", "child_rekey"): informational.handle_temporary_failure,
+        ("DELETING", "ike_rekey"): informational.handle_temporary_failure,
+    }
+
+
+_TABLE: dict[tuple[str, str], Handler] | None = None
+
+
+def dispatch_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _table()
+    handler = _TABLE.get((sa.state.name, classify(msg)))
+    if handler is None:
+        raise UnexpectedExchange(
+            f"{msg.exchange.name} ({classify(msg)}) not allowed in state {sa.state.name}")
+    return handler(sa, msg, now)
+
+
+def error_notify(t: NotifyType, data: bytes = b"") -> list[Payload]:
+    return [NotifyPayload(t, data=data)]

@@ -1,0 +1,167 @@
+"""IKE_AUTH with pre-shared keys and the first child SA (RFC 7296 §1.2, §2.15).
+
+    Initiator                         Responder
+    HDR, SK {IDi, [IDr,] AUTH, SAi2, TSi, TSr,
+             N(IKEV2_MESSAGE_ID_SYNC_SUPPORTED)}  -->
+                          <--    HDR, SK {IDr, AUTH, SAr2, TSi, TSr,
+                                          N(IKEV2_MESSAGE_ID_SYNC_SUPPORTED)}
+
+A wrong PSK ends the half-open SA: the responder answers
+N(AUTHENTICATION_FAILED) and logs which identity failed and why.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from common.errors import LocalProtocolError
+from common.ike.constants import AuthMethod, ExchangeType, IdType, NotifyType
+from common.ike.events import IkeSaEstablished
+from common.ike.exchanges.child_sa import (
+    ChildOffer,
+    ChildRefused,
+    finish_initiated_child,
+    offer_child,
+    respond_child,
+)
+from common.ike.keys import psk_auth
+from common.ike.message import IkeMessage
+from common.ike.payloads import AuthPayload, IdiPayload, IdrPayload, NotifyPayload, Payload
+from common.ike.policy import ChildPolicy, IkePolicy, format_identity
+from common.ike.proposals import format_ike_suite
+
+if TYPE_CHECKING:
+    from common.ike.sa import IkeSa
+
+log = logging.getLogger("ipsec_cluster.ike")
+
+
+def id_body(id_type: IdType, data: bytes) -> bytes:
+    """RestOfIDPayload of RFC 7296 §2.15: ID type, three reserved bytes, data."""
+    return bytes([int(id_type), 0, 0, 0]) + data
+
+
+def _auth(sa: IkeSa, policy: IkePolicy, *, ours: bool, ident: tuple[IdType, bytes]) -> bytes:
+    if sa.suite is None or sa.keys is None:
+        raise LocalProtocolError("IKE_AUTH before keys")
+    we_initiated = sa.initiator
+    # The signer's first message and the other side's nonce (§2.15).
+    signer_is_initiator = we_initiated if ours else not we_initiated
+    message = sa.init_request if signer_is_initiator else sa.init_response
+    nonce = sa.nr if signer_is_initiator else sa.ni
+    sk_p = sa.keys.sk_pi if signer_is_initiator else sa.keys.sk_pr
+    return psk_auth(sa.suite.prf, policy.psk, message, nonce, sk_p, id_body(*ident))
+
+
+def became_established(sa: IkeSa, now: float) -> None:
+    from common.ike.sa import IkeInput
+
+    if sa.policy is None or sa.suite is None or sa.peer_id is None:
+        raise LocalProtocolError("establishing an IKE SA without policy, suite or peer id")
+    sa.apply(IkeInput.AUTH_DONE)
+    sa.half_open_deadline = None
+    sa.established_at = sa.last_heard = now
+    if sa.policy.rekey_time > 0:
+        sa.rekey_at = now + sa.policy.rekey_time
+    sa.ctx.events.append(IkeSaEstablished(
+        sa.ike_id, sa.policy.name, sa.spi_i, sa.spi_r, sa.remote, sa.initiator,
+        format_ike_suite(sa.suite), format_identity(*sa.policy.local_id),
+        format_identity(*sa.peer_id)))
+
+
+@dataclass(slots=True)
+class IkeAuthTask:
+    exchange = ExchangeType.IKE_AUTH
+    name = "ike_auth"
+    child: ChildPolicy | None = None
+    offer: ChildOffer | None = None
+
+    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
+        policy = sa.policy
+        if policy is None:
+            return None
+        payloads: list[Payload] = [IdiPayload(*policy.local_id),
+                                   NotifyPayload(NotifyType.INITIAL_CONTACT)]
+        if policy.remote_id is not None:
+            payloads.append(IdrPayload(*policy.remote_id))
+        payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC,
+                                    _auth(sa, policy, ours=True, ident=policy.local_id)))
+        if self.child is not None:
+            self.offer = offer_child(sa, self.child, in_auth=True)
+            payloads += self.offer.payloads
+        payloads.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
+        return payloads
+
+    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
+        policy = sa.policy
+        if policy is None:
+            return
+        if msg.has_notify(NotifyType.AUTHENTICATION_FAILED):
+            self._release()
+            sa.fail("peer answered AUTHENTICATION_FAILED (wrong PSK or identity?)")
+            return
+        idr, auth = msg.get(IdrPayload), msg.get(AuthPayload)
+        if idr is None or auth is None:
+            self._release()
+            sa.fail("IKE_AUTH response without IDr or AUTH")
+            return
+        ident = (idr.id_type, idr.data)
+        if not policy.matches_remote_id(*ident):
+            self._release()
+            sa.fail(f"responder identity {format_identity(*ident)} is not the configured one")
+            return
+        expected = _auth(sa, policy, ours=False, ident=ident)
+        if auth.method != AuthMethod.SHARED_KEY_MIC or not hmac.compare_digest(
+                expected, auth.data):
+            self._release()
+            sa.fail(f"responder {format_identity(*ident)} failed PSK authentication")
+            return
+        sa.peer_id = ident
+        sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
+        became_established(sa, now)
+        if self.offer is not None:
+            finish_initiated_child(sa, self.offer, msg, now, in_auth=True)
+
+    def failed(self, sa: IkeSa, now: float) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.offer is not None:
+            self.offer.release()
+
+
+def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
+    idi, auth, idr = msg.get(IdiPayload), msg.get(AuthPayload), msg.get(IdrPayload)
+    if idi is None or auth is None:
+        sa.fail(f"IKE_AUTH from {sa.remote[0]} without IDi or AUTH (EAP is not supported)")
+        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+    ident = (idi.id_type, idi.data)
+    who = format_identity(*ident)
+    policy = next((p for p in sa.candidates if p.matches_remote_id(*ident) and (
+        idr is None or p.local_id == (idr.id_type, idr.data))), None)
+    if policy is None:
+        sa.fail(f"no connection matches IDi={who} from {sa.remote[0]}")
+        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+    sa.policy = policy
+    expected = _auth(sa, policy, ours=False, ident=ident)
+    if auth.method != AuthMethod.SHARED_KEY_MIC:
+        sa.fail(f"peer {who} uses auth method {auth.method.name}; only PSK is configured")
+        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+    if not hmac.compare_digest(expected, auth.data):
+        sa.fail(f"peer {who} at {sa.remote[0]} failed PSK authentication for connection "
+                f"'{policy.name}': AUTH payload does not match (wrong pre-shared key?)")
+        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+    sa.peer_id = ident
+    sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
+    became_established(sa, now)
+    payloads: list[Payload] = [IdrPayload(*policy.local_id), AuthPayload(
+        AuthMethod.SHARED_KEY_MIC, _auth(sa, policy, ours=True, ident=policy.local_id))]
+    try:
+        payloads += respond_child(sa, msg, now, in_auth=True, rekeyed=None)
+    except ChildRefused as exc:
+        payloads.append(NotifyPayload(NotifyType(exc.notify_type), data=exc.data))
+    payloads.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
+    return payloads

@@ -1,0 +1,200 @@
+"""INFORMATIONAL: delete (child and IKE), liveness checks (DPD), and the RFC
+6311 message-ID synchronisation (RFC 7296 §1.4, §2.4).
+
+    HDR, SK {D(ESP, spi...)}  -->  <--  HDR, SK {D(ESP, spi...)}   child delete
+    HDR, SK {D(IKE)}          -->  <--  HDR, SK {}                  IKE delete
+    HDR, SK {}                -->  <--  HDR, SK {}                  DPD
+    HDR(mid 0), SK {N(IKEV2_MESSAGE_ID_SYNC)} --> <-- same          RFC 6311 §4
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from common.ike.child import ChildInput, ChildSa, ChildState
+from common.ike.constants import ExchangeType, NotifyType, ProtocolId
+from common.ike.events import ChildSaDeleted, DpdSucceeded, IkeSaDeleted, MessageIdsSynced
+from common.ike.message import IkeMessage
+from common.ike.payloads import DeletePayload, NotifyPayload, Payload
+
+if TYPE_CHECKING:
+    from common.ike.sa import IkeSa
+
+log = logging.getLogger("ipsec_cluster.ike")
+
+_MID_SYNC = struct.Struct("!4sII")  # nonce, EXPECTED_SEND_REQ_MESSAGE_ID, EXPECTED_RECV_REQ...
+
+
+def child_gone(sa: IkeSa, child: ChildSa, reason: str) -> None:
+    """Forget a child SA and tell the shell to remove its ESP state."""
+    if sa.children.pop(child.spi_in, None) is None:
+        return
+    if child.state is not ChildState.DELETED:
+        child.apply(ChildInput.DELETED)
+    sa.ctx.spis.release_esp(child.spi_in)
+    sa.ctx.events.append(ChildSaDeleted(sa.ike_id, child.name, child.spi_in, child.spi_out,
+                                        reason))
+
+
+def ike_gone(sa: IkeSa, reason: str) -> None:
+    from common.ike.sa import IkeInput
+
+    if sa.terminal:
+        return
+    for child in list(sa.children.values()):
+        child_gone(sa, child, reason)
+    sa.apply(IkeInput.DELETED)
+    sa.ctx.events.append(IkeSaDeleted(sa.ike_id, sa.name, reason))
+
+
+# -- initiator tasks ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DpdTask:
+    exchange = ExchangeType.INFORMATIONAL
+    name = "dpd"
+
+    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
+        return []
+
+    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
+        sa.ctx.events.append(DpdSucceeded(sa.ike_id))
+
+    def failed(self, sa: IkeSa, now: float) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class ChildDeleteTask:
+    spis: list[int]
+    exchange = ExchangeType.INFORMATIONAL
+    name = "child_delete"
+    sent: list[int] = field(default_factory=list)
+
+    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
+        self.sent = [s for s in self.spis if s in sa.children]
+        if not self.sent:
+            return None
+        for spi in self.sent:
+            sa.children[spi].apply(ChildInput.DELETE_STARTED)
+        return [DeletePayload(ProtocolId.ESP, [s.to_bytes(4, "big") for s in self.sent])]
+
+    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
+        for spi in self.sent:
+            child = sa.children.get(spi)
+            if child is not None:
+                child_gone(sa, child, "deleted")
+
+    def failed(self, sa: IkeSa, now: float) -> None:
+        self.process(sa, IkeMessage(sa.spi_i, sa.spi_r, self.exchange, 0, True, False, []), now)
+
+
+@dataclass(slots=True)
+class IkeDeleteTask:
+    exchange = ExchangeType.INFORMATIONAL
+    name = "ike_delete"
+    reason: str = "deleted"
+
+    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
+        from common.ike.sa import IkeInput
+
+        if sa.terminal:
+            return None
+        sa.apply(IkeInput.DELETE_STARTED)
+        return [DeletePayload(ProtocolId.IKE, [])]
+
+    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
+        ike_gone(sa, self.reason)
+
+    def failed(self, sa: IkeSa, now: float) -> None:
+        ike_gone(sa, self.reason + " (peer did not answer the delete)")
+
+
+@dataclass(slots=True)
+class MidSyncTask:
+    """RFC 6311 §4: resynchronise message IDs after a takeover. The request
+    always uses message ID 0. ``margin`` is added to our send ID so that
+    requests a dead owner may have sent are skipped."""
+
+    margin: int = 0
+    nonce: bytes = b""
+    exchange = ExchangeType.INFORMATIONAL
+    name = "mid_sync"
+    fixed_mid = 0
+
+    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
+        if not sa.peer_mid_sync:
+            return None
+        self.nonce = sa.ctx.random(4)
+        send = sa.mids.send_next + self.margin
+        return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC,
+                              data=_MID_SYNC.pack(self.nonce, send, sa.mids.recv_next))]
+
+    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
+        n = msg.notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
+        if n is None or len(n.data) != _MID_SYNC.size:
+            log.warning("IKE SA %d: bad MID sync answer", sa.ike_id)
+            return
+        nonce, peer_send, peer_recv = _MID_SYNC.unpack(n.data)
+        if nonce != self.nonce:
+            log.warning("IKE SA %d: MID sync answer with a foreign nonce", sa.ike_id)
+            return
+        # The peer's answer: M2 = what it expects from us, P2 = what it sends next.
+        sa.mids.send_next = max(sa.mids.send_next + self.margin, peer_recv)
+        sa.mids.recv_next = max(sa.mids.recv_next, peer_send)
+        sa.ctx.events.append(MessageIdsSynced(sa.ike_id, sa.mids.send_next, sa.mids.recv_next))
+
+    def failed(self, sa: IkeSa, now: float) -> None:
+        pass
+
+
+def is_mid_sync_request(msg: IkeMessage) -> bool:
+    return msg.message_id == 0 and msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
+
+
+# -- responder handlers --------------------------------------------------------
+
+
+def handle_dpd(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
+    return []
+
+
+def handle_temporary_failure(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
+    # RFC 7296 §2.25: the SA is being rekeyed or deleted; try again later.
+    return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
+
+
+def handle_delete(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
+    answer: list[bytes] = []
+    for d in msg.get_all(DeletePayload):
+        if d.protocol == ProtocolId.IKE:
+            ike_gone(sa, "deleted by peer")
+            return []
+        if d.protocol != ProtocolId.ESP:
+            continue
+        for raw in d.spis:
+            # The peer names its inbound SPIs: our outbound ones (§1.4.1).
+            child = sa.child_by_out(int.from_bytes(raw, "big"))
+            if child is None:
+                continue
+            answer.append(child.spi_in.to_bytes(4, "big"))
+            child_gone(sa, child, "deleted by peer")
+    return [DeletePayload(ProtocolId.ESP, answer)] if answer else []
+
+
+def handle_mid_sync(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
+    """RFC 6311 §5.1, responder: M2 = max(M1, our expected), P2 = max(P1, our next)."""
+    n = msg.notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
+    if n is None or len(n.data) != _MID_SYNC.size or msg.message_id != 0:
+        return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
+    nonce, m1, p1 = _MID_SYNC.unpack(n.data)
+    m2 = max(m1, sa.mids.recv_next)
+    p2 = max(p1, sa.mids.send_next + (1 if sa.mids.busy else 0))
+    sa.mids.recv_next = m2
+    sa.mids.send_next = p2
+    sa.ctx.events.append(MessageIdsSynced(sa.ike_id, p2, m2))
+    return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, data=_MID_SYNC.pack(nonce, p2, m2))]

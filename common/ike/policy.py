@@ -1,0 +1,88 @@
+"""What the IKE core needs to know of the configuration: one ``IkePolicy`` per
+connection, one ``ChildPolicy`` per child. Built from common.config by the shell
+(``policies_from_config``), kept separate so the core does not depend on the
+TOML schema."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from common.ike.constants import IdType
+from common.ike.transforms import Proposal
+from common.ike.ts import TrafficSelector
+
+if TYPE_CHECKING:
+    from common.config import ConnectionConfig
+
+
+@dataclass(slots=True)
+class ChildPolicy:
+    name: str
+    local_ts: list[TrafficSelector]
+    remote_ts: list[TrafficSelector]
+    esp_proposals: list[Proposal]
+    rekey_time: float = 3600.0
+    start: bool = False
+
+
+@dataclass(slots=True)
+class IkePolicy:
+    name: str
+    local_id: tuple[IdType, bytes]
+    #: None = accept any identity (swanctl ``%any``).
+    remote_id: tuple[IdType, bytes] | None
+    psk: bytes = field(repr=False)
+    proposals: list[Proposal]
+    #: textual addresses; "%any" matches everything.
+    remote_addrs: list[str] = field(default_factory=lambda: ["%any"])
+    remote_port: int = 500
+    dpd_delay: float = 10.0
+    rekey_time: float = 14400.0
+    children: dict[str, ChildPolicy] = field(default_factory=dict)
+
+    def matches_address(self, addr: str) -> bool:
+        return "%any" in self.remote_addrs or addr in self.remote_addrs
+
+    def matches_remote_id(self, id_type: IdType, data: bytes) -> bool:
+        if self.remote_id is None:
+            return True
+        return self.remote_id == (id_type, data)
+
+
+def format_identity(id_type: IdType, data: bytes) -> str:
+    """Human form of an IKE identity for logs and status."""
+    import ipaddress
+
+    if id_type == IdType.ID_IPV4_ADDR and len(data) == 4:
+        return str(ipaddress.IPv4Address(data))
+    if id_type == IdType.ID_IPV6_ADDR and len(data) == 16:
+        return str(ipaddress.IPv6Address(data))
+    if id_type in (IdType.ID_FQDN, IdType.ID_RFC822_ADDR):
+        return data.decode("utf-8", "replace")
+    return f"{id_type.name}:{data.hex()}"
+
+
+def policies_from_config(connections: Mapping[str, ConnectionConfig]) -> list[IkePolicy]:
+    """The IKE core's view of the ``[connections]`` of a config file."""
+    out = []
+    for conn in connections.values():
+        if conn.psk is None:
+            raise ValueError(f"connection {conn.name}: the pre-shared key was not read")
+        if conn.local_id.id_type is None:
+            raise ValueError(f"connection {conn.name}: local_id cannot be %any")
+        children = {
+            c.name: ChildPolicy(c.name, list(c.local_ts), list(c.remote_ts),
+                                [p.proposal for p in c.esp_proposals], float(c.rekey_time),
+                                c.start_action == "start")
+            for c in conn.children.values()
+        }
+        remote_id = (None if conn.remote_id.id_type is None
+                     else (conn.remote_id.id_type, conn.remote_id.data))
+        out.append(IkePolicy(
+            conn.name, (conn.local_id.id_type, conn.local_id.data), remote_id, conn.psk,
+            [p.proposal for p in conn.proposals],
+            [str(a) for a in conn.remote_addrs] or ["%any"], conn.remote_port,
+            float(conn.dpd_delay), float(conn.rekey_time), children))
+    return out

@@ -1,0 +1,456 @@
+"""One IKE SA, either role: state table, message IDs, keys, and the exchange
+tasks (RFC 7296).
+
+Rules of this file:
+- Sans-I/O: bytes come in through ``receive_request``/``receive_response``
+  with the time; bytes leave through the context's outbox; facts leave as
+  events. No clock, no sockets, randomness from ``ctx.random``.
+- The IKE SA state changes only through ``apply`` and ``IKE_TRANSITIONS``; an
+  unknown (state, input) pair is a bug and moves the SA to FAILED.
+- Requests we initiate are tasks in a queue, one in flight (window size 1,
+  RFC 7296 §2.3); requests from the peer are handled by the exchange modules
+  and answered at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Protocol
+
+from common.errors import LocalProtocolError, RemoteProtocolError
+from common.ike.child import ChildInput, ChildSa, ChildState
+from common.ike.constants import ExchangeType, IdType, NotifyType, ProtocolId
+from common.ike.events import IkeEvent, IkeSaFailed
+from common.ike.keys import IkeKeys
+from common.ike.message import (
+    EncryptedWithoutKeys,
+    IkeHeader,
+    IkeMessage,
+    decode_message,
+    encode_message,
+)
+from common.ike.msgid import MessageIds, RequestVerdict, RetransmitPolicy
+from common.ike.payloads import NotifyPayload, Payload, UnsupportedCriticalPayload
+from common.ike.policy import IkePolicy
+from common.ike.proposals import IkeSuite
+from common.ike.sk import SkCipher
+from common.rand import RandomBytes
+
+if TYPE_CHECKING:
+    from common.ike.dh import DhKeyPair
+
+log = logging.getLogger("ipsec_cluster.ike")
+
+Address = tuple[str, int]
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A datagram the shell must send: IKE bytes without the non-ESP marker
+    (the shell adds it on every port but 500, RFC 3948 §2.2)."""
+
+    data: bytes
+    remote: Address
+    local_port: int
+
+
+class SpiSource(Protocol):
+    """Where SPIs come from: the member's segment-aware allocator."""
+
+    def allocate_ike(self) -> bytes: ...
+
+    def allocate_esp(self) -> int: ...
+
+    def release_esp(self, spi: int) -> None: ...
+
+
+@dataclass(slots=True)
+class IkeOptions:
+    ike_port: int = 500
+    natt_port: int = 4500
+    retransmit: RetransmitPolicy = field(default_factory=RetransmitPolicy)
+    half_open_timeout_s: float = 30.0
+    cookie_threshold: int = 100
+    nonce_len: int = 32
+
+
+@dataclass(slots=True)
+class IkeContext:
+    """What every IKE SA of one engine shares."""
+
+    random: RandomBytes
+    spis: SpiSource
+    options: IkeOptions
+    outbox: list[Outgoing] = field(default_factory=list)
+    events: deque[IkeEvent] = field(default_factory=deque)
+    #: IKE SAs created by rekeys, for the engine to index by SPI
+    created: list[IkeSa] = field(default_factory=list)
+    next_id: int = 1
+
+    def new_id(self) -> int:
+        i = self.next_id
+        self.next_id += 1
+        return i
+
+
+class IkeState(Enum):
+    INIT_SENT = auto()      # initiator: IKE_SA_INIT request out
+    AUTH_SENT = auto()      # initiator: IKE_AUTH request out
+    HALF_OPEN = auto()      # responder: IKE_SA_INIT answered, waiting for IKE_AUTH
+    ESTABLISHED = auto()
+    REKEYED = auto()        # replaced by a new IKE SA, waiting for the delete
+    DELETING = auto()       # our delete request is out
+    DELETED = auto()        # terminal
+    FAILED = auto()         # terminal
+
+
+class IkeInput(Enum):
+    INIT_DONE = auto()
+    AUTH_DONE = auto()
+    REKEYED = auto()
+    DELETE_STARTED = auto()
+    DELETED = auto()
+    FAILED = auto()
+    RETRY_INIT = auto()
+
+
+IKE_TRANSITIONS: dict[tuple[IkeState, IkeInput], IkeState] = {
+    (IkeState.INIT_SENT, IkeInput.RETRY_INIT): IkeState.INIT_SENT,
+    (IkeState.INIT_SENT, IkeInput.INIT_DONE): IkeState.AUTH_SENT,
+    (IkeState.INIT_SENT, IkeInput.FAILED): IkeState.FAILED,
+    (IkeState.INIT_SENT, IkeInput.DELETED): IkeState.DELETED,
+    (IkeState.AUTH_SENT, IkeInput.AUTH_DONE): IkeState.ESTABLISHED,
+    (IkeState.AUTH_SENT, IkeInput.FAILED): IkeState.FAILED,
+    (IkeState.AUTH_SENT, IkeInput.DELETED): IkeState.DELETED,
+    (IkeState.HALF_OPEN, IkeInput.AUTH_DONE): IkeState.ESTABLISHED,
+    (IkeState.HALF_OPEN, IkeInput.FAILED): IkeState.FAILED,
+    (IkeState.HALF_OPEN, IkeInput.DELETED): IkeState.DELETED,
+    (IkeState.ESTABLISHED, IkeInput.REKEYED): IkeState.REKEYED,
+    (IkeState.ESTABLISHED, IkeInput.DELETE_STARTED): IkeState.DELETING,
+    (IkeState.ESTABLISHED, IkeInput.DELETED): IkeState.DELETED,
+    (IkeState.ESTABLISHED, IkeInput.FAILED): IkeState.FAILED,
+    (IkeState.REKEYED, IkeInput.REKEYED): IkeState.REKEYED,
+    (IkeState.REKEYED, IkeInput.DELETE_STARTED): IkeState.DELETING,
+    (IkeState.REKEYED, IkeInput.DELETED): IkeState.DELETED,
+    (IkeState.REKEYED, IkeInput.FAILED): IkeState.FAILED,
+    (IkeState.DELETING, IkeInput.DELETE_STARTED): IkeState.DELETING,
+    (IkeState.DELETING, IkeInput.REKEYED): IkeState.DELETING,
+    (IkeState.DELETING, IkeInput.DELETED): IkeState.DELETED,
+    (IkeState.DELETING, IkeInput.FAILED): IkeState.FAILED,
+}
+
+TERMINAL = frozenset({IkeState.DELETED, IkeState.FAILED})
+
+
+class Task(Protocol):
+    """An exchange we initiate (strongSwan's task_t, initiator half)."""
+
+    exchange: ExchangeType
+    name: str
+
+    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
+        """Payloads of the request, or None when the task became moot."""
+
+    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
+        """Handle the response."""
+
+    def failed(self, sa: IkeSa, now: float) -> None:
+        """The request was never answered (retransmits exhausted)."""
+
+
+class IkeSa:
+    """State of one IKE SA and its children."""
+
+    def __init__(self, ctx: IkeContext, *, initiator: bool, spi_i: bytes, spi_r: bytes,
+                 remote: Address, local_port: int, state: IkeState,
+                 policy: IkePolicy | None, candidates: list[IkePolicy] | None = None) -> None:
+        self.ctx = ctx
+        self.ike_id = ctx.new_id()
+        self.initiator = initiator
+        self.spi_i = spi_i
+        self.spi_r = spi_r
+        self.remote = remote
+        self.local_port = local_port
+        self.state = state
+        self.policy = policy
+        self.candidates = candidates or ([policy] if policy else [])
+        self.mids = MessageIds(policy=ctx.options.retransmit)
+        self.suite: IkeSuite | None = None
+        self.keys: IkeKeys | None = None
+        self.sk_in: SkCipher | None = None
+        self.sk_out: SkCipher | None = None
+        self.ni = b""
+        self.nr = b""
+        self.dh: DhKeyPair | None = None
+        self.init_request = b""
+        self.init_response = b""
+        self.last_request = b""
+        self.last_message = b""
+        self.peer_id: tuple[IdType, bytes] | None = None
+        self.peer_mid_sync = False
+        self.children: dict[int, ChildSa] = {}
+        self.queue: deque[Task] = deque()
+        self.active: Task | None = None
+        self.created_at = 0.0
+        self.established_at: float | None = None
+        self.last_heard = 0.0
+        self.rekey_at: float | None = None
+        self.half_open_deadline: float | None = None
+        #: the IKE SA that replaced this one (after an IKE rekey)
+        self.successor: IkeSa | None = None
+        #: RFC 7296 §2.8.2 collision bookkeeping for IKE rekeys
+        self.peer_rekey: tuple[bytes, bytes, IkeSa] | None = None
+        self.counters: dict[str, int] = {"requests_in": 0, "responses_in": 0,
+                                         "retransmits_answered": 0, "dropped": 0}
+        #: hook for the failover issue: called with the response bytes before
+        #: they leave; returns when the backup has them.
+        self.on_response: Callable[[IkeSa, bytes], None] | None = None
+
+    # -- state ----------------------------------------------------------------
+
+    def apply(self, event: IkeInput) -> None:
+        nxt = IKE_TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            old = self.state
+            self.state = IkeState.FAILED
+            raise LocalProtocolError(f"IKE SA {self.ike_id}: {event.name} in state {old.name}")
+        self.state = nxt
+
+    @property
+    def name(self) -> str:
+        return self.policy.name if self.policy else "?"
+
+    @property
+    def established(self) -> bool:
+        return self.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def spis(self) -> tuple[bytes, bytes]:
+        return self.spi_i, self.spi_r
+
+    def fail(self, reason: str) -> None:
+        """End this IKE SA because of an error; the shell logs the reason."""
+        if self.terminal:
+            return
+        log.warning("IKE SA %d (%s) with %s failed: %s", self.ike_id, self.name,
+                    self.remote[0], reason)
+        self.state = IkeState.FAILED
+        self.ctx.events.append(IkeSaFailed(self.ike_id, self.name, self.remote, reason))
+        self._drop_children(reason)
+
+    def _drop_children(self, reason: str) -> None:
+        from common.ike.exchanges.informational import child_gone
+
+        for child in list(self.children.values()):
+            child_gone(self, child, reason)
+
+    # -- keys -------------------------------------------------------------------
+
+    def install_keys(self, suite: IkeSuite, keys: IkeKeys) -> None:
+        self.suite = suite
+        self.keys = keys
+        sk_ei = SkCipher(suite.encr, suite.key_bits, suite.integ, keys.sk_ei, keys.sk_ai)
+        sk_er = SkCipher(suite.encr, suite.key_bits, suite.integ, keys.sk_er, keys.sk_ar)
+        self.sk_out, self.sk_in = (sk_ei, sk_er) if self.initiator else (sk_er, sk_ei)
+
+    def nonce(self) -> bytes:
+        return self.ctx.random(self.ctx.options.nonce_len)
+
+    # -- sending ----------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.ctx.outbox.append(Outgoing(data, self.remote, self.local_port))
+
+    def encode(self, exchange: ExchangeType, mid: int, response: bool,
+               payloads: list[Payload]) -> bytes:
+        msg = IkeMessage(spi_i=self.spi_i, spi_r=self.spi_r, exchange=exchange,
+                         message_id=mid, is_response=response, is_initiator=self.initiator,
+                         payloads=payloads)
+        if self.sk_out is None:
+            return encode_message(msg)
+        return encode_message(msg, self.sk_out, self.ctx.random(self.sk_out.iv_size))
+
+    def queue_task(self, task: Task, now: float, *, first: bool = False) -> None:
+        if first:
+            self.queue.appendleft(task)
+        else:
+            self.queue.append(task)
+        self.kick(now)
+
+    def kick(self, now: float) -> None:
+        """Send the next queued request if none is in flight."""
+        while self.active is None and self.queue and not self.terminal:
+            task = self.queue.popleft()
+            payloads = task.build(self, now)
+            if payloads is None:
+                continue
+            fixed = getattr(task, "fixed_mid", None)
+            mid = self.mids.take_request_id() if fixed is None else fixed
+            data = self.encode(task.exchange, mid, False, payloads)
+            self.mids.sent_request(mid, data, now)
+            self.last_request = data
+            self.active = task
+            self.send(data)
+
+    def restart_request(self, task: Task, payloads: list[Payload], now: float, mid: int) -> None:
+        """Send a new request with a given message ID (IKE_SA_INIT retry after
+        COOKIE or INVALID_KE_PAYLOAD, RFC 7296 §2.6/§1.2; MID sync uses 0)."""
+        data = self.encode(task.exchange, mid, False, payloads)
+        self.mids.sent_request(mid, data, now)
+        self.last_request = data
+        self.active = task
+        self.send(data)
+
+    # -- receiving --------------------------------------------------------------
+
+    def receive_response(self, header: IkeHeader, data: bytes, remote: Address,
+                         local_port: int, now: float) -> None:
+        if not self.mids.is_our_response(header.message_id) or self.active is None:
+            self.counters["dropped"] += 1
+            return
+        try:
+            msg = decode_message(data, self.sk_in)
+        except (RemoteProtocolError, EncryptedWithoutKeys) as exc:
+            # RFC 7296 §2.21.2: a message failing integrity is dropped.
+            self.counters["dropped"] += 1
+            log.info("IKE SA %d: dropped bad response: %s", self.ike_id, exc)
+            return
+        self.counters["responses_in"] += 1
+        self.last_heard = now
+        self.last_message = data
+        self.mids.response_received()
+        task, self.active = self.active, None
+        task.process(self, msg, now)
+        self.kick(now)
+
+    def receive_request(self, header: IkeHeader, data: bytes, remote: Address,
+                        local_port: int, now: float) -> None:
+        from common.ike.exchanges import dispatch_request
+        from common.ike.exchanges.informational import is_mid_sync_request
+
+        verdict = self.mids.classify_request(header.message_id)
+        mid_sync = (header.message_id == 0 and header.exchange == ExchangeType.INFORMATIONAL
+                    and self.established)
+        if verdict is RequestVerdict.RETRANSMIT and not mid_sync:
+            # RFC 7296 §2.1: the same response, byte for byte.
+            self.counters["retransmits_answered"] += 1
+            if self.mids.response is not None:
+                self.ctx.outbox.append(Outgoing(self.mids.response, remote, local_port))
+            return
+        if verdict is RequestVerdict.INVALID and not mid_sync:
+            self.counters["dropped"] += 1
+            return
+        try:
+            msg = decode_message(data, self.sk_in)
+        except UnsupportedCriticalPayload as exc:
+            # RFC 7296 §2.5: answer with the type of the payload we do not know.
+            stub = IkeMessage(self.spi_i, self.spi_r, header.exchange, header.message_id,
+                              False, not self.initiator, [])
+            self.respond(stub, [NotifyPayload(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,
+                                              data=exc.notify_data)], now)
+            return
+        except (RemoteProtocolError, EncryptedWithoutKeys) as exc:
+            self.counters["dropped"] += 1
+            log.info("IKE SA %d: dropped bad request: %s", self.ike_id, exc)
+            return
+        if mid_sync and verdict is not RequestVerdict.NEW:
+            if not is_mid_sync_request(msg):
+                self.counters["dropped"] += 1
+                return
+        self.counters["requests_in"] += 1
+        self.last_heard = now
+        # RFC 7296 §2.23: follow the peer's NAT mapping on authenticated requests.
+        self.remote = remote
+        self.local_port = local_port
+        try:
+            payloads = dispatch_request(self, msg, now)
+        except RemoteProtocolError as exc:
+            log.info("IKE SA %d: request refused: %s", self.ike_id, exc)
+            payloads = [NotifyPayload(NotifyType(exc.notify_type or NotifyType.INVALID_SYNTAX))]
+        self.respond(msg, payloads, now)
+
+    def respond(self, msg: IkeMessage, payloads: list[Payload], now: float) -> None:
+        data = self.encode(msg.exchange, msg.message_id, True, payloads)
+        if msg.message_id == self.mids.recv_next:
+            self.mids.sent_response(msg.message_id, data)
+        if self.on_response is not None:
+            self.on_response(self, data)
+        self.send(data)
+        if self.state in TERMINAL:
+            return
+        self.kick(now)
+
+    # -- timers -----------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self.mids.request_deadline, self.half_open_deadline,
+                             self.rekey_at, self._dpd_at()) if t is not None]
+        times += [c.rekey_at for c in self.children.values()
+                  if c.rekey_at is not None and c.state is ChildState.INSTALLED]
+        return min(times) if times else None
+
+    def _dpd_at(self) -> float | None:
+        if self.state is not IkeState.ESTABLISHED or self.policy is None:
+            return None
+        if self.policy.dpd_delay <= 0 or self.active is not None or self.queue:
+            return None
+        return self.last_heard + self.policy.dpd_delay
+
+    def handle_timer(self, now: float) -> None:
+        from common.ike.exchanges.child_sa import ChildRekeyTask
+        from common.ike.exchanges.ike_rekey import IkeRekeyTask
+        from common.ike.exchanges.informational import DpdTask
+        from common.ike.msgid import RetransmitsExhausted
+
+        if self.terminal:
+            return
+        try:
+            again = self.mids.retransmit_due(now)
+        except RetransmitsExhausted as exc:
+            task, self.active = self.active, None
+            if task is not None:
+                task.failed(self, now)
+            self.fail(f"peer not answering: {exc}")
+            return
+        if again is not None:
+            self.send(again)
+        if self.half_open_deadline is not None and now >= self.half_open_deadline:
+            self.fail("half-open IKE SA timed out")
+            return
+        if (self.rekey_at is not None and now >= self.rekey_at
+                and self.state is IkeState.ESTABLISHED):
+            self.rekey_at = None
+            self.queue_task(IkeRekeyTask(), now)
+        for child in list(self.children.values()):
+            if child.rekey_at is not None and now >= child.rekey_at and \
+                    child.state is ChildState.INSTALLED:
+                child.rekey_at = None
+                self.queue_task(ChildRekeyTask(child.spi_in), now)
+        dpd = self._dpd_at()
+        if dpd is not None and now >= dpd:
+            self.queue_task(DpdTask(), now)
+
+    # -- children ---------------------------------------------------------------
+
+    def child_by_out(self, spi_out: int) -> ChildSa | None:
+        for child in self.children.values():
+            if child.spi_out == spi_out:
+                return child
+        return None
+
+    def mark_child(self, child: ChildSa, event: ChildInput) -> None:
+        child.apply(event)
+
+
+def protocol_esp_spi(n: NotifyPayload) -> int | None:
+    """The 4-byte ESP SPI of a REKEY_SA notify, or None."""
+    if n.protocol != ProtocolId.ESP or len(n.spi) != 4:
+        return None
+    return int.from_bytes(n.spi, "big")

@@ -1,0 +1,222 @@
+"""A member's work without its I/O: the IKE engine for the IKE SAs it owns and
+the ESP transforms of the child SAs it owns.
+
+The single-process gateway (dispatcher/gateway.py) drives one ``Member``
+directly; the cluster (later) drives one per process behind the dispatcher.
+Inputs: IKE datagrams, ESP datagrams, inner packets, the time. Outputs: IKE
+datagrams (``Outgoing``), ESP datagrams, inner packets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from common.config import Config
+from common.errors import IntegrityError, MalformedMessage, ReplayError, SequenceExhausted
+from common.esp import InboundSA, OutboundSA
+from common.ike.engine import IkeEngine
+from common.ike.events import (
+    ChildSaDeleted,
+    ChildSaFailed,
+    ChildSaInstalled,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+)
+from common.ike.policy import policies_from_config
+from common.ike.sa import IkeOptions, Outgoing
+from common.ike.spis import SegmentSpis
+from common.ike.ts import TrafficSelector
+from common.rand import RandomBytes
+from common.spi import SpiAllocator
+
+log = logging.getLogger("ipsec_cluster.member")
+
+Address = tuple[str, int]
+
+
+@dataclass(slots=True)
+class ChildRoute:
+    """One installed child SA as the data plane sees it."""
+
+    ike_id: int
+    name: str
+    outbound: OutboundSA
+    inbound: InboundSA
+    local_ts: tuple[TrafficSelector, ...]
+    remote_ts: tuple[TrafficSelector, ...]
+    remote: Address
+    #: address ranges of remote_ts and local_ts as (version, first, last) ints
+    dst_ranges: list[tuple[int, int, int]] = field(default_factory=list)
+    src_ranges: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def _ranges(tss: tuple[TrafficSelector, ...]) -> list[tuple[int, int, int]]:
+    return [(ts.start_addr.version, int(ts.start_addr), int(ts.end_addr)) for ts in tss]
+
+
+def _addresses(packet: bytes) -> tuple[int, int, int] | None:
+    """(version, src, dst) of an inner packet, or None."""
+    if not packet:
+        return None
+    version = packet[0] >> 4
+    if version == 4 and len(packet) >= 20:
+        return 4, int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
+    if version == 6 and len(packet) >= 40:
+        return 6, int.from_bytes(packet[8:24], "big"), int.from_bytes(packet[24:40], "big")
+    return None
+
+
+def _in(ranges: list[tuple[int, int, int]], version: int, addr: int) -> bool:
+    return any(v == version and lo <= addr <= hi for v, lo, hi in ranges)
+
+
+class Member:
+    def __init__(self, config: Config, *, member_id: int = 1, sender_id: int = 1,
+                 segments: list[int] | None = None, random: RandomBytes = os.urandom) -> None:
+        c = config.cluster
+        self.config = config
+        self.member_id = member_id
+        self.sender_id = sender_id
+        self.replay_window = c.replay_window
+        allocator = SpiAllocator(random, c.segment_bits)
+        segs = segments if segments is not None else list(range(1, 1 << c.segment_bits))
+        self.spis = SegmentSpis(allocator, segs)
+        self.engine = IkeEngine(
+            policies_from_config(config.connections), random=random, spis=self.spis,
+            options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
+                               cookie_threshold=c.cookie_threshold))
+        #: inbound SPI -> route (old SAs stay here until deleted, for packets in flight)
+        self.by_spi: dict[int, ChildRoute] = {}
+        #: routes that carry outbound traffic (rekeyed ones leave this list)
+        self.routes: list[ChildRoute] = []
+        self.drops: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        self.esp_out: list[tuple[bytes, Address]] = []
+
+    # -- IKE ------------------------------------------------------------------
+
+    def handle_ike(self, data: bytes, remote: Address, local_port: int, now: float) -> None:
+        self.counters["ike_in"] += 1
+        self.engine.receive_datagram(data, remote, local_port, now)
+        self._events()
+
+    def ike_out(self) -> list[Outgoing]:
+        out = self.engine.datagrams_to_send()
+        self.counters["ike_out"] += len(out)
+        return out
+
+    def get_timer(self) -> float | None:
+        return self.engine.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.engine.handle_timer(now)
+        self._events()
+
+    def start_connections(self, now: float, only_start_action: bool = True) -> list[int]:
+        """Initiator: bring up every connection (our ``peer`` command)."""
+        ids = []
+        for conn in self.config.connections.values():
+            if not conn.remote_addrs:
+                continue
+            children = [n for n, ch in conn.children.items()
+                        if ch.start_action == "start" or not only_start_action]
+            if not children:
+                children = list(conn.children)
+            ids.append(self.engine.initiate(conn.name, (str(conn.remote_addrs[0]),
+                                                        conn.remote_port), now, children))
+        return ids
+
+    def _events(self) -> None:
+        while (e := self.engine.next_event()) is not None:
+            if isinstance(e, ChildSaInstalled):
+                self._install(e)
+            elif isinstance(e, ChildSaDeleted):
+                self._remove(e.spi_in)
+                log.info("child SA %s %08x_i deleted: %s", e.name, e.spi_in, e.reason)
+            elif isinstance(e, IkeSaEstablished):
+                self.counters["ike_established"] += 1
+                log.info("IKE SA %d %s established with %s (%s <-> %s), %s", e.ike_id, e.name,
+                         e.remote[0], e.local_id, e.remote_id, e.suite)
+            elif isinstance(e, IkeSaRekeyed):
+                for r in self.by_spi.values():
+                    if r.ike_id == e.old_ike_id:
+                        r.ike_id = e.new_ike_id
+            elif isinstance(e, IkeSaFailed):
+                self.counters["ike_failed"] += 1
+                log.warning("IKE SA %s with %s failed: %s", e.name, e.remote[0], e.reason)
+            elif isinstance(e, IkeSaDeleted):
+                log.info("IKE SA %d %s deleted: %s", e.ike_id, e.name, e.reason)
+            elif isinstance(e, ChildSaFailed):
+                log.warning("child SA %s failed: %s", e.name, e.reason)
+
+    def _install(self, e: ChildSaInstalled) -> None:
+        route = ChildRoute(
+            e.ike_id, e.name,
+            OutboundSA(e.spi_out, e.transform, e.keymat_out, self.sender_id, esn=e.esn),
+            InboundSA(e.spi_in, e.transform, e.keymat_in, self.replay_window, esn=e.esn),
+            e.local_ts, e.remote_ts, e.remote, _ranges(e.remote_ts), _ranges(e.local_ts))
+        self.by_spi[e.spi_in] = route
+        if e.replaces is not None:
+            old = self.by_spi.get(e.replaces)
+            if old is not None and old in self.routes:
+                self.routes.remove(old)
+        self.routes.insert(0, route)
+
+    def _remove(self, spi_in: int) -> None:
+        route = self.by_spi.pop(spi_in, None)
+        if route is not None and route in self.routes:
+            self.routes.remove(route)
+
+    # -- ESP --------------------------------------------------------------------
+
+    def handle_esp(self, data: bytes, spi: int, remote: Address, now: float) -> bytes | None:
+        """Decrypt one ESP packet; the inner packet, or None (counted drop)."""
+        route = self.by_spi.get(spi)
+        if route is None:
+            self.drops["esp_unknown_spi"] += 1
+            return None
+        try:
+            inner = route.inbound.unprotect(data)
+        except ReplayError:
+            self.drops["esp_replay"] += 1
+            return None
+        except IntegrityError:
+            self.drops["esp_integrity"] += 1
+            return None
+        except MalformedMessage:
+            self.drops["esp_malformed"] += 1
+            return None
+        self.engine.note_activity(route.ike_id, now)
+        return inner
+
+    def handle_inner(self, packet: bytes) -> tuple[bytes, Address] | None:
+        """Encrypt one inner packet for the child SA its addresses match."""
+        addrs = _addresses(packet)
+        if addrs is None:
+            self.drops["inner_malformed"] += 1
+            return None
+        version, src, dst = addrs
+        for route in self.routes:
+            if _in(route.dst_ranges, version, dst) and _in(route.src_ranges, version, src):
+                try:
+                    return route.outbound.protect(packet), route.remote
+                except SequenceExhausted:
+                    self.drops["esp_seq_exhausted"] += 1
+                    return None
+        self.drops["inner_no_route"] += 1
+        return None
+
+    # -- seeing it ----------------------------------------------------------------
+
+    def remote_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for conn in self.config.connections.values():
+            for ch in conn.children.values():
+                nets += ch.remote_nets
+        return nets
