@@ -1,0 +1,163 @@
+"""The single-process gateway: the cluster address's UDP ports, the inside
+interface, and one in-process ``Member`` doing IKE and ESP (aioquic's
+``asyncio/protocol.py`` is the model: feed the core, flush, re-arm one timer).
+
+Ports (RFC 3948): datagrams on port 500 are IKE without a marker; on every
+other port (4500, or a non-standard IKE port) they are classified: 0xFF is a
+NAT-keepalive, four zero bytes start an IKE message, anything else is ESP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+from typing import Any
+
+from common.config import Config
+from common.errors import MalformedMessage
+from common.natt import NON_ESP_MARKER, Kind, classify_4500
+from dispatcher.inside import Inside, make_inside
+from member.worker import Member
+
+log = logging.getLogger("ipsec_cluster.gateway")
+
+
+class _Port(asyncio.DatagramProtocol):
+    def __init__(self, gw: Gateway, port: int) -> None:
+        self.gw = gw
+        self.port = port
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.gw.datagram(self.port, data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        self.gw.member.drops["udp_error"] += 1
+
+
+class Gateway:
+    """One process: sockets + inside + Member."""
+
+    def __init__(self, config: Config, *, initiate: bool = False) -> None:
+        self.config = config
+        self.member = Member(config, random=os.urandom)
+        self.initiate = initiate
+        self.ports: dict[int, _Port] = {}
+        self.inside: Inside | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopped = asyncio.Event()
+
+    # -- I/O in -------------------------------------------------------------------
+
+    def datagram(self, port: int, data: bytes, remote: tuple[str, int]) -> None:
+        member = self.member
+        now = self._now()
+        if port == 500:
+            member.handle_ike(data, remote, port, now)
+        else:
+            try:
+                kind, spi = classify_4500(data)
+            except MalformedMessage:
+                member.drops["udp_malformed"] += 1
+                return
+            if kind is Kind.ESP:
+                inner = member.handle_esp(data, spi, remote, now)
+                if inner is not None and self.inside is not None:
+                    member.counters["esp_in"] += 1
+                    self.inside.write(inner)
+                return
+            if kind is Kind.KEEPALIVE:
+                member.counters["keepalives"] += 1
+                return
+            member.handle_ike(data[4:], remote, port, now)
+        self.flush()
+
+    def inner(self, packet: bytes) -> None:
+        out = self.member.handle_inner(packet)
+        if out is None:
+            return
+        esp, remote = out
+        port = self.ports.get(self.config.cluster.natt_port)
+        if port is not None and port.transport is not None:
+            self.member.counters["esp_out"] += 1
+            port.transport.sendto(esp, remote)
+
+    # -- I/O out ------------------------------------------------------------------
+
+    def flush(self) -> None:
+        for out in self.member.ike_out():
+            port = self.ports.get(out.local_port)
+            if port is None or port.transport is None:
+                self.member.drops["no_socket"] += 1
+                continue
+            data = out.data if out.local_port == 500 else NON_ESP_MARKER + out.data
+            port.transport.sendto(data, out.remote)
+        self._arm()
+
+    def _now(self) -> float:
+        return self.loop.time() if self.loop is not None else 0.0
+
+    def _arm(self) -> None:
+        if self.loop is None:
+            return
+        when = self.member.get_timer()
+        if self._timer is not None:
+            if when is not None and abs(self._timer.when() - when) < 1e-3:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.member.handle_timer(self._now())
+        self.flush()
+
+    # -- life -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        c = self.config.cluster
+        for port in sorted({c.ike_port, c.natt_port}):
+            _, proto = await self.loop.create_datagram_endpoint(
+                functools.partial(_Port, self, port), local_addr=(str(c.address), port))
+            self.ports[port] = proto
+        address = str(c.inside_address) if c.inside_address is not None else None
+        self.inside = make_inside(c.inside, address=address,
+                                  routes=self.member.remote_networks())
+        await self.inside.start(self.inner)
+        log.info("gateway listening on %s ports %s, inside %s", c.address,
+                 sorted(self.ports), c.inside.kind)
+        if self.initiate:
+            self.member.start_connections(self._now())
+            self.flush()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await self._stopped.wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for port in self.ports.values():
+            if port.transport is not None:
+                port.transport.close()
+        if self.inside is not None:
+            self.inside.close()
