@@ -212,26 +212,26 @@ class CtrHmacSha256:
         self._ctr = AesCtr(key, nonce)
         self._mac = HMAC(integ_key, hashes.SHA256())
 
+    def icv(self, data: bytes | memoryview, seq_high: bytes | None = None) -> bytes:
+        """HMAC-SHA-256-128 over ``data`` (RFC 4868 §2.1: first 128 bits)."""
+        mac = self._mac.copy()
+        mac.update(data)
+        if seq_high is not None:
+            # RFC 4303 §2.2.1: with ESN the high half is authenticated, not sent.
+            mac.update(seq_high)
+        return mac.finalize()[:ICV_SIZE]
+
     def seal(self, header: bytes, payload: bytes, seq_high: bytes | None) -> bytes:
         """``header | ciphertext | ICV``; ``header`` is ``SPI | seq | IV``."""
         body = header + self._ctr.crypt(header[8:16], payload)
-        mac = self._mac.copy()
-        mac.update(body)
-        if seq_high is not None:
-            # RFC 4303 §2.2.1: the high half is authenticated but not sent.
-            mac.update(seq_high)
-        return body + mac.finalize()[:ICV_SIZE]
+        return body + self.icv(body, seq_high)
 
     def open(self, view: memoryview, seq_high: bytes | None) -> bytes:
         """Verify the ICV of a whole ESP packet, then decrypt its payload."""
-        n = len(view)
-        mac = self._mac.copy()
-        mac.update(view[:n - ICV_SIZE])
-        if seq_high is not None:
-            mac.update(seq_high)
-        if not hmac.compare_digest(mac.finalize()[:ICV_SIZE], view[n - ICV_SIZE:]):
+        end = len(view) - ICV_SIZE
+        if not hmac.compare_digest(self.icv(view[:end], seq_high), view[end:]):
             raise IntegrityError("ESP ICV check failed")
-        return self._ctr.crypt(bytes(view[8:16]), view[16:n - ICV_SIZE])
+        return self._ctr.crypt(bytes(view[8:16]), view[16:end])
 
 
 def _suites(t: Transform, keymat: bytes) -> tuple[AESGCM | None, CtrHmacSha256 | None]:
