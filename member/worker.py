@@ -23,10 +23,12 @@ from common.ike.events import (
     ChildSaDeleted,
     ChildSaFailed,
     ChildSaInstalled,
+    DpdSucceeded,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
     IkeSaRekeyed,
+    MessageIdsSynced,
 )
 from common.ike.policy import policies_from_config
 from common.ike.sa import IkeOptions, Outgoing
@@ -144,6 +146,7 @@ class Member:
                 log.info("IKE SA %d %s established with %s (%s <-> %s), %s", e.ike_id, e.name,
                          e.remote[0], e.local_id, e.remote_id, e.suite)
             elif isinstance(e, IkeSaRekeyed):
+                log.info("IKE SA %d rekeyed into %d", e.old_ike_id, e.new_ike_id)
                 for r in self.by_spi.values():
                     if r.ike_id == e.old_ike_id:
                         r.ike_id = e.new_ike_id
@@ -154,6 +157,12 @@ class Member:
                 log.info("IKE SA %d %s deleted: %s", e.ike_id, e.name, e.reason)
             elif isinstance(e, ChildSaFailed):
                 log.warning("child SA %s failed: %s", e.name, e.reason)
+            elif isinstance(e, DpdSucceeded):
+                self.counters["dpd_ok"] += 1
+                log.info("IKE SA %d: DPD answered", e.ike_id)
+            elif isinstance(e, MessageIdsSynced):
+                log.info("IKE SA %d: message IDs synced (send %d, recv %d)", e.ike_id,
+                         e.send_mid, e.recv_mid)
 
     def _install(self, e: ChildSaInstalled) -> None:
         route = ChildRoute(
@@ -162,6 +171,8 @@ class Member:
             InboundSA(e.spi_in, e.transform, e.keymat_in, self.replay_window, esn=e.esn),
             e.local_ts, e.remote_ts, e.remote, _ranges(e.remote_ts), _ranges(e.local_ts))
         self.by_spi[e.spi_in] = route
+        log.info("child SA %s installed: %08x_i %08x_o %s%s", e.name, e.spi_in, e.spi_out,
+                 e.transform, f" (rekeys {e.replaces:08x})" if e.replaces else "")
         if e.replaces is not None:
             old = self.by_spi.get(e.replaces)
             if old is not None and old in self.routes:
