@@ -141,7 +141,14 @@ class MidSyncTask:
             return
         nonce, peer_send, peer_recv = _MID_SYNC.unpack(n.data)
         if nonce != self.nonce:
+            # RFC 6311 §4.4: not the answer to our request; keep waiting for
+            # it (same request, same retransmit count), as if never received.
             log.warning("IKE SA %d: MID sync answer with a foreign nonce", sa.ike_id)
+            mids = sa.mids
+            mids.request = sa.last_request
+            mids.request_deadline = now + mids.policy.timeout_s * (
+                mids.policy.base ** mids.request_tries)
+            sa.active = self
             return
         # The peer's answer: M2 = what it expects from us, P2 = what it sends next.
         sa.mids.send_next = max(sa.mids.send_next + self.margin, peer_recv)
