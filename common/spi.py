@@ -6,8 +6,11 @@ Rules of this file:
   injected ``RandomBytes``.  Routing is then a shift, with no per-SA state in
   the dispatcher (strongSwan ``plugins/ha/ha_kernel.c``, ``get_segment_spi``).
 - Never a reserved SPI: ESP 0..255 (RFC 4303 §2.1), IKE 0 (RFC 7296 §3.1).
-- Never an SPI that is still in use by this allocator (RFC 6027 §3.9: each
-  member allocates only in segments it owns, so members never collide).
+- Never an SPI that is still in use by this allocator (RFC 6027 §3.9).
+- Members never collide: below the segment bits come ``slot_bits`` bits with
+  the allocating member's slot. An IKE SA owner may place a child SA in a
+  segment another member owns (load sharing); its SPIs there still differ from
+  every SPI that member (or any other) allocates, by construction.
 """
 
 from __future__ import annotations
@@ -44,12 +47,22 @@ def segment_of_ike_spi(spi: int, segment_bits: int = DEFAULT_SEGMENT_BITS) -> in
 class SpiAllocator:
     """Allocates unique ESP and IKE SPIs inside a given segment."""
 
-    __slots__ = ("_esp_used", "_ike_used", "_random", "_segment_bits")
+    __slots__ = ("_esp_used", "_ike_used", "_random", "_segment_bits", "_slot", "_slot_bits")
 
     def __init__(self, random: RandomBytes,
-                 segment_bits: int = DEFAULT_SEGMENT_BITS) -> None:
+                 segment_bits: int = DEFAULT_SEGMENT_BITS, *, slot: int = 0,
+                 slot_bits: int = 0) -> None:
         self._random = random
         self._segment_bits = _check_bits(segment_bits)
+        if isinstance(slot_bits, bool) or not isinstance(slot_bits, int) \
+                or not 0 <= slot_bits <= 8 or segment_bits + slot_bits > 16:
+            raise ValueError(f"slot_bits must be an int in 0..8 with segment_bits + slot_bits "
+                             f"<= 16, got {slot_bits!r}")
+        if isinstance(slot, bool) or not isinstance(slot, int) \
+                or not 0 <= slot < (1 << slot_bits):
+            raise ValueError(f"slot must be an int in 0..{(1 << slot_bits) - 1}, got {slot!r}")
+        self._slot = slot
+        self._slot_bits = slot_bits
         self._esp_used: set[int] = set()
         self._ike_used: set[int] = set()
 
@@ -89,8 +102,8 @@ class SpiAllocator:
                 or not 0 <= segment < self.segments:
             raise ValueError(f"segment must be an int in 0..{self.segments - 1}, "
                              f"got {segment!r}")
-        random_bits = width - self._segment_bits
-        prefix = segment << random_bits
+        random_bits = width - self._segment_bits - self._slot_bits
+        prefix = ((segment << self._slot_bits) | self._slot) << random_bits
         low_mask = (1 << random_bits) - 1
         for _ in range(MAX_DRAWS):
             spi = prefix | (int.from_bytes(self._random(width // 8)) & low_mask)

@@ -67,3 +67,32 @@ def test_bad_segment_bits(kwargs: dict[str, int]) -> None:
 def test_bad_segment(segment: int) -> None:
     with pytest.raises(ValueError, match="segment must be"):
         SpiAllocator(deterministic_random(0)).allocate_esp(segment)
+
+
+def test_slots_keep_members_apart_inside_one_segment() -> None:
+    """Two members allocating in the same segment (a child placed on another
+    member's segment) can never draw the same SPI: their slot bits differ."""
+    from common.rand import deterministic_random
+    from common.spi import SpiAllocator, segment_of_esp_spi, segment_of_ike_spi
+
+    a = SpiAllocator(deterministic_random(1), 8, slot=1, slot_bits=6)
+    b = SpiAllocator(deterministic_random(1), 8, slot=2, slot_bits=6)  # same random stream
+    spis_a = {a.allocate_esp(7) for _ in range(500)}
+    spis_b = {b.allocate_esp(7) for _ in range(500)}
+    assert not spis_a & spis_b
+    assert {segment_of_esp_spi(s, 8) for s in spis_a | spis_b} == {7}
+    assert {(s >> 18) & 0x3F for s in spis_a} == {1}
+    ike = a.allocate_ike(200)
+    assert segment_of_ike_spi(ike, 8) == 200 and (ike >> 50) & 0x3F == 1
+
+
+def test_slot_arguments_are_checked() -> None:
+    import pytest
+
+    from common.rand import deterministic_random
+    from common.spi import SpiAllocator
+
+    with pytest.raises(ValueError, match="slot must be"):
+        SpiAllocator(deterministic_random(1), 8, slot=64, slot_bits=6)
+    with pytest.raises(ValueError, match="slot_bits"):
+        SpiAllocator(deterministic_random(1), 12, slot=0, slot_bits=6)
