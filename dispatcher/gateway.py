@@ -92,6 +92,8 @@ class Gateway:
     # -- I/O out ------------------------------------------------------------------
 
     def flush(self) -> None:
+        # One process: every child is ours, nothing to push or route elsewhere.
+        self.member.notices.clear()
         for out in self.member.ike_out():
             port = self.ports.get(out.local_port)
             if port is None or port.transport is None:

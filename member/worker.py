@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.config import Config
@@ -36,6 +37,7 @@ from common.ike.spis import SegmentSpis
 from common.ike.ts import TrafficSelector
 from common.rand import RandomBytes
 from common.spi import SpiAllocator
+from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
 
 log = logging.getLogger("ipsec_cluster.member")
 
@@ -78,17 +80,34 @@ def _in(ranges: list[tuple[int, int, int]], version: int, addr: int) -> bool:
     return any(v == version and lo <= addr <= hi for v, lo, hi in ranges)
 
 
+#: bits of the member slot in every SPI (common/spi.py): up to 64 members
+SLOT_BITS = 6
+
+
 class Member:
+    """``owner_of_esp`` says which member carries a child SA with a given
+    inbound SPI (the owner of its segment); a child that lands elsewhere is
+    pushed there (``notices``: wire messages for the dispatcher to relay)."""
+
     def __init__(self, config: Config, *, member_id: int = 1, sender_id: int = 1,
-                 segments: list[int] | None = None, random: RandomBytes = os.urandom) -> None:
+                 segments: list[int] | None = None, random: RandomBytes = os.urandom,
+                 owner_of_esp: Callable[[int], int] | None = None,
+                 esp_segment: Callable[[], int] | None = None) -> None:
         c = config.cluster
         self.config = config
         self.member_id = member_id
         self.sender_id = sender_id
         self.replay_window = c.replay_window
-        allocator = SpiAllocator(random, c.segment_bits)
+        slot_bits = SLOT_BITS if c.segment_bits + SLOT_BITS <= 16 else 0
+        allocator = SpiAllocator(random, c.segment_bits, slot=member_id % (1 << slot_bits),
+                                 slot_bits=slot_bits)
         segs = segments if segments is not None else list(range(1, 1 << c.segment_bits))
-        self.spis = SegmentSpis(allocator, segs)
+        self.spis = SegmentSpis(allocator, segs, esp_segment=esp_segment)
+        self.owner_of_esp = owner_of_esp
+        #: ChildPush / ChildDelete / RouteAdd / RouteDel for the dispatcher
+        self.notices: list[ChildPush | ChildDelete | RouteAdd | RouteDel] = []
+        #: inbound SPI -> member, for children we negotiated that live elsewhere
+        self.placed: dict[int, int] = {}
         self.engine = IkeEngine(
             policies_from_config(config.connections), random=random, spis=self.spis,
             options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
@@ -165,24 +184,61 @@ class Member:
                          e.send_mid, e.recv_mid)
 
     def _install(self, e: ChildSaInstalled) -> None:
+        target = self.owner_of_esp(e.spi_in) if self.owner_of_esp else self.member_id
+        if target != self.member_id:
+            # The IKE SA owner manages children: this one lives on another member.
+            self.notices.append(ChildPush(
+                e.spi_in, e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
+                e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts,
+                ipaddress.ip_address(e.remote[0]).packed, e.remote[1]))
+            self.placed[e.spi_in] = target
+            log.info("child SA %s %08x_i placed on member %d", e.name, e.spi_in, target)
+            return
+        self._install_local(e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
+                            e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts, e.remote,
+                            e.replaces)
+
+    def install_pushed(self, push: ChildPush) -> None:
+        """A child SA negotiated by another member's IKE SA, carried here."""
+        remote = (str(ipaddress.ip_address(push.remote_ip)), push.remote_port)
+        self._install_local(push.ike_id, push.name, push.spi_in, push.spi_out, push.transform,
+                            push.esn, push.keymat_in, push.keymat_out, push.local_ts,
+                            push.remote_ts, remote, None)
+
+    def remove_pushed(self, spi_in: int) -> None:
+        self._remove(spi_in)
+
+    def _install_local(self, ike_id: int, name: str, spi_in: int, spi_out: int,
+                       transform: str, esn: bool, keymat_in: bytes, keymat_out: bytes,
+                       local_ts: tuple[TrafficSelector, ...],
+                       remote_ts: tuple[TrafficSelector, ...], remote: Address,
+                       replaces: int | None) -> None:
         route = ChildRoute(
-            e.ike_id, e.name,
-            OutboundSA(e.spi_out, e.transform, e.keymat_out, self.sender_id, esn=e.esn),
-            InboundSA(e.spi_in, e.transform, e.keymat_in, self.replay_window, esn=e.esn),
-            e.local_ts, e.remote_ts, e.remote, _ranges(e.remote_ts), _ranges(e.local_ts))
-        self.by_spi[e.spi_in] = route
-        log.info("child SA %s installed: %08x_i %08x_o %s%s", e.name, e.spi_in, e.spi_out,
-                 e.transform, f" (rekeys {e.replaces:08x})" if e.replaces else "")
-        if e.replaces is not None:
-            old = self.by_spi.get(e.replaces)
+            ike_id, name,
+            OutboundSA(spi_out, transform, keymat_out, self.sender_id, esn=esn),
+            InboundSA(spi_in, transform, keymat_in, self.replay_window, esn=esn),
+            local_ts, remote_ts, remote, _ranges(remote_ts), _ranges(local_ts))
+        self.by_spi[spi_in] = route
+        log.info("child SA %s installed: %08x_i %08x_o %s%s", name, spi_in, spi_out,
+                 transform, f" (rekeys {replaces:08x})" if replaces else "")
+        if replaces is not None:
+            old = self.by_spi.get(replaces)
             if old is not None and old in self.routes:
                 self.routes.remove(old)
         self.routes.insert(0, route)
+        self.notices.append(RouteAdd(spi_in, self.member_id, local_ts, remote_ts))
 
     def _remove(self, spi_in: int) -> None:
+        target = self.placed.pop(spi_in, None)
+        if target is not None:
+            self.notices.append(ChildDelete(spi_in, spi_in))
+            return
         route = self.by_spi.pop(spi_in, None)
-        if route is not None and route in self.routes:
+        if route is None:
+            return
+        if route in self.routes:
             self.routes.remove(route)
+        self.notices.append(RouteDel(spi_in))
 
     # -- ESP --------------------------------------------------------------------
 
