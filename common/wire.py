@@ -1,0 +1,551 @@
+"""Dispatcher <-> member messages over ZeroMQ: one frame, one message.
+
+Rules of this file:
+- Every frame: version (u8) || type (u8) || sequence number (u64) || body.
+  The sequence number counts per stream (one sender, one receiver), so the
+  receiver sees gaps (``StreamSeq``). Integers are big-endian.
+- Datagrams and inner packets travel in batches, many per frame, each
+  length-prefixed, to amortise the per-message cost of ZeroMQ.
+- Decoded payloads are ``memoryview`` slices of the frame (no copy); a
+  receiver that keeps one past the frame's life copies it with ``bytes()``.
+- ``decode`` reads bytes from another process: bad bytes raise
+  ``MalformedMessage`` and nothing else (no IndexError, struct.error,
+  UnicodeDecodeError). ``encode`` raises ``ValueError`` for values that do
+  not fit their fields (our own bug).
+- Batch cost (timeit, 64 datagrams of 1400 bytes per frame, CPython 3.11 on
+  the dev box): encode ~0.8 us, decode ~1.1 us per datagram.
+- STATUS carries JSON bytes for the CLI; this file does not parse them.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from common.buffer import Reader, Writer
+from common.errors import MalformedMessage
+from common.ike.constants import TsType
+from common.ike.ts import TrafficSelector
+from common.natt import Bytes
+from common.segments import SegmentTable
+
+WIRE_VERSION = 1
+MAX_SEQ = (1 << 64) - 1
+
+_HEAD = struct.Struct("!BBQ")
+# local port, peer port, peer IP length, payload length
+_DGRAM = struct.Struct("!HHBH")
+_COUNT = struct.Struct("!I")
+_LEN16 = struct.Struct("!H")
+
+
+class MsgType(enum.IntEnum):
+    DATAGRAM_IN = 1
+    DATAGRAM_OUT = 2
+    INNER_IN = 3
+    INNER_OUT = 4
+    HEARTBEAT = 5
+    TABLE = 6
+    CHILD_PUSH = 7
+    CHILD_DELETE = 8
+    ROUTE_ADD = 9
+    ROUTE_DEL = 10
+    HELLO = 11
+    STATUS_REQ = 12
+    STATUS = 13
+
+
+# -- messages ------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Datagram:
+    """One UDP payload and the far end. ``local_port`` is the cluster port it
+    arrived on (IN) or must leave from (OUT)."""
+
+    local_port: int
+    peer_ip: bytes
+    peer_port: int
+    payload: Bytes
+
+
+@dataclass(slots=True, frozen=True)
+class DatagramIn:
+    """dispatcher -> member: datagrams from the network."""
+
+    datagrams: Sequence[Datagram]
+
+
+@dataclass(slots=True, frozen=True)
+class DatagramOut:
+    """member -> dispatcher: datagrams to send from the cluster address."""
+
+    datagrams: Sequence[Datagram]
+
+
+@dataclass(slots=True, frozen=True)
+class InnerIn:
+    """dispatcher -> member: cleartext packets from the protected network."""
+
+    packets: Sequence[Bytes]
+
+
+@dataclass(slots=True, frozen=True)
+class InnerOut:
+    """member -> dispatcher: decrypted packets for the protected network."""
+
+    packets: Sequence[Bytes]
+
+
+@dataclass(slots=True, frozen=True)
+class Heartbeat:
+    member_id: int
+    sender_id: int  # the incarnation (the IV sender id, DESIGN.md "IVs")
+    pid: int
+    epoch_seen: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class TableUpdate:
+    table: SegmentTable
+
+
+@dataclass(slots=True, frozen=True)
+class ChildPush:
+    """The IKE SA owner hands a child SA to the member owning its segment
+    (and to that segment's backup)."""
+
+    child_id: int
+    ike_id: int
+    name: str
+    spi_in: int
+    spi_out: int
+    transform: str
+    esn: bool
+    keymat_in: bytes = field(repr=False)
+    keymat_out: bytes = field(repr=False)
+    local_ts: tuple[TrafficSelector, ...]
+    remote_ts: tuple[TrafficSelector, ...]
+    remote_ip: bytes
+    remote_port: int
+
+
+@dataclass(slots=True, frozen=True)
+class ChildDelete:
+    child_id: int
+    spi_in: int
+
+
+@dataclass(slots=True, frozen=True)
+class RouteAdd:
+    child_id: int
+    member: int
+    local_ts: tuple[TrafficSelector, ...]
+    remote_ts: tuple[TrafficSelector, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class RouteDel:
+    child_id: int
+
+
+@dataclass(slots=True, frozen=True)
+class Hello:
+    member_id: int
+    pid: int
+    host: str
+    version: str
+
+
+@dataclass(slots=True, frozen=True)
+class StatusReq:
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class Status:
+    json: bytes
+
+
+Message = (DatagramIn | DatagramOut | InnerIn | InnerOut | Heartbeat | TableUpdate
+           | ChildPush | ChildDelete | RouteAdd | RouteDel | Hello | StatusReq | Status)
+
+
+class StreamSeq:
+    """Sequence numbers of one stream: ``next()`` on the sending side,
+    ``check(seq)`` on the receiving side (how many frames went missing)."""
+
+    __slots__ = ("_expected", "_next")
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._expected: int | None = None
+
+    def next(self) -> int:
+        seq = self._next
+        self._next = (seq + 1) & MAX_SEQ
+        return seq
+
+    def check(self, seq: int) -> int:
+        """Frames lost before ``seq`` (0 when in order; the first frame seen
+        sets the start). A frame older than expected returns -1 and does not
+        move the stream."""
+        expected = self._expected
+        if expected is not None and seq < expected:
+            return -1
+        self._expected = (seq + 1) & MAX_SEQ
+        return 0 if expected is None else seq - expected
+
+
+# -- batches ---------------------------------------------------------------------------
+
+
+def _encode_datagrams(head: bytes, datagrams: Sequence[Datagram]) -> bytes:
+    size = len(head) + _COUNT.size + sum(
+        _DGRAM.size + len(d.peer_ip) + len(d.payload) for d in datagrams)
+    buf = bytearray(size)
+    buf[:len(head)] = head
+    pos = len(head)
+    _COUNT.pack_into(buf, pos, len(datagrams))
+    pos += _COUNT.size
+    for d in datagrams:
+        n_ip, n = len(d.peer_ip), len(d.payload)
+        if n_ip not in (4, 16):
+            raise ValueError(f"peer IP must be 4 or 16 bytes, got {n_ip}")
+        try:
+            _DGRAM.pack_into(buf, pos, d.local_port, d.peer_port, n_ip, n)
+        except struct.error as e:
+            raise ValueError(f"datagram does not fit the wire format: {e}") from None
+        pos += _DGRAM.size
+        buf[pos:pos + n_ip] = d.peer_ip
+        pos += n_ip
+        buf[pos:pos + n] = d.payload
+        pos += n
+    return bytes(buf)
+
+
+def _decode_datagrams(view: memoryview, pos: int) -> list[Datagram]:
+    end = len(view)
+    if pos + _COUNT.size > end:
+        raise MalformedMessage("datagram batch: no count")
+    (count,) = _COUNT.unpack_from(view, pos)
+    pos += _COUNT.size
+    if count * _DGRAM.size > end - pos:
+        raise MalformedMessage(f"datagram batch: {count} datagrams cannot fit")
+    out: list[Datagram] = []
+    append = out.append
+    for _ in range(count):
+        if pos + _DGRAM.size > end:
+            raise MalformedMessage("datagram batch: truncated header")
+        local_port, peer_port, n_ip, n = _DGRAM.unpack_from(view, pos)
+        pos += _DGRAM.size
+        if n_ip != 4 and n_ip != 16:
+            raise MalformedMessage(f"datagram batch: peer IP of {n_ip} bytes")
+        stop = pos + n_ip + n
+        if stop > end:
+            raise MalformedMessage("datagram batch: truncated datagram")
+        append(Datagram(local_port, bytes(view[pos:pos + n_ip]), peer_port,
+                        view[pos + n_ip:stop]))
+        pos = stop
+    if pos != end:
+        raise MalformedMessage(f"datagram batch: {end - pos} bytes after the last datagram")
+    return out
+
+
+def _encode_packets(head: bytes, packets: Sequence[Bytes]) -> bytes:
+    size = len(head) + _COUNT.size + sum(_LEN16.size + len(p) for p in packets)
+    buf = bytearray(size)
+    buf[:len(head)] = head
+    pos = len(head)
+    _COUNT.pack_into(buf, pos, len(packets))
+    pos += _COUNT.size
+    for p in packets:
+        n = len(p)
+        if n > 0xFFFF:
+            raise ValueError(f"packet of {n} bytes does not fit a u16 length")
+        _LEN16.pack_into(buf, pos, n)
+        pos += _LEN16.size
+        buf[pos:pos + n] = p
+        pos += n
+    return bytes(buf)
+
+
+def _decode_packets(view: memoryview, pos: int) -> list[memoryview]:
+    end = len(view)
+    if pos + _COUNT.size > end:
+        raise MalformedMessage("packet batch: no count")
+    (count,) = _COUNT.unpack_from(view, pos)
+    pos += _COUNT.size
+    if count * _LEN16.size > end - pos:
+        raise MalformedMessage(f"packet batch: {count} packets cannot fit")
+    out: list[memoryview] = []
+    for _ in range(count):
+        if pos + _LEN16.size > end:
+            raise MalformedMessage("packet batch: truncated length")
+        (n,) = _LEN16.unpack_from(view, pos)
+        pos += _LEN16.size
+        if pos + n > end:
+            raise MalformedMessage("packet batch: truncated packet")
+        out.append(view[pos:pos + n])
+        pos += n
+    if pos != end:
+        raise MalformedMessage(f"packet batch: {end - pos} bytes after the last packet")
+    return out
+
+
+# -- parts --------------------------------------------------------------------------------
+
+
+def push_str(w: Writer, s: str) -> None:
+    b = s.encode()
+    if len(b) > 0xFF:
+        raise ValueError(f"string of {len(b)} bytes does not fit a u8 length")
+    w.push_uint8(len(b))
+    w.push_bytes(b)
+
+
+def pull_str(r: Reader) -> str:
+    raw = r.pull_bytes(r.pull_uint8())
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise MalformedMessage(f"string is not UTF-8: {e}") from None
+
+
+def push_blob(w: Writer, b: bytes) -> None:
+    if len(b) > 0xFFFF:
+        raise ValueError(f"blob of {len(b)} bytes does not fit a u16 length")
+    w.push_uint16(len(b))
+    w.push_bytes(b)
+
+
+def pull_blob(r: Reader) -> bytes:
+    return r.pull_bytes(r.pull_uint16())
+
+
+def push_ip(w: Writer, ip: bytes) -> None:
+    if len(ip) not in (4, 16):
+        raise ValueError(f"IP address must be 4 or 16 bytes, got {len(ip)}")
+    w.push_uint8(len(ip))
+    w.push_bytes(ip)
+
+
+def pull_ip(r: Reader) -> bytes:
+    n = r.pull_uint8()
+    if n not in (4, 16):
+        raise MalformedMessage(f"IP address of {n} bytes")
+    return r.pull_bytes(n)
+
+
+def push_selectors(w: Writer, tss: Sequence[TrafficSelector]) -> None:
+    """u8 count, then per selector: u8 IP version, u8 protocol, u16 start
+    port, u16 end port, start address, end address (4 or 16 bytes each)."""
+    if len(tss) > 0xFF:
+        raise ValueError(f"{len(tss)} selectors do not fit a u8 count")
+    w.push_uint8(len(tss))
+    for ts in tss:
+        n = 4 if ts.version == 4 else 16
+        w.push_uint8(ts.version)
+        w.push_uint8(ts.ip_protocol)
+        w.push_uint16(ts.start_port)
+        w.push_uint16(ts.end_port)
+        w.push_bytes(ts.start_int.to_bytes(n, "big"))
+        w.push_bytes(ts.end_int.to_bytes(n, "big"))
+
+
+def pull_selectors(r: Reader) -> tuple[TrafficSelector, ...]:
+    out = []
+    for _ in range(r.pull_uint8()):
+        version = r.pull_uint8()
+        if version not in (4, 6):
+            raise MalformedMessage(f"selector of IP version {version}")
+        protocol, start_port, end_port = r.pull_uint8(), r.pull_uint16(), r.pull_uint16()
+        n = 4 if version == 4 else 16
+        start = ipaddress.ip_address(r.pull_bytes(n))
+        end = ipaddress.ip_address(r.pull_bytes(n))
+        ts_type = TsType.TS_IPV4_ADDR_RANGE if version == 4 else TsType.TS_IPV6_ADDR_RANGE
+        out.append(TrafficSelector(ts_type, protocol, start_port, end_port, start, end))
+    return tuple(out)
+
+
+# -- whole messages --------------------------------------------------------------------------
+
+
+def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
+    w.push_uint16(m.member_id)
+    w.push_uint16(m.sender_id)
+    w.push_uint32(m.pid)
+    w.push_uint64(m.epoch_seen)
+    if len(m.counters) > 0xFF:
+        raise ValueError(f"{len(m.counters)} counters do not fit a u8 count")
+    w.push_uint8(len(m.counters))
+    for key, value in m.counters.items():
+        push_str(w, key)
+        w.push_uint64(value)
+
+
+def _pull_heartbeat(r: Reader) -> Heartbeat:
+    member_id, sender_id, pid = r.pull_uint16(), r.pull_uint16(), r.pull_uint32()
+    epoch = r.pull_uint64()
+    counters: dict[str, int] = {}
+    for _ in range(r.pull_uint8()):
+        key = pull_str(r)
+        counters[key] = r.pull_uint64()
+    return Heartbeat(member_id, sender_id, pid, epoch, counters)
+
+
+def _body_child_push(w: Writer, m: ChildPush) -> None:
+    w.push_uint64(m.child_id)
+    w.push_uint64(m.ike_id)
+    push_str(w, m.name)
+    w.push_uint32(m.spi_in)
+    w.push_uint32(m.spi_out)
+    push_str(w, m.transform)
+    w.push_uint8(1 if m.esn else 0)
+    push_blob(w, m.keymat_in)
+    push_blob(w, m.keymat_out)
+    push_selectors(w, m.local_ts)
+    push_selectors(w, m.remote_ts)
+    push_ip(w, m.remote_ip)
+    w.push_uint16(m.remote_port)
+
+
+def _pull_child_push(r: Reader) -> ChildPush:
+    child_id, ike_id, name = r.pull_uint64(), r.pull_uint64(), pull_str(r)
+    spi_in, spi_out, transform = r.pull_uint32(), r.pull_uint32(), pull_str(r)
+    esn = r.pull_uint8()
+    if esn > 1:
+        raise MalformedMessage(f"ESN flag {esn}")
+    keymat_in, keymat_out = pull_blob(r), pull_blob(r)
+    local_ts, remote_ts = pull_selectors(r), pull_selectors(r)
+    return ChildPush(child_id, ike_id, name, spi_in, spi_out, transform, bool(esn),
+                     keymat_in, keymat_out, local_ts, remote_ts, pull_ip(r), r.pull_uint16())
+
+
+def _body_route_add(w: Writer, m: RouteAdd) -> None:
+    w.push_uint64(m.child_id)
+    w.push_uint16(m.member)
+    push_selectors(w, m.local_ts)
+    push_selectors(w, m.remote_ts)
+
+
+def _pull_route_add(r: Reader) -> RouteAdd:
+    return RouteAdd(r.pull_uint64(), r.pull_uint16(), pull_selectors(r), pull_selectors(r))
+
+
+def _body_hello(w: Writer, m: Hello) -> None:
+    w.push_uint16(m.member_id)
+    w.push_uint32(m.pid)
+    push_str(w, m.host)
+    push_str(w, m.version)
+
+
+def _pull_hello(r: Reader) -> Hello:
+    return Hello(r.pull_uint16(), r.pull_uint32(), pull_str(r), pull_str(r))
+
+
+def _body_child_delete(w: Writer, m: ChildDelete) -> None:
+    w.push_uint64(m.child_id)
+    w.push_uint32(m.spi_in)
+
+
+def _pull_child_delete(r: Reader) -> ChildDelete:
+    return ChildDelete(r.pull_uint64(), r.pull_uint32())
+
+
+def _pull_table(r: Reader) -> TableUpdate:
+    return TableUpdate(SegmentTable.decode(r.pull_view(r.remaining)))
+
+
+_PULL: dict[MsgType, Callable[[Reader], Message]] = {
+    MsgType.HEARTBEAT: _pull_heartbeat,
+    MsgType.TABLE: _pull_table,
+    MsgType.CHILD_PUSH: _pull_child_push,
+    MsgType.CHILD_DELETE: _pull_child_delete,
+    MsgType.ROUTE_ADD: _pull_route_add,
+    MsgType.ROUTE_DEL: lambda r: RouteDel(r.pull_uint64()),
+    MsgType.HELLO: _pull_hello,
+    MsgType.STATUS_REQ: lambda r: StatusReq(),
+    MsgType.STATUS: lambda r: Status(r.pull_bytes(r.remaining)),
+}
+
+
+def _head(msg_type: MsgType, seq: int) -> bytes:
+    if not 0 <= seq <= MAX_SEQ:
+        raise ValueError(f"sequence number out of u64: {seq}")
+    return _HEAD.pack(WIRE_VERSION, msg_type, seq)
+
+
+def encode(msg: Message, seq: int) -> bytes:
+    """One ZeroMQ frame for ``msg``, numbered ``seq`` in its stream."""
+    if isinstance(msg, DatagramIn | DatagramOut):
+        kind = MsgType.DATAGRAM_IN if isinstance(msg, DatagramIn) else MsgType.DATAGRAM_OUT
+        return _encode_datagrams(_head(kind, seq), msg.datagrams)
+    if isinstance(msg, InnerIn | InnerOut):
+        kind = MsgType.INNER_IN if isinstance(msg, InnerIn) else MsgType.INNER_OUT
+        return _encode_packets(_head(kind, seq), msg.packets)
+    w = Writer()
+    try:
+        if isinstance(msg, Heartbeat):
+            kind = MsgType.HEARTBEAT
+            _body_heartbeat(w, msg)
+        elif isinstance(msg, TableUpdate):
+            kind = MsgType.TABLE
+            w.push_bytes(msg.table.encode())
+        elif isinstance(msg, ChildPush):
+            kind = MsgType.CHILD_PUSH
+            _body_child_push(w, msg)
+        elif isinstance(msg, ChildDelete):
+            kind = MsgType.CHILD_DELETE
+            _body_child_delete(w, msg)
+        elif isinstance(msg, RouteAdd):
+            kind = MsgType.ROUTE_ADD
+            _body_route_add(w, msg)
+        elif isinstance(msg, RouteDel):
+            kind = MsgType.ROUTE_DEL
+            w.push_uint64(msg.child_id)
+        elif isinstance(msg, Hello):
+            kind = MsgType.HELLO
+            _body_hello(w, msg)
+        elif isinstance(msg, StatusReq):
+            kind = MsgType.STATUS_REQ
+        elif isinstance(msg, Status):
+            kind = MsgType.STATUS
+            w.push_bytes(msg.json)
+        else:
+            raise TypeError(f"not a wire message: {msg!r}")
+    except struct.error as e:
+        raise ValueError(f"{type(msg).__name__} does not fit the wire format: {e}") from None
+    return _head(kind, seq) + w.data
+
+
+def decode(data: Bytes) -> tuple[int, Message]:
+    """``(seq, message)`` of one frame; ``MalformedMessage`` on bad bytes."""
+    view = memoryview(data)
+    if len(view) < _HEAD.size:
+        raise MalformedMessage(f"frame of {len(view)} bytes is shorter than its head")
+    version, kind, seq = _HEAD.unpack_from(view, 0)
+    if version != WIRE_VERSION:
+        raise MalformedMessage(f"wire version {version}, we speak {WIRE_VERSION}")
+    pos = _HEAD.size
+    if kind == MsgType.DATAGRAM_IN:
+        return seq, DatagramIn(_decode_datagrams(view, pos))
+    if kind == MsgType.DATAGRAM_OUT:
+        return seq, DatagramOut(_decode_datagrams(view, pos))
+    if kind == MsgType.INNER_IN:
+        return seq, InnerIn(_decode_packets(view, pos))
+    if kind == MsgType.INNER_OUT:
+        return seq, InnerOut(_decode_packets(view, pos))
+    try:
+        pull = _PULL[MsgType(kind)]
+    except ValueError:
+        raise MalformedMessage(f"unknown message type {kind}") from None
+    r = Reader(view, pos)
+    msg = pull(r)
+    if not r.eof():
+        raise MalformedMessage(f"{r.remaining} bytes after a {MsgType(kind).name} message")
+    return seq, msg
