@@ -149,8 +149,11 @@ class IkeRekeyTask:
 def handle_ike_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     if sa.policy is None or sa.suite is None:
         return [NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN)]
-    if sa.children and any(c.state.name in ("REKEYING", "DELETING") for c in sa.children.values()):
-        # RFC 7296 §2.25.2: finish the child exchanges first.
+    if (sa.children and any(c.state.name in ("REKEYING", "DELETING")
+                            for c in sa.children.values())) or (
+            sa.active is not None and sa.active.name == "child_create"):
+        # RFC 7296 §2.25.2: finish the child exchanges first (a child created
+        # by an answer that arrives after the move would land on the old SA).
         return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
     sa_p, ke, nonce = msg.get(SaPayload), msg.get(KePayload), msg.get(NoncePayload)
     if sa_p is None or ke is None or nonce is None:
