@@ -383,6 +383,9 @@ class IkeSa:
         if self.on_response is not None:
             self.on_response(self, data)
         self.send(data)
+        if self.successor is not None:
+            # After answering an IKE rekey: child exchanges moved to the new SA.
+            self.successor.kick(now)
         if self.state in TERMINAL:
             return
         self.kick(now)

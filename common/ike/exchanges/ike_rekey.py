@@ -58,6 +58,12 @@ def move_children(old: IkeSa, new: IkeSa, now: float) -> None:
 
     new.children.update(old.children)
     old.children.clear()
+    # Queued child exchanges follow their children (strongSwan adopts them
+    # too): left behind, they would find no child and be dropped as moot,
+    # e.g. the delete of a child we just rekeyed.
+    for task in [t for t in old.queue if t.name.startswith("child_")]:
+        old.queue.remove(task)
+        new.queue.append(task)
     new.established_at = new.last_heard = now
     if new.policy is not None and new.policy.rekey_time > 0:
         new.rekey_at = now + new.policy.rekey_time
@@ -121,10 +127,12 @@ class IkeRekeyTask:
                 log.info("IKE SA %d: IKE rekey collision, ours loses", sa.ike_id)
                 move_children(sa, theirs, now)
                 new.queue_task(IkeDeleteTask("redundant after rekey collision"), now)
+                theirs.kick(now)
                 return
             log.info("IKE SA %d: IKE rekey collision, ours wins", sa.ike_id)
         move_children(sa, new, now)
         sa.queue_task(IkeDeleteTask("rekeyed"), now)
+        new.kick(now)
 
     def _complete(self, sa: IkeSa, msg: IkeMessage) -> IkeSa:
         if sa.policy is None or self.dh is None:
