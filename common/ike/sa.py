@@ -192,6 +192,9 @@ class IkeSa:
         self.last_message = b""
         self.peer_id: tuple[IdType, bytes] | None = None
         self.peer_mid_sync = False
+        #: RFC 6311: nonce and answer data of the last MID sync request we took,
+        #: so that its retransmission gets the same answer and no second bump.
+        self.mid_sync_answered: tuple[bytes, bytes] | None = None
         self.children: dict[int, ChildSa] = {}
         self.queue: deque[Task] = deque()
         self.active: Task | None = None

@@ -199,9 +199,14 @@ def handle_mid_sync(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     if n is None or len(n.data) != _MID_SYNC.size or msg.message_id != 0:
         return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
     nonce, m1, p1 = _MID_SYNC.unpack(n.data)
+    if sa.mid_sync_answered is not None and sa.mid_sync_answered[0] == nonce:
+        # A retransmission (it always has message ID 0, so the message-ID
+        # cache cannot catch it): the same answer, no second increment.
+        return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, data=sa.mid_sync_answered[1])]
     m2 = max(m1, sa.mids.recv_next)
     p2 = max(p1, sa.mids.send_next + (1 if sa.mids.busy else 0))
     sa.mids.recv_next = m2
     sa.mids.send_next = p2
     sa.ctx.events.append(MessageIdsSynced(sa.ike_id, p2, m2))
-    return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, data=_MID_SYNC.pack(nonce, p2, m2))]
+    sa.mid_sync_answered = (nonce, _MID_SYNC.pack(nonce, p2, m2))
+    return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, data=sa.mid_sync_answered[1])]
