@@ -140,10 +140,12 @@ class ClusterConfig:
     inside: InsideConfig
     inside_address: IPInterface | None
     members: int
+    expect_members: int
     mode: Literal["load-sharing", "hot-standby"]
     sync: str
     curve_secret_key: str = field(repr=False)
-    curve_public_key: str
+    curve_server_key: str
+    curve_authorized: str
     control: str
     metrics_port: int
     cookie_threshold: int
@@ -483,19 +485,18 @@ def _cluster(t: _Table) -> ClusterConfig:
             raise t.error("inside_address", 'an address like "10.91.2.1" or "10.91.2.1/24"',
                           _show(text)) from None
     segment_bits = t.integer("segment_bits", 8, 1, 16)
-    members = t.integer("members", 1, 1, min(MAX_MEMBERS, 1 << segment_bits),
-                        " (at most 2**segment_bits)")
     sync = t.string("sync", "")
     if sync and not sync.startswith("ipc://"):
         if not sync.startswith("tcp://"):
             raise t.error("sync", '"", "ipc://PATH" or "tcp://HOST:PORT"', _show(sync))
         _host_port(t, "sync", sync.removeprefix("tcp://"), "tcp://198.18.0.2:7000")
+    # Members on other hosts: the dispatcher may start none itself.
+    members = t.integer("members", 1, 0 if sync.startswith("tcp://") else 1,
+                        min(MAX_MEMBERS, 1 << segment_bits), " (at most 2**segment_bits)")
+    expect_members = t.integer("expect_members", members, 1, MAX_MEMBERS)
     secret = t.string("curve_secret_key", "", secret=True)
-    public = t.string("curve_public_key", "")
-    if bool(secret) != bool(public):
-        missing = "curve_public_key" if secret else "curve_secret_key"
-        raise t.error(missing, "both curve_secret_key and curve_public_key, or neither",
-                      "only the other one")
+    server_key = t.string("curve_server_key", "")
+    authorized = t.string("curve_authorized", "")
     cluster = ClusterConfig(
         address=address,
         ike_port=ike_port,
@@ -503,10 +504,12 @@ def _cluster(t: _Table) -> ClusterConfig:
         inside=inside,
         inside_address=inside_address,
         members=members,
+        expect_members=expect_members,
         mode=t.choice("mode", "load-sharing", ("load-sharing", "hot-standby")),
         sync=sync,
         curve_secret_key=secret,
-        curve_public_key=public,
+        curve_server_key=server_key,
+        curve_authorized=authorized,
         control=t.string("control", ""),
         metrics_port=t.integer("metrics_port", 0, 0, 65535, " (0 = off)"),
         cookie_threshold=t.integer("cookie_threshold", 100, 0, 1_000_000),

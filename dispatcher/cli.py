@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from common.config import Config, ConfigError, load_config
 
@@ -43,13 +44,111 @@ def _run_loop(coro: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
-    from dispatcher.gateway import Gateway
-
     config = read_config(args.config)
     _setup_logging(args.log_level or config.cluster.log_level)
+    c = config.cluster
+    if not initiate and (c.members > 1 or c.sync):
+        from dispatcher.supervisor import Supervisor
+
+        codes: list[int] = []
+
+        async def run() -> None:
+            codes.append(await Supervisor(config, args.config).run())
+
+        _run_loop(run())
+        return codes[0] if codes else 1
+    from dispatcher.gateway import Gateway
+
     gw = Gateway(config, initiate=initiate)
     _run_loop(gw.run_forever())
     return 0
+
+
+def cmd_member(args: argparse.Namespace) -> int:
+    from dispatcher.supervisor import run_member
+
+    config = read_config(args.config)
+    _setup_logging(args.log_level or config.cluster.log_level)
+    return run_member(config, args.config, args.id, args.connect)
+
+
+def _ask(args: argparse.Namespace, request: bytes) -> dict[str, Any]:
+    import json
+
+    import zmq
+
+    from dispatcher.supervisor import control_endpoint
+
+    config = read_config(args.config)
+    ctx: Any = zmq.Context.instance()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.RCVTIMEO, int(args.timeout * 1000))
+    req.connect(control_endpoint(config, args.config))
+    try:
+        req.send(request)
+        answer: dict[str, Any] = json.loads(req.recv())
+        return answer
+    except zmq.Again:
+        raise SystemExit(f"ipsec-cluster: no cluster answers for {args.config} "
+                         "(is `ipsec-cluster run` running with this config?)") from None
+    finally:
+        req.close(linger=0)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dispatcher.views import print_status
+
+    answer = _ask(args, b"status")
+    if args.json:
+        import json
+
+        print(json.dumps(answer, indent=2))
+    else:
+        print_status(answer)
+    return 0
+
+
+def cmd_sas(args: argparse.Namespace) -> int:
+    from dispatcher.views import print_sas
+
+    answer = _ask(args, b"sas")
+    if args.json:
+        import json
+
+        print(json.dumps(answer, indent=2))
+    else:
+        print_sas(answer)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public, secret = zmq.auth.create_certificates(str(out), args.name)
+    Path(secret).chmod(0o600)
+    print(f"public key (give to the other side): {public}")
+    print(f"secret key (keep here, cluster.curve_secret_key): {secret}")
+    return 0
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    """Our initiator; without load/check flags exactly today's ``peer``."""
+    from member.peer import Peer, options_from_args
+
+    options = options_from_args(args)
+    config = read_config(args.config)
+    _setup_logging(args.log_level or config.cluster.log_level)
+    peer = Peer(config, options)
+    codes: list[int] = []
+
+    async def run() -> None:
+        codes.append(await peer.run())
+
+    _run_loop(run())
+    return codes[0] if codes else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -70,7 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "connections and carry their traffic")
     peer.add_argument("--config", required=True)
     peer.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    from member.peer import add_peer_arguments
+
+    add_peer_arguments(peer)
     sub.add_parser("demo", help="a short self-contained demonstration (make demo)")
+    member = sub.add_parser("member", help="run one member process and connect it to a "
+                            "dispatcher (other hosts: tcp:// with CURVE keys)")
+    member.add_argument("--config", required=True)
+    member.add_argument("--id", type=int, required=True, help="member id (1..64)")
+    member.add_argument("--connect", required=True, help="the dispatcher's endpoint")
+    member.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for name, text in (("status", "members, segments, SA counts, traffic and drops"),
+                       ("sas", "every IKE SA and child SA, like swanctl --list-sas")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="the config the cluster runs with")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--timeout", type=float, default=5.0)
+    keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair")
+    keygen.add_argument("--dir", required=True)
+    keygen.add_argument("--name", required=True)
     return parser
 
 
@@ -79,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args)
     if args.command == "peer":
-        return cmd_run(args, initiate=True)
+        return cmd_peer(args)
     if args.command == "demo":
         return cmd_demo(args)
-    return 2
+    handlers = {"member": cmd_member, "status": cmd_status, "sas": cmd_sas,
+                "keygen": cmd_keygen}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

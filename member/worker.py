@@ -15,6 +15,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.config import Config
 from common.errors import IntegrityError, MalformedMessage, ReplayError, SequenceExhausted
@@ -280,6 +281,41 @@ class Member:
         return None
 
     # -- seeing it ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every IKE SA and child SA of this member (``ipsec-cluster sas``)."""
+        from common.ike.policy import format_identity
+        from common.ike.proposals import format_esp_suite, format_ike_suite
+
+        ike_sas = []
+        for sa in self.engine.by_id.values():
+            children = []
+            for c in sa.children.values():
+                where = self.placed.get(c.spi_in, self.member_id)
+                children.append({
+                    "name": c.name, "spi_in": f"{c.spi_in:08x}", "spi_out": f"{c.spi_out:08x}",
+                    "algorithms": format_esp_suite(c.suite), "state": c.state.name,
+                    "member": where,
+                    "local_ts": [str(t) for t in c.local_ts],
+                    "remote_ts": [str(t) for t in c.remote_ts]})
+            ike_sas.append({
+                "id": sa.ike_id, "name": sa.name, "state": sa.state.name,
+                "initiator": sa.initiator, "spi_i": sa.spi_i.hex(), "spi_r": sa.spi_r.hex(),
+                "remote": f"{sa.remote[0]}:{sa.remote[1]}",
+                "algorithms": format_ike_suite(sa.suite) if sa.suite else "",
+                "remote_id": format_identity(*sa.peer_id) if sa.peer_id else "",
+                "message_ids": {"send_next": sa.mids.send_next, "recv_next": sa.mids.recv_next},
+                "children": children, "counters": dict(sa.counters)})
+        esp = []
+        for spi, r in self.by_spi.items():
+            esp.append({
+                "name": r.name, "ike_id": r.ike_id, "spi_in": f"{spi:08x}",
+                "spi_out": f"{r.outbound.spi:08x}", "transform": r.outbound.transform,
+                "packets_in": r.inbound.packets, "bytes_in": r.inbound.octets,
+                "packets_out": r.outbound.packets, "bytes_out": r.outbound.octets,
+                "local_ts": [str(t) for t in r.local_ts],
+                "remote_ts": [str(t) for t in r.remote_ts]})
+        return {"ike_sas": ike_sas, "child_sas": esp}
 
     def remote_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []

@@ -167,7 +167,7 @@ BAD = [
     (C + "log_level", "verbose", C + "log_level", '"debug"'),
     (C + "sync", "zmq://x", C + "sync", '"tcp://HOST:PORT"'),
     (C + "sync", "tcp://hostname", C + "sync", "HOST:PORT"),
-    (C + "curve_secret_key", "k.key", C + "curve_public_key", "or neither"),
+    (C + "members", 0, C + "members", "1.."),
     (C + "metrics_port", -1, C + "metrics_port", "0..65535"),
     ("cluster", DELETE, "cluster", "a table"),
     ("cluster", "x", "cluster", "a table"),
@@ -261,7 +261,7 @@ def test_psk_never_in_repr() -> None:
 
 def test_curve_secret_not_in_repr() -> None:
     text = with_change(C + "curve_secret_key", "secret-key-path")
-    text = text.replace("[cluster]", '[cluster]\ncurve_public_key = "pub"')
+    text = text.replace("[cluster]", '[cluster]\ncurve_server_key = "pub"')
     cfg = load_config(text, "gw.toml")
     assert cfg.cluster.curve_secret_key == "secret-key-path"
     assert "secret-key-path" not in repr(cfg)

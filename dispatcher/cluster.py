@@ -1,0 +1,474 @@
+"""The dispatcher process: the cluster's single address and its I/O edge.
+
+It owns UDP 500/4500 and the inside (TUN or UDP), classifies every datagram
+and routes it with the one routing function (common/routing.py) to the member
+that owns the segment, in batches over ZeroMQ; it sends what members hand back
+from the cluster address, so IKE and ESP always share one address (RFC 6027
+§3.8). It is the membership authority: HELLO, heartbeats, the segment table
+with its epoch, failure detection.
+
+Rules of this file: the socket callbacks do no protocol work (peek, route,
+append to a bounded batch, drop and count when full); batches leave once per
+loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.config import Config
+from common.errors import MalformedMessage
+from common.ike.ts import TrafficSelector
+from common.routing import InsideRoutes, PortKind, RouteKind, route_datagram
+from common.segments import SegmentTable
+from common.spi import segment_of_esp_spi
+from common.wire import (
+    ChildDelete,
+    ChildPush,
+    Datagram,
+    DatagramIn,
+    DatagramOut,
+    Heartbeat,
+    Hello,
+    InnerIn,
+    InnerOut,
+    Message,
+    RouteAdd,
+    RouteDel,
+    Status,
+    StatusReq,
+    StreamSeq,
+    TableUpdate,
+    decode,
+    encode,
+)
+from dispatcher.inside import Inside, make_inside
+
+log = logging.getLogger("ipsec_cluster.dispatcher")
+
+#: datagrams read per readiness callback, and the most a batch may hold
+READ_BURST = 256
+MAX_BATCH = 256
+#: bounded queue per member (frames ZeroMQ may hold before we drop)
+MEMBER_HWM = 20_000
+UDP_RCVBUF = 8 << 20
+
+
+@dataclass(slots=True)
+class MemberInfo:
+    member_id: int
+    identity: bytes
+    sender_id: int
+    pid: int = 0
+    host: str = ""
+    last_seen: float = 0.0
+    alive: bool = True
+    counters: dict[str, int] = field(default_factory=dict)
+    tx: StreamSeq = field(default_factory=StreamSeq)
+    rx: StreamSeq = field(default_factory=StreamSeq)
+    gaps: int = 0
+    datagrams: list[Datagram] = field(default_factory=list)
+    inner: list[bytes] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RouteInfo:
+    member: int
+    local_ts: tuple[TrafficSelector, ...]
+    remote_ts: tuple[TrafficSelector, ...]
+
+
+class Dispatcher:
+    def __init__(self, config: Config, endpoint: str, *,
+                 curve: tuple[bytes, bytes, str] | None = None,
+                 expect_members: int | None = None) -> None:
+        """``curve`` = (our public key, our secret key, directory of allowed
+        member public keys) for tcp:// endpoints."""
+        self.config = config
+        self.endpoint = endpoint
+        self.curve = curve
+        c = config.cluster
+        self.table = SegmentTable(c.segment_bits)
+        self.expect = expect_members if expect_members is not None else c.expect_members
+        self.members: dict[int, MemberInfo] = {}
+        self.by_identity: dict[bytes, int] = {}
+        self.next_sender_id = 1
+        self.routes = InsideRoutes()
+        self.route_info: dict[int, RouteInfo] = {}
+        self.drops: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        self.udp: dict[int, socket.socket] = {}
+        self.inside: Inside | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._status_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._status_pending: dict[int, dict[str, Any]] = {}
+        self._stop = asyncio.Event()
+        self.started = time.time()
+        ctx = zmq.asyncio.Context.instance()
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.SNDHWM, MEMBER_HWM)
+        self.router.setsockopt(zmq.RCVHWM, MEMBER_HWM)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.auth: Any = None
+
+    # -- network in -----------------------------------------------------------------
+
+    def _readable(self, port: int) -> None:
+        sock = self.udp[port]
+        kind = PortKind.of_port(port)
+        table = self.table
+        members = self.members
+        for _ in range(READ_BURST):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.drops["udp_error"] += 1
+                break
+            self.counters["udp_in"] += 1
+            peer_ip = ipaddress.ip_address(addr[0]).packed
+            try:
+                route = route_datagram(kind, data, peer_ip, addr[1], table)
+            except MalformedMessage:
+                self.drops["malformed"] += 1
+                continue
+            if route.kind is RouteKind.KEEPALIVE:
+                self.counters["keepalive"] += 1
+                continue
+            info = members.get(route.owner) if route.owner is not None else None
+            if info is None or not info.alive:
+                self.drops["no_owner"] += 1
+                continue
+            if len(info.datagrams) >= MAX_BATCH * 4:
+                self.drops["member_queue_full"] += 1
+                continue
+            info.datagrams.append(Datagram(port, peer_ip, addr[1], data))
+        self._flush()
+
+    def _inner(self, packet: bytes) -> None:
+        try:
+            member = self.routes.lookup(packet)
+        except MalformedMessage:
+            self.drops["inner_malformed"] += 1
+            return
+        info = self.members.get(member) if member is not None else None
+        if info is None or not info.alive:
+            self.drops["inner_no_route"] += 1
+            return
+        if len(info.inner) >= MAX_BATCH * 4:
+            self.drops["member_queue_full"] += 1
+            return
+        info.inner.append(packet)
+        if not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for info in self.members.values():
+            while info.datagrams:
+                batch, info.datagrams = info.datagrams[:MAX_BATCH], info.datagrams[MAX_BATCH:]
+                self._send(info, DatagramIn(batch))
+            while info.inner:
+                chunk, info.inner = info.inner[:MAX_BATCH], info.inner[MAX_BATCH:]
+                self._send(info, InnerIn(chunk))
+
+    def _send(self, info: MemberInfo, msg: Message) -> None:
+        try:
+            self.router.send_multipart([info.identity, encode(msg, info.tx.next())],
+                                       flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.drops["zmq_full"] += 1
+        except zmq.ZMQError:
+            self.drops["zmq_unroutable"] += 1
+
+    # -- members in -------------------------------------------------------------------
+
+    async def _members_loop(self) -> None:
+        while not self._stop.is_set():
+            frames = await self.router.recv_multipart(copy=True)
+            if len(frames) != 2:
+                self.drops["wire_frames"] += 1
+                continue
+            identity, frame = frames
+            try:
+                seq, msg = decode(frame)
+            except MalformedMessage as exc:
+                self.drops["wire_malformed"] += 1
+                log.warning("bad frame from %r: %s", identity, exc)
+                continue
+            try:
+                self._from_member(identity, seq, msg)
+            except (ValueError, OSError) as exc:
+                self.drops["member_msg_error"] += 1
+                log.warning("message from %r refused: %s", identity, exc)
+
+    def _from_member(self, identity: bytes, seq: int, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            self._hello(identity, msg)
+            return
+        member_id = self.by_identity.get(identity)
+        info = self.members.get(member_id) if member_id is not None else None
+        if info is None:
+            self.drops["unknown_member"] += 1
+            return
+        lost = info.rx.check(seq)
+        if lost > 0:
+            info.gaps += lost
+        if isinstance(msg, DatagramOut):
+            for d in msg.datagrams:
+                sock = self.udp.get(d.local_port)
+                if sock is None:
+                    self.drops["no_socket"] += 1
+                    continue
+                try:
+                    sock.sendto(d.payload, (str(ipaddress.ip_address(d.peer_ip)), d.peer_port))
+                    self.counters["udp_out"] += 1
+                except BlockingIOError:
+                    self.drops["udp_send_full"] += 1
+                except OSError:
+                    self.drops["udp_send_error"] += 1
+        elif isinstance(msg, InnerOut):
+            inside = self.inside
+            for p in msg.packets:
+                if inside is not None:
+                    inside.write(bytes(p))
+                    self.counters["inner_out"] += 1
+        elif isinstance(msg, Heartbeat):
+            info.last_seen = time.monotonic()
+            info.counters = dict(msg.counters)
+            if not info.alive:
+                log.warning("member %d is back", info.member_id)
+        elif isinstance(msg, RouteAdd):
+            self.routes.add(msg.child_id, msg.local_ts, msg.remote_ts, msg.member)
+            self.route_info[msg.child_id] = RouteInfo(msg.member, msg.local_ts, msg.remote_ts)
+        elif isinstance(msg, RouteDel):
+            self.routes.remove(msg.child_id)
+            self.route_info.pop(msg.child_id, None)
+        elif isinstance(msg, ChildPush | ChildDelete):
+            self._relay(msg)
+        elif isinstance(msg, Status):
+            self._status_pending[info.member_id] = json.loads(msg.json)
+            self._status_done()
+
+    def _relay(self, msg: ChildPush | ChildDelete) -> None:
+        """The IKE SA owner manages children: pass the child to the member
+        owning its inbound SPI's segment."""
+        owner = self.table.owner(segment_of_esp_spi(msg.spi_in, self.table.segment_bits))
+        info = self.members.get(owner) if owner is not None else None
+        if info is None or not info.alive:
+            self.drops["child_push_no_owner"] += 1
+            return
+        self._send(info, msg)
+
+    def _hello(self, identity: bytes, hello: Hello) -> None:
+        sender_id = self.next_sender_id
+        self.next_sender_id = (self.next_sender_id % 0xFFFF) + 1
+        old = self.members.get(hello.member_id)
+        info = MemberInfo(hello.member_id, identity, sender_id, hello.pid, hello.host,
+                          time.monotonic())
+        self.members[hello.member_id] = info
+        self.by_identity[identity] = hello.member_id
+        log.info("member %d joined (pid %d on %s), sender id %d%s", hello.member_id, hello.pid,
+                 hello.host, sender_id, " (restarted)" if old else "")
+        # Its incarnation's IV sender id first, then the table.
+        self._send(info, Heartbeat(0, sender_id, os.getpid(), self.table.epoch, self._loads()))
+        alive = sorted(m for m, i in self.members.items() if i.alive)
+        if not self.table.members and len(alive) >= self.expect:
+            self._assign(alive)
+        elif self.table.members and hello.member_id not in self.table.members:
+            self.table.apply(self.table.join(hello.member_id))
+            self._broadcast_table()
+        else:
+            self._send(info, TableUpdate(self.table))
+
+    def _assign(self, members: list[int]) -> None:
+        if self.config.cluster.mode == "hot-standby":
+            self.table.hot_standby(members[0], members[1:])
+        else:
+            self.table.assign(members)
+        log.info("segment table epoch %d: %s", self.table.epoch,
+                 {m: len(self.table.segments_of(m)) for m in members})
+        self._broadcast_table()
+
+    def _broadcast_table(self) -> None:
+        for info in self.members.values():
+            if info.alive:
+                self._send(info, TableUpdate(self.table))
+
+    def _loads(self) -> dict[str, int]:
+        loads: Counter[int] = Counter(r.member for r in self.route_info.values())
+        return {f"load.{m}": loads.get(m, 0) for m in self.members}
+
+    # -- membership ---------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        c = self.config.cluster
+        interval = c.heartbeat_interval
+        started = time.monotonic()
+        while not self._stop.is_set():
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            loads = self._loads()
+            for info in list(self.members.values()):
+                if not info.alive:
+                    continue
+                if now - info.last_seen > interval * c.dead_after:
+                    self._dead(info)
+                    continue
+                self._send(info, Heartbeat(0, info.sender_id, os.getpid(), self.table.epoch,
+                                           loads))
+            if not self.table.members and self.members and now - started > 5.0:
+                # Not everyone came: start with whoever is here.
+                self._assign(sorted(m for m, i in self.members.items() if i.alive))
+
+    def _dead(self, info: MemberInfo) -> None:
+        info.alive = False
+        log.warning("member %d declared dead (no heartbeat for %d intervals)", info.member_id,
+                    self.config.cluster.dead_after)
+        self.counters["members_died"] += 1
+        if info.member_id in self.table.members:
+            moves = self.table.fail_over(info.member_id)
+            log.info("segment table epoch %d: %d segments moved", self.table.epoch, len(moves))
+            self._broadcast_table()
+        for child_id in [c for c, r in self.route_info.items() if r.member == info.member_id]:
+            self.routes.remove(child_id)
+            del self.route_info[child_id]
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        members = []
+        for m, info in sorted(self.members.items()):
+            members.append({
+                "id": m, "pid": info.pid, "host": info.host, "alive": info.alive,
+                "sender_id": info.sender_id,
+                "last_heartbeat_ms": round((now - info.last_seen) * 1000),
+                "segments": len(self.table.segments_of(m)),
+                "backup_segments": len(self.table.backups_of(m)),
+                "ike_sas": info.counters.get("ike_sas", 0),
+                "child_sas": info.counters.get("child_sas", 0),
+                "packets_in": info.counters.get("c.esp_in", 0),
+                "bytes_in": info.counters.get("c.esp_in_bytes", 0),
+                "packets_out": info.counters.get("c.esp_out", 0),
+                "bytes_out": info.counters.get("c.esp_out_bytes", 0),
+                "drops": {k[5:]: v for k, v in info.counters.items() if k.startswith("drop.")},
+                "sync_gaps": info.gaps + info.counters.get("sync_gaps", 0),
+            })
+        return {"cluster": {"address": str(self.config.cluster.address),
+                            "mode": self.config.cluster.mode, "epoch": self.table.epoch,
+                            "uptime_s": round(time.time() - self.started, 1),
+                            "endpoint": self.endpoint},
+                "dispatcher": {"pid": os.getpid(), "counters": dict(self.counters),
+                               "drops": dict(self.drops), "inside_routes": len(self.routes)},
+                "members": members}
+
+    async def sas(self, timeout: float = 2.0) -> dict[str, Any]:
+        """Every member's SAs (like swanctl --list-sas)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._status_waiters.append(fut)
+        self._status_pending = {}
+        for info in self.members.values():
+            if info.alive:
+                self._send(info, StatusReq())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        return {"members": [self._status_pending.get(m, {"member": m, "error": "no answer"})
+                            for m, i in sorted(self.members.items()) if i.alive]}
+
+    def _status_done(self) -> None:
+        alive = {m for m, i in self.members.items() if i.alive}
+        if alive <= set(self._status_pending):
+            for fut in self._status_waiters:
+                if not fut.done():
+                    fut.set_result({})
+            self._status_waiters.clear()
+
+    # -- life ---------------------------------------------------------------------------
+
+    def _open_udp(self, port: int) -> None:
+        c = self.config.cluster
+        family = socket.AF_INET6 if c.address.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_RCVBUF)
+        sock.bind((str(c.address), port))
+        sock.setblocking(False)
+        self.udp[port] = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, port)
+
+    def _start_auth(self) -> None:
+        if self.curve is None:
+            return
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        public, secret, allowed_dir = self.curve
+        self.auth = AsyncioAuthenticator(zmq.asyncio.Context.instance())
+        self.auth.log = logging.getLogger("ipsec_cluster.zap")
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=allowed_dir)
+        self.router.curve_server = True
+        self.router.curve_publickey = public
+        self.router.curve_secretkey = secret
+        self.router.zap_domain = b"ipsec-cluster"
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._start_auth()
+        self.router.bind(self.endpoint)
+        c = self.config.cluster
+        for port in sorted({c.ike_port, c.natt_port}):
+            self._open_udp(port)
+        address = str(c.inside_address) if c.inside_address is not None else None
+        routes = [n for conn in self.config.connections.values()
+                  for ch in conn.children.values() for n in ch.remote_nets]
+        self.inside = make_inside(c.inside, address=address, routes=routes)
+        await self.inside.start(self._inner)
+        log.info("dispatcher on %s ports %s, members at %s", c.address, sorted(self.udp),
+                 self.endpoint)
+
+    async def run(self) -> None:
+        await self.start()
+        tasks = [asyncio.ensure_future(self._members_loop()),
+                 asyncio.ensure_future(self._monitor())]
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self.loop is not None:
+            for sock in self.udp.values():
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(sock.fileno())
+                sock.close()
+        if self.inside is not None:
+            self.inside.close()
+        self.router.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()

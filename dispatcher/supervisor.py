@@ -1,0 +1,209 @@
+"""``ipsec-cluster run`` with ``members > 1`` (or a ``sync`` endpoint): the
+dispatcher process starts the member processes, supervises them (a member
+that exits is started again, with a new IV sender id), serves ``status`` and
+``sas`` on a control socket, exports Prometheus metrics, and stops everything
+cleanly on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.config import Config
+from dispatcher.cluster import Dispatcher
+
+log = logging.getLogger("ipsec_cluster.supervisor")
+
+RESTART_DELAY_S = 0.5
+
+
+def run_dir(config: Config, config_path: str) -> Path:
+    """Where a running cluster keeps its sockets: ``cluster.control`` or a
+    folder derived from the config file's absolute path, so that ``status``
+    and ``sas`` find the cluster through the same ``--config``."""
+    if config.cluster.control:
+        return Path(config.cluster.control)
+    digest = hashlib.sha256(str(Path(config_path).resolve()).encode()).hexdigest()[:12]
+    return Path("/tmp") / f"ipsec-cluster-{digest}"  # noqa: S108 - a per-config folder, 0700
+
+
+def control_endpoint(config: Config, config_path: str) -> str:
+    return f"ipc://{run_dir(config, config_path) / 'control.ipc'}"
+
+
+def members_endpoint(config: Config, config_path: str) -> str:
+    if config.cluster.sync:
+        return config.cluster.sync
+    return f"ipc://{run_dir(config, config_path) / 'members.ipc'}"
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.dir = run_dir(config, config_path)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        endpoint = members_endpoint(config, config_path)
+        curve = None
+        if endpoint.startswith("tcp://"):
+            curve = load_server_curve(config, config_path)
+        self.dispatcher = Dispatcher(config, endpoint, curve=curve)
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def _spawn(self, member_id: int) -> None:
+        endpoint = members_endpoint(self.config, self.config_path)
+        if endpoint.startswith("tcp://"):
+            endpoint = endpoint.replace("tcp://0.0.0.0", "tcp://127.0.0.1")
+        argv = [sys.executable, "-m", "dispatcher.cli", "member", "--config", self.config_path,
+                "--id", str(member_id), "--connect", endpoint]
+        self.procs[member_id] = subprocess.Popen(argv)
+        log.info("started member %d (pid %d)", member_id, self.procs[member_id].pid)
+
+    async def _watch(self) -> None:
+        while not self.stopping:
+            await asyncio.sleep(0.2)
+            for member_id, proc in list(self.procs.items()):
+                if proc.poll() is not None and not self.stopping:
+                    log.warning("member %d (pid %d) exited with %s; starting it again",
+                                member_id, proc.pid, proc.returncode)
+                    await asyncio.sleep(RESTART_DELAY_S)
+                    if not self.stopping:
+                        self._spawn(member_id)
+
+    async def _control(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        rep = ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 0)
+        rep.bind(control_endpoint(self.config, self.config_path))
+        try:
+            while not self.stopping:
+                request = await rep.recv()
+                answer: dict[str, Any]
+                if request == b"status":
+                    answer = self.dispatcher.status()
+                elif request == b"sas":
+                    answer = await self.dispatcher.sas()
+                else:
+                    answer = {"error": f"unknown request {request[:32]!r}"}
+                await rep.send(json.dumps(answer).encode())
+        finally:
+            rep.close(linger=0)
+
+    def _metrics(self) -> None:
+        port = self.config.cluster.metrics_port
+        if port:
+            from dispatcher.metrics import start_metrics
+
+            start_metrics(self.dispatcher, port)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        await self.dispatcher.start()
+        self._metrics()
+        for member_id in range(1, self.config.cluster.members + 1):
+            self._spawn(member_id)
+        tasks = [asyncio.ensure_future(self.dispatcher._members_loop()),
+                 asyncio.ensure_future(self.dispatcher._monitor()),
+                 asyncio.ensure_future(self._watch()),
+                 asyncio.ensure_future(self._control())]
+        try:
+            await self.dispatcher._stop.wait()
+        finally:
+            self.stopping = True
+            for t in tasks:
+                t.cancel()
+            self._stop_members()
+            self.dispatcher.close()
+        return 0
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.dispatcher.stop()
+
+    def _stop_members(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.info("all members stopped")
+
+
+def load_server_curve(config: Config, config_path: str) -> tuple[bytes, bytes, str]:
+    """The dispatcher's CURVE keys and the folder of members' public keys."""
+    import zmq.auth
+
+    c = config.cluster
+    base = Path(config_path).parent
+    if not c.curve_secret_key:
+        raise SystemExit(f"ipsec-cluster: {config_path}: cluster.sync is tcp:// but "
+                         "cluster.curve_secret_key is not set (make keys with "
+                         "`ipsec-cluster keygen`)")
+    public, secret = zmq.auth.load_certificate(str(base / c.curve_secret_key))
+    if secret is None:
+        raise SystemExit(f"ipsec-cluster: {c.curve_secret_key}: not a secret key file")
+    allowed = base / (c.curve_authorized or "authorized")
+    if not allowed.is_dir():
+        raise SystemExit(f"ipsec-cluster: {config_path}: cluster.curve_authorized: "
+                         f"expected a folder of member public keys, got {allowed}")
+    return public, secret, str(allowed)
+
+
+def load_member_curve(config: Config, config_path: str) -> tuple[bytes, bytes, bytes]:
+    import zmq.auth
+
+    c = config.cluster
+    base = Path(config_path).parent
+    if not c.curve_secret_key or not c.curve_server_key:
+        raise SystemExit(f"ipsec-cluster: {config_path}: a member on tcp:// needs "
+                         "cluster.curve_secret_key and cluster.curve_server_key")
+    public, secret = zmq.auth.load_certificate(str(base / c.curve_secret_key))
+    server, _ = zmq.auth.load_certificate(str(base / c.curve_server_key))
+    if secret is None:
+        raise SystemExit(f"ipsec-cluster: {c.curve_secret_key}: not a secret key file")
+    return public, secret, server
+
+
+def run_member(config: Config, config_path: str, member_id: int, endpoint: str) -> int:
+    from member.process import MemberProcess
+
+    curve = load_member_curve(config, config_path) if endpoint.startswith("tcp://") else None
+    proc = MemberProcess(config, member_id, endpoint, curve=curve)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: os._exit(0))
+        await proc.run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(main())
+    return 0
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)

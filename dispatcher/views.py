@@ -1,0 +1,48 @@
+"""Human views of ``status`` and ``sas`` (rich tables)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_status(status: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    c = status["cluster"]
+    console.print(f"cluster {c['address']} ({c['mode']}), table epoch {c['epoch']}, "
+                  f"up {c['uptime_s']} s, members at {c['endpoint']}")
+    table = Table("member", "pid", "host", "alive", "segments", "backup", "IKE SAs",
+                  "child SAs", "pkts in", "bytes in", "pkts out", "bytes out", "drops")
+    for m in status["members"]:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(m["drops"].items()) if v) or "-"
+        table.add_row(str(m["id"]), str(m["pid"]), m["host"], "yes" if m["alive"] else "DEAD",
+                      str(m["segments"]), str(m["backup_segments"]), str(m["ike_sas"]),
+                      str(m["child_sas"]), str(m["packets_in"]), str(m["bytes_in"]),
+                      str(m["packets_out"]), str(m["bytes_out"]), drops)
+    console.print(table)
+    d = status["dispatcher"]
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(d["drops"].items())) or "none"
+    console.print(f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}")
+
+
+def print_sas(sas: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    for m in sas["members"]:
+        if "error" in m:
+            console.print(f"member {m['member']}: {m['error']}")
+            continue
+        for ike in m["ike_sas"]:
+            console.print(f"[bold]{ike['name']}[/]: #{ike['id']} on member {m['member']}, "
+                          f"{ike['state']}, {ike['spi_i']}_i {ike['spi_r']}_r, "
+                          f"remote {ike['remote']} {ike['remote_id']}, {ike['algorithms']}")
+            for ch in ike["children"]:
+                console.print(f"  {ch['name']}: {ch['state']} on member {ch['member']}, "
+                              f"{ch['spi_in']}_i {ch['spi_out']}_o, {ch['algorithms']}")
+                console.print(f"    local  {', '.join(ch['local_ts'])}")
+                console.print(f"    remote {', '.join(ch['remote_ts'])}")
+        for esp in m["child_sas"]:
+            console.print(f"  ESP {esp['name']} {esp['spi_in']}_i {esp['spi_out']}_o on member "
+                          f"{m['member']}: in {esp['packets_in']} pkts/{esp['bytes_in']} B, "
+                          f"out {esp['packets_out']} pkts/{esp['bytes_out']} B")

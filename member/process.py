@@ -1,0 +1,304 @@
+"""A member process: one ``Member`` behind the dispatcher, over ZeroMQ.
+
+The member is a DEALER connected to the dispatcher's ROUTER (ipc:// on one
+host, tcp:// with CURVE across hosts). Everything it hears comes in batches
+(DATAGRAM_IN, INNER_IN) or as control messages (TABLE, CHILD_PUSH, ...);
+everything it says goes back the same way. Like the gateway shell, it feeds
+the core, flushes what the core wants sent, and re-arms one timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common.config import Config
+from common.errors import MalformedMessage
+from common.natt import NON_ESP_MARKER, Kind, classify_4500
+from common.routing import init_segment
+from common.segments import SegmentTable
+from common.spi import segment_of_esp_spi
+from common.wire import (
+    ChildDelete,
+    ChildPush,
+    Datagram,
+    DatagramIn,
+    DatagramOut,
+    Heartbeat,
+    Hello,
+    InnerIn,
+    InnerOut,
+    Message,
+    Status,
+    StatusReq,
+    StreamSeq,
+    TableUpdate,
+    decode,
+    encode,
+)
+from member.worker import Member
+
+log = logging.getLogger("ipsec_cluster.member")
+
+VERSION = "0.1.0"
+
+
+def _ip(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
+
+
+class MemberProcess:
+    def __init__(self, config: Config, member_id: int, endpoint: str, *,
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
+        """``curve`` = (our public key, our secret key, the dispatcher's public key)."""
+        self.config = config
+        self.member_id = member_id
+        self.endpoint = endpoint
+        self.curve = curve
+        self.table: SegmentTable | None = None
+        self.loads: dict[int, int] = {}
+        self.member: Member | None = None
+        self.sender_id = 0
+        self.seq = StreamSeq()
+        self.rx_seq = StreamSeq()
+        self.gaps = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._placed = 0
+        self._stop = asyncio.Event()
+        ctx = zmq.asyncio.Context.instance()
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"member-{member_id}".encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        if curve is not None:
+            self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = curve
+
+    # -- sending ------------------------------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        try:
+            self.sock.send(encode(msg, self.seq.next()), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            if self.member is not None:
+                self.member.drops["zmq_full"] += 1
+
+    def flush(self) -> None:
+        m = self.member
+        if m is None:
+            return
+        out = []
+        for o in m.ike_out():
+            data = o.data if o.local_port == 500 else NON_ESP_MARKER + o.data
+            out.append(Datagram(o.local_port, ipaddress.ip_address(o.remote[0]).packed,
+                                o.remote[1], data))
+        if out:
+            self.send(DatagramOut(out))
+        for notice in m.notices:
+            self.send(notice)
+        m.notices.clear()
+        self._arm()
+
+    # -- placement ------------------------------------------------------------------
+
+    def owner_of_esp(self, spi: int) -> int:
+        table = self.table
+        if table is None:
+            return self.member_id
+        owner = table.owner(segment_of_esp_spi(spi, table.segment_bits))
+        return self.member_id if owner is None else owner
+
+    def esp_segment(self) -> int:
+        """Least loaded member (children it carries, as the dispatcher last told
+        us, plus what we placed since), then one of its segments."""
+        table = self.table
+        if table is None or not table.members:
+            return self.member.spis.segments[0] if self.member else 0
+        members = [m for m in table.members if table.segments_of(m)]
+        target = min(members, key=lambda m: (self.loads.get(m, 0), m != self.member_id))
+        self.loads[target] = self.loads.get(target, 0) + 1
+        segs = table.segments_of(target)
+        self._placed += 1
+        return segs[self._placed % len(segs)]
+
+    # -- receiving ------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> None:
+        if isinstance(msg, DatagramIn):
+            self._datagrams(msg)
+        elif isinstance(msg, InnerIn):
+            self._inner(msg)
+        elif isinstance(msg, TableUpdate):
+            self._table(msg.table)
+        elif isinstance(msg, Heartbeat):
+            self._dispatcher_heartbeat(msg)
+        elif isinstance(msg, ChildPush):
+            if self.member is not None:
+                self.member.install_pushed(msg)
+        elif isinstance(msg, ChildDelete):
+            if self.member is not None:
+                self.member.remove_pushed(msg.spi_in)
+        elif isinstance(msg, StatusReq):
+            self.send(Status(json.dumps(self.status()).encode()))
+        self.flush()
+
+    def _dispatcher_heartbeat(self, hb: Heartbeat) -> None:
+        if self.member is None:
+            # The dispatcher's answer to HELLO: our incarnation's sender id.
+            self.sender_id = hb.sender_id
+            self.member = Member(self.config, member_id=self.member_id,
+                                 sender_id=hb.sender_id, segments=[0],
+                                 owner_of_esp=self.owner_of_esp, esp_segment=self.esp_segment)
+            log.info("member %d: sender id %d", self.member_id, hb.sender_id)
+        self.loads = {int(k[5:]): v for k, v in hb.counters.items() if k.startswith("load.")}
+
+    def _table(self, table: SegmentTable) -> None:
+        self.table = table
+        if self.member is not None:
+            mine = table.segments_of(self.member_id)
+            self.member.spis.set_segments(mine)
+            log.info("member %d: table epoch %d, %d segments", self.member_id, table.epoch,
+                     len(mine))
+
+    def _datagrams(self, msg: DatagramIn) -> None:
+        m = self.member
+        if m is None or self.loop is None:
+            return
+        now = self.loop.time()
+        inner: list[bytes] = []
+        for d in msg.datagrams:
+            remote = (_ip(d.peer_ip), d.peer_port)
+            payload = bytes(d.payload)
+            if d.local_port == 500:
+                self._ike(payload, d, remote, now)
+                continue
+            try:
+                kind, spi = classify_4500(payload)
+            except MalformedMessage:
+                m.drops["udp_malformed"] += 1
+                continue
+            if kind is Kind.ESP:
+                packet = m.handle_esp(payload, spi, remote, now)
+                if packet is not None:
+                    m.counters["esp_in"] += 1
+                    m.counters["esp_in_bytes"] += len(packet)
+                    inner.append(packet)
+            elif kind is Kind.IKE:
+                self._ike(payload[4:], d, remote, now)
+        if inner:
+            self.send(InnerOut(inner))
+
+    def _ike(self, data: bytes, d: Datagram, remote: tuple[str, int], now: float) -> None:
+        m = self.member
+        if m is None:
+            return
+        table = self.table
+        if table is not None and len(data) >= 28 and data[8:16] == bytes(8):
+            # IKE_SA_INIT: our responder SPI goes into the segment the dispatcher
+            # hashed it to (the same function, common/routing.py).
+            m.spis.next_ike_segment = init_segment(d.peer_ip, d.peer_port, data[:8],
+                                                   table.segment_bits)
+        m.handle_ike(data, remote, d.local_port, now)
+        m.spis.next_ike_segment = None
+
+    def _inner(self, msg: InnerIn) -> None:
+        m = self.member
+        if m is None:
+            return
+        out = []
+        natt = self.config.cluster.natt_port
+        for p in msg.packets:
+            res = m.handle_inner(bytes(p))
+            if res is not None:
+                esp, remote = res
+                m.counters["esp_out"] += 1
+                m.counters["esp_out_bytes"] += len(p)
+                out.append(Datagram(natt, ipaddress.ip_address(remote[0]).packed,
+                                    remote[1], esp))
+        if out:
+            self.send(DatagramOut(out))
+
+    # -- timers ---------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self.loop is None or self.member is None:
+            return
+        when = self.member.get_timer()
+        if self._timer is not None:
+            if when is not None and abs(self._timer.when() - when) < 1e-3:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self.member is not None and self.loop is not None:
+            self.member.handle_timer(self.loop.time())
+            self.flush()
+
+    # -- status -----------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        m = self.member
+        if m is None:
+            return {}
+        c: dict[str, int] = {f"c.{k}": v for k, v in m.counters.items()}
+        c.update({f"drop.{k}": v for k, v in m.drops.items()})
+        c.update({f"drop.ike_{k}": v for k, v in m.engine.drops.items()})
+        c["ike_sas"] = len(m.engine.established())
+        c["child_sas"] = len(m.by_spi)
+        c["sync_gaps"] = self.gaps
+        return c
+
+    def status(self) -> dict[str, Any]:
+        m = self.member
+        if m is None:
+            return {"member": self.member_id, "ike_sas": [], "child_sas": []}
+        return {"member": self.member_id, "pid": os.getpid(), **m.snapshot()}
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def heartbeats(self) -> None:
+        interval = self.config.cluster.heartbeat_interval
+        while not self._stop.is_set():
+            epoch = self.table.epoch if self.table else 0
+            self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
+                                self.counters()))
+            await asyncio.sleep(interval)
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock.connect(self.endpoint)
+        self.send(Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION))
+        hb = asyncio.ensure_future(self.heartbeats())
+        try:
+            while not self._stop.is_set():
+                frame = await self.sock.recv(copy=True)
+                try:
+                    seq, msg = decode(frame)
+                except MalformedMessage as exc:
+                    if self.member is not None:
+                        self.member.drops["wire_malformed"] += 1
+                    log.warning("member %d: bad frame from dispatcher: %s", self.member_id, exc)
+                    continue
+                lost = self.rx_seq.check(seq)
+                if lost > 0:
+                    self.gaps += lost
+                self.handle(msg)
+        finally:
+            hb.cancel()
+            self.sock.close(linger=0)
+
+    def stop(self) -> None:
+        self._stop.set()
