@@ -6,14 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit bench sysdeps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py common/_esp_fast.c
 	@command -v $(PY) >/dev/null 2>&1 || { echo "make: $(PY) not found (set PY=...)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-# Debian packages for the real-peer tests (strongSwan, ping, tcpdump); only as root.
+# Debian packages: libssl-dev for the compiled ESP path (common/_esp_fast.c), and the
+# real-peer tests (strongSwan, ping, tcpdump); only as root.  `test` runs it before
+# the install so the extension gets built.
 sysdeps:
 	@./scripts/install-sysdeps.sh
 
@@ -29,7 +31,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: $(STAMP) sysdeps lint typecheck unit
+test: sysdeps $(STAMP) lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/pytest bench -q --benchmark-columns=min,median,mean,ops --benchmark-sort=name

@@ -6,7 +6,9 @@ Every timed call processes a batch of BATCH distinct packets (distinct nonces
 for the bare AEAD too), so the per-call timer overhead vanishes and caches see
 the same working set; results are divided by BATCH.  ``unprotect`` gets a fresh
 replay window (outside the timed part) before each round, so replay never fires.
-The last test prints the ratio table (protect+unprotect vs encrypt+decrypt).
+The last test prints the ratio table (protect+unprotect vs encrypt+decrypt) for
+both implementations: ``c`` (common/_esp_fast.c, the default when built) and
+``python`` (the pure-Python reference, as IPSEC_CLUSTER_PURE_ESP=1 forces).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from common import esp
 from common.esp import TRANSFORMS, InboundSA, OutboundSA
 from common.replay import ReplayState
 
@@ -24,7 +27,19 @@ BATCH = 256
 ROUNDS = 200
 SIZES = (64, 1400)
 SPI = 0x0A00_0001
+IMPLS = ("c", "python")
 RESULTS: dict[tuple[int, str], float] = {}   # (size, name) -> µs per packet
+
+
+def use_impl(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SAs built from now on use ``impl``; skip "c" when it is not built."""
+    if impl == "c":
+        compiled = esp._load_compiled()
+        if compiled is None:
+            pytest.skip("common._esp_fast is not built (or IPSEC_CLUSTER_PURE_ESP=1)")
+        monkeypatch.setattr(esp, "_compiled", compiled)
+    else:
+        monkeypatch.setattr(esp, "_compiled", None)
 
 
 def inner_packet(size: int) -> bytes:
@@ -73,10 +88,13 @@ def test_bare_aesgcm_decrypt(benchmark: pytest.FixtureRequest, size: int) -> Non
     run(benchmark, size, "bare-decrypt", batch)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))
 @pytest.mark.parametrize("size", SIZES)
-def test_protect(benchmark: pytest.FixtureRequest, size: int, transform: str) -> None:
+def test_protect(benchmark: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, size: int,
+                 transform: str, impl: str) -> None:
     benchmark.group = f"esp-{size}B"
+    use_impl(impl, monkeypatch)
     km = os.urandom(TRANSFORMS[transform].keymat_size)
     out = OutboundSA(SPI, transform, km, sender_id=1)
     data = inner_packet(size)
@@ -85,13 +103,16 @@ def test_protect(benchmark: pytest.FixtureRequest, size: int, transform: str) ->
     def batch() -> None:
         for _ in range(BATCH):
             protect(data)
-    run(benchmark, size, f"protect {transform}", batch)
+    run(benchmark, size, f"protect {transform} {impl}", batch)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))
 @pytest.mark.parametrize("size", SIZES)
-def test_unprotect(benchmark: pytest.FixtureRequest, size: int, transform: str) -> None:
+def test_unprotect(benchmark: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, size: int,
+                   transform: str, impl: str) -> None:
     benchmark.group = f"esp-{size}B"
+    use_impl(impl, monkeypatch)
     km = os.urandom(TRANSFORMS[transform].keymat_size)
     out = OutboundSA(SPI, transform, km, sender_id=1)
     data = inner_packet(size)
@@ -103,21 +124,25 @@ def test_unprotect(benchmark: pytest.FixtureRequest, size: int, transform: str) 
     def batch() -> None:
         for packet in packets:
             unprotect(packet)
-    run(benchmark, size, f"unprotect {transform}", batch,
+    run(benchmark, size, f"unprotect {transform} {impl}", batch,
         setup=lambda: inb.import_window(fresh))
 
 
 def ratio_table() -> str:
-    lines = ["| transform | size | protect µs | unprotect µs | bare enc+dec µs | ratio | goal |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| transform | impl | size | protect µs | unprotect µs | bare enc+dec µs | ratio "
+             "| goal |",
+             "|---|---|---|---|---|---|---|---|"]
     for size in SIZES:
         bare = RESULTS[(size, "bare-encrypt")] + RESULTS[(size, "bare-decrypt")]
         goal = 1.5 if size >= 1400 else 2.5
         for transform in sorted(TRANSFORMS):
-            p = RESULTS[(size, f"protect {transform}")]
-            u = RESULTS[(size, f"unprotect {transform}")]
-            lines.append(f"| {transform} | {size} | {p:.2f} | {u:.2f} | {bare:.2f} | "
-                         f"{(p + u) / bare:.2f}x | ≤{goal}x |")
+            for impl in IMPLS:
+                p = RESULTS.get((size, f"protect {transform} {impl}"))
+                u = RESULTS.get((size, f"unprotect {transform} {impl}"))
+                if p is None or u is None:
+                    continue   # the C path was not built
+                lines.append(f"| {transform} | {impl} | {size} | {p:.2f} | {u:.2f} | "
+                             f"{bare:.2f} | {(p + u) / bare:.2f}x | ≤{goal}x |")
     return "\n".join(lines)
 
 

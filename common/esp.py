@@ -14,13 +14,19 @@ Rules of this file:
   (RFC 4303 §3.3.3): ``RekeyRequested`` is queued ``rekey_margin`` packets
   before the end, ``SequenceExhausted`` is raised at the end.
 - IVs are ``sender_id || counter`` (``common.iv``), unique across members.
+- Two implementations of the byte work, one SA state: the compiled
+  ``common._esp_fast`` (OpenSSL, built when possible) and the pure-Python
+  path below, which stays the reference and the fallback.  They produce
+  identical bytes; ``IPSEC_CLUSTER_PURE_ESP=1`` forces the pure path.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -38,7 +44,31 @@ from common.errors import (
 from common.iv import COUNTER_LIMIT, IvGenerator, check_sender_id
 from common.replay import DEFAULT_WINDOW_SIZE, ReplayState, ReplayWindow
 
+if TYPE_CHECKING:
+    from common._esp_fast import SaCipher
+
+PURE_ESP_ENV = "IPSEC_CLUSTER_PURE_ESP"   # "1": use the pure-Python path only
+
+
+def _load_compiled() -> type[SaCipher] | None:
+    """The compiled byte primitive, unless it was not built or is switched off."""
+    if os.environ.get(PURE_ESP_ENV) == "1":
+        return None
+    try:
+        from common._esp_fast import SaCipher
+    except ImportError:   # no compiler or no OpenSSL headers at install time
+        return None
+    return SaCipher
+
+
+# Read when an SA is created: each SA object keeps one implementation for life.
+_compiled = _load_compiled()
+#: True when SAs use the compiled byte primitive (the default when it was built).
+FAST_PATH = _compiled is not None
+
 __all__ = [
+    "FAST_PATH",
+    "PURE_ESP_ENV",
     "TRANSFORMS",
     "AesCtr",
     "CtrHmacSha256",
@@ -92,6 +122,8 @@ _TRAILERS: tuple[tuple[bytes, bytes, bytes, bytes] | None, ...] = tuple(
     for v in range(16))
 # What a decrypted payload must end with, by its inner IP version nibble and
 # Pad Length: the padding 1, 2, 3, ..., Pad Length and the matching Next Header.
+_BAD_TRAILER = ("ESP trailer is not padding 1, 2, 3, ..., pad length, and next header "
+                "4 (IPv4) or 41 (IPv6) matching the inner packet")
 _TAILS: tuple[tuple[bytes, ...] | None, ...] = tuple(
     tuple(_PADS[k] + bytes((k, NEXT_HEADER_IPV4 if v == 4 else NEXT_HEADER_IPV6))
           for k in range(256)) if v in (4, 6) else None
@@ -234,13 +266,26 @@ class CtrHmacSha256:
         return self._ctr.crypt(bytes(view[8:16]), view[16:end])
 
 
-def _suites(t: Transform, keymat: bytes) -> tuple[AESGCM | None, CtrHmacSha256 | None]:
-    """The per-SA crypto objects for ``keymat`` (RFC 7296 §2.17 order)."""
+def _suites(t: Transform, keymat: bytes, spi: int, esn: bool
+            ) -> tuple[AESGCM | None, CtrHmacSha256 | None, SaCipher | None]:
+    """The per-SA crypto objects for ``keymat`` (RFC 7296 §2.17 order): the
+    compiled primitive when available, else the pure-Python objects."""
     key = bytes(keymat[:t.key_size])
     salt = bytes(keymat[t.key_size:t.key_size + SALT_SIZE])
+    integ_key = bytes(keymat[t.key_size + SALT_SIZE:])
+    if _compiled is not None:
+        return None, None, _compiled(key, salt, integ_key, spi, esn)
     if t.aead:
-        return AESGCM(key), None
-    return None, CtrHmacSha256(key, salt, bytes(keymat[t.key_size + SALT_SIZE:]))
+        return AESGCM(key), None, None
+    return None, CtrHmacSha256(key, salt, integ_key), None
+
+
+def _check_inner(packet: bytes) -> None:
+    """``MalformedMessage`` unless ``packet`` starts like IPv4 or IPv6."""
+    if not packet:
+        raise MalformedMessage("inner packet is empty")
+    if _TRAILERS[packet[0] >> 4] is None:
+        raise MalformedMessage(f"inner packet is not IPv4/IPv6 (version {packet[0] >> 4})")
 
 
 class OutboundSA:
@@ -250,6 +295,7 @@ class OutboundSA:
         "_aead",
         "_check_at",
         "_ctr",
+        "_fast",
         "_initial_seq",
         "_iv",
         "_iv_block_end",
@@ -299,7 +345,7 @@ class OutboundSA:
         self.events: list[RekeyRequested] = []
         self.rekey_requested = False
         self._salt = int.from_bytes(keymat[t.key_size:t.key_size + SALT_SIZE])
-        self._aead, self._ctr = _suites(t, keymat)
+        self._aead, self._ctr, self._fast = _suites(t, keymat, self.spi, self.esn)
 
     @property
     def next_seq(self) -> int:
@@ -328,6 +374,21 @@ class OutboundSA:
 
     def protect(self, packet: bytes) -> bytes:
         """ESP-encapsulate one inner IPv4/IPv6 packet (tunnel mode)."""
+        fast = self._fast
+        if fast is None:
+            return self._protect_pure(packet)
+        seq = self._seq
+        if seq >= self._check_at:
+            _check_inner(packet)       # a bad packet is refused before any limit
+            self._at_checkpoint(seq)
+        # The C primitive refuses a non-IP packet before the number is spent.
+        esp = fast.seal(seq, self._iv_offset + seq, packet)
+        self._seq = seq + 1
+        self.octets += len(packet)
+        return esp
+
+    def _protect_pure(self, packet: bytes) -> bytes:
+        """The reference implementation of ``protect`` (and the fallback)."""
         try:
             trailers = _TRAILERS[packet[0] >> 4]
         except IndexError:
@@ -351,7 +412,7 @@ class OutboundSA:
             header = _HEADER.pack(self.spi, seq, iv)
             return header + aead.encrypt(_NONCE.pack(self._salt, iv), payload, header[:8])
         ctr = self._ctr
-        if ctr is None:  # unreachable: _suites sets exactly one of the two
+        if ctr is None:  # unreachable: _suites sets exactly one of the three
             raise LocalProtocolError("SA has no cipher")
         return ctr.seal(_HEADER.pack(self.spi, seq & MAX_SEQ_32, iv), payload,
                         _U32.pack(seq >> 32) if self.esn else None)
@@ -383,7 +444,7 @@ class OutboundSA:
 class InboundSA:
     """Authenticates and decrypts ESP packets for one inbound child SA."""
 
-    __slots__ = ("_aead", "_ctr", "_salt", "esn", "octets", "packets", "spi",
+    __slots__ = ("_aead", "_ctr", "_fast", "_salt", "esn", "octets", "packets", "spi",
                  "transform", "window")
 
     def __init__(self, spi: int, transform: str, keymat: bytes,
@@ -396,7 +457,7 @@ class InboundSA:
         self.packets = 0
         self.octets = 0
         self._salt = int.from_bytes(keymat[t.key_size:t.key_size + SALT_SIZE])
-        self._aead, self._ctr = _suites(t, keymat)
+        self._aead, self._ctr, self._fast = _suites(t, keymat, self.spi, self.esn)
 
     def export_window(self) -> ReplayState:
         return self.window.export_state()
@@ -406,6 +467,25 @@ class InboundSA:
 
     def unprotect(self, packet: bytes) -> bytes:
         """The inner IP packet of one ESP packet (no outer IP/UDP header)."""
+        fast = self._fast
+        if fast is None:
+            return self._unprotect_pure(packet)
+        seq = fast.peek(packet)                             # size, SPI
+        window = self.window
+        if self.esn:
+            seq = window.infer_esn(seq)
+        if seq <= window.highest:                           # 1. replay check
+            window.check(seq)
+        inner = fast.open(packet, seq >> 32)                # 2. authenticate + decrypt
+        window.record(seq)                                  # 3. record
+        if inner is None:   # authentic, but not padding 1, 2, ... + next header 4/41
+            raise MalformedMessage(_BAD_TRAILER)
+        self.packets += 1
+        self.octets += len(inner)
+        return inner
+
+    def _unprotect_pure(self, packet: bytes) -> bytes:
+        """The reference implementation of ``unprotect`` (and the fallback)."""
         n = len(packet)
         if n < MIN_PACKET_SIZE:
             raise MalformedMessage(f"ESP packet too short: {n} bytes, "
@@ -429,7 +509,7 @@ class InboundSA:
         elif self._ctr is not None:
             plain = self._ctr.open(memoryview(packet),
                                    _U32.pack(seq >> 32) if self.esn else None)
-        else:  # unreachable: _suites sets exactly one of the two
+        else:  # unreachable: _suites sets exactly one of the three
             raise LocalProtocolError("SA has no cipher")
         window.record(seq)                                  # 3. record
         # RFC 4303 §2.4-2.6: padding 1, 2, 3, ..., Pad Length, Next Header
@@ -439,9 +519,7 @@ class InboundSA:
             raise MalformedMessage(f"ESP pad length {plain[-2]} exceeds the payload")
         tails = _TAILS[plain[0] >> 4]
         if tails is None or not plain.endswith(tails[plain[-2]]):
-            raise MalformedMessage("ESP trailer is not padding 1, 2, 3, ..., pad length, "
-                                   "and next header 4 (IPv4) or 41 (IPv6) matching the "
-                                   "inner packet")
+            raise MalformedMessage(_BAD_TRAILER)
         self.packets += 1
         self.octets += end
         return plain[:end]

@@ -1,4 +1,8 @@
-"""ESP transform: known answers, round trips, tampering, replay, limits, errors."""
+"""ESP transform: known answers, round trips, tampering, replay, limits, errors.
+
+Every test runs twice: against the compiled byte primitive (``common._esp_fast``,
+the default when built) and against the pure-Python reference path.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +28,16 @@ from common.esp import (
     ReplayError,
     SequenceExhausted,
 )
+from tests.esp_impls import IMPLS, use_impl
 
 SPI = 0x1234_5678
+
+
+@pytest.fixture(autouse=True, params=IMPLS)
+def esp_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs against the compiled and the pure-Python ESP path."""
+    use_impl(request.param, monkeypatch)
+    return str(request.param)
 h = bytes.fromhex
 
 

@@ -3,6 +3,10 @@
 scapy takes the GCM salt / CTR nonce as the tail of ``crypt_key`` (RFC 4106
 §8.1, RFC 3686 §5.1 order), so the key material is split exactly as IKEv2
 hands it out: encryption key + 4 bytes, then the integrity key.
+
+Every case runs against the compiled byte primitive (``common._esp_fast``, the
+path SAs use by default when it is built; tests/test_esp_fast.py checks that
+it is the default) and against the pure-Python reference.
 """
 
 from __future__ import annotations
@@ -18,8 +22,16 @@ from scapy.packet import Packet
 
 from common.esp import TRANSFORMS, InboundSA, OutboundSA
 from common.replay import ReplayState
+from tests.esp_impls import IMPLS, use_impl
 
 SPI = 0x0C01_2345
+
+
+@pytest.fixture(autouse=True, params=IMPLS)
+def esp_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs against the compiled and the pure-Python ESP path."""
+    use_impl(request.param, monkeypatch)
+    return str(request.param)
 SCAPY_ALGOS = {
     "aes128gcm16": ("AES-GCM", None),
     "aes256gcm16": ("AES-GCM", None),

@@ -1,0 +1,24 @@
+"""Type stub of the compiled ESP byte primitive (common/_esp_fast.c).
+
+One ``SaCipher`` per SA.  It holds only keys (inside OpenSSL contexts), the
+SPI and the ESN flag; sequence numbers, IVs and the replay window stay in
+``common.esp``.  Errors: ``common.errors.MalformedMessage`` for an inner packet
+that is not IPv4/IPv6 or an ESP packet of impossible size or foreign SPI,
+``common.errors.IntegrityError`` when the ICV fails.
+"""
+
+from typing_extensions import Buffer
+
+class SaCipher:
+    def __init__(self, key: Buffer, salt: Buffer, integ_key: Buffer, spi: int,
+                 esn: bool) -> None:
+        """AES-GCM when ``integ_key`` is empty, else AES-CTR + HMAC-SHA-256-128."""
+
+    def seal(self, seq: int, iv: int, inner: Buffer, /) -> bytes:
+        """``SPI | seq low | IV | ciphertext | ICV`` of ``inner`` + RFC 4303 trailer."""
+
+    def peek(self, packet: Buffer, /) -> int:
+        """The 32-bit sequence number on the wire, after the size and SPI checks."""
+
+    def open(self, packet: Buffer, seq_high: int, /) -> bytes | None:
+        """The inner packet; ``None`` if authentic but its trailer is malformed."""
