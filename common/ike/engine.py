@@ -41,6 +41,7 @@ from common.ike.sa import (
     SpiSource,
 )
 from common.rand import RandomBytes
+from common.sync import IkeSaState
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -209,6 +210,33 @@ class IkeEngine:
 
     def mid_sync(self, ike_id: int, now: float, margin: int = 0) -> None:
         self.get(ike_id).queue_task(MidSyncTask(margin), now, first=True)
+
+    # -- failover (RFC 6027 §3.2-3.6) ---------------------------------------------------
+
+    def adopt(self, state: IkeSaState, now: float, *, mid_sync: bool = False,
+              margin: int = 0) -> IkeSa:
+        """Take over an IKE SA from its replica: answer retransmits from the
+        cached response, go on with DPD and rekeys. With ``mid_sync`` (the
+        replica may be stale) and a peer that supports it, start with an RFC
+        6311 IKEV2_MESSAGE_ID_SYNC exchange."""
+        from common.ike.snapshot import restore
+
+        sa = restore(self.ctx, state, self.policies.get(state.policy), now)
+        old = self.sas.get(sa.spi_i if sa.initiator else sa.spi_r)
+        if old is not None:
+            self.by_id.pop(old.ike_id, None)
+        self._index(sa)
+        if mid_sync and sa.peer_mid_sync:
+            sa.queue_task(MidSyncTask(margin), now, first=True)
+        return sa
+
+    def forget(self, spi_i: bytes, spi_r: bytes) -> None:
+        """Drop an IKE SA without telling the peer (a replica whose owner deleted it)."""
+        for key in (spi_i, spi_r):
+            sa = self.sas.get(key)
+            if sa is not None and sa.spi_i == spi_i and sa.spi_r == spi_r:
+                del self.sas[key]
+                self.by_id.pop(sa.ike_id, None)
 
     def note_activity(self, ike_id: int, now: float) -> None:
         """ESP traffic arrived for this IKE SA: no DPD needed (RFC 7296 §2.4)."""

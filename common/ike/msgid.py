@@ -45,6 +45,8 @@ class MessageIds:
     #: bytes of our last response and the ID it answered (for retransmits).
     response: bytes | None = None
     response_id: int = -1
+    #: digest of the request the cached response answers (sa.request_digest)
+    response_digest: bytes = b""
 
     # -- our requests -----------------------------------------------------
 

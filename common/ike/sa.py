@@ -14,6 +14,8 @@ Rules of this file:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -339,15 +341,14 @@ class IkeSa:
         from common.ike.exchanges.informational import is_mid_sync_request
 
         verdict = self.mids.classify_request(header.message_id)
-        mid_sync = (header.message_id == 0 and header.exchange == ExchangeType.INFORMATIONAL
-                    and self.established)
-        if verdict is RequestVerdict.RETRANSMIT and not mid_sync:
-            # RFC 7296 §2.1: the same response, byte for byte.
-            self.counters["retransmits_answered"] += 1
-            if self.mids.response is not None:
-                self.ctx.outbox.append(Outgoing(self.mids.response, remote, local_port))
+        # RFC 6311: a MID sync request always has message ID 0, outside the
+        # sequence; only its decrypted content tells it from a retransmit.
+        maybe_sync = (header.message_id == 0 and verdict is not RequestVerdict.NEW
+                      and header.exchange == ExchangeType.INFORMATIONAL and self.established)
+        if verdict is RequestVerdict.RETRANSMIT and not maybe_sync:
+            self._answer_retransmit(data, remote, local_port)
             return
-        if verdict is RequestVerdict.INVALID and not mid_sync:
+        if verdict is RequestVerdict.INVALID and not maybe_sync:
             self.counters["dropped"] += 1
             return
         try:
@@ -357,16 +358,18 @@ class IkeSa:
             stub = IkeMessage(self.spi_i, self.spi_r, header.exchange, header.message_id,
                               False, not self.initiator, [])
             self.respond(stub, [NotifyPayload(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,
-                                              data=exc.notify_data)], now)
+                                              data=exc.notify_data)], now, request=data)
             return
         except (RemoteProtocolError, EncryptedWithoutKeys) as exc:
             self.counters["dropped"] += 1
             log.info("IKE SA %d: dropped bad request: %s", self.ike_id, exc)
             return
-        if mid_sync and verdict is not RequestVerdict.NEW:
-            if not is_mid_sync_request(msg):
+        if maybe_sync and not is_mid_sync_request(msg):
+            if verdict is RequestVerdict.RETRANSMIT:
+                self._answer_retransmit(data, remote, local_port)
+            else:
                 self.counters["dropped"] += 1
-                return
+            return
         self.counters["requests_in"] += 1
         self.last_heard = now
         # RFC 7296 §2.23: follow the peer's NAT mapping on authenticated requests.
@@ -377,12 +380,33 @@ class IkeSa:
         except RemoteProtocolError as exc:
             log.info("IKE SA %d: request refused: %s", self.ike_id, exc)
             payloads = [NotifyPayload(NotifyType(exc.notify_type or NotifyType.INVALID_SYNTAX))]
-        self.respond(msg, payloads, now)
+        self.respond(msg, payloads, now, request=data)
 
-    def respond(self, msg: IkeMessage, payloads: list[Payload], now: float) -> None:
+    def _answer_retransmit(self, data: bytes, remote: Address, local_port: int) -> None:
+        """RFC 7296 §2.1: a retransmitted request gets the same response, byte
+        for byte — but only if it IS the same request (a digest of it is kept):
+        a forged header with a guessed message ID must not make us reflect
+        our larger response to any address."""
+        digest = self.mids.response_digest
+        if self.mids.response is None or (digest and not hmac.compare_digest(
+                digest, request_digest(data))):
+            self.counters["dropped"] += 1
+            return
+        self.counters["retransmits_answered"] += 1
+        self.ctx.outbox.append(Outgoing(self.mids.response, remote, local_port))
+
+    def respond(self, msg: IkeMessage, payloads: list[Payload], now: float, *,
+                request: bytes = b"") -> None:
+        from common.ike.exchanges.informational import is_mid_sync_request
+
         data = self.encode(msg.exchange, msg.message_id, True, payloads)
-        if msg.message_id == self.mids.recv_next:
+        # RFC 6311: a MID sync request is outside the message-ID sequence; its
+        # message ID 0 must not count as the peer's request 0 (the handler has
+        # set recv_next to the value we announced).
+        if msg.message_id == self.mids.recv_next and not (
+                msg.exchange == ExchangeType.INFORMATIONAL and is_mid_sync_request(msg)):
             self.mids.sent_response(msg.message_id, data)
+            self.mids.response_digest = request_digest(request) if request else b""
         if self.on_response is not None:
             self.on_response(self, data)
         self.send(data)
@@ -453,6 +477,11 @@ class IkeSa:
 
     def mark_child(self, child: ChildSa, event: ChildInput) -> None:
         child.apply(event)
+
+
+def request_digest(data: bytes) -> bytes:
+    """What identifies a request for retransmit detection."""
+    return hashlib.sha256(data).digest()[:16]
 
 
 def protocol_esp_spi(n: NotifyPayload) -> int | None:
