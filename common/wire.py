@@ -56,6 +56,7 @@ class MsgType(enum.IntEnum):
     HELLO = 11
     STATUS_REQ = 12
     STATUS = 13
+    SYNC = 14
 
 
 # -- messages ------------------------------------------------------------------------
@@ -171,8 +172,19 @@ class Status:
     json: bytes
 
 
+@dataclass(slots=True, frozen=True)
+class Sync:
+    """member -> dispatcher -> member: one synch channel message (common/sync.py)
+    from ``src`` to ``dst``, numbered ``seq`` in the (src, dst) stream."""
+
+    dst: int
+    src: int
+    seq: int
+    payload: bytes = field(repr=False)
+
+
 Message = (DatagramIn | DatagramOut | InnerIn | InnerOut | Heartbeat | TableUpdate
-           | ChildPush | ChildDelete | RouteAdd | RouteDel | Hello | StatusReq | Status)
+           | ChildPush | ChildDelete | RouteAdd | RouteDel | Hello | StatusReq | Status | Sync)
 
 
 class StreamSeq:
@@ -471,6 +483,8 @@ _PULL: dict[MsgType, Callable[[Reader], Message]] = {
     MsgType.HELLO: _pull_hello,
     MsgType.STATUS_REQ: lambda r: StatusReq(),
     MsgType.STATUS: lambda r: Status(r.pull_bytes(r.remaining)),
+    MsgType.SYNC: lambda r: Sync(r.pull_uint16(), r.pull_uint16(), r.pull_uint64(),
+                                 r.pull_bytes(r.remaining)),
 }
 
 
@@ -516,6 +530,12 @@ def encode(msg: Message, seq: int) -> bytes:
         elif isinstance(msg, Status):
             kind = MsgType.STATUS
             w.push_bytes(msg.json)
+        elif isinstance(msg, Sync):
+            kind = MsgType.SYNC
+            w.push_uint16(msg.dst)
+            w.push_uint16(msg.src)
+            w.push_uint64(msg.seq)
+            w.push_bytes(msg.payload)
         else:
             raise TypeError(f"not a wire message: {msg!r}")
     except struct.error as e:

@@ -26,6 +26,7 @@ from common.wire import (
     Status,
     StatusReq,
     StreamSeq,
+    Sync,
     TableUpdate,
     decode,
     encode,
@@ -56,6 +57,7 @@ SAMPLES: list[Message] = [
     Hello(2, 31337, "gw-a.example", "0.1.0"),
     StatusReq(),
     Status(b'{"members": [1, 2]}'),
+    Sync(2, 1, 9, b"\x01\x06sync"),
 ]
 
 
@@ -185,3 +187,18 @@ def test_datagram_batches_round_trip(batch: list[Datagram], out: bool, seq: int)
 
 # Speed (not asserted): timeit on the dev box, CPython 3.11, 64 datagrams of 1400
 # bytes per frame: encode ~0.8 us, decode ~1.1 us per datagram.
+
+
+def test_sync_envelope_round_trips() -> None:
+    from common.wire import Sync, decode, encode
+
+    msg = Sync(3, 1, 42, b"\x01\x06payload")
+    assert decode(encode(msg, 7)) == (7, msg)
+    frame = encode(msg, 7)
+    for n in range(len(frame) - len(msg.payload)):
+        try:
+            decode(frame[:n])
+        except Exception as exc:
+            from common.errors import MalformedMessage
+
+            assert isinstance(exc, MalformedMessage)
