@@ -130,7 +130,9 @@ class MidSyncTask:
         if not sa.peer_mid_sync:
             return None
         self.nonce = sa.ctx.random(4)
-        send = sa.mids.send_next + self.margin
+        # Never announce 0: ID 0 is the sync's own, and a late copy of the sync
+        # answer would be taken for the answer to a regular request 0.
+        send = max(sa.mids.send_next + self.margin, 1)
         return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC,
                               data=_MID_SYNC.pack(self.nonce, send, sa.mids.recv_next))]
 
