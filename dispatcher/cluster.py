@@ -65,6 +65,9 @@ MAX_BATCH = 256
 #: bounded queue per member (frames ZeroMQ may hold before we drop)
 MEMBER_HWM = 20_000
 UDP_RCVBUF = 8 << 20
+#: ZAP domain of the members endpoint (the authenticator's certificates are
+#: configured for this same domain)
+ZAP_DOMAIN = "ipsec-cluster"
 
 
 @dataclass(slots=True)
@@ -426,11 +429,13 @@ class Dispatcher:
         self.auth = AsyncioAuthenticator(zmq.asyncio.Context.instance())
         self.auth.log = logging.getLogger("ipsec_cluster.zap")
         self.auth.start()
-        self.auth.configure_curve(domain="*", location=allowed_dir)
+        # The ZAP request carries the socket's zap_domain; certificates
+        # configured for another domain ("*" included) match nothing.
+        self.auth.configure_curve(domain=ZAP_DOMAIN, location=allowed_dir)
         self.router.curve_server = True
         self.router.curve_publickey = public
         self.router.curve_secretkey = secret
-        self.router.zap_domain = b"ipsec-cluster"
+        self.router.zap_domain = ZAP_DOMAIN.encode()
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
