@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import json
 import logging
@@ -423,11 +424,8 @@ class Dispatcher:
     def _start_auth(self) -> None:
         if self.curve is None:
             return
-        from zmq.auth.asyncio import AsyncioAuthenticator
-
         public, secret, allowed_dir = self.curve
-        self.auth = AsyncioAuthenticator(zmq.asyncio.Context.instance())
-        self.auth.log = logging.getLogger("ipsec_cluster.zap")
+        self.auth = _authenticator(allowed_dir, self.drops)
         self.auth.start()
         # The ZAP request carries the socket's zap_domain; certificates
         # configured for another domain ("*" included) match nothing.
@@ -477,3 +475,33 @@ class Dispatcher:
         self.router.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
+
+
+def _authenticator(allowed_dir: str, drops: Counter[str]) -> Any:
+    """pyzmq's ZAP authenticator, but a refused member is a counted drop
+    (``member_refused``) and a WARNING (pyzmq logs it at DEBUG only): the
+    first refusal of each key, since a refused member reconnects every
+    100 ms."""
+    from zmq.auth.asyncio import AsyncioAuthenticator
+    from zmq.utils import z85
+
+    zap_log = logging.getLogger("ipsec_cluster.zap")
+    refused: set[bytes] = set()
+
+    class Authenticator(AsyncioAuthenticator):
+        async def _authenticate_curve(self, domain: str,
+                                      client_key: bytes) -> tuple[bool, bytes]:
+            result = super()._authenticate_curve(domain, client_key)
+            allowed, reason = await result if inspect.isawaitable(result) else result
+            if not allowed:
+                drops["member_refused"] += 1
+                key = z85.encode(client_key)
+                level = logging.DEBUG if key in refused else logging.WARNING
+                refused.add(key)
+                zap_log.log(level, "refused a member: CURVE key %s is not in %s (%s)",
+                            key.decode(), allowed_dir, reason.decode(errors="replace"))
+            return bool(allowed), reason
+
+    auth = Authenticator(zmq.asyncio.Context.instance())
+    auth.log = zap_log
+    return auth
