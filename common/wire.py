@@ -133,6 +133,8 @@ class ChildPush:
     remote_ts: tuple[TrafficSelector, ...]
     remote_ip: bytes
     remote_port: int
+    #: the IKE SA owner's SPI of the IKE SA: where a new carrier asks for a rekey
+    ike_spi: bytes = b""
 
 
 @dataclass(slots=True, frozen=True)
@@ -424,6 +426,7 @@ def _body_child_push(w: Writer, m: ChildPush) -> None:
     push_selectors(w, m.remote_ts)
     push_ip(w, m.remote_ip)
     w.push_uint16(m.remote_port)
+    push_blob(w, m.ike_spi)
 
 
 def _pull_child_push(r: Reader) -> ChildPush:
@@ -435,7 +438,8 @@ def _pull_child_push(r: Reader) -> ChildPush:
     keymat_in, keymat_out = pull_blob(r), pull_blob(r)
     local_ts, remote_ts = pull_selectors(r), pull_selectors(r)
     return ChildPush(child_id, ike_id, name, spi_in, spi_out, transform, bool(esn),
-                     keymat_in, keymat_out, local_ts, remote_ts, pull_ip(r), r.pull_uint16())
+                     keymat_in, keymat_out, local_ts, remote_ts, pull_ip(r), r.pull_uint16(),
+                     pull_blob(r))
 
 
 def _body_route_add(w: Writer, m: RouteAdd) -> None:

@@ -34,7 +34,7 @@ from common.config import Config
 from common.errors import MalformedMessage
 from common.ike.ts import TrafficSelector
 from common.routing import InsideRoutes, PortKind, RouteKind, route_datagram
-from common.segments import SegmentTable
+from common.segments import SegmentMove, SegmentTable
 from common.spi import segment_of_esp_spi
 from common.wire import (
     ChildDelete,
@@ -52,6 +52,7 @@ from common.wire import (
     Status,
     StatusReq,
     StreamSeq,
+    Sync,
     TableUpdate,
     decode,
     encode,
@@ -66,6 +67,11 @@ MAX_BATCH = 256
 #: bounded queue per member (frames ZeroMQ may hold before we drop)
 MEMBER_HWM = 20_000
 UDP_RCVBUF = 8 << 20
+#: autobalance: one step every so often; a segment moves this long after its
+#: future owner became its backup (time for the bulk transfer); segments per step
+AUTOBALANCE_STEP_S = 0.25
+PREPARE_S = 1.0
+JOIN_BATCH = 32
 #: ZAP domain of the members endpoint (the authenticator's certificates are
 #: configured for this same domain)
 ZAP_DOMAIN = "ipsec-cluster"
@@ -127,8 +133,12 @@ class Dispatcher:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, MEMBER_HWM)
         self.router.setsockopt(zmq.RCVHWM, MEMBER_HWM)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.auth: Any = None
+        #: members getting their share of segments, and segments whose future
+        #: owner is already their backup (segment -> (member, since))
+        self.balancing: set[int] = set()
+        self.prepared: dict[int, tuple[int, float]] = {}
+        self._last_balance = 0.0
 
     # -- network in -----------------------------------------------------------------
 
@@ -263,22 +273,41 @@ class Dispatcher:
             self.routes.add(msg.child_id, msg.local_ts, msg.remote_ts, msg.member)
             self.route_info[msg.child_id] = RouteInfo(msg.member, msg.local_ts, msg.remote_ts)
         elif isinstance(msg, RouteDel):
-            self.routes.remove(msg.child_id)
-            self.route_info.pop(msg.child_id, None)
+            r = self.route_info.get(msg.child_id)
+            if r is not None and r.member == info.member_id:
+                # (a member that no longer carries the child cannot remove the
+                # route of the one that took it over)
+                self.routes.remove(msg.child_id)
+                del self.route_info[msg.child_id]
         elif isinstance(msg, ChildPush | ChildDelete):
-            self._relay(msg)
+            self._relay(msg, info.member_id)
+        elif isinstance(msg, Sync):
+            self._relay_sync(msg, info.member_id)
         elif isinstance(msg, Status):
             self._status_pending[info.member_id] = json.loads(msg.json)
             self._status_done()
 
-    def _relay(self, msg: ChildPush | ChildDelete) -> None:
+    def _relay(self, msg: ChildPush | ChildDelete, sender: int) -> None:
         """The IKE SA owner manages children: pass the child to the member
-        owning its inbound SPI's segment."""
-        owner = self.table.owner(segment_of_esp_spi(msg.spi_in, self.table.segment_bits))
-        info = self.members.get(owner) if owner is not None else None
-        if info is None or not info.alive:
+        owning its inbound SPI's segment, and to that segment's backup (which
+        keeps it as a replica) — never back to the sender."""
+        segment = segment_of_esp_spi(msg.spi_in, self.table.segment_bits)
+        targets = {self.table.owner(segment), self.table.backup(segment)} - {None, sender}
+        if not targets:
             self.drops["child_push_no_owner"] += 1
+        for member in targets:
+            info = self.members.get(member) if member is not None else None
+            if info is not None and info.alive:
+                self._send(info, msg)
+
+    def _relay_sync(self, msg: Sync, sender: int) -> None:
+        """The synch channel between members goes through us: one socket per
+        member, authenticated and encrypted (CURVE) when it leaves the host."""
+        info = self.members.get(msg.dst)
+        if msg.src != sender or info is None or not info.alive:
+            self.drops["sync_undeliverable"] += 1
             return
+        self.counters["sync_relayed"] += 1
         self._send(info, msg)
 
     def _hello(self, identity: bytes, hello: Hello) -> None:
@@ -296,11 +325,12 @@ class Dispatcher:
         alive = sorted(m for m, i in self.members.items() if i.alive)
         if not self.table.members and len(alive) >= self.expect:
             self._assign(alive)
-        elif self.table.members and hello.member_id not in self.table.members:
-            self.table.apply(self.table.join(hello.member_id))
-            self._broadcast_table()
         else:
             self._send(info, TableUpdate(self.table))
+            if self.table.members and hello.member_id not in self.table.members:
+                # A new or returning member: it gets state first (as a backup),
+                # then segments, a batch at a time (autobalance).
+                self.balancing.add(hello.member_id)
 
     def _assign(self, members: list[int]) -> None:
         if self.config.cluster.mode == "hot-standby":
@@ -341,6 +371,9 @@ class Dispatcher:
             if not self.table.members and self.members and now - started > 5.0:
                 # Not everyone came: start with whoever is here.
                 self._assign(sorted(m for m, i in self.members.items() if i.alive))
+            if self.balancing and now - self._last_balance >= AUTOBALANCE_STEP_S:
+                self._last_balance = now
+                self._autobalance(now)
 
     def _dead(self, info: MemberInfo) -> None:
         info.alive = False
@@ -351,9 +384,81 @@ class Dispatcher:
             moves = self.table.fail_over(info.member_id)
             log.info("segment table epoch %d: %d segments moved", self.table.epoch, len(moves))
             self._broadcast_table()
-        for child_id in [c for c, r in self.route_info.items() if r.member == info.member_id]:
-            self.routes.remove(child_id)
-            del self.route_info[child_id]
+        self._repoint_routes()
+
+    def _repoint_routes(self) -> None:
+        """Cleartext traffic follows the segment table at once: a child's
+        packets go to whoever owns its inbound SPI's segment now (the member
+        that takes over announces the route again when it has installed it)."""
+        bits = self.table.segment_bits
+        for child_id, r in list(self.route_info.items()):
+            owner = self.table.owner(segment_of_esp_spi(child_id, bits))
+            if owner is not None and owner != r.member:
+                r.member = owner
+                self.routes.add(child_id, r.local_ts, r.remote_ts, owner)
+
+    def _autobalance(self, now: float) -> None:
+        """Give a joining member its fair share of segments gradually: for each
+        segment to move, first make the new member its backup (the owner sends
+        it the state: bulk transfer), then, ``PREPARE_S`` later, hand the
+        segment over (the old owner becomes its backup)."""
+        for member in sorted(self.balancing):
+            info = self.members.get(member)
+            if info is None or not info.alive:
+                self.balancing.discard(member)
+                continue
+            live = [m for m, i in self.members.items() if i.alive]
+            share = self.table.segments // max(1, len(live))
+            have = len(self.table.segments_of(member))
+            if have >= share or self.config.cluster.mode == "hot-standby":
+                self._finish_join(member)
+                continue
+            moves: list[SegmentMove] = []
+            ready = [s for s, (m, t) in self.prepared.items()
+                     if m == member and now - t >= PREPARE_S and self.table.backup(s) == member]
+            for s in ready[:share - have]:
+                owner = self.table.owner(s)
+                del self.prepared[s]
+                if owner is not None and owner != member:
+                    moves.append(SegmentMove(s, owner, member, owner))
+            pending = sum(1 for m, _ in self.prepared.values() if m == member)
+            want = share - have - len(moves) - pending
+            if want > 0:
+                for s in self._donor_segments(member, min(want, JOIN_BATCH)):
+                    owner = self.table.owner(s)
+                    moves.append(SegmentMove(s, owner, owner, member))
+                    self.prepared[s] = (member, now)
+            if moves:
+                self.table.apply(moves)
+                self._broadcast_table()
+                self._repoint_routes()
+                log.info("autobalance: member %d now owns %d segments (epoch %d)", member,
+                         len(self.table.segments_of(member)), self.table.epoch)
+
+    def _donor_segments(self, member: int, n: int) -> list[int]:
+        counts = {m: len(self.table.segments_of(m)) for m in self.table.members}
+        out: list[int] = []
+        taken = {s for s in self.prepared}
+        while len(out) < n:
+            donors = sorted((c, m) for m, c in counts.items() if m != member)
+            if not donors:
+                break
+            c, donor = donors[-1]
+            segs = [s for s in self.table.segments_of(donor) if s not in taken]
+            if not segs or c <= counts.get(member, 0) + 1:
+                break
+            out.append(segs[-1])
+            taken.add(segs[-1])
+            counts[donor] -= 1
+            counts[member] = counts.get(member, 0) + 1
+        return out
+
+    def _finish_join(self, member: int) -> None:
+        self.balancing.discard(member)
+        for s in [s for s, (m, _) in self.prepared.items() if m == member]:
+            del self.prepared[s]
+        log.info("autobalance: member %d has its share (%d segments)", member,
+                 len(self.table.segments_of(member)))
 
     # -- status -------------------------------------------------------------------------
 
@@ -489,6 +594,7 @@ def _authenticator(allowed_dir: str, drops: Counter[str]) -> Any:
     refused: set[bytes] = set()
 
     class Authenticator(AsyncioAuthenticator):
+
         async def _authenticate_curve(self, domain: str,
                                       client_key: bytes) -> tuple[bool, bytes]:
             result = super()._authenticate_curve(domain, client_key)

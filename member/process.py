@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from common.config import Config
 from common.errors import MalformedMessage
+from common.ike.sa import Outgoing
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
 from common.routing import init_segment
 from common.segments import SegmentTable
@@ -37,13 +38,17 @@ from common.wire import (
     InnerIn,
     InnerOut,
     Message,
+    RouteAdd,
+    RouteDel,
     Status,
     StatusReq,
     StreamSeq,
+    Sync,
     TableUpdate,
     decode,
     encode,
 )
+from member.replication import Replicator
 from member.worker import Member
 
 log = logging.getLogger("ipsec_cluster.member")
@@ -74,6 +79,9 @@ class MemberProcess:
         self._timer: asyncio.TimerHandle | None = None
         self._placed = 0
         self._stop = asyncio.Event()
+        self.replicator: Replicator | None = None
+        #: a test hook (env IPSEC_CLUSTER_SYNC_DROP): lose this share of sync messages
+        self.sync_drop_rate = float(os.environ.get("IPSEC_CLUSTER_SYNC_DROP", "0") or 0)
         ctx = zmq.asyncio.Context.instance()
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, f"member-{member_id}".encode())
@@ -94,19 +102,33 @@ class MemberProcess:
 
     def flush(self) -> None:
         m = self.member
-        if m is None:
+        rep = self.replicator
+        if m is None or rep is None or self.loop is None:
             return
+        now = self.loop.time()
+        for notice in m.notices:
+            if isinstance(notice, RouteAdd):
+                route = m.by_spi.get(notice.child_id)
+                if route is not None:
+                    rep.child_installed(notice.child_id, route, route.ike_spi)
+            elif isinstance(notice, RouteDel):
+                rep.child_removed(notice.child_id)
+            self.send(notice)
+        m.notices.clear()
+        # RFC 6027 §3.6: what an IKE SA change produced leaves only once the
+        # backup has the new state.
+        self.emit(rep.outgoing(m.ike_out(), m.touched, now))
+        m.touched.clear()
+        self._arm()
+
+    def emit(self, outs: list[Outgoing]) -> None:
         out = []
-        for o in m.ike_out():
+        for o in outs:
             data = o.data if o.local_port == 500 else NON_ESP_MARKER + o.data
             out.append(Datagram(o.local_port, ipaddress.ip_address(o.remote[0]).packed,
                                 o.remote[1], data))
         if out:
             self.send(DatagramOut(out))
-        for notice in m.notices:
-            self.send(notice)
-        m.notices.clear()
-        self._arm()
 
     # -- placement ------------------------------------------------------------------
 
@@ -142,14 +164,29 @@ class MemberProcess:
         elif isinstance(msg, Heartbeat):
             self._dispatcher_heartbeat(msg)
         elif isinstance(msg, ChildPush):
-            if self.member is not None:
-                self.member.install_pushed(msg)
+            self._child_push(msg)
+        elif isinstance(msg, Sync):
+            if self.replicator is not None and self.loop is not None:
+                self.replicator.on_sync(msg, self.loop.time())
         elif isinstance(msg, ChildDelete):
             if self.member is not None:
                 self.member.remove_pushed(msg.spi_in)
+            if self.replicator is not None:
+                self.replicator.child_replicas.pop(msg.spi_in, None)
         elif isinstance(msg, StatusReq):
             self.send(Status(json.dumps(self.status()).encode()))
         self.flush()
+
+    def _child_push(self, push: ChildPush) -> None:
+        m, rep, table = self.member, self.replicator, self.table
+        if m is None or rep is None or table is None:
+            return
+        segment = segment_of_esp_spi(push.spi_in, table.segment_bits)
+        if table.owner(segment) == self.member_id:
+            if push.spi_in not in m.by_spi:
+                m.install_pushed(push)
+        else:
+            rep.push_replica(push)
 
     def _dispatcher_heartbeat(self, hb: Heartbeat) -> None:
         if self.member is None:
@@ -158,16 +195,23 @@ class MemberProcess:
             self.member = Member(self.config, member_id=self.member_id,
                                  sender_id=hb.sender_id, segments=[0],
                                  owner_of_esp=self.owner_of_esp, esp_segment=self.esp_segment)
+            c = self.config.cluster
+            self.replicator = Replicator(
+                self.member_id, self.member, self.send, self.emit,
+                seq_sync_packets=c.seq_sync_packets,
+                seq_sync_interval=c.seq_sync_interval,
+                replay_policy=c.replay_after_failover, drop_rate=self.sync_drop_rate)
             log.info("member %d: sender id %d", self.member_id, hb.sender_id)
         self.loads = {int(k[5:]): v for k, v in hb.counters.items() if k.startswith("load.")}
 
     def _table(self, table: SegmentTable) -> None:
-        self.table = table
-        if self.member is not None:
+        old, self.table = self.table, table
+        if self.member is not None and self.replicator is not None and self.loop is not None:
             mine = table.segments_of(self.member_id)
             self.member.spis.set_segments(mine)
             log.info("member %d: table epoch %d, %d segments", self.member_id, table.epoch,
                      len(mine))
+            self.replicator.on_table(old, table, self.loop.time())
 
     def _datagrams(self, msg: DatagramIn) -> None:
         m = self.member
@@ -196,6 +240,8 @@ class MemberProcess:
                 self._ike(payload[4:], d, remote, now)
         if inner:
             self.send(InnerOut(inner))
+            if self.replicator is not None:
+                self.replicator.esp_tick(now, len(inner))
 
     def _ike(self, data: bytes, d: Datagram, remote: tuple[str, int], now: float) -> None:
         m = self.member
@@ -226,6 +272,8 @@ class MemberProcess:
                                     remote[1], esp))
         if out:
             self.send(DatagramOut(out))
+            if self.replicator is not None and self.loop is not None:
+                self.replicator.esp_tick(self.loop.time(), len(out))
 
     # -- timers ---------------------------------------------------------------------
 
@@ -259,6 +307,11 @@ class MemberProcess:
         c["ike_sas"] = len(m.engine.established())
         c["child_sas"] = len(m.by_spi)
         c["sync_gaps"] = self.gaps
+        if self.replicator is not None:
+            c.update({f"sync.{k}": v for k, v in self.replicator.counters.items()})
+            c["ike_replicas"] = len(self.replicator.ike_replicas)
+            c["child_replicas"] = len(self.replicator.child_replicas)
+            c["held"] = len(self.replicator.held)
         return c
 
     def status(self) -> dict[str, Any]:
@@ -275,6 +328,11 @@ class MemberProcess:
             epoch = self.table.epoch if self.table else 0
             self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
                                 self.counters()))
+            rep, loop = self.replicator, self.loop
+            if rep is not None and loop is not None:
+                now = loop.time()
+                self.emit(rep.release_expired(now))
+                rep.esp_tick(now, 0)
             await asyncio.sleep(interval)
 
     async def run(self) -> None:

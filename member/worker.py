@@ -37,7 +37,9 @@ from common.ike.sa import IkeOptions, Outgoing
 from common.ike.spis import SegmentSpis
 from common.ike.ts import TrafficSelector
 from common.rand import RandomBytes
+from common.replay import ReplayState
 from common.spi import SpiAllocator
+from common.sync import ChildState
 from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
 
 log = logging.getLogger("ipsec_cluster.member")
@@ -59,6 +61,11 @@ class ChildRoute:
     #: address ranges of remote_ts and local_ts as (version, first, last) ints
     dst_ranges: list[tuple[int, int, int]] = field(default_factory=list)
     src_ranges: list[tuple[int, int, int]] = field(default_factory=list)
+    #: kept for the backup of this child (common/sync.py ChildState)
+    keymat_in: bytes = field(default=b"", repr=False)
+    keymat_out: bytes = field(default=b"", repr=False)
+    #: our SPI of the IKE SA that negotiated it (on whichever member owns it)
+    ike_spi: bytes = b""
 
 
 def _ranges(tss: tuple[TrafficSelector, ...]) -> list[tuple[int, int, int]]:
@@ -109,6 +116,8 @@ class Member:
         self.notices: list[ChildPush | ChildDelete | RouteAdd | RouteDel] = []
         #: inbound SPI -> member, for children we negotiated that live elsewhere
         self.placed: dict[int, int] = {}
+        #: IKE SAs whose state changed since the last flush (to replicate)
+        self.touched: set[int] = set()
         self.engine = IkeEngine(
             policies_from_config(config.connections), random=random, spis=self.spis,
             options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
@@ -156,6 +165,10 @@ class Member:
 
     def _events(self) -> None:
         while (e := self.engine.next_event()) is not None:
+            for attr in ("ike_id", "old_ike_id", "new_ike_id"):
+                ike_id = getattr(e, attr, None)
+                if ike_id:
+                    self.touched.add(ike_id)
             if isinstance(e, ChildSaInstalled):
                 self._install(e)
             elif isinstance(e, ChildSaDeleted):
@@ -191,20 +204,55 @@ class Member:
             self.notices.append(ChildPush(
                 e.spi_in, e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
                 e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts,
-                ipaddress.ip_address(e.remote[0]).packed, e.remote[1]))
+                ipaddress.ip_address(e.remote[0]).packed, e.remote[1], self._ike_spi(e.ike_id)))
             self.placed[e.spi_in] = target
             log.info("child SA %s %08x_i placed on member %d", e.name, e.spi_in, target)
             return
         self._install_local(e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
                             e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts, e.remote,
-                            e.replaces)
+                            e.replaces, self._ike_spi(e.ike_id))
+        # The child's backup learns of it through the same relay as a push.
+        self.notices.append(ChildPush(
+            e.spi_in, e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
+            e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts,
+            ipaddress.ip_address(e.remote[0]).packed, e.remote[1], self._ike_spi(e.ike_id)))
+
+    def _ike_spi(self, ike_id: int) -> bytes:
+        sa = self.engine.by_id.get(ike_id)
+        if sa is None:
+            return b""
+        return sa.spi_i if sa.initiator else sa.spi_r
+
+    def ike_spi_of(self, spi_in: int) -> bytes:
+        route = self.by_spi.get(spi_in)
+        return route.ike_spi if route is not None else b""
 
     def install_pushed(self, push: ChildPush) -> None:
         """A child SA negotiated by another member's IKE SA, carried here."""
         remote = (str(ipaddress.ip_address(push.remote_ip)), push.remote_port)
         self._install_local(push.ike_id, push.name, push.spi_in, push.spi_out, push.transform,
                             push.esn, push.keymat_in, push.keymat_out, push.local_ts,
-                            push.remote_ts, remote, None)
+                            push.remote_ts, remote, None, push.ike_spi)
+
+    def install_replica(self, cs: ChildState, skip: int, replay: ReplayState,
+                        now: float) -> None:
+        """Carry a child SA whose carrier died (RFC 6027 §3.4, §3.5, §3.7.1):
+        our own IV sender id, the outbound sequence number skipped ahead, the
+        inbound window as the replay policy says."""
+        remote = (str(ipaddress.ip_address(cs.remote_ip)), cs.remote_port)
+        self._install_local(0, cs.name, cs.spi_in, cs.spi_out, cs.transform, cs.esn,
+                            cs.keymat_in, cs.keymat_out, cs.local_ts, cs.remote_ts, remote,
+                            None, cs.ike_spi, initial_seq=max(1, cs.out_seq + skip))
+        route = self.by_spi[cs.spi_in]
+        if replay.size == route.inbound.window.export_state().size:
+            route.inbound.import_window(replay)
+        self.spis.mark_used_esp(cs.spi_in)
+
+    def drop_route(self, spi_in: int) -> None:
+        """Stop carrying a child (its segment moved away); no notices."""
+        route = self.by_spi.pop(spi_in, None)
+        if route is not None and route in self.routes:
+            self.routes.remove(route)
 
     def remove_pushed(self, spi_in: int) -> None:
         self._remove(spi_in)
@@ -213,12 +261,15 @@ class Member:
                        transform: str, esn: bool, keymat_in: bytes, keymat_out: bytes,
                        local_ts: tuple[TrafficSelector, ...],
                        remote_ts: tuple[TrafficSelector, ...], remote: Address,
-                       replaces: int | None) -> None:
+                       replaces: int | None, ike_spi: bytes = b"", *,
+                       initial_seq: int = 1) -> None:
         route = ChildRoute(
             ike_id, name,
-            OutboundSA(spi_out, transform, keymat_out, self.sender_id, esn=esn),
+            OutboundSA(spi_out, transform, keymat_out, self.sender_id, esn=esn,
+                       initial_seq=initial_seq),
             InboundSA(spi_in, transform, keymat_in, self.replay_window, esn=esn),
-            local_ts, remote_ts, remote, _ranges(remote_ts), _ranges(local_ts))
+            local_ts, remote_ts, remote, _ranges(remote_ts), _ranges(local_ts),
+            keymat_in, keymat_out, ike_spi)
         self.by_spi[spi_in] = route
         log.info("child SA %s installed: %08x_i %08x_o %s%s", name, spi_in, spi_out,
                  transform, f" (rekeys {replaces:08x})" if replaces else "")

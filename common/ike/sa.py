@@ -58,6 +58,9 @@ class Outgoing:
     data: bytes
     remote: Address
     local_port: int
+    #: the IKE SA it belongs to (0: none yet), so that a cluster member can
+    #: hold it until the backup has that SA's new state (RFC 6027 §3.6)
+    ike_id: int = 0
 
 
 class SpiSource(Protocol):
@@ -271,7 +274,7 @@ class IkeSa:
     # -- sending ----------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        self.ctx.outbox.append(Outgoing(data, self.remote, self.local_port))
+        self.ctx.outbox.append(Outgoing(data, self.remote, self.local_port, self.ike_id))
 
     def encode(self, exchange: ExchangeType, mid: int, response: bool,
                payloads: list[Payload]) -> bytes:
@@ -393,7 +396,7 @@ class IkeSa:
             self.counters["dropped"] += 1
             return
         self.counters["retransmits_answered"] += 1
-        self.ctx.outbox.append(Outgoing(self.mids.response, remote, local_port))
+        self.ctx.outbox.append(Outgoing(self.mids.response, remote, local_port, self.ike_id))
 
     def respond(self, msg: IkeMessage, payloads: list[Payload], now: float, *,
                 request: bytes = b"") -> None:

@@ -48,3 +48,10 @@ class SegmentSpis:
 
     def release_esp(self, spi: int) -> None:
         self._alloc.release(spi)
+
+    def mark_used_esp(self, spi: int) -> None:
+        """An SPI we took over from another member: never hand it out again."""
+        self._alloc.mark_used_esp(spi)
+
+    def mark_used_ike(self, spi: bytes) -> None:
+        self._alloc.mark_used_ike(int.from_bytes(spi, "big"))

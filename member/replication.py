@@ -1,0 +1,434 @@
+"""State sync between members: what makes a member's death invisible to peers
+(RFC 6027 §3.2-3.7).
+
+Rules of this file:
+- IKE: after every change of an established IKE SA its owner sends the whole
+  new state (common/sync.py ``IkeSaState``) to the SA's backup and HOLDS the
+  datagrams that change produced until the backup acknowledged it. A peer can
+  therefore never see a message the backup does not know about (§3.6 closed by
+  design). Without a live backup the owner goes on unreplicated, counts it, and
+  marks the SA stale (the new owner then resynchronises message IDs with
+  RFC 6311). Half-open SAs are never replicated (§4: no sync storms).
+- ESP: the carrier of a child SA sends its keys once (``ChildState``) and its
+  outbound sequence number and replay window every ``seq_sync_packets``
+  packets or ``seq_sync_interval`` seconds (§3.4, §3.5). A new carrier skips
+  ahead by twice ``seq_sync_packets``, so no sequence number is sent twice,
+  and encrypts with its own IV sender id (§3.7.1).
+- Streams are numbered per (source, destination); a gap makes the receiver
+  ask for a resync of everything the sender owns that it backs up.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from common.errors import MalformedMessage
+from common.ike.sa import IkeSa, IkeState, Outgoing
+from common.ike.snapshot import snapshot
+from common.replay import ReplayState
+from common.segments import SegmentTable, TableMode
+from common.spi import segment_of_esp_spi, segment_of_ike_spi
+from common.sync import (
+    Ack,
+    BulkDone,
+    ChildGone,
+    ChildState,
+    EspCounter,
+    EspCounters,
+    IkeSaGone,
+    IkeSaState,
+    RekeyChild,
+    Resync,
+    SyncMessage,
+    decode_sync,
+    encode_sync,
+)
+from common.wire import ChildPush, StreamSeq, Sync
+
+if TYPE_CHECKING:
+    from member.worker import ChildRoute, Member
+
+log = logging.getLogger("ipsec_cluster.sync")
+
+#: how long a held IKE datagram waits for the backup's ACK before it leaves anyway
+ACK_TIMEOUT_S = 0.25
+
+
+@dataclass(slots=True)
+class Held:
+    since: float
+    datagrams: list[Outgoing]
+    ike_key: bytes
+
+
+def our_spi(sa: IkeSa) -> bytes:
+    return sa.spi_i if sa.initiator else sa.spi_r
+
+
+class Replicator:
+    def __init__(self, member_id: int, member: Member, send: Callable[[Sync], None],
+                 release: Callable[[list[Outgoing]], None] | None = None,
+                 *, seq_sync_packets: int, seq_sync_interval: float, replay_policy: str,
+                 drop_rate: float = 0.0) -> None:
+        self.member_id = member_id
+        self.member = member
+        self._send = send
+        self._release = release
+        self.seq_sync_packets = seq_sync_packets
+        self.seq_sync_interval = seq_sync_interval
+        self.replay_policy = replay_policy
+        self.drop_rate = drop_rate  # a test hook: lose this share of outgoing sync messages
+        self.table: SegmentTable | None = None
+        self.tx: dict[int, StreamSeq] = {}
+        self.rx: dict[int, StreamSeq] = {}
+        self.held: dict[tuple[int, int], Held] = {}
+        self.ike_replicas: dict[bytes, IkeSaState] = {}
+        self.child_replicas: dict[int, ChildState] = {}
+        #: our SPI -> backup we last replicated it to (to notice backup changes)
+        self.replicated_to: dict[bytes, int] = {}
+        self.child_backup: dict[int, int] = {}
+        self.stale: set[bytes] = set()
+        self.packets_since_sync = 0
+        self.last_esp_sync = 0.0
+        self.counters: Counter[str] = Counter()
+
+    # -- table ------------------------------------------------------------------------
+
+    def backup_of_segment(self, segment: int) -> int | None:
+        t = self.table
+        if t is None:
+            return None
+        b = t.backup(segment)
+        return None if b is None or b == self.member_id else b
+
+    def extra_standbys(self) -> list[int]:
+        """Hot-standby: every standby keeps replicas, not only the first."""
+        t = self.table
+        if t is None or t.mode is not TableMode.HOT_STANDBY:
+            return []
+        return [m for m in t.members if m != self.member_id]
+
+    def ike_backup(self, sa: IkeSa) -> int | None:
+        t = self.table
+        if t is None:
+            return None
+        return self.backup_of_segment(segment_of_ike_spi(int.from_bytes(our_spi(sa), "big"),
+                                                         t.segment_bits))
+
+    def child_backup_of(self, spi_in: int) -> int | None:
+        t = self.table
+        if t is None:
+            return None
+        return self.backup_of_segment(segment_of_esp_spi(spi_in, t.segment_bits))
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(self, dst: int, msg: SyncMessage) -> int:
+        seq = self.tx.setdefault(dst, StreamSeq()).next()
+        self.counters["sync_out"] += 1
+        if self.drop_rate and random.random() < self.drop_rate:
+            self.counters["sync_dropped_on_purpose"] += 1
+            return seq
+        self._send(Sync(dst, self.member_id, seq, encode_sync(msg)))
+        return seq
+
+    # -- IKE: replicate, then release ------------------------------------------------------
+
+    def outgoing(self, outs: list[Outgoing], touched: set[int], now: float) -> list[Outgoing]:
+        """Replicate every touched established IKE SA; return the datagrams that
+        may leave now, keep the others until their ACK arrives."""
+        engine = self.member.engine
+        by_sa: dict[int, list[Outgoing]] = {}
+        for o in outs:
+            by_sa.setdefault(o.ike_id, []).append(o)
+        ready: list[Outgoing] = list(by_sa.pop(0, []))
+        for ike_id in touched | set(by_sa):
+            sa = engine.by_id.get(ike_id)
+            datagrams = by_sa.get(ike_id, [])
+            if sa is None:
+                ready += datagrams
+                continue
+            key = our_spi(sa)
+            if sa.terminal:
+                backup = self.replicated_to.pop(key, None)
+                if backup is not None:
+                    self.send(backup, IkeSaGone(sa.spi_i, sa.spi_r))
+                ready += datagrams
+                continue
+            if sa.state is IkeState.HALF_OPEN or sa.keys is None:
+                ready += datagrams   # RFC 6027 §4: half-open SAs are not replicated
+                continue
+            backup = self.ike_backup(sa)
+            if backup is None:
+                self.counters["ike_unreplicated"] += 1
+                self.stale.add(key)
+                ready += datagrams
+                continue
+            state = snapshot(sa, now, stale=key in self.stale)
+            seq = self.send(backup, state)
+            for extra in self.extra_standbys():
+                if extra != backup:
+                    self.send(extra, state)
+            self.replicated_to[key] = backup
+            self.stale.discard(key)
+            if datagrams:
+                self.held[(backup, seq)] = Held(now, datagrams, key)
+        return ready
+
+    def release_expired(self, now: float) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for k, h in list(self.held.items()):
+            if now - h.since >= ACK_TIMEOUT_S:
+                del self.held[k]
+                self.counters["ack_timeouts"] += 1
+                self.stale.add(h.ike_key)
+                out += h.datagrams
+        return out
+
+    # -- ESP -------------------------------------------------------------------------------
+
+    def child_installed(self, spi_in: int, route: ChildRoute, ike_spi: bytes) -> None:
+        backup = self.child_backup_of(spi_in)
+        self.child_backup[spi_in] = backup or 0
+        if backup is not None:
+            self.send(backup, self._child_state(spi_in, route, ike_spi))
+
+    def child_removed(self, spi_in: int) -> None:
+        backup = self.child_backup.pop(spi_in, 0)
+        if backup:
+            self.send(backup, ChildGone(spi_in))
+
+    def _child_state(self, spi_in: int, r: ChildRoute, ike_spi: bytes) -> ChildState:
+        w = r.inbound.export_window()
+        return ChildState(spi_in, r.outbound.spi, r.name, r.outbound.transform, r.outbound.esn,
+                          r.keymat_in, r.keymat_out, r.local_ts, r.remote_ts,
+                          ipaddress.ip_address(r.remote[0]).packed, r.remote[1], ike_spi,
+                          r.outbound.next_seq, w.size, w.highest, w.bitmap)
+
+    def esp_tick(self, now: float, packets: int) -> None:
+        """Send ESP counters when enough packets or time have passed."""
+        self.packets_since_sync += packets
+        if self.packets_since_sync < self.seq_sync_packets and \
+                now - self.last_esp_sync < self.seq_sync_interval:
+            return
+        self.packets_since_sync = 0
+        self.last_esp_sync = now
+        per_backup: dict[int, list[EspCounter]] = {}
+        for spi_in, r in self.member.by_spi.items():
+            backup = self.child_backup.get(spi_in)
+            if not backup:
+                continue
+            w = r.inbound.window
+            per_backup.setdefault(backup, []).append(EspCounter(
+                spi_in, r.outbound.next_seq, w.highest, w.export_state().bitmap))
+        for backup, counters in per_backup.items():
+            for i in range(0, len(counters), 1000):
+                self.send(backup, EspCounters(tuple(counters[i:i + 1000])))
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def on_sync(self, env: Sync, now: float) -> None:
+        lost = self.rx.setdefault(env.src, StreamSeq()).check(env.seq)
+        try:
+            msg = decode_sync(env.payload)
+        except MalformedMessage as exc:
+            self.counters["sync_malformed"] += 1
+            log.warning("member %d: bad sync message from %d: %s", self.member_id, env.src, exc)
+            return
+        if lost > 0:
+            # A gap: ask the sender for everything again (whole-state messages
+            # make that enough to repair any loss).
+            self.counters["sync_gaps"] += lost
+            log.warning("member %d: %d sync messages from member %d lost; asking for a resync",
+                        self.member_id, lost, env.src)
+            self.send(env.src, Resync())
+        self.counters["sync_in"] += 1
+        self._handle(env, msg, now)
+
+    def _handle(self, env: Sync, msg: SyncMessage, now: float) -> None:
+        if isinstance(msg, IkeSaState):
+            key = msg.spi_i if msg.initiator else msg.spi_r
+            self.ike_replicas[key] = msg
+            self.send(env.src, Ack(env.seq))
+        elif isinstance(msg, IkeSaGone):
+            self.ike_replicas.pop(msg.spi_i, None)
+            self.ike_replicas.pop(msg.spi_r, None)
+        elif isinstance(msg, ChildState):
+            self.child_replicas[msg.spi_in] = msg
+        elif isinstance(msg, ChildGone):
+            self.child_replicas.pop(msg.spi_in, None)
+        elif isinstance(msg, EspCounters):
+            for c in msg.counters:
+                old = self.child_replicas.get(c.spi_in)
+                if old is not None:
+                    self.child_replicas[c.spi_in] = _with_counters(old, c)
+        elif isinstance(msg, Ack):
+            held = self.held.pop((env.src, msg.seq), None)
+            if held is not None and self._release is not None:
+                self._release(held.datagrams)
+        elif isinstance(msg, Resync):
+            self.resync(env.src, now)
+        elif isinstance(msg, RekeyChild):
+            self.rekey_child(msg.ike_spi, msg.spi_in, now)
+        elif isinstance(msg, BulkDone):
+            log.info("member %d: bulk transfer from member %d done (%d SAs)", self.member_id,
+                     env.src, msg.count)
+
+    def rekey_child(self, ike_spi: bytes, spi_in: int, now: float) -> None:
+        sa = self.member.engine.sas.get(ike_spi)
+        if sa is None or sa.terminal:
+            return
+        for child in sa.children.values():
+            if child.spi_in == spi_in:
+                self.member.engine.rekey_child(sa.ike_id, spi_in, now)
+                self.counters["rekeys_after_failover"] += 1
+                return
+
+    def resync(self, dst: int, now: float) -> int:
+        """Send ``dst`` everything we own that it backs up (resync, bulk transfer)."""
+        n = 0
+        for sa in list(self.member.engine.by_id.values()):
+            if sa.terminal or sa.state is IkeState.HALF_OPEN or sa.keys is None:
+                continue
+            if self.ike_backup(sa) == dst or dst in self.extra_standbys():
+                self.send(dst, snapshot(sa, now, stale=our_spi(sa) in self.stale))
+                self.replicated_to[our_spi(sa)] = dst
+                n += 1
+        for spi_in, r in self.member.by_spi.items():
+            if self.child_backup_of(spi_in) == dst:
+                self.child_backup[spi_in] = dst
+                self.send(dst, self._child_state(spi_in, r, self.member.ike_spi_of(spi_in)))
+                n += 1
+        self.send(dst, BulkDone(n))
+        self.counters["bulk_sent"] += n
+        return n
+
+    # -- takeover ----------------------------------------------------------------------------
+
+    def on_table(self, old: SegmentTable | None, new: SegmentTable, now: float) -> None:
+        self.table = new
+        if old is not None and not old.members:
+            old = None   # the first real table: nothing to take over or give up
+        mine = set(new.segments_of(self.member_id))
+        before = set(old.segments_of(self.member_id)) if old is not None else set()
+        gained, lost = mine - before, before - mine
+        if lost:
+            self._give_up(lost, new, now)
+        if gained and old is not None:
+            self._take_over(gained, new, now)
+        # Backups that changed get everything they now back up (bulk transfer).
+        dsts: set[int] = set()
+        for sa in self.member.engine.by_id.values():
+            if sa.terminal or sa.keys is None or sa.state is IkeState.HALF_OPEN:
+                continue
+            b = self.ike_backup(sa)
+            if b is not None and self.replicated_to.get(our_spi(sa)) != b:
+                dsts.add(b)
+        for spi_in in self.member.by_spi:
+            b = self.child_backup_of(spi_in)
+            if b is not None and self.child_backup.get(spi_in) != b:
+                dsts.add(b)
+        for dst in sorted(dsts):
+            started = time.perf_counter()
+            n = self.resync(dst, now)
+            log.info("member %d: sent %d SAs to backup %d in %.3f s", self.member_id, n, dst,
+                     time.perf_counter() - started)
+
+    def _take_over(self, gained: set[int], table: SegmentTable, now: float) -> None:
+        bits = table.segment_bits
+        engine = self.member.engine
+        adopted = 0
+        for key, st in list(self.ike_replicas.items()):
+            if segment_of_ike_spi(int.from_bytes(key, "big"), bits) in gained:
+                engine.adopt(st, now, mid_sync=st.stale, margin=16)
+                del self.ike_replicas[key]
+                self.member.spis.mark_used_ike(key)
+                adopted += 1
+        children = 0
+        for spi_in, cs in list(self.child_replicas.items()):
+            if segment_of_esp_spi(spi_in, bits) in gained:
+                self.member.install_replica(cs, self._skip(), self._replay(cs), now)
+                del self.child_replicas[spi_in]
+                children += 1
+                if self.replay_policy == "rekey":
+                    self._ask_rekey(cs, now)
+        self.counters["takeovers"] += 1
+        self.counters["ike_sas_adopted"] += adopted
+        self.counters["child_sas_adopted"] += children
+        log.warning("member %d took over %d segments: %d IKE SAs, %d child SAs",
+                    self.member_id, len(gained), adopted, children)
+
+    def _give_up(self, lost: set[int], table: SegmentTable, now: float) -> None:
+        """Segments moved to another member (autobalance): our live SAs there
+        become replicas (we are usually the new backup), the new owner goes on."""
+        bits = table.segment_bits
+        engine = self.member.engine
+        n_ike = n_child = 0
+        for sa in list(engine.by_id.values()):
+            key = our_spi(sa)
+            if sa.terminal or segment_of_ike_spi(int.from_bytes(key, "big"), bits) not in lost:
+                continue
+            if sa.keys is not None and sa.state is not IkeState.HALF_OPEN:
+                self.ike_replicas[key] = snapshot(sa, now, stale=key in self.stale)
+            engine.forget(sa.spi_i, sa.spi_r)
+            self.replicated_to.pop(key, None)
+            n_ike += 1
+        for spi_in in [s for s in self.member.by_spi if segment_of_esp_spi(s, bits) in lost]:
+            r = self.member.by_spi[spi_in]
+            self.child_replicas[spi_in] = self._child_state(spi_in, r, r.ike_spi)
+            self.member.drop_route(spi_in)
+            self.child_backup.pop(spi_in, None)
+            n_child += 1
+        log.info("member %d gave up %d segments: %d IKE SAs, %d child SAs now replicas",
+                 self.member_id, len(lost), n_ike, n_child)
+
+    def _skip(self) -> int:
+        """How far a new carrier jumps ahead in the outbound sequence (§3.4):
+        at most ``seq_sync_packets`` went out since the last sync, and that
+        sync itself may have been lost with its sender."""
+        return 2 * self.seq_sync_packets
+
+    def _replay(self, cs: ChildState) -> ReplayState:
+        """The inbound window after a takeover (§3.5, §4)."""
+        if self.replay_policy == "strict":
+            # Accept only above the synced highest + margin: nothing the dead
+            # carrier may have accepted can be replayed, at the cost of dropping
+            # up to the margin of genuine packets.
+            highest = min(cs.replay_highest + self._skip(), (1 << 64) - 1)
+            return ReplayState(cs.replay_size, highest, (1 << cs.replay_size) - 1)
+        # learn / rekey: continue from the synced window; packets the dead
+        # carrier accepted after its last sync could be replayed once.
+        return ReplayState(cs.replay_size, cs.replay_highest, cs.replay_bitmap)
+
+    def _ask_rekey(self, cs: ChildState, now: float) -> None:
+        t = self.table
+        if t is None or len(cs.ike_spi) != 8:
+            return
+        owner = t.owner(segment_of_ike_spi(int.from_bytes(cs.ike_spi, "big"), t.segment_bits))
+        if owner == self.member_id:
+            self.rekey_child(cs.ike_spi, cs.spi_in, now)
+        elif owner is not None:
+            self.send(owner, RekeyChild(cs.ike_spi, cs.spi_in))
+
+    def push_replica(self, push: ChildPush) -> None:
+        """A child placed in a segment we back up: keep it as a replica."""
+        self.child_replicas[push.spi_in] = ChildState(
+            push.spi_in, push.spi_out, push.name, push.transform, push.esn, push.keymat_in,
+            push.keymat_out, push.local_ts, push.remote_ts, push.remote_ip, push.remote_port,
+            b"", 1, self.member.replay_window, 0, 0)
+
+
+def _with_counters(cs: ChildState, c: EspCounter) -> ChildState:
+    from dataclasses import replace
+
+    return replace(cs, out_seq=max(cs.out_seq, c.out_seq),
+                   replay_highest=max(cs.replay_highest, c.replay_highest),
+                   replay_bitmap=c.replay_bitmap if c.replay_highest >= cs.replay_highest
+                   else cs.replay_bitmap)
