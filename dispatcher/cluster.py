@@ -204,12 +204,18 @@ class Dispatcher:
                 self._send(info, InnerIn(chunk))
 
     def _send(self, info: MemberInfo, msg: Message) -> None:
-        try:
-            self.router.send_multipart([info.identity, encode(msg, info.tx.next())],
-                                       flags=zmq.NOBLOCK)
-        except zmq.Again:
+        # A zmq.asyncio socket does not raise on NOBLOCK: the failure (EAGAIN,
+        # EHOSTUNREACH from ROUTER_MANDATORY) is in the returned future, which
+        # is already done; unread, asyncio logs it as never retrieved.
+        fut = asyncio.ensure_future(self.router.send_multipart(
+            [info.identity, encode(msg, info.tx.next())], flags=zmq.NOBLOCK))
+        fut.add_done_callback(self._sent)
+
+    def _sent(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, zmq.Again):
             self.drops["zmq_full"] += 1
-        except zmq.ZMQError:
+        elif exc is not None:
             self.drops["zmq_unroutable"] += 1
 
     # -- members in -------------------------------------------------------------------
