@@ -94,11 +94,16 @@ class MemberProcess:
     # -- sending ------------------------------------------------------------------
 
     def send(self, msg: Message) -> None:
-        try:
-            self.sock.send(encode(msg, self.seq.next()), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            if self.member is not None:
-                self.member.drops["zmq_full"] += 1
+        # A zmq.asyncio socket does not raise on NOBLOCK: EAGAIN (no dispatcher
+        # connected, or its queue full) is in the returned, already done future.
+        fut = asyncio.ensure_future(self.sock.send(encode(msg, self.seq.next()),
+                                                   flags=zmq.NOBLOCK))
+        fut.add_done_callback(self._sent)
+
+    def _sent(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None and self.member is not None:
+            self.member.drops["zmq_full" if isinstance(exc, zmq.Again) else "zmq_error"] += 1
 
     def flush(self) -> None:
         m = self.member
