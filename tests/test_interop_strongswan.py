@@ -106,16 +106,24 @@ def test_rekeys_initiated_by_us(lab: Lab, tmp_path: Path) -> None:
     assert gw.alive()
 
 
-def test_dpd_both_ways(lab: Lab, tmp_path: Path) -> None:
-    conn = Conn("a-b", "198.18.0.1", "198.18.0.2", [GCM, CTR], dpd_delay="1s")
+def test_dpd_initiated_by_us(lab: Lab, tmp_path: Path) -> None:
+    """An idle IKE SA: our gateway sends DPD (an empty INFORMATIONAL) every second."""
+    conn = Conn("a-b", "198.18.0.1", "198.18.0.2", [GCM, CTR], dpd_delay="0s")
     ns_a, ns_b, charon, gw = _setup(lab, tmp_path, conn, dpd_delay=1)
     _up(charon)
     gw.wait_log("DPD answered", timeout=8)
+    _traffic(ns_a, ns_b, lab, gw, 7006)
+    assert charon.ike_sa("a-b") is not None
+
+
+def test_dpd_initiated_by_strongswan(lab: Lab, tmp_path: Path) -> None:
+    conn = Conn("a-b", "198.18.0.1", "198.18.0.2", [GCM, CTR], dpd_delay="1s")
+    _ns_a, _ns_b, charon, gw = _setup(lab, tmp_path, conn, dpd_delay=0)
+    _up(charon)
     charon.wait_for("charon sent DPD and got an answer", lambda: (
         "sending DPD request" in charon.log_text()
         and "parsed INFORMATIONAL response" in charon.log_text()), timeout=8)
-    _traffic(ns_a, ns_b, lab, gw, 7006)
-    assert charon.ike_sa("a-b") is not None
+    assert charon.ike_sa("a-b") is not None and gw.alive()
 
 
 def test_delete_child_and_ike_by_strongswan(lab: Lab, tmp_path: Path) -> None:
