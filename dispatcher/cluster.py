@@ -61,6 +61,9 @@ from dispatcher.inside import Inside, make_inside
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
 
+#: the HELLO version that opens a member's bulk channel (member/process.py)
+BULK = "bulk"
+
 #: datagrams read per readiness callback, and the most a batch may hold
 READ_BURST = 256
 MAX_BATCH = 256
@@ -137,6 +140,9 @@ class Dispatcher:
         #: members getting their share of segments, and segments whose future
         #: owner is already their backup (segment -> (member, since))
         self.balancing: set[int] = set()
+        #: each member's second connection, for bulk state transfers
+        self.bulk_identity: dict[int, bytes] = {}
+        self.by_bulk_identity: dict[bytes, int] = {}
         self.prepared: dict[int, tuple[int, float]] = {}
         self._last_balance = 0.0
 
@@ -241,7 +247,18 @@ class Dispatcher:
 
     def _from_member(self, identity: bytes, seq: int, msg: Message) -> None:
         if isinstance(msg, Hello):
-            self._hello(identity, msg)
+            if msg.version == BULK:
+                self.bulk_identity[msg.member_id] = identity
+                self.by_bulk_identity[identity] = msg.member_id
+            else:
+                self._hello(identity, msg)
+            return
+        bulk_member = self.by_bulk_identity.get(identity)
+        if bulk_member is not None:
+            if isinstance(msg, Sync) and msg.src == bulk_member:
+                self._relay_bulk(msg)
+            else:
+                self.drops["bulk_not_sync"] += 1
             return
         member_id = self.by_identity.get(identity)
         info = self.members.get(member_id) if member_id is not None else None
@@ -305,6 +322,18 @@ class Dispatcher:
             info = self.members.get(member) if member is not None else None
             if info is not None and info.alive:
                 self._send(info, msg)
+
+    def _relay_bulk(self, msg: Sync) -> None:
+        info = self.members.get(msg.dst)
+        identity = self.bulk_identity.get(msg.dst)
+        if info is None or not info.alive or identity is None:
+            self.drops["bulk_undeliverable"] += 1
+            return
+        self.counters["bulk_relayed"] += 1
+        try:
+            self.router.send_multipart([identity, encode(msg, 0)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.drops["bulk_zmq"] += 1
 
     def _relay_sync(self, msg: Sync, sender: int) -> None:
         """The synch channel between members goes through us: one socket per

@@ -54,6 +54,8 @@ from member.worker import Member
 log = logging.getLogger("ipsec_cluster.member")
 
 VERSION = "0.1.0"
+#: the version string of the HELLO that opens a member's bulk channel
+BULK = "bulk"
 
 
 def _ip(packed: bytes) -> str:
@@ -90,6 +92,17 @@ class MemberProcess:
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         if curve is not None:
             self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = curve
+        # The bulk channel: state transfers to a joining member (and resyncs)
+        # travel on their own connection, so they never queue ahead of live
+        # traffic and live sync messages.
+        self.bulk = ctx.socket(zmq.DEALER)
+        self.bulk.setsockopt(zmq.IDENTITY, f"member-{member_id}-bulk".encode())
+        self.bulk.setsockopt(zmq.LINGER, 0)
+        self.bulk.setsockopt(zmq.SNDHWM, 1_000_000)
+        self.bulk.setsockopt(zmq.RCVHWM, 1_000_000)
+        if curve is not None:
+            self.bulk.curve_publickey, self.bulk.curve_secretkey, self.bulk.curve_serverkey = curve
+        self.bulk_seq = StreamSeq()
 
     # -- sending ------------------------------------------------------------------
 
@@ -99,6 +112,23 @@ class MemberProcess:
         fut = asyncio.ensure_future(self.sock.send(encode(msg, self.seq.next()),
                                                    flags=zmq.NOBLOCK))
         fut.add_done_callback(self._sent)
+
+    def send_bulk(self, msg: Message) -> None:
+        fut = asyncio.ensure_future(self.bulk.send(encode(msg, self.bulk_seq.next()),
+                                                   flags=zmq.NOBLOCK))
+        fut.add_done_callback(self._sent)
+
+    async def _bulk_loop(self) -> None:
+        while not self._stop.is_set():
+            frame = await self.bulk.recv(copy=True)
+            try:
+                _seq, msg = decode(frame)
+            except MalformedMessage as exc:
+                log.warning("member %d: bad bulk frame: %s", self.member_id, exc)
+                continue
+            if isinstance(msg, Sync) and self.replicator is not None and self.loop is not None:
+                self.replicator.on_sync(msg, self.loop.time(), channel="bulk")
+                self.flush()
 
     def _sent(self, fut: asyncio.Future[Any]) -> None:
         exc = None if fut.cancelled() else fut.exception()
@@ -203,7 +233,7 @@ class MemberProcess:
             c = self.config.cluster
             self.replicator = Replicator(
                 self.member_id, self.member, self.send, self.emit,
-                seq_sync_packets=c.seq_sync_packets,
+                send_bulk=self.send_bulk, seq_sync_packets=c.seq_sync_packets,
                 seq_sync_interval=c.seq_sync_interval,
                 replay_policy=c.replay_after_failover, drop_rate=self.sync_drop_rate)
             log.info("member %d: sender id %d", self.member_id, hb.sender_id)
@@ -343,8 +373,11 @@ class MemberProcess:
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock.connect(self.endpoint)
+        self.bulk.connect(self.endpoint)
         self.send(Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION))
+        self.send_bulk(Hello(self.member_id, os.getpid(), socket.gethostname(), BULK))
         hb = asyncio.ensure_future(self.heartbeats())
+        bulk = asyncio.ensure_future(self._bulk_loop())
         try:
             while not self._stop.is_set():
                 frame = await self.sock.recv(copy=True)
@@ -361,7 +394,9 @@ class MemberProcess:
                 self.handle(msg)
         finally:
             hb.cancel()
+            bulk.cancel()
             self.sock.close(linger=0)
+            self.bulk.close(linger=0)
 
     def stop(self) -> None:
         self._stop.set()

@@ -75,12 +75,15 @@ def our_spi(sa: IkeSa) -> bytes:
 class Replicator:
     def __init__(self, member_id: int, member: Member, send: Callable[[Sync], None],
                  release: Callable[[list[Outgoing]], None] | None = None,
-                 *, seq_sync_packets: int, seq_sync_interval: float, replay_policy: str,
+                 *, send_bulk: Callable[[Sync], None] | None = None,
+                 seq_sync_packets: int, seq_sync_interval: float, replay_policy: str,
                  drop_rate: float = 0.0) -> None:
         self.member_id = member_id
         self.member = member
         self._send = send
         self._release = release
+        self._send_bulk = send_bulk
+        self.bulk_tx: dict[int, StreamSeq] = {}
         self.seq_sync_packets = seq_sync_packets
         self.seq_sync_interval = seq_sync_interval
         self.replay_policy = replay_policy
@@ -138,6 +141,15 @@ class Replicator:
             return seq
         self._send(Sync(dst, self.member_id, seq, encode_sync(msg)))
         return seq
+
+    def send_bulk(self, dst: int, msg: SyncMessage) -> None:
+        """On the bulk channel (its own connection and sequence numbers)."""
+        if self._send_bulk is None:
+            self.send(dst, msg)
+            return
+        seq = self.bulk_tx.setdefault(dst, StreamSeq()).next()
+        self.counters["bulk_out"] += 1
+        self._send_bulk(Sync(dst, self.member_id, seq, encode_sync(msg)))
 
     # -- IKE: replicate, then release ------------------------------------------------------
 
@@ -234,8 +246,9 @@ class Replicator:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def on_sync(self, env: Sync, now: float) -> None:
-        lost = self.rx.setdefault(env.src, StreamSeq()).check(env.seq)
+    def on_sync(self, env: Sync, now: float, channel: str = "live") -> None:
+        stream = env.src if channel == "live" else -env.src
+        lost = self.rx.setdefault(stream, StreamSeq()).check(env.seq)
         try:
             msg = decode_sync(env.payload)
         except MalformedMessage as exc:
@@ -298,15 +311,15 @@ class Replicator:
             if sa.terminal or sa.state is IkeState.HALF_OPEN or sa.keys is None:
                 continue
             if self.ike_backup(sa) == dst or dst in self.extra_standbys():
-                self.send(dst, snapshot(sa, now, stale=our_spi(sa) in self.stale))
+                self.send_bulk(dst, snapshot(sa, now, stale=our_spi(sa) in self.stale))
                 self.replicated_to[our_spi(sa)] = dst
                 n += 1
         for spi_in, r in self.member.by_spi.items():
             if self.child_backup_of(spi_in) == dst:
                 self.child_backup[spi_in] = dst
-                self.send(dst, self._child_state(spi_in, r, self.member.ike_spi_of(spi_in)))
+                self.send_bulk(dst, self._child_state(spi_in, r, self.member.ike_spi_of(spi_in)))
                 n += 1
-        self.send(dst, BulkDone(n))
+        self.send_bulk(dst, BulkDone(n))
         self.counters["bulk_sent"] += n
         return n
 
