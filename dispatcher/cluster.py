@@ -515,6 +515,18 @@ class Dispatcher:
                 "bytes_out": info.counters.get("c.esp_out_bytes", 0),
                 "drops": {k[5:]: v for k, v in info.counters.items() if k.startswith("drop.")},
                 "sync_gaps": info.gaps + info.counters.get("sync_gaps", 0),
+                # RFC 6027 §3.6: whether this member's SAs are safe from its death
+                "replication": {
+                    "ike_replicas": info.counters.get("ike_replicas", 0),
+                    "child_replicas": info.counters.get("child_replicas", 0),
+                    "unreplicated_changes": info.counters.get("sync.ike_unreplicated", 0),
+                    "ack_timeouts": info.counters.get("sync.ack_timeouts", 0),
+                    "held": info.counters.get("held", 0),
+                    "sync_out": info.counters.get("sync.sync_out", 0),
+                    "sync_in": info.counters.get("sync.sync_in", 0),
+                    "takeovers": info.counters.get("sync.takeovers", 0),
+                    "degraded": self._backup_missing(m),
+                },
             })
         return {"cluster": {"address": str(self.config.cluster.address),
                             "mode": self.config.cluster.mode, "epoch": self.table.epoch,
@@ -523,6 +535,16 @@ class Dispatcher:
                 "dispatcher": {"pid": os.getpid(), "counters": dict(self.counters),
                                "drops": dict(self.drops), "inside_routes": len(self.routes)},
                 "members": members}
+
+    def _backup_missing(self, member: int) -> bool:
+        """True when some segment of ``member`` has no live backup: its SAs go on
+        unreplicated (a death would lose them)."""
+        for s in self.table.segments_of(member):
+            b = self.table.backup(s)
+            info = self.members.get(b) if b is not None else None
+            if info is None or not info.alive:
+                return True
+        return False
 
     async def sas(self, timeout: float = 2.0) -> dict[str, Any]:
         """Every member's SAs (like swanctl --list-sas)."""

@@ -30,6 +30,13 @@ class ClusterCollector(Collector):
                     for k in ("packets_in", "bytes_in", "packets_out", "bytes_out")}
         drops = CounterMetricFamily("ipsec_cluster_member_drops", "drops by reason",
                                     labels=["member", "reason"])
+        repl = {k: GaugeMetricFamily(f"ipsec_cluster_{k}", f"{k} per member (state sync)",
+                                     labels=["member"])
+                for k in ("ike_replicas", "child_replicas", "unreplicated_changes",
+                          "ack_timeouts", "takeovers")}
+        degraded = GaugeMetricFamily("ipsec_cluster_unreplicated",
+                                     "1 if some segment of the member has no live backup",
+                                     labels=["member"])
         for m in status["members"]:
             label = [str(m["id"])]
             alive.add_metric(label, 1.0 if m["alive"] else 0.0)
@@ -39,10 +46,16 @@ class ClusterCollector(Collector):
                 c.add_metric(label, float(m[k]))
             for reason, n in m["drops"].items():
                 drops.add_metric([str(m["id"]), reason], float(n))
+            r = m.get("replication", {})
+            for k, g in repl.items():
+                g.add_metric(label, float(r.get(k, 0)))
+            degraded.add_metric(label, 1.0 if r.get("degraded") else 0.0)
         yield alive
         yield from gauges.values()
         yield from counters.values()
         yield drops
+        yield from repl.values()
+        yield degraded
         d = CounterMetricFamily("ipsec_cluster_dispatcher_drops", "dispatcher drops by reason",
                                 labels=["reason"])
         for reason, n in status["dispatcher"]["drops"].items():

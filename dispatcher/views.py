@@ -13,18 +13,26 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
     c = status["cluster"]
     console.print(f"cluster {c['address']} ({c['mode']}), table epoch {c['epoch']}, "
                   f"up {c['uptime_s']} s, members at {c['endpoint']}")
-    table = Table("member", "pid", "host", "alive", "segments", "backup", "IKE SAs",
-                  "child SAs", "pkts in", "bytes in", "pkts out", "bytes out", "drops")
+    table = Table("id", "pid", "host", "alive", "segs", "bkup", "IKE", "child", "pkts in",
+                  "bytes in", "pkts out", "bytes out", "replicas", "drops")
     for m in status["members"]:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(m["drops"].items()) if v) or "-"
         table.add_row(str(m["id"]), str(m["pid"]), m["host"], "yes" if m["alive"] else "DEAD",
                       str(m["segments"]), str(m["backup_segments"]), str(m["ike_sas"]),
                       str(m["child_sas"]), str(m["packets_in"]), str(m["bytes_in"]),
-                      str(m["packets_out"]), str(m["bytes_out"]), drops)
+                      str(m["packets_out"]), str(m["bytes_out"]), _replicas(m), drops)
     console.print(table)
     d = status["dispatcher"]
     drops = ", ".join(f"{k}={v}" for k, v in sorted(d["drops"].items())) or "none"
     console.print(f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}")
+
+
+def _replicas(m: dict[str, Any]) -> str:
+    r = m.get("replication", {})
+    text = f"{r.get('ike_replicas', 0)}/{r.get('child_replicas', 0)}"
+    if r.get("degraded"):
+        text += " UNREPLICATED"
+    return text
 
 
 def print_sas(sas: dict[str, Any], console: Console | None = None) -> None:
