@@ -299,17 +299,12 @@ def test_mid_sync_answer_with_foreign_nonce_ignored() -> None:
     assert p.dpd_ok("a") and p.dpd_ok("b")
 
 
-BUSY_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "MID sync while the responder has its own request in flight: handle_mid_sync "
-    "announces P2 = send_next + 1, past the in-flight request's ID, so the peer drops "
-    "that request (and its retransmits) and the IKE SA dies; needs a decision on "
-    "RFC 6311 §5 semantics for in-flight requests"))
-
-
-@pytest.mark.parametrize("busy", [False, pytest.param(True, marks=BUSY_XFAIL)])
+@pytest.mark.parametrize("busy", [False, True])
 def test_mid_sync_request_retransmitted(busy: bool) -> None:
     """A MID sync request always has message ID 0, so the message-ID cache
-    cannot spot its retransmission: it must get the same answer, no second bump."""
+    cannot spot its retransmission: it must get the same answer, no second bump.
+    With ``busy``, a request of the responder's is in flight: RFC 6311 §5.1's
+    P2 must not skip it, or the peer drops it and every retransmit."""
     p = established("a")
     sa_a, sa_b = p.sa("a"), p.sa("b")
     if busy:
@@ -329,7 +324,15 @@ def test_mid_sync_request_retransmitted(busy: bool) -> None:
     p.deliver("a", first.data, first)
     p.deliver("a", second.data, second)
     if busy:
+        # P2 is the in-flight request's ID: it is still new to b.
+        assert p.sa("b").mids.recv_next == sa_a.mids.request_id
+        # INFORMATIONAL SK {} -->   (a's DPD, sent before the sync)
+        dropped = sa_b.counters["dropped"]  # the second sync answer
         p.deliver("a", dpd.data, dpd)
+        assert sa_b.counters["dropped"] == dropped
+        # <-- INFORMATIONAL SK {}
+        p.step("b")
+        assert p.of("a", DpdSucceeded)
     p.flush()
     p.advance(30.0)
     assert sa_a.state is IkeState.ESTABLISHED and sa_b.state is IkeState.ESTABLISHED

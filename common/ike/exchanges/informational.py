@@ -196,7 +196,8 @@ def handle_delete(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
 
 
 def handle_mid_sync(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
-    """RFC 6311 §5.1, responder: M2 = max(M1, our expected), P2 = max(P1, our next)."""
+    """RFC 6311 §5.1, responder: M2 = max(M1, our expected), P2 = max(P1, the
+    ID of our next request, or of the one in flight)."""
     n = msg.notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
     if n is None or len(n.data) != _MID_SYNC.size or msg.message_id != 0:
         return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
@@ -205,10 +206,18 @@ def handle_mid_sync(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
         # A retransmission (it always has message ID 0, so the message-ID
         # cache cannot catch it): the same answer, no second increment.
         return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, data=sa.mid_sync_answered[1])]
-    m2 = max(m1, sa.mids.recv_next)
-    p2 = max(p1, sa.mids.send_next + (1 if sa.mids.busy else 0))
-    sa.mids.recv_next = m2
-    sa.mids.send_next = p2
+    mids = sa.mids
+    m2 = max(m1, mids.recv_next)
+    # P2: the next request ID the peer will see from us. A request of ours in
+    # flight keeps its ID (send_next is already past it): announcing past it
+    # would make the peer drop it and every retransmit, and the IKE SA would
+    # die. So it stays outstanding and the peer takes it as new (or answers
+    # it from its cache, when P1 shows it was already processed).
+    ours = mids.request_id if mids.busy and not isinstance(sa.active, MidSyncTask) \
+        else mids.send_next
+    p2 = max(p1, ours)
+    mids.recv_next = m2
+    mids.send_next = max(mids.send_next, p2)
     sa.ctx.events.append(MessageIdsSynced(sa.ike_id, p2, m2))
     sa.mid_sync_answered = (nonce, _MID_SYNC.pack(nonce, p2, m2))
     return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, data=sa.mid_sync_answered[1])]
