@@ -527,6 +527,9 @@ class Dispatcher:
                     "takeovers": info.counters.get("sync.takeovers", 0),
                     "degraded": self._backup_missing(m),
                 },
+                # every synch-channel counter of the member (member/replication.py):
+                # sync_gaps, bulk_sent, sync_dropped_on_purpose, rekeys_after_failover, ...
+                "sync": {k[5:]: v for k, v in info.counters.items() if k.startswith("sync.")},
             })
         return {"cluster": {"address": str(self.config.cluster.address),
                             "mode": self.config.cluster.mode, "epoch": self.table.epoch,
