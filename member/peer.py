@@ -210,6 +210,9 @@ class PeerResult:
     reasons: Counter[str] = field(default_factory=Counter)
     traffic: TrafficResult | None = None
     drops: dict[str, int] = field(default_factory=dict)
+    #: the Member's counters over the whole run (ike_established, ike_failed,
+    #: esp_in, ...): a failover test sees here that no IKE SA was set up again
+    counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -229,7 +232,7 @@ class PeerResult:
             "children_failed": self.children_failed, "timed_out": self.timed_out,
             "elapsed_s": round(self.elapsed_s, 4),
             "handshakes_per_s": round(self.handshakes_per_s, 1),
-            "reasons": dict(self.reasons), "drops": self.drops}
+            "reasons": dict(self.reasons), "drops": self.drops, "counters": self.counters}
         if self.traffic is not None:
             t = self.traffic
             out["traffic"] = {"sent": t.sent, "esp_out": t.esp_out, "esp_in": t.esp_in,
@@ -436,7 +439,8 @@ class Peer(Gateway):
             failed=sum(1 for la in ls if la.failed is not None),
             children_failed=sum(la.children_failed for la in ls),
             elapsed_s=max(0.0, end - start), timed_out=timed_out, reasons=Counter(self.reasons),
-            drops={k: v for k, v in (self.member.drops + self.member.engine.drops).items() if v})
+            drops={k: v for k, v in (self.member.drops + self.member.engine.drops).items() if v},
+            counters={k: v for k, v in self.member.counters.items() if v})
 
     # -- traffic -----------------------------------------------------------------------
 
@@ -504,7 +508,8 @@ class Peer(Gateway):
             result = self.result(timed_out=launch not in done)
             if opts.traffic_pps is not None and result.ike_sas_up:
                 result.traffic = await self._traffic()
-                result.drops = self.result(False).drops
+                after = self.result(False)
+                result.drops, result.counters = after.drops, after.counters
             self._report(result)
             if not (opts.exit_when_up or opts.traffic_pps is not None):
                 await self._stopped.wait()   # today's peer: keep the tunnels up, exit 0
