@@ -255,7 +255,13 @@ class Member:
             self.routes.remove(route)
 
     def remove_pushed(self, spi_in: int) -> None:
-        self._remove(spi_in)
+        """The IKE SA owner deleted a child we carry (no notices back but the
+        route: the owner already told the backup)."""
+        route = self.by_spi.pop(spi_in, None)
+        if route is not None:
+            if route in self.routes:
+                self.routes.remove(route)
+            self.notices.append(RouteDel(spi_in))
 
     def _install_local(self, ike_id: int, name: str, spi_in: int, spi_out: int,
                        transform: str, esn: bool, keymat_in: bytes, keymat_out: bytes,
@@ -281,16 +287,20 @@ class Member:
         self.notices.append(RouteAdd(spi_in, self.member_id, local_ts, remote_ts))
 
     def _remove(self, spi_in: int) -> None:
-        target = self.placed.pop(spi_in, None)
-        if target is not None:
-            self.notices.append(ChildDelete(spi_in, spi_in))
-            return
+        self.placed.pop(spi_in, None)
         route = self.by_spi.pop(spi_in, None)
         if route is None:
+            # Carried by another member (placed there, or we took the IKE SA
+            # over and never knew where): the carrier and its backup drop it.
+            if self.owner_of_esp is not None:
+                self.notices.append(ChildDelete(spi_in, spi_in))
             return
         if route in self.routes:
             self.routes.remove(route)
         self.notices.append(RouteDel(spi_in))
+        if self.owner_of_esp is not None:
+            # ... and the backup drops its replica.
+            self.notices.append(ChildDelete(spi_in, spi_in))
 
     # -- ESP --------------------------------------------------------------------
 
