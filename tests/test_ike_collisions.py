@@ -15,7 +15,15 @@ from common.ike.events import (
 from common.ike.message import decode_message
 from common.ike.payloads import NoncePayload
 from common.ike.sa import IkeState
-from tests.ike_pair import Pair, assert_children_agree, esp_carries, make_pair, nonce, script_nonces
+from tests.ike_pair import (
+    Pair,
+    assert_children_agree,
+    esp_carries,
+    make_pair,
+    nonce,
+    other,
+    script_nonces,
+)
 
 #: Which of the four nonces is the lowest: a's request (Ni of a's exchange),
 #: b's answer to it (Nr of a's exchange), b's request, a's answer.
@@ -224,24 +232,37 @@ def test_child_rekey_while_ike_rekey() -> None:
     assert p.dpd_ok("a") and p.dpd_ok("b")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "IKE rekey collision where one request is lost and retransmitted after the "
-    "other exchange completed: the two sides end with different IKE SAs "
-    "(found by test_random_interleavings); not fixed yet"))
-def test_ike_rekey_collision_with_lost_request() -> None:
+@pytest.mark.parametrize("lost", ["a", "b"])
+@pytest.mark.parametrize("delete_lost", [False, True])
+def test_ike_rekey_collision_with_lost_request(lost: str, delete_lost: bool) -> None:
+    """§2.8.2 with one request lost: the other rekey completes first and the
+    peer deletes the old SA, while the lost one is retransmitted. The side
+    whose request was lost holds the peer's new SA (created when it answered)
+    and must move its children there, not lose them with the old SA. With
+    ``delete_lost``, the retransmit gets TEMPORARY_FAILURE before the delete
+    arrives."""
     p = established()
-    p.a.rekey_ike(p.ike_id("a"), p.now)
-    p.b.rekey_ike(p.ike_id("b"), p.now)
+    won = other(lost)
+    p.engine(lost).rekey_ike(p.ike_id(lost), p.now)
+    p.engine(won).rekey_ike(p.ike_id(won), p.now)
     # CREATE_CHILD_SA SK { SA(IKE), Ni, KEi } -->   (lost)
-    p.pending("a")
-    #                  <-- CREATE_CHILD_SA SK { SA(IKE), Ni, KEi }
-    [req_b] = p.pending("b")
-    p.deliver("b", req_b.data, req_b)
-    p.drain()
+    p.pending(lost)
+    #                  <-- CREATE_CHILD_SA SK { SA(IKE), Nr, KEr }
+    [req] = p.pending(won)
+    p.deliver(won, req.data, req)
+    # CREATE_CHILD_SA SK { SA(IKE), Nr, KEr } -->   (the answer)
+    p.step(lost)
+    # (the winner's rekey is done: it deletes the old SA)
+    assert [sa.state for sa in p.engine(won).by_id.values()].count(IkeState.DELETING) == 1
+    if delete_lost:
+        #                  <-- INFORMATIONAL(old) SK { D(IKE) }   (lost)
+        p.pending(won)
     # retransmits, deletes, DPDs
     p.advance(120.0)
     spis_a = {(sa.spi_i, sa.spi_r) for sa in p.a.by_id.values() if sa.established}
     spis_b = {(sa.spi_i, sa.spi_r) for sa in p.b.by_id.values() if sa.established}
     assert spis_a == spis_b and len(spis_a) == 1
+    assert len(p.live("a")) == 2
     assert_children_agree(p)
+    assert not p.of(lost, ChildSaDeleted) and not p.of(won, ChildSaDeleted)
     assert p.dpd_ok("a") and p.dpd_ok("b")

@@ -74,6 +74,24 @@ def move_children(old: IkeSa, new: IkeSa, now: float) -> None:
              new.spi_i.hex(), new.spi_r.hex())
 
 
+def peer_rekey_won(sa: IkeSa, now: float) -> None:
+    """RFC 7296 §2.8.2 collision where our request was lost or refused: the
+    peer's rekey completed without seeing ours, so its new SA is the one, and
+    the answer to ours will never come. The children go to the peer's new SA
+    instead of dying with the old one when the peer deletes it."""
+    from common.ike.sa import IkeState
+
+    if sa.peer_rekey is None:
+        return
+    _, _, theirs = sa.peer_rekey
+    sa.peer_rekey = None
+    if theirs.terminal or sa.state is not IkeState.ESTABLISHED:
+        return
+    log.info("IKE SA %d: the peer's rekey into %d completed first", sa.ike_id, theirs.ike_id)
+    move_children(sa, theirs, now)
+    theirs.kick(now)
+
+
 @dataclass(slots=True)
 class IkeRekeyTask:
     exchange = ExchangeType.CREATE_CHILD_SA
@@ -106,6 +124,10 @@ class IkeRekeyTask:
                           first=True)
             return
         errors = [n for n in msg.get_all(NotifyPayload) if n.notify_type.is_error]
+        if errors and sa.peer_rekey is not None:
+            # Refused because the peer's own rekey (which we answered) is done.
+            peer_rekey_won(sa, now)
+            return
         if errors:
             log.info("IKE SA %d: rekey refused (%s), retrying later", sa.ike_id,
                      errors[0].notify_type.name)

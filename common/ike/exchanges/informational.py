@@ -181,6 +181,10 @@ def handle_delete(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     answer: list[bytes] = []
     for d in msg.get_all(DeletePayload):
         if d.protocol == ProtocolId.IKE:
+            if sa.peer_rekey is not None:
+                # §2.8.2: the peer deletes the old SA only when its new one won.
+                from common.ike.exchanges.ike_rekey import peer_rekey_won
+                peer_rekey_won(sa, now)
             ike_gone(sa, "deleted by peer")
             return []
         if d.protocol != ProtocolId.ESP:
