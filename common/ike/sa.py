@@ -249,7 +249,7 @@ class IkeSa:
             return
         log.warning("IKE SA %d (%s) with %s failed: %s", self.ike_id, self.name,
                     self.remote[0], reason)
-        self.state = IkeState.FAILED
+        self.apply(IkeInput.FAILED)
         self.ctx.events.append(IkeSaFailed(self.ike_id, self.name, self.remote, reason))
         self._drop_children(reason)
 
