@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import LocalProtocolError
+from common.ike.child import ChildInput, ChildState
 from common.ike.events import IkeSaFailed
 from common.ike.sa import IKE_TRANSITIONS, IkeInput, IkeState
 from tests.ike_pair import make_pair
@@ -37,3 +38,13 @@ def test_fail_on_a_terminal_sa_is_a_no_op() -> None:
     sa.fail("second")
     p.drain()
     assert [e.reason for e in p.of("a", IkeSaFailed)] == ["first"]
+
+
+def test_unknown_child_transition_ends_the_child() -> None:
+    p = make_pair()
+    p.establish("a")
+    c = p.child_named("a", "net")
+    c.apply(ChildInput.DELETE_STARTED)
+    with pytest.raises(LocalProtocolError):
+        c.apply(ChildInput.REKEY_STARTED)  # (DELETING, REKEY_STARTED): no row
+    assert c.state is ChildState.DELETED

@@ -70,8 +70,11 @@ class ChildSa:
     def apply(self, event: ChildInput) -> None:
         nxt = CHILD_TRANSITIONS.get((self.state, event))
         if nxt is None:
+            # A bug in the core: end the child (terminal state), then raise.
+            old = self.state
+            self.state = ChildState.DELETED
             raise LocalProtocolError(
-                f"child {self.name} {self.spi_in:08x}: {event.name} in state {self.state.name}")
+                f"child {self.name} {self.spi_in:08x}: {event.name} in state {old.name}")
         self.state = nxt
 
     @property
