@@ -44,6 +44,11 @@ class ReplayError(RemoteProtocolError):
     anti-replay window (RFC 4303 §3.4.3)."""
 
 
+class PeerTimeout(IpsecClusterError):
+    """The peer stopped answering: neither it nor our caller broke the protocol,
+    but the exchange (and with it the SA) is dead (RFC 7296 §2.4)."""
+
+
 class LocalProtocolError(IpsecClusterError):
     """Our own caller used an API wrongly (a bug on our side, not the peer's)."""
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import LocalProtocolError
+from common.errors import IpsecClusterError, LocalProtocolError, PeerTimeout
 from common.ike.child import ChildInput, ChildState
 from common.ike.events import IkeSaFailed
+from common.ike.msgid import MessageIds, RetransmitPolicy, RetransmitsExhausted
 from common.ike.sa import IKE_TRANSITIONS, IkeInput, IkeState
 from tests.ike_pair import make_pair
 
@@ -48,3 +49,12 @@ def test_unknown_child_transition_ends_the_child() -> None:
     with pytest.raises(LocalProtocolError):
         c.apply(ChildInput.REKEY_STARTED)  # (DELETING, REKEY_STARTED): no row
     assert c.state is ChildState.DELETED
+
+
+def test_retransmits_exhausted_is_in_the_exception_tree() -> None:
+    mids = MessageIds(policy=RetransmitPolicy(timeout_s=1.0, base=1.0, tries=0))
+    mids.sent_request(mids.take_request_id(), b"request", 0.0)
+    with pytest.raises(RetransmitsExhausted) as info:
+        mids.retransmit_due(1.0)
+    assert isinstance(info.value, PeerTimeout)
+    assert isinstance(info.value, IpsecClusterError)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from common.errors import PeerTimeout
+
 
 class RequestVerdict(Enum):
     NEW = auto()         # process it
@@ -102,7 +104,7 @@ class MessageIds:
         self.recv_next = mid + 1
 
 
-class RetransmitsExhausted(Exception):
+class RetransmitsExhausted(PeerTimeout):
     """Our request got no answer after every retransmission (RFC 7296 §2.4)."""
 
     def __init__(self, mid: int) -> None:
