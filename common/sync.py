@@ -193,10 +193,12 @@ def _pull_str(r: Reader) -> str:
 
 
 def _push_int(w: Writer, v: int, width: int = 64) -> None:
-    """Unsigned int of up to ``width`` bits, as a length-prefixed big-endian blob."""
+    """Unsigned int of up to ``width`` bits, as a length-prefixed big-endian
+    blob of as few bytes as it needs (a replay bitmap of a 64K-bit window is
+    not sent as 8 KB of zeros; the reader takes any length up to ``width``)."""
     if v < 0 or v.bit_length() > width:
         raise ValueError(f"{v} does not fit {width} bits")
-    _push_blob(w, v.to_bytes((width + 7) // 8, "big"))
+    _push_blob(w, v.to_bytes((v.bit_length() + 7) // 8, "big"))
 
 
 def _pull_int(r: Reader, width: int = 64) -> int:
