@@ -431,11 +431,23 @@ class Replicator:
             self.send(owner, RekeyChild(cs.ike_spi, cs.spi_in))
 
     def push_replica(self, push: ChildPush) -> None:
-        """A child placed in a segment we back up: keep it as a replica."""
+        """A child placed in a segment we back up: keep it as a replica.
+
+        When the IKE SA owner carries the child itself, its ``ChildState``
+        (sync) comes before this push (relay) on the same path: that one is
+        kept, it may already carry counters. Either way the replica names the
+        IKE SA (``ike_spi``), so that a new carrier can ask for a rekey."""
+        old = self.child_replicas.get(push.spi_in)
+        if old is not None and old.spi_out == push.spi_out:
+            if not old.ike_spi and push.ike_spi:
+                from dataclasses import replace
+
+                self.child_replicas[push.spi_in] = replace(old, ike_spi=push.ike_spi)
+            return
         self.child_replicas[push.spi_in] = ChildState(
             push.spi_in, push.spi_out, push.name, push.transform, push.esn, push.keymat_in,
             push.keymat_out, push.local_ts, push.remote_ts, push.remote_ip, push.remote_port,
-            b"", 1, self.member.replay_window, 0, 0)
+            push.ike_spi, 1, self.member.replay_window, 0, 0)
 
 
 def _with_counters(cs: ChildState, c: EspCounter) -> ChildState:
