@@ -8,10 +8,12 @@ import pytest
 
 from common.errors import IpsecClusterError, LocalProtocolError, PeerTimeout
 from common.ike.child import ChildInput, ChildState
-from common.ike.events import IkeSaFailed
+from common.ike.constants import ExchangeType
+from common.ike.events import DpdSucceeded, IkeSaDeleted, IkeSaFailed
+from common.ike.message import decode_header
 from common.ike.msgid import MessageIds, RetransmitPolicy, RetransmitsExhausted
 from common.ike.sa import IKE_TRANSITIONS, IkeInput, IkeState
-from tests.ike_pair import make_pair
+from tests.ike_pair import Pair, assert_children_agree, make_pair
 
 
 def test_fail_goes_through_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,3 +60,71 @@ def test_retransmits_exhausted_is_in_the_exception_tree() -> None:
         mids.retransmit_due(1.0)
     assert isinstance(info.value, PeerTimeout)
     assert isinstance(info.value, IpsecClusterError)
+
+
+# -- actions on IKE SAs that are not (or no longer) established -------------------------
+
+
+def _half_open() -> Pair:
+    p = make_pair()
+    p.initiate("a")
+    # IKE_SA_INIT { SAi1, KEi, Ni } -->
+    p.step("a")
+    assert p.sa("b").state is IkeState.HALF_OPEN
+    return p
+
+
+def test_actions_on_half_open_responder_wait_for_ike_auth() -> None:
+    p = _half_open()
+    sa_b = p.sa("b")
+    p.b.dpd(sa_b.ike_id, p.now)
+    p.b.create_child(sa_b.ike_id, "ctr", p.now)
+    # Nothing goes to a peer that is not authenticated yet...
+    [init_answer] = p.pending("b")
+    assert decode_header(init_answer.data).exchange == ExchangeType.IKE_SA_INIT
+    p.deliver("b", init_answer.data, init_answer)
+    # IKE_AUTH { IDi, AUTH, SAi2, TSi, TSr } -->   <-- IKE_AUTH { IDr, AUTH, ... }
+    # ...then the queued DPD and CREATE_CHILD_SA run.
+    p.flush()
+    assert sa_b.state is IkeState.ESTABLISHED
+    assert p.of("b", DpdSucceeded)
+    assert len(p.live("b")) == 3
+    assert_children_agree(p)
+
+
+def test_actions_on_initiator_queue_behind_ike_auth() -> None:
+    p = make_pair(extra_children=False)
+    ike_id = p.initiate("a")
+    p.a.dpd(ike_id, p.now)
+    p.flush()
+    assert p.of("a", DpdSucceeded) and p.sa("a").state is IkeState.ESTABLISHED
+
+
+def test_delete_ike_before_established_ends_it_locally() -> None:
+    p = _half_open()
+    sa_b = p.sa("b")
+    p.b.delete_ike(sa_b.ike_id, p.now)
+    p.drain()
+    assert [e.ike_id for e in p.of("b", IkeSaDeleted)] == [sa_b.ike_id]
+    assert sa_b.state is IkeState.DELETED and not p.b.by_id
+    assert [decode_header(o.data).exchange for o in p.pending("b")] == \
+        [ExchangeType.IKE_SA_INIT]
+
+
+@pytest.mark.parametrize("action", ["dpd", "rekey_ike", "create_child", "rekey_child",
+                                    "delete_child"])
+def test_actions_on_deleting_sa_refused(action: str) -> None:
+    p = make_pair()
+    p.establish("a")
+    sa = p.sa("a")
+    spi = p.child_named("a", "net").spi_in
+    p.a.delete_ike(sa.ike_id, p.now)
+    p.pending("a")
+    assert sa.state is IkeState.DELETING
+    args: dict[str, tuple[object, ...]] = {"create_child": ("ctr",), "rekey_child": (spi,),
+                                           "delete_child": (spi,)}
+    with pytest.raises(LocalProtocolError):
+        getattr(p.a, action)(sa.ike_id, *args.get(action, ()), p.now)
+    assert sa.state is IkeState.DELETING and not p.pending("a")
+    p.a.delete_ike(sa.ike_id, p.now)  # already under way: nothing more
+    assert not p.pending("a")

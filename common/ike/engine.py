@@ -28,6 +28,7 @@ from common.ike.exchanges.informational import (
     DpdTask,
     IkeDeleteTask,
     MidSyncTask,
+    ike_gone,
 )
 from common.ike.message import decode_header, decode_message
 from common.ike.policy import IkePolicy
@@ -44,6 +45,11 @@ from common.rand import RandomBytes
 from common.sync import IkeSaState
 
 log = logging.getLogger("ipsec_cluster.ike")
+
+#: States in which actions are taken: established, or on the way there (the
+#: task then waits for IKE_AUTH). REKEYED and DELETING SAs take no new work.
+_ACTION_STATES = frozenset({IkeState.INIT_SENT, IkeState.AUTH_SENT, IkeState.HALF_OPEN,
+                            IkeState.ESTABLISHED})
 
 
 class IkeEngine:
@@ -133,6 +139,9 @@ class IkeEngine:
 
     # -- bookkeeping ------------------------------------------------------------------
 
+    def _touch(self, sa: IkeSa) -> None:
+        """``sa`` changed outside receive_datagram/handle_timer."""
+
     def _index(self, sa: IkeSa) -> None:
         self.sas[sa.spi_i if sa.initiator else sa.spi_r] = sa
         self.by_id[sa.ike_id] = sa
@@ -187,29 +196,61 @@ class IkeEngine:
         sa.kick(now)
         return sa.ike_id
 
-    def create_child(self, ike_id: int, child_name: str, now: float) -> None:
+    def _for_action(self, ike_id: int, action: str) -> IkeSa:
+        """The IKE SA an action is for, refused (LocalProtocolError, nothing
+        done) unless it is established or on its way there: before IKE_AUTH
+        completes, the task waits in the queue (``IkeSa.kick`` holds it)."""
         sa = self.get(ike_id)
+        if sa.state not in _ACTION_STATES:
+            raise LocalProtocolError(f"IKE SA {ike_id}: {action} in state {sa.state.name}")
+        return sa
+
+    def create_child(self, ike_id: int, child_name: str, now: float) -> None:
+        sa = self._for_action(ike_id, "create_child")
         if sa.policy is None or child_name not in sa.policy.children:
             raise LocalProtocolError(f"IKE SA {ike_id} has no child config {child_name!r}")
         sa.queue_task(ChildCreateTask(sa.policy.children[child_name]), now)
+        self._touch(sa)
 
     def rekey_child(self, ike_id: int, spi_in: int, now: float) -> None:
-        self.get(ike_id).queue_task(ChildRekeyTask(spi_in), now)
+        sa = self._for_action(ike_id, "rekey_child")
+        sa.queue_task(ChildRekeyTask(spi_in), now)
+        self._touch(sa)
 
     def rekey_ike(self, ike_id: int, now: float) -> None:
-        self.get(ike_id).queue_task(IkeRekeyTask(), now)
+        sa = self._for_action(ike_id, "rekey_ike")
+        sa.queue_task(IkeRekeyTask(), now)
+        self._touch(sa)
 
     def delete_child(self, ike_id: int, spi_in: int, now: float) -> None:
-        self.get(ike_id).queue_task(ChildDeleteTask([spi_in]), now)
+        sa = self._for_action(ike_id, "delete_child")
+        sa.queue_task(ChildDeleteTask([spi_in]), now)
+        self._touch(sa)
 
     def delete_ike(self, ike_id: int, now: float) -> None:
-        self.get(ike_id).queue_task(IkeDeleteTask(), now)
+        """Delete the IKE SA with the peer. Before it is established there is
+        nobody authenticated to tell: it just ends here (IkeSaDeleted)."""
+        sa = self.get(ike_id)
+        if sa.terminal or sa.state is IkeState.DELETING:
+            return
+        if sa.state in _ACTION_STATES and sa.state is not IkeState.ESTABLISHED:
+            ike_gone(sa, "deleted before it was established")
+        else:
+            sa.queue_task(IkeDeleteTask(), now)
+        self._touch(sa)
+        self._housekeeping()
 
     def dpd(self, ike_id: int, now: float) -> None:
-        self.get(ike_id).queue_task(DpdTask(), now)
+        sa = self._for_action(ike_id, "dpd")
+        sa.queue_task(DpdTask(), now)
+        self._touch(sa)
 
     def mid_sync(self, ike_id: int, now: float, margin: int = 0) -> None:
-        self.get(ike_id).queue_task(MidSyncTask(margin), now, first=True)
+        sa = self.get(ike_id)
+        if not sa.established:
+            raise LocalProtocolError(f"IKE SA {ike_id}: mid_sync in state {sa.state.name}")
+        sa.queue_task(MidSyncTask(margin), now, first=True)
+        self._touch(sa)
 
     # -- failover (RFC 6027 §3.2-3.6) ---------------------------------------------------
 

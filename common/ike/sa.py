@@ -293,7 +293,11 @@ class IkeSa:
         self.kick(now)
 
     def kick(self, now: float) -> None:
-        """Send the next queued request if none is in flight."""
+        """Send the next queued request if none is in flight. A responder
+        sends nothing before IKE_AUTH made the SA ESTABLISHED (the peer is not
+        authenticated yet); queued tasks wait until then."""
+        if self.state is IkeState.HALF_OPEN:
+            return
         while self.active is None and self.queue and not self.terminal:
             task = self.queue.popleft()
             payloads = task.build(self, now)
