@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
+from common.ike.child import ChildState
+from common.ike.constants import NotifyType
 from common.ike.events import (
     ChildSaDeleted,
     ChildSaInstalled,
     IkeSaDeleted,
     IkeSaRekeyed,
 )
-from common.ike.message import decode_message
+from common.ike.message import decode_header, decode_message
 from common.ike.payloads import NoncePayload
 from common.ike.sa import IkeState
 from tests.ike_pair import (
@@ -265,4 +267,40 @@ def test_ike_rekey_collision_with_lost_request(lost: str, delete_lost: bool) -> 
     assert len(p.live("a")) == 2
     assert_children_agree(p)
     assert not p.of(lost, ChildSaDeleted) and not p.of(won, ChildSaDeleted)
+    assert p.dpd_ok("a") and p.dpd_ok("b")
+
+
+@pytest.mark.parametrize("ini", ["a", "b"])
+def test_child_rekey_refused_after_peer_rekey_of_same_child(ini: str) -> None:
+    """§2.8.1 where the peer's rekey of the child completes before ours
+    arrives: ours is refused (TEMPORARY_FAILURE). The child was replaced by
+    the peer's exchange; the collision record must not outlive our rekey."""
+    p = established()
+    peer = other(ini)
+    old = p.child_named(ini, "net")
+    p.engine(ini).rekey_child(p.ike_id(ini), old.spi_in, p.now)
+    # CREATE_CHILD_SA SK { N(REKEY_SA), SA, Ni, TSi, TSr } -->   (held back)
+    [ours] = p.pending(ini)
+    p.engine(peer).rekey_child(p.ike_id(peer), old.spi_out, p.now)
+    #              <-- CREATE_CHILD_SA SK { N(REKEY_SA), SA, Ni, TSi, TSr }
+    p.step(peer)
+    assert old.peer_rekey_child is not None
+    # CREATE_CHILD_SA SK { SA, Nr, TSi, TSr } -->   (the peer's rekey is done)
+    p.step(ini)
+    # CREATE_CHILD_SA (ours, late) -->   <-- N(TEMPORARY_FAILURE)
+    # (the peer's INFORMATIONAL { D(ESP, old) } is held back meanwhile)
+    p.deliver(ini, ours.data, ours)
+    out = p.pending(peer)
+    [refusal] = [o for o in out if decode_header(o.data).is_response]
+    [delete] = [o for o in out if not decode_header(o.data).is_response]
+    assert decode_message(refusal.data, p.sa(ini).sk_in).has_notify(
+        NotifyType.TEMPORARY_FAILURE)
+    p.deliver(peer, refusal.data, refusal)
+    assert old.state is ChildState.REKEYED
+    assert old.peer_rekey_nonces is None and old.peer_rekey_child is None
+    #              <-- INFORMATIONAL SK { D(ESP, old) }
+    p.deliver(peer, delete.data, delete)
+    p.flush()
+    assert len(p.live("a")) == 2 and old.spi_in not in p.live(ini)
+    assert_children_agree(p)
     assert p.dpd_ok("a") and p.dpd_ok("b")

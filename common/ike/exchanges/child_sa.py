@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ipsec_cluster.ike")
 
+#: a refused child rekey is tried again this much later
+REKEY_RETRY_S = 10.0
+
 
 class ChildRefused(RemoteProtocolError):
     """A child SA request we answer with an error notify (the IKE SA lives on)."""
@@ -335,7 +338,7 @@ class ChildRekeyTask:
                 self.offer.release()
             return
         retry = _invalid_ke_retry(msg, self.offer)
-        if retry is not None and self.group is None:
+        if retry is not None and self.group is None and old.peer_rekey_child is None:
             self.offer.release()
             old.apply(ChildInput.REKEY_ABORTED)
             sa.queue_task(ChildRekeyTask(self.spi_in, retry), now, first=True)
@@ -343,8 +346,7 @@ class ChildRekeyTask:
         new = finish_initiated_child(sa, self.offer, msg, now, in_auth=False)
         if new is None:
             if old.state is ChildState.REKEYING:
-                old.apply(ChildInput.REKEY_ABORTED)
-                old.rekey_at = now + 10.0  # try again later (e.g. TEMPORARY_FAILURE)
+                _rekey_aborted(old, now)
             return
         if old.peer_rekey_nonces is not None:
             ours = (self.offer.ni, msg.get(NoncePayload).data)  # type: ignore[union-attr]
@@ -363,6 +365,24 @@ class ChildRekeyTask:
     def failed(self, sa: IkeSa, now: float) -> None:
         if self.offer is not None:
             self.offer.release()
+        old = sa.children.get(self.spi_in)
+        if old is not None and old.state is ChildState.REKEYING:
+            _rekey_aborted(old, now)
+
+
+def _rekey_aborted(old: ChildSa, now: float) -> None:
+    """Our rekey of ``old`` failed. If the peer's rekey of the same child
+    went through meanwhile (§2.8.1, we answered it), the child is replaced and
+    the peer deletes it; otherwise it goes on and is rekeyed again later. The
+    collision bookkeeping goes either way: a stale record would decide a
+    later rekey of this child by nonces of an exchange long done."""
+    if old.peer_rekey_child is not None:
+        old.apply(ChildInput.REPLACED)
+    else:
+        old.apply(ChildInput.REKEY_ABORTED)
+        old.rekey_at = now + REKEY_RETRY_S  # try again later (e.g. TEMPORARY_FAILURE)
+    old.peer_rekey_nonces = None
+    old.peer_rekey_child = None
 
 
 def handle_new_child(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
