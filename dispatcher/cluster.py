@@ -89,6 +89,8 @@ class MemberInfo:
     host: str = ""
     last_seen: float = 0.0
     alive: bool = True
+    #: heartbeats after it was declared dead were logged (once per incarnation)
+    back_logged: bool = False
     counters: dict[str, int] = field(default_factory=dict)
     tx: StreamSeq = field(default_factory=StreamSeq)
     rx: StreamSeq = field(default_factory=StreamSeq)
@@ -268,6 +270,12 @@ class Dispatcher:
         lost = info.rx.check(seq)
         if lost > 0:
             info.gaps += lost
+        if not info.alive and not isinstance(msg, Heartbeat):
+            # Declared dead: its segments have a new owner, so whatever this
+            # incarnation still says (IKE, ESP, routes) would be a second
+            # sender for the same SAs (RFC 6027 §3.7). It must rejoin anew.
+            self.drops["dead_member"] += 1
+            return
         if isinstance(msg, DatagramOut):
             for d in msg.datagrams:
                 sock = self.udp.get(d.local_port)
@@ -290,8 +298,10 @@ class Dispatcher:
         elif isinstance(msg, Heartbeat):
             info.last_seen = time.monotonic()
             info.counters = dict(msg.counters)
-            if not info.alive:
-                log.warning("member %d is back", info.member_id)
+            if not info.alive and not info.back_logged:
+                info.back_logged = True
+                log.warning("member %d (pid %d) is back after being declared dead; its "
+                            "output is ignored until it rejoins", info.member_id, info.pid)
         elif isinstance(msg, RouteAdd):
             self.routes.add(msg.child_id, msg.local_ts, msg.remote_ts, msg.member)
             self.route_info[msg.child_id] = RouteInfo(msg.member, msg.local_ts, msg.remote_ts)
