@@ -76,6 +76,16 @@ class Supervisor:
         while not self.stopping:
             await asyncio.sleep(0.2)
             for member_id, proc in list(self.procs.items()):
+                info = self.dispatcher.members.get(member_id)
+                if (info is not None and not info.alive and info.pid == proc.pid
+                        and proc.poll() is None):
+                    # Declared dead but still running (stalled, not crashed):
+                    # its segments moved on; end this incarnation so that it
+                    # rejoins as a new one (new IV sender id, DESIGN.md).
+                    log.warning("member %d (pid %d) was declared dead but still runs; "
+                                "restarting it", member_id, proc.pid)
+                    proc.kill()
+                    proc.wait()
                 if proc.poll() is not None and not self.stopping:
                     log.warning("member %d (pid %d) exited with %s; starting it again",
                                 member_id, proc.pid, proc.returncode)
