@@ -304,3 +304,22 @@ def test_child_rekey_refused_after_peer_rekey_of_same_child(ini: str) -> None:
     assert len(p.live("a")) == 2 and old.spi_in not in p.live(ini)
     assert_children_agree(p)
     assert p.dpd_ok("a") and p.dpd_ok("b")
+
+
+@pytest.mark.parametrize("lowest", LOWEST)
+def test_ike_rekey_collision_new_sas_not_due_for_dpd(lowest: str) -> None:
+    """Every IKE SA a rekey creates has heard from the peer when it is made:
+    the one that loses the collision is not due for DPD at once."""
+    p = established()
+    p.now = 1000.0
+    na, nb = scripted(lowest)
+    script_nonces(p.a, *na)
+    script_nonces(p.b, *nb)
+    old = {p.sa("a").ike_id, p.sa("b").ike_id}
+    p.a.rekey_ike(p.ike_id("a"), p.now)
+    p.b.rekey_ike(p.ike_id("b"), p.now)
+    # CREATE_CHILD_SA (a) -->   <-- CREATE_CHILD_SA (b), answers crossing
+    cross(p)
+    new = [sa for e in (p.a, p.b) for sa in e.by_id.values() if sa.ike_id not in old]
+    assert len(new) == 4
+    assert all(sa.last_heard == p.now for sa in new)

@@ -35,7 +35,7 @@ RETRY_AFTER_S = 10.0
 
 
 def _successor(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, chosen: Proposal,
-               ni: bytes, nr: bytes, shared: bytes) -> IkeSa:
+               ni: bytes, nr: bytes, shared: bytes, now: float) -> IkeSa:
     from common.ike.sa import IkeSa, IkeState
 
     if old.suite is None or old.keys is None:
@@ -44,6 +44,9 @@ def _successor(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, chose
     new = IkeSa(old.ctx, initiator=initiator, spi_i=spi_i, spi_r=spi_r, remote=old.remote,
                 local_port=old.local_port, state=IkeState.ESTABLISHED, policy=old.policy)
     new.ni, new.nr = ni, nr
+    # Just heard from the peer: a new SA that loses a collision (and never gets
+    # children) must not be due for DPD at once.
+    new.created_at = new.last_heard = now
     new.peer_id = old.peer_id
     new.peer_mid_sync = old.peer_mid_sync
     new.on_response = old.on_response
@@ -134,7 +137,7 @@ class IkeRekeyTask:
             sa.rekey_at = now + RETRY_AFTER_S
             return
         try:
-            new = self._complete(sa, msg)
+            new = self._complete(sa, msg, now)
         except (RemoteProtocolError, ValueError) as exc:
             log.warning("IKE SA %d: bad IKE rekey answer: %s", sa.ike_id, exc)
             sa.rekey_at = now + RETRY_AFTER_S
@@ -156,7 +159,7 @@ class IkeRekeyTask:
         sa.queue_task(IkeDeleteTask("rekeyed"), now)
         new.kick(now)
 
-    def _complete(self, sa: IkeSa, msg: IkeMessage) -> IkeSa:
+    def _complete(self, sa: IkeSa, msg: IkeMessage, now: float) -> IkeSa:
         if sa.policy is None or self.dh is None:
             raise RemoteProtocolError("no rekey in progress")
         sa_p, ke, nonce = msg.get(SaPayload), msg.get(KePayload), msg.get(NoncePayload)
@@ -170,7 +173,7 @@ class IkeRekeyTask:
             raise RemoteProtocolError("KE group differs from the one we sent")
         shared = self.dh.shared_secret(ke.data)
         return _successor(sa, initiator=True, spi_i=self.spi, spi_r=chosen.spi, chosen=chosen,
-                          ni=self.ni, nr=nonce.data, shared=shared)
+                          ni=self.ni, nr=nonce.data, shared=shared, now=now)
 
     def failed(self, sa: IkeSa, now: float) -> None:
         pass
@@ -201,7 +204,7 @@ def handle_ike_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     spi_r = sa.ctx.spis.allocate_ike()
     nr = sa.nonce()
     new = _successor(sa, initiator=False, spi_i=chosen.spi, spi_r=spi_r, chosen=chosen,
-                     ni=nonce.data, nr=nr, shared=shared)
+                     ni=nonce.data, nr=nr, shared=shared, now=now)
     ours_in_flight = isinstance(sa.active, IkeRekeyTask)
     if ours_in_flight:
         sa.peer_rekey = (nonce.data, nr, new)
