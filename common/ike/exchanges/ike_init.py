@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError, RemoteProtocolError
@@ -69,15 +69,22 @@ class IkeInitTask:
     group: DhId = DhId.NONE
     cookie: bytes = b""
     retries: int = 0
+    nat: list[Payload] = field(default_factory=list)
 
     def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
         if sa.policy is None:
             return None
         if self.group == DhId.NONE:
             self.group = first_group(sa.policy.proposals)
-        sa.dh = dh_generate(self.group, sa.ctx.random)
+        # RFC 7296 §2.6: a retry after COOKIE is the same request with the
+        # cookie in front: same KE value, nonce and NAT hashes. Only an
+        # INVALID_KE_PAYLOAD retry (another group) needs a new KE value.
+        if sa.dh is None or sa.dh.group != self.group:
+            sa.dh = dh_generate(self.group, sa.ctx.random)
         if not sa.ni:
             sa.ni = sa.nonce()
+        if not self.nat:
+            self.nat = nat_payloads(sa.ctx, sa.spi_i, ZERO_SPI, sa.remote)
         payloads: list[Payload] = []
         if self.cookie:
             # RFC 7296 §2.6: the COOKIE notify comes first.
@@ -87,7 +94,7 @@ class IkeInitTask:
             KePayload(self.group, sa.dh.public),
             NoncePayload(sa.ni),
         ]
-        payloads += nat_payloads(sa.ctx, sa.spi_i, ZERO_SPI, sa.remote)
+        payloads += self.nat
         return payloads
 
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
