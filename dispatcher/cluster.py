@@ -73,6 +73,9 @@ UDP_RCVBUF = 8 << 20
 #: autobalance: one step every so often; a segment moves this long after its
 #: future owner became its backup (time for the bulk transfer); segments per step
 AUTOBALANCE_STEP_S = 0.25
+#: how long the dispatcher waits for ``expect_members`` before it starts with
+#: whoever came (member processes take a few seconds to start on a loaded host)
+STARTUP_WAIT_S = 20.0
 PREPARE_S = 1.0
 JOIN_BATCH = 32
 #: ZAP domain of the members endpoint (the authenticator's certificates are
@@ -413,7 +416,7 @@ class Dispatcher:
                     continue
                 self._send(info, Heartbeat(0, info.sender_id, os.getpid(), self.table.epoch,
                                            loads))
-            if not self.table.members and self.members and now - started > 5.0:
+            if not self.table.members and self.members and now - started > STARTUP_WAIT_S:
                 # Not everyone came: start with whoever is here.
                 self._assign(sorted(m for m, i in self.members.items() if i.alive))
             if self.balancing and now - self._last_balance >= AUTOBALANCE_STEP_S:

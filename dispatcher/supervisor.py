@@ -139,7 +139,18 @@ class Supervisor:
                 t.cancel()
             self._stop_members()
             self.dispatcher.close()
+            self._remove_run_dir()
         return 0
+
+    def _remove_run_dir(self) -> None:
+        """Our sockets go with us (not a configured ``control`` folder)."""
+        if self.config.cluster.control:
+            return
+        for name in ("control.ipc", "members.ipc"):
+            with contextlib.suppress(OSError):
+                (self.dir / name).unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
     def stop(self) -> None:
         self.stopping = True
