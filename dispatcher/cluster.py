@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import ipaddress
 import json
 import logging
 import os
@@ -158,6 +157,8 @@ class Dispatcher:
         kind = PortKind.of_port(port)
         table = self.table
         members = self.members
+        family = sock.family
+        received = 0
         for _ in range(READ_BURST):
             try:
                 data, addr = sock.recvfrom(65535)
@@ -166,8 +167,9 @@ class Dispatcher:
             except OSError:
                 self.drops["udp_error"] += 1
                 break
-            self.counters["udp_in"] += 1
-            peer_ip = ipaddress.ip_address(addr[0]).packed
+            received += 1
+            # (inet_pton: ~0.25 us; ipaddress.ip_address(...).packed: ~2-6 us)
+            peer_ip = socket.inet_pton(family, addr[0].split("%", 1)[0])
             try:
                 route = route_datagram(kind, data, peer_ip, addr[1], table)
             except MalformedMessage:
@@ -184,6 +186,7 @@ class Dispatcher:
                 self.drops["member_queue_full"] += 1
                 continue
             info.datagrams.append(Datagram(port, peer_ip, addr[1], data))
+        self.counters["udp_in"] += received
         self._flush()
 
     def _inner(self, packet: bytes) -> None:
@@ -280,24 +283,31 @@ class Dispatcher:
             self.drops["dead_member"] += 1
             return
         if isinstance(msg, DatagramOut):
+            sent = 0
             for d in msg.datagrams:
                 sock = self.udp.get(d.local_port)
                 if sock is None:
                     self.drops["no_socket"] += 1
                     continue
+                ip = d.peer_ip
                 try:
-                    sock.sendto(d.payload, (str(ipaddress.ip_address(d.peer_ip)), d.peer_port))
-                    self.counters["udp_out"] += 1
+                    sock.sendto(d.payload, (socket.inet_ntop(
+                        socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip), d.peer_port))
+                    sent += 1
                 except BlockingIOError:
                     self.drops["udp_send_full"] += 1
                 except OSError:
                     self.drops["udp_send_error"] += 1
+            self.counters["udp_out"] += sent
         elif isinstance(msg, InnerOut):
             inside = self.inside
-            for p in msg.packets:
-                if inside is not None:
-                    inside.write(bytes(p))
-                    self.counters["inner_out"] += 1
+            if inside is not None:
+                # memoryview slices of the frame: the write copies them into
+                # the kernel, no bytes() copy first
+                write = inside.write
+                for p in msg.packets:
+                    write(p)
+                self.counters["inner_out"] += len(msg.packets)
         elif isinstance(msg, Heartbeat):
             info.last_seen = time.monotonic()
             info.counters = dict(msg.counters)
