@@ -18,7 +18,7 @@ from common.ike.exchanges.informational import _MID_SYNC
 from common.ike.message import IkeMessage, decode_header, decode_message, encode_message
 from common.ike.msgid import RetransmitPolicy
 from common.ike.payloads import DeletePayload, NotifyPayload
-from common.ike.sa import IkeState
+from common.ike.sa import IkeSa, IkeState
 from tests.ike_pair import Pair, assert_children_agree, make_pair, other
 
 ROLES = ["a", "b"]
@@ -337,3 +337,59 @@ def test_mid_sync_request_retransmitted(busy: bool) -> None:
     p.advance(30.0)
     assert sa_a.state is IkeState.ESTABLISHED and sa_b.state is IkeState.ESTABLISHED
     assert p.dpd_ok("a") and p.dpd_ok("b")
+
+
+def _sync_request(sa: IkeSa, m1: int, p1: int, nonce: bytes = b"SYNC") -> bytes:
+    """An RFC 6311 sync request as ``sa`` (the sender's IKE SA) would send it."""
+    msg = IkeMessage(sa.spi_i, sa.spi_r, ExchangeType.INFORMATIONAL, 0, False, sa.initiator,
+                     [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC,
+                                    data=_MID_SYNC.pack(nonce, m1, p1))])
+    return encode_message(msg, sa.sk_out, bytes(8))
+
+
+def test_mid_sync_with_m1_not_above_seen_is_dropped() -> None:
+    """RFC 6311 §5.1: the peer MUST silently drop a sync whose M1 is lower
+    than or equal to the highest value it has seen, earlier syncs included."""
+    p = established("a")
+    for _ in range(3):
+        assert p.dpd_ok("b")
+    sa_a, sa_b = p.sa("a"), p.sa("b")
+    seen = sa_a.mids.recv_next - 1  # b's last request
+    before = (sa_a.mids.send_next, sa_a.mids.recv_next)
+    # INFORMATIONAL(mid 0) SK { N(IKEV2_MESSAGE_ID_SYNC, nonce, M1 = seen, P1) } -->
+    p.deliver("b", _sync_request(sa_b, seen, sa_b.mids.recv_next))
+    assert not p.pending("a") and not p.a.next_event()
+    assert (sa_a.mids.send_next, sa_a.mids.recv_next) == before
+    # A sync above it is taken; the same M1 again (a new nonce) is dropped.
+    p.deliver("b", _sync_request(sa_b, seen + 5, sa_b.mids.recv_next, b"SYN2"))
+    assert len(p.pending("a")) == 1
+    p.deliver("b", _sync_request(sa_b, seen + 5, sa_b.mids.recv_next, b"SYN3"))
+    assert not p.pending("a")
+    assert sa_a.counters["dropped"] == 2
+
+
+def test_mid_sync_twice_in_a_row_announces_higher_m1() -> None:
+    p = established("a")
+    for _ in range(2):
+        p.b.mid_sync(p.ike_id("b"), p.now)
+        p.flush()
+    assert len(p.of("b", MessageIdsSynced)) == 2 and len(p.of("a", MessageIdsSynced)) == 2
+    assert p.dpd_ok("a") and p.dpd_ok("b")
+
+
+def test_mid_sync_answered_while_deleting() -> None:
+    p = established("a")
+    sa_a = p.sa("a")
+    p.a.delete_ike(sa_a.ike_id, p.now)
+    [delete] = p.pending("a")  # INFORMATIONAL SK { D(IKE) } -->   (held back)
+    assert sa_a.state is IkeState.DELETING
+    p.b.mid_sync(p.ike_id("b"), p.now)
+    # INFORMATIONAL(mid 0) SK { N(IKEV2_MESSAGE_ID_SYNC) } -->
+    p.step("b")
+    # <-- INFORMATIONAL(mid 0) SK { N(IKEV2_MESSAGE_ID_SYNC) }
+    p.step("a")
+    assert p.of("b", MessageIdsSynced) and p.of("a", MessageIdsSynced)
+    # The delete still goes through: its ID was kept as the in-flight request.
+    p.deliver("a", delete.data, delete)
+    p.flush()
+    assert not p.a.by_id and not p.b.by_id

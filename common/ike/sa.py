@@ -200,6 +200,10 @@ class IkeSa:
         #: RFC 6311: nonce and answer data of the last MID sync request we took,
         #: so that its retransmission gets the same answer and no second bump.
         self.mid_sync_answered: tuple[bytes, bytes] | None = None
+        #: RFC 6311 §5.1: the highest M1 of a sync we took (-1: none), and the
+        #: last M1 we sent (each sync of ours announces a higher one)
+        self.mid_sync_m1_seen = -1
+        self.mid_sync_m1_sent = 0
         self.children: dict[int, ChildSa] = {}
         self.queue: deque[Task] = deque()
         self.active: Task | None = None
@@ -344,7 +348,7 @@ class IkeSa:
 
     def receive_request(self, header: IkeHeader, data: bytes, remote: Address,
                         local_port: int, now: float) -> None:
-        from common.ike.exchanges import dispatch_request
+        from common.ike.exchanges import DropRequest, dispatch_request
         from common.ike.exchanges.informational import is_mid_sync_request
 
         verdict = self.mids.classify_request(header.message_id)
@@ -384,6 +388,10 @@ class IkeSa:
         self.local_port = local_port
         try:
             payloads = dispatch_request(self, msg, now)
+        except DropRequest as exc:
+            self.counters["dropped"] += 1
+            log.info("IKE SA %d: request dropped: %s", self.ike_id, exc)
+            return
         except RemoteProtocolError as exc:
             log.info("IKE SA %d: request refused: %s", self.ike_id, exc)
             payloads = [NotifyPayload(NotifyType(exc.notify_type or NotifyType.INVALID_SYNTAX))]

@@ -26,6 +26,11 @@ class UnexpectedExchange(RemoteProtocolError):
     notify_type = int(NotifyType.INVALID_SYNTAX)
 
 
+class DropRequest(RemoteProtocolError):
+    """A request that must be dropped silently, without an answer (e.g. an
+    RFC 6311 §5.1 sync whose M1 is not above what we have seen)."""
+
+
 def classify(msg: IkeMessage) -> str:
     """The kind of request, the second column of the dispatch table."""
     if msg.exchange == ExchangeType.CREATE_CHILD_SA:
@@ -68,6 +73,7 @@ def _table() -> dict[tuple[str, str], Handler]:
         ("DELETING", "child_new"): informational.handle_temporary_failure,
         ("DELETING", "child_rekey"): informational.handle_temporary_failure,
         ("DELETING", "ike_rekey"): informational.handle_temporary_failure,
+        ("DELETING", "mid_sync"): informational.handle_mid_sync,
     }
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from common.ike.child import ChildInput, ChildSa, ChildState
 from common.ike.constants import ExchangeType, NotifyType, ProtocolId
 from common.ike.events import ChildSaDeleted, DpdSucceeded, IkeSaDeleted, MessageIdsSynced
+from common.ike.exchanges import DropRequest
 from common.ike.message import IkeMessage
 from common.ike.payloads import DeletePayload, NotifyPayload, Payload
 
@@ -132,7 +133,10 @@ class MidSyncTask:
         self.nonce = sa.ctx.random(4)
         # Never announce 0: ID 0 is the sync's own, and a late copy of the sync
         # answer would be taken for the answer to a regular request 0.
-        send = max(sa.mids.send_next + self.margin, 1)
+        # RFC 6311 §5.1: the peer drops a sync whose M1 is not above every M1
+        # it has seen, so each of ours announces a higher one.
+        send = max(sa.mids.send_next + self.margin, sa.mid_sync_m1_sent + 1, 1)
+        sa.mid_sync_m1_sent = send
         return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC,
                               data=_MID_SYNC.pack(self.nonce, send, sa.mids.recv_next))]
 
@@ -211,6 +215,12 @@ def handle_mid_sync(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
         # cache cannot catch it): the same answer, no second increment.
         return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC, data=sa.mid_sync_answered[1])]
     mids = sa.mids
+    highest = max(mids.recv_next - 1, sa.mid_sync_m1_seen)
+    if m1 <= highest:
+        # RFC 6311 §5.1: "MUST silently drop" a sync whose M1 is not above the
+        # highest sender value seen, earlier syncs included.
+        raise DropRequest(f"MID sync with M1 {m1} not above {highest}")
+    sa.mid_sync_m1_seen = m1
     m2 = max(m1, mids.recv_next)
     # P2: the next request ID the peer will see from us. A request of ours in
     # flight keeps its ID (send_next is already past it): announcing past it
