@@ -152,9 +152,14 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from member.esp_demo import run_demo
+    """The cluster demonstration (member/demo.py); ``--esp``: the in-memory ESP one."""
+    if args.esp:
+        from member.esp_demo import run_demo
 
-    return int(run_demo())
+        return int(run_demo())
+    from member.demo import run_cluster_demo
+
+    return run_cluster_demo(quick=args.quick, keep=args.keep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     from member.peer import add_peer_arguments
 
     add_peer_arguments(peer)
-    sub.add_parser("demo", help="a short self-contained demonstration (make demo)")
+    demo = sub.add_parser("demo", help="a self-contained demonstration (make demo): a "
+                          "3-member cluster on loopback, our peer's traffic, a member "
+                          "killed and the failover")
+    demo.add_argument("--quick", action="store_true",
+                      help="a shortened schedule (~20 s; also IPSEC_CLUSTER_DEMO_QUICK=1)")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the work directory (configs, logs) also when it worked")
+    demo.add_argument("--esp", action="store_true",
+                      help="instead: the in-memory ESP demonstration (transforms, replay, IVs)")
     member = sub.add_parser("member", help="run one member process and connect it to a "
                             "dispatcher (other hosts: tcp:// with CURVE keys)")
     member.add_argument("--config", required=True)

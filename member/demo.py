@@ -1,0 +1,1275 @@
+"""The cluster demonstration behind ``make demo`` (``ipsec-cluster demo``).
+
+Root-less, on loopback, in a temporary directory with ports chosen free at
+start, it runs (each in its own session, all stopped at the end or on Ctrl-C):
+
+- the protected network: an inner echo (``python -m member.peer echo``) at
+  the cluster's ``udp:`` inside, sending every inner packet back with its
+  addresses swapped;
+- the cluster: ``ipsec-cluster run`` with a dispatcher and 3 members at
+  127.0.0.1 (the supervisor restarts a member that dies);
+- our peer at 127.0.0.2 (``python -m member.demo peer``, a ``member.peer.Peer``
+  that records every packet): 6 IKE SAs (6 identities) with 3 children each
+  (AES-GCM and AES-CTR), then paced inner UDP traffic round-robin through the
+  18 children, each packet coming back through the echo (both directions
+  carry ESP).
+
+A live table (rich) of per-member load is refreshed from the control socket
+(``status``) a few times a second. After ``kill_after`` seconds of traffic the
+demo sends SIGKILL to the member owning the most IKE SAs: the dispatcher
+declares it dead and its segments fail over to their backups, the supervisor
+restarts it (new IV sender id), and autobalance gives it segments back, while
+traffic goes on. At the end: what was lost and when (per packet, from the
+peer's records), whether the IKE SAs are the same (SPIs from ``sas``), and a
+summary; exit status 0 only when every check passed.
+
+Without a terminal (CI, tests) events print as lines and the table is printed
+at the moments that matter instead of live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+GW, PEER = "127.0.0.1", "127.0.0.2"
+PSK = "demo-psk-not-secret-0123456789abcdef"
+ESPS = ("aes128gcm16", "aes128ctr-sha256", "aes256gcm16")
+SEGMENTS = 256
+#: a live table and the status poll, per second
+REFRESH_HZ = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """How long the acts last (seconds)."""
+
+    ike_sas: int = 6
+    children: int = 3
+    members: int = 3
+    pps: float = 300.0
+    size: int = 256
+    #: traffic starts once every SA is up; the kill comes this long after
+    kill_after: float = 15.0
+    #: total traffic time (the kill included)
+    traffic: float = 34.0
+
+
+FULL = Schedule()
+QUICK = Schedule(kill_after=5.0, traffic=14.0)
+
+#: deadlines of the setup steps
+CLUSTER_UP_S = 25.0
+PEER_UP_S = 30.0
+#: after the kill, by when the member must be dead / back / balanced
+DEAD_WITHIN_S = 3.0
+RESTART_WITHIN_S = 10.0
+BALANCED_WITHIN_S = 15.0
+#: every child must have had an echo this close to the end of the traffic
+LAST_ECHO_S = 1.0
+#: lost packets allowed outside the failover and autobalance windows (loopback
+#: does not lose, a very busy machine might)
+STRAY_LOSS = 0.01
+
+log = logging.getLogger("ipsec_cluster.demo")
+
+
+# == our peer, as a subprocess: ``python -m member.demo peer ...`` ===========================
+#
+# One JSON object per line on stdout: {"event": "up", ...} once the SAs are
+# up, {"event": "traffic", "t0": ...} when traffic starts, {"event":
+# "progress", ...} a few times a second, {"event": "done", ...} at the end.
+# Times are time.monotonic(), which is one clock for all processes on Linux.
+
+IPV4_UDP = 28
+MARK_LEN = 4
+SEQ = struct.Struct("!I")
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _loss_runs(lost: list[int], sent_at: list[float], n: int) -> list[dict[str, Any]]:
+    """Consecutive lost packets of one child (its sequence numbers step by
+    ``n``) as runs: child, packets, first and last send time."""
+    runs: list[dict[str, Any]] = []
+    by_child: dict[int, list[int]] = {}
+    for seq in lost:
+        by_child.setdefault(seq % n, []).append(seq)
+    for child, seqs in sorted(by_child.items()):
+        bounds: list[list[int]] = []
+        for seq in seqs:
+            if bounds and seq == bounds[-1][1] + n:
+                bounds[-1][1] = seq
+            else:
+                bounds.append([seq, seq])
+        runs += [{"child": child, "packets": (last - first) // n + 1,
+                  "first": sent_at[first], "last": sent_at[last]} for first, last in bounds]
+    return runs
+
+
+def _silences(arrivals: list[list[float]], at_least: float) -> list[dict[str, Any]]:
+    """Per child, every interval of at least ``at_least`` without an echo."""
+    out = []
+    for child, times in enumerate(arrivals):
+        times.sort()
+        for a, b in itertools.pairwise(times):
+            if b - a >= at_least:
+                out.append({"child": child, "from": a, "to": b})
+    return out
+
+
+def _peer_main(argv: list[str]) -> int:
+    from common.config import load_config
+    from member.peer import TRAFFIC_MARK, Peer, PeerOptions
+
+    p = argparse.ArgumentParser(prog="python -m member.demo peer")
+    p.add_argument("--config", required=True)
+    p.add_argument("--pps", type=float, required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=PEER_UP_S)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_config(Path(args.config).read_text(), args.config)
+
+    class Recorder:
+        """The peer's inside: keeps the arrival time of every echo of ours."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.echo_at: dict[int, float] = {}
+            self.duplicates = 0
+            self.other = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def write(self, packet: bytes | bytearray | memoryview) -> bool:
+            if bytes(packet[IPV4_UDP:IPV4_UDP + MARK_LEN]) == TRAFFIC_MARK:
+                seq = SEQ.unpack_from(packet, IPV4_UDP + MARK_LEN)[0]
+                if seq in self.echo_at:
+                    self.duplicates += 1
+                else:
+                    self.echo_at[seq] = time.monotonic()
+                return True
+            self.other += 1
+            return bool(self.inner.write(packet))
+
+    class DemoPeer(Peer):
+        async def demo(self) -> int:
+            await self.start()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop)
+            try:
+                launch = asyncio.ensure_future(self._launch())
+                stopped = asyncio.ensure_future(self._stopped.wait())
+                done, _ = await asyncio.wait({launch, stopped}, timeout=args.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                launch.cancel()
+                stopped.cancel()
+                result = self.result(timed_out=launch not in done)
+                _emit({"event": "up", **result.as_dict(), "summary": result.summary()})
+                if not result.ok or self._stopped.is_set():
+                    return 1
+                return await self.traffic()
+            finally:
+                self.close()
+
+        def labels(self) -> list[str]:
+            out = []
+            for route in self.member.routes:
+                try:
+                    ike = self.member.engine.get(route.ike_id).name
+                except KeyError:
+                    ike = "?"
+                out.append(f"{ike}/{route.name}")
+            return out
+
+        async def traffic(self) -> int:
+            assert self.inside is not None
+            rec = Recorder(self.inside)
+            self.inside = rec
+            self.options.traffic_size = args.size
+            templates = self._templates()
+            n = len(templates)
+            labels = self.labels()
+            if not n:
+                _emit({"event": "done", "error": "no child to send through"})
+                return 1
+            total = int(args.pps * args.seconds)
+            sent_at: list[float] = []
+            c0 = self.member.counters.copy()
+            start = time.monotonic()
+            _emit({"event": "traffic", "t0": start, "children": labels, "pps": args.pps})
+            next_progress = start
+            while len(sent_at) < total and not self._stopped.is_set():
+                now = time.monotonic()
+                due = min(total, int((now - start) * args.pps) + 1)
+                while len(sent_at) < due:
+                    seq = len(sent_at)
+                    sent_at.append(time.monotonic())
+                    self.inner(templates[seq % n].packet(seq))
+                if now >= next_progress:
+                    next_progress = now + 1.0 / REFRESH_HZ
+                    _emit({"event": "progress", "t": now, "sent": len(sent_at),
+                           "echoed": len(rec.echo_at)})
+                await asyncio.sleep(0.002)
+            end = time.monotonic()
+            drain = end + 1.5
+            while len(rec.echo_at) < len(sent_at) and time.monotonic() < drain:
+                await asyncio.sleep(0.02)
+            sent = len(sent_at)
+            lost = [s for s in range(sent) if s not in rec.echo_at]
+            arrivals: list[list[float]] = [[] for _ in range(n)]
+            for seq, t in rec.echo_at.items():
+                arrivals[seq % n].append(t)
+            per_child = [{"label": labels[i], "sent": len(range(i, sent, n)),
+                          "echoed": len(arrivals[i])} for i in range(n)]
+            spacing = n / args.pps
+            _emit({"event": "done", "t0": start, "t_end": end, "sent": sent,
+                   "echoed": len(rec.echo_at), "duplicates": rec.duplicates,
+                   "other_in": rec.other,
+                   "esp_out": self.member.counters["esp_out"] - c0["esp_out"],
+                   "esp_in": self.member.counters["esp_in"] - c0["esp_in"],
+                   "children": labels, "per_child": per_child, "spacing_s": spacing,
+                   "lost_runs": _loss_runs(lost, sent_at, n),
+                   "silences": _silences(arrivals, max(0.2, 4 * spacing)),
+                   "last_echo": [max(a) if a else None for a in arrivals],
+                   "interrupted": self._stopped.is_set(),
+                   "drops": {k: v for k, v in (self.member.drops
+                                               + self.member.engine.drops).items() if v}})
+            return 0
+
+    peer = DemoPeer(config, PeerOptions(timeout_s=args.timeout))
+    codes: list[int] = []
+
+    async def main() -> None:
+        codes.append(await peer.demo())
+
+    asyncio.run(main())
+    return codes[0] if codes else 1
+
+
+# == the show ==================================================================================
+
+
+class DemoFailed(Exception):
+    """A step did not work: the message says which and why."""
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _free_udp_ports(count: int, hosts: tuple[str, ...]) -> list[int]:
+    """``count`` distinct UDP ports that are free on every one of ``hosts``
+    right now (the kernel picks them; checked on all hosts)."""
+    ports: list[int] = []
+    holders: list[socket.socket] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            holders.append(s)
+            s.bind((hosts[0], 0))
+            port = s.getsockname()[1]
+            ok = True
+            for h in hosts[1:]:
+                t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                holders.append(t)
+                try:
+                    t.bind((h, port))
+                except OSError:
+                    ok = False
+                    break
+            if ok and port not in ports:
+                ports.append(port)
+    finally:
+        for s in holders:
+            s.close()
+    return ports
+
+
+def _toml(*, address: str, ports: tuple[int, int], inside: str, inside_bind: str,
+          schedule: Schedule, members: int | None, remote: tuple[str, int] | None,
+          control: str = "") -> str:
+    """The cluster's config (``remote`` None) or our peer's (selectors and
+    identities mirrored, children started): ``ike_sas`` connections k0.. with
+    identities peerK.demo, ``children`` children each with their own /28s
+    (cluster side 10.200.K.C*16, peer side 10.100.K.C*16)."""
+    lines = ["[cluster]", f'address = "{address}"', f"ike_port = {ports[0]}",
+             f"natt_port = {ports[1]}", f'inside = "{inside}"', 'log_level = "info"']
+    if inside_bind:
+        lines.append(f'inside_bind = "{inside_bind}"')
+    if members is not None:
+        lines.append(f"members = {members}")
+    if control:
+        lines.append(f'control = "{control}"')
+    for k in range(schedule.ike_sas):
+        ours, theirs = "gw.demo", f"peer{k}.demo"
+        if remote is not None:
+            ours, theirs = theirs, ours
+        lines += ["", f"[connections.k{k}]",
+                  f'remote_addrs = ["{remote[0] if remote else "%any"}"]',
+                  'proposals = ["aes128gcm16-prfsha256-ecp256"]',
+                  f'local_id = "{ours}"', f'remote_id = "{theirs}"', f'psk = "{PSK}"']
+        if remote is not None:
+            lines.append(f"remote_port = {remote[1]}")
+        for c in range(schedule.children):
+            gw_net, peer_net = f"10.200.{k}.{c * 16}/28", f"10.100.{k}.{c * 16}/28"
+            local, rem = (peer_net, gw_net) if remote else (gw_net, peer_net)
+            lines += ["", f"[connections.k{k}.children.c{c}]", f'local_ts = ["{local}"]',
+                      f'remote_ts = ["{rem}"]',
+                      f'esp_proposals = ["{ESPS[(k + c) % len(ESPS)]}"]',
+                      f'start_action = "{"start" if remote else "none"}"']
+    return "\n".join(lines) + "\n"
+
+
+class Proc:
+    """A process we started, in its own session (its whole group is ours to
+    stop: the dispatcher's members are in the dispatcher's group)."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, *,
+                 stdout_pipe: bool = False) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE if stdout_pipe else self._log, stderr=self._log,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def tail(self, n: int = 1500) -> str:
+        with contextlib.suppress(OSError):
+            self._log.flush()
+            text = self.log_path.read_text(errors="replace")[-n:]
+            return f"--- {self.log_path.name} (last lines)\n{text}"
+        return ""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._log.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL
+    (Linux PR_SET_PDEATHSIG; the dispatcher then stops its members)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+
+class Control:
+    """``status``/``sas`` straight from the cluster's control socket."""
+
+    def __init__(self, config_path: Path) -> None:
+        import zmq
+
+        from dispatcher.cli import read_config
+        from dispatcher.supervisor import control_endpoint
+
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        self.endpoint = control_endpoint(read_config(str(config_path)), str(config_path))
+
+    def ask(self, request: bytes, timeout: float = 1.0) -> dict[str, Any] | None:
+        zmq = self.zmq
+        req = self.ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
+        req.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        try:
+            req.connect(self.endpoint)
+            req.send(request)
+            answer: dict[str, Any] = json.loads(req.recv())
+            return answer
+        except (zmq.ZMQError, ValueError):
+            return None
+        finally:
+            req.close(linger=0)
+
+    def close(self) -> None:
+        self.ctx.term()
+
+
+@dataclass(slots=True)
+class MemberView:
+    """What the table shows of one member, with rates from the last poll."""
+
+    id: int
+    pid: int = 0
+    alive: bool = True
+    sender_id: int = 0
+    segments: int = 0
+    backups: int = 0
+    ike_sas: int = 0
+    child_sas: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    rate_in: float = 0.0
+    rate_out: float = 0.0
+    drops: int = 0
+    note: str = ""
+    #: packet counters at the last rate computation
+    base_in: int = 0
+    base_out: int = 0
+
+
+@dataclass(slots=True)
+class Failover:
+    """The failover act, its moments in time.monotonic() (from the cluster's
+    log when it says, else from the status polls)."""
+
+    member: int = 0
+    pid: int = 0
+    sender_id: int = 0
+    ike_sas: int = 0
+    child_sas: int = 0
+    segments: int = 0
+    killed_at: float | None = None
+    dead_at: float | None = None
+    dead_epoch: int = 0
+    moved_to: dict[int, int] = field(default_factory=dict)
+    takeovers: list[str] = field(default_factory=list)
+    spawned_at: float | None = None
+    rejoined_at: float | None = None
+    new_pid: int = 0
+    new_sender_id: int = 0
+    balanced_at: float | None = None
+    balanced_segments: int = 0
+    #: segments, IKE SAs, child SAs the rejoined member took back
+    taken_back: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+
+class LogWatch:
+    """New lines of the cluster's log, with their time (``asctime``, local)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pos = 0
+        self.rest = b""
+        #: time.monotonic() - time.time()
+        self.offset = time.monotonic() - time.time()
+
+    def lines(self) -> list[tuple[float, str]]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except OSError:
+            return []
+        self.pos += len(data)
+        *whole, self.rest = (self.rest + data).split(b"\n")
+        out = []
+        for raw in whole:
+            line = raw.decode(errors="replace")
+            try:
+                wall = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+            out.append((wall + self.offset, line[24:]))
+        return out
+
+
+_LOG = {name: re.compile(rx) for name, rx in {
+    "exited": r"member (\d+) \(pid (\d+)\) exited with (-?\d+)",
+    "dead": r"member (\d+) declared dead",
+    "moved": r"segment table epoch (\d+): (\d+) segments moved",
+    "took": r"member (\d+) took over (\d+) segments: (\d+) IKE SAs, (\d+) child SAs",
+    "started": r"started member (\d+) \(pid (\d+)\)",
+    "joined": r"member (\d+) joined \(pid (\d+) .*sender id (\d+) \(restarted\)",
+    "share": r"autobalance: member (\d+) has its share \((\d+) segments\)",
+}.items()}
+
+
+def _ike_sas(sas: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """IKE SA name -> {spi_i, spi_r, member, state, children}."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in (sas or {}).get("members", []):
+        for sa in m.get("ike_sas", []):
+            out[sa["name"]] = {"spi_i": sa["spi_i"], "spi_r": sa["spi_r"], "state": sa["state"],
+                               "member": m["member"], "children": len(sa.get("children", []))}
+    return out
+
+
+def _child_spis(sas: dict[str, Any] | None) -> set[str]:
+    """Inbound SPIs of every child SA the IKE SA owners list."""
+    return {ch["spi_in"] for m in (sas or {}).get("members", [])
+            for sa in m.get("ike_sas", []) for ch in sa.get("children", [])}
+
+
+def _esp_carriers(sas: dict[str, Any] | None) -> dict[str, int]:
+    """child SA inbound SPI -> the member carrying it."""
+    return {ch["spi_in"]: m["member"] for m in (sas or {}).get("members", [])
+            for ch in m.get("child_sas", [])}
+
+
+class Demo:
+    def __init__(self, schedule: Schedule, *, console: Any = None,
+                 keep: bool = False) -> None:
+        from rich.console import Console
+
+        self.s = schedule
+        if console is None:
+            console = Console(highlight=False)
+            if not console.is_terminal:   # CI, pipes: wide enough for the table
+                console = Console(highlight=False, width=max(console.width, 120))
+        self.console = console
+        self.live_mode = bool(self.console.is_terminal)
+        self.keep = keep
+        self.t_start = time.monotonic()
+        self.workdir = Path(tempfile.mkdtemp(prefix="ipsec-cluster-demo-"))
+        self.procs: list[Proc] = []
+        self.control: Control | None = None
+        self.logwatch: LogWatch | None = None
+        self.cluster: Proc | None = None
+        #: members declared dead that we did not kill: (when, what)
+        self.others_dead: list[tuple[float, str]] = []
+        self.views: dict[int, MemberView] = {}
+        self.epoch = 0
+        self.last_poll: float | None = None
+        self.status: dict[str, Any] | None = None
+        self.peer_events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.peer_sent = 0
+        self.peer_echoed = 0
+        self.t0: float | None = None
+        self.fo = Failover()
+        self.sas_before: dict[str, Any] | None = None
+        self.sas_during: dict[str, Any] | None = None
+        self.sas_after: dict[str, Any] | None = None
+        self.up: dict[str, Any] = {}
+        self.done: dict[str, Any] | None = None
+        self.phase = "starting"
+        self.live: Any = None
+        self.config_path = self.workdir / "cluster.toml"
+        self.peer_path = self.workdir / "peer.toml"
+        self.gw_ports: tuple[int, int] = (0, 0)
+        self.stopped_ok = False
+
+    # -- output ---------------------------------------------------------------------------
+
+    def now(self) -> float:
+        return time.monotonic() - self.t_start
+
+    def event(self, text: str, style: str = "", *, at: float | None = None) -> None:
+        t = (at if at is not None else time.monotonic()) - self.t_start
+        self.console.print(f"[dim]{t:5.1f}s[/] " + (f"[{style}]{text}[/]" if style else text))
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        title = (f"cluster 127.0.0.1:{self.gw_ports[0]}  epoch {self.epoch}  "
+                 f"{self.phase}")
+        t = Table(title=title, title_justify="left", expand=False)
+        for name in ("member", "state", "pid", "IV id", "segs", "backup", "IKE", "child",
+                     "ESP in", "ESP out", "in/s", "out/s", "drops"):
+            t.add_column(name, justify="left" if name in ("member", "state") else "right")
+        for v in sorted(self.views.values(), key=lambda v: v.id):
+            if not v.alive:
+                state, style = "DEAD", "bold red"
+            elif v.note:
+                state, style = v.note, "yellow"
+            else:
+                state, style = "up", "green"
+            dead = not v.alive
+            t.add_row(str(v.id), f"[{style}]{state}[/]", str(v.pid), str(v.sender_id),
+                      str(v.segments), str(v.backups), str(v.ike_sas), str(v.child_sas),
+                      str(v.packets_in), str(v.packets_out),
+                      "-" if dead else f"{v.rate_in:.0f}", "-" if dead else f"{v.rate_out:.0f}",
+                      str(v.drops), style="dim" if dead else "")
+        return t
+
+    def peer_line(self) -> str:
+        if self.t0 is None:
+            return "peer: bringing up IKE SAs"
+        return (f"peer: {self.peer_sent} packets sent, {self.peer_echoed} echoed back "
+                f"({self.peer_sent - self.peer_echoed} in flight or lost), "
+                f"traffic t={time.monotonic() - self.t0:.1f}s")
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        return Group(self.table(), Text(self.peer_line(), style="cyan"))
+
+    def snapshot(self, why: str) -> None:
+        """Without a terminal: the table now, printed once."""
+        if not self.live_mode:
+            self.console.print(f"[bold]-- {why}[/]")
+            self.console.print(self.table())
+            self.console.print(self.peer_line())
+
+    # -- processes ------------------------------------------------------------------------
+
+    def start(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> Proc:
+        proc = Proc(name, argv, self.workdir / f"{name}.log", stdout_pipe=stdout_pipe)
+        self.procs.append(proc)
+        return proc
+
+    def cluster_tail(self) -> str:
+        return self.cluster.tail() if self.cluster is not None else ""
+
+    def stop_all(self) -> list[str]:
+        """SIGTERM to every group we started, then SIGKILL to what is left;
+        returns the names of groups that were still there at the end."""
+        for proc in reversed(self.procs):
+            proc.signal_group(signal.SIGTERM)
+        end = time.monotonic() + 5.0
+        for proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.proc.wait(max(0.1, end - time.monotonic()))
+        while time.monotonic() < end and any(p.group_alive() for p in self.procs):
+            time.sleep(0.05)
+        for proc in self.procs:
+            if proc.group_alive():
+                proc.signal_group(signal.SIGKILL)
+        end = time.monotonic() + 3.0
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.proc.wait(max(0.1, end - time.monotonic()))
+        while time.monotonic() < end and any(p.group_alive() for p in self.procs):
+            time.sleep(0.05)
+        left = [p.name for p in self.procs if p.group_alive()]
+        for proc in self.procs:
+            proc.close()
+        return left
+
+    # -- acts -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ports = _free_udp_ports(7, (GW, PEER))
+        self.gw_ports = (ports[0], ports[1])
+        peer_ports = (ports[2], ports[3])
+        echo_port, gw_bind, peer_inside = ports[4], ports[5], ports[6]
+        run = self.workdir / "run"
+        self.config_path.write_text(_toml(
+            address=GW, ports=self.gw_ports, inside=f"udp:{GW}:{echo_port}",
+            inside_bind=f"{GW}:{gw_bind}", schedule=self.s, members=self.s.members,
+            remote=None, control=str(run)))
+        self.peer_path.write_text(_toml(
+            address=PEER, ports=peer_ports, inside=f"udp:{GW}:{peer_inside}", inside_bind="",
+            schedule=self.s, members=None, remote=(GW, self.gw_ports[0])))
+        self.event(f"work directory {self.workdir} (configs and logs); cluster at "
+                   f"{GW} ports {self.gw_ports[0]}/{self.gw_ports[1]}, peer at {PEER} ports "
+                   f"{peer_ports[0]}/{peer_ports[1]}, inner echo at {GW}:{echo_port}")
+        py = sys.executable
+        self.start("echo", [py, "-m", "member.peer", "echo", f"{GW}:{echo_port}"])
+        self.cluster = self.start("cluster", [py, "-m", "dispatcher.cli", "run", "--config",
+                                              str(self.config_path)])
+        self.control = Control(self.config_path)
+        self.logwatch = LogWatch(self.cluster.log_path)
+        self.event(f"started the cluster: dispatcher pid {self.cluster.pid} with "
+                   f"{self.s.members} members")
+        end = time.monotonic() + CLUSTER_UP_S
+        while True:
+            st = self.poll()
+            share = SEGMENTS // self.s.members
+            if st and sum(1 for m in st["members"] if m["alive"] and m["segments"] >= share) \
+                    == self.s.members:
+                break
+            if not self.cluster.alive():
+                raise DemoFailed("the cluster exited at start\n" + self.cluster_tail())
+            if time.monotonic() > end:
+                raise DemoFailed(f"the cluster's {self.s.members} members did not come up "
+                                 f"within {CLUSTER_UP_S:g} s\n" + self.cluster_tail())
+            time.sleep(0.2)
+        segs = ", ".join(f"member {v.id}: {v.segments}" for v in self.views.values())
+        self.event(f"{self.s.members} members joined, segment table epoch {self.epoch} "
+                   f"({segs} segments of {SEGMENTS})", "green")
+
+    def start_peer(self) -> Proc:
+        py = sys.executable
+        n = self.s.ike_sas * self.s.children
+        peer = self.start("peer", [py, "-m", "member.demo", "peer", "--config",
+                                   str(self.peer_path), "--pps", str(self.s.pps), "--seconds",
+                                   str(self.s.traffic), "--size", str(self.s.size)],
+                          stdout_pipe=True)
+        self.event(f"started our peer (pid {peer.pid}): {self.s.ike_sas} IKE SAs with "
+                   f"{self.s.children} children each ({n} child SAs, "
+                   f"{', '.join(ESPS)})")
+
+        def read(out: IO[bytes]) -> None:
+            for line in out:
+                with contextlib.suppress(ValueError):
+                    self.peer_events.put(json.loads(line))
+            self.peer_events.put({"event": "exit"})
+
+        assert peer.proc.stdout is not None
+        threading.Thread(target=read, args=(peer.proc.stdout,), daemon=True).start()
+        return peer
+
+    def peer_event(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            return self.peer_events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+    def wait_up(self, peer: Proc) -> None:
+        end = time.monotonic() + PEER_UP_S + 5
+        while True:
+            e = self.peer_event(end - time.monotonic())
+            if e is None or e["event"] == "exit":
+                raise DemoFailed("our peer did not bring the SAs up\n" + peer.tail())
+            if e["event"] == "up":
+                self.up = e
+                break
+        want = self.s.ike_sas * self.s.children
+        if not e["ok"] or e["children_up"] != want:
+            raise DemoFailed(f"our peer: {e.get('summary')}\n" + peer.tail() + "\n"
+                             + self.cluster_tail())
+        self.event(f"{e['ike_sas_up']} IKE SAs and {e['children_up']} child SAs up in "
+                   f"{e['elapsed_s']:.2f} s", "green")
+        # the members report their SAs with the next heartbeats
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            st = self.poll()
+            if st and sum(m["child_sas"] for m in st["members"]) == want:
+                break
+            time.sleep(0.1)
+        self.sas_before = self.control.ask(b"sas", 3.0) if self.control else None
+        ike = _ike_sas(self.sas_before)
+        where = ", ".join(f"{name} on {sa['member']}" for name, sa in sorted(ike.items()))
+        self.event(f"IKE SA owners: {where}")
+
+    def poll(self) -> dict[str, Any] | None:
+        """One ``status``; updates the member views and notes what changed."""
+        if self.control is None:
+            return None
+        st = self.control.ask(b"status", 1.0)
+        if st is None:
+            return None
+        now = time.monotonic()
+        dt = (now - self.last_poll) if self.last_poll else 0.0
+        if dt >= 0.2 or not self.last_poll:
+            self.last_poll = now
+        self.epoch = st["cluster"]["epoch"]
+        for m in st["members"]:
+            v = self.views.setdefault(m["id"], MemberView(m["id"]))
+            if v.pid and m["pid"] != v.pid:   # restarted: counters from zero
+                v.rate_in = v.rate_out = 0.0
+                v.base_in = v.base_out = 0
+            elif dt >= 0.2:   # (an extra poll right after another keeps the rates)
+                v.rate_in = max(0, m["packets_in"] - v.base_in) / dt
+                v.rate_out = max(0, m["packets_out"] - v.base_out) / dt
+            if dt >= 0.2 or not v.pid:
+                v.base_in, v.base_out = m["packets_in"], m["packets_out"]
+            v.pid, v.alive, v.sender_id = m["pid"], m["alive"], m["sender_id"]
+            v.segments, v.backups = m["segments"], m["backup_segments"]
+            v.ike_sas, v.child_sas = m["ike_sas"], m["child_sas"]
+            v.packets_in, v.packets_out = m["packets_in"], m["packets_out"]
+            v.drops = sum(m["drops"].values())
+        self.status = st
+        return st
+
+    def tick(self, live_refresh: Callable[[], None]) -> None:
+        fo = self.fo
+        if self.logwatch is not None:
+            for at, line in self.logwatch.lines():
+                self.log_line(at, line)
+        st = self.poll()
+        if st is not None and fo.killed_at is not None:
+            v = self.views[fo.member]
+            if fo.dead_at is None and not v.alive:
+                self.milestone_dead(time.monotonic())
+            if fo.rejoined_at is None and v.alive and v.pid != fo.pid:
+                self.milestone_rejoined(time.monotonic(), v.pid, v.sender_id)
+            share = SEGMENTS // self.s.members
+            if fo.rejoined_at is not None and fo.balanced_at is None and v.segments >= share:
+                self.milestone_balanced(time.monotonic(), v.segments)
+            if fo.rejoined_at is not None and fo.balanced_at is None:
+                v.note = f"rejoining {v.segments}/{share}"
+            elif fo.balanced_at is not None:
+                v.note = ""
+            elif v.alive and fo.dead_at is None:
+                v.note = "killed -9"
+        live_refresh()
+
+    def _since_kill(self, at: float) -> str:
+        """"150 ms after the kill" (or before it)."""
+        assert self.fo.killed_at is not None
+        ms = (at - self.fo.killed_at) * 1000
+        span = f"{abs(ms):.0f} ms" if abs(ms) < 2000 else f"{abs(ms) / 1000:.1f} s"
+        return f"{span} {'after' if ms >= 0 else 'before'} the kill"
+
+    def log_line(self, at: float, line: str) -> None:
+        """Events of the failover act as the cluster logs them."""
+        fo = self.fo
+        if fo.killed_at is None or at < fo.killed_at - 1.0:
+            hit = _LOG["dead"].search(line)
+            if hit is not None:
+                self.unplanned(at, f"member {hit.group(1)} was declared dead before the "
+                                   "kill, though not killed (missed heartbeats)")
+            return
+        m = str(fo.member)
+        for name, rx in _LOG.items():
+            hit = rx.search(line)
+            if hit is None:
+                continue
+            g = hit.groups()
+            if name == "dead" and g[0] != m:
+                self.unplanned(at, f"member {g[0]} was declared dead {self._since_kill(at)}, "
+                                   "though not killed (missed heartbeats)")
+            elif name == "exited" and g[0] == m:
+                self.event(f"supervisor: member {m} (pid {g[1]}) exited with {g[2]}, "
+                           f"{self._since_kill(at)}; starting it again", at=at)
+            elif name == "dead" and g[0] == m and fo.dead_at is None:
+                self.milestone_dead(at)
+            elif name == "took" and fo.dead_at is not None:
+                text = (f"member {g[0]} took over {g[1]} segments: {g[2]} IKE SAs, "
+                        f"{g[3]} child SAs")
+                if g[0] != m:
+                    fo.takeovers.append(f"{text} ({self._since_kill(at)})")
+                else:
+                    fo.taken_back[0] += int(g[1])
+                    fo.taken_back[1] += int(g[2])
+                    fo.taken_back[2] += int(g[3])
+                if g[0] != m:
+                    self.event(text + " (its backup replicas are live now)", "bold yellow",
+                               at=at)
+                else:
+                    self.event(f"autobalance: member {m} took back {g[1]} segments with "
+                               f"{g[2]} IKE SAs, {g[3]} child SAs", at=at)
+            elif name == "started" and g[0] == m and int(g[1]) != fo.pid \
+                    and fo.spawned_at is None:
+                fo.spawned_at = at
+                self.event(f"supervisor: started member {m} again, pid {g[1]} "
+                           f"({self._since_kill(at)})", "yellow", at=at)
+            elif name == "joined" and g[0] == m and fo.rejoined_at is None:
+                self.milestone_rejoined(at, int(g[1]), int(g[2]))
+            elif name == "share" and g[0] == m and fo.balanced_at is None \
+                    and fo.rejoined_at is not None:
+                self.milestone_balanced(at, int(g[1]))
+            break
+
+    def unplanned(self, at: float, text: str) -> None:
+        self.others_dead.append((at, text))
+        self.event(f"unplanned: {text}; its backups take over", "bold red", at=at)
+
+    def milestone_dead(self, at: float) -> None:
+        fo = self.fo
+        fo.dead_at = at
+        self.poll()
+        fo.dead_epoch = self.epoch
+        fo.moved_to = {m.id: m.segments for m in self.views.values() if m.alive}
+        took = ", ".join(f"member {k}: {n}" for k, n in sorted(fo.moved_to.items())) \
+            or "no member alive to take them"
+        self.event(f"dispatcher: member {fo.member} declared DEAD "
+                   f"{self._since_kill(at)}; table epoch {fo.dead_epoch} "
+                   f"moves its {fo.segments} segments to their backups ({took})",
+                   "bold red", at=at)
+        self.phase = "failover: the backups own the dead member's segments"
+        self.snapshot("member dead, its backups took over")
+
+    def milestone_rejoined(self, at: float, pid: int, sender_id: int) -> None:
+        fo = self.fo
+        fo.rejoined_at = at
+        if fo.dead_at is None:
+            fo.dead_at = at
+        fo.new_pid, fo.new_sender_id = pid, sender_id
+        self.event(f"member {fo.member} rejoined (pid {pid}) with a new IV sender id "
+                   f"{sender_id} (was {fo.sender_id}), {self._since_kill(at)}; "
+                   "autobalance starts", "yellow", at=at)
+        self.phase = "rejoin: autobalance gives segments back"
+        if self.sas_during is None and self.control is not None:
+            self.sas_during = self.control.ask(b"sas", 3.0)
+
+    def milestone_balanced(self, at: float, segments: int) -> None:
+        fo = self.fo
+        fo.balanced_at, fo.balanced_segments = at, segments
+        self.poll()
+        self.views[fo.member].note = ""
+        segs = ", ".join(f"member {m.id}: {m.segments}"
+                         for m in sorted(self.views.values(), key=lambda m: m.id))
+        self.event(f"autobalance done: member {fo.member} has its share again ({segs}; "
+                   f"epoch {self.epoch})", "green", at=at)
+        self.phase = "balanced again; traffic goes on"
+        self.snapshot("balanced again")
+
+    def kill(self) -> None:
+        """SIGKILL to the member owning the most IKE SAs."""
+        alive = [v for v in self.views.values() if v.alive]
+        if not alive:
+            raise DemoFailed("no member alive to kill")
+        victim = max(alive, key=lambda v: (v.ike_sas, v.child_sas, -v.id))
+        fo = self.fo
+        fo.member, fo.pid, fo.sender_id = victim.id, victim.pid, victim.sender_id
+        fo.ike_sas, fo.child_sas, fo.segments = victim.ike_sas, victim.child_sas, victim.segments
+        self.snapshot("before the kill")
+        try:
+            os.kill(victim.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            raise DemoFailed(f"member {victim.id} (pid {victim.pid}) was not there to kill")\
+                from None
+        fo.killed_at = time.monotonic()
+        victim.note = "killed -9"
+        self.phase = f"kill -9 member {victim.id}"
+        self.event(f"kill -9 member {victim.id} (pid {victim.pid}): it owns "
+                   f"{victim.ike_sas} IKE SAs, carries {victim.child_sas} child SAs and "
+                   f"{victim.segments} segments", "bold red")
+
+    def show(self, peer: Proc) -> None:
+        """The traffic act: live table, the kill, until the peer is done."""
+        from rich.live import Live
+
+        def run(refresh: Callable[[], None]) -> None:
+            next_tick = time.monotonic()
+            while True:
+                e = self.peer_event(next_tick - time.monotonic())
+                if e is not None:
+                    kind = e["event"]
+                    if kind == "traffic":
+                        self.t0 = e["t0"]
+                        self.phase = "traffic"
+                        self.event(f"traffic: {self.s.pps:.0f} inner packets/s round-robin "
+                                   f"through {len(e['children'])} children for "
+                                   f"{self.s.traffic:g} s, each echoed back; kill in "
+                                   f"{self.s.kill_after:g} s")
+                    elif kind == "progress":
+                        self.peer_sent, self.peer_echoed = e["sent"], e["echoed"]
+                    elif kind == "done":
+                        self.done = e
+                        self.peer_sent, self.peer_echoed = e["sent"], e["echoed"]
+                    elif kind == "exit" and self.done is None:
+                        raise DemoFailed("our peer exited during the traffic\n" + peer.tail())
+                    continue
+                next_tick = time.monotonic() + 1.0 / REFRESH_HZ
+                self.tick(refresh)
+                self.check_deadlines()
+                if (self.t0 is not None and self.fo.killed_at is None
+                        and time.monotonic() >= self.t0 + self.s.kill_after):
+                    self.kill()
+                    refresh()
+                if self.done is not None and not peer.alive() and (
+                        self.fo.killed_at is None or self.fo.balanced_at is not None):
+                    return
+
+        if self.live_mode:
+            with Live(self.render(), console=self.console, refresh_per_second=REFRESH_HZ,
+                      transient=False) as live:
+                run(lambda: live.update(self.render()))
+        else:
+            run(lambda: None)
+        # the SAs once more, after everything settled
+        self.sas_after = self.control.ask(b"sas", 3.0) if self.control else None
+        self.tick(lambda: None)
+        self.phase = "the end"
+        self.snapshot("at the end")
+
+    def check_deadlines(self) -> None:
+        fo = self.fo
+        if fo.killed_at is None:
+            return
+        since = time.monotonic() - fo.killed_at
+        if fo.dead_at is None and since > DEAD_WITHIN_S:
+            raise DemoFailed(f"member {fo.member} was killed {since:.1f} s ago and the "
+                             "dispatcher has not declared it dead\n" + self.cluster_tail())
+        if fo.rejoined_at is None and since > RESTART_WITHIN_S:
+            raise DemoFailed(f"member {fo.member} was not restarted within "
+                             f"{RESTART_WITHIN_S:g} s\n" + self.cluster_tail())
+        if fo.balanced_at is None and since > BALANCED_WITHIN_S:
+            raise DemoFailed(f"autobalance did not give member {fo.member} its segments back "
+                             f"within {BALANCED_WITHIN_S:g} s\n" + self.cluster_tail())
+
+    # -- the verdict ----------------------------------------------------------------------
+
+    def verdict(self) -> tuple[list[str], list[str]]:
+        """(summary lines, failures)."""
+        s, fo, d = self.s, self.fo, self.done or {}
+        lines: list[str] = []
+        bad: list[str] = []
+        want_ike, want_child = s.ike_sas, s.ike_sas * s.children
+        lines.append(f"cluster        {s.members} members at {GW}:{self.gw_ports[0]}, "
+                     f"{SEGMENTS} segments, final epoch {self.epoch}")
+        lines.append(f"IKE SAs        {self.up.get('ike_sas_up', 0)}/{want_ike} up, "
+                     f"{self.up.get('children_up', 0)}/{want_child} child SAs "
+                     f"({', '.join(ESPS)})")
+        if not d:
+            lines.append(f"traffic        not finished: {self.peer_sent} packets sent, "
+                         f"{self.peer_echoed} echoed back so far")
+            return lines, bad
+        sent, echoed = d.get("sent", 0), d.get("echoed", 0)
+        lost = sent - echoed
+        pct = 100.0 * lost / sent if sent else 0.0
+        lines.append(f"traffic        {sent} packets peer -> cluster, {echoed} back cluster -> "
+                     f"peer through the echo, {lost} lost ({pct:.2f} %), "
+                     f"{d.get('duplicates', 0)} duplicates")
+        if not sent or not echoed:
+            bad.append("no traffic came back")
+        if d.get("duplicates"):
+            bad.append(f"{d['duplicates']} echoes arrived twice")
+        if fo.killed_at is None:
+            bad.append("the failover act did not happen")
+            return lines, bad
+        k = fo.killed_at - self.t_start
+        lines.append(f"failover       kill -9 member {fo.member} (pid {fo.pid}, {fo.ike_sas} "
+                     f"IKE SAs, {fo.child_sas} child SAs, {fo.segments} segments) at "
+                     f"t={k:.1f}s")
+        if fo.dead_at is not None:
+            took = ", ".join(f"{m}: {n}" for m, n in sorted(fo.moved_to.items()))
+            lines.append(f"               declared dead after "
+                         f"{(fo.dead_at - fo.killed_at) * 1000:.0f} ms, segments to the "
+                         f"backups (epoch {fo.dead_epoch}; segments {took})")
+        else:
+            bad.append(f"member {fo.member} was not declared dead")
+        for text in fo.takeovers:
+            lines.append(f"               {text}")
+        if fo.rejoined_at is not None:
+            spawned = (f"started again after {fo.spawned_at - fo.killed_at:.1f} s, "
+                       if fo.spawned_at is not None else "")
+            lines.append(f"               {spawned}rejoined after "
+                         f"{fo.rejoined_at - fo.killed_at:.1f} s (pid {fo.new_pid}, IV sender "
+                         f"id {fo.sender_id} -> {fo.new_sender_id})")
+        else:
+            bad.append(f"member {fo.member} was not restarted")
+        if fo.balanced_at is not None and fo.rejoined_at is not None:
+            back = fo.taken_back
+            lines.append(f"               autobalance gave back {fo.balanced_segments} segments "
+                         f"{fo.balanced_at - fo.rejoined_at:.1f} s after it rejoined (with "
+                         f"{back[1]} IKE SAs, {back[2]} child SAs)")
+        else:
+            bad.append(f"member {fo.member} did not get its segments back")
+        lines += self._loss(bad)
+        lines += self._same_sas(bad)
+        return lines, bad
+
+    def _loss(self, bad: list[str]) -> list[str]:
+        fo, d = self.fo, self.done or {}
+        assert fo.killed_at is not None
+        labels: list[str] = d.get("children", [])
+        runs = d.get("lost_runs", [])
+        fo_end = (fo.dead_at or fo.killed_at) + 1.0
+        bal_start = fo.rejoined_at or fo_end
+        bal_end = (fo.balanced_at or bal_start) + 1.0
+        at_kill = [r for r in runs if fo.killed_at - 0.2 <= r["last"] and r["first"] <= fo_end]
+        at_balance = [r for r in runs if r not in at_kill
+                      and bal_start <= r["last"] and r["first"] <= bal_end]
+        unplanned = [r for r in runs if r not in at_kill and r not in at_balance
+                     and any(t - 0.2 <= r["last"] and r["first"] <= t + 1.0
+                             for t, _ in self.others_dead)]
+        stray = [r for r in runs if r not in at_kill and r not in at_balance
+                 and r not in unplanned]
+        n_kill = sum(r["packets"] for r in at_kill)
+        n_bal = sum(r["packets"] for r in at_balance)
+        n_stray = sum(r["packets"] for r in stray)
+        spacing = d.get("spacing_s", 0.0)
+        gap = max((r["last"] - r["first"] + spacing for r in at_kill), default=0.0)
+        silences = [x for x in d.get("silences", [])
+                    if fo.killed_at - 0.2 <= x["to"] and x["from"] <= fo_end + 2.0]
+        silent = max((x["to"] - x["from"] for x in silences), default=0.0)
+        hit = sorted({labels[r["child"]] if r["child"] < len(labels) else str(r["child"])
+                      for r in at_kill})
+        lines = [f"loss at kill   {n_kill} packets on {len(hit)} of {len(labels)} children "
+                 f"({', '.join(hit) or 'none'})",
+                 f"failover gap   ~{gap * 1000:.0f} ms of lost packets on the worst child; "
+                 f"longest silence {silent * 1000:.0f} ms (packets every "
+                 f"{spacing * 1000:.0f} ms per child)",
+                 f"other loss     {n_bal} during autobalance, "
+                 + (f"{sum(r['packets'] for r in unplanned)} at the unplanned failover, "
+                    if self.others_dead else "") + f"{n_stray} elsewhere"]
+        sent = d.get("sent", 0)
+        if sent and n_stray > STRAY_LOSS * sent:
+            bad.append(f"{n_stray} packets lost outside the failover")
+        # every child still carried traffic at the end
+        t_end = d.get("t_end", 0.0)
+        stale = [labels[i] if i < len(labels) else str(i)
+                 for i, last in enumerate(d.get("last_echo", []))
+                 if last is None or last < t_end - LAST_ECHO_S]
+        if stale:
+            bad.append(f"children without echoes at the end: {', '.join(stale)}")
+        if d.get("interrupted"):
+            bad.append("the peer was stopped early")
+        return lines
+
+    def _same_sas(self, bad: list[str]) -> list[str]:
+        before, after = _ike_sas(self.sas_before), _ike_sas(self.sas_after)
+        during = _ike_sas(self.sas_during)
+        fo = self.fo
+        same = [n for n, sa in before.items() if n in after
+                and (after[n]["spi_i"], after[n]["spi_r"]) == (sa["spi_i"], sa["spi_r"])
+                and after[n]["state"] == "ESTABLISHED"]
+        lines = [f"same IKE SAs   {len(same)}/{len(before)} IKE SAs kept their SPIs "
+                 f"(sas before and after), none set up again"]
+        for name in sorted(before):
+            sa = before[name]
+            if sa["member"] != fo.member:
+                continue
+            mid = during.get(name, {}).get("member", "?")
+            end = after.get(name, {}).get("member", "?")
+            lines.append(f"               {name} {sa['spi_i']}_i {sa['spi_r']}_r: member "
+                         f"{sa['member']} -> {mid} (takeover) -> {end}")
+        children_after = sum(sa["children"] for sa in after.values())
+        spis_before, spis_after = _child_spis(self.sas_before), _child_spis(self.sas_after)
+        kept = len(spis_before & spis_after)
+        lines.append(f"child SAs      {children_after} after the failover: {kept} unchanged, "
+                     f"{len(spis_after - spis_before)} rekeyed by their new owner "
+                     f"(replay_after_failover = rekey); "
+                     f"{len(_esp_carriers(self.sas_after))} carried by the members")
+        lines.append(f"drops          {self._drops()}")
+        want = self.s.ike_sas
+        if len(before) != want:
+            bad.append(f"sas before the kill listed {len(before)} IKE SAs, not {want}")
+        if len(same) != len(before) or len(after) != len(before):
+            changed = sorted(set(before) ^ set(same)) or sorted(set(after) ^ set(before))
+            bad.append(f"IKE SAs changed over the failover: {', '.join(changed) or '?'}")
+        if children_after != want * self.s.children:
+            bad.append(f"{children_after} child SAs after the failover, not "
+                       f"{want * self.s.children}")
+        return lines
+
+    def causes(self) -> list[str]:
+        """Members declared dead that we did not kill, and why that may be."""
+        out = [text for _, text in self.others_dead]
+        if out:
+            with contextlib.suppress(OSError):
+                out.append(f"the machine is busy? load average {os.getloadavg()[0]:.1f} on "
+                           f"{os.cpu_count()} CPUs (a member is dead after 3 missed heartbeats, "
+                           "150 ms by default)")
+        return out
+
+    def _drops(self) -> str:
+        """The cluster's nonzero drop counters at the end (members as they are
+        now: a restarted member starts from zero)."""
+        st = self.status or {}
+        parts = [f"dispatcher {k}={v}" for k, v in
+                 sorted(st.get("dispatcher", {}).get("drops", {}).items()) if v]
+        for m in st.get("members", []):
+            parts += [f"member {m['id']} {k}={v}" for k, v in sorted(m["drops"].items()) if v]
+        return ", ".join(parts) or "none"
+
+    # -- all of it ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        failure: str | None = None
+        interrupted = False
+        lines: list[str] = []
+        bad: list[str] = []
+        self.event(f"[bold]ipsec-cluster demo[/]: a {self.s.members}-member cluster on "
+                   f"loopback, our peer with {self.s.ike_sas} IKE SAs, traffic through an "
+                   f"echo, and a member killed with SIGKILL after {self.s.kill_after:g} s "
+                   "(Ctrl-C stops it cleanly)")
+        try:
+            with _signals_raise():
+                try:
+                    self.setup()
+                    peer = self.start_peer()
+                    self.wait_up(peer)
+                    self.show(peer)
+                    lines, bad = self.verdict()
+                except DemoFailed as exc:
+                    failure = str(exc)
+                    with contextlib.suppress(Exception):
+                        lines, _ = self.verdict()
+        except (KeyboardInterrupt, Interrupted):
+            interrupted = True
+        finally:
+            # a second Ctrl-C must not leave processes behind; stopping is bounded
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                if self.control is not None:
+                    self.control.close()
+                left = self.stop_all()
+            finally:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        stopped = (f"stopped {len(self.procs)} process groups we started "
+                   f"(echo, cluster with its members, peer)")
+        if left:
+            bad.append(f"still running after SIGKILL: {', '.join(left)}")
+        self.console.print()
+        self.console.print("[bold]Summary[/]")
+        for line in lines:
+            self.console.print("  " + line, markup=False)
+        self.console.print(f"  processes      {stopped}; "
+                           f"{'nothing left running' if not left else 'LEFT: ' + str(left)}",
+                           markup=False)
+        elapsed = self.now()
+        if interrupted:
+            self.console.print(f"  result         INTERRUPTED after {elapsed:.0f} s; "
+                               f"logs in {self.workdir}", markup=False)
+            return 130
+        warnings = self.causes()
+        for cause in warnings:
+            self.console.print(f"  warning        {cause}", markup=False)
+        if failure is not None or bad:
+            reasons = [failure.splitlines()[0]] if failure else []
+            reasons += bad
+            self.console.print(f"  result         FAILED: {'; '.join(reasons)}", markup=False)
+            if failure and "\n" in failure:
+                self.console.print(failure.split("\n", 1)[1], markup=False)
+            self.console.print(f"  logs and configs kept in {self.workdir}", markup=False)
+            return 1
+        note = f" (see the {len(warnings)} warnings above)" if warnings else ""
+        self.console.print(f"  result         OK: every check passed in {elapsed:.0f} s{note}",
+                           markup=False)
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return 0
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the demo like Ctrl-C (everything gets stopped).
+    Ctrl-C too, even where SIGINT came in ignored (a background job)."""
+    def raise_(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    old = {sig: signal.signal(sig, raise_) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def run_cluster_demo(*, quick: bool = False, keep: bool = False, console: Any = None) -> int:
+    """``ipsec-cluster demo``: the whole show; 0 when every check passed."""
+    schedule = QUICK if quick or os.environ.get("IPSEC_CLUSTER_DEMO_QUICK") == "1" else FULL
+    return Demo(schedule, console=console, keep=keep).run()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "peer":
+        sys.exit(_peer_main(sys.argv[2:]))
+    sys.exit(run_cluster_demo(quick="--quick" in sys.argv))
