@@ -24,6 +24,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from common.buffer import Reader, Writer
 from common.errors import MalformedMessage
@@ -62,10 +63,10 @@ class MsgType(enum.IntEnum):
 # -- messages ------------------------------------------------------------------------
 
 
-@dataclass(slots=True, frozen=True)
-class Datagram:
+class Datagram(NamedTuple):
     """One UDP payload and the far end. ``local_port`` is the cluster port it
-    arrived on (IN) or must leave from (OUT)."""
+    arrived on (IN) or must leave from (OUT). A NamedTuple, not a frozen
+    dataclass: one is built per datagram on the hot path (~0.3 us vs ~1 us)."""
 
     local_port: int
     peer_ip: bytes
