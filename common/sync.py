@@ -215,16 +215,50 @@ def _pull_float(r: Reader) -> float:
     return float(v)
 
 
-def _push_ts(w: Writer, tss: tuple[TrafficSelector, ...]) -> None:
-    from common.wire import push_selectors
+#: Selectors repeat across SAs (one policy, thousands of peers): their
+#: encoding and decoding (ipaddress objects) are memoised, both ways, in
+#: bounded caches. TrafficSelector is frozen, so sharing one tuple is safe.
+_TS_CACHE_MAX = 4096
+_ts_encoded: dict[tuple[TrafficSelector, ...], bytes] = {}
+_ts_decoded: dict[bytes, tuple[TrafficSelector, ...]] = {}
 
-    push_selectors(w, tss)
+
+def _push_ts(w: Writer, tss: tuple[TrafficSelector, ...]) -> None:
+    raw = _ts_encoded.get(tss)
+    if raw is None:
+        from common.wire import push_selectors
+
+        sub = Writer()
+        push_selectors(sub, tss)
+        raw = sub.data
+        if len(_ts_encoded) >= _TS_CACHE_MAX:
+            _ts_encoded.clear()
+        _ts_encoded[tss] = raw
+    w.push_bytes(raw)
 
 
 def _pull_ts(r: Reader) -> tuple[TrafficSelector, ...]:
-    from common.wire import pull_selectors
+    # The same layout as common/wire.py push_selectors: u8 count, then per
+    # selector u8 version, 5 bytes, two addresses of 4 (v4) or 16 bytes.
+    count = r.pull_uint8()
+    parts = [bytes((count,))]
+    for _ in range(count):
+        version = r.pull_uint8()
+        parts.append(bytes((version,)))
+        parts.append(r.pull_bytes(5 + (32 if version == 6 else 8)))
+    raw = b"".join(parts)
+    tss = _ts_decoded.get(raw)
+    if tss is None:
+        from common.wire import pull_selectors
 
-    return pull_selectors(r)
+        sub = Reader(raw)
+        tss = pull_selectors(sub)   # validates (MalformedMessage on a bad version)
+        if not sub.eof():
+            raise MalformedMessage("traffic selectors longer than their count says")
+        if len(_ts_decoded) >= _TS_CACHE_MAX:
+            _ts_decoded.clear()
+        _ts_decoded[raw] = tss
+    return tss
 
 
 def _pull_bool(r: Reader) -> bool:
