@@ -100,6 +100,8 @@ class Replicator:
         self.stale: set[bytes] = set()
         self.packets_since_sync = 0
         self.last_esp_sync = 0.0
+        #: inbound SPI -> (outbound next seq, inbound highest) last sent to its backup
+        self.esp_sent: dict[int, tuple[int, int]] = {}
         self.counters: Counter[str] = Counter()
 
     # -- table ------------------------------------------------------------------------
@@ -213,6 +215,7 @@ class Replicator:
             self.send(backup, self._child_state(spi_in, route, ike_spi))
 
     def child_removed(self, spi_in: int) -> None:
+        self.esp_sent.pop(spi_in, None)
         backup = self.child_backup.pop(spi_in, 0)
         if backup:
             self.send(backup, ChildGone(spi_in))
@@ -225,7 +228,10 @@ class Replicator:
                           r.outbound.next_seq, w.size, w.highest, w.bitmap)
 
     def esp_tick(self, now: float, packets: int) -> None:
-        """Send ESP counters when enough packets or time have passed."""
+        """Send ESP counters when enough packets or time have passed: those
+        of the children whose counters moved since they were last sent (an
+        idle child costs nothing; a lost message shows as a stream gap and
+        brings a resync of everything)."""
         self.packets_since_sync += packets
         if self.packets_since_sync < self.seq_sync_packets and \
                 now - self.last_esp_sync < self.seq_sync_interval:
@@ -238,6 +244,10 @@ class Replicator:
             if not backup:
                 continue
             w = r.inbound.window
+            mark = (r.outbound.next_seq, w.highest)
+            if self.esp_sent.get(spi_in) == mark:
+                continue
+            self.esp_sent[spi_in] = mark
             per_backup.setdefault(backup, []).append(EspCounter(
                 spi_in, r.outbound.next_seq, w.highest, w.export_state().bitmap))
         for backup, counters in per_backup.items():
