@@ -273,13 +273,17 @@ class Replicator:
                         self.member_id, lost, env.src)
             self.send(env.src, Resync())
         self.counters["sync_in"] += 1
-        self._handle(env, msg, now)
+        self._handle(env, msg, now, channel)
 
-    def _handle(self, env: Sync, msg: SyncMessage, now: float) -> None:
+    def _handle(self, env: Sync, msg: SyncMessage, now: float, channel: str = "live") -> None:
         if isinstance(msg, IkeSaState):
             key = msg.spi_i if msg.initiator else msg.spi_r
             self.ike_replicas[key] = msg
-            self.send(env.src, Ack(env.seq))
+            if channel == "live":
+                # Only live changes hold datagrams. A bulk message's sequence
+                # number is of the bulk stream: acking it would release the
+                # live message with that number before its backup has it.
+                self.send(env.src, Ack(env.seq))
         elif isinstance(msg, IkeSaGone):
             self.ike_replicas.pop(msg.spi_i, None)
             self.ike_replicas.pop(msg.spi_r, None)
