@@ -12,6 +12,7 @@ Surface for the shells:
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import Counter
 
@@ -63,6 +64,10 @@ class IkeEngine:
         self.by_id: dict[int, IkeSa] = {}
         #: half-open responder SAs by (peer SPI, peer address): IKE_SA_INIT retransmits
         self.half_open: dict[tuple[bytes, str], IkeSa] = {}
+        self._half_open_keys: dict[int, tuple[bytes, str]] = {}
+        #: timer heap of (deadline, ike_id) and each SA's current deadline
+        self._timers: list[tuple[float, int]] = []
+        self._due: dict[int, float] = {}
         self.drops: Counter[str] = Counter()
 
     # -- datagrams ----------------------------------------------------------------
@@ -114,7 +119,9 @@ class IkeEngine:
         self.ctx.outbox.append(Outgoing(result.response, remote, local_port))
         if result.sa is not None:
             self._index(result.sa)
-            self.half_open[(result.sa.spi_i, remote[0])] = result.sa
+            key = (result.sa.spi_i, remote[0])
+            self.half_open[key] = result.sa
+            self._half_open_keys[result.sa.ike_id] = key
 
     def datagrams_to_send(self) -> list[Outgoing]:
         out, self.ctx.outbox = self.ctx.outbox, []
@@ -124,42 +131,92 @@ class IkeEngine:
         return self.ctx.events.popleft() if self.ctx.events else None
 
     # -- timers ---------------------------------------------------------------------
+    #
+    # One heap of (deadline, ike_id) over all IKE SAs, with lazy invalidation:
+    # ``_due`` holds each SA's current deadline, an entry that does not match
+    # it is stale and skipped. Only SAs touched by a call (``ctx.touched``:
+    # sent, received, ran a timer, changed state or queue) get their deadline
+    # recomputed, so get_timer is O(log n) amortised and handle_timer
+    # O(due SAs · log n), whatever the number of SAs held. A deadline that
+    # moved later without a touch (ESP activity postponing DPD) leaves an
+    # early entry behind: the SA's timer runs, finds nothing due, and its
+    # deadline is recomputed. Nothing moves a deadline earlier untouched.
 
     def get_timer(self) -> float | None:
-        deadlines = [d for d in (sa.next_deadline() for sa in self.by_id.values())
-                     if d is not None]
-        return min(deadlines) if deadlines else None
+        heap = self._timers
+        while heap:
+            deadline, ike_id = heap[0]
+            if self._due.get(ike_id) == deadline and ike_id in self.by_id:
+                return deadline
+            heapq.heappop(heap)
+        return None
 
     def handle_timer(self, now: float) -> None:
-        for sa in list(self.by_id.values()):
-            deadline = sa.next_deadline()
-            if deadline is not None and deadline <= now:
-                sa.handle_timer(now)
+        heap = self._timers
+        while heap and heap[0][0] <= now:
+            deadline, ike_id = heapq.heappop(heap)
+            sa = self.by_id.get(ike_id)
+            if sa is None or self._due.get(ike_id) != deadline:
+                continue
+            del self._due[ike_id]  # recomputed in _housekeeping
+            self.ctx.touched.add(sa)
+            sa.handle_timer(now)
         self._housekeeping()
+
+    def _schedule(self, sa: IkeSa) -> None:
+        deadline = sa.next_deadline()
+        if deadline is None:
+            self._due.pop(sa.ike_id, None)
+        elif self._due.get(sa.ike_id) != deadline:
+            self._due[sa.ike_id] = deadline
+            heapq.heappush(self._timers, (deadline, sa.ike_id))
 
     # -- bookkeeping ------------------------------------------------------------------
 
     def _touch(self, sa: IkeSa) -> None:
         """``sa`` changed outside receive_datagram/handle_timer."""
+        self.ctx.touched.add(sa)
+        self._housekeeping()
 
     def _index(self, sa: IkeSa) -> None:
         self.sas[sa.spi_i if sa.initiator else sa.spi_r] = sa
         self.by_id[sa.ike_id] = sa
+        self.ctx.touched.add(sa)
+
+    def _unindex(self, sa: IkeSa) -> None:
+        key = sa.spi_i if sa.initiator else sa.spi_r
+        if self.sas.get(key) is sa:
+            del self.sas[key]
+        if self.by_id.get(sa.ike_id) is sa:
+            del self.by_id[sa.ike_id]
+        self._due.pop(sa.ike_id, None)
+        self._drop_half_open(sa)
+
+    def _drop_half_open(self, sa: IkeSa) -> None:
+        key = self._half_open_keys.pop(sa.ike_id, None)
+        if key is not None and self.half_open.get(key) is sa:
+            del self.half_open[key]
 
     def _housekeeping(self) -> None:
-        for sa in self.ctx.created:
+        """After every call: index SAs created by rekeys, then for the SAs
+        touched in this call only: forget terminal ones, recompute deadlines."""
+        ctx = self.ctx
+        for sa in ctx.created:
             self._index(sa)
-        self.ctx.created.clear()
-        for sa in [s for s in self.by_id.values() if s.terminal]:
-            self.by_id.pop(sa.ike_id, None)
-            self.sas.pop(sa.spi_i if sa.initiator else sa.spi_r, None)
-            self.half_open.pop((sa.spi_i, sa.remote[0]), None)
-        for key, sa in list(self.half_open.items()):
+        ctx.created.clear()
+        touched, ctx.touched = ctx.touched, set()
+        for sa in touched:
+            if self.by_id.get(sa.ike_id) is not sa:
+                continue  # forgotten, replaced by adopt(), or of another engine
+            if sa.terminal:
+                self._unindex(sa)
+                continue
             if sa.state is not IkeState.HALF_OPEN:
-                del self.half_open[key]
+                self._drop_half_open(sa)
+            self._schedule(sa)
 
     def half_open_count(self) -> int:
-        return sum(1 for sa in self.half_open.values() if sa.state is IkeState.HALF_OPEN)
+        return len(self.half_open)
 
     def get(self, ike_id: int) -> IkeSa:
         sa = self.by_id.get(ike_id)
@@ -194,6 +251,7 @@ class IkeEngine:
         for name in names[1:]:
             sa.queue.append(ChildCreateTask(policy.children[name]))
         sa.kick(now)
+        self._housekeeping()
         return sa.ike_id
 
     def _for_action(self, ike_id: int, action: str) -> IkeSa:
@@ -238,7 +296,6 @@ class IkeEngine:
         else:
             sa.queue_task(IkeDeleteTask(), now)
         self._touch(sa)
-        self._housekeeping()
 
     def dpd(self, ike_id: int, now: float) -> None:
         sa = self._for_action(ike_id, "dpd")
@@ -265,10 +322,11 @@ class IkeEngine:
         sa = restore(self.ctx, state, self.policies.get(state.policy), now)
         old = self.sas.get(sa.spi_i if sa.initiator else sa.spi_r)
         if old is not None:
-            self.by_id.pop(old.ike_id, None)
+            self._unindex(old)
         self._index(sa)
         if mid_sync and sa.peer_mid_sync:
             sa.queue_task(MidSyncTask(margin), now, first=True)
+        self._housekeeping()
         return sa
 
     def forget(self, spi_i: bytes, spi_r: bytes) -> None:
@@ -276,11 +334,12 @@ class IkeEngine:
         for key in (spi_i, spi_r):
             sa = self.sas.get(key)
             if sa is not None and sa.spi_i == spi_i and sa.spi_r == spi_r:
-                del self.sas[key]
-                self.by_id.pop(sa.ike_id, None)
+                self._unindex(sa)
 
     def note_activity(self, ike_id: int, now: float) -> None:
         """ESP traffic arrived for this IKE SA: no DPD needed (RFC 7296 §2.4)."""
         sa = self.by_id.get(ike_id)
         if sa is not None:
+            # Only ever later: the SA's timer entry may now be early, which
+            # costs one idle timer run, not a recomputation per ESP packet.
             sa.last_heard = max(sa.last_heard, now)

@@ -94,6 +94,9 @@ class IkeContext:
     events: deque[IkeEvent] = field(default_factory=deque)
     #: IKE SAs created by rekeys, for the engine to index by SPI
     created: list[IkeSa] = field(default_factory=list)
+    #: IKE SAs whose timers or state may have changed in the current engine
+    #: call; the engine recomputes their deadlines (and nothing else's)
+    touched: set[IkeSa] = field(default_factory=set)
     next_id: int = 1
 
     def new_id(self) -> int:
@@ -225,6 +228,7 @@ class IkeSa:
     # -- state ----------------------------------------------------------------
 
     def apply(self, event: IkeInput) -> None:
+        self.ctx.touched.add(self)
         nxt = IKE_TRANSITIONS.get((self.state, event))
         if nxt is None:
             old = self.state
@@ -278,6 +282,7 @@ class IkeSa:
     # -- sending ----------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
+        self.ctx.touched.add(self)
         self.ctx.outbox.append(Outgoing(data, self.remote, self.local_port, self.ike_id))
 
     def encode(self, exchange: ExchangeType, mid: int, response: bool,
@@ -300,6 +305,7 @@ class IkeSa:
         """Send the next queued request if none is in flight. A responder
         sends nothing before IKE_AUTH made the SA ESTABLISHED (the peer is not
         authenticated yet); queued tasks wait until then."""
+        self.ctx.touched.add(self)  # the queue changed: DPD is due or not
         if self.state is IkeState.HALF_OPEN:
             return
         while self.active is None and self.queue and not self.terminal:
@@ -328,6 +334,7 @@ class IkeSa:
 
     def receive_response(self, header: IkeHeader, data: bytes, remote: Address,
                          local_port: int, now: float) -> None:
+        self.ctx.touched.add(self)
         if not self.mids.is_our_response(header.message_id) or self.active is None:
             self.counters["dropped"] += 1
             return
@@ -348,6 +355,7 @@ class IkeSa:
 
     def receive_request(self, header: IkeHeader, data: bytes, remote: Address,
                         local_port: int, now: float) -> None:
+        self.ctx.touched.add(self)
         from common.ike.exchanges import DropRequest, dispatch_request
         from common.ike.exchanges.informational import is_mid_sync_request
 
@@ -454,6 +462,7 @@ class IkeSa:
         from common.ike.exchanges.informational import DpdTask
         from common.ike.msgid import RetransmitsExhausted
 
+        self.ctx.touched.add(self)
         if self.terminal:
             return
         try:
