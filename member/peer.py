@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.config import Config, ConnectionConfig
-from common.ike.constants import NotifyType
 from common.ike.events import (
     ChildSaFailed,
     ChildSaInstalled,
@@ -52,9 +51,6 @@ from common.ike.events import (
     IkeSaFailed,
     IkeSaRekeyed,
 )
-from common.ike.exchanges.ike_auth import IkeAuthTask
-from common.ike.payloads import NotifyPayload, Payload
-from common.ike.sa import IkeSa
 from common.ike.ts import TrafficSelector
 from dispatcher.gateway import Gateway
 from dispatcher.inside import Inside, OnPacket
@@ -260,18 +256,6 @@ class PeerResult:
 # -- the peer ----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _QuietAuthTask(IkeAuthTask):
-    """IKE_AUTH without N(INITIAL_CONTACT), for the 2nd..Nth IKE SA."""
-
-    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
-        payloads = IkeAuthTask.build(self, sa, now)
-        if payloads is None:
-            return None
-        return [p for p in payloads if not (isinstance(p, NotifyPayload)
-                                            and p.notify_type == NotifyType.INITIAL_CONTACT)]
-
-
 class _CountingInside:
     """Wraps the real inside: counts decrypted packets carrying our mark (the
     echoes of what we sent), passes everything else on."""
@@ -387,13 +371,10 @@ class Peer(Gateway):
         now = self._now()
         children = _children_of(conn)
         remote = (str(conn.remote_addrs[0]), conn.remote_port)
-        ike_id = self.member.engine.initiate(conn.name, remote, now, children)
         ic = self.options.initial_contact
-        if ic == "none" or (ic == "first" and index > 0):
-            sa = self.member.engine.get(ike_id)
-            for i, task in enumerate(sa.queue):
-                if type(task) is IkeAuthTask:
-                    sa.queue[i] = _QuietAuthTask(task.child)
+        ike_id = self.member.engine.initiate(
+            conn.name, remote, now, children,
+            initial_contact=ic == "all" or (ic == "first" and index == 0))
         self.launches[ike_id] = _Launch(now, len(children))
         if self._first_start is None:
             self._first_start = now

@@ -410,3 +410,19 @@ def test_unknown_noncritical_payload_skipped() -> None:
     assert reply.is_response and reply.payloads == []
     sa_a.mids.send_next = mid + 1
     assert p.dpd_ok("a")
+
+
+@pytest.mark.parametrize("initial_contact", [True, False])
+def test_initial_contact_option(initial_contact: bool) -> None:
+    p = make_pair(extra_children=False)
+    p.a.initiate("conn", p.addr("b"), p.now, initial_contact=initial_contact)
+    # IKE_SA_INIT -->  <-- IKE_SA_INIT
+    p.step("a")
+    p.step("b")
+    # IKE_AUTH { IDi, [N(INITIAL_CONTACT),] IDr, AUTH, SAi2, TSi, TSr } -->
+    [auth] = p.pending("a")
+    msg = decode_message(auth.data, p.sa("b").sk_in)
+    assert msg.has_notify(NotifyType.INITIAL_CONTACT) is initial_contact
+    p.deliver("a", auth.data, auth)
+    p.flush()
+    assert p.of("a", IkeSaEstablished) and p.of("b", IkeSaEstablished)

@@ -230,9 +230,12 @@ class IkeEngine:
     # -- actions (initiator side) --------------------------------------------------------
 
     def initiate(self, policy_name: str, remote: Address, now: float,
-                 children: list[str] | None = None) -> int:
+                 children: list[str] | None = None, *, initial_contact: bool = True) -> int:
         """Start IKE_SA_INIT + IKE_AUTH with the first child, then CREATE_CHILD_SA
-        for the others. Returns the new IKE SA's id."""
+        for the others. Returns the new IKE SA's id. ``initial_contact``: send
+        N(INITIAL_CONTACT) in IKE_AUTH (RFC 7296 §2.4); leave it off for IKE
+        SAs started alongside others of the same identities, or the responder
+        may delete those."""
         policy = self.policies.get(policy_name)
         if policy is None:
             raise LocalProtocolError(f"no connection named {policy_name!r}")
@@ -247,7 +250,7 @@ class IkeEngine:
         self._index(sa)
         sa.queue.append(IkeInitTask())
         first = policy.children[names[0]] if names else None
-        sa.queue.append(IkeAuthTask(first))
+        sa.queue.append(IkeAuthTask(first, initial_contact=initial_contact))
         for name in names[1:]:
             sa.queue.append(ChildCreateTask(policy.children[name]))
         sa.kick(now)

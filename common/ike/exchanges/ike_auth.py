@@ -78,13 +78,17 @@ class IkeAuthTask:
     name = "ike_auth"
     child: ChildPolicy | None = None
     offer: ChildOffer | None = None
+    #: RFC 7296 §2.4: "this is the only IKE SA between us": the responder may
+    #: delete the others of the same identities. Off for a second, parallel SA.
+    initial_contact: bool = True
 
     def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
         policy = sa.policy
         if policy is None:
             return None
-        payloads: list[Payload] = [IdiPayload(*policy.local_id),
-                                   NotifyPayload(NotifyType.INITIAL_CONTACT)]
+        payloads: list[Payload] = [IdiPayload(*policy.local_id)]
+        if self.initial_contact:
+            payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
         if policy.remote_id is not None:
             payloads.append(IdrPayload(*policy.remote_id))
         payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC,
