@@ -9,8 +9,10 @@ import pytest
 
 from common.ike.constants import DhId, ExchangeType, IdType, NotifyType, PayloadType
 from common.ike.events import (
+    ChildSaDeleted,
     ChildSaFailed,
     ChildSaInstalled,
+    IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
 )
@@ -426,3 +428,30 @@ def test_initial_contact_option(initial_contact: bool) -> None:
     p.deliver("a", auth.data, auth)
     p.flush()
     assert p.of("a", IkeSaEstablished) and p.of("b", IkeSaEstablished)
+
+
+def test_initial_contact_deletes_stale_sas_of_the_same_identities() -> None:
+    """RFC 7296 §2.4: IKE_AUTH with N(INITIAL_CONTACT) tells the responder that
+    the initiator holds no other IKE SA with it: ours of the same identity
+    pair are stale and go (without a delete); others stay."""
+    p = make_pair(extra_children=False)
+    first = p.initiate("a")
+    p.flush()
+    second = p.a.initiate("conn", p.addr("b"), p.now, initial_contact=False)
+    p.flush()
+    assert len(p.b.by_id) == 2  # without INITIAL_CONTACT, nothing goes
+    stale = set(p.b.by_id)
+    third = p.a.initiate("conn", p.addr("b"), p.now, initial_contact=False)
+    p.flush()
+    # Another identity pair on b's side: a different peer identity.
+    [different] = [sa for i, sa in p.b.by_id.items() if i not in stale]
+    different.peer_id = (IdType.ID_FQDN, b"someone-else.test")
+    p.clear_events()
+    # IKE_AUTH { IDi, N(INITIAL_CONTACT), IDr, AUTH, SAi2, TSi, TSr } -->
+    p.a.initiate("conn", p.addr("b"), p.now)
+    p.flush()
+    gone = {e.ike_id for e in p.of("b", IkeSaDeleted)}
+    assert gone == stale and different.ike_id in p.b.by_id and len(p.b.by_id) == 2
+    assert all("INITIAL_CONTACT" in e.reason for e in p.of("b", IkeSaDeleted))
+    assert len(p.of("b", ChildSaDeleted)) == 2
+    assert {first, second, third} <= set(p.a.by_id)  # a is not told

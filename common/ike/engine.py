@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 
 from common.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
-from common.ike.constants import ExchangeType
+from common.ike.constants import ExchangeType, IdType
 from common.ike.cookies import CookieJar
 from common.ike.events import IkeEvent
 from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
@@ -53,6 +53,15 @@ _ACTION_STATES = frozenset({IkeState.INIT_SENT, IkeState.AUTH_SENT, IkeState.HAL
                             IkeState.ESTABLISHED})
 
 
+Identities = tuple[tuple[IdType, bytes], tuple[IdType, bytes]]
+
+
+def _identities(sa: IkeSa) -> Identities | None:
+    if sa.policy is None or sa.peer_id is None:
+        return None
+    return sa.policy.local_id, sa.peer_id
+
+
 class IkeEngine:
     def __init__(self, policies: list[IkePolicy], *, random: RandomBytes, spis: SpiSource,
                  options: IkeOptions | None = None) -> None:
@@ -68,6 +77,8 @@ class IkeEngine:
         #: timer heap of (deadline, ike_id) and each SA's current deadline
         self._timers: list[tuple[float, int]] = []
         self._due: dict[int, float] = {}
+        #: established IKE SAs by (our identity, peer identity), for INITIAL_CONTACT
+        self._by_identities: dict[Identities, set[int]] = {}
         self.drops: Counter[str] = Counter()
 
     # -- datagrams ----------------------------------------------------------------
@@ -191,6 +202,12 @@ class IkeEngine:
             del self.by_id[sa.ike_id]
         self._due.pop(sa.ike_id, None)
         self._drop_half_open(sa)
+        idents = _identities(sa)
+        ids = self._by_identities.get(idents) if idents is not None else None
+        if idents is not None and ids is not None:
+            ids.discard(sa.ike_id)
+            if not ids:
+                del self._by_identities[idents]
 
     def _drop_half_open(self, sa: IkeSa) -> None:
         key = self._half_open_keys.pop(sa.ike_id, None)
@@ -204,6 +221,8 @@ class IkeEngine:
         for sa in ctx.created:
             self._index(sa)
         ctx.created.clear()
+        while ctx.initial_contact:
+            self._initial_contact(ctx.initial_contact.pop())
         touched, ctx.touched = ctx.touched, set()
         for sa in touched:
             if self.by_id.get(sa.ike_id) is not sa:
@@ -213,7 +232,26 @@ class IkeEngine:
                 continue
             if sa.state is not IkeState.HALF_OPEN:
                 self._drop_half_open(sa)
+                key = _identities(sa)
+                if key is not None:
+                    self._by_identities.setdefault(key, set()).add(sa.ike_id)
             self._schedule(sa)
+
+    def _initial_contact(self, sa: IkeSa) -> None:
+        """RFC 7296 §2.4: N(INITIAL_CONTACT) says the peer has no other IKE SA
+        with us, so ours with the same authenticated identities (both of them:
+        another connection of ours to the same peer identity is not this one)
+        are stale: they end here, without a delete the peer would not know."""
+        key = _identities(sa)
+        if key is None:
+            return
+        for ike_id in sorted(self._by_identities.get(key, set())):
+            other = self.by_id.get(ike_id)
+            if other is None or other is sa or other.terminal or _identities(other) != key:
+                continue
+            log.info("IKE SA %d: INITIAL_CONTACT from %s on IKE SA %d, deleting this one",
+                     other.ike_id, sa.remote[0], sa.ike_id)
+            ike_gone(other, "peer restarted (INITIAL_CONTACT)")
 
     def half_open_count(self) -> int:
         return len(self.half_open)

@@ -97,6 +97,9 @@ class IkeContext:
     #: IKE SAs whose timers or state may have changed in the current engine
     #: call; the engine recomputes their deadlines (and nothing else's)
     touched: set[IkeSa] = field(default_factory=set)
+    #: IKE SAs established with N(INITIAL_CONTACT) from the peer (RFC 7296
+    #: §2.4): the engine deletes the other IKE SAs of the same identities
+    initial_contact: list[IkeSa] = field(default_factory=list)
     next_id: int = 1
 
     def new_id(self) -> int:

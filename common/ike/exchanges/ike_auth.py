@@ -161,6 +161,9 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
     sa.peer_id = ident
     sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
     became_established(sa, now)
+    if msg.has_notify(NotifyType.INITIAL_CONTACT):
+        # RFC 7296 §2.4: the peer holds no other IKE SA with us (it restarted).
+        sa.ctx.initial_contact.append(sa)
     payloads: list[Payload] = [IdrPayload(*policy.local_id), AuthPayload(
         AuthMethod.SHARED_KEY_MIC, _auth(sa, policy, ours=True, ident=policy.local_id))]
     try:
