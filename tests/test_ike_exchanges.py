@@ -455,3 +455,41 @@ def test_initial_contact_deletes_stale_sas_of_the_same_identities() -> None:
     assert all("INITIAL_CONTACT" in e.reason for e in p.of("b", IkeSaDeleted))
     assert len(p.of("b", ChildSaDeleted)) == 2
     assert {first, second, third} <= set(p.a.by_id)  # a is not told
+
+
+@pytest.mark.parametrize("in_auth", [True, False])
+@pytest.mark.parametrize("ini", ROLES)
+def test_wider_ts_answer_refused_and_deleted(ini: str, in_auth: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 7296 §2.9: the responder may only narrow. An answer wider than the
+    offer is refused (TS_UNACCEPTABLE) and the child the responder installed
+    is deleted; the IKE SA lives on."""
+    from common.ike.exchanges import child_sa
+
+    resp = other(ini)
+    p = make_pair(extra_children=False)
+    if not in_auth:
+        p.establish(ini)
+        p.clear_events()
+    # A broken responder: answers its whole configuration (10.0.0.0/8)
+    # instead of the intersection with the offer.
+    wide = [child("net", "10.0.0.0/8", "10.0.0.0/8")]
+    p.engine(resp).policies["conn"].children["net"] = wide[0]
+    monkeypatch.setattr(child_sa, "narrow", lambda proposed, allowed: list(allowed))
+    if in_auth:
+        # IKE_AUTH { ..., TSi(/24), TSr(/24) } -->  <-- IKE_AUTH { ..., TSi(/8), TSr(/8) }
+        p.initiate(ini)
+    else:
+        # CREATE_CHILD_SA { SA, Ni, TSi(/24), TSr(/24) } -->  <-- { SA, Nr, TSi(/8), TSr(/8) }
+        p.engine(ini).create_child(p.ike_id(ini), "net", p.now)
+    # INFORMATIONAL { D(ESP, the refused child) } -->  <-- INFORMATIONAL { D(ESP) }
+    p.flush()
+    [failed] = p.of(ini, ChildSaFailed)
+    assert "TS_UNACCEPTABLE" in failed.reason
+    assert not p.of(ini, ChildSaInstalled)
+    [installed] = p.of(resp, ChildSaInstalled)
+    [deleted] = p.of(resp, ChildSaDeleted)
+    assert deleted.spi_in == installed.spi_in
+    extra = 0 if in_auth else 1  # the child from IKE_AUTH stays
+    assert len(p.live(ini)) == len(p.live(resp)) == extra
+    assert p.dpd_ok(ini) and p.dpd_ok(resp)

@@ -192,6 +192,13 @@ def narrow(
     return result
 
 
+def within(answer: list[TrafficSelector], offered: list[TrafficSelector]) -> bool:
+    """Every selector of ``answer`` lies inside one of ``offered``: what an
+    initiator checks in the responder's TSi/TSr (RFC 7296 §2.9: the responder
+    may only narrow)."""
+    return all(any(intersect(a, o) == a for o in offered) for a in answer)
+
+
 def to_cidrs(ts: TrafficSelector) -> list[IPNetwork]:
     """The address range as the fewest CIDR blocks (for routes on the TUN device)."""
     if ts.start_int > ts.end_int:

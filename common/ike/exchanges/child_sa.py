@@ -35,7 +35,7 @@ from common.ike.payloads import (
 from common.ike.policy import ChildPolicy
 from common.ike.proposals import EspSuite, choose_proposal, esp_suite, proposal_matches
 from common.ike.transforms import Proposal, Transform
-from common.ike.ts import TrafficSelector, narrow
+from common.ike.ts import TrafficSelector, narrow, within
 
 if TYPE_CHECKING:
     from common.ike.sa import IkeContext, IkeSa
@@ -53,6 +53,14 @@ class ChildRefused(RemoteProtocolError):
         super().__init__(reason)
         self.notify_type = int(notify)
         self.data = data
+
+
+class ChildUnacceptable(ChildRefused):
+    """The responder's answer created a child we cannot take (traffic
+    selectors wider than we offered): we delete it (RFC 7296 §2.9)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(NotifyType.TS_UNACCEPTABLE, reason)
 
 
 def _strip_dh(p: Proposal) -> list[Transform]:
@@ -153,6 +161,17 @@ def finish_initiated_child(sa: IkeSa, offer: ChildOffer, msg: IkeMessage, now: f
     """Initiator: take the responder's answer to our child SA offer."""
     try:
         return _finish(sa, offer, msg, now, in_auth=in_auth)
+    except ChildUnacceptable as exc:
+        from common.ike.exchanges.informational import RefusedChildDeleteTask
+
+        # The SPI stays ours until the peer has deleted its half.
+        sa.queue_task(RefusedChildDeleteTask(offer.spi_in), now)
+        offer.released = True
+        sa.ctx.events.append(ChildSaFailed(sa.ike_id, offer.policy.name,
+                                           f"{exc} ({NotifyType.TS_UNACCEPTABLE.name})"))
+        log.warning("IKE SA %d: child %s refused, deleting it: %s", sa.ike_id,
+                    offer.policy.name, exc)
+        return None
     except (RemoteProtocolError, ValueError) as exc:
         offer.release()
         sa.ctx.events.append(ChildSaFailed(sa.ike_id, offer.policy.name, str(exc)))
@@ -173,10 +192,13 @@ def _finish(sa: IkeSa, offer: ChildOffer, msg: IkeMessage, now: float, *,
         raise ChildRefused(NotifyType.NO_PROPOSAL_CHOSEN, "peer chose an ESP proposal we "
                            "did not offer")
     suite = esp_suite(chosen)
-    local_ts = narrow(tsi.selectors, offer.local_ts)
-    remote_ts = narrow(tsr.selectors, offer.remote_ts)
-    if not local_ts or not remote_ts:
-        raise ChildRefused(NotifyType.TS_UNACCEPTABLE, "peer widened the traffic selectors")
+    if not (tsi.selectors and tsr.selectors and within(tsi.selectors, offer.local_ts)
+            and within(tsr.selectors, offer.remote_ts)):
+        # §2.9: the responder may narrow, never widen. It has installed the
+        # child already: refuse it and delete it (ChildUnacceptable).
+        raise ChildUnacceptable("peer widened the traffic selectors")
+    local_ts = list(tsi.selectors)
+    remote_ts = list(tsr.selectors)
     shared: bytes | None = None
     if in_auth:
         ni, nr = sa.ni, sa.nr

@@ -95,6 +95,26 @@ class ChildDeleteTask:
 
 
 @dataclass(slots=True)
+class RefusedChildDeleteTask:
+    """Delete a child the peer installed and we refused (RFC 7296 §2.9: it
+    widened our traffic selectors); we never installed our half. The SPI is
+    ours until the peer has answered."""
+
+    spi_in: int
+    exchange = ExchangeType.INFORMATIONAL
+    name = "child_delete"
+
+    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
+        return [DeletePayload(ProtocolId.ESP, [self.spi_in.to_bytes(4, "big")])]
+
+    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
+        sa.ctx.spis.release_esp(self.spi_in)
+
+    def failed(self, sa: IkeSa, now: float) -> None:
+        sa.ctx.spis.release_esp(self.spi_in)
+
+
+@dataclass(slots=True)
 class IkeDeleteTask:
     exchange = ExchangeType.INFORMATIONAL
     name = "ike_delete"
