@@ -308,13 +308,19 @@ class SegmentTable:
 
         if max_moves <= 0:
             return moves
+        # Segments nobody owns (everyone died) carry no state to hand over: the
+        # joining member takes them all at once, whatever max_moves says, so a
+        # table with a live member never has an ownerless segment.
+        for s in range(len(self._owner)):
+            if trial._owner[s] == NO_MEMBER:
+                mv = SegmentMove(s, None, member, None)
+                trial._move(mv)
+                moves.append(mv)
         for s in range(len(self._owner)):
             o = trial._owner[s]
             if o != NO_MEMBER and o != member and trial._backup[s] == NO_MEMBER:
                 if not take(SegmentMove(s, o, o, member)):
                     return moves
-            elif o == NO_MEMBER and not take(SegmentMove(s, None, member, None)):
-                return moves
         if trial._mode == TableMode.LOAD_SHARING:
             while (seg := trial._donor_segment(trial._owner, member)) is not None:
                 o, b = trial._owner[seg], trial._backup[seg]
