@@ -19,10 +19,15 @@ class RemoteProtocolError(IpsecClusterError):
     """The peer (or a packet from the network) broke the protocol.
 
     ``notify_type`` is the IKEv2 Notify Message Type (RFC 7296 §3.10.1) this
-    error is reported with, or 0 when it is not reported to the peer.
+    error is reported with, or 0 when it is not reported to the peer; the
+    other ``notify_*`` fields fill the rest of that Notify payload. Only
+    ``common.ike.exchanges.notify_for`` turns them into one.
     """
 
     notify_type: int = 0
+    notify_data: bytes = b""
+    notify_protocol: int = 0
+    notify_spi: bytes = b""
 
 
 class MalformedMessage(RemoteProtocolError):

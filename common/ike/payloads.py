@@ -91,10 +91,7 @@ class UnsupportedCriticalPayload(RemoteProtocolError):
     def __init__(self, payload_type: int) -> None:
         super().__init__(f"unsupported critical payload type {payload_type}")
         self.payload_type = payload_type
-
-    @property
-    def notify_data(self) -> bytes:
-        return bytes([self.payload_type])
+        self.notify_data = bytes([payload_type])
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.child import ChildInput, ChildSa, ChildState
-from common.ike.constants import ExchangeType, IdType, NotifyType, ProtocolId
+from common.ike.constants import ExchangeType, IdType, ProtocolId
 from common.ike.events import IkeEvent, IkeSaFailed
 from common.ike.keys import IkeKeys
 from common.ike.message import (
@@ -359,7 +359,7 @@ class IkeSa:
     def receive_request(self, header: IkeHeader, data: bytes, remote: Address,
                         local_port: int, now: float) -> None:
         self.ctx.touched.add(self)
-        from common.ike.exchanges import DropRequest, dispatch_request
+        from common.ike.exchanges import DropRequest, dispatch_request, notify_for
         from common.ike.exchanges.informational import is_mid_sync_request
 
         verdict = self.mids.classify_request(header.message_id)
@@ -379,8 +379,7 @@ class IkeSa:
             # RFC 7296 §2.5: answer with the type of the payload we do not know.
             stub = IkeMessage(self.spi_i, self.spi_r, header.exchange, header.message_id,
                               False, not self.initiator, [])
-            self.respond(stub, [NotifyPayload(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD,
-                                              data=exc.notify_data)], now, request=data)
+            self.respond(stub, [notify_for(exc)], now, request=data)
             return
         except (RemoteProtocolError, EncryptedWithoutKeys) as exc:
             self.counters["dropped"] += 1
@@ -405,7 +404,7 @@ class IkeSa:
             return
         except RemoteProtocolError as exc:
             log.info("IKE SA %d: request refused: %s", self.ike_id, exc)
-            payloads = [NotifyPayload(NotifyType(exc.notify_type or NotifyType.INVALID_SYNTAX))]
+            payloads = [notify_for(exc)]
         self.respond(msg, payloads, now, request=data)
 
     def _answer_retransmit(self, data: bytes, remote: Address, local_port: int) -> None:

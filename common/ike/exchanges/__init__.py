@@ -20,6 +20,23 @@ if TYPE_CHECKING:
 Handler = Callable[["IkeSa", IkeMessage, float], list[Payload]]
 
 
+class Refused(RemoteProtocolError):
+    """A request we answer with an error notify (the IKE SA lives on unless the
+    handler ended it): NO_PROPOSAL_CHOSEN, TEMPORARY_FAILURE, ..."""
+
+    def __init__(self, notify: NotifyType, reason: str = "", data: bytes = b"", *,
+                 protocol: int = 0, spi: bytes = b"") -> None:
+        super().__init__(reason or notify.name)
+        self.notify_type = int(notify)
+        self.notify_data = data
+        self.notify_protocol = protocol
+        self.notify_spi = spi
+
+
+class ChildRefused(Refused):
+    """A child SA request we answer with an error notify (the IKE SA lives on)."""
+
+
 class UnexpectedExchange(RemoteProtocolError):
     """A request that this IKE SA cannot take in its state (RFC 7296 §2.21)."""
 
@@ -91,5 +108,9 @@ def dispatch_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     return handler(sa, msg, now)
 
 
-def error_notify(t: NotifyType, data: bytes = b"") -> list[Payload]:
-    return [NotifyPayload(t, data=data)]
+def notify_for(exc: RemoteProtocolError) -> NotifyPayload:
+    """The one place an error becomes a Notify payload (STYLE.md, h2's
+    exceptions): its type (INVALID_SYNTAX when it names none), data, and the
+    protocol and SPI it is about."""
+    return NotifyPayload(NotifyType(exc.notify_type or NotifyType.INVALID_SYNTAX),
+                         ProtocolId(exc.notify_protocol), exc.notify_spi, exc.notify_data)

@@ -21,6 +21,7 @@ from common.ike.child import ChildInput, ChildSa, ChildState
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
 from common.ike.dh import DhKeyPair, dh_generate
 from common.ike.events import ChildSaFailed, ChildSaInstalled
+from common.ike.exchanges import ChildRefused, Refused
 from common.ike.keys import derive_child_keymat
 from common.ike.message import IkeMessage
 from common.ike.payloads import (
@@ -44,15 +45,6 @@ log = logging.getLogger("ipsec_cluster.ike")
 
 #: a refused child rekey is tried again this much later
 REKEY_RETRY_S = 10.0
-
-
-class ChildRefused(RemoteProtocolError):
-    """A child SA request we answer with an error notify (the IKE SA lives on)."""
-
-    def __init__(self, notify: NotifyType, reason: str, data: bytes = b"") -> None:
-        super().__init__(reason)
-        self.notify_type = int(notify)
-        self.data = data
 
 
 class ChildUnacceptable(ChildRefused):
@@ -408,10 +400,8 @@ def _rekey_aborted(old: ChildSa, now: float) -> None:
 
 
 def handle_new_child(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
-    try:
-        return respond_child(sa, msg, now, in_auth=False, rekeyed=None)
-    except ChildRefused as exc:
-        return [NotifyPayload(NotifyType(exc.notify_type), data=exc.data)]
+    # A ChildRefused becomes the answer's notify in IkeSa.receive_request.
+    return respond_child(sa, msg, now, in_auth=False, rekeyed=None)
 
 
 def handle_child_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
@@ -420,11 +410,8 @@ def handle_child_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     # The SPI is the one the initiator receives on: our outbound SPI (§1.3.3).
     old = sa.child_by_out(spi) if spi is not None else None
     if old is None or old.state is ChildState.DELETED:
-        return [NotifyPayload(NotifyType.CHILD_SA_NOT_FOUND, ProtocolId.ESP,
-                              n.spi if n is not None else b"")]
+        raise ChildRefused(NotifyType.CHILD_SA_NOT_FOUND, "rekey of an unknown child",
+                           protocol=ProtocolId.ESP, spi=n.spi if n is not None else b"")
     if old.state not in (ChildState.INSTALLED, ChildState.REKEYING):
-        return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
-    try:
-        return respond_child(sa, msg, now, in_auth=False, rekeyed=old)
-    except ChildRefused as exc:
-        return [NotifyPayload(NotifyType(exc.notify_type), data=exc.data)]
+        raise Refused(NotifyType.TEMPORARY_FAILURE, "child is being rekeyed or deleted")
+    return respond_child(sa, msg, now, in_auth=False, rekeyed=old)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 from common.errors import LocalProtocolError
 from common.ike.constants import AuthMethod, ExchangeType, IdType, NotifyType
 from common.ike.events import IkeSaEstablished
+from common.ike.exchanges import ChildRefused, Refused, notify_for
 from common.ike.exchanges.child_sa import (
     ChildOffer,
-    ChildRefused,
     finish_initiated_child,
     offer_child,
     respond_child,
@@ -141,23 +141,23 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
     idi, auth, idr = msg.get(IdiPayload), msg.get(AuthPayload), msg.get(IdrPayload)
     if idi is None or auth is None:
         sa.fail(f"IKE_AUTH from {sa.remote[0]} without IDi or AUTH (EAP is not supported)")
-        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+        raise Refused(NotifyType.AUTHENTICATION_FAILED)
     ident = (idi.id_type, idi.data)
     who = format_identity(*ident)
     policy = next((p for p in sa.candidates if p.matches_remote_id(*ident) and (
         idr is None or p.local_id == (idr.id_type, idr.data))), None)
     if policy is None:
         sa.fail(f"no connection matches IDi={who} from {sa.remote[0]}")
-        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+        raise Refused(NotifyType.AUTHENTICATION_FAILED)
     sa.policy = policy
     expected = _auth(sa, policy, ours=False, ident=ident)
     if auth.method != AuthMethod.SHARED_KEY_MIC:
         sa.fail(f"peer {who} uses auth method {auth.method.name}; only PSK is configured")
-        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+        raise Refused(NotifyType.AUTHENTICATION_FAILED)
     if not hmac.compare_digest(expected, auth.data):
         sa.fail(f"peer {who} at {sa.remote[0]} failed PSK authentication for connection "
                 f"'{policy.name}': AUTH payload does not match (wrong pre-shared key?)")
-        return [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]
+        raise Refused(NotifyType.AUTHENTICATION_FAILED)
     sa.peer_id = ident
     sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
     became_established(sa, now)
@@ -169,6 +169,7 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
     try:
         payloads += respond_child(sa, msg, now, in_auth=True, rekeyed=None)
     except ChildRefused as exc:
-        payloads.append(NotifyPayload(NotifyType(exc.notify_type), data=exc.data))
+        # The IKE SA is up; only the child is refused (RFC 7296 §1.2).
+        payloads.append(notify_for(exc))
     payloads.append(NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
     return payloads

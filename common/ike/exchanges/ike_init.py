@@ -21,6 +21,7 @@ from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
 from common.ike.cookies import CookieJar
 from common.ike.dh import dh_generate
+from common.ike.exchanges import Refused, notify_for
 from common.ike.keys import derive_ike_keys, nat_detection_hash
 from common.ike.message import IkeMessage, encode_message
 from common.ike.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
@@ -173,11 +174,17 @@ class InitResult:
     response: bytes
 
 
-def _error_answer(msg: IkeMessage, notify: NotifyType, data: bytes = b"") -> bytes:
-    answer = IkeMessage(spi_i=msg.spi_i, spi_r=ZERO_SPI, exchange=ExchangeType.IKE_SA_INIT,
-                        message_id=0, is_response=True, is_initiator=False,
-                        payloads=[NotifyPayload(notify, data=data)])
+def error_answer(spi_i: bytes, exchange: ExchangeType, message_id: int,
+                 exc: RemoteProtocolError) -> bytes:
+    """An unprotected answer carrying the notify for ``exc``, with no state
+    kept (RFC 7296 §2.6, §2.21.1; §1.5 for INVALID_MAJOR_VERSION)."""
+    answer = IkeMessage(spi_i=spi_i, spi_r=ZERO_SPI, exchange=exchange, message_id=message_id,
+                        is_response=True, is_initiator=False, payloads=[notify_for(exc)])
     return encode_message(answer)
+
+
+def _error_answer(msg: IkeMessage, notify: NotifyType, data: bytes = b"") -> bytes:
+    return error_answer(msg.spi_i, ExchangeType.IKE_SA_INIT, 0, Refused(notify, data=data))
 
 
 def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: CookieJar,

@@ -19,6 +19,7 @@ from common.errors import RemoteProtocolError
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId
 from common.ike.dh import DhKeyPair, dh_generate
 from common.ike.events import IkeSaRekeyed
+from common.ike.exchanges import Refused
 from common.ike.exchanges.ike_init import numbered
 from common.ike.keys import derive_rekeyed_ike_keys
 from common.ike.message import IkeMessage
@@ -181,24 +182,24 @@ class IkeRekeyTask:
 
 def handle_ike_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     if sa.policy is None or sa.suite is None:
-        return [NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN)]
+        raise Refused(NotifyType.NO_PROPOSAL_CHOSEN)
     if (sa.children and any(c.state.name in ("REKEYING", "DELETING")
                             for c in sa.children.values())) or (
             sa.active is not None and sa.active.name == "child_create"):
         # RFC 7296 §2.25.2: finish the child exchanges first (a child created
         # by an answer that arrives after the move would land on the old SA).
-        return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
+        raise Refused(NotifyType.TEMPORARY_FAILURE, "child exchanges under way")
     sa_p, ke, nonce = msg.get(SaPayload), msg.get(KePayload), msg.get(NoncePayload)
     if sa_p is None or ke is None or nonce is None:
-        return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
+        raise Refused(NotifyType.INVALID_SYNTAX, "IKE rekey without SA, KE or Nonce")
     theirs = [p for p in sa_p.proposals if p.protocol == ProtocolId.IKE and len(p.spi) == 8]
     chosen = choose_proposal(numbered(sa.policy.proposals), theirs)
     if chosen is None:
-        return [NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN)]
+        raise Refused(NotifyType.NO_PROPOSAL_CHOSEN)
     suite = ike_suite(chosen)
     if ke.group != suite.dh:
-        return [NotifyPayload(NotifyType.INVALID_KE_PAYLOAD,
-                              data=int(suite.dh).to_bytes(2, "big"))]
+        raise Refused(NotifyType.INVALID_KE_PAYLOAD, "wrong KE group",
+                      int(suite.dh).to_bytes(2, "big"))
     dh = dh_generate(suite.dh, sa.ctx.random)
     shared = dh.shared_secret(ke.data)
     spi_r = sa.ctx.spis.allocate_ike()

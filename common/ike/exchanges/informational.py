@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from common.ike.child import ChildInput, ChildSa, ChildState
 from common.ike.constants import ExchangeType, NotifyType, ProtocolId
 from common.ike.events import ChildSaDeleted, DpdSucceeded, IkeSaDeleted, MessageIdsSynced
-from common.ike.exchanges import DropRequest
+from common.ike.exchanges import DropRequest, Refused
 from common.ike.message import IkeMessage
 from common.ike.payloads import DeletePayload, NotifyPayload, Payload
 
@@ -198,7 +198,7 @@ def handle_dpd(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
 
 def handle_temporary_failure(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     # RFC 7296 §2.25: the SA is being rekeyed or deleted; try again later.
-    return [NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
+    raise Refused(NotifyType.TEMPORARY_FAILURE, f"IKE SA is {sa.state.name}")
 
 
 def handle_delete(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
@@ -228,7 +228,7 @@ def handle_mid_sync(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     ID of our next request, or of the one in flight)."""
     n = msg.notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
     if n is None or len(n.data) != _MID_SYNC.size or msg.message_id != 0:
-        return [NotifyPayload(NotifyType.INVALID_SYNTAX)]
+        raise Refused(NotifyType.INVALID_SYNTAX, "bad IKEV2_MESSAGE_ID_SYNC notify")
     nonce, m1, p1 = _MID_SYNC.unpack(n.data)
     if sa.mid_sync_answered is not None and sa.mid_sync_answered[0] == nonce:
         # A retransmission (it always has message ID 0, so the message-ID
