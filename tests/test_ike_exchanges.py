@@ -493,3 +493,57 @@ def test_wider_ts_answer_refused_and_deleted(ini: str, in_auth: bool,
     extra = 0 if in_auth else 1  # the child from IKE_AUTH stays
     assert len(p.live(ini)) == len(p.live(resp)) == extra
     assert p.dpd_ok(ini) and p.dpd_ok(resp)
+
+
+def test_unknown_critical_payload_in_first_ike_sa_init() -> None:
+    """RFC 7296 §2.5: even without an SA, an unknown critical payload is
+    answered with UNSUPPORTED_CRITICAL_PAYLOAD naming its type."""
+    from common.ike.constants import IKE_HEADER_LEN
+    from common.ike.message import HEADER
+    from common.ike.payloads import GENERIC_HEADER, encode_payloads
+
+    p = make_pair(extra_children=False)
+    p.initiate("a")
+    [req] = p.pending("a")
+    msg = decode_message(req.data)
+    first, body = encode_payloads(msg.payloads, 200)
+    raw = GENERIC_HEADER.pack(0, 0x80, 4 + 3) + b"xyz"
+    data = HEADER.pack(msg.spi_i, msg.spi_r, int(first), 0x20, int(ExchangeType.IKE_SA_INIT),
+                       0x08, 0, IKE_HEADER_LEN + len(body) + len(raw)) + body + raw
+    # IKE_SA_INIT { SAi1, KEi, Ni, N(NAT_D)..., <payload 200, critical> } -->
+    p.deliver("a", data, req)
+    # <-- IKE_SA_INIT { N(UNSUPPORTED_CRITICAL_PAYLOAD, 200) }
+    [answer] = p.pending("b")
+    reply = decode_message(answer.data)
+    assert reply.is_response and reply.spi_i == msg.spi_i and reply.message_id == 0
+    n = reply.notify(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD)
+    assert n is not None and n.data == bytes([200])
+    assert not p.b.by_id  # no state kept
+
+
+@pytest.mark.parametrize(("version", "response", "answered"), [
+    (0x30, False, True), (0x21, False, False), (0x10, False, False), (0x30, True, False)])
+def test_invalid_major_version(version: int, response: bool, answered: bool) -> None:
+    """RFC 7296 §1.5, §2.5: a request of a higher major version is answered
+    with INVALID_MAJOR_VERSION in a 2.0 header; IKEv1, responses and a higher
+    minor version (taken as 2.x) are not."""
+    p = make_pair(extra_children=False)
+    p.initiate("a")
+    [req] = p.pending("a")
+    data = bytearray(req.data)
+    data[17] = version
+    if response:
+        data[19] |= 0x20
+    p.deliver("a", bytes(data), req)
+    out = p.pending("b")
+    if version == 0x21:
+        # A minor version is ignored: this is a normal IKE_SA_INIT.
+        assert decode_message(out[0].data).get(SaPayload) is not None
+        return
+    assert bool(out) is answered
+    if answered:
+        reply = decode_message(out[0].data)
+        assert notifies(out[0].data) == [NotifyType.INVALID_MAJOR_VERSION]
+        assert out[0].data[17] == 0x20 and reply.is_response
+        assert (reply.spi_i, reply.exchange, reply.message_id) == \
+            (decode_header(req.data).spi_i, ExchangeType.IKE_SA_INIT, 0)

@@ -17,12 +17,17 @@ import logging
 from collections import Counter
 
 from common.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
-from common.ike.constants import ExchangeType, IdType
+from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
 from common.ike.cookies import CookieJar
 from common.ike.events import IkeEvent
 from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
 from common.ike.exchanges.ike_auth import IkeAuthTask
-from common.ike.exchanges.ike_init import ZERO_SPI, IkeInitTask, handle_init_request
+from common.ike.exchanges.ike_init import (
+    ZERO_SPI,
+    IkeInitTask,
+    error_answer,
+    handle_init_request,
+)
 from common.ike.exchanges.ike_rekey import IkeRekeyTask
 from common.ike.exchanges.informational import (
     ChildDeleteTask,
@@ -31,7 +36,13 @@ from common.ike.exchanges.informational import (
     MidSyncTask,
     ike_gone,
 )
-from common.ike.message import decode_header, decode_message
+from common.ike.message import (
+    HEADER,
+    InvalidMajorVersion,
+    decode_header,
+    decode_message,
+)
+from common.ike.payloads import UnsupportedCriticalPayload
 from common.ike.policy import IkePolicy
 from common.ike.sa import (
     Address,
@@ -88,6 +99,9 @@ class IkeEngine:
         """One IKE message (without the non-ESP marker) from ``remote``."""
         try:
             header = decode_header(data)
+        except InvalidMajorVersion as exc:
+            self._invalid_major_version(data, exc, remote, local_port)
+            return
         except RemoteProtocolError as exc:
             self.drops["malformed"] += 1
             log.debug("dropped IKE datagram from %s: %s", remote[0], exc)
@@ -119,7 +133,14 @@ class IkeEngine:
                 else:
                     self.drops["init_for_known_spi"] += 1
                 return
-            msg = decode_message(data)
+            try:
+                msg = decode_message(data)
+            except UnsupportedCriticalPayload as exc:
+                # RFC 7296 §2.5: even in a first IKE_SA_INIT, name the payload.
+                self.drops["bad_init"] += 1
+                self.ctx.outbox.append(Outgoing(error_answer(
+                    header.spi_i, ExchangeType.IKE_SA_INIT, 0, exc), remote, local_port))
+                return
             result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
                                          self.half_open_count(), msg, data, remote, local_port,
                                          now)
@@ -133,6 +154,24 @@ class IkeEngine:
             key = (result.sa.spi_i, remote[0])
             self.half_open[key] = result.sa
             self._half_open_keys[result.sa.ike_id] = key
+
+    def _invalid_major_version(self, data: bytes, exc: InvalidMajorVersion, remote: Address,
+                               local_port: int) -> None:
+        """RFC 7296 §1.5, §2.5: a request of a higher major version is dropped
+        and answered, unauthenticated, with INVALID_MAJOR_VERSION in a version 2
+        header (same SPIs, exchange type and message ID). Lower versions
+        (IKEv1) and responses are only dropped."""
+        self.drops["malformed"] += 1
+        if exc.major_version <= 2 or len(data) < IKE_HEADER_LEN:
+            return
+        spi_i, _, _, _, exchange, flags, message_id, _ = HEADER.unpack_from(data, 0)
+        if flags & HeaderFlag.RESPONSE:
+            return
+        try:
+            answer = error_answer(spi_i, ExchangeType(exchange), message_id, exc)
+        except ValueError:
+            return
+        self.ctx.outbox.append(Outgoing(answer, remote, local_port))
 
     def datagrams_to_send(self) -> list[Outgoing]:
         out, self.ctx.outbox = self.ctx.outbox, []
