@@ -285,6 +285,9 @@ class Dispatcher:
             else:
                 self._hello(identity, msg)
             return
+        if identity.endswith(b"-hb"):
+            self._liveness(identity, msg)
+            return
         bulk_member = self.by_bulk_identity.get(identity)
         if bulk_member is not None:
             if isinstance(msg, Sync) and msg.src == bulk_member:
@@ -370,6 +373,15 @@ class Dispatcher:
             if info is not None and info.alive:
                 self._send(info, msg)
 
+    def _liveness(self, identity: bytes, msg: Message) -> None:
+        """A heartbeat from a member's heartbeat thread (its own connection)."""
+        if not isinstance(msg, Heartbeat) or identity != f"member-{msg.member_id}-hb".encode():
+            self.drops["heartbeat_bad"] += 1
+            return
+        info = self.members.get(msg.member_id)
+        if info is not None and info.alive and info.sender_id == msg.sender_id:
+            info.last_seen = time.monotonic()
+
     def _relay_bulk(self, msg: Sync) -> None:
         info = self.members.get(msg.dst)
         identity = self.bulk_identity.get(msg.dst)
@@ -419,9 +431,52 @@ class Dispatcher:
             self.table.hot_standby(members[0], members[1:])
         else:
             self.table.assign(members)
+            self._spread_backups()
         log.info("segment table epoch %d: %s", self.table.epoch,
                  {m: len(self.table.segments_of(m)) for m in members})
         self._broadcast_table()
+
+    def _spread_backups(self) -> None:
+        """Each member's segments are backed up by all the others in turn, so
+        when it dies its load is split among the survivors, not dumped on one."""
+        members = sorted(self.table.members)
+        moves = []
+        for m in members:
+            others = [o for o in members if o != m]
+            if len(others) < 2:
+                continue
+            for i, s in enumerate(self.table.segments_of(m)):
+                want = others[i % len(others)]
+                if self.table.backup(s) != want:
+                    moves.append(SegmentMove(s, m, m, want))
+        if moves:
+            self.table.apply(moves)
+
+    def _heal_backups(self) -> None:
+        """Every segment gets a live backup again where a live member can be one
+        (after deaths, and when a member comes back): otherwise its SAs would
+        go on unreplicated for good."""
+        live = [m for m in self.table.members
+                if (i := self.members.get(m)) is not None and i.alive]
+        if len(live) < 2:
+            return
+        duty = {m: len(self.table.backups_of(m)) for m in live}
+        moves = []
+        for s in range(self.table.segments):
+            owner, backup = self.table.owner(s), self.table.backup(s)
+            if owner is None or (backup in duty and backup != owner):
+                continue
+            candidates = [m for m in live if m != owner]
+            if not candidates:
+                continue
+            pick = min(candidates, key=lambda m: (duty[m], m))
+            duty[pick] += 1
+            moves.append(SegmentMove(s, owner, owner, pick))
+        if moves:
+            self.table.apply(moves)
+            self._broadcast_table()
+            log.info("segment table epoch %d: %d segments got a live backup again",
+                     self.table.epoch, len(moves))
 
     def _broadcast_table(self) -> None:
         for info in self.members.values():
@@ -437,10 +492,16 @@ class Dispatcher:
     async def _monitor(self) -> None:
         c = self.config.cluster
         interval = c.heartbeat_interval
-        started = time.monotonic()
+        started = last = time.monotonic()
         while not self._stop.is_set():
             await asyncio.sleep(interval)
             now = time.monotonic()
+            if now - last > 2 * interval:
+                # We were stalled ourselves: heartbeats may be waiting unread in
+                # the socket. Read them before judging anyone.
+                self._drain_members()
+                self.counters["monitor_stalls"] += 1
+            last = now
             loads = self._loads()
             for info in list(self.members.values()):
                 if not info.alive:
@@ -453,9 +514,11 @@ class Dispatcher:
             if not self.table.members and self.members and now - started > STARTUP_WAIT_S:
                 # Not everyone came: start with whoever is here.
                 self._assign(sorted(m for m, i in self.members.items() if i.alive))
-            if self.balancing and now - self._last_balance >= AUTOBALANCE_STEP_S:
+            if now - self._last_balance >= AUTOBALANCE_STEP_S and self.table.members:
                 self._last_balance = now
-                self._autobalance(now)
+                self._heal_backups()
+                if self.balancing:
+                    self._autobalance(now)
 
     def _dead(self, info: MemberInfo) -> None:
         info.alive = False
@@ -518,16 +581,48 @@ class Dispatcher:
                          len(self.table.segments_of(member)), self.table.epoch)
 
     def _donor_segments(self, member: int, n: int) -> list[int]:
-        counts = {m: len(self.table.segments_of(m)) for m in self.table.members}
+        """Segments to give ``member``: first segments carrying child SAs, from
+        the members carrying the most, until it carries its fair share of
+        children (so traffic, not only segment counts, comes back to a
+        rejoining member); then empty segments from the members owning most."""
+        t = self.table
+        bits = t.segment_bits
+        children: Counter[int] = Counter(segment_of_esp_spi(c, bits) for c in self.route_info)
+        owned = {m: t.segments_of(m) for m in t.members}
+        load = {m: sum(children[s] for s in segs) for m, segs in owned.items()}
+        counts = {m: len(segs) for m, segs in owned.items()}
+        live = [m for m in t.members if (i := self.members.get(m)) is not None and i.alive]
+        fair_children = sum(load.values()) // max(1, len(live))
+        taken = set(self.prepared)
+        for s, (m, _since) in self.prepared.items():   # already on their way
+            if m == member:
+                owner = t.owner(s)
+                if owner in load:
+                    load[owner] -= children[s]
+                load[member] = load.get(member, 0) + children[s]
         out: list[int] = []
-        taken = {s for s in self.prepared}
-        while len(out) < n:
-            donors = sorted((c, m) for m, c in counts.items() if m != member)
-            if not donors:
+        while len(out) < n and load.get(member, 0) < fair_children:
+            donor = max((m for m in owned if m != member), key=lambda m: load[m], default=None)
+            if donor is None:
                 break
-            c, donor = donors[-1]
-            segs = [s for s in self.table.segments_of(donor) if s not in taken]
-            if not segs or c <= counts.get(member, 0) + 1:
+            segs = [s for s in owned[donor] if s not in taken and children[s]]
+            segs = [s for s in segs if load[donor] - children[s] >= load.get(member, 0)]
+            if not segs:
+                break
+            pick = min(segs, key=lambda s: children[s])
+            out.append(pick)
+            taken.add(pick)
+            load[donor] -= children[pick]
+            load[member] = load.get(member, 0) + children[pick]
+            counts[donor] -= 1
+            counts[member] = counts.get(member, 0) + 1
+        while len(out) < n:
+            donor = max((m for m in counts if m != member), key=lambda m: counts[m],
+                        default=None)
+            if donor is None or counts[donor] <= counts.get(member, 0) + 1:
+                break
+            segs = [s for s in owned[donor] if s not in taken and not children[s]]
+            if not segs:
                 break
             out.append(segs[-1])
             taken.add(segs[-1])

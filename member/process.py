@@ -10,11 +10,14 @@ the core, flushes what the core wants sent, and re-arms one timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import socket
+import threading
+import time
 from typing import Any
 
 import zmq
@@ -54,6 +57,8 @@ from member.worker import Member
 log = logging.getLogger("ipsec_cluster.member")
 
 VERSION = "0.1.0"
+#: the heartbeat thread stays silent once the event loop is stuck this long
+WATCHDOG_S = 1.0
 #: frames handled per wake-up of the receive loop
 DRAIN_BURST = 64
 #: the version string of the HELLO that opens a member's bulk channel
@@ -98,6 +103,8 @@ class MemberProcess:
         self._placed = 0
         self._stop = asyncio.Event()
         self.replicator: Replicator | None = None
+        self.progress = 0.0
+        self._hb_stop = threading.Event()
         #: a test hook (env IPSEC_CLUSTER_SYNC_DROP): lose this share of sync messages
         self.sync_drop_rate = float(os.environ.get("IPSEC_CLUSTER_SYNC_DROP", "0") or 0)
         ctx = zmq.asyncio.Context.instance()
@@ -380,9 +387,36 @@ class MemberProcess:
 
     # -- life ---------------------------------------------------------------------------
 
+    def _heartbeat_thread(self) -> None:
+        """Liveness on its own thread and connection: a busy event loop (a
+        burst of handshakes, a bulk transfer) must not look like a dead member.
+        A watchdog keeps it honest: no heartbeat once the loop has made no
+        progress for WATCHDOG_S, so a hung member is still declared dead."""
+        ctx: Any = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"member-{self.member_id}-hb".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100)
+        if self.curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.curve
+        sock.connect(self.endpoint)
+        interval = self.config.cluster.heartbeat_interval
+        seq = StreamSeq()
+        try:
+            while not self._hb_stop.wait(interval):
+                if time.monotonic() - self.progress > WATCHDOG_S or not self.sender_id:
+                    continue
+                epoch = self.table.epoch if self.table else 0
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send(encode(Heartbeat(self.member_id, self.sender_id, os.getpid(),
+                                               epoch, {}), seq.next()), zmq.NOBLOCK)
+        finally:
+            sock.close(linger=0)
+
     async def heartbeats(self) -> None:
         interval = self.config.cluster.heartbeat_interval
         while not self._stop.is_set():
+            self.progress = time.monotonic()
             epoch = self.table.epoch if self.table else 0
             self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
                                 self.counters()))
@@ -401,6 +435,9 @@ class MemberProcess:
         self.send_bulk(Hello(self.member_id, os.getpid(), socket.gethostname(), BULK))
         hb = asyncio.ensure_future(self.heartbeats())
         bulk = asyncio.ensure_future(self._bulk_loop())
+        self.progress = time.monotonic()
+        thread = threading.Thread(target=self._heartbeat_thread, name="heartbeat", daemon=True)
+        thread.start()
         try:
             # One awaited recv, then what else is queued with plain
             # non-blocking recvs on a shadow socket (as the dispatcher's
@@ -415,6 +452,7 @@ class MemberProcess:
                         break
                     self._frame(frame)
         finally:
+            self._hb_stop.set()
             hb.cancel()
             bulk.cancel()
             self.sock.close(linger=0)

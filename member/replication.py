@@ -259,6 +259,11 @@ class Replicator:
     def on_sync(self, env: Sync, now: float, channel: str = "live") -> None:
         stream = env.src if channel == "live" else -env.src
         lost = self.rx.setdefault(stream, StreamSeq()).check(env.seq)
+        if lost < 0:
+            # Numbers went back: the sender is a new incarnation (it was
+            # restarted). Follow its new stream so its gaps are seen too.
+            self.rx[stream] = StreamSeq()
+            lost = self.rx[stream].check(env.seq)
         try:
             msg = decode_sync(env.payload)
         except MalformedMessage as exc:
@@ -288,6 +293,12 @@ class Replicator:
             self.ike_replicas.pop(msg.spi_i, None)
             self.ike_replicas.pop(msg.spi_r, None)
         elif isinstance(msg, ChildState):
+            old = self.child_replicas.get(msg.spi_in)
+            if old is not None:
+                # A resync on the bulk channel can overtake newer live counters:
+                # never move a sequence number or a window backwards.
+                msg = _with_counters(msg, EspCounter(msg.spi_in, old.out_seq,
+                                                     old.replay_highest, old.replay_bitmap))
             self.child_replicas[msg.spi_in] = msg
         elif isinstance(msg, ChildGone):
             self.child_replicas.pop(msg.spi_in, None)
@@ -349,7 +360,11 @@ class Replicator:
         if lost:
             self._give_up(lost, new, now)
         if gained and old is not None:
-            self._take_over(gained, new, now)
+            # Planned handover (autobalance): the old owner is alive and kept
+            # syncing; a failure: it is gone.
+            alive = set(new.members)
+            planned = {s for s in gained if old.owner(s) in alive}
+            self._take_over(gained, new, now, planned=planned)
         # Backups that changed get everything they now back up (bulk transfer).
         dsts: set[int] = set()
         for sa in self.member.engine.by_id.values():
@@ -368,7 +383,8 @@ class Replicator:
             log.info("member %d: sent %d SAs to backup %d in %.3f s", self.member_id, n, dst,
                      time.perf_counter() - started)
 
-    def _take_over(self, gained: set[int], table: SegmentTable, now: float) -> None:
+    def _take_over(self, gained: set[int], table: SegmentTable, now: float, *,
+                   planned: set[int] | None = None) -> None:
         bits = table.segment_bits
         engine = self.member.engine
         adopted = 0
@@ -379,13 +395,22 @@ class Replicator:
                 self.member.spis.mark_used_ike(key)
                 adopted += 1
         children = 0
+        planned = planned or set()
         for spi_in, cs in list(self.child_replicas.items()):
-            if segment_of_esp_spi(spi_in, bits) in gained:
-                self.member.install_replica(cs, self._skip(), self._replay(cs), now)
-                del self.child_replicas[spi_in]
-                children += 1
-                if self.replay_policy == "rekey":
-                    self._ask_rekey(cs, now)
+            segment = segment_of_esp_spi(spi_in, bits)
+            if segment not in gained:
+                continue
+            # A planned move is not a failure: the old carrier synced until the
+            # handover and accepted nothing after it, so the window continues
+            # as synced (learn) and the child is not rekeyed; the outbound
+            # sequence still skips ahead (packets since the last sync).
+            handover = segment in planned
+            replay = self._replay(cs, learn=handover)
+            self.member.install_replica(cs, self._skip(), replay, now)
+            del self.child_replicas[spi_in]
+            children += 1
+            if self.replay_policy == "rekey" and not handover:
+                self._ask_rekey(cs, now)
         self.counters["takeovers"] += 1
         self.counters["ike_sas_adopted"] += adopted
         self.counters["child_sas_adopted"] += children
@@ -422,9 +447,9 @@ class Replicator:
         sync itself may have been lost with its sender."""
         return 2 * self.seq_sync_packets
 
-    def _replay(self, cs: ChildState) -> ReplayState:
+    def _replay(self, cs: ChildState, *, learn: bool = False) -> ReplayState:
         """The inbound window after a takeover (§3.5, §4)."""
-        if self.replay_policy == "strict":
+        if self.replay_policy == "strict" and not learn:
             # Accept only above the synced highest + margin: nothing the dead
             # carrier may have accepted can be replayed, at the cost of dropping
             # up to the margin of genuine packets.
