@@ -393,3 +393,28 @@ def test_mid_sync_answered_while_deleting() -> None:
     p.deliver("a", delete.data, delete)
     p.flush()
     assert not p.a.by_id and not p.b.by_id
+
+
+def test_mid_sync_ignores_late_copy_of_another_mid_0_answer() -> None:
+    """The sync request reuses message ID 0: a late (duplicated) answer to the
+    sender's real request 0 must not be taken for the sync answer (found by
+    test_random_interleavings)."""
+    p = established("a")
+    sb = p.sa("b")
+    p.b.rekey_ike(sb.ike_id, p.now)
+    p.b.mid_sync(sb.ike_id, p.now, margin=1)  # waits for the rekey
+    #                  <-- CREATE_CHILD_SA(mid 0) SK { SA(IKE), Ni, KEi }
+    p.step("b")
+    # CREATE_CHILD_SA(mid 0) SK { SA(IKE), Nr, KEr } -->   (twice: a copy is late)
+    [answer] = p.pending("a")
+    p.deliver("a", answer.data, answer)
+    #                  <-- INFORMATIONAL(mid 0) SK { N(IKEV2_MESSAGE_ID_SYNC) }
+    [sync] = p.pending("b")
+    p.deliver("a", answer.data, answer)  # the late copy: not the sync answer
+    assert sb.active is not None and sb.active.name == "mid_sync"
+    p.deliver("b", sync.data, sync)
+    p.flush()
+    assert p.of("b", MessageIdsSynced)
+    # The old IKE SA is deleted on both sides with the synced message IDs.
+    assert len(p.a.by_id) == 1 and len(p.b.by_id) == 1
+    assert p.dpd_ok("a") and p.dpd_ok("b")

@@ -163,18 +163,22 @@ class MidSyncTask:
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
         n = msg.notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
         if n is None or len(n.data) != _MID_SYNC.size:
-            log.warning("IKE SA %d: bad MID sync answer", sa.ike_id)
+            if msg.exchange == ExchangeType.INFORMATIONAL and any(
+                    p.notify_type.is_error for p in msg.get_all(NotifyPayload)):
+                log.warning("IKE SA %d: MID sync refused", sa.ike_id)
+                return
+            # Message ID 0 is not only the sync's: a late copy of the answer to
+            # our request 0 (any exchange) can arrive now. Not ours: wait on.
+            log.info("IKE SA %d: a message-ID-0 answer that is not the MID sync's",
+                     sa.ike_id)
+            self._wait_on(sa, now)
             return
         nonce, peer_send, peer_recv = _MID_SYNC.unpack(n.data)
         if nonce != self.nonce:
             # RFC 6311 §4.4: not the answer to our request; keep waiting for
             # it (same request, same retransmit count), as if never received.
             log.warning("IKE SA %d: MID sync answer with a foreign nonce", sa.ike_id)
-            mids = sa.mids
-            mids.request = sa.last_request
-            mids.request_deadline = now + mids.policy.timeout_s * (
-                mids.policy.base ** mids.request_tries)
-            sa.active = self
+            self._wait_on(sa, now)
             return
         # The peer's answer: M2 = what it expects from us, P2 = what it sends next.
         sa.mids.send_next = max(sa.mids.send_next + self.margin, peer_recv)
@@ -183,6 +187,15 @@ class MidSyncTask:
 
     def failed(self, sa: IkeSa, now: float) -> None:
         pass
+
+    def _wait_on(self, sa: IkeSa, now: float) -> None:
+        """As if the answer had never arrived: same request, same retransmit
+        count."""
+        mids = sa.mids
+        mids.request = sa.last_request
+        mids.request_deadline = now + mids.policy.timeout_s * (
+            mids.policy.base ** mids.request_tries)
+        sa.active = self
 
 
 def is_mid_sync_request(msg: IkeMessage) -> bool:
