@@ -20,8 +20,8 @@ ID counter goes on from the replica's), and a sample rekeys children and IKE
 SAs both ways. The replay policy ``rekey`` (every child the dead member
 carried rekeyed by the new carrier) is checked on 100 IKE SAs.
 
-Run time: ~30 s of CPU for the 10,000 (88 s wall on a loaded 2-vCPU VM):
-marked ``slow``; ``SCALE_SAS=1000`` for a quick run.
+Run time: 21-30 s of CPU for the 10,000 (49-88 s wall on a shared 2-vCPU
+VM): marked ``slow``; ``SCALE_SAS=1000`` for a quick run.
 """
 
 from __future__ import annotations
