@@ -198,6 +198,10 @@ class InsideRoutes:
         self._children[child_id] = (self._seq, child)
         self._dirty = True
 
+    def child_ids(self) -> list[int]:
+        """Every child with a route, newest first."""
+        return [c for c, _ in sorted(self._children.items(), key=lambda e: -e[1][0])]
+
     def remove(self, child_id: int) -> None:
         if self._children.pop(child_id, None) is not None:
             self._dirty = True

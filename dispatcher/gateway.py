@@ -51,7 +51,8 @@ class Gateway:
         self.ports: dict[int, _Port] = {}
         self.inside: Inside | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = 0.0
         self._stopped = asyncio.Event()
 
     # -- I/O in -------------------------------------------------------------------
@@ -111,12 +112,15 @@ class Gateway:
             return
         when = self.member.get_timer()
         if self._timer is not None:
-            if when is not None and abs(self._timer.when() - when) < 1e-3:
+            # (uvloop's call_at returns a plain Handle without when() for a
+            # deadline already past, so the deadline is kept here)
+            if when is not None and abs(self._timer_when - when) < 1e-3:
                 return
             self._timer.cancel()
             self._timer = None
         if when is not None:
             self._timer = self.loop.call_at(when, self._fire)
+            self._timer_when = when
 
     def _fire(self) -> None:
         self._timer = None

@@ -203,7 +203,7 @@ def _peer_main(argv: list[str]) -> int:
 
         def labels(self) -> list[str]:
             out = []
-            for route in self.member.routes:
+            for route in self.member.carried():
                 try:
                     ike = self.member.engine.get(route.ike_id).name
                 except KeyError:

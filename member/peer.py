@@ -427,7 +427,7 @@ class Peer(Gateway):
 
     def _templates(self) -> list[TrafficTemplate]:
         out = []
-        for route in self.member.routes:
+        for route in self.member.carried():
             src, dst = _pick(route.local_ts), _pick(route.remote_ts)
             if src is None or dst is None:
                 log.warning("child %s: no IPv4 UDP selector, no traffic", route.name)

@@ -58,7 +58,7 @@ log = logging.getLogger("ipsec_cluster.member")
 
 VERSION = "0.1.0"
 #: the heartbeat thread stays silent once the event loop is stuck this long
-WATCHDOG_S = 1.0
+WATCHDOG_S = 5.0
 #: frames handled per wake-up of the receive loop
 DRAIN_BURST = 64
 #: the version string of the HELLO that opens a member's bulk channel
@@ -99,7 +99,8 @@ class MemberProcess:
         self.rx_seq = StreamSeq()
         self.gaps = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_when = 0.0
         self._placed = 0
         self._stop = asyncio.Event()
         self.replicator: Replicator | None = None
@@ -347,12 +348,15 @@ class MemberProcess:
             return
         when = self.member.get_timer()
         if self._timer is not None:
-            if when is not None and abs(self._timer.when() - when) < 1e-3:
+            # (uvloop's call_at returns a plain Handle without when() for a
+            # deadline already past, so the deadline is kept here)
+            if when is not None and abs(self._timer_when - when) < 1e-3:
                 return
             self._timer.cancel()
             self._timer = None
         if when is not None:
             self._timer = self.loop.call_at(when, self._fire)
+            self._timer_when = when
 
     def _fire(self) -> None:
         self._timer = None

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common.errors import MalformedMessage
+from common.errors import LocalProtocolError, MalformedMessage
 from common.ike.sa import IkeSa, IkeState, Outgoing
 from common.ike.snapshot import snapshot
 from common.replay import ReplayState
@@ -321,13 +321,16 @@ class Replicator:
 
     def rekey_child(self, ike_spi: bytes, spi_in: int, now: float) -> None:
         sa = self.member.engine.sas.get(ike_spi)
-        if sa is None or sa.terminal:
-            return
-        for child in sa.children.values():
-            if child.spi_in == spi_in:
+        if sa is None or sa.state is not IkeState.ESTABLISHED:
+            return   # being rekeyed or deleted: its children get new keys anyway
+        if spi_in in sa.children:
+            try:
                 self.member.engine.rekey_child(sa.ike_id, spi_in, now)
-                self.counters["rekeys_after_failover"] += 1
+            except LocalProtocolError as exc:
+                log.info("member %d: no rekey of %08x after the takeover: %s",
+                         self.member_id, spi_in, exc)
                 return
+            self.counters["rekeys_after_failover"] += 1
 
     def resync(self, dst: int, now: float) -> int:
         """Send ``dst`` everything we own that it backs up (resync, bulk transfer)."""

@@ -38,6 +38,7 @@ from common.ike.spis import SegmentSpis
 from common.ike.ts import TrafficSelector
 from common.rand import RandomBytes
 from common.replay import ReplayState
+from common.routing import InsideRoutes
 from common.spi import SpiAllocator
 from common.sync import ChildState
 from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
@@ -47,7 +48,7 @@ log = logging.getLogger("ipsec_cluster.member")
 Address = tuple[str, int]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class ChildRoute:
     """One installed child SA as the data plane sees it."""
 
@@ -58,34 +59,11 @@ class ChildRoute:
     local_ts: tuple[TrafficSelector, ...]
     remote_ts: tuple[TrafficSelector, ...]
     remote: Address
-    #: address ranges of remote_ts and local_ts as (version, first, last) ints
-    dst_ranges: list[tuple[int, int, int]] = field(default_factory=list)
-    src_ranges: list[tuple[int, int, int]] = field(default_factory=list)
     #: kept for the backup of this child (common/sync.py ChildState)
     keymat_in: bytes = field(default=b"", repr=False)
     keymat_out: bytes = field(default=b"", repr=False)
     #: our SPI of the IKE SA that negotiated it (on whichever member owns it)
     ike_spi: bytes = b""
-
-
-def _ranges(tss: tuple[TrafficSelector, ...]) -> list[tuple[int, int, int]]:
-    return [(ts.start_addr.version, int(ts.start_addr), int(ts.end_addr)) for ts in tss]
-
-
-def _addresses(packet: bytes) -> tuple[int, int, int] | None:
-    """(version, src, dst) of an inner packet, or None."""
-    if not packet:
-        return None
-    version = packet[0] >> 4
-    if version == 4 and len(packet) >= 20:
-        return 4, int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
-    if version == 6 and len(packet) >= 40:
-        return 6, int.from_bytes(packet[8:24], "big"), int.from_bytes(packet[24:40], "big")
-    return None
-
-
-def _in(ranges: list[tuple[int, int, int]], version: int, addr: int) -> bool:
-    return any(v == version and lo <= addr <= hi for v, lo, hi in ranges)
 
 
 #: bits of the member slot in every SPI (common/spi.py): up to 64 members
@@ -125,7 +103,9 @@ class Member:
         #: inbound SPI -> route (old SAs stay here until deleted, for packets in flight)
         self.by_spi: dict[int, ChildRoute] = {}
         #: routes that carry outbound traffic (rekeyed ones leave this list)
-        self.routes: list[ChildRoute] = []
+        #: which carried child an inner packet belongs to (newest child first,
+        #: so a rekeyed child takes over its predecessor's traffic)
+        self.routes = InsideRoutes()
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
         self.esp_out: list[tuple[bytes, Address]] = []
@@ -248,19 +228,21 @@ class Member:
             route.inbound.import_window(replay)
         self.spis.mark_used_esp(cs.spi_in)
 
+    def carried(self) -> list[ChildRoute]:
+        """The child SAs whose outbound traffic we carry, newest first."""
+        return [self.by_spi[c] for c in self.routes.child_ids() if c in self.by_spi]
+
     def drop_route(self, spi_in: int) -> None:
         """Stop carrying a child (its segment moved away); no notices."""
-        route = self.by_spi.pop(spi_in, None)
-        if route is not None and route in self.routes:
-            self.routes.remove(route)
+        self.by_spi.pop(spi_in, None)
+        self.routes.remove(spi_in)
 
     def remove_pushed(self, spi_in: int) -> None:
         """The IKE SA owner deleted a child we carry (no notices back but the
         route: the owner already told the backup)."""
         route = self.by_spi.pop(spi_in, None)
         if route is not None:
-            if route in self.routes:
-                self.routes.remove(route)
+            self.routes.remove(spi_in)
             self.notices.append(RouteDel(spi_in))
 
     def _install_local(self, ike_id: int, name: str, spi_in: int, spi_out: int,
@@ -274,16 +256,13 @@ class Member:
             OutboundSA(spi_out, transform, keymat_out, self.sender_id, esn=esn,
                        initial_seq=initial_seq),
             InboundSA(spi_in, transform, keymat_in, self.replay_window, esn=esn),
-            local_ts, remote_ts, remote, _ranges(remote_ts), _ranges(local_ts),
-            keymat_in, keymat_out, ike_spi)
+            local_ts, remote_ts, remote, keymat_in, keymat_out, ike_spi)
         self.by_spi[spi_in] = route
         log.info("child SA %s installed: %08x_i %08x_o %s%s", name, spi_in, spi_out,
                  transform, f" (rekeys {replaces:08x})" if replaces else "")
         if replaces is not None:
-            old = self.by_spi.get(replaces)
-            if old is not None and old in self.routes:
-                self.routes.remove(old)
-        self.routes.insert(0, route)
+            self.routes.remove(replaces)   # outbound moves to the new child at once
+        self.routes.add(spi_in, local_ts, remote_ts, self.member_id)
         self.notices.append(RouteAdd(spi_in, self.member_id, local_ts, remote_ts))
 
     def _remove(self, spi_in: int) -> None:
@@ -295,8 +274,7 @@ class Member:
             if self.owner_of_esp is not None:
                 self.notices.append(ChildDelete(spi_in, spi_in))
             return
-        if route in self.routes:
-            self.routes.remove(route)
+        self.routes.remove(spi_in)
         self.notices.append(RouteDel(spi_in))
         if self.owner_of_esp is not None:
             # ... and the backup drops its replica.
@@ -326,20 +304,23 @@ class Member:
 
     def handle_inner(self, packet: bytes) -> tuple[bytes, Address] | None:
         """Encrypt one inner packet for the child SA its addresses match."""
-        addrs = _addresses(packet)
-        if addrs is None:
+        try:
+            found = self.routes.lookup_child(packet)
+        except MalformedMessage:
             self.drops["inner_malformed"] += 1
             return None
-        version, src, dst = addrs
-        for route in self.routes:
-            if _in(route.dst_ranges, version, dst) and _in(route.src_ranges, version, src):
-                try:
-                    return route.outbound.protect(packet), route.remote
-                except SequenceExhausted:
-                    self.drops["esp_seq_exhausted"] += 1
-                    return None
-        self.drops["inner_no_route"] += 1
-        return None
+        route = self.by_spi.get(found[0]) if found is not None else None
+        if route is None:
+            self.drops["inner_no_route"] += 1
+            return None
+        try:
+            return route.outbound.protect(packet), route.remote
+        except SequenceExhausted:
+            self.drops["esp_seq_exhausted"] += 1
+            return None
+        except MalformedMessage:
+            self.drops["inner_malformed"] += 1
+            return None
 
     # -- seeing it ----------------------------------------------------------------
 
