@@ -96,6 +96,8 @@ class Member:
         self.placed: dict[int, int] = {}
         #: IKE SAs whose state changed since the last flush (to replicate)
         self.touched: set[int] = set()
+        #: new inbound SPI -> the one it replaces, while we still send on the old
+        self.deferred: dict[int, int] = {}
         self.engine = IkeEngine(
             policies_from_config(config.connections), random=random, spis=self.spis,
             options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
@@ -190,7 +192,9 @@ class Member:
             return
         self._install_local(e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
                             e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts, e.remote,
-                            e.replaces, self._ike_spi(e.ike_id))
+                            e.replaces, self._ike_spi(e.ike_id),
+                            defer=e.replaces is not None and not e.initiator
+                            and e.replaces in self.by_spi)
         # The child's backup learns of it through the same relay as a push.
         self.notices.append(ChildPush(
             e.spi_in, e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
@@ -250,7 +254,7 @@ class Member:
                        local_ts: tuple[TrafficSelector, ...],
                        remote_ts: tuple[TrafficSelector, ...], remote: Address,
                        replaces: int | None, ike_spi: bytes = b"", *,
-                       initial_seq: int = 1) -> None:
+                       initial_seq: int = 1, defer: bool = False) -> None:
         route = ChildRoute(
             ike_id, name,
             OutboundSA(spi_out, transform, keymat_out, self.sender_id, esn=esn,
@@ -260,13 +264,31 @@ class Member:
         self.by_spi[spi_in] = route
         log.info("child SA %s installed: %08x_i %08x_o %s%s", name, spi_in, spi_out,
                  transform, f" (rekeys {replaces:08x})" if replaces else "")
+        if defer and replaces is not None:
+            # RFC 7296 §2.8: as the responder of a rekey we cannot know that the
+            # initiator has installed the new SA until traffic arrives on it or
+            # the old SA is deleted: until then we go on sending on the old one.
+            self.deferred[spi_in] = replaces
+            return
+        self._activate(spi_in, replaces)
+
+    def _activate(self, spi_in: int, replaces: int | None) -> None:
+        """Send on this child from now on (and no longer on the one it replaces)."""
+        route = self.by_spi.get(spi_in)
+        if route is None:
+            return
         if replaces is not None:
-            self.routes.remove(replaces)   # outbound moves to the new child at once
-        self.routes.add(spi_in, local_ts, remote_ts, self.member_id)
-        self.notices.append(RouteAdd(spi_in, self.member_id, local_ts, remote_ts))
+            self.routes.remove(replaces)
+        self.routes.add(spi_in, route.local_ts, route.remote_ts, self.member_id)
+        self.notices.append(RouteAdd(spi_in, self.member_id, route.local_ts, route.remote_ts))
 
     def _remove(self, spi_in: int) -> None:
         self.placed.pop(spi_in, None)
+        self.deferred.pop(spi_in, None)
+        for new, old in list(self.deferred.items()):
+            if old == spi_in:   # the old SA is gone: the peer has the new one
+                del self.deferred[new]
+                self._activate(new, old)
         route = self.by_spi.pop(spi_in, None)
         if route is None:
             # Carried by another member (placed there, or we took the IKE SA
@@ -300,6 +322,8 @@ class Member:
             self.drops["esp_malformed"] += 1
             return None
         self.engine.note_activity(route.ike_id, now)
+        if self.deferred and spi in self.deferred:
+            self._activate(spi, self.deferred.pop(spi))
         return inner
 
     def handle_inner(self, packet: bytes) -> tuple[bytes, Address] | None:

@@ -68,6 +68,9 @@ class ChildSaInstalled:
     remote_ts: tuple[TrafficSelector, ...]
     remote: tuple[str, int]
     replaces: int | None = None
+    #: we initiated the exchange that created it (RFC 7296 §2.8: as responder
+    #: of a rekey, send on the new SA only once the peer is known to have it)
+    initiator: bool = True
 
 
 @dataclass(slots=True, frozen=True)

@@ -127,7 +127,7 @@ def offer_child(sa: IkeSa, policy: ChildPolicy, *, in_auth: bool,
 def install_child(sa: IkeSa, policy: ChildPolicy, suite: EspSuite, spi_in: int, spi_out: int,
                   keymat_in: bytes, keymat_out: bytes, local_ts: list[TrafficSelector],
                   remote_ts: list[TrafficSelector], now: float,
-                  replaces: int | None) -> ChildSa:
+                  replaces: int | None, *, initiator: bool = True) -> ChildSa:
     child = ChildSa(policy.name, spi_in, spi_out, suite, tuple(local_ts), tuple(remote_ts),
                     keymat_in, keymat_out, installed_at=now)
     if policy.rekey_time > 0:
@@ -135,7 +135,7 @@ def install_child(sa: IkeSa, policy: ChildPolicy, suite: EspSuite, spi_in: int, 
     sa.children[spi_in] = child
     sa.ctx.events.append(ChildSaInstalled(
         sa.ike_id, policy.name, spi_in, spi_out, suite.transform, suite.esn, keymat_in,
-        keymat_out, child.local_ts, child.remote_ts, sa.remote, replaces))
+        keymat_out, child.local_ts, child.remote_ts, sa.remote, replaces, initiator))
     log.info("IKE SA %d: child %s installed, SPIs %08x_i %08x_o, %s", sa.ike_id, policy.name,
              spi_in, spi_out, suite.transform)
     return child
@@ -266,7 +266,7 @@ def _accept(sa: IkeSa, msg: IkeMessage, now: float, policy: ChildPolicy, chosen:
     i2r, r2i = _keymat(sa, suite, ni, nr, shared)
     child = install_child(sa, policy, suite, spi_in, int.from_bytes(chosen.spi, "big"), i2r,
                           r2i, local_ts, remote_ts, now,
-                          rekeyed.spi_in if rekeyed is not None else None)
+                          rekeyed.spi_in if rekeyed is not None else None, initiator=False)
     if rekeyed is not None:
         if rekeyed.state is ChildState.REKEYING:
             # §2.8.1 collision: decided when our own rekey answer arrives.
