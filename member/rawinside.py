@@ -1,0 +1,72 @@
+"""Decrypted packets straight into the host's IP stack (raw IP sockets).
+
+With a TUN inside on the dispatcher's host, a member on that host does not
+need to hand decrypted packets back to the dispatcher: it can give them to the
+kernel itself, exactly as a TUN write would (the kernel routes them by their
+destination). The dispatcher then touches each inbound ESP packet once instead
+of twice. Needs CAP_NET_RAW (root) and the member in the dispatcher's network
+namespace; otherwise members hand packets back as before (INNER_OUT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+log = logging.getLogger("ipsec_cluster.member")
+
+#: IPSEC_CLUSTER_INSIDE_RAW=0 turns it off (packets go back to the dispatcher)
+ENV = "IPSEC_CLUSTER_INSIDE_RAW"
+
+
+class RawInside:
+    """Non-blocking raw sockets for IPv4 (IPPROTO_RAW implies IP_HDRINCL) and
+    IPv6 (IPV6_HDRINCL); a full socket buffer is a counted drop."""
+
+    __slots__ = ("drops", "sent", "v4", "v6")
+
+    def __init__(self) -> None:
+        self.v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.v4.setblocking(False)
+        self.v6: socket.socket | None = None
+        with contextlib.suppress(OSError):
+            v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            v6.setsockopt(socket.IPPROTO_IPV6, 36, 1)  # IPV6_HDRINCL (Linux >= 4.5)
+            v6.setblocking(False)
+            self.v6 = v6
+        self.sent = 0
+        self.drops = 0
+
+    @classmethod
+    def open_if_possible(cls, inside_kind: str) -> RawInside | None:
+        if inside_kind != "tun" or os.environ.get(ENV, "1") == "0":
+            return None
+        try:
+            return cls()
+        except OSError as exc:
+            log.info("decrypted packets go back through the dispatcher (%s)", exc)
+            return None
+
+    def write(self, packet: bytes) -> bool:
+        try:
+            if packet[0] >> 4 == 4:
+                self.v4.sendto(packet, (socket.inet_ntop(socket.AF_INET, packet[16:20]), 0))
+            elif self.v6 is not None and len(packet) >= 40:
+                self.v6.sendto(packet, (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0))
+            else:
+                return False
+        except (BlockingIOError, InterruptedError):
+            self.drops += 1
+            return True
+        except OSError:
+            self.drops += 1
+            return True
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        self.v4.close()
+        if self.v6 is not None:
+            self.v6.close()
