@@ -91,7 +91,7 @@ class Blaster:
         sock.close()
 
     def prepare(self, n: int, size: int) -> tuple[Any, Any, Any, tuple[str, int]]:
-        routes = list(self.gw.member.routes)
+        routes = list(self.gw.member.carried())
         inner = []
         for i, r in enumerate(routes):
             src, dst = _first_host(r.src_ranges), _first_host(r.dst_ranges)
@@ -174,13 +174,13 @@ async def main(argv: list[str]) -> int:
     gw = Gateway(read_config(args.config), initiate=True)
     await gw.start()
     end = time.monotonic() + args.timeout
-    while len(gw.member.routes) < args.children:
+    while len(gw.member.carried()) < args.children:
         if time.monotonic() > end:
-            _say({"ready": False, "children": len(gw.member.routes)})
+            _say({"ready": False, "children": len(gw.member.carried())})
             return 1
         await asyncio.sleep(0.05)
     _say({"ready": True, "children": [
-        {"name": r.name, "spi_out": f"{r.outbound.spi:08x}"} for r in gw.member.routes]})
+        {"name": r.name, "spi_out": f"{r.outbound.spi:08x}"} for r in gw.member.carried()]})
     blaster = Blaster(gw)
     loop = asyncio.get_running_loop()
     while True:

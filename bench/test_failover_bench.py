@@ -41,6 +41,7 @@ from typing import Any
 
 import pytest
 
+from common.routing import InsideRoutes
 from tests.test_failover_scale import ScaleCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,7 +379,7 @@ def test_c_memory_per_ike_sa_and_replica() -> None:
 
     def drop_esp() -> None:
         m1.by_spi.clear()
-        m1.routes.clear()
+        m1.routes = InsideRoutes()
 
     def drop_ike() -> None:
         m1.engine.sas.clear()
