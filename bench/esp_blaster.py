@@ -47,8 +47,8 @@ def _say(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _first_host(ranges: list[tuple[int, int, int]]) -> str:
-    _version, lo, hi = ranges[0]
+def _first_host(tss: tuple[Any, ...]) -> str:
+    lo, hi = int(tss[0].start_addr), int(tss[0].end_addr)
     return str(ipaddress.IPv4Address(lo + 1 if hi - lo >= 2 else lo))
 
 
@@ -94,7 +94,7 @@ class Blaster:
         routes = list(self.gw.member.carried())
         inner = []
         for i, r in enumerate(routes):
-            src, dst = _first_host(r.src_ranges), _first_host(r.dst_ranges)
+            src, dst = _first_host(r.local_ts), _first_host(r.remote_ts)
             inner.append(udp4_packet(src, dst, 40000 + i, SINK_PORT, bytes(size - 28)))
         k = len(routes)
         packets = [routes[i % k].outbound.protect(inner[i % k]) for i in range(n)]
