@@ -1,10 +1,10 @@
-"""The injected randomness type: cores never call os.urandom themselves."""
+"""The injected randomness type: cores never draw from the OS random source themselves."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-#: A function returning ``n`` random bytes; shells pass ``os.urandom``, tests a
+#: A function returning ``n`` random bytes; shells pass the OS random source, tests a
 #: seeded generator.
 RandomBytes = Callable[[int], bytes]
 
