@@ -27,8 +27,7 @@ from common.buffer import Reader, Writer
 from common.errors import MalformedMessage
 from common.ike.ts import TrafficSelector
 
-SYNC_VERSION = 1
-_U32 = struct.Struct("!I")
+SYNC_VERSION = 2   # 2: IkeSaState as one struct per layout (bulk transfer speed)
 
 
 class SyncKind(enum.IntEnum):
@@ -206,24 +205,22 @@ def _pull_int(r: Reader, width: int = 64) -> int:
     return int.from_bytes(raw, "big")
 
 
-def _push_float(w: Writer, v: float) -> None:
-    w.push_bytes(struct.pack("!d", v))
-
-
-def _pull_float(r: Reader) -> float:
-    (v,) = struct.unpack("!d", r.pull_bytes(8))
-    return float(v)
-
-
 #: Selectors repeat across SAs (one policy, thousands of peers): their
 #: encoding and decoding (ipaddress objects) are memoised, both ways, in
 #: bounded caches. TrafficSelector is frozen, so sharing one tuple is safe.
+#: Encoding looks a tuple up by identity first (children of one policy share
+#: their tuples; hashing a tuple of selectors hashes ipaddress objects, which
+#: is slow), then by value.
 _TS_CACHE_MAX = 4096
+_ts_by_id: dict[int, tuple[tuple[TrafficSelector, ...], bytes]] = {}
 _ts_encoded: dict[tuple[TrafficSelector, ...], bytes] = {}
 _ts_decoded: dict[bytes, tuple[TrafficSelector, ...]] = {}
 
 
-def _push_ts(w: Writer, tss: tuple[TrafficSelector, ...]) -> None:
+def _ts_bytes(tss: tuple[TrafficSelector, ...]) -> bytes:
+    hit = _ts_by_id.get(id(tss))
+    if hit is not None and hit[0] is tss:
+        return hit[1]
     raw = _ts_encoded.get(tss)
     if raw is None:
         from common.wire import push_selectors
@@ -234,19 +231,14 @@ def _push_ts(w: Writer, tss: tuple[TrafficSelector, ...]) -> None:
         if len(_ts_encoded) >= _TS_CACHE_MAX:
             _ts_encoded.clear()
         _ts_encoded[tss] = raw
-    w.push_bytes(raw)
+    if len(_ts_by_id) >= _TS_CACHE_MAX:
+        _ts_by_id.clear()
+    _ts_by_id[id(tss)] = (tss, raw)   # the tuple is kept: its id is not reused meanwhile
+    return raw
 
 
-def _pull_ts(r: Reader) -> tuple[TrafficSelector, ...]:
-    # The same layout as common/wire.py push_selectors: u8 count, then per
-    # selector u8 version, 5 bytes, two addresses of 4 (v4) or 16 bytes.
-    count = r.pull_uint8()
-    parts = [bytes((count,))]
-    for _ in range(count):
-        version = r.pull_uint8()
-        parts.append(bytes((version,)))
-        parts.append(r.pull_bytes(5 + (32 if version == 6 else 8)))
-    raw = b"".join(parts)
+def _ts_from(raw: bytes) -> tuple[TrafficSelector, ...]:
+    """Selectors from exactly ``raw`` (push_selectors layout)."""
     tss = _ts_decoded.get(raw)
     if tss is None:
         from common.wire import pull_selectors
@@ -261,6 +253,22 @@ def _pull_ts(r: Reader) -> tuple[TrafficSelector, ...]:
     return tss
 
 
+def _push_ts(w: Writer, tss: tuple[TrafficSelector, ...]) -> None:
+    w.push_bytes(_ts_bytes(tss))
+
+
+def _pull_ts(r: Reader) -> tuple[TrafficSelector, ...]:
+    # The same layout as common/wire.py push_selectors: u8 count, then per
+    # selector u8 version, 5 bytes, two addresses of 4 (v4) or 16 bytes.
+    count = r.pull_uint8()
+    parts = [bytes((count,))]
+    for _ in range(count):
+        version = r.pull_uint8()
+        parts.append(bytes((version,)))
+        parts.append(r.pull_bytes(5 + (32 if version == 6 else 8)))
+    return _ts_from(b"".join(parts))
+
+
 def _pull_bool(r: Reader) -> bool:
     v = r.pull_uint8()
     if v > 1:
@@ -271,78 +279,181 @@ def _pull_bool(r: Reader) -> bool:
 # -- messages ------------------------------------------------------------------------
 
 
-def _push_child_record(w: Writer, c: ChildRecord) -> None:
-    _push_str(w, c.name)
-    w.push_uint32(c.spi_in)
-    w.push_uint32(c.spi_out)
-    _push_str(w, c.transform)
-    w.push_uint8(int(c.esn))
-    w.push_uint16(c.dh)
-    w.push_uint8(c.state)
-    _push_float(w, c.rekey_in)
-    _push_ts(w, c.local_ts)
-    _push_ts(w, c.remote_ts)
+# IkeSaState (layout of SYNC_VERSION 2): version u8, kind u8, a fixed part
+# (_IKE_HEAD), the lengths of each child's strings (4 x u16 per child), the
+# remote address (4 or 16 bytes by a flag), the variable-length fields back to
+# back (lengths in the fixed part), then per child a fixed part (_CHILD_FIXED)
+# and its name, transform and two selector lists (common/wire.py
+# push_selectors layout). SAs of one policy share all their lengths, so the
+# struct of a whole layout is compiled once: an SA is one ``pack`` to encode
+# and three ``unpack_from`` to decode.
+
+#: version, kind, spi_i, spi_r, flags, state, remote_port, local_port, encr,
+#: key_bits, prf, integ, dh, peer_id_type, send_next, recv_next, response_id
+#: (2^32-1 = none), rekey_in; the lengths of policy, sk_d, sk_ai, sk_ar, sk_ei,
+#: sk_er, sk_pi, sk_pr, peer_id (u16 each), response (u32), request_digest (u8);
+#: the number of children.
+_IKE_HEAD = struct.Struct("!BB8s8sBBHHHHHHHBIIIdHHHHHHHHHIBH")
+_IKE_LIMITS = (4096, 512, 512, 512, 512, 512, 512, 512, 1024, 65536, 64)
+_F_INITIATOR, _F_MID_SYNC, _F_STALE, _F_V6 = 1, 2, 4, 8
+_NO_RESPONSE = 0xFFFFFFFF
+#: spi_in, spi_out, dh, state, esn (0/1), rekey_in (then name, transform,
+#: local_ts, remote_ts).
+_CHILD_FIXED = "IIHBBd"
+_CHILD_FIELDS = 10
+#: name and transform of a child are at most this long
+_CHILD_STR_LIMIT = 4096
+
+#: Compiled layouts: (fixed part, lengths of what follows) -> struct. Bounded:
+#: lengths come from other processes.
+_LAYOUT_CACHE_MAX = 256
+_layouts: dict[tuple[int, ...], struct.Struct] = {}
 
 
-def _pull_child_record(r: Reader) -> ChildRecord:
-    return ChildRecord(_pull_str(r), r.pull_uint32(), r.pull_uint32(), _pull_str(r),
-                       _pull_bool(r), r.pull_uint16(), r.pull_uint8(), _pull_float(r),
-                       _pull_ts(r), _pull_ts(r))
+def _layout(lens: tuple[int, ...]) -> struct.Struct:
+    """The whole IkeSaState of these lengths: the remote address, the eleven
+    variable-length fields, then four per child (see above)."""
+    s = _layouts.get(lens)
+    if s is None:
+        n_children = (len(lens) - 12) // 4
+        fmt = [_IKE_HEAD.format, "H" * (4 * n_children)]
+        fmt += [f"{n}s" for n in lens[:12]]
+        for i in range(12, len(lens), 4):
+            fmt.append(_CHILD_FIXED + "".join(f"{n}s" for n in lens[i:i + 4]))
+        s = struct.Struct("".join(fmt))
+        if len(_layouts) >= _LAYOUT_CACHE_MAX:
+            _layouts.clear()
+        _layouts[lens] = s
+    return s
 
 
-def _push_ike(w: Writer, m: IkeSaState) -> None:
-    if len(m.spi_i) != 8 or len(m.spi_r) != 8:
+_U16S: dict[int, struct.Struct] = {}
+
+
+def _u16s(n: int) -> struct.Struct:
+    s = _U16S.get(n)
+    if s is None:
+        s = struct.Struct(f"!{n}H")
+        if n <= 64:   # (a count from another process: only the usual ones are kept)
+            _U16S[n] = s
+    return s
+
+
+#: Names and transforms repeat: memoised both ways (bounded), which also
+#: shares one string among all the replicas of a policy.
+_STR_CACHE_MAX = 4096
+_str_encoded: dict[str, bytes] = {}
+_str_decoded: dict[bytes, str] = {}
+
+
+def _enc_str(v: str) -> bytes:
+    raw = _str_encoded.get(v)
+    if raw is None:
+        raw = v.encode()
+        if len(_str_encoded) >= _STR_CACHE_MAX:
+            _str_encoded.clear()
+        _str_encoded[v] = raw
+    return raw
+
+
+def _dec_str(raw: bytes) -> str:
+    v = _str_decoded.get(raw)
+    if v is None:
+        try:
+            v = raw.decode()
+        except UnicodeDecodeError as e:
+            raise MalformedMessage(f"sync string is not UTF-8: {e}") from None
+        if len(_str_decoded) >= _STR_CACHE_MAX:
+            _str_decoded.clear()
+        _str_decoded[raw] = v
+    return v
+
+
+def _ike_bytes(m: IkeSaState) -> bytes:
+    spi_i, spi_r, ip = m.spi_i, m.spi_r, m.remote_ip
+    if len(spi_i) != 8 or len(spi_r) != 8:
         raise ValueError("IKE SPIs are 8 bytes")
-    w.push_bytes(m.spi_i)
-    w.push_bytes(m.spi_r)
-    w.push_uint8(int(m.initiator))
-    w.push_uint8(m.state)
-    _push_str(w, m.policy)
-    _push_blob(w, m.remote_ip)
-    w.push_uint16(m.remote_port)
-    w.push_uint16(m.local_port)
-    for v in (m.encr, m.key_bits, m.prf, m.integ, m.dh):
-        w.push_uint16(v)
-    for key in (m.sk_d, m.sk_ai, m.sk_ar, m.sk_ei, m.sk_er, m.sk_pi, m.sk_pr):
-        _push_blob(w, key)
-    w.push_uint8(m.peer_id_type)
-    _push_blob(w, m.peer_id)
-    w.push_uint8(int(m.peer_mid_sync))
-    w.push_uint32(m.send_next)
-    w.push_uint32(m.recv_next)
-    w.push_uint32(m.response_id & 0xFFFFFFFF if m.response_id >= 0 else 0xFFFFFFFF)
-    _push_blob(w, m.response)
-    _push_blob(w, m.request_digest)
-    _push_float(w, m.rekey_in)
-    w.push_uint16(len(m.children))
+    if len(ip) == 4:
+        flags = 0
+    elif len(ip) == 16:
+        flags = _F_V6
+    else:
+        raise ValueError(f"remote address of {len(ip)} bytes")
+    if m.initiator:
+        flags |= _F_INITIATOR
+    if m.peer_mid_sync:
+        flags |= _F_MID_SYNC
+    if m.stale:
+        flags |= _F_STALE
+    var = (_enc_str(m.policy), m.sk_d, m.sk_ai, m.sk_ar, m.sk_ei, m.sk_er, m.sk_pi, m.sk_pr,
+           m.peer_id, m.response, m.request_digest)
+    lens = tuple(map(len, var))
+    for n, limit in zip(lens, _IKE_LIMITS, strict=True):
+        if n > limit:
+            raise ValueError(f"a field of {n} bytes is over its {limit}-byte limit")
+    child_lens: list[int] = []
+    child_values: list[object] = []
     for c in m.children:
-        _push_child_record(w, c)
-    w.push_uint8(int(m.stale))
+        name, transform = _enc_str(c.name), _enc_str(c.transform)
+        if len(name) > _CHILD_STR_LIMIT or len(transform) > _CHILD_STR_LIMIT:
+            raise ValueError("child name or transform over 4096 bytes")
+        lts, rts = _ts_bytes(c.local_ts), _ts_bytes(c.remote_ts)
+        child_lens += (len(name), len(transform), len(lts), len(rts))
+        child_values += (c.spi_in, c.spi_out, c.dh, c.state, 1 if c.esn else 0, c.rekey_in,
+                         name, transform, lts, rts)
+    rid = m.response_id if m.response_id >= 0 else _NO_RESPONSE
+    return _layout((len(ip), *lens, *child_lens)).pack(
+        SYNC_VERSION, SyncKind.IKE_SA, spi_i, spi_r, flags, m.state, m.remote_port,
+        m.local_port, m.encr, m.key_bits, m.prf, m.integ, m.dh, m.peer_id_type, m.send_next,
+        m.recv_next, rid, m.rekey_in, *lens, len(m.children), *child_lens, ip, *var,
+        *child_values)
 
 
-def _pull_ike(r: Reader) -> IkeSaState:
-    spi_i, spi_r = r.pull_bytes(8), r.pull_bytes(8)
-    initiator, state, policy = _pull_bool(r), r.pull_uint8(), _pull_str(r)
-    remote_ip = _pull_blob(r, 16)
-    if len(remote_ip) not in (4, 16):
-        raise MalformedMessage(f"remote address of {len(remote_ip)} bytes")
-    remote_port, local_port = r.pull_uint16(), r.pull_uint16()
-    encr, key_bits, prf, integ, dh = (r.pull_uint16() for _ in range(5))
-    sk_d, sk_ai, sk_ar, sk_ei, sk_er, sk_pi, sk_pr = (_pull_blob(r, 512) for _ in range(7))
-    peer_id_type, peer_id = r.pull_uint8(), _pull_blob(r, 1024)
-    peer_mid_sync = _pull_bool(r)
-    send_next, recv_next, response_id = r.pull_uint32(), r.pull_uint32(), r.pull_uint32()
-    response = _pull_blob(r, 65536)
-    digest = _pull_blob(r, 64)
-    rekey_in = _pull_float(r)
-    children = tuple(_pull_child_record(r) for _ in range(r.pull_uint16()))
-    stale = _pull_bool(r)
-    return IkeSaState(spi_i, spi_r, initiator, state, policy, remote_ip, remote_port,
-                      local_port, encr, key_bits, prf, integ, dh, sk_d, sk_ai, sk_ar, sk_ei,
-                      sk_er, sk_pi, sk_pr, peer_id_type, peer_id,
-                      peer_mid_sync, send_next, recv_next,
-                      -1 if response_id == 0xFFFFFFFF else response_id, response, digest,
-                      rekey_in, children, stale)
+_IKE_HEAD_FIELDS = 30   # values in an unpacked _IKE_HEAD
+
+
+def _ike_from(data: bytes | bytearray | memoryview) -> IkeSaState:
+    """An IkeSaState from a whole message (version and kind already checked)."""
+    try:
+        (_v, _k, spi_i, spi_r, flags, state, remote_port, local_port, encr, key_bits, prf,
+         integ, dh, peer_id_type, send_next, recv_next, rid, rekey_in, *lens,
+         n_children) = _IKE_HEAD.unpack_from(data, 0)
+        if flags & ~(_F_INITIATOR | _F_MID_SYNC | _F_STALE | _F_V6):
+            raise MalformedMessage(f"IKE SA flags {flags:#x}")
+        for n, limit in zip(lens, _IKE_LIMITS, strict=True):
+            if n > limit:
+                raise MalformedMessage(f"sync field of {n} bytes is over its {limit}-byte limit")
+        if 8 * n_children > len(data) - _IKE_HEAD.size:
+            raise MalformedMessage(f"{n_children} children cannot fit {len(data)} bytes")
+        child_lens = _u16s(4 * n_children).unpack_from(data, _IKE_HEAD.size) if n_children \
+            else ()
+        for i in range(0, len(child_lens), 4):
+            if child_lens[i] > _CHILD_STR_LIMIT or child_lens[i + 1] > _CHILD_STR_LIMIT:
+                raise MalformedMessage("child name or transform over 4096 bytes")
+        layout = _layout((16 if flags & _F_V6 else 4, *lens, *child_lens))
+        values = layout.unpack_from(data, 0)
+    except struct.error as e:
+        raise MalformedMessage(f"truncated IKE SA state: {e}") from None
+    if layout.size != len(data):
+        raise MalformedMessage(f"{len(data) - layout.size} bytes after a sync message")
+    pos = _IKE_HEAD_FIELDS + 4 * n_children
+    (remote_ip, policy, sk_d, sk_ai, sk_ar, sk_ei, sk_er, sk_pi, sk_pr, peer_id, response,
+     digest) = values[pos:pos + 12]
+    pos += 12
+    children = []
+    for i in range(pos, len(values), _CHILD_FIELDS):
+        spi_in, spi_out, cdh, cstate, esn, crekey, name, transform, lts, rts = \
+            values[i:i + _CHILD_FIELDS]
+        if esn > 1:
+            raise MalformedMessage(f"boolean byte {esn}")
+        children.append(ChildRecord(_dec_str(name), spi_in, spi_out, _dec_str(transform),
+                                    esn == 1, cdh, cstate, crekey, _ts_from(lts), _ts_from(rts)))
+    return IkeSaState(spi_i, spi_r, bool(flags & _F_INITIATOR), state, _dec_str(policy),
+                      remote_ip, remote_port, local_port, encr, key_bits, prf, integ, dh,
+                      sk_d, sk_ai, sk_ar, sk_ei, sk_er, sk_pi, sk_pr, peer_id_type, peer_id,
+                      bool(flags & _F_MID_SYNC), send_next, recv_next,
+                      -1 if rid == _NO_RESPONSE else rid, response, digest, rekey_in,
+                      tuple(children), bool(flags & _F_STALE))
 
 
 def _push_child(w: Writer, m: ChildState) -> None:
@@ -382,13 +493,15 @@ def _pull_child(r: Reader) -> ChildState:
 
 
 def encode_sync(msg: SyncMessage) -> bytes:
+    if isinstance(msg, IkeSaState):
+        try:
+            return _ike_bytes(msg)
+        except struct.error as e:
+            raise ValueError(f"IkeSaState does not fit the sync format: {e}") from None
     w = Writer()
     w.push_uint8(SYNC_VERSION)
     try:
-        if isinstance(msg, IkeSaState):
-            w.push_uint8(SyncKind.IKE_SA)
-            _push_ike(w, msg)
-        elif isinstance(msg, IkeSaGone):
+        if isinstance(msg, IkeSaGone):
             w.push_uint8(SyncKind.IKE_SA_GONE)
             w.push_bytes(msg.spi_i + msg.spi_r)
         elif isinstance(msg, ChildState):
@@ -425,15 +538,15 @@ def encode_sync(msg: SyncMessage) -> bytes:
 
 
 def decode_sync(data: bytes | bytearray | memoryview) -> SyncMessage:
+    if len(data) >= 2 and data[0] == SYNC_VERSION and data[1] == SyncKind.IKE_SA:
+        return _ike_from(data)
     r = Reader(data)
     version = r.pull_uint8()
     if version != SYNC_VERSION:
         raise MalformedMessage(f"sync version {version}, we speak {SYNC_VERSION}")
     kind = r.pull_uint8()
     msg: SyncMessage
-    if kind == SyncKind.IKE_SA:
-        msg = _pull_ike(r)
-    elif kind == SyncKind.IKE_SA_GONE:
+    if kind == SyncKind.IKE_SA_GONE:
         msg = IkeSaGone(r.pull_bytes(8), r.pull_bytes(8))
     elif kind == SyncKind.CHILD:
         msg = _pull_child(r)

@@ -335,12 +335,15 @@ class Replicator:
     def resync(self, dst: int, now: float) -> int:
         """Send ``dst`` everything we own that it backs up (resync, bulk transfer)."""
         n = 0
+        every = dst in self.extra_standbys()
+        send_bulk, stale, replicated_to = self.send_bulk, self.stale, self.replicated_to
         for sa in list(self.member.engine.by_id.values()):
             if sa.terminal or sa.state is IkeState.HALF_OPEN or sa.keys is None:
                 continue
-            if self.ike_backup(sa) == dst or dst in self.extra_standbys():
-                self.send_bulk(dst, snapshot(sa, now, stale=our_spi(sa) in self.stale))
-                self.replicated_to[our_spi(sa)] = dst
+            if every or self.ike_backup(sa) == dst:
+                key = our_spi(sa)
+                send_bulk(dst, snapshot(sa, now, stale=key in stale))
+                replicated_to[key] = dst
                 n += 1
         for spi_in, r in self.member.by_spi.items():
             if self.child_backup_of(spi_in) == dst:

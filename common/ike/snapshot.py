@@ -10,6 +10,7 @@ the dead owner): the new owner keeps the message IDs right and starts over.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from common.ike.child import ChildSa, ChildState
@@ -25,6 +26,13 @@ def _rel(deadline: float | None, now: float) -> float:
     return -1.0 if deadline is None else max(0.0, deadline - now)
 
 
+@functools.lru_cache(maxsize=65536)
+def _packed(address: str) -> bytes:
+    """The packed form of a peer's address (parsing it is most of a snapshot's
+    cost in a bulk transfer; peers keep their addresses)."""
+    return ipaddress.ip_address(address).packed
+
+
 def snapshot(sa: IkeSa, now: float, *, stale: bool = False) -> IkeSaState:
     if sa.suite is None or sa.keys is None:
         raise ValueError(f"IKE SA {sa.ike_id} has no keys yet (half-open SAs are not synced)")
@@ -37,7 +45,7 @@ def snapshot(sa: IkeSa, now: float, *, stale: bool = False) -> IkeSaState:
     peer_type, peer_id = sa.peer_id if sa.peer_id is not None else (IdType(0), b"")
     return IkeSaState(
         sa.spi_i, sa.spi_r, sa.initiator, sa.state.value, sa.name,
-        ipaddress.ip_address(sa.remote[0]).packed, sa.remote[1], sa.local_port,
+        _packed(sa.remote[0]), sa.remote[1], sa.local_port,
         int(s.encr), s.key_bits, int(s.prf), int(s.integ), int(s.dh),
         k.sk_d, k.sk_ai, k.sk_ar, k.sk_ei, k.sk_er, k.sk_pi, k.sk_pr,
         int(peer_type), peer_id, sa.peer_mid_sync,
