@@ -20,6 +20,7 @@ from common.config import Config
 from common.errors import MalformedMessage
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
 from dispatcher.inside import Inside, make_inside
+from member.timer import CoreTimer
 from member.worker import Member
 
 log = logging.getLogger("ipsec_cluster.gateway")
@@ -51,8 +52,7 @@ class Gateway:
         self.ports: dict[int, _Port] = {}
         self.inside: Inside | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.Handle | None = None
-        self._timer_when = 0.0
+        self._timer = CoreTimer(self._fire)
         self._stopped = asyncio.Event()
 
     # -- I/O in -------------------------------------------------------------------
@@ -108,22 +108,10 @@ class Gateway:
         return self.loop.time() if self.loop is not None else 0.0
 
     def _arm(self) -> None:
-        if self.loop is None:
-            return
-        when = self.member.get_timer()
-        if self._timer is not None:
-            # (uvloop's call_at returns a plain Handle without when() for a
-            # deadline already past, so the deadline is kept here)
-            if when is not None and abs(self._timer_when - when) < 1e-3:
-                return
-            self._timer.cancel()
-            self._timer = None
-        if when is not None:
-            self._timer = self.loop.call_at(when, self._fire)
-            self._timer_when = when
+        if self.loop is not None:
+            self._timer.arm(self.loop, self.member.get_timer())
 
     def _fire(self) -> None:
-        self._timer = None
         self.member.handle_timer(self._now())
         self.flush()
 
@@ -160,8 +148,7 @@ class Gateway:
             self.close()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         for port in self.ports.values():
             if port.transport is not None:
                 port.transport.close()

@@ -53,6 +53,7 @@ from common.wire import (
 )
 from member.rawinside import RawInside
 from member.replication import Replicator
+from member.timer import CoreTimer
 from member.worker import Member
 
 log = logging.getLogger("ipsec_cluster.member")
@@ -100,8 +101,7 @@ class MemberProcess:
         self.rx_seq = StreamSeq()
         self.gaps = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.Handle | None = None
-        self._timer_when = 0.0
+        self._timer = CoreTimer(self._fire)
         self._placed = 0
         self._stop = asyncio.Event()
         self.replicator: Replicator | None = None
@@ -354,22 +354,10 @@ class MemberProcess:
     # -- timers ---------------------------------------------------------------------
 
     def _arm(self) -> None:
-        if self.loop is None or self.member is None:
-            return
-        when = self.member.get_timer()
-        if self._timer is not None:
-            # (uvloop's call_at returns a plain Handle without when() for a
-            # deadline already past, so the deadline is kept here)
-            if when is not None and abs(self._timer_when - when) < 1e-3:
-                return
-            self._timer.cancel()
-            self._timer = None
-        if when is not None:
-            self._timer = self.loop.call_at(when, self._fire)
-            self._timer_when = when
+        if self.loop is not None and self.member is not None:
+            self._timer.arm(self.loop, self.member.get_timer())
 
     def _fire(self) -> None:
-        self._timer = None
         if self.member is not None and self.loop is not None:
             self.member.handle_timer(self.loop.time())
             self.flush()

@@ -183,10 +183,7 @@ class Member:
         target = self.owner_of_esp(e.spi_in) if self.owner_of_esp else self.member_id
         if target != self.member_id:
             # The IKE SA owner manages children: this one lives on another member.
-            self.notices.append(ChildPush(
-                e.spi_in, e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
-                e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts,
-                ipaddress.ip_address(e.remote[0]).packed, e.remote[1], self._ike_spi(e.ike_id)))
+            self.notices.append(self._push(e))
             self.placed[e.spi_in] = target
             log.info("child SA %s %08x_i placed on member %d", e.name, e.spi_in, target)
             return
@@ -196,10 +193,14 @@ class Member:
                             defer=e.replaces is not None and not e.initiator
                             and e.replaces in self.by_spi)
         # The child's backup learns of it through the same relay as a push.
-        self.notices.append(ChildPush(
-            e.spi_in, e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
-            e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts,
-            ipaddress.ip_address(e.remote[0]).packed, e.remote[1], self._ike_spi(e.ike_id)))
+        self.notices.append(self._push(e))
+
+    def _push(self, e: ChildSaInstalled) -> ChildPush:
+        """The child as the relay carries it to its carrier and its backup."""
+        return ChildPush(e.spi_in, e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
+                         e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts,
+                         ipaddress.ip_address(e.remote[0]).packed, e.remote[1],
+                         self._ike_spi(e.ike_id))
 
     def _ike_spi(self, ike_id: int) -> bytes:
         sa = self.engine.by_id.get(ike_id)
