@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench sysdeps clean
+.PHONY: demo test lint typecheck unit bench fuzz sysdeps clean
 
 $(STAMP): pyproject.toml setup.py common/_esp_fast.c
 	@command -v $(PY) >/dev/null 2>&1 || { echo "make: $(PY) not found (set PY=...)"; exit 1; }
@@ -32,6 +32,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: sysdeps $(STAMP) lint typecheck unit
+
+# The hostile-input targets (tests marked `fuzz`) with 100x the examples of `make test`.
+fuzz: $(STAMP)
+	IPSEC_CLUSTER_FUZZ=1 $(BIN)/pytest -q -m fuzz tests
 
 bench: $(STAMP)
 	$(BIN)/pytest bench -q --benchmark-columns=min,median,mean,ops --benchmark-sort=name
