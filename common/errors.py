@@ -61,3 +61,11 @@ class LocalProtocolError(IpsecClusterError):
 class SequenceExhausted(LocalProtocolError):
     """An outbound SA has used its last sequence number; it must be rekeyed
     (RFC 4303 §3.3.3: sequence numbers never wrap)."""
+
+
+class StartupError(IpsecClusterError):
+    """Something on this host stops the gateway from starting or running (a
+    port in use, an address not on this host, a key file missing, a run
+    directory that is not ours). Its message is one line for the operator that
+    names the cause and the fix; the command line prints it without a traceback
+    and exits with status 2."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config, ConfigError, load_config
+from common.errors import StartupError
 
 
 def read_config(path: str) -> Config:
@@ -206,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except StartupError as exc:
+        # One line that names the cause and the fix (common/errors.py), no traceback.
+        print(f"ipsec-cluster: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return cmd_run(args)
     if args.command == "peer":
