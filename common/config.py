@@ -41,13 +41,28 @@ MIN_REPLAY_WINDOW = 32  # same bounds as common/replay.py
 MAX_REPLAY_WINDOW = 65536
 MAX_MEMBERS = 64
 IFNAMSIZ = 16  # Linux interface names: at most 15 bytes + NUL
+#: sun_path of a Unix socket: 108 bytes with the NUL (unix(7)); ipc:// endpoints are ones
+UNIX_PATH_MAX = 107
+#: control sockets made in the ``control`` folder (the longest name counts)
+CONTROL_SOCKETS = ("control.ipc", "members.ipc")
+#: connection and child names travel as strings with a one-byte length (common/wire.py)
+MAX_NAME_BYTES = 255
+#: identities: host names are at most 253 bytes (RFC 1035), e-mail addresses 254
+MAX_ID_BYTES = 255
+#: RFC 7296 §3.13: "Number of TSs" is one octet; §3.3: proposal numbers are one octet
+MAX_ITEMS = 255
+#: durations are unsigned 32-bit seconds, as swanctl's (about 136 years)
+MAX_DURATION_S = (1 << 32) - 1
+#: shown values are cut to this many characters so that a message stays one short line
+SHOW_MAX_CHARS = 80
 ANY = "%any"
 DEFAULT_IKE_PROPOSAL = "aes128gcm16-prfsha256-ecp256"
 DEFAULT_ESP_PROPOSAL = "aes128gcm16"
 _MISSING: Any = object()
 _ADDRESS = 'an IPv4 or IPv6 address like "198.18.0.2"'
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_DURATION = re.compile(r"^([0-9]{1,10})([smhd]?)$")
+_Z85 = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -250,21 +265,34 @@ def decode_psk(text: str) -> bytes:
 
 
 def _show(value: object) -> str:
-    """A value as it would look in TOML (strings in double quotes)."""
+    """A value as it would look in TOML (strings in double quotes), on one short
+    line: control characters escaped, long values cut."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        text = "".join(_escape(ch) for ch in value[:SHOW_MAX_CHARS])
+        return f'"{text}"' + ("... (cut)" if len(value) > SHOW_MAX_CHARS else "")
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
         return "an array"
-    return str(value)
+    if isinstance(value, int) and value.bit_length() > 64:
+        # str() of a huge integer is slow and may raise (sys.set_int_max_str_digits)
+        return f"an integer of {value.bit_length()} bits"
+    return str(value)[:SHOW_MAX_CHARS]
+
+
+def _escape(ch: str) -> str:
+    if ch in '\\"':
+        return "\\" + ch
+    if ch.isprintable():
+        return ch
+    code = ord(ch)
+    return f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
 
 
 def _key(name: str) -> str:
-    return name if _BARE_KEY.match(name) else _show(name)
+    return name if _BARE_KEY.fullmatch(name) else _show(name)
 
 
 class _Table:
@@ -299,6 +327,14 @@ class _Table:
             raise self.error(key, expected, "a value of another type" if secret else _show(value))
         return value
 
+    def filepath(self, key: str, *, secret: bool = False) -> str:
+        """A file or folder name, "" when not set; a NUL byte cannot be in a path."""
+        value = self.string(key, "", secret=secret, expected="a path (a string)")
+        if "\0" in value:
+            raise self.error(key, "a path without NUL characters",
+                             "a path with one" if secret else _show(value))
+        return value
+
     def integer(self, key: str, default: Any, lo: int, hi: int, what: str = "") -> int:
         expected = f"an integer in {lo}..{hi}{what}"
         value = self.raw(key, default, expected)
@@ -315,11 +351,15 @@ class _Table:
 
     def duration(self, key: str, default: int) -> int:
         """Whole seconds: an integer, or a string with unit s/m/h/d like swanctl."""
-        expected = 'seconds (an integer >= 0, or a string like "4h")'
+        expected = f'seconds (an integer in 0..{MAX_DURATION_S}, or a string like "4h")'
         value = self.raw(key, default, expected)
-        if isinstance(value, str) and (m := _DURATION.match(value)):
-            return int(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, str) and (m := _DURATION.fullmatch(value)):
+            value = int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            if value > MAX_DURATION_S:
+                raise self.error(key, expected, f"{_show(m.group(0))} ({value} s)")
+            return value
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or not 0 <= value <= MAX_DURATION_S):
             raise self.error(key, expected, _show(value))
         return value
 
@@ -341,9 +381,15 @@ class _Table:
         value = self.raw(key, default, expected)
         if not isinstance(value, list) or (nonempty and not value):
             raise self.error(key, expected, _show(value))
+        if len(value) > MAX_ITEMS:
+            raise self.error(key, f"{expected} of at most {MAX_ITEMS} items",
+                             f"{len(value)} items")
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise _item_error(self, key, i, "a string", _show(item))
+            if item in value[:i]:
+                raise _item_error(self, key, i, "each item once",
+                                  f"{_show(item)} again (also item {value.index(item)})")
         return value
 
     def table(self, key: str, default: Any = _MISSING) -> _Table:
@@ -458,13 +504,37 @@ def _identity(t: _Table, key: str, default: Any, allow_any: bool) -> Identity:
     text = t.string(key, default)
     if allow_any and text == ANY:
         return Identity(text, None, b"")
+    expected = 'an identity like "gw.example", "@gw.example", "user@example", ' \
+               '"198.18.0.2" or "keyid:..."' + (' or "%any"' if allow_any else "")
     try:
         id_type, data = parse_identity(text)
     except ValueError as exc:
-        expected = 'an identity like "gw.example", "@gw.example", "user@example", ' \
-                   '"198.18.0.2" or "keyid:..."' + (' or "%any"' if allow_any else "")
         raise t.error(key, f"{expected} ({exc})", _show(text)) from None
+    if len(data) > MAX_ID_BYTES:
+        raise t.error(key, f"{expected} of at most {MAX_ID_BYTES} bytes",
+                      f"{_show(text)} ({len(data)} bytes)")
     return Identity(text, id_type, data)
+
+
+def _sync(t: _Table) -> str:
+    sync = t.filepath("sync")
+    if sync.startswith("ipc://"):
+        _socket_path(t, "sync", sync.removeprefix("ipc://"))
+    elif sync.startswith("tcp://"):
+        _, port = _host_port(t, "sync", sync.removeprefix("tcp://"), "tcp://198.18.0.2:7000")
+        if port == 0:
+            raise t.error("sync", "a port in 1..65535", _show(sync))
+    elif sync:
+        raise t.error("sync", '"", "ipc://PATH" or "tcp://HOST:PORT"', _show(sync))
+    return sync
+
+
+def _socket_path(t: _Table, key: str, path: str) -> None:
+    """A Unix socket's path must fit ``sun_path`` (unix(7)), or binding it fails."""
+    size = len(path.encode())
+    if path in ("", "/") or size > UNIX_PATH_MAX:
+        raise t.error(key, f"a socket path of 1..{UNIX_PATH_MAX} bytes (a Unix socket's "
+                           "limit)", f"{_show(path)} ({size} bytes)")
 
 
 # -- sections --------------------------------------------------------------------------
@@ -485,18 +555,23 @@ def _cluster(t: _Table) -> ClusterConfig:
             raise t.error("inside_address", 'an address like "10.91.2.1" or "10.91.2.1/24"',
                           _show(text)) from None
     segment_bits = t.integer("segment_bits", 8, 1, 16)
-    sync = t.string("sync", "")
-    if sync and not sync.startswith("ipc://"):
-        if not sync.startswith("tcp://"):
-            raise t.error("sync", '"", "ipc://PATH" or "tcp://HOST:PORT"', _show(sync))
-        _host_port(t, "sync", sync.removeprefix("tcp://"), "tcp://198.18.0.2:7000")
+    sync = _sync(t)
+    tcp = sync.startswith("tcp://")
+    most = min(MAX_MEMBERS, 1 << segment_bits)
     # Members on other hosts: the dispatcher may start none itself.
-    members = t.integer("members", 1, 0 if sync.startswith("tcp://") else 1,
-                        min(MAX_MEMBERS, 1 << segment_bits), " (at most 2**segment_bits)")
-    expect_members = t.integer("expect_members", members, 1, MAX_MEMBERS)
-    secret = t.string("curve_secret_key", "", secret=True)
-    server_key = t.string("curve_server_key", "")
-    authorized = t.string("curve_authorized", "")
+    members = t.integer("members", 1, 0 if tcp else 1, most, " (at most 2**segment_bits"
+                        + ('; 0 only with a "tcp://" sync' if not tcp else "") + ")")
+    expect_members = t.integer("expect_members", members or _MISSING, max(members, 1), most,
+                               " (at least members; required when members = 0)")
+    secret = t.filepath("curve_secret_key", secret=True)
+    if tcp and not secret:
+        raise t.error("curve_secret_key", "the path of our CURVE secret key file (sync is "
+                      "tcp://, which needs CURVE; make keys with `ipsec-cluster keygen`)",
+                      "nothing")
+    server_key = t.filepath("curve_server_key")
+    authorized = t.filepath("curve_authorized")
+    control = t.filepath("control")
+    _socket_path(t, "control", f"{control}/{max(CONTROL_SOCKETS, key=len)}")
     cluster = ClusterConfig(
         address=address,
         ike_port=ike_port,
@@ -510,7 +585,7 @@ def _cluster(t: _Table) -> ClusterConfig:
         curve_secret_key=secret,
         curve_server_key=server_key,
         curve_authorized=authorized,
-        control=t.string("control", ""),
+        control=control,
         metrics_port=t.integer("metrics_port", 0, 0, 65535, " (0 = off)"),
         cookie_threshold=t.integer("cookie_threshold", 100, 0, 1_000_000),
         replay_window=t.integer("replay_window", 1024, MIN_REPLAY_WINDOW, MAX_REPLAY_WINDOW),
@@ -592,12 +667,57 @@ def _psk(t: _Table, config_dir: PurePosixPath,
                       got) from None
 
 
+def curve_certificate_problem(data: bytes, secret: bool) -> str:
+    """What is wrong with a ZeroMQ CURVE certificate file (as written by
+    ``ipsec-cluster keygen``), or "" when it holds a usable public key (and,
+    with ``secret``, a secret key): Z85 keys of 40 characters (ZMTP CURVE, RFC 32
+    of the ZeroMQ RFCs). Never shows the key."""
+    keys: dict[bytes, bytes] = {}
+    for line in data.splitlines():
+        line = line.strip()
+        for name in (b"public-key", b"secret-key"):
+            if line.startswith(name) and name not in keys:
+                _, eq, value = line.partition(b"=")
+                keys[name] = value.strip(b" \t'\"") if eq else b""
+    for name in (b"public-key", b"secret-key") if secret else (b"public-key",):
+        if name not in keys:
+            hint = "; is it the public NAME.key?" if name == b"secret-key" else ""
+            return f"no {name.decode()} line{hint}"
+        if not _Z85.match(keys[name]):
+            return f"its {name.decode()} is not 40 Z85 characters"
+    return ""
+
+
+def _curve_files(filename: str, cluster: ClusterConfig, config_dir: PurePosixPath,
+                 read_file: ReadFile) -> None:
+    """The CURVE key files exist and hold keys: checked at load, not when a
+    member first connects."""
+    for key, name, secret in (("curve_secret_key", cluster.curve_secret_key, True),
+                              ("curve_server_key", cluster.curve_server_key, False)):
+        if not name:
+            continue
+        path = str(config_dir / name)
+        expected = ("a CURVE secret key file (NAME.key_secret from `ipsec-cluster keygen`)"
+                    if secret else
+                    "a CURVE public key file (NAME.key from `ipsec-cluster keygen`)")
+        try:
+            problem = curve_certificate_problem(read_file(path), secret)
+        except OSError as exc:
+            problem = exc.strerror or type(exc).__name__
+        if problem:
+            raise ConfigError(filename, f"cluster.{key}", expected, f"{_show(path)} ({problem})")
+
+
 def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePosixPath,
                 read_file: ReadFile | None) -> ConnectionConfig:
     remote_addrs = _addresses(t, "remote_addrs", [ANY], allow_any=True)
     local_addrs = _addresses(t, "local_addrs", [str(cluster.address)], allow_any=False)
     psk, psk_file = _psk(t, config_dir, read_file)
     children_t = t.table("children", {})
+    if not children_t.data:
+        # A connection without children would negotiate IKE SAs that carry nothing.
+        raise t.error("children", f"at least one child: add a [{t.at('children')}.NAME] table "
+                                  "with local_ts and remote_ts", "none")
     children = {cname: _child(_sub(children_t, cname), cname) for cname in children_t.data}
     children_t.known += list(children_t.data)
     starts = [c.name for c in children.values() if c.start_action == "start"]
@@ -628,28 +748,64 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
 
 
 def _sub(parent: _Table, key: str) -> _Table:
+    """A named table (a connection or a child); its name goes into logs and onto
+    the wire with a one-byte length."""
     value = parent.data[key]
     if not isinstance(value, dict):
         raise parent.error(key, "a table", _show(value))
+    size = len(key.encode("utf-8", "surrogatepass"))
+    if not 0 < size <= MAX_NAME_BYTES or not key.isprintable():
+        raise parent.error(key, f"a name of 1..{MAX_NAME_BYTES} bytes without control "
+                                "characters", f"{_show(key)} ({size} bytes)")
     return _Table(parent.filename, parent.at(key), value)
 
 
-def load_config(text: str, filename: str, read_file: ReadFile | None = None) -> Config:
-    """Parse and check a configuration file's ``text``; ``filename`` names it in
-    messages and anchors relative ``psk_file`` paths. With ``read_file``, each
-    ``psk_file`` is read now into ``ConnectionConfig.psk``; without, ``psk`` stays
-    None and ``psk_file`` holds the path for the caller. Raises ``ConfigError``.
-    """
+def decode_text(data: bytes, filename: str) -> str:
+    """A configuration file's bytes as text: TOML files are UTF-8 (TOML 1.0
+    §Spec); a leading byte order mark is dropped. Raises ``ConfigError`` naming
+    the first bad byte and its offset."""
     try:
-        data = tomllib.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(filename, "", "UTF-8 text (TOML files are UTF-8)",
+                          f"byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line}) "
+                          "that is not UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def _parse_toml(text: str, filename: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(filename, "", "valid TOML", f"a syntax error: {exc}") from None
-    root = _Table(filename, "", data)
+    except ValueError as exc:
+        # tomllib's int() of a literal beyond sys.get_int_max_str_digits()
+        reason = str(exc).split(":")[0]
+        raise ConfigError(filename, "", "valid TOML", f"a value it cannot hold ({reason})"
+                          ) from None
+    except RecursionError:
+        raise ConfigError(filename, "", "TOML nested at most a few hundred levels deep",
+                          "deeper nesting") from None
+
+
+def load_config(text: str | bytes, filename: str, read_file: ReadFile | None = None) -> Config:
+    """Parse and check a configuration file's ``text`` (or its bytes, which must
+    be UTF-8); ``filename`` names it in messages and anchors relative paths. With
+    ``read_file``, each ``psk_file`` is read now into ``ConnectionConfig.psk`` and
+    the CURVE key files are checked; without, ``psk`` stays None and ``psk_file``
+    holds the path for the caller. Raises ``ConfigError`` and nothing else.
+    """
+    if isinstance(text, bytes):
+        text = decode_text(text, filename)
+    root = _Table(filename, "", _parse_toml(text, filename))
     cluster = _cluster(root.table("cluster"))
+    config_dir = PurePosixPath(filename).parent
+    if read_file is not None:
+        _curve_files(filename, cluster, config_dir, read_file)
     conns_t = root.table("connections")
     if not conns_t.data:
         raise root.error("connections", "at least one [connections.NAME] table", "none")
-    config_dir = PurePosixPath(filename).parent
     connections = {
         name: _connection(_sub(conns_t, name), name, cluster, config_dir, read_file)
         for name in conns_t.data

@@ -9,25 +9,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.config import Config, ConfigError, load_config
+from common.config import MAX_MEMBERS, Config, ConfigError, load_config
 from common.errors import StartupError
 
 
 def read_config(path: str) -> Config:
-    """Load a config file; a bad one ends the program with one clear line."""
+    """Load a config file; a bad one is one ``StartupError`` line (exit 2)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        data = p.read_bytes()
     except OSError as exc:
-        raise SystemExit(f"ipsec-cluster: cannot read config {path}: {exc.strerror}") from None
+        raise StartupError(f"cannot read config {path}: {exc.strerror or exc} (check "
+                           "--config)") from None
 
     def read_file(name: str) -> bytes:
         return (p.parent / name).read_bytes()
 
     try:
-        return load_config(text, str(p), read_file)
+        return load_config(data, str(p), read_file)
     except ConfigError as exc:
-        raise SystemExit(f"ipsec-cluster: {exc}") from None
+        raise StartupError(str(exc)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -49,8 +50,10 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
     _setup_logging(args.log_level or config.cluster.log_level)
     c = config.cluster
     if not initiate and (c.members > 1 or c.sync):
-        from dispatcher.supervisor import Supervisor
+        from dispatcher.startup import check_run
+        from dispatcher.supervisor import Supervisor, run_dir
 
+        check_run(config, args.config, run_dir(config, args.config))
         codes: list[int] = []
 
         async def run() -> None:
@@ -69,6 +72,8 @@ def cmd_member(args: argparse.Namespace) -> int:
     from dispatcher.supervisor import run_member
 
     config = read_config(args.config)
+    if not 1 <= args.id <= MAX_MEMBERS:
+        raise StartupError(f"--id: expected a member id in 1..{MAX_MEMBERS}, got {args.id}")
     _setup_logging(args.log_level or config.cluster.log_level)
     return run_member(config, args.config, args.id, args.connect)
 
@@ -85,14 +90,22 @@ def _ask(args: argparse.Namespace, request: bytes) -> dict[str, Any]:
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.setsockopt(zmq.RCVTIMEO, int(args.timeout * 1000))
-    req.connect(control_endpoint(config, args.config))
+    endpoint = control_endpoint(config, args.config)
     try:
+        req.connect(endpoint)
         req.send(request)
         answer: dict[str, Any] = json.loads(req.recv())
         return answer
     except zmq.Again:
-        raise SystemExit(f"ipsec-cluster: no cluster answers for {args.config} "
-                         "(is `ipsec-cluster run` running with this config?)") from None
+        raise StartupError(f"no cluster answers for {args.config} "
+                           "(is `ipsec-cluster run` running with this config?)") from None
+    except zmq.ZMQError as exc:
+        reason = zmq.strerror(exc.errno or 0)
+        raise StartupError(f"cannot reach the cluster at {endpoint}: {reason} "
+                           "(check cluster.control)") from None
+    except ValueError:  # not JSON: something else listens there
+        raise StartupError(f"{endpoint} answered with something that is not JSON "
+                           "(is another program using cluster.control?)") from None
     finally:
         req.close(linger=0)
 

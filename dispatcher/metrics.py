@@ -3,12 +3,17 @@ same counters as ``ipsec-cluster status``."""
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from common.errors import StartupError
 
 if TYPE_CHECKING:
     from dispatcher.cluster import Dispatcher
@@ -66,6 +71,51 @@ class ClusterCollector(Collector):
         yield epoch
 
 
+#: the HTTP server listens on loopback only
+METRICS_ADDRESS = "127.0.0.1"
+#: /proc/net/tcp state of a listening socket
+_TCP_LISTEN = "0A"
+
+
 def start_metrics(dispatcher: Dispatcher, port: int) -> None:
+    """Serve the metrics; a port we cannot listen on is a ``StartupError``."""
+    try:
+        start_http_server(port, addr=METRICS_ADDRESS)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"cluster.metrics_port: port {port} on {METRICS_ADDRESS} is in use"
+                f"{port_holder(port)} (choose another metrics_port, or 0 for no metrics)"
+            ) from None
+        raise StartupError(f"cluster.metrics_port: cannot listen on {METRICS_ADDRESS} port "
+                           f"{port}: {exc.strerror} (choose another metrics_port, or 0 for "
+                           "no metrics)") from None
     REGISTRY.register(ClusterCollector(dispatcher))
-    start_http_server(port, addr="127.0.0.1")
+
+
+def port_holder(port: int) -> str:
+    """" by pid N (name)" for the process listening on TCP ``port``, or "" when
+    /proc does not tell (another user's process, no /proc)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEXADDR:HEXPORT; field 9 is the socket's inode
+            if (len(fields) > 9 and fields[3] == _TCP_LISTEN
+                    and int(fields[1].rpartition(":")[2], 16) == port):
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return ""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                return f" by pid {pid} ({name})"
+        except OSError:
+            continue
+    return ""

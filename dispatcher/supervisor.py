@@ -22,7 +22,9 @@ import zmq
 import zmq.asyncio
 
 from common.config import Config
+from common.errors import StartupError
 from dispatcher.cluster import Dispatcher
+from dispatcher.startup import bind_error, load_certificate
 
 log = logging.getLogger("ipsec_cluster.supervisor")
 
@@ -123,8 +125,12 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
-        await self.dispatcher.start()
-        self._metrics()
+        self._metrics()  # first: a port in use stops us before anything else started
+        try:
+            await self.dispatcher.start()
+        except zmq.ZMQError as exc:  # the members' endpoint (cluster.sync)
+            raise bind_error(self.dispatcher.endpoint, f"{self.config_path}: cluster.sync",
+                             exc) from None
         for member_id in range(1, self.config.cluster.members + 1):
             self._spawn(member_id)
         tasks = [asyncio.ensure_future(self.dispatcher._members_loop()),
@@ -171,36 +177,36 @@ class Supervisor:
 
 def load_server_curve(config: Config, config_path: str) -> tuple[bytes, bytes, str]:
     """The dispatcher's CURVE keys and the folder of members' public keys."""
-    import zmq.auth
 
     c = config.cluster
     base = Path(config_path).parent
     if not c.curve_secret_key:
-        raise SystemExit(f"ipsec-cluster: {config_path}: cluster.sync is tcp:// but "
-                         "cluster.curve_secret_key is not set (make keys with "
-                         "`ipsec-cluster keygen`)")
-    public, secret = zmq.auth.load_certificate(str(base / c.curve_secret_key))
+        raise StartupError(f"{config_path}: cluster.sync is tcp:// but "
+                           "cluster.curve_secret_key is not set (make keys with "
+                           "`ipsec-cluster keygen`)")
+    public, secret = load_certificate(config_path, "curve_secret_key", base / c.curve_secret_key)
     if secret is None:
-        raise SystemExit(f"ipsec-cluster: {c.curve_secret_key}: not a secret key file")
+        raise StartupError(f"{config_path}: cluster.curve_secret_key: {c.curve_secret_key} "
+                           "holds no secret key (use NAME.key_secret from keygen)")
     allowed = base / (c.curve_authorized or "authorized")
     if not allowed.is_dir():
-        raise SystemExit(f"ipsec-cluster: {config_path}: cluster.curve_authorized: "
-                         f"expected a folder of member public keys, got {allowed}")
+        raise StartupError(f"{config_path}: cluster.curve_authorized: "
+                           f"expected a folder of member public keys, got {allowed}")
     return public, secret, str(allowed)
 
 
 def load_member_curve(config: Config, config_path: str) -> tuple[bytes, bytes, bytes]:
-    import zmq.auth
 
     c = config.cluster
     base = Path(config_path).parent
     if not c.curve_secret_key or not c.curve_server_key:
-        raise SystemExit(f"ipsec-cluster: {config_path}: a member on tcp:// needs "
-                         "cluster.curve_secret_key and cluster.curve_server_key")
-    public, secret = zmq.auth.load_certificate(str(base / c.curve_secret_key))
-    server, _ = zmq.auth.load_certificate(str(base / c.curve_server_key))
+        raise StartupError(f"{config_path}: a member on tcp:// needs "
+                           "cluster.curve_secret_key and cluster.curve_server_key")
+    public, secret = load_certificate(config_path, "curve_secret_key", base / c.curve_secret_key)
+    server, _ = load_certificate(config_path, "curve_server_key", base / c.curve_server_key)
     if secret is None:
-        raise SystemExit(f"ipsec-cluster: {c.curve_secret_key}: not a secret key file")
+        raise StartupError(f"{config_path}: cluster.curve_secret_key: {c.curve_secret_key} "
+                           "holds no secret key (use NAME.key_secret from keygen)")
     return public, secret, server
 
 

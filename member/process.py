@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from common.config import Config
-from common.errors import MalformedMessage
+from common.errors import MalformedMessage, StartupError
 from common.ike.sa import Outgoing
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
 from common.routing import init_segment
@@ -434,7 +434,12 @@ class MemberProcess:
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.sock.connect(self.endpoint)
+        try:
+            self.sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            raise StartupError(f"--connect {self.endpoint}: {zmq.strerror(exc.errno or 0)} "
+                               "(expected the dispatcher's ipc://PATH or tcp://HOST:PORT)"
+                               ) from None
         self.bulk.connect(self.endpoint)
         self.send(Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION))
         self.send_bulk(Hello(self.member_id, os.getpid(), socket.gethostname(), BULK))
