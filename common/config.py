@@ -264,14 +264,16 @@ def decode_psk(text: str) -> bytes:
 # -- the schema walker -----------------------------------------------------------------
 
 
-def _show(value: object) -> str:
+def _show(value: object, *, cut: bool = True) -> str:
     """A value as it would look in TOML (strings in double quotes), on one short
-    line: control characters escaped, long values cut."""
+    line: control characters escaped, long values cut (file paths only with
+    ``cut=False``: a cut path names no file)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        text = "".join(_escape(ch) for ch in value[:SHOW_MAX_CHARS])
-        return f'"{text}"' + ("... (cut)" if len(value) > SHOW_MAX_CHARS else "")
+        shown = value[:SHOW_MAX_CHARS] if cut else value
+        text = "".join(_escape(ch) for ch in shown)
+        return f'"{text}"' + ("... (cut)" if len(shown) < len(value) else "")
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
@@ -646,7 +648,7 @@ def _psk(t: _Table, config_dir: PurePosixPath,
     if has_psk:
         text, where = t.string("psk", secret=True), "psk"
     else:
-        name = t.string("psk_file")
+        name = t.filepath("psk_file")
         if not name:
             raise t.error("psk_file", "the path of a file holding the key", '""')
         path = str(config_dir / name)
@@ -657,7 +659,7 @@ def _psk(t: _Table, config_dir: PurePosixPath,
         except (OSError, UnicodeError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
             raise t.error("psk_file", "a readable UTF-8 file",
-                          f"{_show(path)} ({reason})") from None
+                          f"{_show(path, cut=False)} ({reason})") from None
         where = "psk_file"
     try:
         return decode_psk(text), None if has_psk else path
@@ -705,7 +707,8 @@ def _curve_files(filename: str, cluster: ClusterConfig, config_dir: PurePosixPat
         except OSError as exc:
             problem = exc.strerror or type(exc).__name__
         if problem:
-            raise ConfigError(filename, f"cluster.{key}", expected, f"{_show(path)} ({problem})")
+            raise ConfigError(filename, f"cluster.{key}", expected,
+                              f"{_show(path, cut=False)} ({problem})")
 
 
 def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePosixPath,
@@ -755,8 +758,8 @@ def _sub(parent: _Table, key: str) -> _Table:
         raise parent.error(key, "a table", _show(value))
     size = len(key.encode("utf-8", "surrogatepass"))
     if not 0 < size <= MAX_NAME_BYTES or not key.isprintable():
-        raise parent.error(key, f"a name of 1..{MAX_NAME_BYTES} bytes without control "
-                                "characters", f"{_show(key)} ({size} bytes)")
+        raise ConfigError(parent.filename, parent.at(key), f"a name of 1..{MAX_NAME_BYTES} "
+                          "bytes without control characters", f"{_show(key)} ({size} bytes)")
     return _Table(parent.filename, parent.at(key), value)
 
 
