@@ -656,8 +656,11 @@ def _psk(t: _Table, config_dir: PurePosixPath,
             return None, path
         try:
             text = read_file(path).decode().rstrip("\r\n")
-        except (OSError, UnicodeError) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
+        except UnicodeDecodeError as exc:
+            raise t.error("psk_file", "a readable UTF-8 file", f"{_show(path, cut=False)} (byte "
+                          f"at offset {exc.start} is not UTF-8)") from None
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
             raise t.error("psk_file", "a readable UTF-8 file",
                           f"{_show(path, cut=False)} ({reason})") from None
         where = "psk_file"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -53,13 +54,20 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
         from dispatcher.startup import check_run
         from dispatcher.supervisor import Supervisor, run_dir
 
-        check_run(config, args.config, run_dir(config, args.config))
+        folder = run_dir(config, args.config)
+        check_run(config, args.config, folder)
         codes: list[int] = []
 
         async def run() -> None:
             codes.append(await Supervisor(config, args.config).run())
 
-        _run_loop(run())
+        try:
+            _run_loop(run())
+        except StartupError:
+            if not c.control:  # the run folder we made, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
         return codes[0] if codes else 1
     from dispatcher.gateway import Gateway
 

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.config import Config, ConfigError, load_config
+from dispatcher.supervisor import run_dir
 from tests.fuzz import fuzz_settings
 from tests.test_config import BASE, DELETE, PSK, to_toml, with_change
 
@@ -198,7 +199,7 @@ BAD: list[Bad] = [
     Bad("psk-file-nul", _renamed(f'psk = "{PSK}"', 'psk_file = "a\\u0000b"'),
         B + "psk_file", "NUL"),
     Bad("psk-file-not-utf8", _renamed(f'psk = "{PSK}"', 'psk_file = "k.psk"'),
-        B + "psk_file", "UnicodeDecodeError", {"k.psk": b"\xff\xff"}),
+        B + "psk_file", "byte at offset 0 is not UTF-8", {"k.psk": b"\xff\xff"}),
     Bad("control-too-long", with_change(C + "control", "/tmp/" + "d" * 100), C + "control",
         "a socket path of 1..107 bytes"),
     Bad("control-nul", with_change(C + "control", "/tmp/a\0b"), C + "control", "NUL"),
@@ -389,9 +390,11 @@ def test_run_metrics_port_in_use(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        config = _cluster_toml(tmp_path, f"metrics_port = {port}")
+        config = _cluster_toml(tmp_path, f"metrics_port = {port}", control=False)
         _run(config, f"cluster.metrics_port: port {port} on 127.0.0.1 is in use",
              f"by pid {os.getpid()}")
+    # the run folder made for it is gone again
+    assert not run_dir(load_config(config.read_bytes(), str(config)), str(config)).exists()
 
 
 def test_run_sync_port_in_use(tmp_path: Path) -> None:
