@@ -62,7 +62,7 @@ _MISSING: Any = object()
 _ADDRESS = 'an IPv4 or IPv6 address like "198.18.0.2"'
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DURATION = re.compile(r"^([0-9]{1,10})([smhd]?)$")
-_Z85 = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_Z85 = re.compile(rb"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -688,7 +688,7 @@ def curve_certificate_problem(data: bytes, secret: bool) -> str:
         if name not in keys:
             hint = "; is it the public NAME.key?" if name == b"secret-key" else ""
             return f"no {name.decode()} line{hint}"
-        if not _Z85.match(keys[name]):
+        if not _Z85.fullmatch(keys[name]):
             return f"its {name.decode()} is not 40 Z85 characters"
     return ""
 

@@ -23,8 +23,8 @@ def read_config(path: str) -> Config:
         raise StartupError(f"cannot read config {path}: {exc.strerror or exc} (check "
                            "--config)") from None
 
-    def read_file(name: str) -> bytes:
-        return (p.parent / name).read_bytes()
+    def read_file(name: str) -> bytes:  # load_config made it relative to the config already
+        return Path(name).read_bytes()
 
     try:
         return load_config(data, str(p), read_file)

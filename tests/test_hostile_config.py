@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.config import Config, ConfigError, load_config
+from dispatcher.cli import read_config
 from dispatcher.supervisor import run_dir
 from tests.fuzz import fuzz_settings
 from tests.test_config import BASE, DELETE, PSK, to_toml, with_change
@@ -286,6 +287,18 @@ def test_a_real_keygen_pair_is_accepted(tmp_path: Path) -> None:
     text = _edit(BASE_TEXT, *TCP, 'curve_server_key = "k.key"')
     cfg = load_config(text, str(tmp_path / "gw.toml"), lambda p: Path(p).read_bytes())
     assert cfg.cluster.curve_server_key == "k.key"
+
+
+def test_key_files_are_relative_to_a_config_in_a_subfolder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _keys(sub)
+    (sub / "b.psk").write_text("0x0102\n")
+    (sub / "gw.toml").write_text(_edit(_renamed(f'psk = "{PSK}"', 'psk_file = "b.psk"'), *TCP))
+    monkeypatch.chdir(tmp_path)
+    cfg = read_config("sub/gw.toml")
+    assert cfg.connections["branch"].psk == b"\x01\x02"
 
 
 # -- as a command: exit 2, one line ------------------------------------------------------
