@@ -148,9 +148,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     import zmq.auth
 
     out = Path(args.dir)
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    public, secret = zmq.auth.create_certificates(str(out), args.name)
-    Path(secret).chmod(0o600)
+    try:
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        public, secret = zmq.auth.create_certificates(str(out), args.name)
+        Path(secret).chmod(0o600)
+    except OSError as exc:
+        raise StartupError(f"keygen: cannot write keys into {out}: {exc.strerror or exc} "
+                           "(choose a --dir this user can write)") from None
     print(f"public key (give to the other side): {public}")
     print(f"secret key (keep here, cluster.curve_secret_key): {secret}")
     return 0

@@ -437,6 +437,12 @@ def test_member_bad_id_and_bad_endpoint(tmp_path: Path) -> None:
                            "nowhere"), "--connect nowhere", "Invalid argument")
 
 
+def test_keygen_into_an_unusable_folder(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    _assert_one_line(*_cli("keygen", "--dir", f"{tmp_path}/file/keys", "--name", "k"),
+                     "cannot write keys into", "Not a directory")
+
+
 def test_status_without_a_cluster(tmp_path: Path) -> None:
     config = _cluster_toml(tmp_path)
     _assert_one_line(*_cli("status", "--config", str(config), "--timeout", "0.2"),
