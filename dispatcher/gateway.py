@@ -20,7 +20,7 @@ from common.config import Config
 from common.errors import MalformedMessage
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
 from dispatcher.inside import Inside, make_inside
-from dispatcher.routes import bind_udp, mark_for_tun
+from dispatcher.routes import bind_udp, keep_alone, mark_for_tun
 from member.timer import CoreTimer
 from member.worker import Member
 
@@ -130,6 +130,7 @@ class Gateway:
             _, proto = await self.loop.create_datagram_endpoint(
                 functools.partial(_Port, self, port), sock=sock)
             self.ports[port] = proto
+            keep_alone(sock, str(c.address), port)
         address = str(c.inside_address) if c.inside_address is not None else None
         self.inside = make_inside(c.inside, address=address,
                                   routes=self.member.remote_networks())

@@ -45,6 +45,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -144,8 +145,9 @@ class PolicyRoutes:
                 ip(family, "rule", "del", *rule, check=False)
 
     def _stale_rules(self, family: str) -> list[tuple[str, ...]]:
-        """Rules exactly like ours at our priorities; an ``iif`` one only when its
-        device is gone (``[detached]``: the TUN of a crashed run)."""
+        """Rules exactly like ours at our priorities; an ``iif`` one only for our
+        new device's name or a device that is gone (``[detached]``: the TUN of
+        a crashed run)."""
         ours = {" ".join(r[:-2]) for r in self.rules()}
         found: list[tuple[str, ...]] = []
         for line in ip(family, "rule", "show", check=False).splitlines():
@@ -160,7 +162,9 @@ class PolicyRoutes:
             elif words[:2] == ["from", "all"]:
                 words = words[2:]
             if words[:1] == ["iif"] and len(words) > 2:
-                if detached and " ".join(["iif", self.dev, *words[2:]]) in ours:
+                # ours: on the device we just created, or on one that is gone
+                mine = detached or words[1] == self.dev
+                if mine and " ".join(["iif", self.dev, *words[2:]]) in ours:
                     found.append((*words, "pref", pref.strip()))
             elif " ".join(words) in ours:
                 found.append((*words, "pref", pref.strip()))
@@ -210,6 +214,20 @@ def bind_udp(address: str, port: int, *, mark: int | None = None,
     return sock
 
 
+def keep_alone(sock: socket.socket, address: str, port: int) -> None:
+    """After an event loop adopted ``sock``: libuv's ``uv_udp_open`` (uvloop)
+    sets SO_REUSEADDR on every UDP socket it is given. Clear it again, then
+    check that no other socket got bound to the port in between (StartupError)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    mine = f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+    others = _port_inodes(port, address) - {mine}
+    if others:
+        holder = _find_inode_owner(others)
+        who = f" by {holder}" if holder else ""
+        raise StartupError(f"cannot bind UDP {_where(address, port)} alone: another socket "
+                           f"was bound beside ours{who}; stop it and start again")
+
+
 def _where(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
@@ -218,7 +236,7 @@ def bind_error(address: str, port: int, exc: OSError) -> str:
     """One line for the operator: why ``address``:``port`` cannot be bound."""
     where = _where(address, port)
     if exc.errno == errno.EADDRINUSE:
-        holder = udp_port_holder(port)
+        holder = udp_port_holder(port, address)
         who = f" by {holder}" if holder else ""
         return (f"cannot bind UDP {where}: the port is already in use{who} "
                 "(another ipsec-cluster with the same ports? stop it or change "
@@ -231,9 +249,21 @@ def bind_error(address: str, port: int, exc: OSError) -> str:
     return f"cannot bind UDP {where}: {exc.strerror}"
 
 
-def udp_port_holder(port: int) -> str | None:
+def udp_port_holder(port: int, address: str | None = None) -> str | None:
     """``pid N (comm)`` of a process holding a UDP socket on ``port`` (from the
     socket inodes in /proc/net/udp{,6} and the processes' fds), or None."""
+    inodes = _port_inodes(port, address)
+    if not inodes:
+        return None
+    return _find_inode_owner(inodes)
+
+
+def _port_inodes(port: int, address: str | None = None) -> set[str]:
+    """``socket:[INODE]`` of every UDP socket of this namespace bound to
+    ``port`` (and, given ``address``, to it or to a wildcard address)."""
+    wanted = None
+    if address is not None:
+        wanted = {ipaddress.ip_address(address).packed, bytes(4), bytes(16)}
     inodes = set()
     for name in ("/proc/net/udp", "/proc/net/udp6"):
         with contextlib.suppress(OSError):
@@ -241,11 +271,25 @@ def udp_port_holder(port: int) -> str | None:
                 next(f, None)  # header line
                 for line in f:
                     fields = line.split()
-                    if len(fields) > 9 and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{fields[9]}]")
-    if not inodes:
-        return None
-    return _find_inode_owner(inodes)
+                    if len(fields) <= 9:
+                        continue
+                    host, _, hexport = fields[1].partition(":")
+                    if int(hexport, 16) != port:
+                        continue
+                    if wanted is not None and _proc_address(host) not in wanted:
+                        continue
+                    inodes.add(f"socket:[{fields[9]}]")
+    return inodes
+
+
+def _proc_address(text: str) -> bytes:
+    """/proc/net/udp{,6} print addresses as 32-bit words in host order."""
+    raw = bytes.fromhex(text)
+    packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) \
+        if sys.byteorder == "little" else raw
+    if len(packed) == 16 and packed[:12] == bytes(10) + b"\xff\xff":
+        return packed[12:]  # a v4-mapped address
+    return packed
 
 
 def _find_inode_owner(inodes: set[str]) -> str | None:
