@@ -35,7 +35,7 @@ FULL_TUNNEL = [("full4", "10.91.2.0/24", "0.0.0.0/0", "aes128gcm16"),
 STOP_TIMEOUT_S = 15.0
 
 
-def _snapshot(lab: Lab, ns: str) -> dict[str, str]:
+def snapshot(lab: Lab, ns: str) -> dict[str, str]:
     out = {}
     for name, argv in (("rules4", ["ip", "-4", "rule"]), ("rules6", ["ip", "-6", "rule"]),
                        ("routes4", ["ip", "-4", "route", "show", "table", "all"]),
@@ -44,23 +44,27 @@ def _snapshot(lab: Lab, ns: str) -> dict[str, str]:
     return out
 
 
-def _host(lab: Lab) -> tuple[str, str]:
+def host_pair(lab: Lab) -> tuple[str, str]:
     """Two namespaces; ``b`` (the gateway's) has v4 and v6 default routes via ``a``."""
     ns_a, ns_b, veth = lab.pair()
     for ns, dev, addr in ((ns_a, veth.dev_a, "fd00:18::1/64"), (ns_b, veth.dev_b, "fd00:18::2/64")):
         lab.run(ns, ["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])
     lab.run(ns_b, ["ip", "route", "add", "default", "via", "198.18.0.1"])
     lab.run(ns_b, ["ip", "-6", "route", "add", "default", "via", "fd00:18::1"])
-    # the link-local addresses finish DAD (their local routes appear then), so
-    # that the snapshots compare the tables and nothing that was under way
-    end = time.monotonic() + 10
-    while any(lab.run(ns, ["ip", "-6", "addr", "show", "tentative"]).stdout.strip()
-              for ns in (ns_a, ns_b)) and time.monotonic() < end:
-        time.sleep(0.1)
+    settle(lab, ns_a, ns_b)
     return ns_a, ns_b
 
 
-def _same(after: dict[str, str], before: dict[str, str]) -> None:
+def settle(lab: Lab, *namespaces: str) -> None:
+    """Wait until the link-local addresses finished DAD (their local routes
+    appear then): the snapshots compare our changes, not what was under way."""
+    end = time.monotonic() + 10
+    while any(lab.run(ns, ["ip", "-6", "addr", "show", "tentative"]).stdout.strip()
+              for ns in namespaces) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+def same(after: dict[str, str], before: dict[str, str]) -> None:
     for key in before:
         diff = "\n".join(difflib.unified_diff(before[key].splitlines(),
                                                after[key].splitlines(), "before", "after",
@@ -96,10 +100,10 @@ def _route_get(lab: Lab, ns: str, dst: str, *extra: str) -> str:
 @pytest.mark.parametrize("mode", ["single", "cluster"])
 def test_full_tunnel_leaves_main_table_alone_and_sigterm_restores_all(
         lab: Lab, tmp_path: Path, mode: str) -> None:
-    _ns_a, ns = _host(lab)
-    before = _snapshot(lab, ns)
+    _ns_a, ns = host_pair(lab)
+    before = snapshot(lab, ns)
     gw = _start(lab, ns, _config(mode), tmp_path)
-    during = _snapshot(lab, ns)
+    during = snapshot(lab, ns)
     main4 = lab.run(ns, ["ip", "-4", "route", "show", "table", "main"]).stdout
     main6 = lab.run(ns, ["ip", "-6", "route", "show", "table", "main"]).stdout
     assert "default via 198.18.0.1 dev veth0" in main4, main4
@@ -127,16 +131,16 @@ def test_full_tunnel_leaves_main_table_alone_and_sigterm_restores_all(
     assert gw.alive()
     _stop(gw)
     assert gw.proc.returncode == 0, gw.log_text()[-3000:]
-    _same(_snapshot(lab, ns), before)
+    same(snapshot(lab, ns), before)
 
 
 def test_crash_leaves_only_our_rules_and_next_start_removes_them(lab: Lab,
                                                                  tmp_path: Path) -> None:
-    _ns_a, ns = _host(lab)
-    before = _snapshot(lab, ns)
+    _ns_a, ns = host_pair(lab)
+    before = snapshot(lab, ns)
     gw = _start(lab, ns, _config("single"), tmp_path)
     _stop(gw, signal.SIGKILL)
-    after_crash = _snapshot(lab, ns)
+    after_crash = snapshot(lab, ns)
     # the TUN device went with the process and every route through it
     assert after_crash["routes4"] == before["routes4"]
     assert after_crash["routes6"] == before["routes6"]
@@ -150,25 +154,25 @@ def test_crash_leaves_only_our_rules_and_next_start_removes_them(lab: Lab,
     rules = lab.run(ns, ["ip", "-4", "rule"]).stdout
     assert rules.count("lookup 220") == 1 and rules.count("suppress_prefixlength") == 2, rules
     _stop(gw2)
-    _same(_snapshot(lab, ns), before)
+    same(snapshot(lab, ns), before)
 
 
 def test_a_table_in_use_is_refused_not_flushed(lab: Lab, tmp_path: Path) -> None:
-    _ns_a, ns = _host(lab)
+    _ns_a, ns = host_pair(lab)
     lab.run(ns, ["ip", "route", "add", "203.0.113.0/24", "via", "198.18.0.1", "table", "220"])
-    before = _snapshot(lab, ns)
+    before = snapshot(lab, ns)
     gw = OurProcess(lab, ns, _config("single"), tmp_path)
     gw.proc.wait(STOP_TIMEOUT_S)
     log = gw.log_text()
     assert gw.proc.returncode == 2, log
     assert "Traceback" not in log
     assert "routing table 220 is in use" in log and "cluster.route_table" in log, log
-    _same(_snapshot(lab, ns), before)
+    same(snapshot(lab, ns), before)
     # another table number works beside it
     gw2 = _start(lab, ns, _config("single", extra="route_table = 1220\n"), tmp_path, "gw2")
     assert "default dev ipsc0" in lab.run(ns, ["ip", "route", "show", "table", "1220"]).stdout
     _stop(gw2)
-    _same(_snapshot(lab, ns), before)
+    same(snapshot(lab, ns), before)
 
 
 # -- the ports ------------------------------------------------------------------------
