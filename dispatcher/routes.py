@@ -106,6 +106,7 @@ class PolicyRoutes:
         for family in ("-4", "-6"):
             self._check_free(family)
         self._remove_rules(stale=True)
+        _warn_strict_rp_filter()
         try:
             for net in nets:
                 ip(f"-{net.version}", "route", "replace", str(net), "dev", self.dev,
@@ -169,6 +170,18 @@ class PolicyRoutes:
             elif " ".join(words) in ours:
                 found.append((*words, "pref", pref.strip()))
         return found
+
+
+def _warn_strict_rp_filter() -> None:
+    """Strict reverse-path filtering looks the peer's address up like our own
+    cleartext (mark 0), finds the tunnel and drops the peer's IKE and ESP when
+    a child covers the peer's address (RFC 3704 §2.2; Linux rp_filter = 1)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/sys/net/ipv4/conf/all/rp_filter") as f:
+            if int(f.read()) == 1:
+                log.warning("net.ipv4.conf.all.rp_filter = 1 (strict): a child whose "
+                            "remote_ts covers a peer's own address loses that peer's "
+                            "packets; use 2 (loose)")
 
 
 def decrypted_mark(mark: int) -> int:

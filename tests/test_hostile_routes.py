@@ -250,9 +250,11 @@ for opt in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
 """
 
 
-def test_another_users_socket_cannot_bind_beside_ours(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["single", "cluster"])
+def test_another_users_socket_cannot_bind_beside_ours(lab: Lab, tmp_path: Path,
+                                                      mode: str) -> None:
     ns = _loopback_ns(lab)
-    gw = _start(lab, ns, _udp_gateway("single"), tmp_path)
+    gw = _start(lab, ns, _udp_gateway(mode), tmp_path)
     res = lab.run(ns, [sys.executable, "-c", _BIND_SCRIPT], check=False)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.split("\n")
