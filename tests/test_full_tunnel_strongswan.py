@@ -9,7 +9,8 @@ they were not kept out of it (dispatcher/routes.py): the IKE SA coming up is
 the proof that the answers are not swallowed. Cleartext to charon's inner AND
 outer addresses goes through the tunnel; after SIGTERM the routing rules and
 tables equal those before the start. Single-process and cluster mode (members
-with raw inside sockets)."""
+with raw inside sockets). And a host-to-host child (the peer's address as
+remote_ts)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 
 from tests.interop_gw import OurProcess, gateway_toml
 from tests.lab import traffic
-from tests.lab.charon import Child, Conn, render_swanctl_conf
+from tests.lab.charon import Charon, Child, Conn, render_swanctl_conf
 from tests.lab.netns import Lab
 from tests.test_hostile_routes import STOP_TIMEOUT_S, host_pair, same, settle, snapshot
 
@@ -81,5 +82,51 @@ def test_full_tunnel_to_strongswan(lab: Lab, tmp_path: Path, mode: str) -> None:
         gw.proc.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"gateway did not stop:\n{gw.log_text()[-3000:]}")
+    assert gw.proc.returncode == 0, gw.log_text()[-3000:]
+    same(snapshot(lab, ns_b), before)
+
+
+#: charon's own libipsec routes the peer's address into its TUN too: it needs
+#: the same bypass by mark for its IKE/ESP (strongSwan's allow_peer_ts)
+CHARON_PEER_TS = """    plugins {
+        kernel-libipsec {
+            allow_peer_ts = yes
+        }
+        kernel-netlink {
+            fwmark = !0x42
+        }
+        socket-default {
+            fwmark = 0x42
+        }
+    }
+"""
+
+
+def test_host_to_host_child_with_strongswan(lab: Lab, tmp_path: Path) -> None:
+    """The child's remote_ts is the peer's own address (198.18.0.1/32): our
+    table routes it into the tunnel, our IKE/ESP to it bypass that table."""
+    ns_a, ns_b = host_pair(lab)
+    before = snapshot(lab, ns_b)
+    gw = OurProcess(lab, ns_b, gateway_toml(
+        inside_address="", children=[("host", "198.18.0.2/32", "198.18.0.1/32",
+                                      "aes128gcm16")]), tmp_path)
+    gw.wait_log("gateway listening", timeout=20)
+    charon = Charon(ns_a, lab.workdir / "charon-a")
+    charon.conf_text = charon.conf_text.replace("    plugins {\n",
+                                                CHARON_PEER_TS + "    plugins {\n", 1)
+    lab.charons.append(charon)
+    charon.start()
+    charon.load(render_swanctl_conf(Conn("a-b", "198.18.0.1", "198.18.0.2", [
+        Child("host", "198.18.0.1/32", "198.18.0.2/32")])))
+    charon.initiate(child="host", ike="a-b")
+    assert "dev ipsc0" in lab.run(ns_b, ["ip", "route", "get", "198.18.0.1"]).stdout
+    esp_before = _esp_in(lab, ns_a)
+    res = traffic.ping(ns_b, "198.18.0.1", src="198.18.0.2", count=3, interval=0.05)
+    assert res.ok, f"{res.output}\n{gw.log_text()[-3000:]}\n{charon.log_tail()}"
+    res = traffic.ping(ns_a, "198.18.0.2", src="198.18.0.1", count=3, interval=0.05)
+    assert res.ok, f"{res.output}\n{gw.log_text()[-3000:]}"
+    assert _esp_in(lab, ns_a) - esp_before >= 2 * 3  # as ESP, not in clear
+    gw.proc.send_signal(signal.SIGTERM)
+    gw.proc.wait(STOP_TIMEOUT_S)
     assert gw.proc.returncode == 0, gw.log_text()[-3000:]
     same(snapshot(lab, ns_b), before)
