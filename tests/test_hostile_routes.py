@@ -128,6 +128,10 @@ def test_full_tunnel_leaves_main_table_alone_and_sigterm_restores_all(
     assert "dev veth0" in _route_get(lab, ns, "198.18.0.7", "mark", "0x221")
     # ... while what only the tunnel routes stays in it (hub and spoke)
     assert "dev ipsc0" in _route_get(lab, ns, "192.0.2.1", "mark", "0x221")
+    # decrypted packets written into the TUN device: the same two cases
+    lab.run(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    assert "dev veth0" in _route_get(lab, ns, "198.18.0.7", "from", "192.0.2.1", "iif", "ipsc0")
+    assert "dev ipsc0" in _route_get(lab, ns, "192.0.2.9", "from", "192.0.2.1", "iif", "ipsc0")
     assert gw.alive()
     _stop(gw)
     assert gw.proc.returncode == 0, gw.log_text()[-3000:]
@@ -168,9 +172,12 @@ def test_a_table_in_use_is_refused_not_flushed(lab: Lab, tmp_path: Path) -> None
     assert "Traceback" not in log
     assert "routing table 220 is in use" in log and "cluster.route_table" in log, log
     same(snapshot(lab, ns), before)
-    # another table number works beside it
+    # another table number works beside it; strict reverse-path filtering
+    # would drop the peer's packets (its address is in our table): a warning
+    lab.run(ns, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"])
     gw2 = _start(lab, ns, _config("single", extra="route_table = 1220\n"), tmp_path, "gw2")
     assert "default dev ipsc0" in lab.run(ns, ["ip", "route", "show", "table", "1220"]).stdout
+    assert "rp_filter = 1 (strict)" in gw2.log_text()
     _stop(gw2)
     same(snapshot(lab, ns), before)
 
