@@ -27,8 +27,6 @@ import pytest
 from tests.interop_gw import ROOT, OurProcess, gateway_toml
 from tests.lab.netns import Lab
 
-pytestmark = pytest.mark.netns
-
 FULL_TUNNEL = [("full4", "10.91.2.0/24", "0.0.0.0/0", "aes128gcm16"),
                ("full6", "fd00:91:2::/64", "::/0", "aes128gcm16"),
                ("host", "198.18.0.2/32", "198.18.0.1/32", "aes128gcm16")]
@@ -97,6 +95,7 @@ def _route_get(lab: Lab, ns: str, dst: str, *extra: str) -> str:
     return lab.run(ns, ["ip", family, "route", "get", dst, *extra]).stdout
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("mode", ["single", "cluster"])
 def test_full_tunnel_leaves_main_table_alone_and_sigterm_restores_all(
         lab: Lab, tmp_path: Path, mode: str) -> None:
@@ -138,6 +137,7 @@ def test_full_tunnel_leaves_main_table_alone_and_sigterm_restores_all(
     same(snapshot(lab, ns), before)
 
 
+@pytest.mark.netns
 def test_crash_leaves_only_our_rules_and_next_start_removes_them(lab: Lab,
                                                                  tmp_path: Path) -> None:
     _ns_a, ns = host_pair(lab)
@@ -161,6 +161,7 @@ def test_crash_leaves_only_our_rules_and_next_start_removes_them(lab: Lab,
     same(snapshot(lab, ns), before)
 
 
+@pytest.mark.netns
 def test_a_table_in_use_is_refused_not_flushed(lab: Lab, tmp_path: Path) -> None:
     _ns_a, ns = host_pair(lab)
     lab.run(ns, ["ip", "route", "add", "203.0.113.0/24", "via", "198.18.0.1", "table", "220"])
@@ -206,6 +207,8 @@ def _second_run(lab: Lab, ns: str, config: Path) -> subprocess.CompletedProcess[
                    check=False, cwd=str(ROOT), timeout=30)
 
 
+@pytest.mark.netns
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["single", "cluster"])
 def test_second_instance_on_the_same_ports_is_refused_and_first_keeps_traffic(
         lab: Lab, tmp_path: Path, mode: str) -> None:
@@ -229,6 +232,7 @@ def test_second_instance_on_the_same_ports_is_refused_and_first_keeps_traffic(
     _stop(first)
 
 
+@pytest.mark.netns
 def test_address_not_on_this_host_is_one_line(lab: Lab, tmp_path: Path) -> None:
     ns = _loopback_ns(lab)
     config = tmp_path / "gw.toml"
@@ -257,6 +261,7 @@ for opt in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
 """
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("mode", ["single", "cluster"])
 def test_another_users_socket_cannot_bind_beside_ours(lab: Lab, tmp_path: Path,
                                                       mode: str) -> None:
@@ -279,3 +284,42 @@ def test_bind_error_lines() -> None:
     assert bind_error("10.0.0.1", 500, OSError(errno.EACCES, "x")).endswith(
         "permission denied (ports below 1024 need root)")
     assert "\n" not in bind_error("10.0.0.1", 500, OSError(errno.EADDRINUSE, "x"))
+
+
+RULES_SHOWN = """0:\tfrom all lookup local
+219:\tfrom all iif ipsc3 [detached] lookup main suppress_prefixlength 0
+219:\tfrom all iif eth1 lookup main suppress_prefixlength 0
+219:\tfrom all fwmark 0x221 lookup main suppress_prefixlength 0
+220:\tnot from all fwmark 0x220 lookup 220
+220:\tfrom all lookup 220
+221:\tnot from all fwmark 0x220 lookup 220
+32766:\tfrom all lookup main
+"""
+
+
+def test_only_our_leftover_rules_are_taken_for_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a crash: our exact rules (an iif one only on a device that is gone
+    or on our new one) are removed; strongSwan's ``lookup 220`` and rules at
+    other priorities or on live devices are not ours."""
+    from dispatcher import routes
+
+    monkeypatch.setattr(routes, "ip", lambda *args, check=True: RULES_SHOWN)
+    stale = routes.PolicyRoutes("ipsc0")._stale_rules("-4")
+    assert stale == [
+        ("iif", "ipsc3", "lookup", "main", "suppress_prefixlength", "0", "pref", "219"),
+        ("fwmark", "0x221", "lookup", "main", "suppress_prefixlength", "0", "pref", "219"),
+        ("not", "fwmark", "0x220", "lookup", "220", "pref", "220"),
+    ]
+    assert [r[:2] for r in routes.PolicyRoutes("eth1")._stale_rules("-4")
+            if r[0] == "iif"] == [("iif", "ipsc3"), ("iif", "eth1")]
+    assert routes.PolicyRoutes("ipsc0", table=100, mark=7)._stale_rules("-4") == []
+
+
+def test_proc_net_udp_addresses() -> None:
+    from dispatcher.routes import _proc_address
+
+    assert _proc_address("0100007F") == bytes([127, 0, 0, 1])
+    assert _proc_address("00000000000000000000000000000000") == bytes(16)
+    assert _proc_address("0000000000000000FFFF00000100007F") == bytes([127, 0, 0, 1])
+    assert _proc_address("B80D0120000000000000000001000000") == bytes.fromhex(
+        "20010db8000000000000000000000001")
