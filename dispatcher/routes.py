@@ -188,6 +188,11 @@ def decrypted_mark(mark: int) -> int:
     return mark + 1
 
 
+def mark_for_tun(kind: str, mark: int) -> int | None:
+    """The mark our UDP sockets carry: only a TUN inside installs our rules."""
+    return mark if kind == "tun" else None
+
+
 def mark_socket(sock: socket.socket, mark: int) -> None:
     """``SO_MARK`` on ``sock`` (needs CAP_NET_ADMIN)."""
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
@@ -325,9 +330,3 @@ def _comm(pid: str) -> str:
             return f.read().strip()
     except OSError:
         return "?"
-
-
-def mark_for_tun(kind: str, mark: int) -> int | None:
-    """The mark our UDP sockets carry: only a TUN inside installs our rules."""
-    return mark if kind == "tun" else None
-
