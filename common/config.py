@@ -91,6 +91,8 @@ class InsideConfig:
     port: int = 0
     bind_host: IPAddress | None = None  # udp: our inside socket
     bind_port: int = 0
+    route_table: int = 220  # tun: our routing table, rule priority (dispatcher/routes.py)
+    route_mark: int = 0x220  # tun: SO_MARK of our own IKE/ESP sockets (+1: decrypted)
 
 
 @dataclass(slots=True, frozen=True)
@@ -453,7 +455,13 @@ def _inside(t: _Table) -> InsideConfig:
                                     'characters without spaces, "/" or ":"', _show(text))
         if bind:
             raise t.error("inside_bind", '"" (only a udp: inside binds a socket)', _show(bind))
-        return InsideConfig("tun", name=rest)
+        # strongSwan's table 220 (priority 220); 253..255 are the kernel's own
+        table = t.integer("route_table", 220, 2, 32765, " (not 253..255)")
+        if table in (253, 254, 255):
+            raise t.error("route_table", "a table other than 253..255 (default, main, local)",
+                          str(table))
+        mark = t.integer("route_mark", 0x220, 1, 0xFFFFFFFE)
+        return InsideConfig("tun", name=rest, route_table=table, route_mark=mark)
     if kind == "udp":
         host, port = _host_port(t, "inside", rest, "udp:127.0.0.1:9000")
         if port == 0:

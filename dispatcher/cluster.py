@@ -54,6 +54,7 @@ from common.wire import (
 )
 from dispatcher.inside import Inside, make_inside
 from dispatcher.membership import MemberInfo, Membership, RouteInfo
+from dispatcher.routes import bind_udp, mark_for_tun
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
 
@@ -439,15 +440,13 @@ class Dispatcher(Membership):
     # -- life ---------------------------------------------------------------------------
 
     def _open_udp(self, port: int) -> None:
+        # No SO_REUSEADDR: a socket of another user (or a second cluster) bound
+        # beside ours would take our datagrams; the bind fails instead, with
+        # one line naming the holder (StartupError). With a TUN inside the
+        # socket carries SO_MARK so our own IKE/ESP bypass the tunnel's table.
         c = self.config.cluster
-        family = socket.AF_INET6 if c.address.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_RCVBUF)
-        sock.bind((str(c.address), port))
-        sock.setblocking(False)
+        sock = bind_udp(str(c.address), port, mark=mark_for_tun(c.inside.kind, c.inside.route_mark),
+                        bufsize=UDP_RCVBUF)
         self.udp[port] = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, port)
 
@@ -467,11 +466,13 @@ class Dispatcher(Membership):
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._start_auth()
-        self.router.bind(self.endpoint)
         c = self.config.cluster
+        # The ports first: a second cluster with the same config fails here,
+        # before its bind replaces the first one's members socket.
         for port in sorted({c.ike_port, c.natt_port}):
             self._open_udp(port)
+        self._start_auth()
+        self.router.bind(self.endpoint)
         address = str(c.inside_address) if c.inside_address is not None else None
         routes = [n for conn in self.config.connections.values()
                   for ch in conn.children.values() for n in ch.remote_nets]

@@ -20,6 +20,7 @@ from common.config import Config
 from common.errors import MalformedMessage
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
 from dispatcher.inside import Inside, make_inside
+from dispatcher.routes import bind_udp, keep_alone, mark_for_tun
 from member.timer import CoreTimer
 from member.worker import Member
 
@@ -120,10 +121,16 @@ class Gateway:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         c = self.config.cluster
+        # Our own sockets, no SO_REUSEADDR (nobody binds beside us), marked
+        # with a TUN inside so our IKE/ESP bypass the tunnel's table
+        # (dispatcher/routes.py); a port in use is one StartupError line.
+        mark = mark_for_tun(c.inside.kind, c.inside.route_mark)
         for port in sorted({c.ike_port, c.natt_port}):
+            sock = bind_udp(str(c.address), port, mark=mark)
             _, proto = await self.loop.create_datagram_endpoint(
-                functools.partial(_Port, self, port), local_addr=(str(c.address), port))
+                functools.partial(_Port, self, port), sock=sock)
             self.ports[port] = proto
+            keep_alone(sock, str(c.address), port)
         address = str(c.inside_address) if c.inside_address is not None else None
         self.inside = make_inside(c.inside, address=address,
                                   routes=self.member.remote_networks())

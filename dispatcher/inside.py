@@ -124,8 +124,10 @@ def _host(text: str) -> IPAddress | None:
 def make_inside(config: InsideConfig, *, address: str | None = None,
                 routes: Sequence[IPNetwork] = (), mtu: int = DEFAULT_MTU) -> Inside:
     """The inside that ``cluster.inside`` asks for. ``address`` and ``routes``
-    (the children's remote networks) only apply to a TUN device."""
+    (the children's remote networks, routed in ``cluster.route_table``) only
+    apply to a TUN device."""
     if config.kind == "tun":
-        return TunDevice(config.name, address=address, routes=routes, mtu=mtu)
+        return TunDevice(config.name, address=address, routes=routes, mtu=mtu,
+                         table=config.route_table, mark=config.route_mark)
     assert config.host is not None and config.bind_host is not None
     return UdpInside((str(config.host), config.port), (str(config.bind_host), config.bind_port))

@@ -7,8 +7,10 @@ Rules of this file:
   counted drop, as for every other queue in the dispatcher).
 - IFF_NO_PI: each read is exactly one IP packet (v4 or v6, told apart by the
   version nibble), each write must be exactly one.
-- Everything ``configure`` adds, ``deconfigure``/``close`` removes; closing the
-  (non-persistent) device makes the kernel drop it and its addresses too.
+- The routes into the device live in the cluster's own routing table with our
+  own rules (dispatcher/routes.py), never in the main table; ``close`` removes
+  exactly what ``open`` added. Closing the (non-persistent) device makes the
+  kernel drop it, its addresses and every route through it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import logging
 import os
 import struct
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+
+from dispatcher.routes import DEFAULT_MARK, DEFAULT_TABLE, PolicyRoutes
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +73,14 @@ def _ip(*args: str, check: bool = True) -> None:
         raise TunError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
-def configure(name: str, address: str | None, routes: Iterable[IPNetwork],
-              mtu: int = DEFAULT_MTU) -> None:
-    """Bring ``name`` up with ``mtu``, put ``address`` on it (``"10.91.2.1"`` is
-    a /32, ``"10.91.2.1/24"`` as given) and route each network into it."""
+def configure(name: str, address: str | None, mtu: int = DEFAULT_MTU) -> None:
+    """Bring ``name`` up with ``mtu`` and put ``address`` on it (``"10.91.2.1"``
+    is a /32, ``"10.91.2.1/24"`` as given)."""
     _ip("link", "set", "dev", name, "mtu", str(mtu), "up")
     if address:
         iface = ipaddress.ip_interface(address)
         extra = ["nodad"] if iface.version == 6 else []  # usable at once (RFC 4862 §5.4)
         _ip("addr", "replace", str(iface), "dev", name, *extra)
-    for net in routes:
-        _ip(f"-{net.version}", "route", "replace", str(net), "dev", name)
-
-
-def deconfigure(name: str, routes: Iterable[IPNetwork]) -> None:
-    """Delete the routes ``configure`` added; missing ones are not an error."""
-    for net in routes:
-        _ip(f"-{net.version}", "route", "del", str(net), "dev", name, check=False)
 
 
 class TunDevice:
@@ -95,8 +90,11 @@ class TunDevice:
     ``dispatcher.inside.UdpInside`` (the ``Inside`` protocol)."""
 
     def __init__(self, name: str = "ipsc%d", *, address: str | None = None,
-                 routes: Sequence[IPNetwork] = (), mtu: int = DEFAULT_MTU) -> None:
+                 routes: Sequence[IPNetwork] = (), mtu: int = DEFAULT_MTU,
+                 table: int = DEFAULT_TABLE, mark: int = DEFAULT_MARK) -> None:
         self.name = name
+        self.table = table
+        self.mark = mark
         self.address = address
         self.routes = list(routes)
         self.mtu = mtu
@@ -107,7 +105,7 @@ class TunDevice:
         self.rx_errors = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_packet: OnPacket | None = None
-        self._configured = False
+        self._policy: PolicyRoutes | None = None
 
     def open(self) -> None:
         """Create and configure the device (idempotent); ``start`` calls it."""
@@ -115,11 +113,13 @@ class TunDevice:
             return
         self.fd, self.name = open_tun(self.name)
         try:
-            configure(self.name, self.address, self.routes, self.mtu)
+            configure(self.name, self.address, self.mtu)
+            policy = PolicyRoutes(self.name, self.table, self.mark)
+            policy.install(self.routes)
         except BaseException:
             self.close()
             raise
-        self._configured = True
+        self._policy = policy
 
     async def start(self, on_packet: OnPacket) -> None:
         self.open()
@@ -167,8 +167,8 @@ class TunDevice:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self.fd)
             self._loop = None
-        if self._configured:
-            deconfigure(self.name, self.routes)
-            self._configured = False
+        if self._policy is not None:
+            self._policy.remove(self.routes)
+            self._policy = None
         os.close(self.fd)
         self.fd = -1

@@ -105,7 +105,8 @@ class MemberProcess:
         self._placed = 0
         self._stop = asyncio.Event()
         self.replicator: Replicator | None = None
-        self.raw_inside = RawInside.open_if_possible(config.cluster.inside.kind) \
+        inside = config.cluster.inside
+        self.raw_inside = RawInside.open_if_possible(inside.kind, inside.route_mark) \
             if not endpoint.startswith("tcp://") else None
         self.progress = 0.0
         self._hb_stop = threading.Event()

@@ -6,6 +6,12 @@ kernel itself, exactly as a TUN write would (the kernel routes them by their
 destination). The dispatcher then touches each inbound ESP packet once instead
 of twice. Needs CAP_NET_RAW (root) and the member in the dispatcher's network
 namespace; otherwise members hand packets back as before (INNER_OUT).
+
+The sockets carry the decrypted-packets mark (``cluster.route_mark`` + 1,
+dispatcher/routes.py): the kernel then routes them like packets the dispatcher
+writes into the TUN device, to the main table's specific routes (the LAN
+behind us) before the cluster's table, so a full-tunnel child does not send
+them straight back into the tunnel.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ log = logging.getLogger("ipsec_cluster.member")
 
 #: IPSEC_CLUSTER_INSIDE_RAW=0 turns it off (packets go back to the dispatcher)
 ENV = "IPSEC_CLUSTER_INSIDE_RAW"
+SO_MARK = getattr(socket, "SO_MARK", 36)  # linux/socket.h (Python < 3.12 lacks it)
 
 
 class RawInside:
@@ -27,24 +34,37 @@ class RawInside:
 
     __slots__ = ("drops", "sent", "v4", "v6")
 
-    def __init__(self) -> None:
+    def __init__(self, mark: int | None = None) -> None:
         self.v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.v4.setblocking(False)
         self.v6: socket.socket | None = None
+        try:
+            if mark is not None:
+                self.v4.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError:
+            self.v4.close()
+            raise
         with contextlib.suppress(OSError):
             v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            v6.setsockopt(socket.IPPROTO_IPV6, 36, 1)  # IPV6_HDRINCL (Linux >= 4.5)
-            v6.setblocking(False)
+            try:
+                v6.setsockopt(socket.IPPROTO_IPV6, 36, 1)  # IPV6_HDRINCL (Linux >= 4.5)
+                if mark is not None:
+                    v6.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                v6.setblocking(False)
+            except OSError:
+                v6.close()
+                raise
             self.v6 = v6
         self.sent = 0
         self.drops = 0
 
     @classmethod
-    def open_if_possible(cls, inside_kind: str) -> RawInside | None:
+    def open_if_possible(cls, inside_kind: str, mark: int | None = None) -> RawInside | None:
+        """``mark``: the TUN inside's ``route_mark``; the sockets carry it + 1."""
         if inside_kind != "tun" or os.environ.get(ENV, "1") == "0":
             return None
         try:
-            return cls()
+            return cls(mark + 1 if mark is not None else None)
         except OSError as exc:
             log.info("decrypted packets go back through the dispatcher (%s)", exc)
             return None

@@ -61,7 +61,7 @@ async def main():
         import subprocess
         subprocess.run(["ip", "addr", "add", str(tun6), "dev", tun.name, "nodad"], check=True)
         out["name"] = tun.name
-        out["routes"] = subprocess.run(["ip", "route", "show", "dev", tun.name],
+        out["routes"] = subprocess.run(["ip", "route", "show", "table", "220", "dev", tun.name],
                                        capture_output=True, text=True).stdout
 
         async def first(pred):
