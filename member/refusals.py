@@ -89,9 +89,11 @@ class Refusals:
         n, seen.last, seen.suppressed = seen.suppressed, now, 0
         return n
 
-    def refuse(self, reason: str, source: object = "", detail: object = "") -> None:
+    def refuse(self, reason: str, source: object = "", detail: object = "", *,
+               what: str = "") -> None:
         """Input we will not act on (malformed, invalid, not ours): counted,
-        logged as a WARNING at most once per (reason, source) per interval."""
+        logged as a WARNING at most once per (reason, source) per interval
+        (``what`` names it in the log line; "refused <reason>" by default)."""
         reason = self._reason(reason)
         self.counts[reason] += 1
         src = str(source)
@@ -99,8 +101,8 @@ class Refusals:
         if suppressed is None:
             return
         more = f" (and {suppressed} more in {self.interval:.0f} s)" if suppressed else ""
-        self.log.warning("%srefused %s from %s: %s%s", self._who(), reason, src or "?",
-                         detail, more)
+        self.log.warning("%s%s from %s: %s%s", self._who(), what or f"refused {reason}",
+                         src or "?", detail, more)
 
     def failed(self, where: str, exc: BaseException, source: object = "") -> str:
         """An exception nobody foresaw while handling one message: counted as
