@@ -74,17 +74,17 @@ MAX_SELECTORS = 255
 
 
 def selectors_refusal(tss: tuple[TrafficSelector, ...]) -> bool:
-    """True if these selectors are not well-formed: none at all, or a range
-    that is empty or mixes address families (RFC 7296 §3.13.1)."""
+    """True if these selectors are not well-formed: none at all, or an
+    address range that is empty or mixes address families (RFC 7296
+    §3.13.1). A port range start > end is OPAQUE (common/ike/ts.py), not bad."""
     if not tss or len(tss) > MAX_SELECTORS:
         return True
     for ts in tss:
         if not isinstance(ts, TrafficSelector) or ts.version not in (4, 6) \
                 or ts.start_addr.version != ts.version or ts.end_addr.version != ts.version \
-                or ts.start_int > ts.end_int or not 0 <= ts.ip_protocol <= 0xFF:
-            return True
-        opaque = ts.start_port == PORT_MAX and ts.end_port == PORT_MIN
-        if not opaque and not PORT_MIN <= ts.start_port <= ts.end_port <= PORT_MAX:
+                or ts.start_int > ts.end_int or not 0 <= ts.ip_protocol <= 0xFF \
+                or not (PORT_MIN <= ts.start_port <= PORT_MAX
+                        and PORT_MIN <= ts.end_port <= PORT_MAX):
             return True
     return False
 
