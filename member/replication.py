@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from common.errors import LocalProtocolError, MalformedMessage
 from common.esp import MAX_SEQ_32, MIN_SPI
 from common.ike.child import ChildState as ChildSaState
-from common.ike.constants import DhId, IdType, IntegId
+from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
 from common.ike.proposals import (
     _DH,
     _IKE_ENCR,
@@ -94,6 +94,7 @@ _DH_IDS = frozenset(int(t.id) for t in _DH.values())
 _IKE_STATES = frozenset(s.value for s in IkeState)
 _CHILD_STATES = frozenset(s.value for s in ChildSaState)
 _ID_TYPES = frozenset(int(t) for t in IdType) | {0}
+_AEAD_IDS = frozenset(int(e) for e in AEAD_ENCR)
 
 
 def _timer_refusal(rekey_in: float) -> bool:
@@ -115,13 +116,11 @@ def ike_state_refusal(st: IkeSaState, policies: dict[str, IkePolicy],
     if len(st.remote_ip) not in (4, 16) or not 1 <= st.remote_port <= 0xFFFF \
             or st.local_port not in ports:
         return "ike_bad_address"
-    aead = st.encr in {int(e) for e in AEAD_ENCR}
+    aead = st.encr in _AEAD_IDS
     if (st.encr, st.key_bits) not in _ENCR_BITS or st.prf not in _PRF_IDS \
             or st.dh not in _DH_IDS \
             or (st.integ != IntegId.NONE if aead else st.integ not in _INTEG_IDS):
         return "ike_unknown_suite"
-    from common.ike.constants import EncrId, PrfId
-
     suite = IkeSuite(EncrId(st.encr), st.key_bits, PrfId(st.prf), IntegId(st.integ),
                      DhId(st.dh))
     p, a, e = suite.prf_len, suite.sk_a_len, suite.sk_e_len

@@ -321,6 +321,47 @@ def test_a_replica_with_a_field_out_of_range_is_refused(msg: SyncMessage, reason
     assert rig.refused == {reason: 1}
 
 
+_IKE_FIELDS = st.fixed_dictionaries({
+    "state": st.integers(0, 12), "encr": st.sampled_from([12, 13, 20, 28, 99]),
+    "key_bits": st.sampled_from([0, 128, 192, 256]), "prf": st.sampled_from([0, 2, 5, 6, 7]),
+    "integ": st.sampled_from([0, 2, 12, 13]), "dh": st.sampled_from([0, 14, 19, 31, 99]),
+    "sk_d": st.sampled_from([b"", b"d" * 32, b"d" * 48]),
+    "sk_ei": st.sampled_from([b"e" * 16, b"e" * 20, b"e" * 36]),
+    "local_port": st.sampled_from([0, 500, 4500, 9999]), "peer_id_type": st.integers(0, 20),
+    "send_next": st.integers(0, (1 << 32) - 1), "response_id": st.integers(-1, (1 << 32) - 1),
+    "rekey_in": st.one_of(st.just(-1.0), st.floats(0, 1e10)),
+})
+_CHILD_FIELDS = st.fixed_dictionaries({
+    "transform": _TRANSFORMS, "keymat_in": _KEYS, "out_seq": st.integers(0, (1 << 64) - 1),
+    "replay_size": st.sampled_from([0, 32, 64, 1024, 65536]),
+    "replay_highest": st.integers(0, (1 << 64) - 1), "esn": st.booleans(),
+})
+
+
+@pytest.mark.fuzz
+@fuzz_settings(60)
+@given(ike=_IKE_FIELDS, child=_CHILD_FIELDS)
+def test_random_replicas_then_their_takeover_never_reach_the_barrier(
+        ike: dict[str, Any], child: dict[str, Any]) -> None:
+    """Every replica the owner sends is stored (and adopted at the takeover)
+    or refused by reason: validation, not the barrier, stands between a
+    replica and the engine."""
+    def body(rig: Rig) -> None:
+        rig.sync(THIRD, ike_state(**ike), seq=0)
+        rig.sync(THIRD, child_state(**child), seq=1)
+        rep, m = rig.mp.replicator, rig.mp.member
+        assert rep is not None and m is not None
+        stored = (set(rep.ike_replicas), set(rep.child_replicas))
+        assert bool(rig.acks()) == bool(stored[0])
+        t = table()
+        t.fail_over(THIRD)
+        rig.frame(TableUpdate(t))
+        assert set(m.engine.sas) >= stored[0] and set(m.by_spi) == stored[1]
+
+    rig = run_in_loop(body)
+    assert not rig.bugs(), rig.refused
+
+
 def test_esp_counters_from_a_non_owner_or_out_of_range_leave_the_replica() -> None:
     def body(rig: Rig) -> None:
         rig.sync(THIRD, child_state(), seq=0)
