@@ -543,7 +543,10 @@ def test_the_heartbeat_task_outlives_a_failing_tick() -> None:
 
         mp.counters = boom  # type: ignore[method-assign]
         task = asyncio.ensure_future(mp.heartbeats())
-        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while mp.refusals.counts["bug.heartbeat.RuntimeError"] < 3 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         alive = not task.done()
         mp.stop()
         task.cancel()
@@ -552,7 +555,7 @@ def test_the_heartbeat_task_outlives_a_failing_tick() -> None:
         assert alive
         return mp.refusals.counts["bug.heartbeat.RuntimeError"]
 
-    assert asyncio.run(go()) >= 5
+    assert asyncio.run(go()) >= 3   # three ticks failed, the task went on
 
 
 # -- the rate limit ----------------------------------------------------------------------------
