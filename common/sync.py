@@ -20,6 +20,7 @@ Rules of this file:
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -303,6 +304,16 @@ _CHILD_FIXED = "IIHBBd"
 _CHILD_FIELDS = 10
 #: name and transform of a child are at most this long
 _CHILD_STR_LIMIT = 4096
+#: a replay window of at most this many bits (common/replay.py MAX_WINDOW_SIZE)
+_MAX_REPLAY_BITS = 65536
+
+
+def _pull_timer(v: float) -> float:
+    """A ``rekey_in``: -1 (none) or seconds from now; never NaN or infinite
+    (a timer at NaN would never fire and never sort)."""
+    if not math.isfinite(v) or (v < 0 and v != -1.0):
+        raise MalformedMessage(f"timer of {v} s")
+    return v
 
 #: Compiled layouts: (fixed part, lengths of what follows) -> struct. Bounded:
 #: lengths come from other processes.
@@ -447,12 +458,13 @@ def _ike_from(data: bytes | bytearray | memoryview) -> IkeSaState:
         if esn > 1:
             raise MalformedMessage(f"boolean byte {esn}")
         children.append(ChildRecord(_dec_str(name), spi_in, spi_out, _dec_str(transform),
-                                    esn == 1, cdh, cstate, crekey, _ts_from(lts), _ts_from(rts)))
+                                    esn == 1, cdh, cstate, _pull_timer(crekey), _ts_from(lts),
+                                    _ts_from(rts)))
     return IkeSaState(spi_i, spi_r, bool(flags & _F_INITIATOR), state, _dec_str(policy),
                       remote_ip, remote_port, local_port, encr, key_bits, prf, integ, dh,
                       sk_d, sk_ai, sk_ar, sk_ei, sk_er, sk_pi, sk_pr, peer_id_type, peer_id,
                       bool(flags & _F_MID_SYNC), send_next, recv_next,
-                      -1 if rid == _NO_RESPONSE else rid, response, digest, rekey_in,
+                      -1 if rid == _NO_RESPONSE else rid, response, digest, _pull_timer(rekey_in),
                       tuple(children), bool(flags & _F_STALE))
 
 
@@ -486,8 +498,14 @@ def _pull_child(r: Reader) -> ChildState:
         raise MalformedMessage(f"remote address of {len(remote_ip)} bytes")
     remote_port = r.pull_uint16()
     ike_spi = _pull_blob(r, 8)
+    if len(ike_spi) not in (0, 8):
+        raise MalformedMessage(f"IKE SPI of {len(ike_spi)} bytes")
     out_seq, size, highest = r.pull_uint64(), r.pull_uint32(), r.pull_uint64()
-    bitmap = _pull_int(r, 65536)
+    if size > _MAX_REPLAY_BITS:
+        raise MalformedMessage(f"replay window of {size} bits")
+    bitmap = _pull_int(r, _MAX_REPLAY_BITS)
+    if bitmap >> size:
+        raise MalformedMessage(f"replay bitmap wider than its {size}-bit window")
     return ChildState(spi_in, spi_out, name, transform, esn, keymat_in, keymat_out, local_ts,
                       remote_ts, remote_ip, remote_port, ike_spi, out_seq, size, highest, bitmap)
 
@@ -563,7 +581,10 @@ def decode_sync(data: bytes | bytearray | memoryview) -> SyncMessage:
     elif kind == SyncKind.RESYNC:
         msg = Resync()
     elif kind == SyncKind.REKEY_CHILD:
-        msg = RekeyChild(_pull_blob(r, 8), r.pull_uint32())
+        ike_spi = _pull_blob(r, 8)
+        if len(ike_spi) != 8:
+            raise MalformedMessage(f"IKE SPI of {len(ike_spi)} bytes")
+        msg = RekeyChild(ike_spi, r.pull_uint32())
     elif kind == SyncKind.BULK_DONE:
         msg = BulkDone(r.pull_uint32())
     else:

@@ -383,6 +383,10 @@ def pull_selectors(r: Reader) -> tuple[TrafficSelector, ...]:
         n = 4 if version == 4 else 16
         start = ipaddress.ip_address(r.pull_bytes(n))
         end = ipaddress.ip_address(r.pull_bytes(n))
+        if int(start) > int(end):
+            # (RFC 7296 §3.13.1: an empty range; no child SA is ever
+            # negotiated with one, so none is ever pushed or replicated)
+            raise MalformedMessage(f"selector range {start}-{end} is empty")
         ts_type = TsType.TS_IPV4_ADDR_RANGE if version == 4 else TsType.TS_IPV6_ADDR_RANGE
         out.append(TrafficSelector(ts_type, protocol, start_port, end_port, start, end))
     return tuple(out)
@@ -439,9 +443,12 @@ def _pull_child_push(r: Reader) -> ChildPush:
         raise MalformedMessage(f"ESN flag {esn}")
     keymat_in, keymat_out = pull_blob(r), pull_blob(r)
     local_ts, remote_ts = pull_selectors(r), pull_selectors(r)
+    remote_ip, remote_port, ike_spi = pull_ip(r), r.pull_uint16(), pull_blob(r)
+    if len(ike_spi) not in (0, 8):
+        raise MalformedMessage(f"IKE SPI of {len(ike_spi)} bytes")   # RFC 7296 §3.1
     return ChildPush(child_id, ike_id, name, spi_in, spi_out, transform, bool(esn),
-                     keymat_in, keymat_out, local_ts, remote_ts, pull_ip(r), r.pull_uint16(),
-                     pull_blob(r))
+                     keymat_in, keymat_out, local_ts, remote_ts, remote_ip, remote_port,
+                     ike_spi)
 
 
 def _body_route_add(w: Writer, m: RouteAdd) -> None:

@@ -55,6 +55,7 @@ from common.wire import (
 from dispatcher.inside import Inside, make_inside
 from dispatcher.membership import MemberInfo, Membership, RouteInfo
 from dispatcher.routes import bind_udp, mark_for_tun
+from member.refusals import Refusals
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
 
@@ -225,26 +226,41 @@ class Dispatcher(Membership):
             self._member_frames(frames)
 
     def _member_frames(self, frames: list[bytes]) -> None:
+        """One message from a member: the barrier of the members loop. A bad
+        frame is a counted drop; whatever handling it raises is counted by
+        reason (``refused`` in status: ``bug.<message>.<exception>``), logged
+        at most once per (reason, sender) per interval, and the loop goes on."""
+        refusals = self._refusals()
         if len(frames) != 2:
             self.drops["wire_frames"] += 1
+            refusals.refuse("wire_frames", frames[0] if frames else b"?",
+                            f"{len(frames)} frames", what="bad frame")
             return
         identity, frame = frames
         try:
             seq, msg = decode(frame)
         except MalformedMessage as exc:
             self.drops["wire_malformed"] += 1
-            log.warning("bad frame from %r: %s", identity, exc)
+            refusals.refuse("wire_malformed", identity, exc, what="bad frame")
             return
         try:
             self._from_member(identity, seq, msg)
         except (ValueError, OSError) as exc:
             self.drops["member_msg_error"] += 1
-            log.warning("message from %r refused: %s", identity, exc)
-        except Exception:
-            # The shell's last line of defence (STYLE.md: shells may catch per
-            # message, count and go on): one bad message must not end the loop.
+            refusals.refuse(f"member_msg_{type(msg).__name__.lower()}", identity, exc,
+                            what="message refused")
+        except Exception as exc:
+            # STYLE: shells may catch per message, count and go on
             self.drops["member_msg_bug"] += 1
-            log.exception("message %s from %r failed", type(msg).__name__, identity)
+            refusals.failed(type(msg).__name__.lower(), exc, identity)
+
+    def _refusals(self) -> Refusals:
+        """The dispatcher's refusal counter (made on first use: the
+        constructor is not this function's to change)."""
+        r: Refusals | None = getattr(self, "_refused", None)
+        if r is None:
+            r = self._refused = Refusals(log, name="dispatcher")
+        return r
 
     def _from_member(self, identity: bytes, seq: int, msg: Message) -> None:
         if isinstance(msg, Hello):
@@ -390,6 +406,9 @@ class Dispatcher(Membership):
                 "packets_out": info.counters.get("c.esp_out", 0),
                 "bytes_out": info.counters.get("c.esp_out_bytes", 0),
                 "drops": {k[5:]: v for k, v in info.counters.items() if k.startswith("drop.")},
+                # refused input and failed messages, by reason (member/refusals.py)
+                "refused": {k[8:]: v for k, v in info.counters.items()
+                            if k.startswith("refused.")},
                 "sync_gaps": info.gaps + info.counters.get("sync_gaps", 0),
                 # RFC 6027 §3.6: whether this member's SAs are safe from its death
                 "replication": {
@@ -412,7 +431,8 @@ class Dispatcher(Membership):
                             "uptime_s": round(time.time() - self.started, 1),
                             "endpoint": self.endpoint},
                 "dispatcher": {"pid": os.getpid(), "counters": dict(self.counters),
-                               "drops": dict(self.drops), "inside_routes": len(self.routes)},
+                               "drops": dict(self.drops), "inside_routes": len(self.routes),
+                               "refused": dict(self._refusals().counts)},
                 "members": members}
 
     async def sas(self, timeout: float = 2.0) -> dict[str, Any]:

@@ -21,10 +21,14 @@ from common.errors import MalformedMessage
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
 from dispatcher.inside import Inside, make_inside
 from dispatcher.routes import bind_udp, keep_alone, mark_for_tun
+from member.refusals import Refusals
 from member.timer import CoreTimer
 from member.worker import Member
 
 log = logging.getLogger("ipsec_cluster.gateway")
+
+#: a timer run that failed is retried no sooner than this
+TIMER_RETRY_S = 0.1
 
 
 class _Port(asyncio.DatagramProtocol):
@@ -55,10 +59,25 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timer = CoreTimer(self._fire)
         self._stopped = asyncio.Event()
+        #: what failed per datagram, packet or timer run, by reason
+        self.refusals = Refusals(log, name="gateway")
 
     # -- I/O in -------------------------------------------------------------------
 
     def datagram(self, port: int, data: bytes, remote: tuple[str, int]) -> None:
+        """One datagram: the barrier (whatever it raises is counted, logged at
+        most once per reason and source per interval, and the next one goes on)."""
+        try:
+            self._datagram(port, data, remote)
+        except Exception as exc:
+            self.refusals.failed("ike" if port == 500 or data[:4] == bytes(4) else "esp",
+                                 exc, remote[0])
+            try:   # what the core still wants sent; the timer re-armed as usual
+                self.flush()
+            except Exception as flush_exc:
+                self.refusals.failed("flush", flush_exc, remote[0])
+
+    def _datagram(self, port: int, data: bytes, remote: tuple[str, int]) -> None:
         member = self.member
         now = self._now()
         if port == 500:
@@ -82,6 +101,13 @@ class Gateway:
         self.flush()
 
     def inner(self, packet: bytes) -> None:
+        """One packet from the inside: the barrier, like ``datagram``."""
+        try:
+            self._inner(packet)
+        except Exception as exc:
+            self.refusals.failed("inner", exc, "inside")
+
+    def _inner(self, packet: bytes) -> None:
         out = self.member.handle_inner(packet)
         if out is None:
             return
@@ -113,8 +139,28 @@ class Gateway:
             self._timer.arm(self.loop, self.member.get_timer())
 
     def _fire(self) -> None:
-        self.member.handle_timer(self._now())
-        self.flush()
+        try:
+            self.member.handle_timer(self._now())
+            self.flush()
+        except Exception as exc:   # the barrier: the timer must stay armed
+            self.refusals.failed("timer", exc, "timer")
+            self._rearm_after_failure()
+
+    def _rearm_after_failure(self) -> None:
+        """What the core still wants sent, and the timer re-armed (no sooner
+        than TIMER_RETRY_S: a deadline that fails every time must not spin)."""
+        try:
+            self.flush()
+        except Exception as exc:
+            self.refusals.failed("flush", exc, "timer")
+        if self.loop is not None:
+            try:
+                when = self.member.get_timer()
+            except Exception as exc:
+                self.refusals.failed("timer", exc, "timer")
+                when = None
+            soonest = self.loop.time() + TIMER_RETRY_S
+            self._timer.arm(self.loop, soonest if when is None else max(when, soonest))
 
     # -- life -----------------------------------------------------------------------
 

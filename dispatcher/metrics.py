@@ -39,6 +39,10 @@ class ClusterCollector(Collector):
                                      labels=["member"])
                 for k in ("ike_replicas", "child_replicas", "unreplicated_changes",
                           "ack_timeouts", "takeovers")}
+        # refused input and failed messages of every process, by reason
+        # (member/refusals.py): process = a member id or "dispatcher"
+        refused = CounterMetricFamily("ipsec_cluster_refused", "refusals by reason",
+                                      labels=["process", "reason"])
         degraded = GaugeMetricFamily("ipsec_cluster_unreplicated",
                                      "1 if some segment of the member has no live backup",
                                      labels=["member"])
@@ -51,6 +55,8 @@ class ClusterCollector(Collector):
                 c.add_metric(label, float(m[k]))
             for reason, n in m["drops"].items():
                 drops.add_metric([str(m["id"]), reason], float(n))
+            for reason, n in m.get("refused", {}).items():
+                refused.add_metric([str(m["id"]), reason], float(n))
             r = m.get("replication", {})
             for k, g in repl.items():
                 g.add_metric(label, float(r.get(k, 0)))
@@ -66,6 +72,9 @@ class ClusterCollector(Collector):
         for reason, n in status["dispatcher"]["drops"].items():
             d.add_metric([reason], float(n))
         yield d
+        for reason, n in status["dispatcher"].get("refused", {}).items():
+            refused.add_metric(["dispatcher", reason], float(n))
+        yield refused
         epoch = GaugeMetricFamily("ipsec_cluster_table_epoch", "segment table epoch")
         epoch.add_metric([], float(status["cluster"]["epoch"]))
         yield epoch

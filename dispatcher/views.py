@@ -14,17 +14,25 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
     console.print(f"cluster {c['address']} ({c['mode']}), table epoch {c['epoch']}, "
                   f"up {c['uptime_s']} s, members at {c['endpoint']}")
     table = Table("id", "pid", "host", "alive", "segs", "bkup", "IKE", "child", "pkts in",
-                  "bytes in", "pkts out", "bytes out", "replicas", "drops")
+                  "bytes in", "pkts out", "bytes out", "replicas", "drops", "refused")
     for m in status["members"]:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(m["drops"].items()) if v) or "-"
         table.add_row(str(m["id"]), str(m["pid"]), m["host"], "yes" if m["alive"] else "DEAD",
                       str(m["segments"]), str(m["backup_segments"]), str(m["ike_sas"]),
                       str(m["child_sas"]), str(m["packets_in"]), str(m["bytes_in"]),
-                      str(m["packets_out"]), str(m["bytes_out"]), _replicas(m), drops)
+                      str(m["packets_out"]), str(m["bytes_out"]), _replicas(m), drops,
+                      _refused(m.get("refused", {})) or "-")
     console.print(table)
     d = status["dispatcher"]
     drops = ", ".join(f"{k}={v}" for k, v in sorted(d["drops"].items())) or "none"
-    console.print(f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}")
+    console.print(f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}; "
+                  f"refused: {_refused(d.get('refused', {})) or 'none'}")
+
+
+def _refused(counts: dict[str, int]) -> str:
+    """Refusals by reason (member/refusals.py), unexpected failures (bug.*) first."""
+    rows = sorted(counts.items(), key=lambda kv: (not kv[0].startswith("bug."), kv[0]))
+    return ", ".join(f"{k}={v}" for k, v in rows if v)
 
 
 def _replicas(m: dict[str, Any]) -> str:

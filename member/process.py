@@ -23,9 +23,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common.config import Config
+from common.config import MAX_MEMBERS, Config
 from common.errors import MalformedMessage, StartupError
 from common.ike.sa import Outgoing
+from common.iv import MAX_SENDER_ID
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
 from common.routing import init_segment
 from common.segments import SegmentTable
@@ -52,9 +53,10 @@ from common.wire import (
     encode,
 )
 from member.rawinside import RawInside
+from member.refusals import Refusals
 from member.replication import Replicator
 from member.timer import CoreTimer
-from member.worker import Member
+from member.worker import Member, child_refusal
 
 log = logging.getLogger("ipsec_cluster.member")
 
@@ -65,6 +67,54 @@ WATCHDOG_S = 5.0
 DRAIN_BURST = 64
 #: the version string of the HELLO that opens a member's bulk channel
 BULK = "bulk"
+#: a heartbeat carries at most this many counters (common/wire.py: a u8 count)
+MAX_HEARTBEAT_COUNTERS = 255
+#: where messages from the dispatcher come from, for the refusal log
+DISPATCHER = "dispatcher"
+#: a timer run that failed is retried no sooner than this
+TIMER_RETRY_S = 0.1
+
+
+def heartbeat_refusal(hb: Heartbeat, sender_id: int) -> str | None:
+    """Why a HEARTBEAT from the dispatcher is refused, or None. Ours carry
+    member id 0, our incarnation's IV sender id (fixed once given: changing
+    it under live SAs would reuse IVs, RFC 6027 §3.7.1) and the loads of
+    real members (``load.<member id>``)."""
+    if hb.member_id != 0:
+        return "not_from_dispatcher"
+    if not 1 <= hb.sender_id <= MAX_SENDER_ID:
+        return "bad_sender_id"
+    if sender_id and hb.sender_id != sender_id:
+        return "sender_id_changed"
+    return None
+
+
+def heartbeat_loads(hb: Heartbeat) -> tuple[dict[int, int], int]:
+    """(member id -> children it carries, how many ``load.`` keys were not a
+    member id 1..MAX_MEMBERS and were left out)."""
+    loads: dict[int, int] = {}
+    bad = 0
+    for key, value in hb.counters.items():
+        if key.startswith("load."):
+            member = key[5:]
+            if member.isascii() and member.isdigit() and 1 <= int(member) <= MAX_MEMBERS:
+                loads[int(member)] = value
+            else:
+                bad += 1
+    return loads, bad
+
+
+def table_refusal(old: SegmentTable | None, new: SegmentTable, segment_bits: int) -> str | None:
+    """Why a TABLE update is refused, or None: our segment arithmetic needs our
+    ``segment_bits``; an epoch never goes back (a replayed old table would
+    hand our segments to a dead member); member ids are 1..MAX_MEMBERS."""
+    if new.segment_bits != segment_bits:
+        return "bad_segment_bits"
+    if old is not None and new.epoch < old.epoch:
+        return "epoch_backwards"
+    if any(not 1 <= m <= MAX_MEMBERS for m in new.members):
+        return "bad_member"
+    return None
 
 
 def _ip(packed: bytes) -> str:
@@ -110,6 +160,7 @@ class MemberProcess:
             if not endpoint.startswith("tcp://") else None
         self.progress = 0.0
         self._hb_stop = threading.Event()
+        self.refusals = Refusals(log, name=f"member {member_id}")
         #: a test hook (env IPSEC_CLUSTER_SYNC_DROP): lose this share of sync messages
         self.sync_drop_rate = float(os.environ.get("IPSEC_CLUSTER_SYNC_DROP", "0") or 0)
         ctx = zmq.asyncio.Context.instance()
@@ -150,13 +201,22 @@ class MemberProcess:
         while not self._stop.is_set():
             frame = await self.bulk.recv(copy=True)
             try:
-                _seq, msg = decode(frame)
-            except MalformedMessage as exc:
-                log.warning("member %d: bad bulk frame: %s", self.member_id, exc)
-                continue
-            if isinstance(msg, Sync) and self.replicator is not None and self.loop is not None:
-                self.replicator.on_sync(msg, self.loop.time(), channel="bulk")
-                self.flush()
+                self._bulk_frame(frame)
+            except Exception as exc:   # the barrier: count, log (rate-limited), go on
+                self.refusals.failed("bulk", exc, DISPATCHER)
+
+    def _bulk_frame(self, frame: bytes) -> None:
+        try:
+            _seq, msg = decode(frame)
+        except MalformedMessage as exc:
+            self.refusals.refuse("wire_malformed", DISPATCHER, exc)
+            return
+        if not isinstance(msg, Sync):
+            self.refusals.refuse("bulk_not_sync", DISPATCHER, type(msg).__name__)
+            return
+        if self.replicator is not None and self.loop is not None:
+            self.replicator.on_sync(msg, self.loop.time(), channel="bulk")
+            self.flush()
 
     def _sent(self, fut: asyncio.Future[Any]) -> None:
         exc = None if fut.cancelled() else fut.exception()
@@ -216,6 +276,12 @@ class MemberProcess:
         return segs[self._placed % len(segs)]
 
     # -- receiving ------------------------------------------------------------------
+    #
+    # Every entry from the event loop (_frame, _bulk_frame, _fire, heartbeats)
+    # is a barrier: what the dispatcher relays comes from the network and from
+    # other processes, so one message may be refused (counted by reason) or
+    # may fail in a way nobody foresaw (counted as bug.<where>.<type>); the
+    # member goes on with the next one either way.
 
     def handle(self, msg: Message) -> None:
         if isinstance(msg, DatagramIn):
@@ -238,20 +304,43 @@ class MemberProcess:
                 self.replicator.child_replicas.pop(msg.spi_in, None)
         elif isinstance(msg, StatusReq):
             self.send(Status(json.dumps(self.status()).encode()))
+        else:
+            # DATAGRAM_OUT, INNER_OUT, ROUTE_*, HELLO, STATUS: member -> dispatcher only
+            self.refusals.refuse("wire_wrong_direction", DISPATCHER, type(msg).__name__)
+            return
         self.flush()
 
     def _child_push(self, push: ChildPush) -> None:
+        """RFC 6027 §3.4: a child SA from the IKE SA owner, for us to carry
+        (we own its segment) or to back up. Every field is checked first: an
+        unknown transform or a key of the wrong length would fail later, in
+        the middle of the data path or of a takeover."""
         m, rep, table = self.member, self.replicator, self.table
         if m is None or rep is None or table is None:
+            self.refusals.refuse("push_before_table", DISPATCHER, f"{push.spi_in:#010x}")
+            return
+        reason = child_refusal(push.transform, push.keymat_in, push.keymat_out, push.spi_in,
+                               push.spi_out, push.local_ts, push.remote_ts, push.remote_ip,
+                               push.remote_port, push.ike_spi)
+        if reason is not None:
+            self.refusals.refuse(f"push_{reason}", DISPATCHER, f"child {push.spi_in:#010x}")
             return
         segment = segment_of_esp_spi(push.spi_in, table.segment_bits)
         if table.owner(segment) == self.member_id:
             if push.spi_in not in m.by_spi:
                 m.install_pushed(push)
-        else:
+        elif table.backup(segment) == self.member_id:
             rep.push_replica(push)
+        else:
+            self.refusals.refuse("push_not_ours", DISPATCHER,
+                                 f"child {push.spi_in:#010x} in segment {segment}")
 
     def _dispatcher_heartbeat(self, hb: Heartbeat) -> None:
+        reason = heartbeat_refusal(hb, self.sender_id)
+        if reason is not None:
+            self.refusals.refuse(f"heartbeat_{reason}", DISPATCHER,
+                                 f"sender id {hb.sender_id}")
+            return
         if self.member is None:
             # The dispatcher's answer to HELLO: our incarnation's sender id.
             self.sender_id = hb.sender_id
@@ -263,11 +352,18 @@ class MemberProcess:
                 self.member_id, self.member, self.send, self.emit,
                 send_bulk=self.send_bulk, seq_sync_packets=c.seq_sync_packets,
                 seq_sync_interval=c.seq_sync_interval,
-                replay_policy=c.replay_after_failover, drop_rate=self.sync_drop_rate)
+                replay_policy=c.replay_after_failover, drop_rate=self.sync_drop_rate,
+                refusals=self.refusals)
             log.info("member %d: sender id %d", self.member_id, hb.sender_id)
-        self.loads = {int(k[5:]): v for k, v in hb.counters.items() if k.startswith("load.")}
+        self.loads, bad = heartbeat_loads(hb)
+        if bad:
+            self.refusals.refuse("heartbeat_bad_load", DISPATCHER, f"{bad} load counters")
 
     def _table(self, table: SegmentTable) -> None:
+        reason = table_refusal(self.table, table, self.config.cluster.segment_bits)
+        if reason is not None:
+            self.refusals.refuse(f"table_{reason}", DISPATCHER, f"epoch {table.epoch}")
+            return
         old, self.table = self.table, table
         if self.member is not None and self.replicator is not None and self.loop is not None:
             mine = table.segments_of(self.member_id)
@@ -296,7 +392,11 @@ class MemberProcess:
                 m.drops["udp_malformed"] += 1
                 continue
             if kind is Kind.ESP:
-                packet = handle_esp(payload, spi, remote, now)
+                try:   # the barrier, per datagram (try costs nothing until it raises)
+                    packet = handle_esp(payload, spi, remote, now)
+                except Exception as exc:
+                    self.refusals.failed("esp", exc, remote[0])
+                    continue
                 if packet is not None:
                     n_bytes += len(packet)
                     inner.append(packet)
@@ -317,17 +417,23 @@ class MemberProcess:
                 self.replicator.esp_tick(now, len(inner))
 
     def _ike(self, data: bytes, d: Datagram, remote: tuple[str, int], now: float) -> None:
+        """One IKE datagram into the engine; whatever it raises stays here
+        (the barrier: the other datagrams of the batch go on)."""
         m = self.member
         if m is None:
             return
         table = self.table
-        if table is not None and len(data) >= 28 and data[8:16] == bytes(8):
-            # IKE_SA_INIT: our responder SPI goes into the segment the dispatcher
-            # hashed it to (the same function, common/routing.py).
-            m.spis.next_ike_segment = init_segment(d.peer_ip, d.peer_port, data[:8],
-                                                   table.segment_bits)
-        m.handle_ike(data, remote, d.local_port, now)
-        m.spis.next_ike_segment = None
+        try:
+            if table is not None and len(data) >= 28 and data[8:16] == bytes(8):
+                # IKE_SA_INIT: our responder SPI goes into the segment the dispatcher
+                # hashed it to (the same function, common/routing.py).
+                m.spis.next_ike_segment = init_segment(d.peer_ip, d.peer_port, data[:8],
+                                                       table.segment_bits)
+            m.handle_ike(data, remote, d.local_port, now)
+        except Exception as exc:
+            self.refusals.failed("ike", exc, remote[0])
+        finally:
+            m.spis.next_ike_segment = None
 
     def _inner(self, msg: InnerIn) -> None:
         m = self.member
@@ -338,7 +444,11 @@ class MemberProcess:
         n_bytes = 0
         handle_inner = m.handle_inner
         for p in msg.packets:
-            res = handle_inner(bytes(p))
+            try:   # the barrier, per packet
+                res = handle_inner(bytes(p))
+            except Exception as exc:
+                self.refusals.failed("inner", exc, "inside")
+                continue
             if res is not None:
                 esp, remote = res
                 n_bytes += len(p)
@@ -359,9 +469,27 @@ class MemberProcess:
             self._timer.arm(self.loop, self.member.get_timer())
 
     def _fire(self) -> None:
-        if self.member is not None and self.loop is not None:
-            self.member.handle_timer(self.loop.time())
-            self.flush()
+        try:
+            if self.member is not None and self.loop is not None:
+                self.member.handle_timer(self.loop.time())
+                self.flush()
+        except Exception as exc:   # the barrier: the timer must stay armed
+            self.refusals.failed("timer", exc, "timer")
+            self._rearm_after_failure()
+
+    def _rearm_after_failure(self) -> None:
+        """After a failed timer run: again, but not before TIMER_RETRY_S (a
+        deadline that fails every time must not spin the loop)."""
+        m, loop = self.member, self.loop
+        if m is None or loop is None:
+            return
+        try:
+            when = m.get_timer()
+        except Exception as exc:
+            self.refusals.failed("timer", exc, "timer")
+            when = None
+        soonest = loop.time() + TIMER_RETRY_S
+        self._timer.arm(loop, soonest if when is None else max(when, soonest))
 
     # -- status -----------------------------------------------------------------------
 
@@ -375,6 +503,7 @@ class MemberProcess:
         c["ike_sas"] = len(m.engine.established())
         c["child_sas"] = len(m.by_spi)
         c["sync_gaps"] = self.gaps
+        c.update({f"refused.{k}": v for k, v in self.refusals.counts.items()})
         if self.raw_inside is not None:
             c["c.inner_raw"] = self.raw_inside.sent
             c["drop.inner_raw"] = self.raw_inside.drops
@@ -383,6 +512,8 @@ class MemberProcess:
             c["ike_replicas"] = len(self.replicator.ike_replicas)
             c["child_replicas"] = len(self.replicator.child_replicas)
             c["held"] = len(self.replicator.held)
+        if len(c) > MAX_HEARTBEAT_COUNTERS:
+            c = dict(list(c.items())[:MAX_HEARTBEAT_COUNTERS])
         return c
 
     def status(self) -> dict[str, Any]:
@@ -423,15 +554,21 @@ class MemberProcess:
         interval = self.config.cluster.heartbeat_interval
         while not self._stop.is_set():
             self.progress = time.monotonic()
-            epoch = self.table.epoch if self.table else 0
-            self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
-                                self.counters()))
-            rep, loop = self.replicator, self.loop
-            if rep is not None and loop is not None:
-                now = loop.time()
-                self.emit(rep.release_expired(now))
-                rep.esp_tick(now, 0)
+            try:
+                self._heartbeat_tick()
+            except Exception as exc:   # the barrier: the task must outlive one bad tick
+                self.refusals.failed("heartbeat", exc, "timer")
             await asyncio.sleep(interval)
+
+    def _heartbeat_tick(self) -> None:
+        epoch = self.table.epoch if self.table else 0
+        self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
+                            self.counters()))
+        rep, loop = self.replicator, self.loop
+        if rep is not None and loop is not None:
+            now = loop.time()
+            self.emit(rep.release_expired(now))
+            rep.esp_tick(now, 0)
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -470,17 +607,19 @@ class MemberProcess:
             self.bulk.close(linger=0)
 
     def _frame(self, frame: bytes) -> None:
+        """One frame from the dispatcher: the barrier of the live loop."""
         try:
             seq, msg = decode(frame)
         except MalformedMessage as exc:
-            if self.member is not None:
-                self.member.drops["wire_malformed"] += 1
-            log.warning("member %d: bad frame from dispatcher: %s", self.member_id, exc)
+            self.refusals.refuse("wire_malformed", DISPATCHER, exc)
             return
         lost = self.rx_seq.check(seq)
         if lost > 0:
             self.gaps += lost
-        self.handle(msg)
+        try:
+            self.handle(msg)
+        except Exception as exc:
+            self.refusals.failed(type(msg).__name__.lower(), exc, DISPATCHER)
 
     def stop(self) -> None:
         self._stop.set()

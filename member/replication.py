@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -30,6 +31,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError, MalformedMessage
+from common.esp import MAX_SEQ_32, MIN_SPI
+from common.ike.child import ChildState as ChildSaState
+from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
+from common.ike.proposals import (
+    _DH,
+    _IKE_ENCR,
+    _IKE_INTEG,
+    _PRF,
+    AEAD_ENCR,
+    ESP_TRANSFORMS,
+    IkeSuite,
+)
 from common.ike.sa import IkeSa, IkeState, Outgoing
 from common.ike.snapshot import snapshot
 from common.replay import ReplayState
@@ -51,14 +64,86 @@ from common.sync import (
     encode_sync,
 )
 from common.wire import ChildPush, StreamSeq, Sync
+from member.refusals import Refusals
+from member.worker import child_refusal, child_state_refusal, selectors_refusal
 
 if TYPE_CHECKING:
+    from common.ike.policy import IkePolicy
     from member.worker import ChildRoute, Member
 
 log = logging.getLogger("ipsec_cluster.sync")
 
 #: how long a held IKE datagram waits for the backup's ACK before it leaves anyway
 ACK_TIMEOUT_S = 0.25
+#: bulk messages kept while their sender is not (yet) the owner in our table:
+#: the bulk channel is its own connection and may overtake the TABLE update
+#: that made the sender the owner (re-checked at the next table)
+MAX_PARKED = 100_000
+#: a replica's timers (rekey_in) are at most this far away
+MAX_REKEY_IN_S = 10 * 365 * 86400.0
+#: children of one replicated IKE SA
+MAX_CHILDREN = 4096
+MAX_MID = (1 << 32) - 1
+
+#: what our IKE engine can run (common/ike/proposals.py): a replica naming
+#: anything else could not be restored
+_ENCR_BITS = frozenset((int(t.id), t.key_length or 0) for t in _IKE_ENCR.values())
+_INTEG_IDS = frozenset(int(t.id) for t in _IKE_INTEG.values())
+_PRF_IDS = frozenset(int(t.id) for t in _PRF.values())
+_DH_IDS = frozenset(int(t.id) for t in _DH.values())
+_IKE_STATES = frozenset(s.value for s in IkeState)
+_CHILD_STATES = frozenset(s.value for s in ChildSaState)
+_ID_TYPES = frozenset(int(t) for t in IdType) | {0}
+_AEAD_IDS = frozenset(int(e) for e in AEAD_ENCR)
+
+
+def _timer_refusal(rekey_in: float) -> bool:
+    return not math.isfinite(rekey_in) or not (rekey_in == -1.0 or 0.0 <= rekey_in
+                                               <= MAX_REKEY_IN_S)
+
+
+def ike_state_refusal(st: IkeSaState, policies: dict[str, IkePolicy],
+                      ports: tuple[int, int]) -> str | None:
+    """Why a replicated IKE SA is refused, or None: every field within what
+    ``IkeEngine.adopt`` can restore (a known policy, a suite we run, keys of
+    its lengths, message IDs < 2^32, finite timers, well-formed children)."""
+    if st.spi_i == bytes(8) or st.spi_r == bytes(8):
+        return "ike_bad_spi"
+    if st.state not in _IKE_STATES or st.state == IkeState.HALF_OPEN.value:
+        return "ike_bad_state"
+    if st.policy not in policies:
+        return "ike_unknown_policy"
+    if len(st.remote_ip) not in (4, 16) or not 1 <= st.remote_port <= 0xFFFF \
+            or st.local_port not in ports:
+        return "ike_bad_address"
+    aead = st.encr in _AEAD_IDS
+    if (st.encr, st.key_bits) not in _ENCR_BITS or st.prf not in _PRF_IDS \
+            or st.dh not in _DH_IDS \
+            or (st.integ != IntegId.NONE if aead else st.integ not in _INTEG_IDS):
+        return "ike_unknown_suite"
+    suite = IkeSuite(EncrId(st.encr), st.key_bits, PrfId(st.prf), IntegId(st.integ),
+                     DhId(st.dh))
+    p, a, e = suite.prf_len, suite.sk_a_len, suite.sk_e_len
+    if tuple(map(len, (st.sk_d, st.sk_ai, st.sk_ar, st.sk_ei, st.sk_er, st.sk_pi,
+                       st.sk_pr))) != (p, a, a, e, e, p, p):
+        return "ike_bad_key_length"
+    if st.peer_id_type not in _ID_TYPES:
+        return "ike_bad_identity"
+    if not (0 <= st.send_next <= MAX_MID and 0 <= st.recv_next <= MAX_MID
+            and -1 <= st.response_id <= MAX_MID):
+        return "ike_bad_message_id"
+    if _timer_refusal(st.rekey_in):
+        return "ike_bad_timer"
+    if len(st.children) > MAX_CHILDREN:
+        return "ike_too_many_children"
+    for c in st.children:
+        if c.transform not in ESP_TRANSFORMS or c.dh not in _DH_IDS | {0} \
+                or c.state not in _CHILD_STATES or _timer_refusal(c.rekey_in):
+            return "ike_bad_child"
+        if not (MIN_SPI <= c.spi_in <= MAX_SEQ_32 and MIN_SPI <= c.spi_out <= MAX_SEQ_32) \
+                or selectors_refusal(c.local_ts) or selectors_refusal(c.remote_ts):
+            return "ike_bad_child"
+    return None
 
 
 @dataclass(slots=True)
@@ -77,7 +162,7 @@ class Replicator:
                  release: Callable[[list[Outgoing]], None] | None = None,
                  *, send_bulk: Callable[[Sync], None] | None = None,
                  seq_sync_packets: int, seq_sync_interval: float, replay_policy: str,
-                 drop_rate: float = 0.0) -> None:
+                 drop_rate: float = 0.0, refusals: Refusals | None = None) -> None:
         self.member_id = member_id
         self.member = member
         self._send = send
@@ -103,6 +188,11 @@ class Replicator:
         #: inbound SPI -> (outbound next seq, inbound highest) last sent to its backup
         self.esp_sent: dict[int, tuple[int, int]] = {}
         self.counters: Counter[str] = Counter()
+        #: refused sync input and failed takeovers, by reason (the process's own)
+        self.refusals = refusals if refusals is not None else Refusals(
+            log, name=f"member {member_id}")
+        #: bulk messages from a member not (yet) the owner in our table
+        self.parked: list[tuple[Sync, SyncMessage]] = []
 
     # -- table ------------------------------------------------------------------------
 
@@ -267,8 +357,7 @@ class Replicator:
         try:
             msg = decode_sync(env.payload)
         except MalformedMessage as exc:
-            self.counters["sync_malformed"] += 1
-            log.warning("member %d: bad sync message from %d: %s", self.member_id, env.src, exc)
+            self.refusals.refuse("sync_malformed", f"member {env.src}", exc)
             return
         if lost > 0:
             # A gap: ask the sender for everything again (whole-state messages
@@ -280,7 +369,54 @@ class Replicator:
         self.counters["sync_in"] += 1
         self._handle(env, msg, now, channel)
 
-    def _handle(self, env: Sync, msg: SyncMessage, now: float, channel: str = "live") -> None:
+    def _owner(self, segment: int) -> int | None:
+        return self.table.owner(segment) if self.table is not None else None
+
+    def _sender_refusal(self, env: Sync, msg: SyncMessage) -> str | None:
+        """RFC 6027 §3.2: only the owner of an SA's segment speaks for it (a
+        replica from anyone else would be taken over as if it were real)."""
+        t = self.table
+        bits = t.segment_bits if t is not None else 0
+        if isinstance(msg, IkeSaState):
+            reason = ike_state_refusal(msg, self.member.engine.policies, self._ports())
+            if reason is not None:
+                return reason
+            key = msg.spi_i if msg.initiator else msg.spi_r
+            segments = [segment_of_ike_spi(int.from_bytes(key, "big"), bits)]
+        elif isinstance(msg, IkeSaGone):
+            segments = [segment_of_ike_spi(int.from_bytes(k, "big"), bits)
+                        for k in (msg.spi_i, msg.spi_r)]
+        elif isinstance(msg, ChildState):
+            reason = child_state_refusal(msg)
+            if reason is not None:
+                return f"child_{reason}"
+            segments = [segment_of_esp_spi(msg.spi_in, bits)]
+        elif isinstance(msg, ChildGone):
+            segments = [segment_of_esp_spi(msg.spi_in, bits)]
+        elif isinstance(msg, RekeyChild):
+            return None if len(msg.ike_spi) == 8 else "rekey_bad_ike_spi"
+        else:
+            return None   # ESP counters are checked one by one; ACK, RESYNC, BULK_DONE
+        if t is None or all(self._owner(s) != env.src for s in segments):
+            return "not_owner"
+        return None
+
+    def _ports(self) -> tuple[int, int]:
+        c = self.member.config.cluster
+        return (c.ike_port, c.natt_port)
+
+    def _handle(self, env: Sync, msg: SyncMessage, now: float, channel: str = "live",
+                *, parked: bool = False) -> None:
+        reason = self._sender_refusal(env, msg)
+        if reason == "not_owner" and channel == "bulk" and not parked \
+                and len(self.parked) < MAX_PARKED:
+            self.parked.append((env, msg))   # our TABLE may be on its way
+            return
+        if reason is not None:
+            # Never stored, never ACKed: a forged replica must not hold a place
+            # a takeover would use, nor release its sender's held datagrams.
+            self.refusals.refuse(f"sync_{reason}", f"member {env.src}", type(msg).__name__)
+            return
         if isinstance(msg, IkeSaState):
             key = msg.spi_i if msg.initiator else msg.spi_r
             self.ike_replicas[key] = msg
@@ -303,10 +439,7 @@ class Replicator:
         elif isinstance(msg, ChildGone):
             self.child_replicas.pop(msg.spi_in, None)
         elif isinstance(msg, EspCounters):
-            for c in msg.counters:
-                old = self.child_replicas.get(c.spi_in)
-                if old is not None:
-                    self.child_replicas[c.spi_in] = _with_counters(old, c)
+            self._esp_counters(env.src, msg)
         elif isinstance(msg, Ack):
             held = self.held.pop((env.src, msg.seq), None)
             if held is not None and self._release is not None:
@@ -318,6 +451,22 @@ class Replicator:
         elif isinstance(msg, BulkDone):
             log.info("member %d: bulk transfer from member %d done (%d SAs)", self.member_id,
                      env.src, msg.count)
+
+    def _esp_counters(self, src: int, msg: EspCounters) -> None:
+        t = self.table
+        bad = 0
+        for c in msg.counters:
+            old = self.child_replicas.get(c.spi_in)
+            if old is None:
+                continue
+            new = _with_counters(old, c)
+            if t is None or self._owner(segment_of_esp_spi(c.spi_in, t.segment_bits)) != src \
+                    or child_state_refusal(new) is not None:
+                bad += 1
+                continue
+            self.child_replicas[c.spi_in] = new
+        if bad:
+            self.refusals.refuse("sync_bad_counters", f"member {src}", f"{bad} counters")
 
     def rekey_child(self, ike_spi: bytes, spi_in: int, now: float) -> None:
         sa = self.member.engine.sas.get(ike_spi)
@@ -388,6 +537,9 @@ class Replicator:
             n = self.resync(dst, now)
             log.info("member %d: sent %d SAs to backup %d in %.3f s", self.member_id, n, dst,
                      time.perf_counter() - started)
+        parked, self.parked = self.parked, []
+        for env, msg in parked:
+            self._handle(env, msg, now, "bulk", parked=True)
 
     def _take_over(self, gained: set[int], table: SegmentTable, now: float, *,
                    planned: set[int] | None = None) -> None:
@@ -396,8 +548,16 @@ class Replicator:
         adopted = 0
         for key, st in list(self.ike_replicas.items()):
             if segment_of_ike_spi(int.from_bytes(key, "big"), bits) in gained:
-                engine.adopt(st, now, mid_sync=st.stale, margin=16)
                 del self.ike_replicas[key]
+                reason = ike_state_refusal(st, engine.policies, self._ports())
+                if reason is not None:
+                    self.refusals.refuse(f"takeover_{reason}", "replica", key.hex())
+                    continue
+                try:   # the barrier: one replica must not stop the takeover of the rest
+                    engine.adopt(st, now, mid_sync=st.stale, margin=16)
+                except Exception as exc:
+                    self.refusals.failed("takeover_ike", exc, "replica")
+                    continue
                 self.member.spis.mark_used_ike(key)
                 adopted += 1
         children = 0
@@ -411,9 +571,16 @@ class Replicator:
             # as synced (learn) and the child is not rekeyed; the outbound
             # sequence still skips ahead (packets since the last sync).
             handover = segment in planned
-            replay = self._replay(cs, learn=handover)
-            self.member.install_replica(cs, self._skip(), replay, now)
             del self.child_replicas[spi_in]
+            try:   # the barrier, per replica
+                reason = child_state_refusal(cs) or self.member.install_replica(
+                    cs, self._skip(), self._replay(cs, learn=handover), now)
+            except Exception as exc:
+                self.refusals.failed("takeover_child", exc, "replica")
+                continue
+            if reason is not None:
+                self.refusals.refuse(f"takeover_child_{reason}", "replica", f"{spi_in:#010x}")
+                continue
             children += 1
             if self.replay_policy == "rekey" and not handover:
                 self._ask_rekey(cs, now)
@@ -482,6 +649,12 @@ class Replicator:
         (sync) comes before this push (relay) on the same path: that one is
         kept, it may already carry counters. Either way the replica names the
         IKE SA (``ike_spi``), so that a new carrier can ask for a rekey."""
+        reason = child_refusal(push.transform, push.keymat_in, push.keymat_out, push.spi_in,
+                               push.spi_out, push.local_ts, push.remote_ts, push.remote_ip,
+                               push.remote_port, push.ike_spi)
+        if reason is not None:
+            self.refusals.refuse(f"push_{reason}", "dispatcher", f"child {push.spi_in:#010x}")
+            return
         old = self.child_replicas.get(push.spi_in)
         if old is not None and old.spi_out == push.spi_out:
             if not old.ike_spi and push.ike_spi:

@@ -19,7 +19,7 @@ from typing import Any
 
 from common.config import Config
 from common.errors import IntegrityError, MalformedMessage, ReplayError, SequenceExhausted
-from common.esp import InboundSA, OutboundSA
+from common.esp import MAX_SEQ_32, MAX_SEQ_64, MIN_SPI, TRANSFORMS, InboundSA, OutboundSA
 from common.ike.engine import IkeEngine
 from common.ike.events import (
     ChildSaDeleted,
@@ -35,9 +35,10 @@ from common.ike.events import (
 from common.ike.policy import policies_from_config
 from common.ike.sa import IkeOptions, Outgoing
 from common.ike.spis import SegmentSpis
-from common.ike.ts import TrafficSelector
+from common.ike.ts import PORT_MAX, PORT_MIN, TrafficSelector
+from common.iv import COUNTER_LIMIT
 from common.rand import RandomBytes
-from common.replay import ReplayState
+from common.replay import MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, ReplayState
 from common.routing import InsideRoutes
 from common.spi import SpiAllocator
 from common.sync import ChildState
@@ -68,6 +69,65 @@ class ChildRoute:
 
 #: bits of the member slot in every SPI (common/spi.py): up to 64 members
 SLOT_BITS = 6
+#: selectors per side of a pushed or replicated child (the wire's u8 count)
+MAX_SELECTORS = 255
+
+
+def selectors_refusal(tss: tuple[TrafficSelector, ...]) -> bool:
+    """True if these selectors are not well-formed: none at all, or an
+    address range that is empty or mixes address families (RFC 7296
+    §3.13.1). A port range start > end is OPAQUE (common/ike/ts.py), not bad."""
+    if not tss or len(tss) > MAX_SELECTORS:
+        return True
+    for ts in tss:
+        if not isinstance(ts, TrafficSelector) or ts.version not in (4, 6) \
+                or ts.start_addr.version != ts.version or ts.end_addr.version != ts.version \
+                or ts.start_int > ts.end_int or not 0 <= ts.ip_protocol <= 0xFF \
+                or not (PORT_MIN <= ts.start_port <= PORT_MAX
+                        and PORT_MIN <= ts.end_port <= PORT_MAX):
+            return True
+    return False
+
+
+def child_refusal(transform: str, keymat_in: bytes, keymat_out: bytes, spi_in: int,
+                  spi_out: int, local_ts: tuple[TrafficSelector, ...],
+                  remote_ts: tuple[TrafficSelector, ...], remote_ip: bytes, remote_port: int,
+                  ike_spi: bytes) -> str | None:
+    """Why a child SA from another process (CHILD_PUSH, a replica) is refused,
+    or None. Checked before anything is built from it: a bad field would
+    otherwise fail later, on the data path or in the middle of a takeover."""
+    t = TRANSFORMS.get(transform)
+    if t is None:
+        return "unknown_transform"
+    if len(keymat_in) != t.keymat_size or len(keymat_out) != t.keymat_size:
+        return "bad_key_length"
+    if not (MIN_SPI <= spi_in <= MAX_SEQ_32 and MIN_SPI <= spi_out <= MAX_SEQ_32):
+        return "bad_spi"   # RFC 4303 §2.1: 0 and 1..255 are reserved
+    if selectors_refusal(local_ts) or selectors_refusal(remote_ts):
+        return "bad_selectors"
+    if len(remote_ip) not in (4, 16) or not 1 <= remote_port <= 0xFFFF:
+        return "bad_remote"
+    if len(ike_spi) not in (0, 8):
+        return "bad_ike_spi"
+    return None
+
+
+def child_state_refusal(cs: ChildState) -> str | None:
+    """``child_refusal`` and the counters of a replicated child (common/sync.py
+    ChildState): a sequence number within its space (RFC 4303 §3.3.3, and
+    the 48 bits of the IV counter), a replay window we can hold."""
+    reason = child_refusal(cs.transform, cs.keymat_in, cs.keymat_out, cs.spi_in, cs.spi_out,
+                           cs.local_ts, cs.remote_ts, cs.remote_ip, cs.remote_port, cs.ike_spi)
+    if reason is not None:
+        return reason
+    max_seq = MAX_SEQ_64 if cs.esn else MAX_SEQ_32
+    if not 1 <= cs.out_seq < COUNTER_LIMIT or cs.out_seq > max_seq + 1 \
+            or cs.replay_highest > max_seq:
+        return "bad_seq"
+    if not MIN_WINDOW_SIZE <= cs.replay_size <= MAX_WINDOW_SIZE \
+            or cs.replay_bitmap >> cs.replay_size:
+        return "bad_window"
+    return None
 
 
 class Member:
@@ -212,26 +272,41 @@ class Member:
         route = self.by_spi.get(spi_in)
         return route.ike_spi if route is not None else b""
 
-    def install_pushed(self, push: ChildPush) -> None:
-        """A child SA negotiated by another member's IKE SA, carried here."""
+    def install_pushed(self, push: ChildPush) -> str | None:
+        """A child SA negotiated by another member's IKE SA, carried here;
+        why it was refused (nothing installed), or None."""
+        reason = child_refusal(push.transform, push.keymat_in, push.keymat_out, push.spi_in,
+                               push.spi_out, push.local_ts, push.remote_ts, push.remote_ip,
+                               push.remote_port, push.ike_spi)
+        if reason is not None:
+            return reason
         remote = (str(ipaddress.ip_address(push.remote_ip)), push.remote_port)
         self._install_local(push.ike_id, push.name, push.spi_in, push.spi_out, push.transform,
                             push.esn, push.keymat_in, push.keymat_out, push.local_ts,
                             push.remote_ts, remote, None, push.ike_spi)
+        return None
 
     def install_replica(self, cs: ChildState, skip: int, replay: ReplayState,
-                        now: float) -> None:
+                        now: float) -> str | None:
         """Carry a child SA whose carrier died (RFC 6027 §3.4, §3.5, §3.7.1):
         our own IV sender id, the outbound sequence number skipped ahead, the
-        inbound window as the replay policy says."""
+        inbound window as the replay policy says. Why it was refused (nothing
+        installed), or None."""
+        reason = child_state_refusal(cs)
+        if reason is not None:
+            return reason
         remote = (str(ipaddress.ip_address(cs.remote_ip)), cs.remote_port)
+        # Near the end of the sequence (or IV counter) space the skip ahead is
+        # clamped: the SA then runs out at once and is rekeyed (RFC 4303 §3.3.3).
+        last = min(MAX_SEQ_64 if cs.esn else MAX_SEQ_32, COUNTER_LIMIT - 1)
         self._install_local(0, cs.name, cs.spi_in, cs.spi_out, cs.transform, cs.esn,
                             cs.keymat_in, cs.keymat_out, cs.local_ts, cs.remote_ts, remote,
-                            None, cs.ike_spi, initial_seq=max(1, cs.out_seq + skip))
+                            None, cs.ike_spi, initial_seq=min(last, max(1, cs.out_seq + skip)))
         route = self.by_spi[cs.spi_in]
         if replay.size == route.inbound.window.export_state().size:
             route.inbound.import_window(replay)
         self.spis.mark_used_esp(cs.spi_in)
+        return None
 
     def carried(self) -> list[ChildRoute]:
         """The child SAs whose outbound traffic we carry, newest first."""
