@@ -174,7 +174,17 @@ def packet_matches(packet: bytes | bytearray | memoryview, src_sels: tuple[Compi
     ``dst_sels``, protocol and ports included? ``MalformedMessage`` when the
     headers are not there. Inbound: ``src_sels`` is the child's remote_ts,
     ``dst_sels`` its local_ts; outbound the other way round."""
-    version, src, dst, proto, sport, dport = five_tuple(packet)
+    if packet[0] == 0x45 and len(packet) >= IPV4_MIN_HEADER + 4:
+        # ``five_tuple``'s common case inline: this runs for every packet.
+        frag, proto, src, dst, sport, dport = _V4_PORTS.unpack_from(packet)
+        version = 4
+        if frag & IPV4_FRAG_OFFSET_MASK:
+            sport = dport = NO_PORTS
+        elif proto not in PORT_PROTOCOLS:
+            dport = sport if proto in ICMP_PROTOCOLS else NO_PORTS
+            sport = dport
+    else:
+        version, src, dst, proto, sport, dport = five_tuple(packet)
     for v, lo, hi, p, plo, phi in src_sels:
         if v == version and lo <= src <= hi and (p == 0 or p == proto) \
                 and plo <= sport <= phi:
