@@ -34,7 +34,7 @@ from common.errors import MalformedMessage
 from common.ike.ts import TrafficSelector
 from common.natt import Bytes, Kind, classify_4500
 from common.segments import SegmentTable
-from common.selectors import CompiledTs, compile_ts, five_tuple, side_matches
+from common.selectors import CompiledTs, Matcher, compile_ts, five_tuple, matcher
 from common.spi import ESP_SPI_BITS, IKE_SPI_BITS
 
 IKE_PORT = 500
@@ -152,8 +152,9 @@ def _hashed(kind: RouteKind, peer_ip: bytes, peer_port: int, spi: bytes,
 class _InsideChild:
     child_id: int
     member: int
-    src: tuple[CompiledTs, ...]   # local_ts: the packet's source
-    dst: tuple[CompiledTs, ...]   # remote_ts: the packet's destination
+    dst: tuple[CompiledTs, ...]   # remote_ts: the packet's destination (the index)
+    #: source in local_ts, destination in remote_ts, protocol and ports
+    match: Matcher
 
 
 class InsideRoutes:
@@ -190,7 +191,8 @@ class InsideRoutes:
         """Route traffic from ``local_ts`` to ``remote_ts`` to ``member``
         (replaces an earlier entry for ``child_id``)."""
         self._seq += 1
-        child = _InsideChild(child_id, member, compile_ts(local_ts), compile_ts(remote_ts))
+        child = _InsideChild(child_id, member, compile_ts(remote_ts),
+                             matcher(local_ts, remote_ts))
         self._children[child_id] = (self._seq, child)
         self._dirty = True
 
@@ -210,7 +212,7 @@ class InsideRoutes:
     def lookup_child(self, packet: Bytes) -> tuple[int, int] | None:
         """``(child_id, member)`` for a packet, or None; ``MalformedMessage``
         when its headers are not there (common/selectors.py)."""
-        version, src, dst, proto, sport, dport = five_tuple(packet)
+        version, _, dst, _, _, _ = five_tuple(packet)
         if self._dirty:
             self._rebuild()
         index = self._index.get(version)
@@ -221,8 +223,7 @@ class InsideRoutes:
         if i < 0 or dst > ends[i]:
             return None
         for child in candidates[i]:
-            if side_matches(child.dst, version, dst, proto, dport) \
-                    and side_matches(child.src, version, src, proto, sport):
+            if child.match(packet):
                 return child.child_id, child.member
         return None
 

@@ -22,14 +22,22 @@ Rules of this file (docs/esp.md "Selector checks"):
 - Selectors are compiled once per child into tuples of ints (``compile_ts``);
   the per-packet work is one ``struct`` unpack and int comparisons. Matching
   agrees with ``common.ike.ts.contains`` (the reference the tests compare to).
+- The data path calls ``matcher(src_ts, dst_ts)`` once per child and then the
+  result per packet. With the compiled module (common/_esp_fast.c, unless
+  ``IPSEC_CLUSTER_PURE_ESP=1``) that is ``match_selectors`` on packed records
+  (``compile_blob``), else ``packet_matches`` here; ``five_tuple`` likewise.
+  Both raise ``MalformedMessage`` in the same cases.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 from common.errors import MalformedMessage
+from common.esp import PURE_ESP_ENV
 from common.ike.ts import PORT_MAX, TrafficSelector
 
 #: the port of a packet that has none (any negative value fails a port range)
@@ -62,6 +70,13 @@ _V4 = struct.Struct("!6xHxB2xII")
 _V6 = struct.Struct("!6xB1xQQQQ")
 _PORTS = struct.Struct("!HH")
 _TYPE_CODE = struct.Struct("!H")
+#: one compiled selector for common/_esp_fast.c: version, protocol, first and
+#: last port (native ints), first and last address (16 bytes, big-endian)
+_BLOB = struct.Struct("=BBxxii16s16s")
+
+Packet = bytes | bytearray | memoryview
+#: a child's check for one direction: True, False, or MalformedMessage
+Matcher = Callable[[Packet], bool]
 
 
 def compile_ts(tss: Iterable[TrafficSelector]) -> tuple[CompiledTs, ...]:
@@ -81,7 +96,22 @@ def compile_ts(tss: Iterable[TrafficSelector]) -> tuple[CompiledTs, ...]:
     return tuple(out)
 
 
-def five_tuple(packet: bytes | bytearray | memoryview) -> FiveTuple:
+def compile_blob(tss: Iterable[TrafficSelector]) -> bytes:
+    """``compile_ts`` packed for the compiled matcher."""
+    return b"".join(_BLOB.pack(v, proto, plo, phi, lo.to_bytes(4 if v == 4 else 16, "big"),
+                               hi.to_bytes(4 if v == 4 else 16, "big"))
+                    for v, lo, hi, proto, plo, phi in compile_ts(tss))
+
+
+def matcher(src_ts: Iterable[TrafficSelector], dst_ts: Iterable[TrafficSelector]) -> Matcher:
+    """The per-packet check that a packet's source is in ``src_ts`` and its
+    destination in ``dst_ts`` (the fastest implementation there is)."""
+    if _c_match is not None:
+        return partial(_c_match, compile_blob(src_ts), compile_blob(dst_ts))
+    return partial(_py_match, compile_ts(src_ts), compile_ts(dst_ts))
+
+
+def five_tuple_py(packet: Packet) -> FiveTuple:
     """The selector fields of an IPv4/IPv6 packet (module rules)."""
     n = len(packet)
     if n == 0:
@@ -112,7 +142,7 @@ def five_tuple(packet: bytes | bytearray | memoryview) -> FiveTuple:
     raise MalformedMessage(f"inner packet of IP version {version}")
 
 
-def _five_tuple_v6(packet: bytes | bytearray | memoryview, n: int) -> FiveTuple:
+def _five_tuple_v6(packet: Packet, n: int) -> FiveTuple:
     if n < IPV6_HEADER:
         raise MalformedMessage(f"IPv6 packet of {n} bytes")
     nh, s_hi, s_lo, d_hi, d_lo = _V6.unpack_from(packet)
@@ -142,7 +172,7 @@ def _five_tuple_v6(packet: bytes | bytearray | memoryview, n: int) -> FiveTuple:
     return 6, src, dst, nh, sport, dport
 
 
-def _ports(packet: bytes | bytearray | memoryview, proto: int, off: int,
+def _ports(packet: Packet, proto: int, off: int,
            n: int) -> tuple[int, int]:
     if proto in PORT_PROTOCOLS:
         if n < off + 4:
@@ -157,24 +187,18 @@ def _ports(packet: bytes | bytearray | memoryview, proto: int, off: int,
     return NO_PORTS, NO_PORTS
 
 
-def side_matches(sels: tuple[CompiledTs, ...], version: int, addr: int, proto: int,
-                 port: int) -> bool:
-    """Does one side of a packet (its address and port there) fall in one of
-    ``sels``?"""
-    for v, lo, hi, p, plo, phi in sels:
-        if v == version and lo <= addr <= hi and (p == 0 or p == proto) \
-                and plo <= port <= phi:
-            return True
-    return False
+def _py_match(src_sels: tuple[CompiledTs, ...], dst_sels: tuple[CompiledTs, ...],
+              packet: Packet) -> bool:
+    return packet_matches(packet, src_sels, dst_sels)
 
 
-def packet_matches(packet: bytes | bytearray | memoryview, src_sels: tuple[CompiledTs, ...],
+def packet_matches(packet: Packet, src_sels: tuple[CompiledTs, ...],
                    dst_sels: tuple[CompiledTs, ...]) -> bool:
     """Is the packet's source in ``src_sels`` and its destination in
     ``dst_sels``, protocol and ports included? ``MalformedMessage`` when the
     headers are not there. Inbound: ``src_sels`` is the child's remote_ts,
     ``dst_sels`` its local_ts; outbound the other way round."""
-    if packet[0] == 0x45 and len(packet) >= IPV4_MIN_HEADER + 4:
+    if len(packet) >= IPV4_MIN_HEADER + 4 and packet[0] == 0x45:
         # ``five_tuple``'s common case inline: this runs for every packet.
         frag, proto, src, dst, sport, dport = _V4_PORTS.unpack_from(packet)
         version = 4
@@ -184,7 +208,7 @@ def packet_matches(packet: bytes | bytearray | memoryview, src_sels: tuple[Compi
             dport = sport if proto in ICMP_PROTOCOLS else NO_PORTS
             sport = dport
     else:
-        version, src, dst, proto, sport, dport = five_tuple(packet)
+        version, src, dst, proto, sport, dport = five_tuple_py(packet)
     for v, lo, hi, p, plo, phi in src_sels:
         if v == version and lo <= src <= hi and (p == 0 or p == proto) \
                 and plo <= sport <= phi:
@@ -196,3 +220,20 @@ def packet_matches(packet: bytes | bytearray | memoryview, src_sels: tuple[Compi
                 and plo <= dport <= phi:
             return True
     return False
+
+
+def _load_compiled() -> tuple[Callable[[bytes, bytes, Packet], bool] | None,
+                              Callable[[Packet], FiveTuple] | None]:
+    if os.environ.get(PURE_ESP_ENV) == "1":
+        return None, None
+    try:
+        from common._esp_fast import five_tuple as c_five_tuple
+        from common._esp_fast import match_selectors as c_match
+    except ImportError:   # not built, or built before these existed
+        return None, None
+    return c_match, c_five_tuple
+
+
+_c_match, _c_five_tuple = _load_compiled()
+#: ``five_tuple_py``, compiled when available
+five_tuple: Callable[[Packet], FiveTuple] = _c_five_tuple or five_tuple_py

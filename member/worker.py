@@ -39,7 +39,7 @@ from common.ike.ts import TrafficSelector
 from common.rand import RandomBytes
 from common.replay import ReplayState
 from common.routing import InsideRoutes
-from common.selectors import CompiledTs, compile_ts, five_tuple, packet_matches
+from common.selectors import Matcher, five_tuple, matcher
 from common.spi import SpiAllocator
 from common.sync import ChildState
 from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
@@ -67,14 +67,12 @@ class ChildRoute:
     ike_spi: bytes = b""
     #: inbound selector check (RFC 4301 §5.2), compiled once: a decrypted
     #: packet's source must be in remote_ts and its destination in local_ts
-    in_src: tuple[CompiledTs, ...] = field(init=False, repr=False)
-    in_dst: tuple[CompiledTs, ...] = field(init=False, repr=False)
+    in_match: Matcher = field(init=False, repr=False)
     #: decrypted packets dropped for being outside the selectors
     selector_drops: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.in_src = compile_ts(self.remote_ts)
-        self.in_dst = compile_ts(self.local_ts)
+        self.in_match = matcher(self.remote_ts, self.local_ts)
 
 
 #: bits of the member slot in every SPI (common/spi.py): up to 64 members
@@ -343,7 +341,7 @@ class Member:
         if self.deferred and spi in self.deferred:
             self._activate(spi, self.deferred.pop(spi))
         try:
-            if packet_matches(inner, route.in_src, route.in_dst):
+            if route.in_match(inner):
                 return inner
         except MalformedMessage:
             self.drops["inner_malformed"] += 1

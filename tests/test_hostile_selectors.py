@@ -15,12 +15,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common import selectors as sel
 from common.config import load_config
 from common.errors import MalformedMessage
 from common.esp import TRANSFORMS, OutboundSA
 from common.ike.ts import TrafficSelector, contains, ts_from_cidr, ts_from_range
 from common.routing import InsideRoutes
-from common.selectors import NO_PORTS, compile_ts, five_tuple, packet_matches
+from common.selectors import (
+    NO_PORTS,
+    compile_blob,
+    compile_ts,
+    five_tuple,
+    five_tuple_py,
+    packet_matches,
+)
 from common.wire import ChildPush
 from member.worker import Member
 from tests.fuzz import fuzz_settings
@@ -251,7 +259,7 @@ def test_matcher_agrees_with_the_reference(data: st.DataObject, version: int) ->
 
 
 @pytest.mark.fuzz
-@fuzz_settings(200)
+@fuzz_settings(100)
 @given(st.integers(1, 5), st.data())
 def test_inside_routes_agree_with_a_linear_scan_of_the_reference(
         n_children: int, data: st.DataObject) -> None:
@@ -279,7 +287,51 @@ def test_random_bytes_never_crash_the_parser(tail: bytes, first: int) -> None:
     assert version in (4, 6)
 
 
+def _outcome(fn: object, *args: object) -> object:
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except MalformedMessage:
+        return MalformedMessage
+
+
+needs_c = pytest.mark.skipif(sel._c_match is None or sel._c_five_tuple is None,
+                             reason="common._esp_fast not built (or pure forced)")
+
+
+@needs_c
+@pytest.mark.fuzz
+@fuzz_settings(100)
+@given(st.data(), st.sampled_from([4, 6]), st.integers(0, 60))
+def test_compiled_matcher_agrees_with_python(data: st.DataObject, version: int,
+                                             cut: int) -> None:
+    src_ts, dst_ts = data.draw(selectors(version)), data.draw(selectors(version))
+    whole = data.draw(packets(version))
+    for packet in (whole, whole[:cut]):   # and truncated
+        assert _outcome(sel._c_five_tuple, packet) == _outcome(five_tuple_py, packet)
+        assert _outcome(sel._c_match, compile_blob(src_ts), compile_blob(dst_ts), packet) \
+            == _outcome(packet_matches, packet, compile_ts(src_ts), compile_ts(dst_ts))
+
+
+@needs_c
+@pytest.mark.fuzz
+@fuzz_settings(200)
+@given(st.binary(max_size=80), st.sampled_from([0x45, 0x46, 0x4F, 0x60, 0x40, 0x70, 0x00]))
+def test_compiled_parser_agrees_with_python_on_random_bytes(tail: bytes, first: int) -> None:
+    packet = bytes([first]) + tail
+    assert _outcome(sel._c_five_tuple, packet) == _outcome(five_tuple_py, packet)
+
+
 # -- the member: inbound ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["compiled", "python"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The member tests run with the compiled matcher (when built) and the pure one."""
+    if request.param == "python":
+        monkeypatch.setattr(sel, "_c_match", None)
+    elif sel._c_match is None:
+        pytest.skip("common._esp_fast not built (or pure forced)")
+    return str(request.param)
 
 
 def member_with_child(local: list[TrafficSelector], remote: list[TrafficSelector]
@@ -298,6 +350,7 @@ def udp(src: str, dst: str, sport: int = 40000, dport: int = 7001) -> bytes:
     return ipv4(src, dst, UDP, ports(sport, dport, bytes(4)) + b"payload!")
 
 
+@pytest.mark.usefixtures("implementation")
 def test_inbound_spoofed_sources_are_dropped_and_counted() -> None:
     m, peer = member_with_child([ts_from_cidr("10.91.2.0/24")], [ts_from_cidr("10.91.1.0/24")])
     good = udp("10.91.1.1", "10.91.2.1")
@@ -312,6 +365,7 @@ def test_inbound_spoofed_sources_are_dropped_and_counted() -> None:
     assert m.handle_esp(peer.protect(good), SPI_IN, PEER, 1.0) == good
 
 
+@pytest.mark.usefixtures("implementation")
 def test_inbound_protocol_and_ports_are_checked() -> None:
     m, peer = member_with_child([ts_from_cidr("10.91.2.0/24", UDP, (7001, 7001))],
                                 [ts_from_cidr("10.91.1.0/24", UDP)])
@@ -324,6 +378,7 @@ def test_inbound_protocol_and_ports_are_checked() -> None:
     assert m.drops["selector_mismatch"] == 4
 
 
+@pytest.mark.usefixtures("implementation")
 @pytest.mark.parametrize("inner", [
     b"\x45" + bytes(10), ipv4("10.91.1.1", "10.91.2.1", UDP, b"\x01"),
     b"\x60" + bytes(20), b"\x45\x00",
@@ -337,6 +392,7 @@ def test_inbound_truncated_inner_is_dropped_as_malformed(inner: bytes) -> None:
 # -- the member: outbound ---------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("implementation")
 def test_outbound_udp_7001_child_never_carries_icmp_or_other_ports() -> None:
     m, _ = member_with_child([ts_from_cidr("10.91.2.0/24", UDP, (7001, 7001))],
                              [ts_from_cidr("10.91.4.0/24", UDP, (7001, 7001))])
