@@ -19,6 +19,7 @@
 #include <Python.h>
 
 #include <limits.h>
+#include <stdint.h>
 #include <string.h>
 
 #include <openssl/core_names.h>
@@ -407,9 +408,216 @@ static PyTypeObject SaCipherType = {
     .tp_methods = SaCipher_methods,
 };
 
+/* -- RFC 4301 §5.2 selector checks on inner packets ------------------------------
+ *
+ * The compiled twin of common/selectors.py (``five_tuple``, ``packet_matches``),
+ * which stays the reference: same fields, same MalformedMessage cases, the
+ * tests compare the two.  A compiled side is a bytes object of SEL_SIZE
+ * records (common.selectors.compile_blob, struct "=BBxxii16s16s"): version,
+ * protocol (0 = any), first port, last port (first -1 = any, OPAQUE too), first
+ * and last address big-endian (IPv4 in the first 4 bytes). */
+
+#define SEL_SIZE 44
+#define NO_PORTS (-1)
+#define MAX_IPV6_EXT 8
+
+typedef struct {
+    int version, proto;
+    long sport, dport;
+    const unsigned char *src, *dst;
+} five_t;
+
+static int has_ports(int proto) {
+    return proto == 6 || proto == 17 || proto == 33 || proto == 132 || proto == 136;
+}
+
+/* 0, or -1 with MalformedMessage set. */
+static int l4_ports(const unsigned char *p, Py_ssize_t n, Py_ssize_t off, five_t *t) {
+    if (has_ports(t->proto)) {
+        if (n < off + 4) {
+            PyErr_Format(MalformedMessage, "protocol %d header too short for its ports", t->proto);
+            return -1;
+        }
+        t->sport = (p[off] << 8) | p[off + 1];
+        t->dport = (p[off + 2] << 8) | p[off + 3];
+    } else if (t->proto == 1 || t->proto == 58) {   /* type << 8 | code, RFC 4301 §4.4.1.3 */
+        if (n < off + 2) {
+            PyErr_SetString(MalformedMessage, "ICMP header too short for type and code");
+            return -1;
+        }
+        t->sport = t->dport = (p[off] << 8) | p[off + 1];
+    } else {
+        t->sport = t->dport = NO_PORTS;
+    }
+    return 0;
+}
+
+static int parse_v6(const unsigned char *p, Py_ssize_t n, five_t *t) {
+    if (n < 40) {
+        PyErr_Format(MalformedMessage, "IPv6 packet of %zd bytes", n);
+        return -1;
+    }
+    t->version = 6;
+    t->src = p + 8;
+    t->dst = p + 24;
+    int nh = p[6], walked = 0;
+    Py_ssize_t off = 40;
+    for (int i = 0; i < MAX_IPV6_EXT && !walked; i++) {
+        if (nh == 0 || nh == 43 || nh == 60) {   /* RFC 8200 §4 */
+            if (n < off + 2)
+                goto past_end;
+            nh = p[off];
+            off += ((Py_ssize_t)p[off + 1] + 1) * 8;
+        } else if (nh == 44) {                   /* RFC 8200 §4.5 */
+            if (n < off + 8)
+                goto past_end;
+            int offset = ((p[off + 2] << 8) | p[off + 3]) & 0xFFF8;
+            nh = p[off];
+            off += 8;
+            if (offset) {                        /* RFC 4301 §7: no ports */
+                t->proto = nh;
+                t->sport = t->dport = NO_PORTS;
+                return 0;
+            }
+        } else {
+            walked = 1;
+        }
+    }
+    if (!walked) {
+        PyErr_Format(MalformedMessage, "more than %d IPv6 extension headers", MAX_IPV6_EXT);
+        return -1;
+    }
+    if (off > n)
+        goto past_end;
+    t->proto = nh;
+    return l4_ports(p, n, off, t);
+past_end:
+    PyErr_SetString(MalformedMessage, "IPv6 extension header past the end");
+    return -1;
+}
+
+static int parse_inner(const unsigned char *p, Py_ssize_t n, five_t *t) {
+    if (n == 0) {
+        PyErr_SetString(MalformedMessage, "empty inner packet");
+        return -1;
+    }
+    int version = p[0] >> 4;
+    if (version == 4) {
+        Py_ssize_t ihl = (Py_ssize_t)(p[0] & 0x0F) * 4;
+        if (ihl < 20 || n < ihl) {
+            PyErr_Format(MalformedMessage, "IPv4 header of %zd bytes in a %zd-byte packet",
+                         ihl, n);
+            return -1;
+        }
+        t->version = 4;
+        t->proto = p[9];
+        t->src = p + 12;
+        t->dst = p + 16;
+        if (((p[6] << 8) | p[7]) & 0x1FFF) {
+            t->sport = t->dport = NO_PORTS;
+            return 0;
+        }
+        return l4_ports(p, n, ihl, t);
+    }
+    if (version == 6)
+        return parse_v6(p, n, t);
+    PyErr_Format(MalformedMessage, "inner packet of IP version %d", version);
+    return -1;
+}
+
+static int side_matches(const unsigned char *sels, Py_ssize_t len, const five_t *t,
+                        const unsigned char *addr, long port) {
+    size_t alen = t->version == 4 ? 4 : 16;
+    for (Py_ssize_t i = 0; i + SEL_SIZE <= len; i += SEL_SIZE) {
+        const unsigned char *s = sels + i;
+        int32_t plo, phi;
+        memcpy(&plo, s + 4, 4);
+        memcpy(&phi, s + 8, 4);
+        if (s[0] == t->version && (s[1] == 0 || s[1] == t->proto) && plo <= port
+                && port <= phi && memcmp(addr, s + 12, alen) >= 0
+                && memcmp(addr, s + 28, alen) <= 0)
+            return 1;
+    }
+    return 0;
+}
+
+static PyObject *esp_fast_match_selectors(PyObject *self, PyObject *const *args,
+                                          Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "match_selectors(src_blob, dst_blob, packet)");
+        return NULL;
+    }
+    Py_buffer src, dst, pkt;
+    if (PyObject_GetBuffer(args[0], &src, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &dst, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &pkt, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    five_t t;
+    PyObject *result = NULL;
+    if (parse_inner(pkt.buf, pkt.len, &t) == 0) {
+        int ok = side_matches(src.buf, src.len, &t, t.src, t.sport)
+                 && side_matches(dst.buf, dst.len, &t, t.dst, t.dport);
+        result = Py_NewRef(ok ? Py_True : Py_False);
+    }
+    PyBuffer_Release(&pkt);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    return result;
+}
+
+static PyObject *address_int(const unsigned char *a, int version) {
+    if (version == 4)
+        return PyLong_FromUnsignedLong(((unsigned long)a[0] << 24) | ((unsigned long)a[1] << 16)
+                                       | ((unsigned long)a[2] << 8) | a[3]);
+    return _PyLong_FromByteArray(a, 16, 0, 0);
+}
+
+static PyObject *esp_fast_five_tuple(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer pkt;
+    if (PyObject_GetBuffer(arg, &pkt, PyBUF_SIMPLE) < 0)
+        return NULL;
+    five_t t;
+    PyObject *result = NULL;
+    if (parse_inner(pkt.buf, pkt.len, &t) == 0 && (result = PyTuple_New(6)) != NULL) {
+        PyObject *items[6] = {PyLong_FromLong(t.version), address_int(t.src, t.version),
+                              address_int(t.dst, t.version), PyLong_FromLong(t.proto),
+                              PyLong_FromLong(t.sport), PyLong_FromLong(t.dport)};
+        for (int i = 0; i < 6; i++) {
+            if (items[i] == NULL) {
+                Py_CLEAR(result);
+                for (int j = 0; j < 6; j++)
+                    Py_XDECREF(items[j]);
+                break;
+            }
+        }
+        for (int i = 0; result != NULL && i < 6; i++)
+            PyTuple_SET_ITEM(result, i, items[i]);   /* steals the reference */
+    }
+    PyBuffer_Release(&pkt);
+    return result;
+}
+
+static PyMethodDef esp_fast_functions[] = {
+    {"match_selectors", (PyCFunction)(void (*)(void))esp_fast_match_selectors, METH_FASTCALL,
+     "match_selectors(src_blob, dst_blob, packet) -> bool (common.selectors.packet_matches)"},
+    {"five_tuple", (PyCFunction)esp_fast_five_tuple, METH_O,
+     "five_tuple(packet) -> (version, src, dst, protocol, sport, dport)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef esp_fast_module = {
     PyModuleDef_HEAD_INIT, .m_name = "common._esp_fast",
     .m_doc = "Compiled ESP byte primitive (see common/esp.py).", .m_size = -1,
+    .m_methods = esp_fast_functions,
 };
 
 PyMODINIT_FUNC PyInit__esp_fast(void) {

@@ -22,3 +22,9 @@ class SaCipher:
 
     def open(self, packet: Buffer, seq_high: int, /) -> bytes | None:
         """The inner packet; ``None`` if authentic but its trailer is malformed."""
+
+def match_selectors(src_blob: Buffer, dst_blob: Buffer, packet: Buffer, /) -> bool:
+    """``common.selectors.packet_matches`` on compiled sides (``compile_blob``)."""
+
+def five_tuple(packet: Buffer, /) -> tuple[int, int, int, int, int, int]:
+    """``common.selectors.five_tuple``: the same fields and MalformedMessage cases."""

@@ -34,6 +34,7 @@ from common.errors import MalformedMessage
 from common.ike.ts import TrafficSelector
 from common.natt import Bytes, Kind, classify_4500
 from common.segments import SegmentTable
+from common.selectors import CompiledTs, Matcher, compile_ts, five_tuple, matcher
 from common.spi import ESP_SPI_BITS, IKE_SPI_BITS
 
 IKE_PORT = 500
@@ -146,32 +147,28 @@ def _hashed(kind: RouteKind, peer_ip: bytes, peer_port: int, spi: bytes,
 
 # -- inside (cleartext) traffic ---------------------------------------------------------
 
-#: (version, first, last) address ranges as ints
-Ranges = tuple[tuple[int, int, int], ...]
-
 
 @dataclass(slots=True, frozen=True)
 class _InsideChild:
     child_id: int
     member: int
-    src: Ranges   # local_ts: the packet's source
-    dst: Ranges   # remote_ts: the packet's destination
-
-
-def _ts_ranges(tss: Sequence[TrafficSelector]) -> Ranges:
-    return tuple((ts.version, ts.start_int, ts.end_int) for ts in tss
-                 if ts.start_int <= ts.end_int)
+    dst: tuple[CompiledTs, ...]   # remote_ts: the packet's destination (the index)
+    #: source in local_ts, destination in remote_ts, protocol and ports
+    match: Matcher
 
 
 class InsideRoutes:
-    """Which member encrypts a cleartext packet: the owner of the child SA
-    whose selectors its (source, destination) addresses match (RFC 4301 §4.4.1;
-    addresses only, the member checks protocol and ports).
+    """Which child SA (and member) encrypts a cleartext packet: the newest
+    whose selectors hold it, addresses, IP protocol and ports (RFC 4301 §4.4.1,
+    §5.1; common/selectors.py). A packet no child's selectors hold has no
+    route: it is dropped and counted, never sent in a child that did not
+    negotiate it.
 
     Lookup: per IP version a sorted list of disjoint destination intervals,
     each with the children covering it, newest first; a lookup is one bisect
-    plus a source check over the few candidates. The index is rebuilt on the
-    first lookup after a change (children change rarely, packets often).
+    on the destination address, then the full selector check (source and
+    destination, protocol, ports) over the few candidates. The index is rebuilt
+    on the first lookup after a change (children change rarely, packets often).
     # timeit, 1000 children with /24 remote selectors, one local /16:
     #   lookup of an IPv4 packet ~0.9 us (CPython 3.11, this machine).
     """
@@ -194,7 +191,8 @@ class InsideRoutes:
         """Route traffic from ``local_ts`` to ``remote_ts`` to ``member``
         (replaces an earlier entry for ``child_id``)."""
         self._seq += 1
-        child = _InsideChild(child_id, member, _ts_ranges(local_ts), _ts_ranges(remote_ts))
+        child = _InsideChild(child_id, member, compile_ts(remote_ts),
+                             matcher(local_ts, remote_ts))
         self._children[child_id] = (self._seq, child)
         self._dirty = True
 
@@ -212,8 +210,9 @@ class InsideRoutes:
         return None if child is None else child[1]
 
     def lookup_child(self, packet: Bytes) -> tuple[int, int] | None:
-        """``(child_id, member)`` for a packet, or None."""
-        version, src, dst = inner_addresses(packet)
+        """``(child_id, member)`` for a packet, or None; ``MalformedMessage``
+        when its headers are not there (common/selectors.py)."""
+        version, _, dst, _, _, _ = five_tuple(packet)
         if self._dirty:
             self._rebuild()
         index = self._index.get(version)
@@ -224,9 +223,8 @@ class InsideRoutes:
         if i < 0 or dst > ends[i]:
             return None
         for child in candidates[i]:
-            for v, lo, hi in child.src:
-                if v == version and lo <= src <= hi:
-                    return child.child_id, child.member
+            if child.match(packet):
+                return child.child_id, child.member
         return None
 
     def _rebuild(self) -> None:
@@ -237,7 +235,7 @@ class InsideRoutes:
             opens: dict[int, list[tuple[int, _InsideChild]]] = {}
             closes: dict[int, list[int]] = {}
             for rank, c in enumerate(newest_first):
-                for v, lo, hi in c.dst:
+                for v, lo, hi, *_ in c.dst:
                     if v == version:
                         opens.setdefault(lo, []).append((rank, c))
                         closes.setdefault(hi + 1, []).append(rank)

@@ -164,7 +164,10 @@ class Dispatcher(Membership):
         except MalformedMessage:
             self.drops["inner_malformed"] += 1
             return
-        info = self.members.get(member) if member is not None else None
+        if member is None:   # outside every child's selectors (RFC 4301 §5.1)
+            self.drops["no_child"] += 1
+            return
+        info = self.members.get(member)
         if info is None or not info.alive:
             self.drops["inner_no_route"] += 1
             return

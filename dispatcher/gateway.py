@@ -202,6 +202,8 @@ class Gateway:
 
     def close(self) -> None:
         self._timer.cancel()
+        log.info("gateway stopping; counters %s; drops %s", dict(self.member.counters),
+                 dict(self.member.drops))
         for port in self.ports.values():
             if port.transport is not None:
                 port.transport.close()

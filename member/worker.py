@@ -40,6 +40,7 @@ from common.iv import COUNTER_LIMIT
 from common.rand import RandomBytes
 from common.replay import MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, ReplayState
 from common.routing import InsideRoutes
+from common.selectors import Matcher, five_tuple, matcher
 from common.spi import SpiAllocator
 from common.sync import ChildState
 from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
@@ -65,6 +66,14 @@ class ChildRoute:
     keymat_out: bytes = field(default=b"", repr=False)
     #: our SPI of the IKE SA that negotiated it (on whichever member owns it)
     ike_spi: bytes = b""
+    #: inbound selector check (RFC 4301 §5.2), compiled once: a decrypted
+    #: packet's source must be in remote_ts and its destination in local_ts
+    in_match: Matcher = field(init=False, repr=False)
+    #: decrypted packets dropped for being outside the selectors
+    selector_drops: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.in_match = matcher(self.remote_ts, self.local_ts)
 
 
 #: bits of the member slot in every SPI (common/spi.py): up to 64 members
@@ -381,7 +390,12 @@ class Member:
     # -- ESP --------------------------------------------------------------------
 
     def handle_esp(self, data: bytes, spi: int, remote: Address, now: float) -> bytes | None:
-        """Decrypt one ESP packet; the inner packet, or None (counted drop)."""
+        """Decrypt one ESP packet; the inner packet, or None (counted drop).
+
+        RFC 4301 §5.2: the inner packet must fall inside the child's selectors
+        (source in remote_ts, destination in local_ts, protocol and ports);
+        otherwise it is dropped (``selector_mismatch``), never written to the
+        inside: an authenticated peer may only send what it negotiated."""
         route = self.by_spi.get(spi)
         if route is None:
             self.drops["esp_unknown_spi"] += 1
@@ -397,13 +411,38 @@ class Member:
         except MalformedMessage:
             self.drops["esp_malformed"] += 1
             return None
+        # Authentic: the peer is alive and has this SA, whatever it carries.
         self.engine.note_activity(route.ike_id, now)
         if self.deferred and spi in self.deferred:
             self._activate(spi, self.deferred.pop(spi))
-        return inner
+        try:
+            if route.in_match(inner):
+                return inner
+        except MalformedMessage:
+            self.drops["inner_malformed"] += 1
+            return None
+        self.drops["selector_mismatch"] += 1
+        self._selector_drop(route, spi, inner)
+        return None
+
+    def _selector_drop(self, route: ChildRoute, spi: int, inner: bytes) -> None:
+        """Log the 1st, 2nd, 4th, 8th... mismatch of a child (bounded cost
+        under a flood; the counter has them all)."""
+        route.selector_drops += 1
+        n = route.selector_drops
+        if n & (n - 1):
+            return
+        version, src, dst, proto, sport, dport = five_tuple(inner)
+        addr = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+        log.warning("child SA %s %08x_i: dropped a decrypted packet outside its selectors "
+                    "(%s -> %s protocol %d ports %d/%d; %d so far, RFC 4301 §5.2)",
+                    route.name, spi, addr(src), addr(dst),
+                    proto, sport, dport, n)
 
     def handle_inner(self, packet: bytes) -> tuple[bytes, Address] | None:
-        """Encrypt one inner packet for the child SA its addresses match."""
+        """Encrypt one inner packet for the child SA whose selectors hold it
+        (addresses, protocol and ports: RFC 4301 §5.1); a packet outside every
+        child's selectors is dropped (``no_child``)."""
         try:
             found = self.routes.lookup_child(packet)
         except MalformedMessage:
@@ -411,7 +450,7 @@ class Member:
             return None
         route = self.by_spi.get(found[0]) if found is not None else None
         if route is None:
-            self.drops["inner_no_route"] += 1
+            self.drops["no_child"] += 1
             return None
         try:
             return route.outbound.protect(packet), route.remote

@@ -173,7 +173,8 @@ def v4(src: str, dst: str) -> bytes:
 
 def v6(src: str, dst: str) -> bytes:
     import ipaddress
-    return (b"\x60" + bytes(7) + ipaddress.ip_address(src).packed
+    # next header 59: No Next Header (RFC 8200 §4.7), no extension headers to walk
+    return (b"\x60" + bytes(5) + b"\x3b\x40" + ipaddress.ip_address(src).packed
             + ipaddress.ip_address(dst).packed)
 
 
