@@ -36,12 +36,20 @@ from common.ike.exchanges.informational import (
     MidSyncTask,
     ike_gone,
 )
+from common.ike.limits import (
+    DROP_NO_ADDITIONAL_SAS,
+    DROP_RETRANSMIT_RATE,
+    EngineLimits,
+    LimitSettings,
+)
 from common.ike.message import (
     HEADER,
+    IkeHeader,
     InvalidMajorVersion,
     decode_header,
     decode_message,
 )
+from common.ike.msgid import RequestVerdict
 from common.ike.payloads import UnsupportedCriticalPayload
 from common.ike.policy import IkePolicy
 from common.ike.sa import (
@@ -75,10 +83,13 @@ def _identities(sa: IkeSa) -> Identities | None:
 
 class IkeEngine:
     def __init__(self, policies: list[IkePolicy], *, random: RandomBytes, spis: SpiSource,
-                 options: IkeOptions | None = None) -> None:
+                 options: IkeOptions | None = None,
+                 limits: LimitSettings | None = None) -> None:
         self.policies = {p.name: p for p in policies}
         self.ctx = IkeContext(random, spis, options or IkeOptions())
         self.cookies = CookieJar(random)
+        #: flood bounds: half-open caps, per-source and retransmit rates
+        self.limits = EngineLimits(limits)
         #: IKE SAs by the SPI we chose (spi_r as responder, spi_i as initiator)
         self.sas: dict[bytes, IkeSa] = {}
         self.by_id: dict[int, IkeSa] = {}
@@ -119,16 +130,38 @@ class IkeEngine:
                 return
             if header.is_response:
                 sa.receive_response(header, data, remote, local_port, now)
+            elif self._retransmit_limited(sa, header, now):
+                self.drops[DROP_RETRANSMIT_RATE] += 1
             else:
+                refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0)
                 sa.receive_request(header, data, remote, local_port, now)
+                refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0) - refused
+                if refused:
+                    self.drops[DROP_NO_ADDITIONAL_SAS] += refused
         self._housekeeping()
 
+    def _retransmit_limited(self, sa: IkeSa, header: IkeHeader, now: float) -> bool:
+        """RFC 7296 §2.1 answers a retransmitted request from the cache; at
+        most RETRANSMIT_ANSWERS_PER_S a second per IKE SA, so that replayed
+        bytes from spoofed sources do not make us a reflector. (Message ID 0
+        INFORMATIONAL may be an RFC 6311 sync, which only decryption tells.)"""
+        if sa.mids.classify_request(header.message_id) is not RequestVerdict.RETRANSMIT:
+            return False
+        if header.message_id == 0 and header.exchange == ExchangeType.INFORMATIONAL:
+            return False
+        return not self.limits.answer_retransmit(sa.ike_id, now)
+
     def _init_request(self, data: bytes, remote: Address, local_port: int, now: float) -> None:
+        for _ in range(self.limits.cookie_rotations_due(now)):
+            self.cookies.rotate()  # RFC 7296 §2.6: the secret changes periodically
         try:
             header = decode_header(data)
             old = self.half_open.get((header.spi_i, remote[0]))
             if old is not None and not old.terminal:
                 if data == old.init_request and old.mids.response is not None:
+                    if not self.limits.answer_retransmit(old.ike_id, now):
+                        self.drops[DROP_RETRANSMIT_RATE] += 1
+                        return
                     self.ctx.outbox.append(Outgoing(old.mids.response, remote, local_port))
                 else:
                     self.drops["init_for_known_spi"] += 1
@@ -143,14 +176,19 @@ class IkeEngine:
                 return
             result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
                                          self.half_open_count(), msg, data, remote, local_port,
-                                         now)
+                                         now, self.limits)
         except (MalformedMessage, RemoteProtocolError, ValueError) as exc:
             self.drops["bad_init"] += 1
             log.info("dropped IKE_SA_INIT from %s: %s", remote[0], exc)
             return
+        if result.refused:
+            self.drops[result.refused] += 1  # no state, no answer (common/ike/limits.py)
+            return
         self.ctx.outbox.append(Outgoing(result.response, remote, local_port))
         if result.sa is not None:
             self._index(result.sa)
+            self.limits.half_open_added(result.sa.ike_id,
+                                        len(result.sa.init_request) + len(result.response))
             key = (result.sa.spi_i, remote[0])
             self.half_open[key] = result.sa
             self._half_open_keys[result.sa.ike_id] = key
@@ -241,6 +279,7 @@ class IkeEngine:
             del self.by_id[sa.ike_id]
         self._due.pop(sa.ike_id, None)
         self._drop_half_open(sa)
+        self.limits.ike_sa_gone(sa.ike_id)
         idents = _identities(sa)
         ids = self._by_identities.get(idents) if idents is not None else None
         if idents is not None and ids is not None:
@@ -252,6 +291,7 @@ class IkeEngine:
         key = self._half_open_keys.pop(sa.ike_id, None)
         if key is not None and self.half_open.get(key) is sa:
             del self.half_open[key]
+        self.limits.half_open_gone(sa.ike_id)
 
     def _housekeeping(self) -> None:
         """After every call: index SAs created by rekeys, then for the SAs
