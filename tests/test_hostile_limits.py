@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 from common.ike.constants import ExchangeType, NotifyType
+from common.ike.cookies import cookie_answer, peek_init
 from common.ike.events import ChildSaFailed, ChildSaInstalled, IkeSaEstablished
+from common.ike.exchanges import Refused
+from common.ike.exchanges.ike_init import error_answer
 from common.ike.limits import (
     CHILD_SA_MAX_PER_IKE_SA,
     DROP_HALF_OPEN_CAP,
@@ -17,7 +20,7 @@ from common.ike.limits import (
     LimitSettings,
 )
 from common.ike.message import IkeMessage, decode_header, decode_message, encode_message
-from common.ike.payloads import NotifyPayload
+from common.ike.payloads import NoncePayload, NotifyPayload
 from common.ike.sa import IkeState
 from tests.ike_pair import Pair, make_pair
 
@@ -208,7 +211,7 @@ def test_cookie_stale_after_idle_periods() -> None:
 
 
 def test_per_source_bucket() -> None:
-    p = pair(LimitSettings(init_rate_per_s=1.0, init_burst=3.0), cookie_threshold=1000)
+    p = pair(LimitSettings(init_rate_per_s=1.0, init_burst=3.0), cookie_threshold=0)
     flood = Flood(p)
     for _ in range(10):
         flood.send("198.51.100.1", p.now)
@@ -222,6 +225,17 @@ def test_per_source_bucket() -> None:
         flood.send("198.51.100.1", p.now + 2.0)
     assert p.b.half_open_count() == 6
     assert p.b.drops[DROP_INIT_RATE] == 7 + 3
+
+
+def test_no_per_source_rate_below_the_cookie_threshold() -> None:
+    # A peer bringing up many IKE SAs at once is not an attack (RFC 8019 §4
+    # applies the limits when under attack).
+    p = pair(LimitSettings(init_rate_per_s=1.0, init_burst=3.0), cookie_threshold=20)
+    flood = Flood(p)
+    for _ in range(10):
+        flood.send("198.51.100.1", p.now)
+    assert p.b.half_open_count() == 10
+    assert not p.b.drops
 
 
 def test_source_table_bounded_lru() -> None:
@@ -311,3 +325,45 @@ def test_limits_are_pure() -> None:
     assert limits.half_open_bytes == LimitSettings().half_open_sa_bytes + 600
     limits.ike_sa_gone(7)
     assert limits.half_open_bytes == 0
+
+
+# -- the stateless fast path (common/ike/cookies.py) ----------------------------------------
+
+
+def test_cookie_answer_without_decoding_is_the_full_answer() -> None:
+    p = pair(LOOSE, cookie_threshold=0)
+    flood = Flood(p)
+    data = flood.request()
+    peek = peek_init(data)
+    full = decode_message(data)
+    assert peek is not None and peek.cookie is None
+    nonce = full.get(NoncePayload)
+    assert nonce is not None and peek.spi_i == full.spi_i and peek.nonce == nonce.data
+    cookie = p.b.cookies.make(peek.nonce, bytes([198, 51, 100, 9]), peek.spi_i)
+    slow = error_answer(peek.spi_i, ExchangeType.IKE_SA_INIT, 0,
+                        Refused(NotifyType.COOKIE, data=cookie))
+    assert cookie_answer(peek.spi_i, cookie) == slow
+    again = peek_init(_with_cookie(data, cookie))
+    assert again is not None and again.cookie == cookie and again.nonce == peek.nonce
+
+
+def test_peek_refuses_broken_chains() -> None:
+    p = pair(LOOSE)
+    data = Flood(p).request()
+    assert peek_init(data[:-1]) is None  # the last payload overruns
+    assert peek_init(data + b"\0" * 4) is None  # bytes after the chain
+    bad = bytearray(data)
+    bad[28 + 2:28 + 4] = (1).to_bytes(2, "big")  # a payload length below its header
+    assert peek_init(bytes(bad)) is None
+
+
+def test_rate_refused_before_decoding_counts_the_same() -> None:
+    # Above the threshold, with the source's bucket empty, a request with a
+    # valid cookie is dropped before the full decode: counted all the same.
+    p = pair(LimitSettings(init_rate_per_s=0.001, init_burst=1.0), cookie_threshold=0)
+    flood = Flood(p)
+    assert flood.send("198.51.100.1", p.now)  # the one token: a half-open SA
+    for _ in range(5):
+        assert flood.send("198.51.100.1", p.now) == []
+    assert p.b.half_open_count() == 1
+    assert p.b.drops[DROP_INIT_RATE] == 5

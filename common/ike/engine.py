@@ -13,12 +13,13 @@ Surface for the shells:
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 from collections import Counter
 
 from common.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
-from common.ike.cookies import CookieJar
+from common.ike.cookies import CookieJar, cookie_answer, peek_init
 from common.ike.events import IkeEvent
 from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
 from common.ike.exchanges.ike_auth import IkeAuthTask
@@ -166,6 +167,8 @@ class IkeEngine:
                 else:
                     self.drops["init_for_known_spi"] += 1
                 return
+            if self._shed_init(data, remote, local_port, now):
+                return
             try:
                 msg = decode_message(data)
             except UnsupportedCriticalPayload as exc:
@@ -192,6 +195,30 @@ class IkeEngine:
             key = (result.sa.spi_i, remote[0])
             self.half_open[key] = result.sa
             self._half_open_keys[result.sa.ike_id] = key
+
+    def _shed_init(self, data: bytes, remote: Address, local_port: int, now: float) -> bool:
+        """Under pressure (RFC 7296 §2.6, RFC 8019 §4), settle an IKE_SA_INIT
+        without decoding it: the COOKIE answer when it brings no valid cookie,
+        a counted drop when the caps or its source's rate refuse it anyway.
+        False: the full path decides."""
+        count = self.half_open_count()
+        if count < self.ctx.options.cookie_threshold:
+            return False
+        peek = peek_init(data)
+        if peek is None:
+            return False
+        ip = ipaddress.ip_address(remote[0]).packed
+        if peek.cookie is None or not self.cookies.check(peek.cookie, peek.nonce, ip,
+                                                         peek.spi_i):
+            cookie = self.cookies.make(peek.nonce, ip, peek.spi_i)
+            self.ctx.outbox.append(Outgoing(cookie_answer(peek.spi_i, cookie), remote,
+                                            local_port))
+            return True
+        refused = self.limits.shed_half_open(remote[0], count, now, 2 * len(data))
+        if refused is None:
+            return False
+        self.drops[refused] += 1
+        return True
 
     def _invalid_major_version(self, data: bytes, exc: InvalidMajorVersion, remote: Address,
                                local_port: int) -> None:

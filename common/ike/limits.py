@@ -13,8 +13,9 @@ The bounds, in the order an IKE_SA_INIT meets them:
 
 1. Above ``cookie_threshold`` half-open SAs (IkeOptions) every IKE_SA_INIT
    must carry a valid COOKIE (RFC 7296 §2.6): the answer costs no state.
-2. A request that would create state draws a token from its source address's
-   bucket (RFC 8019 §4: rate limits per source); an empty bucket drops it.
+2. Above that threshold too, a request that would create state draws a token
+   from its source address's bucket (RFC 8019 §4: rate limits per source);
+   an empty bucket drops it.
 3. At ``HALF_OPEN_MAX`` half-open SAs, or at ``HALF_OPEN_MEMORY_MAX_BYTES`` of
    their estimated memory, a new one is refused before any state is made.
 4. Under pressure (above the cookie threshold) a new half-open SA lives
@@ -46,8 +47,8 @@ HALF_OPEN_TIMEOUT_PRESSURE_S = 5.0
 #: state-creating IKE_SA_INITs per source address: sustained rate and burst
 #: (RFC 8019 §4). A real initiator needs one per IKE SA; a restarting
 #: gateway with many connections to us gets a burst.
-INIT_PER_SOURCE_RATE_PER_S = 2.0
-INIT_PER_SOURCE_BURST = 10.0
+INIT_PER_SOURCE_RATE_PER_S = 1.0
+INIT_PER_SOURCE_BURST = 3.0
 #: source addresses with a bucket; the least recently seen is forgotten
 #: first (it comes back with a full bucket, which only helps an attacker with
 #: more addresses than this, and the caps above still hold)
@@ -120,6 +121,14 @@ class BucketTable:
             self._buckets.move_to_end(key)
         return bucket.take(now)
 
+    def has_token(self, key: object, now: float) -> bool:
+        """Would ``take`` succeed? (Nothing changes; an unknown key has a full
+        bucket.)"""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return True
+        return min(bucket.burst, bucket.tokens + max(0.0, now - bucket.stamp) * bucket.rate) >= 1.0
+
     def forget(self, key: object) -> None:
         self._buckets.pop(key, None)
 
@@ -160,18 +169,33 @@ class EngineLimits:
     # -- half-open SAs -----------------------------------------------------------
 
     def admit_half_open(self, source: str, count: int, now: float,
-                        message_bytes: int = 0) -> str | None:
+                        message_bytes: int = 0, *, pressure: bool = True) -> str | None:
         """May an IKE_SA_INIT from ``source`` create a half-open SA, with
         ``count`` held? ``message_bytes``: what its two IKE_SA_INIT messages
-        will take (the answer is about as long as the request). None, or the
+        will take (the answer is about as long as the request). The source's
+        rate counts under ``pressure`` only (above the cookie threshold: a
+        peer bringing up many IKE SAs at once is not an attack). None, or the
         drop reason. Caps first: a refused request spends no token."""
+        refused = self._caps(count, message_bytes)
+        if refused is None and pressure and not self._sources.take(source, now):
+            return DROP_INIT_RATE
+        return refused
+
+    def shed_half_open(self, source: str, count: int, now: float,
+                       message_bytes: int = 0) -> str | None:
+        """Under pressure, before the request is even decoded: the reason
+        ``admit_half_open`` would refuse it, or None (then it decides)."""
+        refused = self._caps(count, message_bytes)
+        if refused is None and not self._sources.has_token(source, now):
+            return DROP_INIT_RATE
+        return refused
+
+    def _caps(self, count: int, message_bytes: int) -> str | None:
         s = self.settings
         if count >= s.half_open_max:
             return DROP_HALF_OPEN_CAP
         if self.half_open_bytes + s.half_open_sa_bytes + message_bytes > s.half_open_memory_max:
             return DROP_HALF_OPEN_MEMORY
-        if not self._sources.take(source, now):
-            return DROP_INIT_RATE
         return None
 
     def half_open_added(self, ike_id: int, message_bytes: int) -> None:

@@ -226,7 +226,8 @@ def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: Coo
             msg, NotifyType.INVALID_KE_PAYLOAD, int(suite.dh).to_bytes(2, "big")))
     timeout = ctx.options.half_open_timeout_s
     if limits is not None:
-        refused = limits.admit_half_open(remote[0], half_open, now, 2 * len(raw))
+        refused = limits.admit_half_open(remote[0], half_open, now, 2 * len(raw),
+                                         pressure=half_open >= ctx.options.cookie_threshold)
         if refused is not None:
             return InitResult(None, b"", refused)
         timeout = limits.half_open_timeout(timeout, half_open, ctx.options.cookie_threshold)
