@@ -28,7 +28,9 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +224,10 @@ def cluster_toml(members: int, inside_port: int) -> str:
                     (ChildSpec("c0", "10.201.0.0/24", "10.202.0.0/24"),))
     return gateway_toml(address=GW, ports=(500, 4500), inside=f"udp:127.0.0.1:{inside_port}",
                         inside_bind=f"127.0.0.1:{inside_port + 1}", members=members,
-                        conns=[conn], log_level="warning")
+                        conns=[conn], log_level="warning",
+                        # the shared test machine stalls processes for seconds
+                        # under the flood: a member must not be declared dead
+                        extra={"heartbeat_interval": 0.2, "dead_after": 25})
 
 
 class FloodLab:
@@ -267,13 +272,12 @@ class FloodLab:
         return out
 
     def half_open(self) -> dict[int, int]:
-        """HALF_OPEN IKE SAs per member (``ipsec-cluster sas``)."""
-        from tests.cluster_util import sas
+        """Half-open IKE SAs per member (``ipsec-cluster status``, from the
+        members' last heartbeats)."""
+        from tests.cluster_util import status
 
-        answer = sas(self.config)
-        return {int(m["member"]): sum(1 for s in m.get("ike_sas", [])
-                                      if s["state"] == "HALF_OPEN")
-                for m in answer["members"]}
+        return {int(m["id"]): int(m["half_open_ike_sas"])
+                for m in status(self.config)["members"]}
 
     def drops(self) -> dict[str, int]:
         """Every member's IKE drops, summed (``ipsec-cluster status``)."""
@@ -295,6 +299,59 @@ class FloodLab:
     def close(self) -> None:
         self.procs.close()
         self.lab.close()
+
+
+@dataclass
+class FloodRun:
+    """What one flood did to the cluster."""
+
+    rate: float
+    seconds: float
+    generator: dict[str, Any] = field(default_factory=dict)
+    #: process -> peak VmRSS (bytes) during the flood
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    #: member -> highest half-open count seen
+    peak_half_open: dict[int, int] = field(default_factory=dict)
+    #: legitimate handshakes during the flood: seconds, None = failed
+    handshakes: list[float | None] = field(default_factory=list)
+    drops: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
+
+
+def run_flood(lab: FloodLab, rate: float, seconds: float, *, probe_every_s: float = 3.0,
+              probe_timeout_s: float = 10.0) -> FloodRun:
+    """Flood for ``seconds`` at ``rate``; meanwhile sample every process's RSS
+    and the half-open counts (twice a second, a thread) and time a legitimate
+    handshake every ``probe_every_s``."""
+    run = FloodRun(rate, seconds)
+    pids = lab.pids()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            for name, pid in pids.items():
+                run.peak_rss[name] = max(run.peak_rss.get(name, 0), rss_bytes(pid))
+            with contextlib.suppress(AssertionError):  # an overloaded cluster answers late
+                for m, n in lab.half_open().items():
+                    run.peak_half_open[m] = max(run.peak_half_open.get(m, 0), n)
+            run.samples += 1
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    gen = lab.start_flood(rate, seconds)
+    sampler.start()
+    try:
+        time.sleep(min(2.0, seconds / 4))  # let the flood reach its steady state
+        while gen.poll() is None:
+            started = time.monotonic()
+            run.handshakes.append(handshake(lab.peer_ns, PEER, GW, probe_timeout_s))
+            time.sleep(max(0.0, probe_every_s - (time.monotonic() - started)))
+        out, _ = gen.communicate(timeout=30)
+        run.generator = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    finally:
+        stop.set()
+        sampler.join(5)
+    run.drops = lab.drops()
+    return run
 
 
 def rss_bytes(pid: int) -> int:

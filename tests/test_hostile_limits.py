@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from common.ike.constants import ExchangeType, NotifyType
 from common.ike.cookies import cookie_answer, peek_init
 from common.ike.events import ChildSaFailed, ChildSaInstalled, IkeSaEstablished
@@ -15,6 +19,7 @@ from common.ike.limits import (
     DROP_INIT_RATE,
     DROP_NO_ADDITIONAL_SAS,
     DROP_RETRANSMIT_RATE,
+    HALF_OPEN_MAX,
     BucketTable,
     EngineLimits,
     LimitSettings,
@@ -367,3 +372,32 @@ def test_rate_refused_before_decoding_counts_the_same() -> None:
         assert flood.send("198.51.100.1", p.now) == []
     assert p.b.half_open_count() == 1
     assert p.b.drops[DROP_INIT_RATE] == 5
+
+
+# -- live: a flood against a running cluster in namespaces ---------------------------------
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_live_flood_keeps_half_open_bounded_and_a_peer_gets_through(tmp_path: Path) -> None:
+    """bench/flood.py against ``ipsec-cluster run`` (3 members) from 250
+    source addresses answering COOKIEs, 12 s at 1,000 IKE_SA_INIT/s."""
+    from tests.lab.netns import lab_unavailable_reason
+
+    reason = lab_unavailable_reason(need_charon=False)
+    if reason is not None:
+        pytest.skip(reason)
+    from bench.flood import FloodLab, run_flood
+
+    lab = FloodLab(tmp_path, members=3, n_sources=250)
+    try:
+        run = run_flood(lab, rate=1000.0, seconds=12.0, probe_every_s=4.0,
+                        probe_timeout_s=15.0)
+    finally:
+        lab.close()
+    assert run.generator["cookies_answered"] > 1000, run.generator  # the flood got COOKIEs
+    assert run.samples and run.peak_half_open, run
+    assert all(n <= HALF_OPEN_MAX for n in run.peak_half_open.values()), run.peak_half_open
+    assert max(run.peak_half_open.values()) > 0  # ... and did make half-open SAs
+    assert run.drops.get(f"ike_{DROP_INIT_RATE}", 0) > 0, run.drops  # the per-source rate
+    assert any(h is not None for h in run.handshakes), run.handshakes
