@@ -168,10 +168,12 @@ def _initiator_engine(ike_port: int, natt_port: int, gw: str) -> Any:
                      options=IkeOptions(ike_port=ike_port, natt_port=natt_port))
 
 
-def handshake(ns: str | None, local: str, gw: str, timeout: float = 10.0) -> float | None:
+def handshake(ns: str | None, local: str, gw: str, timeout: float = 10.0,
+              trace: list[str] | None = None) -> float | None:
     """IKE_SA_INIT (with a cookie round when asked) + IKE_AUTH from ``local``
     in namespace ``ns`` to the cluster at ``gw``:500/4500; the seconds it took,
-    or None if it failed or timed out. The IKE SA is left to expire."""
+    or None if it failed or timed out. The IKE SA is left to expire.
+    ``trace`` gets a line per datagram and event."""
     from common.ike.events import IkeSaEstablished, IkeSaFailed
     from tests.cluster_util import socket_in_netns
 
@@ -191,7 +193,11 @@ def handshake(ns: str | None, local: str, gw: str, timeout: float = 10.0) -> flo
             for out in eng.datagrams_to_send():
                 data = out.data if out.remote[1] == 500 else NON_ESP_MARKER + out.data
                 by_port[out.local_port].sendto(data, out.remote)
+                if trace is not None:
+                    trace.append(f"{now - t0:7.3f} -> {out.remote} {len(data)} B")
             while (ev := eng.next_event()) is not None:
+                if trace is not None:
+                    trace.append(f"{now - t0:7.3f} {ev}")
                 if isinstance(ev, IkeSaEstablished):
                     return now - t0
                 if isinstance(ev, IkeSaFailed):
@@ -201,6 +207,8 @@ def handshake(ns: str | None, local: str, gw: str, timeout: float = 10.0) -> flo
             for key, _ in sel.select(wait):
                 sock: socket.socket = key.fileobj  # type: ignore[assignment]
                 data, addr = sock.recvfrom(65535)
+                if trace is not None:
+                    trace.append(f"{time.monotonic() - t0:7.3f} <- {addr} {len(data)} B")
                 port = sock.getsockname()[1]
                 if port == p4500:
                     if not data.startswith(NON_ESP_MARKER):

@@ -47,7 +47,7 @@ HALF_OPEN_TIMEOUT_PRESSURE_S = 5.0
 #: state-creating IKE_SA_INITs per source address: sustained rate and burst
 #: (RFC 8019 §4). A real initiator needs one per IKE SA; a restarting
 #: gateway with many connections to us gets a burst.
-INIT_PER_SOURCE_RATE_PER_S = 0.2
+INIT_PER_SOURCE_RATE_PER_S = 0.1
 INIT_PER_SOURCE_BURST = 2.0
 #: source addresses with a bucket; the least recently seen is forgotten
 #: first (it comes back with a full bucket, which only helps an attacker with
