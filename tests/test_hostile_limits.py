@@ -232,6 +232,20 @@ def test_per_source_bucket() -> None:
     assert p.b.drops[DROP_INIT_RATE] == 7 + 3
 
 
+def test_completed_handshakes_give_their_token_back() -> None:
+    # Under pressure, from one address: a peer that completes IKE_AUTH each
+    # time is not throttled; a flood source that never does is.
+    p = pair(LimitSettings(init_rate_per_s=0.001, init_burst=1.0), cookie_threshold=0)
+    for _ in range(5):
+        _legit_handshake(p)  # each one is established on both sides
+    assert not p.b.drops
+    flood = Flood(p)
+    for _ in range(5):
+        flood.send("198.18.0.1", p.now)  # the same address as the peer, A_ADDR
+    assert p.b.half_open_count() == 1
+    assert p.b.drops[DROP_INIT_RATE] == 4
+
+
 def test_no_per_source_rate_below_the_cookie_threshold() -> None:
     # A peer bringing up many IKE SAs at once is not an attack (RFC 8019 §4
     # applies the limits when under attack).

@@ -177,9 +177,9 @@ class IkeEngine:
                 self.ctx.outbox.append(Outgoing(error_answer(
                     header.spi_i, ExchangeType.IKE_SA_INIT, 0, exc), remote, local_port))
                 return
+            count = self.half_open_count()
             result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
-                                         self.half_open_count(), msg, data, remote, local_port,
-                                         now, self.limits)
+                                         count, msg, data, remote, local_port, now, self.limits)
         except (MalformedMessage, RemoteProtocolError, ValueError) as exc:
             self.drops["bad_init"] += 1
             log.info("dropped IKE_SA_INIT from %s: %s", remote[0], exc)
@@ -190,8 +190,10 @@ class IkeEngine:
         self.ctx.outbox.append(Outgoing(result.response, remote, local_port))
         if result.sa is not None:
             self._index(result.sa)
+            pressure = count >= self.ctx.options.cookie_threshold  # a token was taken
             self.limits.half_open_added(result.sa.ike_id,
-                                        len(result.sa.init_request) + len(result.response))
+                                        len(result.sa.init_request) + len(result.response),
+                                        remote[0] if pressure else None)
             key = (result.sa.spi_i, remote[0])
             self.half_open[key] = result.sa
             self._half_open_keys[result.sa.ike_id] = key
@@ -318,7 +320,7 @@ class IkeEngine:
         key = self._half_open_keys.pop(sa.ike_id, None)
         if key is not None and self.half_open.get(key) is sa:
             del self.half_open[key]
-        self.limits.half_open_gone(sa.ike_id)
+        self.limits.half_open_gone(sa.ike_id, completed=sa.established)
 
     def _housekeeping(self) -> None:
         """After every call: index SAs created by rekeys, then for the SAs

@@ -121,6 +121,12 @@ class BucketTable:
             self._buckets.move_to_end(key)
         return bucket.take(now)
 
+    def refund(self, key: object) -> None:
+        """Give back a token taken for ``key`` (a bucket gone meanwhile stays gone)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(bucket.burst, bucket.tokens + 1.0)
+
     def has_token(self, key: object, now: float) -> bool:
         """Would ``take`` succeed? (Nothing changes; an unknown key has a full
         bucket.)"""
@@ -153,7 +159,7 @@ class EngineLimits:
     """The engine's bookkeeping for the bounds: half-open memory, per-source
     and per-IKE-SA buckets, the cookie secret's schedule."""
 
-    __slots__ = ("_half_open_bytes", "_next_rotation", "_retransmits", "_sources",
+    __slots__ = ("_half_open", "_next_rotation", "_retransmits", "_sources",
                  "half_open_bytes", "settings")
 
     def __init__(self, settings: LimitSettings | None = None) -> None:
@@ -162,7 +168,8 @@ class EngineLimits:
         # one entry per IKE SA that had a retransmit answered, removed with it
         self._retransmits = BucketTable(s.retransmit_rate_per_s, s.retransmit_burst,
                                         1 << 62)
-        self._half_open_bytes: dict[int, int] = {}
+        #: half-open IKE SA id -> (estimated bytes, the source charged a token)
+        self._half_open: dict[int, tuple[int, str | None]] = {}
         self.half_open_bytes = 0
         self._next_rotation: float | None = None
 
@@ -198,13 +205,22 @@ class EngineLimits:
             return DROP_HALF_OPEN_MEMORY
         return None
 
-    def half_open_added(self, ike_id: int, message_bytes: int) -> None:
+    def half_open_added(self, ike_id: int, message_bytes: int,
+                        charged: str | None = None) -> None:
+        """A half-open SA was made; ``charged``: the source whose token it took."""
         size = self.settings.half_open_sa_bytes + message_bytes
-        self.half_open_bytes += size - self._half_open_bytes.get(ike_id, 0)
-        self._half_open_bytes[ike_id] = size
+        self.half_open_bytes += size - self._half_open.get(ike_id, (0, None))[0]
+        self._half_open[ike_id] = (size, charged)
 
-    def half_open_gone(self, ike_id: int) -> None:
-        self.half_open_bytes -= self._half_open_bytes.pop(ike_id, 0)
+    def half_open_gone(self, ike_id: int, *, completed: bool = False) -> None:
+        """The SA is no longer half-open. ``completed`` (IKE_AUTH done): its
+        source gets its token back, so a peer that finishes its handshakes
+        (a gateway bringing up many IKE SAs) is never throttled; only half-open
+        SAs left to expire, a flood's, use up the source's rate."""
+        size, source = self._half_open.pop(ike_id, (0, None))
+        self.half_open_bytes -= size
+        if completed and source is not None:
+            self._sources.refund(source)
 
     def half_open_timeout(self, configured_s: float, count: int, threshold: int) -> float:
         """RFC 8019 §4: under pressure, half-open SAs expire sooner."""
