@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.ike.constants import ExchangeType, NotifyType
-from common.ike.cookies import cookie_answer, peek_init
+from common.ike.cookies import cookie_answer, packed_ip, peek_init
 from common.ike.events import ChildSaFailed, ChildSaInstalled, IkeSaEstablished
 from common.ike.exchanges import Refused
 from common.ike.exchanges.ike_init import error_answer
@@ -364,6 +364,16 @@ def test_cookie_answer_without_decoding_is_the_full_answer() -> None:
     assert cookie_answer(peek.spi_i, cookie) == slow
     again = peek_init(_with_cookie(data, cookie))
     assert again is not None and again.cookie == cookie and again.nonce == peek.nonce
+
+
+def test_packed_ip_is_ipaddress_packed() -> None:
+    import ipaddress
+
+    for a in ("198.51.100.9", "0.0.0.0", "255.255.255.255", "2001:db8::1", "::ffff:1.2.3.4"):
+        assert packed_ip(a) == ipaddress.ip_address(a).packed
+    for bad in ("256.1.1.1", "1.2.3", "01.2.3.4", "1.2.3.-4", "1.2.3.4x"):
+        with pytest.raises(ValueError):
+            packed_ip(bad)
 
 
 def test_peek_refuses_broken_chains() -> None:

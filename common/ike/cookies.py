@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import struct
 from dataclasses import dataclass
 
@@ -145,3 +146,16 @@ def cookie_answer(spi_i: bytes, cookie: bytes) -> bytes:
                          ExchangeType.IKE_SA_INIT, HeaderFlag.RESPONSE, 0,
                          IKE_HEADER_LEN + len(notify))
     return header + notify
+
+
+def packed_ip(address: str) -> bytes:
+    """``ipaddress.ip_address(address).packed``, ~5x faster for the dotted
+    IPv4 addresses the shells hand us (this runs for every IKE_SA_INIT of a
+    flood)."""
+    parts = address.split(".")
+    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 for p in parts):
+        values = [int(p) for p in parts]
+        # canonical form only (no leading zeros), as ipaddress insists
+        if max(values) <= 255 and ".".join(map(str, values)) == address:
+            return bytes(values)
+    return ipaddress.ip_address(address).packed

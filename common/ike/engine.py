@@ -13,13 +13,12 @@ Surface for the shells:
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 from collections import Counter
 
 from common.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
-from common.ike.cookies import CookieJar, cookie_answer, peek_init
+from common.ike.cookies import CookieJar, cookie_answer, packed_ip, peek_init
 from common.ike.events import IkeEvent
 from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
 from common.ike.exchanges.ike_auth import IkeAuthTask
@@ -209,7 +208,7 @@ class IkeEngine:
         peek = peek_init(data)
         if peek is None:
             return False
-        ip = ipaddress.ip_address(remote[0]).packed
+        ip = packed_ip(remote[0])
         if peek.cookie is None or not self.cookies.check(peek.cookie, peek.nonce, ip,
                                                          peek.spi_i):
             cookie = self.cookies.make(peek.nonce, ip, peek.spi_i)
