@@ -403,6 +403,7 @@ class Dispatcher(Membership):
                 "segments": len(self.table.segments_of(m)),
                 "backup_segments": len(self.table.backups_of(m)),
                 "ike_sas": info.counters.get("ike_sas", 0),
+                "half_open_ike_sas": info.counters.get("half_open", 0),
                 "child_sas": info.counters.get("child_sas", 0),
                 "packets_in": info.counters.get("c.esp_in", 0),
                 "bytes_in": info.counters.get("c.esp_in_bytes", 0),

@@ -501,6 +501,7 @@ class MemberProcess:
         c.update({f"drop.{k}": v for k, v in m.drops.items()})
         c.update({f"drop.ike_{k}": v for k, v in m.engine.drops.items()})
         c["ike_sas"] = len(m.engine.established())
+        c["half_open"] = m.engine.half_open_count()
         c["child_sas"] = len(m.by_spi)
         c["sync_gaps"] = self.gaps
         c.update({f"refused.{k}": v for k, v in self.refusals.counts.items()})
@@ -599,6 +600,10 @@ class MemberProcess:
                     except zmq.Again:
                         break
                     self._frame(frame)
+                # An awaited recv with a frame ready returns without yielding:
+                # under a flood the heartbeat task and the timers would starve
+                # (the watchdog then stops heartbeats: declared dead).
+                await asyncio.sleep(0)
         finally:
             self._hb_stop.set()
             hb.cancel()

@@ -18,7 +18,7 @@ from collections import Counter
 
 from common.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
-from common.ike.cookies import CookieJar
+from common.ike.cookies import CookieJar, cookie_answer, packed_ip, peek_init
 from common.ike.events import IkeEvent
 from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
 from common.ike.exchanges.ike_auth import IkeAuthTask
@@ -36,12 +36,20 @@ from common.ike.exchanges.informational import (
     MidSyncTask,
     ike_gone,
 )
+from common.ike.limits import (
+    DROP_NO_ADDITIONAL_SAS,
+    DROP_RETRANSMIT_RATE,
+    EngineLimits,
+    LimitSettings,
+)
 from common.ike.message import (
     HEADER,
+    IkeHeader,
     InvalidMajorVersion,
     decode_header,
     decode_message,
 )
+from common.ike.msgid import RequestVerdict
 from common.ike.payloads import UnsupportedCriticalPayload
 from common.ike.policy import IkePolicy
 from common.ike.sa import (
@@ -75,10 +83,13 @@ def _identities(sa: IkeSa) -> Identities | None:
 
 class IkeEngine:
     def __init__(self, policies: list[IkePolicy], *, random: RandomBytes, spis: SpiSource,
-                 options: IkeOptions | None = None) -> None:
+                 options: IkeOptions | None = None,
+                 limits: LimitSettings | None = None) -> None:
         self.policies = {p.name: p for p in policies}
         self.ctx = IkeContext(random, spis, options or IkeOptions())
         self.cookies = CookieJar(random)
+        #: flood bounds: half-open caps, per-source and retransmit rates
+        self.limits = EngineLimits(limits)
         #: IKE SAs by the SPI we chose (spi_r as responder, spi_i as initiator)
         self.sas: dict[bytes, IkeSa] = {}
         self.by_id: dict[int, IkeSa] = {}
@@ -119,19 +130,43 @@ class IkeEngine:
                 return
             if header.is_response:
                 sa.receive_response(header, data, remote, local_port, now)
+            elif self._retransmit_limited(sa, header, now):
+                self.drops[DROP_RETRANSMIT_RATE] += 1
             else:
+                refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0)
                 sa.receive_request(header, data, remote, local_port, now)
+                refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0) - refused
+                if refused:
+                    self.drops[DROP_NO_ADDITIONAL_SAS] += refused
         self._housekeeping()
 
+    def _retransmit_limited(self, sa: IkeSa, header: IkeHeader, now: float) -> bool:
+        """RFC 7296 §2.1 answers a retransmitted request from the cache; at
+        most RETRANSMIT_ANSWERS_PER_S a second per IKE SA, so that replayed
+        bytes from spoofed sources do not make us a reflector. (Message ID 0
+        INFORMATIONAL may be an RFC 6311 sync, which only decryption tells.)"""
+        if sa.mids.classify_request(header.message_id) is not RequestVerdict.RETRANSMIT:
+            return False
+        if header.message_id == 0 and header.exchange == ExchangeType.INFORMATIONAL:
+            return False
+        return not self.limits.answer_retransmit(sa.ike_id, now)
+
     def _init_request(self, data: bytes, remote: Address, local_port: int, now: float) -> None:
+        for _ in range(self.limits.cookie_rotations_due(now)):
+            self.cookies.rotate()  # RFC 7296 §2.6: the secret changes periodically
         try:
             header = decode_header(data)
             old = self.half_open.get((header.spi_i, remote[0]))
             if old is not None and not old.terminal:
                 if data == old.init_request and old.mids.response is not None:
+                    if not self.limits.answer_retransmit(old.ike_id, now):
+                        self.drops[DROP_RETRANSMIT_RATE] += 1
+                        return
                     self.ctx.outbox.append(Outgoing(old.mids.response, remote, local_port))
                 else:
                     self.drops["init_for_known_spi"] += 1
+                return
+            if self._shed_init(data, remote, local_port, now):
                 return
             try:
                 msg = decode_message(data)
@@ -141,19 +176,50 @@ class IkeEngine:
                 self.ctx.outbox.append(Outgoing(error_answer(
                     header.spi_i, ExchangeType.IKE_SA_INIT, 0, exc), remote, local_port))
                 return
+            count = self.half_open_count()
             result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
-                                         self.half_open_count(), msg, data, remote, local_port,
-                                         now)
+                                         count, msg, data, remote, local_port, now, self.limits)
         except (MalformedMessage, RemoteProtocolError, ValueError) as exc:
             self.drops["bad_init"] += 1
             log.info("dropped IKE_SA_INIT from %s: %s", remote[0], exc)
             return
+        if result.refused:
+            self.drops[result.refused] += 1  # no state, no answer (common/ike/limits.py)
+            return
         self.ctx.outbox.append(Outgoing(result.response, remote, local_port))
         if result.sa is not None:
             self._index(result.sa)
+            pressure = count >= self.ctx.options.cookie_threshold  # a token was taken
+            self.limits.half_open_added(result.sa.ike_id,
+                                        len(result.sa.init_request) + len(result.response),
+                                        remote[0] if pressure else None)
             key = (result.sa.spi_i, remote[0])
             self.half_open[key] = result.sa
             self._half_open_keys[result.sa.ike_id] = key
+
+    def _shed_init(self, data: bytes, remote: Address, local_port: int, now: float) -> bool:
+        """Under pressure (RFC 7296 §2.6, RFC 8019 §4), settle an IKE_SA_INIT
+        without decoding it: the COOKIE answer when it brings no valid cookie,
+        a counted drop when the caps or its source's rate refuse it anyway.
+        False: the full path decides."""
+        count = self.half_open_count()
+        if count < self.ctx.options.cookie_threshold:
+            return False
+        peek = peek_init(data)
+        if peek is None:
+            return False
+        ip = packed_ip(remote[0])
+        if peek.cookie is None or not self.cookies.check(peek.cookie, peek.nonce, ip,
+                                                         peek.spi_i):
+            cookie = self.cookies.make(peek.nonce, ip, peek.spi_i)
+            self.ctx.outbox.append(Outgoing(cookie_answer(peek.spi_i, cookie), remote,
+                                            local_port))
+            return True
+        refused = self.limits.shed_half_open(remote[0], count, now, 2 * len(data))
+        if refused is None:
+            return False
+        self.drops[refused] += 1
+        return True
 
     def _invalid_major_version(self, data: bytes, exc: InvalidMajorVersion, remote: Address,
                                local_port: int) -> None:
@@ -241,6 +307,7 @@ class IkeEngine:
             del self.by_id[sa.ike_id]
         self._due.pop(sa.ike_id, None)
         self._drop_half_open(sa)
+        self.limits.ike_sa_gone(sa.ike_id)
         idents = _identities(sa)
         ids = self._by_identities.get(idents) if idents is not None else None
         if idents is not None and ids is not None:
@@ -252,6 +319,7 @@ class IkeEngine:
         key = self._half_open_keys.pop(sa.ike_id, None)
         if key is not None and self.half_open.get(key) is sa:
             del self.half_open[key]
+        self.limits.half_open_gone(sa.ike_id, completed=sa.established)
 
     def _housekeeping(self) -> None:
         """After every call: index SAs created by rekeys, then for the SAs

@@ -23,6 +23,7 @@ from common.ike.dh import DhKeyPair, dh_generate
 from common.ike.events import ChildSaFailed, ChildSaInstalled
 from common.ike.exchanges import ChildRefused, Refused
 from common.ike.keys import derive_child_keymat
+from common.ike.limits import CHILD_SA_MAX_PER_IKE_SA, DROP_NO_ADDITIONAL_SAS
 from common.ike.message import IkeMessage
 from common.ike.payloads import (
     KePayload,
@@ -400,6 +401,12 @@ def _rekey_aborted(old: ChildSa, now: float) -> None:
 
 
 def handle_new_child(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
+    # RFC 7296 §3.10.1: beyond our per-IKE-SA limit, NO_ADDITIONAL_SAS (the
+    # IKE SA lives on); counted for the engine's drops (common/ike/limits.py).
+    if sum(c.state is not ChildState.DELETED for c in sa.children.values()) \
+            >= CHILD_SA_MAX_PER_IKE_SA:
+        sa.counters[DROP_NO_ADDITIONAL_SAS] = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0) + 1
+        raise ChildRefused(NotifyType.NO_ADDITIONAL_SAS, "child SA limit of this IKE SA")
     # A ChildRefused becomes the answer's notify in IkeSa.receive_request.
     return respond_child(sa, msg, now, in_auth=False, rekeyed=None)
 

@@ -30,6 +30,7 @@ from common.ike.proposals import choose_proposal, ike_suite, proposal_matches
 from common.ike.transforms import Proposal
 
 if TYPE_CHECKING:
+    from common.ike.limits import EngineLimits
     from common.ike.sa import Address, IkeContext, IkeSa
 
 log = logging.getLogger("ipsec_cluster.ike")
@@ -172,6 +173,8 @@ class InitResult:
 
     sa: IkeSa | None
     response: bytes
+    #: why no SA was made and nothing is answered (a common/ike/limits.py reason)
+    refused: str = ""
 
 
 def error_answer(spi_i: bytes, exchange: ExchangeType, message_id: int,
@@ -189,8 +192,11 @@ def _error_answer(msg: IkeMessage, notify: NotifyType, data: bytes = b"") -> byt
 
 def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: CookieJar,
                         half_open: int, msg: IkeMessage, raw: bytes, remote: Address,
-                        local_port: int, now: float) -> InitResult:
-    """Responder side of IKE_SA_INIT."""
+                        local_port: int, now: float,
+                        limits: EngineLimits | None = None) -> InitResult:
+    """Responder side of IKE_SA_INIT. ``limits``: the caps and per-source rate
+    a new half-open SA must pass (RFC 8019 §4), checked before any state or
+    Diffie-Hellman work."""
     from common.ike.sa import IkeSa, IkeState
 
     candidates = [p for p in policies if p.matches_address(remote[0])]
@@ -218,11 +224,18 @@ def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: Coo
     if ke.group != suite.dh:
         return InitResult(None, _error_answer(
             msg, NotifyType.INVALID_KE_PAYLOAD, int(suite.dh).to_bytes(2, "big")))
+    timeout = ctx.options.half_open_timeout_s
+    if limits is not None:
+        refused = limits.admit_half_open(remote[0], half_open, now, 2 * len(raw),
+                                         pressure=half_open >= ctx.options.cookie_threshold)
+        if refused is not None:
+            return InitResult(None, b"", refused)
+        timeout = limits.half_open_timeout(timeout, half_open, ctx.options.cookie_threshold)
     sa = IkeSa(ctx, initiator=False, spi_i=msg.spi_i, spi_r=ctx.spis.allocate_ike(),
                remote=remote, local_port=local_port, state=IkeState.HALF_OPEN,
                policy=candidates[0], candidates=candidates)
     sa.created_at = sa.last_heard = now
-    sa.half_open_deadline = now + ctx.options.half_open_timeout_s
+    sa.half_open_deadline = now + timeout
     dh = dh_generate(suite.dh, ctx.random)
     shared = dh.shared_secret(ke.data)
     sa.ni, sa.nr = nonce.data, sa.nonce()
