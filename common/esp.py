@@ -5,7 +5,8 @@ Rules of this file:
   ``InboundSA.unprotect(esp_bytes) -> inner_ip_packet``; ``esp_bytes`` is
   ``SPI | seq | IV | ciphertext | ICV`` with no outer IP/UDP header.
 - Crypto objects are built once per SA; the per-packet path is a few struct
-  packs, one AEAD call and byte concatenation (no per-packet object graphs).
+  packs, one AEAD call and byte concatenation (no per-packet object graphs;
+  the pure path's AES-CBC encryption alone needs a mode object per packet).
 - Inbound order: replay check, then authenticate/decrypt, then record
   (strongSwan ``libipsec/esp_packet.c``), so a forged packet never moves the
   window.  Every ICV/tag failure is ``IntegrityError``, every unparsable packet
@@ -92,7 +93,8 @@ CBC_IV_SIZE = 16          # RFC 3602 §3: one AES block
 AES_BLOCK_SIZE = 16
 ICV_SIZE = 16             # GCM and Poly1305 16-byte tags; HMAC-SHA-256-128 (RFC 4868 §2.3)
 SALT_SIZE = 4             # RFC 4106 §8.1 salt, RFC 3686 §5.1 nonce, RFC 7634 §4 salt
-# Smallest packet (GCM, CTR, ChaCha20): header, IV, Pad Length + Next Header, ICV.
+# The smallest packet of any transform (GCM, CTR, ChaCha20): header, IV, Pad
+# Length + Next Header, ICV.  Each SA checks its own (Transform.min_packet_size).
 MIN_PACKET_SIZE = ESP_HEADER_SIZE + IV_SIZE + 2 + ICV_SIZE
 # The CBC IV is E_K(_CBC_IV_PREFIX | sender_id | counter): SP 800-38A Appendix C's
 # first method (the forward cipher under the SA's key applied to a nonce).  The
