@@ -5,8 +5,7 @@ Rules of this file:
   ``InboundSA.unprotect(esp_bytes) -> inner_ip_packet``; ``esp_bytes`` is
   ``SPI | seq | IV | ciphertext | ICV`` with no outer IP/UDP header.
 - Crypto objects are built once per SA; the per-packet path is a few struct
-  packs, one AEAD call and byte concatenation (no per-packet object graphs;
-  the pure path's AES-CBC encryption alone needs a mode object per packet).
+  packs, one AEAD call and byte concatenation (no per-packet object graphs).
 - Inbound order: replay check, then authenticate/decrypt, then record
   (strongSwan ``libipsec/esp_packet.c``), so a forged packet never moves the
   window.  Every ICV/tag failure is ``IntegrityError``, every unparsable packet
@@ -370,16 +369,21 @@ class CbcHmac:
     K its encryption cannot be told from random; no RNG is needed per packet
     and a member that takes the SA over derives the same IVs from the keymat.
     Decryption is one ECB call over all blocks XOR'd with the shifted
-    ciphertext (CBC decryption is parallel); encryption is sequential and needs
-    a mode object per packet, since the IV is part of it.
+    ciphertext (CBC decryption is parallel).  Encryption keeps ONE CBC
+    encryptor open for the SA's life (a mode object per packet costs tens of
+    µs): its chaining value is the last ciphertext block it produced, C_prev,
+    so feeding ``P1 ^ IV ^ C_prev`` as the first block yields E_K(P1 ^ IV),
+    exactly the first block of CBC under ``IV``; the rest chains as usual.
     """
 
-    __slots__ = ("_aes", "_ecb_dec", "_ecb_enc", "_mac")
+    __slots__ = ("_cbc", "_ecb_dec", "_ecb_enc", "_last", "_mac")
 
     def __init__(self, key: bytes, integ_key: bytes, digest: str) -> None:
-        self._aes = algorithms.AES(key)
-        self._ecb_enc = Cipher(self._aes, modes.ECB()).encryptor()  # noqa: S305
-        self._ecb_dec = Cipher(self._aes, modes.ECB()).decryptor()  # noqa: S305
+        aes = algorithms.AES(key)
+        self._ecb_enc = Cipher(aes, modes.ECB()).encryptor()  # noqa: S305
+        self._ecb_dec = Cipher(aes, modes.ECB()).decryptor()  # noqa: S305
+        self._cbc = Cipher(aes, modes.CBC(bytes(AES_BLOCK_SIZE))).encryptor()
+        self._last = 0   # the running encryptor's chaining value (its IV at first)
         self._mac = Hmac(integ_key, digest)
 
     def iv(self, counter: int) -> bytes:
@@ -390,8 +394,10 @@ class CbcHmac:
              seq_high: bytes | None) -> bytes:
         """``SPI | seq | IV | ciphertext | ICV``; ``payload`` is whole blocks."""
         iv16 = self.iv(iv)
-        enc = Cipher(self._aes, modes.CBC(iv16)).encryptor()
-        body = spi_seq + iv16 + enc.update(payload) + enc.finalize()
+        first = int.from_bytes(payload[:AES_BLOCK_SIZE]) ^ int.from_bytes(iv16) ^ self._last
+        ct = self._cbc.update(first.to_bytes(AES_BLOCK_SIZE) + payload[AES_BLOCK_SIZE:])
+        self._last = int.from_bytes(ct[-AES_BLOCK_SIZE:])
+        body = spi_seq + iv16 + ct
         return body + self._mac.icv(body, seq_high)
 
     def open(self, view: memoryview, seq_high: bytes | None) -> bytes:

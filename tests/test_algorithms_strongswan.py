@@ -4,8 +4,10 @@ One IKE SA per IKE proposal (charon initiates from namespace a, our gateway
 answers in namespace b), several children under it, one per ESP proposal;
 for each child a ping both ways.  Children whose proposal names a DH group
 are rekeyed once, so that the group runs in CREATE_CHILD_SA (PFS), and pinged
-again.  What charon reports as negotiated is checked against the proposal, so
-the matrix below is what really ran:
+again; then the IKE SA is rekeyed (its suite and group once more, and the
+new SK_d) and the first child rekeyed and pinged under it.  What charon
+reports as negotiated is checked against the proposal, so the matrix below is
+what really ran:
 
     IKE proposal                             ESP proposals
     aes128-sha1-modp2048                     aes128-sha1, aes256-sha1, aes128-sha256
@@ -141,4 +143,8 @@ def test_proposal_handshake_and_ping_both_ways(lab: Lab, tmp_path: Path, name: s
         rekeyed = charon.rekey_child(f"c{k}")      # PFS: a KE payload in CREATE_CHILD_SA
         _check(rekeyed, kid.expect, f"rekeyed child {kid.esp}")
         _ping_both_ways(lab, ns_a, ns_b, k, gw)
+    new_ike = charon.rekey_ike("a-b")
+    _check(new_ike, case.expect, f"rekeyed IKE SA {case.ike}")
+    charon.rekey_child("c0")          # keys from the new IKE SA's SK_d
+    _ping_both_ways(lab, ns_a, ns_b, 0, gw)
     assert gw.alive()
