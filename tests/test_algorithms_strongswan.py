@@ -12,9 +12,14 @@ what really ran:
     IKE proposal                             ESP proposals
     aes128-sha1-modp2048                     aes128-sha1, aes256-sha1, aes128-sha256
     aes256-sha512-ecp521                     aes256-sha384, aes256-sha512, aes128-sha256-ecp521
-    aes256-sha384-modp4096                   aes256-sha256-modp4096
+    aes256-sha384-modp4096                   aes256-sha256-modp4096, aes128-sha384,
+                                             aes128-sha512
     chacha20poly1305-prfsha256-ecp384        chacha20poly1305, chacha20poly1305-modp3072
     default (both sides)                     default (both sides)
+
+and with roles swapped (our ``peer`` initiates with ``default`` for both, charon
+answers with one choice of its own): chacha20poly1305-prfsha512-ecp521 (we
+offered ecp256 first: INVALID_KE_PAYLOAD, then ecp521) with ESP aes256-sha512.
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ CASES = {
         "aes256-sha384-modp4096",
         Expect("AES_CBC", "256", "HMAC_SHA2_384_192", "PRF_HMAC_SHA2_384", "MODP_4096"),
         (Kid("aes256-sha256-modp4096", Expect("AES_CBC", "256", "HMAC_SHA2_256_128",
-                                              dh="MODP_4096")),)),
+                                              dh="MODP_4096")),
+         Kid("aes128-sha384", Expect("AES_CBC", "128", "HMAC_SHA2_384_192")),
+         Kid("aes128-sha512", Expect("AES_CBC", "128", "HMAC_SHA2_512_256")))),
     "chacha-ecp384": Case(
         "chacha20poly1305-prfsha256-ecp384",
         Expect("CHACHA20_POLY1305", None, None, "PRF_HMAC_SHA2_256", "ECP_384"),
@@ -148,3 +155,30 @@ def test_proposal_handshake_and_ping_both_ways(lab: Lab, tmp_path: Path, name: s
     charon.rekey_child("c0")          # keys from the new IKE SA's SK_d
     _ping_both_ways(lab, ns_a, ns_b, 0, gw)
     assert gw.alive()
+
+
+def test_our_initiator_with_default_against_charon_responder(lab: Lab, tmp_path: Path) -> None:
+    ns_a, ns_b, _veth = lab.pair()
+    net_a, host_a, net_b, host_b = _nets(0)
+    lab.add_lo_addr(ns_b, host_b)
+    charon = lab.charon(ns_b, "charon-b")
+    charon.load(render_swanctl_conf(Conn(
+        "a-b", "198.18.0.1", "198.18.0.2", [Child("c0", net_a, net_b,
+                                                  esp_proposals="aes256-sha512")],
+        proposals="chacha20poly1305-prfsha512-ecp521").mirrored()))
+    peer = OurProcess(lab, ns_a, gateway_toml(
+        address="198.18.0.1", remote="198.18.0.2", inside="tun:ipsp0", inside_address=host_a,
+        local_id="gw-a.test", remote_id="gw-b.test", start_action="start", proposals="default",
+        children=[("c0", net_a, net_b, "default")]), tmp_path, command="peer", name="peer")
+    charon.wait_for("the child up at the responder", lambda: len(charon.child_sas()) == 1,
+                    timeout=15)
+    ike = charon.ike_sa("a-b")
+    assert ike is not None
+    _check(ike, Expect("CHACHA20_POLY1305", None, None, "PRF_HMAC_SHA2_512", "ECP_521"),
+           "IKE SA (we initiated)")
+    _check(charon.child_sas()[0], Expect("AES_CBC", "256", "HMAC_SHA2_512_256"), "child")
+    for ns, src, dst in ((ns_a, host_a, host_b), (ns_b, host_b, host_a)):
+        res = traffic.ping(ns, dst, src=src, count=2, interval=0.05)
+        assert res.ok, f"ping {src} -> {dst}: {res.output}\n{peer.log_text()[-3000:]}"
+    assert "DH group ECP_256 unacceptable, requesting ECP_521" in charon.log_text()
+    assert peer.alive()
