@@ -19,7 +19,7 @@ what really ran:
 
 and with roles swapped (our ``peer`` initiates with ``default`` for both, charon
 answers with one choice of its own): chacha20poly1305-prfsha512-ecp521 (we
-offered ecp256 first: INVALID_KE_PAYLOAD, then ecp521) with ESP aes256-sha512.
+offered curve25519 first: INVALID_KE_PAYLOAD, then ecp521) with ESP aes256-sha512.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ CASES = {
          Kid("chacha20poly1305-modp3072", Expect("CHACHA20_POLY1305", dh="MODP_3072")))),
     "default": Case(
         "default",
-        Expect("AES_CBC", "128", "HMAC_SHA2_256_128", "PRF_HMAC_SHA2_256", "ECP_256"),
+        Expect("AES_CBC", "128", "HMAC_SHA2_256_128", "PRF_HMAC_SHA2_256", "CURVE_25519"),
         (Kid("default", Expect("AES_CBC", "128", "HMAC_SHA2_256_128")),)),
 }
 
@@ -180,5 +180,5 @@ def test_our_initiator_with_default_against_charon_responder(lab: Lab, tmp_path:
     for ns, src, dst in ((ns_a, host_a, host_b), (ns_b, host_b, host_a)):
         res = traffic.ping(ns, dst, src=src, count=2, interval=0.05)
         assert res.ok, f"ping {src} -> {dst}: {res.output}\n{peer.log_text()[-3000:]}"
-    assert "DH group ECP_256 unacceptable, requesting ECP_521" in charon.log_text()
+    assert "DH group CURVE_25519 unacceptable, requesting ECP_521" in charon.log_text()
     assert peer.alive()

@@ -138,19 +138,22 @@ ESP_TRANSFORMS: dict[str, tuple[EncrId, int, IntegId]] = {
 }
 _ESP_ALGS = frozenset(ESP_TRANSFORMS.values())
 
-#: strongSwan 5.9's ``default`` proposal keyword (libstrongswan proposal.c:
-#: proposal_create_default, then proposal_create_default_aead), restricted to
-#: what we implement (no AES-192, Camellia, AES-CCM, 3DES, AES-XCBC/CMAC,
-#: Brainpool, curve448, MODP 6144/8192).  strongSwan 5.9 adds no AEAD ESP
-#: proposal to its default, so neither do we.
-_DEFAULT_DH = "ecp256-ecp384-ecp521-curve25519-modp3072-modp4096-modp2048"
+#: strongSwan 5.9's ``default`` proposal keyword (proposal_create_default,
+#: then proposal_create_default_aead), in the order charon 5.9.8 with the
+#: openssl plugin sends it, restricted to what we implement (no AES-192,
+#: AES-CTR/Camellia/3DES in IKE, AES-CCM, AES-GCM-8/12, AES-XCBC, Brainpool,
+#: curve448, MODP 6144/8192).
+_DEFAULT_DH = "curve25519-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048"
 _DEFAULT_PRF = "prfsha256-prfsha384-prfsha512-prfsha1"
 DEFAULT_KEYWORD = "default"
 STRONGSWAN_DEFAULT_IKE: tuple[str, ...] = (
     f"aes128-aes256-sha256-sha384-sha512-sha1-{_DEFAULT_PRF}-{_DEFAULT_DH}",
     f"aes128gcm16-aes256gcm16-chacha20poly1305-{_DEFAULT_PRF}-{_DEFAULT_DH}",
 )
-STRONGSWAN_DEFAULT_ESP: tuple[str, ...] = ("aes128-aes256-sha256-sha384-sha512-sha1-noesn",)
+STRONGSWAN_DEFAULT_ESP: tuple[str, ...] = (
+    "aes128-aes256-sha256-sha384-sha512-sha1-noesn",
+    "aes128gcm16-aes256gcm16-noesn",
+)
 _IKE_DH = frozenset(t.id for t in _DH.values())
 
 
