@@ -1,6 +1,6 @@
-"""ESP per-packet cost beside bare AES-GCM, in one run (pytest-benchmark).
+"""ESP per-packet cost beside bare ``cryptography``, in one run (pytest-benchmark).
 
-Run: .venv/bin/pytest bench -q
+Run: .venv/bin/pytest bench -q   (only this file: .venv/bin/pytest bench/test_esp_bench.py)
 
 Every timed call processes a batch of BATCH distinct packets (distinct nonces
 for the bare AEAD too), so the per-call timer overhead vanishes and caches see
@@ -9,6 +9,13 @@ replay window (outside the timed part) before each round, so replay never fires.
 The last test prints the ratio table (protect+unprotect vs encrypt+decrypt) for
 both implementations: ``c`` (common/_esp_fast.c, the default when built) and
 ``python`` (the pure-Python reference, as IPSEC_CLUSTER_PURE_ESP=1 forces).
+
+The bare baseline of a transform is the same cryptography done with bare
+``cryptography`` calls on the same payload: AES-GCM (the historic baseline,
+also used for AES-CTR), ChaCha20-Poly1305, and for AES-CBC + HMAC a CBC
+encryptor fed a fresh IV per packet plus a copied keyed HMAC (decrypt: the
+HMAC check, then ECB + XOR; see ``_cbc_hmac``).  No ESP framing, padding, sequence numbers
+or replay window in the baselines.
 """
 
 from __future__ import annotations
@@ -17,7 +24,10 @@ import os
 from collections.abc import Callable
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.hmac import HMAC
 
 from common import esp
 from common.esp import TRANSFORMS, InboundSA, OutboundSA
@@ -62,30 +72,103 @@ def run(benchmark: pytest.FixtureRequest, size: int, name: str, fn: Callable[[],
     RESULTS[(size, name)] = benchmark.stats.stats.min / BATCH * 1e6
 
 
+def baseline(transform: str) -> str:
+    """The bare-cryptography baseline a transform is compared with."""
+    return "aes128gcm16" if TRANSFORMS[transform].cipher == "ctr" else transform
+
+
+BASELINES = sorted({baseline(t) for t in TRANSFORMS})
+_HASHES = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
+           "sha512": hashes.SHA512}
+
+
+def _cbc_hmac(transform: str) -> tuple[Callable[[bytes, bytes], bytes],
+                                      Callable[[bytes], bytes]]:
+    """Bare AES-CBC + truncated HMAC: (seal(iv, data), open(iv | ct | icv)).
+
+    The cheapest use of ``cryptography`` we found for CBC with a new IV per
+    packet (a ``Cipher`` per packet costs tens of µs): one CBC encryptor kept
+    open, its first block XOR'd with IV ^ the previous ciphertext block; ECB
+    decryption of all blocks XOR'd with the shifted ciphertext."""
+    t = TRANSFORMS[transform]
+    aes = algorithms.AES(os.urandom(t.key_size))
+    assert t.integ is not None
+    mac = HMAC(os.urandom(t.integ_key_size), _HASHES[t.integ]())
+    icv = t.icv_size
+    cbc = Cipher(aes, modes.CBC(bytes(16))).encryptor()
+    ecb = Cipher(aes, modes.ECB()).decryptor()
+    last = [0]
+
+    def seal(iv: bytes, data: bytes) -> bytes:
+        first = int.from_bytes(data[:16]) ^ int.from_bytes(iv) ^ last[0]
+        ct = cbc.update(first.to_bytes(16) + data[16:])
+        last[0] = int.from_bytes(ct[-16:])
+        body = iv + ct
+        m = mac.copy()
+        m.update(body)
+        return body + m.finalize()[:icv]
+
+    def open_(packet: bytes) -> bytes:
+        m = mac.copy()
+        m.update(packet[:-icv])
+        if m.finalize()[:icv] != packet[-icv:]:
+            raise ValueError("ICV")
+        plain = int.from_bytes(ecb.update(packet[16:-icv])) ^ int.from_bytes(packet[:-icv - 16])
+        return plain.to_bytes(len(packet) - 16 - icv)
+    return seal, open_
+
+
+@pytest.mark.parametrize("base", BASELINES)
 @pytest.mark.parametrize("size", SIZES)
-def test_bare_aesgcm_encrypt(benchmark: pytest.FixtureRequest, size: int) -> None:
+def test_bare_encrypt(benchmark: pytest.FixtureRequest, size: int, base: str) -> None:
     benchmark.group = f"esp-{size}B"
-    aead, data, aad = AESGCM(os.urandom(16)), inner_packet(size), os.urandom(8)
-    nonces = [os.urandom(12) for _ in range(BATCH)]
-    encrypt = aead.encrypt
+    t = TRANSFORMS[base]
+    data, aad = inner_packet(size), os.urandom(8)
+    if t.cipher == "cbc":
+        data += bytes(-len(data) % 16)          # whole blocks, as ESP pads them
+        seal, _ = _cbc_hmac(base)
+        ivs = [os.urandom(16) for _ in range(BATCH)]
 
-    def batch() -> None:
-        for nonce in nonces:
-            encrypt(nonce, data, aad)
-    run(benchmark, size, "bare-encrypt", batch)
+        def batch() -> None:
+            for iv in ivs:
+                seal(iv, data)
+    else:
+        aead = ChaCha20Poly1305(os.urandom(32)) if t.cipher == "chacha20poly1305" \
+            else AESGCM(os.urandom(t.key_size))
+        nonces = [os.urandom(12) for _ in range(BATCH)]
+        encrypt = aead.encrypt
+
+        def batch() -> None:
+            for nonce in nonces:
+                encrypt(nonce, data, aad)
+    run(benchmark, size, f"bare-encrypt {base}", batch)
 
 
+@pytest.mark.parametrize("base", BASELINES)
 @pytest.mark.parametrize("size", SIZES)
-def test_bare_aesgcm_decrypt(benchmark: pytest.FixtureRequest, size: int) -> None:
+def test_bare_decrypt(benchmark: pytest.FixtureRequest, size: int, base: str) -> None:
     benchmark.group = f"esp-{size}B"
-    aead, data, aad = AESGCM(os.urandom(16)), inner_packet(size), os.urandom(8)
-    sealed = [(n, aead.encrypt(n, data, aad)) for n in (os.urandom(12) for _ in range(BATCH))]
-    decrypt = aead.decrypt
+    t = TRANSFORMS[base]
+    data, aad = inner_packet(size), os.urandom(8)
+    if t.cipher == "cbc":
+        data += bytes(-len(data) % 16)
+        seal, open_ = _cbc_hmac(base)
+        packets = [seal(os.urandom(16), data) for _ in range(BATCH)]
 
-    def batch() -> None:
-        for nonce, ct in sealed:
-            decrypt(nonce, ct, aad)
-    run(benchmark, size, "bare-decrypt", batch)
+        def batch() -> None:
+            for packet in packets:
+                open_(packet)
+    else:
+        aead = ChaCha20Poly1305(os.urandom(32)) if t.cipher == "chacha20poly1305" \
+            else AESGCM(os.urandom(t.key_size))
+        sealed = [(n, aead.encrypt(n, data, aad)) for n in (os.urandom(12)
+                                                            for _ in range(BATCH))]
+        decrypt = aead.decrypt
+
+        def batch() -> None:
+            for nonce, ct in sealed:
+                decrypt(nonce, ct, aad)
+    run(benchmark, size, f"bare-decrypt {base}", batch)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -129,25 +212,27 @@ def test_unprotect(benchmark: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
 
 
 def ratio_table() -> str:
-    lines = ["| transform | impl | size | protect µs | unprotect µs | bare enc+dec µs | ratio "
-             "| goal |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| transform | impl | size | protect µs | unprotect µs | bare | bare enc+dec µs "
+             "| ratio | goal |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size in SIZES:
-        bare = RESULTS[(size, "bare-encrypt")] + RESULTS[(size, "bare-decrypt")]
         goal = 1.5 if size >= 1400 else 2.5
         for transform in sorted(TRANSFORMS):
+            base = baseline(transform)
+            bare = RESULTS[(size, f"bare-encrypt {base}")] \
+                + RESULTS[(size, f"bare-decrypt {base}")]
             for impl in IMPLS:
                 p = RESULTS.get((size, f"protect {transform} {impl}"))
                 u = RESULTS.get((size, f"unprotect {transform} {impl}"))
                 if p is None or u is None:
                     continue   # the C path was not built
-                lines.append(f"| {transform} | {impl} | {size} | {p:.2f} | {u:.2f} | "
+                lines.append(f"| {transform} | {impl} | {size} | {p:.2f} | {u:.2f} | {base} | "
                              f"{bare:.2f} | {(p + u) / bare:.2f}x | ≤{goal}x |")
     return "\n".join(lines)
 
 
 def test_zz_print_ratio_table(capsys: pytest.CaptureFixture[str]) -> None:
-    if len(RESULTS) < len(SIZES) * (2 + 2 * len(TRANSFORMS)):
+    if len(RESULTS) < len(SIZES) * 2 * (len(BASELINES) + len(TRANSFORMS)):
         pytest.skip("run the whole bench module to get the ratio table")
     with capsys.disabled():
         print("\n\nESP per-packet cost (min of rounds, µs per packet)\n" + ratio_table())

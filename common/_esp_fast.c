@@ -27,11 +27,19 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 
-#define HEADER_SIZE 16  /* SPI | seq | IV (RFC 4303 §2; IV 8 bytes: RFC 4106 §3.1, RFC 3686 §3.1) */
-#define ICV_SIZE 16     /* GCM 16-byte tag (RFC 4106 §2), HMAC-SHA-256-128 (RFC 4868 §2.3) */
-#define SALT_SIZE 4     /* RFC 4106 §8.1 salt, RFC 3686 §5.1 nonce */
-#define MIN_PACKET (HEADER_SIZE + 2 + ICV_SIZE)   /* + Pad Length + Next Header */
+#define SPI_SEQ_SIZE 8  /* SPI | seq (RFC 4303 §2) */
+#define IV_SIZE 8       /* RFC 4106 §3.1, RFC 3686 §3.1, RFC 7634 §2 */
+#define CBC_IV_SIZE 16  /* RFC 3602 §3 */
+#define BLOCK 16        /* AES block */
+#define AEAD_TAG_SIZE 16 /* GCM (RFC 4106 §2) and Poly1305 (RFC 7634 §2) tags */
+#define MAX_ICV 32      /* HMAC-SHA-512-256 (RFC 4868 §2.1) */
+#define SALT_SIZE 4     /* RFC 4106 §8.1 salt, RFC 3686 §5.1 nonce, RFC 7634 §4 salt */
 #define MAX_PACKET (INT_MAX - 1024)                /* EVP lengths are ints */
+/* The CBC IV is E_K(prefix | sender_id | counter): SP 800-38A Appendix C
+ * (see common/esp.py CbcHmac, which this must match byte for byte). */
+static const unsigned char CBC_IV_PREFIX[8] = {'E', 'S', 'P', '-', 'C', 'B', 'C', 0};
+
+enum kind { GCM, CHACHA, CTR, CBC };
 #define NEXT_HEADER_IPV4 4
 #define NEXT_HEADER_IPV6 41
 
@@ -40,10 +48,18 @@ static PyObject *IntegrityError;
 
 typedef struct {
     PyObject_HEAD
-    EVP_CIPHER_CTX *cipher;  /* AES-GCM, or AES-CTR for the encrypt-then-MAC suites */
-    EVP_MAC_CTX *mac;        /* HMAC-SHA-256 keyed once; NULL for GCM */
+    EVP_CIPHER_CTX *cipher;  /* AES-GCM, ChaCha20-Poly1305, AES-CTR or AES-CBC */
+    EVP_CIPHER_CTX *decipher; /* CBC: its own context (AES decrypts with another key
+                              * schedule); else the same pointer as cipher */
+    EVP_CIPHER_CTX *ivgen;   /* CBC only: AES-ECB under the same key, for the IV */
+    EVP_MAC_CTX *mac;        /* HMAC keyed once; NULL for the AEADs */
+    enum kind kind;
     uint32_t spi;
     int esn;
+    int iv_size;             /* 8, or 16 for CBC */
+    int align;               /* RFC 4303 §2.4: 4, or the 16-byte block for CBC */
+    int icv_size;            /* 16 for the AEADs, else the truncated HMAC */
+    int min_packet;          /* header, IV, Pad Length + Next Header (CBC: a block), ICV */
     unsigned char salt[SALT_SIZE];
 } SaCipher;
 
@@ -73,49 +89,99 @@ static int next_header_of(unsigned char first) {
 
 /* ---- construction ------------------------------------------------------- */
 
+/* RFC 2404 §2, RFC 4868 §2.1: HMAC hash -> key and truncated ICV bytes. */
+static const struct { const char *name, *digest; int key, icv; } HMACS[] = {
+    {"sha1", "SHA1", 20, 12}, {"sha256", "SHA256", 32, 16},
+    {"sha384", "SHA384", 48, 24}, {"sha512", "SHA512", 64, 32},
+};
+
+static EVP_CIPHER_CTX *cipher_ctx(const char *name, const unsigned char *key, int enc) {
+    EVP_CIPHER *cipher = EVP_CIPHER_fetch(NULL, name, NULL);
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    /* The key schedule is done here, once; per packet only the IV is set. */
+    int ok = cipher != NULL && ctx != NULL
+        && EVP_CipherInit_ex2(ctx, cipher, key, NULL, enc, NULL) == 1
+        && EVP_CIPHER_CTX_set_padding(ctx, 0) == 1;
+    EVP_CIPHER_free(cipher);
+    if (!ok) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
 static int SaCipher_init(SaCipher *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"key", "salt", "integ_key", "spi", "esn", NULL};
+    static char *kwlist[] = {"cipher", "key", "salt", "integ_key", "digest", "spi", "esn", NULL};
     Py_buffer key, salt, integ;
+    const char *kind, *digest;
     unsigned long spi;
-    int esn, ok = -1;
-    const char *name;
+    int esn, ok = -1, hmac = -1;
     if (self->cipher != NULL) {
         PyErr_SetString(PyExc_TypeError, "SaCipher is initialised once");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*y*y*kp", kwlist,
-                                     &key, &salt, &integ, &spi, &esn))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sy*y*y*skp", kwlist, &kind,
+                                     &key, &salt, &integ, &digest, &spi, &esn))
         return -1;
-    if ((key.len != 16 && key.len != 32) || salt.len != SALT_SIZE
-            || (integ.len != 0 && integ.len != 32) || spi > 0xFFFFFFFFUL) {
+    for (int i = 0; i < (int)(sizeof HMACS / sizeof HMACS[0]); i++)
+        if (strcmp(digest, HMACS[i].name) == 0)
+            hmac = i;
+    const char *name = NULL;
+    if (strcmp(kind, "gcm") == 0 && *digest == 0 && salt.len == SALT_SIZE) {
+        self->kind = GCM;
+        name = key.len == 16 ? "AES-128-GCM" : key.len == 32 ? "AES-256-GCM" : NULL;
+    } else if (strcmp(kind, "chacha20poly1305") == 0 && *digest == 0
+               && salt.len == SALT_SIZE) {
+        self->kind = CHACHA;
+        name = key.len == 32 ? "ChaCha20-Poly1305" : NULL;
+    } else if (strcmp(kind, "ctr") == 0 && hmac >= 0 && salt.len == SALT_SIZE) {
+        self->kind = CTR;
+        name = key.len == 16 ? "AES-128-CTR" : key.len == 32 ? "AES-256-CTR" : NULL;
+    } else if (strcmp(kind, "cbc") == 0 && hmac >= 0 && salt.len == 0) {
+        self->kind = CBC;
+        name = key.len == 16 ? "AES-128-CBC" : key.len == 32 ? "AES-256-CBC" : NULL;
+    }
+    if (name == NULL || spi > 0xFFFFFFFFUL || (hmac >= 0 && integ.len != HMACS[hmac].key)
+            || (hmac < 0 && integ.len != 0)) {
         PyErr_SetString(PyExc_ValueError,
-                        "SaCipher needs a 16/32-byte key, 4-byte salt, 0/32-byte integ_key "
-                        "and a 32-bit spi");
+                        "SaCipher needs cipher gcm/chacha20poly1305/ctr/cbc with a 16/32-byte "
+                        "key (32 for ChaCha20), a 4-byte salt (none for cbc), an HMAC digest "
+                        "sha1/sha256/sha384/sha512 with its key for ctr/cbc, a 32-bit spi");
         goto done;
     }
     self->spi = (uint32_t)spi;
     self->esn = esn;
-    memcpy(self->salt, salt.buf, SALT_SIZE);
-    if (integ.len == 0)
-        name = key.len == 16 ? "AES-128-GCM" : "AES-256-GCM";
-    else
-        name = key.len == 16 ? "AES-128-CTR" : "AES-256-CTR";
-    EVP_CIPHER *cipher = EVP_CIPHER_fetch(NULL, name, NULL);
-    self->cipher = EVP_CIPHER_CTX_new();
-    /* The key schedule is done here, once; per packet only the IV is set. */
-    int cipher_ok = cipher != NULL && self->cipher != NULL
-        && EVP_EncryptInit_ex2(self->cipher, cipher, key.buf, NULL, NULL) == 1;
-    EVP_CIPHER_free(cipher);
-    if (!cipher_ok) {
+    self->iv_size = self->kind == CBC ? CBC_IV_SIZE : IV_SIZE;
+    self->align = self->kind == CBC ? BLOCK : 4;
+    self->icv_size = hmac >= 0 ? HMACS[hmac].icv : AEAD_TAG_SIZE;
+    self->min_packet = SPI_SEQ_SIZE + self->iv_size + (self->kind == CBC ? BLOCK : 2)
+        + self->icv_size;
+    memcpy(self->salt, salt.buf, (size_t)salt.len);
+    self->cipher = cipher_ctx(name, key.buf, 1);
+    if (self->cipher == NULL) {
         openssl_failed("cipher setup");
         goto done;
     }
-    if (integ.len != 0) {
-        /* RFC 4868 §2.1: HMAC-SHA-256 with a 32-byte key; the keyed state is
-         * reused and reset per packet (EVP_MAC_init with a NULL key). */
+    self->decipher = self->cipher;
+    if (self->kind == CBC) {
+        self->decipher = cipher_ctx(key.len == 16 ? "AES-128-CBC" : "AES-256-CBC", key.buf, 0);
+        if (self->decipher == NULL) {
+            openssl_failed("decryption setup");
+            goto done;
+        }
+        self->ivgen = cipher_ctx(key.len == 16 ? "AES-128-ECB" : "AES-256-ECB", key.buf, 1);
+        if (self->ivgen == NULL) {
+            openssl_failed("IV cipher setup");
+            goto done;
+        }
+    }
+    if (hmac >= 0) {
+        /* The keyed state is reused and reset per packet (EVP_MAC_init with a
+         * NULL key). */
         EVP_MAC *mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
         OSSL_PARAM params[] = {
-            OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, "SHA256", 0),
+            OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST,
+                                             (char *)HMACS[hmac].digest, 0),
             OSSL_PARAM_construct_end(),
         };
         self->mac = mac != NULL ? EVP_MAC_CTX_new(mac) : NULL;
@@ -136,6 +202,9 @@ done:
 
 static void SaCipher_dealloc(SaCipher *self) {
     EVP_CIPHER_CTX_free(self->cipher);   /* cleanses the key schedule */
+    if (self->decipher != self->cipher)
+        EVP_CIPHER_CTX_free(self->decipher);
+    EVP_CIPHER_CTX_free(self->ivgen);
     EVP_MAC_CTX_free(self->mac);         /* cleanses the HMAC key states */
     OPENSSL_cleanse(self->salt, sizeof self->salt);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -148,18 +217,19 @@ static int ready(SaCipher *self) {
     return 0;
 }
 
-/* ---- the two transforms, one direction each ----------------------------- */
+/* ---- the transforms, one direction each ------------------------------- */
 
-/* The 16-byte IV block: GCM nonce salt | IV (RFC 4106 §4), or the CTR counter
- * block nonce | IV | 1 (RFC 3686 §4); GCM uses the first 12 bytes. */
+/* The 16-byte IV block: the AEAD nonce salt | IV (RFC 4106 §4, RFC 7634 §2:
+ * the first 12 bytes), or the CTR counter block nonce | IV | 1 (RFC 3686 §4). */
 static void iv_block(const SaCipher *self, const unsigned char *iv8, unsigned char out[16]) {
     memcpy(out, self->salt, SALT_SIZE);
     memcpy(out + SALT_SIZE, iv8, 8);
     put32(out + 12, 1);
 }
 
-/* RFC 4106 §5: AAD is SPI | seq (8 bytes), or SPI | seq high | seq low with ESN. */
-static int gcm_aad(SaCipher *self, const unsigned char *header, uint32_t seq_high) {
+/* RFC 4106 §5, RFC 7634 §4: AAD is SPI | seq (8 bytes), or SPI | seq high |
+ * seq low with ESN. */
+static int aead_aad(SaCipher *self, const unsigned char *header, uint32_t seq_high) {
     unsigned char aad[12];
     int n = 8, outl;
     memcpy(aad, header, 4);
@@ -173,20 +243,28 @@ static int gcm_aad(SaCipher *self, const unsigned char *header, uint32_t seq_hig
     return EVP_CipherUpdate(self->cipher, NULL, &outl, aad, n) == 1;
 }
 
-/* HMAC-SHA-256-128 over data, then with ESN the unsent high half of the
- * sequence number (RFC 4303 §2.2.1, §3.3.2.1); the first 16 bytes go to icv. */
+/* The truncated HMAC over data, then with ESN the unsent high half of the
+ * sequence number (RFC 4303 §2.2.1, §3.3.2.1); icv_size bytes go to icv. */
 static int hmac_icv(SaCipher *self, const unsigned char *data, size_t n, uint32_t seq_high,
-                    unsigned char icv[ICV_SIZE]) {
-    unsigned char full[32], high[4];
+                    unsigned char icv[MAX_ICV]) {
+    unsigned char full[64], high[4];
     size_t outl = 0;
     put32(high, seq_high);
     int ok = EVP_MAC_init(self->mac, NULL, 0, NULL) == 1
         && EVP_MAC_update(self->mac, data, n) == 1
         && (!self->esn || EVP_MAC_update(self->mac, high, 4) == 1)
-        && EVP_MAC_final(self->mac, full, &outl, sizeof full) == 1 && outl == sizeof full;
-    memcpy(icv, full, ICV_SIZE);
+        && EVP_MAC_final(self->mac, full, &outl, sizeof full) == 1
+        && outl >= (size_t)self->icv_size;
+    memcpy(icv, full, (size_t)self->icv_size);
     OPENSSL_cleanse(full, sizeof full);
     return ok;
+}
+
+/* Point the cipher at a new IV (key schedule kept); CBC without padding. */
+static int cipher_start(SaCipher *self, EVP_CIPHER_CTX *ctx, int enc, const unsigned char *iv) {
+    int ok = enc ? EVP_EncryptInit_ex2(ctx, NULL, NULL, iv, NULL) == 1
+                 : EVP_DecryptInit_ex2(ctx, NULL, NULL, iv, NULL) == 1;
+    return ok && (self->kind != CBC || EVP_CIPHER_CTX_set_padding(ctx, 0) == 1);
 }
 
 /* ---- protect ------------------------------------------------------------ */
@@ -224,33 +302,46 @@ static PyObject *SaCipher_seal(SaCipher *self, PyObject *const *args, Py_ssize_t
         goto done;
     }
     /* RFC 4303 §2.4: padding 1, 2, 3, ... so that Pad Length and Next Header
-     * end on a 4-byte boundary (block size 1 for GCM and CTR). */
-    int n = (int)in.len, pad = (4 - (n + 2) % 4) % 4, payload = n + pad + 2;
-    unsigned char trailer[5] = {1, 2, 3, 0, 0};
+     * end on a 4-byte boundary (block size 1: GCM, ChaCha20, CTR) or on a
+     * 16-byte one (CBC). */
+    int n = (int)in.len, al = self->align, pad = (al - (n + 2) % al) % al, payload = n + pad + 2;
+    int header = SPI_SEQ_SIZE + self->iv_size, aead = self->mac == NULL;
+    unsigned char trailer[BLOCK + 2];
+    for (int i = 0; i < pad; i++)
+        trailer[i] = (unsigned char)(i + 1);
     trailer[pad] = (unsigned char)pad;
     trailer[pad + 1] = (unsigned char)nh;
-    result = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + payload + ICV_SIZE);
+    result = PyBytes_FromStringAndSize(NULL, header + payload + self->icv_size);
     if (result == NULL)
         goto done;
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
-    unsigned char block[16], *ct = out + HEADER_SIZE, *icv = ct + payload;
+    unsigned char block[16], *ct = out + header, *icv = ct + payload, *ivp = block;
     put32(out, self->spi);                       /* RFC 4303 §2.1, §2.2: low 32 bits sent */
     put32(out + 4, (uint32_t)seq);
-    put32(out + 8, (uint32_t)(iv >> 32));
-    put32(out + 12, (uint32_t)iv);
-    iv_block(self, out + 8, block);
     uint32_t seq_high = (uint32_t)(seq >> 32);
-    int l1, l2, l3;
-    int ok = EVP_EncryptInit_ex2(self->cipher, NULL, NULL, block, NULL) == 1
-        && (self->mac != NULL || gcm_aad(self, out, seq_high))
+    int l1, l2, l3, ok = 1;
+    if (self->kind == CBC) {
+        /* SP 800-38A Appendix C: the IV is E_K(prefix | sender_id | counter). */
+        memcpy(block, CBC_IV_PREFIX, 8);
+        put32(block + 8, (uint32_t)(iv >> 32));
+        put32(block + 12, (uint32_t)iv);
+        ok = EVP_EncryptUpdate(self->ivgen, out + 8, &l1, block, BLOCK) == 1 && l1 == BLOCK;
+        ivp = out + 8;
+    } else {
+        put32(out + 8, (uint32_t)(iv >> 32));
+        put32(out + 12, (uint32_t)iv);
+        iv_block(self, out + 8, block);
+    }
+    ok = ok && cipher_start(self, self->cipher, 1, ivp)
+        && (!aead || aead_aad(self, out, seq_high))
         && EVP_EncryptUpdate(self->cipher, ct, &l1, inner, n) == 1
         && EVP_EncryptUpdate(self->cipher, ct + l1, &l2, trailer, pad + 2) == 1
         && EVP_EncryptFinal_ex(self->cipher, ct + l1 + l2, &l3) == 1
         && l1 + l2 + l3 == payload;
-    if (ok && self->mac == NULL)                  /* RFC 4106 §2: the GCM tag is the ICV */
-        ok = EVP_CIPHER_CTX_ctrl(self->cipher, EVP_CTRL_GCM_GET_TAG, ICV_SIZE, icv) == 1;
-    else if (ok)                                  /* RFC 4303 §3.3.4: encrypt, then MAC */
-        ok = hmac_icv(self, out, HEADER_SIZE + (size_t)payload, seq_high, icv);
+    if (ok && aead)                  /* RFC 4106 §2, RFC 7634 §2: the tag is the ICV */
+        ok = EVP_CIPHER_CTX_ctrl(self->cipher, EVP_CTRL_AEAD_GET_TAG, AEAD_TAG_SIZE, icv) == 1;
+    else if (ok)                     /* RFC 4303 §3.3.4: encrypt, then MAC */
+        ok = hmac_icv(self, out, (size_t)(header + payload), seq_high, icv);
     if (!ok) {
         Py_CLEAR(result);
         openssl_failed("encryption");
@@ -262,14 +353,18 @@ done:
 
 /* ---- unprotect ---------------------------------------------------------- */
 
-static int check_size(Py_ssize_t n) {
-    if (n < MIN_PACKET) {
+static int check_size(SaCipher *self, Py_ssize_t n) {
+    if (n < self->min_packet) {
         PyErr_Format(MalformedMessage, "ESP packet too short: %zd bytes, need at least %d",
-                     n, MIN_PACKET);
+                     n, self->min_packet);
         return 0;
     }
     if (n > MAX_PACKET) {
         PyErr_SetString(MalformedMessage, "ESP packet too large");
+        return 0;
+    }
+    if (self->kind == CBC && (n - SPI_SEQ_SIZE - CBC_IV_SIZE - self->icv_size) % BLOCK) {
+        PyErr_SetString(MalformedMessage, "ESP ciphertext is not a whole number of blocks");
         return 0;
     }
     return 1;
@@ -281,7 +376,7 @@ static PyObject *SaCipher_peek(SaCipher *self, PyObject *arg) {
     if (!ready(self) || PyObject_GetBuffer(arg, &in, PyBUF_SIMPLE) < 0)
         return NULL;
     PyObject *result = NULL;
-    if (check_size(in.len)) {
+    if (check_size(self, in.len)) {
         uint32_t spi = get32(in.buf);
         if (spi != self->spi)
             PyErr_Format(MalformedMessage, "ESP packet for SPI 0x%08lx reached SA 0x%08lx",
@@ -327,20 +422,23 @@ static PyObject *SaCipher_open(SaCipher *self, PyObject *const *args, Py_ssize_t
     if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
         return NULL;
     PyObject *result = NULL;
-    if (!check_size(in.len))
+    if (!check_size(self, in.len))
         goto done;
     const unsigned char *packet = in.buf;
-    int ctlen = (int)in.len - HEADER_SIZE - ICV_SIZE, l1, l2;
-    unsigned char block[16], tag[ICV_SIZE];
-    memcpy(tag, packet + in.len - ICV_SIZE, ICV_SIZE);
-    if (self->mac != NULL) {
+    int header = SPI_SEQ_SIZE + self->iv_size, aead = self->mac == NULL;
+    int ctlen = (int)in.len - header - self->icv_size, l1, l2;
+    unsigned char block[16], tag[MAX_ICV];
+    const unsigned char *ivp = packet + SPI_SEQ_SIZE;
+    memcpy(tag, packet + in.len - self->icv_size, (size_t)self->icv_size);
+    if (!aead) {
         /* RFC 4303 §3.4.4: verify the ICV before decrypting; constant time. */
-        unsigned char icv[ICV_SIZE];
-        if (!hmac_icv(self, packet, (size_t)in.len - ICV_SIZE, (uint32_t)seq_high, icv)) {
+        unsigned char icv[MAX_ICV];
+        if (!hmac_icv(self, packet, (size_t)in.len - (size_t)self->icv_size,
+                      (uint32_t)seq_high, icv)) {
             openssl_failed("HMAC");
             goto done;
         }
-        if (CRYPTO_memcmp(icv, tag, ICV_SIZE) != 0) {
+        if (CRYPTO_memcmp(icv, tag, (size_t)self->icv_size) != 0) {
             PyErr_SetString(IntegrityError, "ESP ICV check failed");
             goto done;
         }
@@ -349,23 +447,27 @@ static PyObject *SaCipher_open(SaCipher *self, PyObject *const *args, Py_ssize_t
     if (result == NULL)
         goto done;
     unsigned char *plain = (unsigned char *)PyBytes_AS_STRING(result);
-    iv_block(self, packet + 8, block);
-    int ok = EVP_DecryptInit_ex2(self->cipher, NULL, NULL, block, NULL) == 1
-        && (self->mac != NULL || gcm_aad(self, packet, (uint32_t)seq_high))
-        && EVP_DecryptUpdate(self->cipher, plain, &l1, packet + HEADER_SIZE, ctlen) == 1
-        && (self->mac != NULL
-            || EVP_CIPHER_CTX_ctrl(self->cipher, EVP_CTRL_GCM_SET_TAG, ICV_SIZE, tag) == 1);
+    if (self->kind != CBC) {
+        iv_block(self, packet + SPI_SEQ_SIZE, block);
+        ivp = block;
+    }
+    EVP_CIPHER_CTX *ctx = self->decipher;
+    int ok = cipher_start(self, ctx, 0, ivp)
+        && (!aead || aead_aad(self, packet, (uint32_t)seq_high))
+        && EVP_DecryptUpdate(ctx, plain, &l1, packet + header, ctlen) == 1
+        && (!aead
+            || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, AEAD_TAG_SIZE, tag) == 1);
     if (!ok) {
         Py_CLEAR(result);
         openssl_failed("decryption");
         goto done;
     }
-    /* For GCM the tag is checked here (EVP compares it in constant time). */
-    if (EVP_DecryptFinal_ex(self->cipher, plain + l1, &l2) != 1 || l1 + l2 != ctlen) {
+    /* For the AEADs the tag is checked here (EVP compares it in constant time). */
+    if (EVP_DecryptFinal_ex(ctx, plain + l1, &l2) != 1 || l1 + l2 != ctlen) {
         ERR_clear_error();
         OPENSSL_cleanse(plain, (size_t)ctlen);   /* unauthenticated plaintext */
         Py_CLEAR(result);
-        if (self->mac == NULL)
+        if (aead)
             PyErr_Format(IntegrityError, "ESP ICV check failed (SPI 0x%08lx)",
                          (unsigned long)self->spi);
         else

@@ -10,12 +10,15 @@ that is not IPv4/IPv6 or an ESP packet of impossible size or foreign SPI,
 from typing_extensions import Buffer
 
 class SaCipher:
-    def __init__(self, key: Buffer, salt: Buffer, integ_key: Buffer, spi: int,
-                 esn: bool) -> None:
-        """AES-GCM when ``integ_key`` is empty, else AES-CTR + HMAC-SHA-256-128."""
+    def __init__(self, cipher: str, key: Buffer, salt: Buffer, integ_key: Buffer,
+                 digest: str, spi: int, esn: bool) -> None:
+        """``cipher`` "gcm" or "chacha20poly1305" (``digest`` "", no ``integ_key``),
+        or "ctr" / "cbc" with ``digest`` "sha1", "sha256", "sha384" or "sha512"
+        and its HMAC key; ``salt`` is 4 bytes, empty for "cbc"."""
 
     def seal(self, seq: int, iv: int, inner: Buffer, /) -> bytes:
-        """``SPI | seq low | IV | ciphertext | ICV`` of ``inner`` + RFC 4303 trailer."""
+        """``SPI | seq low | IV | ciphertext | ICV`` of ``inner`` + RFC 4303 trailer;
+        for CBC the wire IV is the encryption of ``iv`` (see common.esp.CbcHmac)."""
 
     def peek(self, packet: Buffer, /) -> int:
         """The 32-bit sequence number on the wire, after the size and SPI checks."""

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from common.errors import IpsecClusterError
 from common.ike.constants import IdType
-from common.ike.proposals import parse_esp_proposal, parse_ike_proposal
+from common.ike.proposals import expand_esp_proposal, expand_ike_proposal
 from common.ike.transforms import Proposal
 from common.ike.ts import TrafficSelector, ts_from_cidr
 
@@ -500,13 +500,14 @@ def _proposals(t: _Table, key: str, default: str, esp: bool) -> tuple[ProposalCo
     out: list[ProposalConfig] = []
     for i, text in enumerate(t.strings(key, [default])):
         try:
-            parse = parse_esp_proposal if esp else parse_ike_proposal
-            proposal = parse(text, i + 1)  # numbered from 1 (RFC 7296 §3.3.1)
+            # Numbered from 1 (RFC 7296 §3.3.1); strongSwan's "default" is several.
+            parse = expand_esp_proposal if esp else expand_ike_proposal
+            proposals = parse(text, len(out) + 1)
         except ValueError as exc:
             what = "an ESP proposal like \"aes128gcm16\"" if esp else \
                 f'an IKE proposal like "{DEFAULT_IKE_PROPOSAL}"'
             raise _item_error(t, key, i, f"{what} ({exc})", _show(text)) from None
-        out.append(ProposalConfig(text, proposal))
+        out += [ProposalConfig(text, proposal) for proposal in proposals]
     return tuple(out)
 
 

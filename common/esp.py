@@ -13,7 +13,9 @@ Rules of this file:
 - Outbound sequence numbers start at ``initial_seq`` and never wrap
   (RFC 4303 §3.3.3): ``RekeyRequested`` is queued ``rekey_margin`` packets
   before the end, ``SequenceExhausted`` is raised at the end.
-- IVs are ``sender_id || counter`` (``common.iv``), unique across members.
+- IVs are ``sender_id || counter`` (``common.iv``), unique across members;
+  AES-CBC sends that value encrypted (SP 800-38A Appendix C), never in the
+  clear, because a CBC IV must be unpredictable (RFC 3602 §2.4).
 - Two implementations of the byte work, one SA state: the compiled
   ``common._esp_fast`` (OpenSSL, built when possible) and the pure-Python
   path below, which stays the reference and the fallback.  They produce
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.hmac import HMAC
 
 from common.errors import (
@@ -71,7 +73,9 @@ __all__ = [
     "PURE_ESP_ENV",
     "TRANSFORMS",
     "AesCtr",
-    "CtrHmacSha256",
+    "CbcHmac",
+    "CtrHmac",
+    "Hmac",
     "InboundSA",
     "IntegrityError",
     "MalformedMessage",
@@ -83,11 +87,18 @@ __all__ = [
 ]
 
 ESP_HEADER_SIZE = 8       # SPI + sequence number (RFC 4303 §2)
-IV_SIZE = 8               # RFC 4106 §3.1, RFC 3686 §3.1
-ICV_SIZE = 16             # GCM 16-byte tag; HMAC-SHA-256-128 (RFC 4868 §2.3)
-SALT_SIZE = 4             # RFC 4106 §8.1 salt, RFC 3686 §5.1 nonce
-# Smallest packet: header, IV, Pad Length + Next Header, ICV.
+IV_SIZE = 8               # RFC 4106 §3.1, RFC 3686 §3.1, RFC 7634 §2
+CBC_IV_SIZE = 16          # RFC 3602 §3: one AES block
+AES_BLOCK_SIZE = 16
+ICV_SIZE = 16             # GCM and Poly1305 16-byte tags; HMAC-SHA-256-128 (RFC 4868 §2.3)
+SALT_SIZE = 4             # RFC 4106 §8.1 salt, RFC 3686 §5.1 nonce, RFC 7634 §4 salt
+# The smallest packet of any transform (GCM, CTR, ChaCha20): header, IV, Pad
+# Length + Next Header, ICV.  Each SA checks its own (Transform.min_packet_size).
 MIN_PACKET_SIZE = ESP_HEADER_SIZE + IV_SIZE + 2 + ICV_SIZE
+# The CBC IV is E_K(_CBC_IV_PREFIX | sender_id | counter): SP 800-38A Appendix C's
+# first method (the forward cipher under the SA's key applied to a nonce).  The
+# prefix keeps these blocks apart from anything else this design encrypts.
+_CBC_IV_PREFIX = b"ESP-CBC\x00"
 MIN_SPI = 256             # 1..255 reserved by IANA (RFC 4303 §2.1)
 MAX_SEQ_32 = 0xFFFF_FFFF
 MAX_SEQ_64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -101,25 +112,32 @@ _HEADER = struct.Struct("!IIQ")    # SPI | seq | IV as it goes on the wire
 _NONCE = struct.Struct("!IQ")      # salt | IV: the 12-byte GCM nonce (RFC 4106 §4)
 _ESN_AAD = struct.Struct("!III")   # SPI | seq high | seq low (RFC 4106 §5)
 _U32 = struct.Struct("!I")
+_SPI_SEQ_IV16 = 24                 # SPI | seq | 16-byte CBC IV
 _IV = struct.Struct("!Q")
 _COUNTER_1 = b"\x00\x00\x00\x01"   # RFC 3686 §4: first block counter
 
 # RFC 4303 §2.4: padding 1, 2, 3, ... so that Pad Length and Next Header end
-# on a 4-byte boundary (both transforms have a block size of 1).  The trailer
-# for an inner packet of length n is _TRAILERS[version nibble][n % 4].
+# on a 4-byte boundary (GCM, CTR and ChaCha20 have a block size of 1), or on a
+# 16-byte one for AES-CBC.  The trailer for an inner packet of length n is
+# _TRAILERS[version nibble][n % 4], or _CBC_TRAILERS[version nibble][n % 16].
 _PADS = tuple(bytes(range(1, k + 1)) for k in range(256))
 
 
-def _trailers(next_header: int) -> tuple[bytes, bytes, bytes, bytes]:
+def _trailers(next_header: int, align: int) -> tuple[bytes, ...]:
     def one(rem: int) -> bytes:
-        pad = (-(rem + 2)) % 4
+        pad = (-(rem + 2)) % align
         return _PADS[pad] + bytes((pad, next_header))
-    return one(0), one(1), one(2), one(3)
+    return tuple(one(rem) for rem in range(align))
 
 
-_TRAILERS: tuple[tuple[bytes, bytes, bytes, bytes] | None, ...] = tuple(
-    _trailers(NEXT_HEADER_IPV4) if v == 4 else _trailers(NEXT_HEADER_IPV6) if v == 6 else None
-    for v in range(16))
+def _trailer_table(align: int) -> tuple[tuple[bytes, ...] | None, ...]:
+    return tuple(_trailers(NEXT_HEADER_IPV4, align) if v == 4
+                 else _trailers(NEXT_HEADER_IPV6, align) if v == 6 else None
+                 for v in range(16))
+
+
+_TRAILERS = _trailer_table(4)
+_CBC_TRAILERS = _trailer_table(AES_BLOCK_SIZE)
 # What a decrypted payload must end with, by its inner IP version nibble and
 # Pad Length: the padding 1, 2, 3, ..., Pad Length and the matching Next Header.
 _BAD_TRAILER = ("ESP trailer is not padding 1, 2, 3, ..., pad length, and next header "
@@ -130,31 +148,85 @@ _TAILS: tuple[tuple[bytes, ...] | None, ...] = tuple(
     for v in range(16))
 
 
+GCM = "gcm"                 # AES-GCM, RFC 4106
+CHACHA = "chacha20poly1305" # ChaCha20-Poly1305, RFC 7634
+CTR = "ctr"                 # AES-CTR, RFC 3686, + HMAC
+CBC = "cbc"                 # AES-CBC, RFC 3602, + HMAC
+
+#: HMAC hash -> (key bytes, ICV bytes): RFC 2404 §2 (SHA-1-96), RFC 4868 §2.1
+#: (SHA-2: key = hash output length, ICV = half of it).
+HMACS: dict[str, tuple[int, int]] = {
+    "sha1": (20, 12),
+    "sha256": (32, 16),
+    "sha384": (48, 24),
+    "sha512": (64, 32),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Transform:
     """One ESP transform and the keymat layout IKEv2 hands out for it."""
 
     name: str
+    cipher: str            # GCM, CHACHA, CTR or CBC
     key_size: int          # encryption key bytes
-    integ_key_size: int    # 0 for AEAD
-    aead: bool
+    integ: str | None = None   # the HMAC's hash for CTR and CBC; None for AEAD
+
+    @property
+    def aead(self) -> bool:
+        return self.integ is None
+
+    @property
+    def integ_key_size(self) -> int:
+        return 0 if self.integ is None else HMACS[self.integ][0]
+
+    @property
+    def icv_size(self) -> int:
+        return ICV_SIZE if self.integ is None else HMACS[self.integ][1]
+
+    @property
+    def salt_size(self) -> int:
+        """RFC 7296 §2.17: a 4-byte salt/nonce after the key, except for CBC."""
+        return 0 if self.cipher == CBC else SALT_SIZE
+
+    @property
+    def iv_size(self) -> int:
+        return CBC_IV_SIZE if self.cipher == CBC else IV_SIZE
+
+    @property
+    def align(self) -> int:
+        """RFC 4303 §2.4: the ciphertext is a multiple of the cipher's block
+        size (16 for CBC) and of 4; stream and AEAD ciphers have block size 1."""
+        return AES_BLOCK_SIZE if self.cipher == CBC else 4
+
+    @property
+    def min_packet_size(self) -> int:
+        """Header, IV, the smallest ciphertext (Pad Length + Next Header, or one
+        CBC block), ICV."""
+        body = AES_BLOCK_SIZE if self.cipher == CBC else 2
+        return ESP_HEADER_SIZE + self.iv_size + body + self.icv_size
 
     @property
     def keymat_size(self) -> int:
-        return self.key_size + SALT_SIZE + self.integ_key_size
+        return self.key_size + self.salt_size + self.integ_key_size
 
     def keymat_layout(self) -> str:
         if self.aead:
             return f"{self.key_size} key + {SALT_SIZE} salt"
+        if self.cipher == CBC:
+            return f"{self.key_size} key + {self.integ_key_size} integrity"
         return f"{self.key_size} key + {SALT_SIZE} nonce + {self.integ_key_size} integrity"
 
 
 TRANSFORMS: dict[str, Transform] = {
     t.name: t for t in (
-        Transform("aes128gcm16", 16, 0, True),
-        Transform("aes256gcm16", 32, 0, True),
-        Transform("aes128ctr-sha256", 16, 32, False),
-        Transform("aes256ctr-sha256", 32, 32, False),
+        Transform("aes128gcm16", GCM, 16),
+        Transform("aes256gcm16", GCM, 32),
+        Transform("chacha20poly1305", CHACHA, 32),
+        Transform("aes128ctr-sha256", CTR, 16, "sha256"),
+        Transform("aes256ctr-sha256", CTR, 32, "sha256"),
+        *(Transform(f"aes{bits}cbc-{h}", CBC, bits // 8, h)
+          for bits in (128, 256) for h in HMACS),
     )
 }
 
@@ -232,52 +304,135 @@ class AesCtr:
         return head + self._gcm.encrypt(nonce_iv, data[16:], None)[:-16]
 
 
-class CtrHmacSha256:
-    """AES-CTR (RFC 3686) + HMAC-SHA-256-128 (RFC 4868), encrypt-then-MAC.
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 
-    The keyed HMAC state is built once and copied per packet.
-    """
 
-    __slots__ = ("_ctr", "_mac")
+class Hmac:
+    """HMAC truncated to the ICV (RFC 2404 §2, RFC 4868 §2.1), keyed once and
+    copied per packet.  With ESN the unsent high half of the sequence number
+    is authenticated after the packet (RFC 4303 §2.2.1, §3.3.2.1)."""
 
-    def __init__(self, key: bytes, nonce: bytes, integ_key: bytes) -> None:
-        self._ctr = AesCtr(key, nonce)
-        self._mac = HMAC(integ_key, hashes.SHA256())
+    __slots__ = ("_mac", "size")
 
-    def icv(self, data: bytes | memoryview, seq_high: bytes | None = None) -> bytes:
-        """HMAC-SHA-256-128 over ``data`` (RFC 4868 §2.1: first 128 bits)."""
+    def __init__(self, integ_key: bytes, digest: str) -> None:
+        self._mac = HMAC(integ_key, _HASHES[digest]())
+        self.size = HMACS[digest][1]
+
+    def icv(self, data: bytes | memoryview, seq_high: bytes | None) -> bytes:
         mac = self._mac.copy()
         mac.update(data)
         if seq_high is not None:
-            # RFC 4303 §2.2.1: with ESN the high half is authenticated, not sent.
             mac.update(seq_high)
-        return mac.finalize()[:ICV_SIZE]
+        return mac.finalize()[:self.size]
 
-    def seal(self, header: bytes, payload: bytes, seq_high: bytes | None) -> bytes:
-        """``header | ciphertext | ICV``; ``header`` is ``SPI | seq | IV``."""
-        body = header + self._ctr.crypt(header[8:16], payload)
-        return body + self.icv(body, seq_high)
+    def check(self, view: memoryview, seq_high: bytes | None) -> int:
+        """The end of the authenticated part; ``IntegrityError`` if the ICV fails."""
+        end = len(view) - self.size
+        if not hmac.compare_digest(self.icv(view[:end], seq_high), view[end:]):
+            raise IntegrityError("ESP ICV check failed")
+        return end
+
+
+class CtrHmac:
+    """AES-CTR (RFC 3686) + HMAC (RFC 4868), encrypt-then-MAC (RFC 4303 §3.3.4)."""
+
+    __slots__ = ("_ctr", "_mac")
+
+    def __init__(self, key: bytes, nonce: bytes, integ_key: bytes,
+                 digest: str = "sha256") -> None:
+        self._ctr = AesCtr(key, nonce)
+        self._mac = Hmac(integ_key, digest)
+
+    def seal(self, spi_seq: bytes, iv: int, payload: bytes,
+             seq_high: bytes | None) -> bytes:
+        """``SPI | seq | IV | ciphertext | ICV``; ``spi_seq`` is the first 8 bytes."""
+        iv8 = _IV.pack(iv)
+        body = spi_seq + iv8 + self._ctr.crypt(iv8, payload)
+        return body + self._mac.icv(body, seq_high)
 
     def open(self, view: memoryview, seq_high: bytes | None) -> bytes:
         """Verify the ICV of a whole ESP packet, then decrypt its payload."""
-        end = len(view) - ICV_SIZE
-        if not hmac.compare_digest(self.icv(view[:end], seq_high), view[end:]):
-            raise IntegrityError("ESP ICV check failed")
+        end = self._mac.check(view, seq_high)
         return self._ctr.crypt(bytes(view[8:16]), view[16:end])
 
 
+class CbcHmac:
+    """AES-CBC (RFC 3602) + HMAC (RFC 2404, RFC 4868), encrypt-then-MAC.
+
+    The 16-byte IV must be unpredictable (RFC 3602 §2.4).  It is
+    ``E_K(prefix | sender_id | counter)`` under the SA's own key: SP 800-38A
+    Appendix C, first method.  The nonce never repeats (it is the same
+    ``sender_id || counter`` as the GCM IV, unique across members), and without
+    K its encryption cannot be told from random; no RNG is needed per packet
+    and a member that takes the SA over derives the same IVs from the keymat.
+    Decryption is one ECB call over all blocks XOR'd with the shifted
+    ciphertext (CBC decryption is parallel).  Encryption keeps ONE CBC
+    encryptor open for the SA's life (a mode object per packet costs tens of
+    µs): its chaining value is the last ciphertext block it produced, C_prev,
+    so feeding ``P1 ^ IV ^ C_prev`` as the first block yields E_K(P1 ^ IV),
+    exactly the first block of CBC under ``IV``; the rest chains as usual.
+    """
+
+    __slots__ = ("_cbc", "_ecb_dec", "_ecb_enc", "_last", "_mac")
+
+    def __init__(self, key: bytes, integ_key: bytes, digest: str) -> None:
+        aes = algorithms.AES(key)
+        self._ecb_enc = Cipher(aes, modes.ECB()).encryptor()  # noqa: S305
+        self._ecb_dec = Cipher(aes, modes.ECB()).decryptor()  # noqa: S305
+        self._cbc = Cipher(aes, modes.CBC(bytes(AES_BLOCK_SIZE))).encryptor()
+        self._last = 0   # the running encryptor's chaining value (its IV at first)
+        self._mac = Hmac(integ_key, digest)
+
+    def iv(self, counter: int) -> bytes:
+        """The wire IV for the ``sender_id || counter`` value ``counter``."""
+        return self._ecb_enc.update(_CBC_IV_PREFIX + _IV.pack(counter))
+
+    def seal(self, spi_seq: bytes, iv: int, payload: bytes,
+             seq_high: bytes | None) -> bytes:
+        """``SPI | seq | IV | ciphertext | ICV``; ``payload`` is whole blocks."""
+        iv16 = self.iv(iv)
+        first = int.from_bytes(payload[:AES_BLOCK_SIZE]) ^ int.from_bytes(iv16) ^ self._last
+        ct = self._cbc.update(first.to_bytes(AES_BLOCK_SIZE) + payload[AES_BLOCK_SIZE:])
+        self._last = int.from_bytes(ct[-AES_BLOCK_SIZE:])
+        body = spi_seq + iv16 + ct
+        return body + self._mac.icv(body, seq_high)
+
+    def open(self, view: memoryview, seq_high: bytes | None) -> bytes:
+        """Verify the ICV of a whole ESP packet (whole blocks), then decrypt."""
+        end = self._mac.check(view, seq_high)
+        n = end - _SPI_SEQ_IV16
+        # P_i = D_K(C_i) XOR C_(i-1), with C_0 the IV (RFC 3602 §2.3).
+        decrypted = int.from_bytes(self._ecb_dec.update(view[_SPI_SEQ_IV16:end]))
+        return (decrypted ^ int.from_bytes(view[8:end - AES_BLOCK_SIZE])).to_bytes(n)
+
+
+_Aead = AESGCM | ChaCha20Poly1305
+_Etm = CtrHmac | CbcHmac
+
+
 def _suites(t: Transform, keymat: bytes, spi: int, esn: bool
-            ) -> tuple[AESGCM | None, CtrHmacSha256 | None, SaCipher | None]:
-    """The per-SA crypto objects for ``keymat`` (RFC 7296 §2.17 order): the
-    compiled primitive when available, else the pure-Python objects."""
+            ) -> tuple[_Aead | None, _Etm | None, SaCipher | None]:
+    """The per-SA crypto objects for ``keymat`` (RFC 7296 §2.17 order: key,
+    salt/nonce except for CBC, integrity key): the compiled primitive when
+    available, else the pure-Python objects."""
     key = bytes(keymat[:t.key_size])
-    salt = bytes(keymat[t.key_size:t.key_size + SALT_SIZE])
-    integ_key = bytes(keymat[t.key_size + SALT_SIZE:])
+    salt = bytes(keymat[t.key_size:t.key_size + t.salt_size])
+    integ_key = bytes(keymat[t.key_size + t.salt_size:])
     if _compiled is not None:
-        return None, None, _compiled(key, salt, integ_key, spi, esn)
-    if t.aead:
+        return None, None, _compiled(t.cipher, key, salt, integ_key, t.integ or "",
+                                     spi, esn)
+    if t.cipher == GCM:
         return AESGCM(key), None, None
-    return None, CtrHmacSha256(key, salt, integ_key), None
+    if t.cipher == CHACHA:
+        return ChaCha20Poly1305(key), None, None
+    if t.integ is None:  # unreachable: TRANSFORMS gives CTR and CBC an HMAC
+        raise LocalProtocolError(f"{t.name} has no integrity algorithm")
+    if t.cipher == CTR:
+        return None, CtrHmac(key, salt, integ_key, t.integ), None
+    return None, CbcHmac(key, integ_key, t.integ), None
 
 
 def _check_inner(packet: bytes) -> None:
@@ -294,7 +449,7 @@ class OutboundSA:
     __slots__ = (
         "_aead",
         "_check_at",
-        "_ctr",
+        "_etm",
         "_fast",
         "_initial_seq",
         "_iv",
@@ -304,6 +459,7 @@ class OutboundSA:
         "_salt",
         "_seq",
         "_soft_seq",
+        "_trailers",
         "esn",
         "events",
         "octets",
@@ -344,8 +500,9 @@ class OutboundSA:
         self.octets = 0
         self.events: list[RekeyRequested] = []
         self.rekey_requested = False
-        self._salt = int.from_bytes(keymat[t.key_size:t.key_size + SALT_SIZE])
-        self._aead, self._ctr, self._fast = _suites(t, keymat, self.spi, self.esn)
+        self._salt = int.from_bytes(keymat[t.key_size:t.key_size + t.salt_size])
+        self._trailers = _CBC_TRAILERS if t.cipher == CBC else _TRAILERS
+        self._aead, self._etm, self._fast = _suites(t, keymat, self.spi, self.esn)
 
     @property
     def next_seq(self) -> int:
@@ -390,7 +547,7 @@ class OutboundSA:
     def _protect_pure(self, packet: bytes) -> bytes:
         """The reference implementation of ``protect`` (and the fallback)."""
         try:
-            trailers = _TRAILERS[packet[0] >> 4]
+            trailers = self._trailers[packet[0] >> 4]
         except IndexError:
             raise MalformedMessage("inner packet is empty") from None
         if trailers is None:
@@ -401,7 +558,7 @@ class OutboundSA:
         self._seq = seq + 1
         n = len(packet)
         self.octets += n
-        payload = packet + trailers[n & 3]
+        payload = packet + trailers[n % len(trailers)]
         iv = self._iv_offset + seq
         aead = self._aead
         if aead is not None:
@@ -411,10 +568,10 @@ class OutboundSA:
                 return header + aead.encrypt(_NONCE.pack(self._salt, iv), payload, aad)
             header = _HEADER.pack(self.spi, seq, iv)
             return header + aead.encrypt(_NONCE.pack(self._salt, iv), payload, header[:8])
-        ctr = self._ctr
-        if ctr is None:  # unreachable: _suites sets exactly one of the three
+        etm = self._etm
+        if etm is None:  # unreachable: _suites sets exactly one of the three
             raise LocalProtocolError("SA has no cipher")
-        return ctr.seal(_HEADER.pack(self.spi, seq & MAX_SEQ_32, iv), payload,
+        return etm.seal(_SPI_SEQ.pack(self.spi, seq & MAX_SEQ_32), iv, payload,
                         _U32.pack(seq >> 32) if self.esn else None)
 
     def _at_checkpoint(self, seq: int) -> None:
@@ -444,8 +601,8 @@ class OutboundSA:
 class InboundSA:
     """Authenticates and decrypts ESP packets for one inbound child SA."""
 
-    __slots__ = ("_aead", "_ctr", "_fast", "_salt", "esn", "octets", "packets", "spi",
-                 "transform", "window")
+    __slots__ = ("_aead", "_block", "_etm", "_fast", "_min_size", "_salt", "esn", "octets",
+                 "packets", "spi", "transform", "window")
 
     def __init__(self, spi: int, transform: str, keymat: bytes,
                  replay_window: int = DEFAULT_WINDOW_SIZE, esn: bool = False) -> None:
@@ -456,8 +613,12 @@ class InboundSA:
         self.window = ReplayWindow(replay_window)
         self.packets = 0
         self.octets = 0
-        self._salt = int.from_bytes(keymat[t.key_size:t.key_size + SALT_SIZE])
-        self._aead, self._ctr, self._fast = _suites(t, keymat, self.spi, self.esn)
+        self._salt = int.from_bytes(keymat[t.key_size:t.key_size + t.salt_size])
+        self._min_size = t.min_packet_size
+        # CBC: the ciphertext (what lies between IV and ICV) is whole blocks.
+        self._block = (AES_BLOCK_SIZE, ESP_HEADER_SIZE + t.iv_size + t.icv_size) \
+            if t.cipher == CBC else None
+        self._aead, self._etm, self._fast = _suites(t, keymat, self.spi, self.esn)
 
     def export_window(self) -> ReplayState:
         return self.window.export_state()
@@ -487,9 +648,11 @@ class InboundSA:
     def _unprotect_pure(self, packet: bytes) -> bytes:
         """The reference implementation of ``unprotect`` (and the fallback)."""
         n = len(packet)
-        if n < MIN_PACKET_SIZE:
+        if n < self._min_size:
             raise MalformedMessage(f"ESP packet too short: {n} bytes, "
-                                   f"need at least {MIN_PACKET_SIZE}")
+                                   f"need at least {self._min_size}")
+        if self._block is not None and (n - self._block[1]) % self._block[0]:
+            raise MalformedMessage("ESP ciphertext is not a whole number of blocks")
         spi, seq, iv = _HEADER.unpack_from(packet)
         if spi != self.spi:
             raise MalformedMessage(f"ESP packet for SPI {spi:#010x} reached SA {self.spi:#010x}")
@@ -506,8 +669,8 @@ class InboundSA:
                 plain = aead.decrypt(_NONCE.pack(self._salt, iv), packet[16:], aad)
             except InvalidTag:
                 raise IntegrityError(f"ESP ICV check failed (SPI {spi:#010x})") from None
-        elif self._ctr is not None:
-            plain = self._ctr.open(memoryview(packet),
+        elif self._etm is not None:
+            plain = self._etm.open(memoryview(packet),
                                    _U32.pack(seq >> 32) if self.esn else None)
         else:  # unreachable: _suites sets exactly one of the three
             raise LocalProtocolError("SA has no cipher")

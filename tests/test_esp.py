@@ -12,14 +12,16 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from common import errors
 from common.esp import (
     IV_BLOCK,
     TRANSFORMS,
     AesCtr,
-    CtrHmacSha256,
+    CbcHmac,
+    CtrHmac,
+    Hmac,
     InboundSA,
     IntegrityError,
     MalformedMessage,
@@ -121,9 +123,9 @@ RFC4868_VECTORS = [
 
 @pytest.mark.parametrize(("key", "data", "icv"), RFC4868_VECTORS)
 def test_rfc4868_hmac_sha256_128_vectors(key: bytes, data: bytes, icv: str) -> None:
-    suite = CtrHmacSha256(bytes(16), bytes(4), key)
-    assert suite.icv(data) == h(icv)
-    assert suite.icv(memoryview(data)) == h(icv)
+    suite = Hmac(key, "sha256")
+    assert suite.icv(data, None) == h(icv)
+    assert suite.icv(memoryview(data), None) == h(icv)
 
 
 # The GCM specification (McGrew & Viega, "The Galois/Counter Mode of Operation")
@@ -188,7 +190,7 @@ def test_sa_ctr_layout_matches_rfc3686_vector_2() -> None:
     esp = out.protect(inner)
     assert esp[8:16] == h(iv)
     assert bytes(a ^ b for a, b in zip(esp[16:48], keystream, strict=True)) == inner[:32]
-    icv = CtrHmacSha256(h(key), h(nonce), integ).icv(esp[:-16])
+    icv = Hmac(integ, "sha256").icv(esp[:-16], None)
     assert esp[-16:] == icv
 
 
@@ -199,13 +201,16 @@ def test_sa_ctr_layout_matches_rfc3686_vector_2() -> None:
 @pytest.mark.parametrize("make", [ipv4, ipv6])
 def test_round_trip(transform: str, esn: bool, make: object) -> None:
     out, inb = pair(transform, esn)
+    t = TRANSFORMS[transform]
+    overhead = 8 + t.iv_size + t.icv_size
     for n in [0, 1, 2, 3, 7, 60, 97, 98, 99, 100, 200, 1380]:
         inner = make(n)  # type: ignore[operator]
         esp = out.protect(inner)
         assert esp[:4] == SPI.to_bytes(4)
-        # RFC 4303 §2.4: Pad Length and Next Header end on a 4-byte boundary.
-        assert (len(esp) - 8 - 8 - 16) % 4 == 0
-        assert len(esp) - 32 - len(inner) - 2 in range(4)
+        # RFC 4303 §2.4: Pad Length and Next Header end on a 4-byte boundary,
+        # and on the 16-byte AES block for CBC (RFC 3602 §3); minimal padding.
+        assert (len(esp) - overhead) % t.align == 0
+        assert len(esp) - overhead - len(inner) - 2 in range(t.align)
         assert inb.unprotect(esp) == inner
     assert out.packets == inb.packets == 12
     assert out.octets == inb.octets
@@ -304,15 +309,33 @@ def test_replay_and_left_of_window_refused(transform: str) -> None:
         inb.unprotect(packets[99])
 
 
-def _forge_authentic(transform: str, km: bytes, plain: bytes, seq: int = 1) -> bytes:
-    """An ESP packet whose ICV is right but whose decrypted payload is ``plain``."""
+def forge_authentic(transform: str, km: bytes, plain: bytes, seq: int = 1,
+                    spi: int = SPI) -> bytes:
+    """An ESP packet whose ICV is right but whose decrypted payload is ``plain``.
+
+    AES-CBC encrypts whole blocks only: a ``plain`` of another length gets
+    filler bytes after its first byte (the IP version nibble) and before its
+    last two (Pad Length, Next Header); a two-byte ``plain`` gets zeros before.
+    """
     t = TRANSFORMS[transform]
-    key, salt = km[:t.key_size], km[t.key_size:t.key_size + 4]
-    header = struct.pack("!IIQ", SPI, seq, 42)
-    if t.aead:
-        return header + AESGCM(key).encrypt(salt + header[8:], plain, header[:8])
-    suite = CtrHmacSha256(key, salt, km[t.key_size + 4:])
-    return suite.seal(header, plain, None)
+    key = km[:t.key_size]
+    salt = km[t.key_size:t.key_size + t.salt_size]
+    integ = km[t.key_size + t.salt_size:]
+    spi_seq = struct.pack("!II", spi, seq)
+    iv = struct.pack("!Q", 42)
+    if t.cipher == "gcm":
+        return spi_seq + iv + AESGCM(key).encrypt(salt + iv, plain, spi_seq)
+    if t.cipher == "chacha20poly1305":
+        return spi_seq + iv + ChaCha20Poly1305(key).encrypt(salt + iv, plain, spi_seq)
+    assert t.integ is not None
+    if t.cipher == "ctr":
+        return CtrHmac(key, salt, integ, t.integ).seal(spi_seq, 42, plain, None)
+    fill = -len(plain) % 16
+    if len(plain) > 2:
+        plain = plain[:1] + bytes(fill) + plain[1:]
+    else:
+        plain = bytes(fill) + plain
+    return CbcHmac(key, integ, t.integ).seal(spi_seq, 42, plain, None)
 
 
 @pytest.mark.parametrize("transform", ALL)
@@ -330,7 +353,7 @@ def test_authentic_but_bad_trailer_is_malformed(transform: str, plain: bytes) ->
     km = keymat(transform)
     inb = InboundSA(SPI, transform, km)
     with pytest.raises(MalformedMessage):
-        inb.unprotect(_forge_authentic(transform, km, plain))
+        inb.unprotect(forge_authentic(transform, km, plain))
     # The ICV was right, so the sequence number is used (strongSwan records
     # after authentication, before the padding check).
     assert inb.window.highest == 1
@@ -342,8 +365,9 @@ def test_long_padding_accepted(transform: str) -> None:
     km = keymat(transform)
     inb = InboundSA(SPI, transform, km)
     inner = ipv4(0)
-    plain = inner + bytes(range(1, 255)) + bytes([254, 4])
-    assert inb.unprotect(_forge_authentic(transform, km, plain)) == inner
+    pad = 250 if TRANSFORMS[transform].cipher == "cbc" else 254   # CBC: whole blocks
+    plain = inner + bytes(range(1, pad + 1)) + bytes([pad, 4])
+    assert inb.unprotect(forge_authentic(transform, km, plain)) == inner
 
 
 # --- Sequence limits and events --------------------------------------------

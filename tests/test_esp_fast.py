@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -148,8 +147,13 @@ def test_every_truncation_fails_alike(transform: str, esn: bool) -> None:
             got = raised(fast_in.unprotect, packet[:cut])
             assert got in (MalformedMessage, IntegrityError), cut
             assert got is raised(pure_in.unprotect, packet[:cut]), cut
-            # Appended bytes break the ICV, never memory.
-            assert raised(fast_in.unprotect, packet + bytes(cut % 7 + 1)) is IntegrityError
+            # Appended bytes break the ICV (CBC: the block size first), never memory.
+            extra = cut % 7 + 1
+            cbc = TRANSFORMS[transform].cipher == "cbc"
+            assert raised(fast_in.unprotect, packet + bytes(extra)) is (
+                MalformedMessage if cbc else IntegrityError)
+        for sa in (fast_in, pure_in):
+            assert raised(sa.unprotect, packet + bytes(16)) is IntegrityError
         assert fast_in.unprotect(packet) == pure_in.unprotect(packet)
 
 
@@ -170,23 +174,17 @@ def test_authentic_bad_trailers_are_recorded_then_refused(transform: str) -> Non
                 sa.unprotect(packet)
             assert sa.window.highest == seq
             assert sa.packets == 0
-    long_pad = v4 + bytes(range(1, 255)) + bytes([254, 4])
+    pad = 250 if TRANSFORMS[transform].cipher == "cbc" else 254   # CBC: whole blocks
+    long_pad = v4 + bytes(range(1, pad + 1)) + bytes([pad, 4])
     fast_in, pure_in = ins(transform, km)
     assert fast_in.unprotect(_forge(transform, km, long_pad, 1)) == v4
     assert pure_in.unprotect(_forge(transform, km, long_pad, 1)) == v4
 
 
 def _forge(transform: str, km: bytes, plain: bytes, seq: int) -> bytes:
-    """An authentic ESP packet whose decrypted payload is exactly ``plain``."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    from common.esp import CtrHmacSha256
-    t = TRANSFORMS[transform]
-    key, salt = km[:t.key_size], km[t.key_size:t.key_size + 4]
-    header = struct.pack("!IIQ", SPI, seq, 99)
-    if t.aead:
-        return header + AESGCM(key).encrypt(salt + header[8:], plain, header[:8])
-    return CtrHmacSha256(key, salt, km[t.key_size + 4:]).seal(header, plain, None)
+    """An authentic ESP packet whose decrypted payload is ``plain``."""
+    from tests.test_esp import forge_authentic
+    return forge_authentic(transform, km, plain, seq, SPI)
 
 
 @pytest.mark.parametrize("transform", ALL)
@@ -230,13 +228,22 @@ def test_buffer_inputs_accepted() -> None:
 
 def test_primitive_argument_checks() -> None:
     cls = compiled()
-    for key, salt, integ in [(bytes(15), bytes(4), b""), (bytes(16), bytes(3), b""),
-                             (bytes(16), bytes(4), bytes(31))]:
+    for kind, key, salt, integ, digest in [
+            ("gcm", bytes(15), bytes(4), b"", ""), ("gcm", bytes(16), bytes(3), b"", ""),
+            ("gcm", bytes(16), bytes(4), bytes(32), "sha256"),
+            ("ctr", bytes(16), bytes(4), bytes(31), "sha256"),
+            ("ctr", bytes(16), bytes(4), b"", ""),
+            ("chacha20poly1305", bytes(16), bytes(4), b"", ""),
+            ("chacha20poly1305", bytes(32), b"", b"", ""),
+            ("cbc", bytes(16), bytes(4), bytes(20), "sha1"),    # CBC has no salt
+            ("cbc", bytes(16), b"", bytes(32), "sha1"),         # SHA-1 key is 20 bytes
+            ("cbc", bytes(16), b"", bytes(20), "md5"),
+            ("ecb", bytes(16), b"", bytes(20), "sha1")]:
         with pytest.raises(ValueError, match="SaCipher needs"):
-            cls(key, salt, integ, SPI, False)
+            cls(kind, key, salt, integ, digest, SPI, False)
     with pytest.raises(ValueError, match="32-bit spi"):
-        cls(bytes(16), bytes(4), b"", 1 << 32, False)
-    sa = cls(bytes(16), bytes(4), b"", SPI, False)
+        cls("gcm", bytes(16), bytes(4), b"", "", 1 << 32, False)
+    sa = cls("gcm", bytes(16), bytes(4), b"", "", SPI, False)
     with pytest.raises(TypeError):
         sa.seal(1, 1)  # type: ignore[call-arg]
     with pytest.raises(OverflowError):
@@ -246,7 +253,7 @@ def test_primitive_argument_checks() -> None:
     with pytest.raises(TypeError):
         cls.__new__(cls).seal(1, 1, inner(4, 20))      # never initialised
     with pytest.raises(TypeError):
-        sa.__init__(bytes(16), bytes(4), b"", SPI, False)   # keys are set once
+        sa.__init__("gcm", bytes(16), bytes(4), b"", "", SPI, False)   # keys are set once
     with pytest.raises(MalformedMessage, match="too short"):
         sa.peek(bytes(33))
     with pytest.raises(MalformedMessage, match="too short"):
@@ -256,7 +263,7 @@ def test_primitive_argument_checks() -> None:
 def test_no_key_material_leaks() -> None:
     key = bytes(range(0x40, 0x60))
     km = key + b"SALT"
-    sa = compiled()(key, b"SALT", b"", SPI, False)
+    sa = compiled()("gcm", key, b"SALT", b"", "", SPI, False)
     assert key.hex() not in repr(sa) and "SALT" not in repr(sa)
     assert not [name for name in dir(sa) if not name.startswith("__")
                 and name not in ("seal", "peek", "open")]

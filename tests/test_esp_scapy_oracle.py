@@ -1,8 +1,11 @@
 """An independent oracle: scapy's ESP (``scapy.layers.ipsec``) and ours agree.
 
-scapy takes the GCM salt / CTR nonce as the tail of ``crypt_key`` (RFC 4106
-§8.1, RFC 3686 §5.1 order), so the key material is split exactly as IKEv2
-hands it out: encryption key + 4 bytes, then the integrity key.
+scapy takes the GCM / ChaCha20-Poly1305 salt and the CTR nonce as the tail of
+``crypt_key`` (RFC 4106 §8.1, RFC 7634 §4, RFC 3686 §5.1 order), so the key
+material is split exactly as IKEv2 hands it out: encryption key (+ 4 bytes,
+none for AES-CBC, RFC 3602), then the integrity key.  Every transform of
+common.esp is here: AES-GCM, ChaCha20-Poly1305 (RFC 7634), AES-CTR and AES-CBC
+(RFC 3602) with HMAC-SHA1-96 (RFC 2404) and HMAC-SHA-256/384/512 (RFC 4868).
 
 Every case runs against the compiled byte primitive (``common._esp_fast``, the
 path SAs use by default when it is built; tests/test_esp_fast.py checks that
@@ -32,27 +35,25 @@ def esp_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     """Every test here runs against the compiled and the pure-Python ESP path."""
     use_impl(request.param, monkeypatch)
     return str(request.param)
-SCAPY_ALGOS = {
-    "aes128gcm16": ("AES-GCM", None),
-    "aes256gcm16": ("AES-GCM", None),
-    "aes128ctr-sha256": ("AES-CTR", "SHA2-256-128"),
-    "aes256ctr-sha256": ("AES-CTR", "SHA2-256-128"),
-}
+SCAPY_CIPHERS = {"gcm": "AES-GCM", "chacha20poly1305": "CHACHA20-POLY1305",
+                 "ctr": "AES-CTR", "cbc": "AES-CBC"}
+SCAPY_AUTHS = {None: None, "sha1": "HMAC-SHA1-96", "sha256": "SHA2-256-128",
+               "sha384": "SHA2-384-192", "sha512": "SHA2-512-256"}
 OUTER = IP(src="192.0.2.1", dst="198.51.100.1")
 
 
 def scapy_sa(transform: str, km: bytes, esn: bool, seq_high: int) -> SecurityAssociation:
     t = TRANSFORMS[transform]
-    crypt_algo, auth_algo = SCAPY_ALGOS[transform]
+    crypt_algo, auth_algo = SCAPY_CIPHERS[t.cipher], SCAPY_AUTHS[t.integ]
     kwargs: dict[str, object] = {
         "crypt_algo": crypt_algo,
-        "crypt_key": km[:t.key_size + 4],
+        "crypt_key": km[:t.key_size + t.salt_size],
         "tunnel_header": OUTER.copy(),
         "esn_en": esn,
         "esn": seq_high,
     }
     if auth_algo:
-        kwargs.update(auth_algo=auth_algo, auth_key=km[t.key_size + 4:])
+        kwargs.update(auth_algo=auth_algo, auth_key=km[t.key_size + t.salt_size:])
     return SecurityAssociation(ESP, spi=SPI, **kwargs)
 
 

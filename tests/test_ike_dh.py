@@ -1,7 +1,8 @@
 """Diffie-Hellman for the KE payload.
 
 Vectors: RFC 5903 §8.1 (ECP-256) and §8.2 (ECP-384); RFC 7748 §6.1 (X25519).
-The MODP primes are recomputed from RFC 3526's formula.
+ECP-521 (RFC 5903 §3.3): round trips, the group order, the 66-octet encoding.
+The MODP primes (groups 14, 15, 16) are recomputed from RFC 3526's formula.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def test_both_sides_agree(group: DhId) -> None:
     secret = alice.shared_secret(bob.public)
     assert secret == bob.shared_secret(alice.public)
     expected_len = (
-        ke_length(group) // 2 if group in (DhId.ECP_256, DhId.ECP_384) else ke_length(group)
+        ke_length(group) // 2 if group in (DhId.ECP_256, DhId.ECP_384, DhId.ECP_521)
+        else ke_length(group)
     )
     assert len(secret) == expected_len
     assert alice.public != bob.public
@@ -112,7 +114,7 @@ def test_unsupported_group() -> None:
     with pytest.raises(ValueError):
         dh_generate(DhId.NONE, deterministic_random(1))
     with pytest.raises(ValueError):
-        ke_length(DhId(21))
+        ke_length(DhId(22))  # modp1024s160 (RFC 5114): not supported
 
 
 def test_private_key_not_in_repr() -> None:
@@ -176,7 +178,7 @@ def test_rfc5903_vectors(group: DhId) -> None:
     assert responder.shared_secret(initiator.public) == h(v["girx"])
 
 
-@pytest.mark.parametrize("group", [DhId.ECP_256, DhId.ECP_384])
+@pytest.mark.parametrize("group", [DhId.ECP_256, DhId.ECP_384, DhId.ECP_521])
 def test_ecp_group_order_constant(group: DhId) -> None:
     # (n - 1) * G = -G: same x as G. A typo in n would break this.
     curve, order, _ = dh_module._ECP[group]
@@ -226,7 +228,8 @@ def pi_fixed(bits: int) -> int:
 
 @pytest.mark.parametrize(
     ("group", "bits", "offset"),
-    [(DhId.MODP_2048, 2048, 124476), (DhId.MODP_3072, 3072, 1690314)],
+    [(DhId.MODP_2048, 2048, 124476), (DhId.MODP_3072, 3072, 1690314),
+     (DhId.MODP_4096, 4096, 240904)],
 )
 def test_modp_primes_match_rfc3526_formula(group: DhId, bits: int, offset: int) -> None:
     # RFC 3526 §3/§4: p = 2^n - 2^(n-64) - 1 + 2^64 * { [2^(n-130) pi] + offset }
@@ -246,3 +249,26 @@ def test_modp_public_is_padded_to_prime_length() -> None:
     assert len(pair.public) == 256
     peer = dh_generate(DhId.MODP_2048, deterministic_random(99999))
     assert pair.shared_secret(peer.public) == peer.shared_secret(pair.public)
+
+
+def test_ecp521_encoding_and_cross_check_with_cryptography() -> None:
+    # RFC 5903 §3.3 / §7: x | y of 66 octets each (the top 7 bits are zero);
+    # §9: the shared secret is x, 66 octets.  Checked against an independent
+    # ECDH computed by cryptography from our public value.
+    ours = dh_generate(DhId.ECP_521, deterministic_random(5))
+    assert ke_length(DhId.ECP_521) == 132 and len(ours.public) == 132
+    theirs = ec.generate_private_key(ec.SECP521R1())
+    numbers = theirs.public_key().public_numbers()
+    their_ke = numbers.x.to_bytes(66, "big") + numbers.y.to_bytes(66, "big")
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP521R1(), b"\x04" + ours.public)
+    expected = theirs.exchange(ec.ECDH(), peer)
+    assert len(expected) == 66
+    assert ours.shared_secret(their_ke) == expected
+
+
+def test_ecp521_point_off_the_curve_rejected() -> None:
+    ours = dh_generate(DhId.ECP_521, deterministic_random(6))
+    bad = bytearray(dh_generate(DhId.ECP_521, deterministic_random(7)).public)
+    bad[-1] ^= 1
+    with pytest.raises(InvalidKeyExchange):
+        ours.shared_secret(bytes(bad))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
+from common.esp import TRANSFORMS
 from common.ike.constants import (
     DhId,
     EncrId,
@@ -14,7 +17,9 @@ from common.ike.constants import (
     TransformType,
 )
 from common.ike.proposals import (
+    AEAD_ENCR,
     ESP_TRANSFORMS,
+    STRONGSWAN_DEFAULT_IKE,
     EspSuite,
     IkeSuite,
     choose_proposal,
@@ -92,7 +97,7 @@ def test_parse_list_numbers_from_one() -> None:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("aes128gcm16-prfsha256-ecp521", "'ecp521'"),
+        ("aes128gcm16-prfsha256-ecp224", "'ecp224'"),
         ("3des-sha1-modp1024", "'3des'"),
         ("aes128gcm16--ecp256", "empty"),
         ("aes128gcm16-aes128-prfsha256-ecp256", "mixes AEAD"),
@@ -119,12 +124,14 @@ def test_parse_esp_names_of_the_data_plane(name: str) -> None:
     suite = esp_suite(parse_esp_proposal(name))
     assert suite.transform == name
     assert (suite.dh, suite.esn) == (DhId.NONE, False)
-    assert (
-        suite.keymat_len
-        == {"aes128gcm16": 20, "aes256gcm16": 36, "aes128ctr-sha256": 52, "aes256ctr-sha256": 68}[
-            name
-        ]
-    )
+    # The KEYMAT IKE derives is the layout common.esp takes (RFC 7296 §2.17).
+    assert suite.keymat_len == TRANSFORMS[name].keymat_size
+    assert suite.keymat_len == {
+        "aes128gcm16": 20, "aes256gcm16": 36, "chacha20poly1305": 36,
+        "aes128ctr-sha256": 52, "aes256ctr-sha256": 68,
+        "aes128cbc-sha1": 36, "aes128cbc-sha256": 48, "aes128cbc-sha384": 64,
+        "aes128cbc-sha512": 80, "aes256cbc-sha1": 52, "aes256cbc-sha256": 64,
+        "aes256cbc-sha384": 80, "aes256cbc-sha512": 96}[name]
 
 
 def test_parse_esp_pfs_and_esn() -> None:
@@ -139,10 +146,14 @@ def test_parse_esp_pfs_and_esn() -> None:
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("aes128", "'aes128'"),  # CBC is not a data-plane transform
+        ("aes192", "'aes192'"),
+        ("aes128", "integrity"),
         ("aes128gcm16-sha256", "AEAD with an integrity"),
+        ("chacha20poly1305-sha1", "AEAD with an integrity"),
         ("aes128ctr", "integrity"),
-        ("aes128ctr-sha384", "'sha384'"),
+        ("aes128ctr-sha384", "AES_CTR_128 with AUTH_HMAC_SHA2_384_192, which is not supported"),
+        ("aes256-aes256ctr-sha1", "AES_CTR_256 with AUTH_HMAC_SHA1_96"),
+        ("sha1-md5", "'md5'"),
         ("aes128gcm16-prfsha256", "'prfsha256'"),
     ],
 )
@@ -345,7 +356,7 @@ def test_ike_suite_errors() -> None:
     with pytest.raises(ValueError, match="2 DH"):
         ike_suite(Proposal(1, ProtocolId.IKE, b"", [*base, dh, Transform(T.DH, DhId.ECP_384)]))
     with pytest.raises(ValueError, match="group"):
-        ike_suite(Proposal(1, ProtocolId.IKE, b"", [*base, Transform(T.DH, DhId(21))]))
+        ike_suite(Proposal(1, ProtocolId.IKE, b"", [*base, Transform(T.DH, DhId(22))]))
     with pytest.raises(ValueError, match="AEAD"):
         ike_suite(
             Proposal(
@@ -357,7 +368,7 @@ def test_ike_suite_errors() -> None:
         )
     with pytest.raises(ValueError, match="PRF"):
         ike_suite(
-            Proposal(1, ProtocolId.IKE, b"", [base[0], Transform(T.PRF, PrfId.PRF_HMAC_SHA1), dh])
+            Proposal(1, ProtocolId.IKE, b"", [base[0], Transform(T.PRF, PrfId(1)), dh])  # MD5
         )
     with pytest.raises(ValueError, match="not an IKE"):
         ike_suite(parse_esp_proposal("aes128gcm16"))
@@ -365,7 +376,8 @@ def test_ike_suite_errors() -> None:
 
 def test_esp_suite_errors() -> None:
     with pytest.raises(ValueError, match="unsupported ESP"):
-        esp_suite(Proposal(1, ProtocolId.ESP, b"", [Transform(T.ENCR, EncrId.ENCR_AES_CBC, 128)]))
+        esp_suite(Proposal(1, ProtocolId.ESP, b"", [Transform(T.ENCR, EncrId.ENCR_AES_CBC, 192),
+                                                    Transform(T.INTEG, IntegId.AUTH_HMAC_SHA1_96)]))
     with pytest.raises(ValueError, match="not an ESP"):
         esp_suite(parse_ike_proposal("aes128gcm16-prfsha256-ecp256"))
 
@@ -412,3 +424,118 @@ def test_format_esp_suite() -> None:
     assert format_esp_suite(esp_suite(parse_esp_proposal("aes128gcm16-ecp384"))) == (
         "AES_GCM_16_128/ECP_384"
     )
+
+
+# -- the algorithms strongSwan peers offer ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "status"),
+    [
+        ("aes128-sha1-modp2048", "AES_CBC_128/HMAC_SHA1_96/PRF_HMAC_SHA1/MODP_2048"),
+        ("aes256-sha512-ecp521", "AES_CBC_256/HMAC_SHA2_512_256/PRF_HMAC_SHA2_512/ECP_521"),
+        ("aes256-sha384-prfsha1-modp4096",
+         "AES_CBC_256/HMAC_SHA2_384_192/PRF_HMAC_SHA1/MODP_4096"),
+        ("chacha20poly1305-prfsha256-curve25519",
+         "CHACHA20_POLY1305/PRF_HMAC_SHA2_256/CURVE_25519"),
+        ("chacha20poly1305-sha512-ecp384", "CHACHA20_POLY1305/PRF_HMAC_SHA2_512/ECP_384"),
+        ("aes128gcm16-prfsha1-modp3072", "AES_GCM_16_128/PRF_HMAC_SHA1/MODP_3072"),
+    ],
+)
+def test_new_ike_proposals_negotiate_to_suites(text: str, status: str) -> None:
+    ours = parse_ike_proposals(text)
+    chosen = choose_proposal(ours, [parse_ike_proposal(text)])
+    assert chosen is not None and proposal_matches(ours, chosen)
+    assert format_ike_suite(ike_suite(chosen)) == status
+
+
+def test_chacha20poly1305_has_no_key_length_attribute() -> None:
+    # RFC 7634 §3 (IKE) / §2 (ESP): the transform carries no Key Length.
+    for p in (parse_ike_proposal("chacha20poly1305-prfsha256-ecp256"),
+              parse_esp_proposal("chacha20poly1305")):
+        assert ids(p, T.ENCR) == [(EncrId.ENCR_CHACHA20_POLY1305, None)]
+    suite = ike_suite(choose_proposal(parse_ike_proposals("chacha20poly1305-prfsha256-ecp256"),
+                                      parse_ike_proposals("chacha20poly1305-prfsha256-ecp256"))
+                      or Proposal(0, ProtocolId.IKE))
+    # RFC 7634 §3: SK_ei/SK_er are 36 octets, 32 key + 4 salt; 16-octet ICV.
+    assert (suite.key_bits, suite.sk_e_len, suite.sk_a_len, suite.icv_len) == (256, 36, 0, 16)
+    # A peer that sends a Key Length attribute anyway does not match.
+    keyed = Proposal(1, ProtocolId.IKE, b"", [
+        Transform(T.ENCR, EncrId.ENCR_CHACHA20_POLY1305, 256),
+        Transform(T.PRF, PrfId.PRF_HMAC_SHA2_256), Transform(T.DH, DhId.ECP_256)])
+    assert choose_proposal(parse_ike_proposals("chacha20poly1305-prfsha256-ecp256"),
+                           [keyed]) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "transform", "status"),
+    [
+        ("aes128-sha1", "aes128cbc-sha1", "AES_CBC_128/HMAC_SHA1_96"),
+        ("aes128-sha256", "aes128cbc-sha256", "AES_CBC_128/HMAC_SHA2_256_128"),
+        ("aes256-sha384-ecp521", "aes256cbc-sha384", "AES_CBC_256/HMAC_SHA2_384_192/ECP_521"),
+        ("aes256-sha512-modp4096-esn", "aes256cbc-sha512",
+         "AES_CBC_256/HMAC_SHA2_512_256/MODP_4096/ESN"),
+        ("chacha20poly1305", "chacha20poly1305", "CHACHA20_POLY1305"),
+        ("chacha20poly1305-ecp384", "chacha20poly1305", "CHACHA20_POLY1305/ECP_384"),
+    ],
+)
+def test_new_esp_proposals_negotiate_to_data_plane_transforms(text: str, transform: str,
+                                                              status: str) -> None:
+    ours = parse_esp_proposals(text)
+    chosen = choose_proposal(ours, [parse_esp_proposal(text)])
+    assert chosen is not None and proposal_matches(ours, chosen)
+    suite = esp_suite(chosen)
+    assert suite.transform == transform
+    assert format_esp_suite(suite) == status
+
+
+def test_default_keyword_expands_to_strongswan_defaults() -> None:
+    ike = parse_ike_proposals("default")
+    assert [p.number for p in ike] == [1, 2]
+    assert [p.transforms for p in ike] == [
+        parse_ike_proposal(text).transforms for text in STRONGSWAN_DEFAULT_IKE]
+    assert not any(t.id in AEAD_ENCR for t in ike[0].of_type(T.ENCR))
+    assert all(t.id in AEAD_ENCR for t in ike[1].of_type(T.ENCR))
+    # KE payload of an initiator: the first group of the first proposal.
+    assert ike[0].of_type(T.DH)[0].id == DhId.CURVE_25519
+    both = parse_ike_proposals("aes256gcm16-prfsha384-ecp384, DEFAULT")
+    assert [p.number for p in both] == [1, 2, 3]
+    esp = parse_esp_proposals("default,chacha20poly1305")
+    assert [p.number for p in esp] == [1, 2, 3]
+    assert [t.id for t in esp[1].of_type(T.ENCR)] == [EncrId.ENCR_AES_GCM_16] * 2
+    assert {esp_suite(choose_proposal([esp[0]], [parse_esp_proposal(t)])  # type: ignore[arg-type]
+                      ).transform for t in ("aes128-sha256", "aes256-sha1", "aes128-sha512")} \
+        == {"aes128cbc-sha256", "aes256cbc-sha1", "aes128cbc-sha512"}
+    with pytest.raises(ValueError, match="'default'"):
+        parse_ike_proposal("aes128-default")
+
+
+def test_default_keyword_meets_strongswan_default_offers() -> None:
+    # What charon 5.9.8 with "default" offers (its first proposal, as it logs
+    # it, restricted to our tokens) is what our "default" accepts: we pick
+    # its first choices, so its KE guess (curve25519) is right.
+    ours = parse_ike_proposals("default")
+    theirs = parse_ike_proposals(
+        "aes128-aes256-sha256-sha384-sha512-sha1-prfsha256-prfsha384-prfsha512-prfsha1"
+        "-curve25519-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048")
+    chosen = choose_proposal(ours, theirs)
+    assert chosen is not None
+    assert format_ike_suite(ike_suite(chosen)) == \
+        "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519"
+
+
+def test_config_accepts_the_new_names() -> None:
+    from common.config import load_config
+    from tests.test_config import BASE, to_toml
+    data = copy.deepcopy(BASE)
+    conn = data["connections"]["branch"]
+    conn["proposals"] = ["aes256-sha512-ecp521", "aes128-sha1-modp4096",
+                         "chacha20poly1305-prfsha256-ecp384", "default"]
+    conn["children"]["net"]["esp_proposals"] = [
+        "aes128-sha1", "aes256-sha512", "aes128-sha256-modp4096", "chacha20poly1305-ecp521",
+        "default"]
+    cfg = load_config(to_toml(data), "gw.toml").connections["branch"]
+    assert [p.proposal.number for p in cfg.proposals] == [1, 2, 3, 4, 5]
+    assert [p.text for p in cfg.proposals][-2:] == ["default", "default"]
+    esp = cfg.children["net"].esp_proposals
+    assert [p.proposal.number for p in esp] == [1, 2, 3, 4, 5, 6]

@@ -25,6 +25,8 @@ SUITES = [
     (CBC, 256, SHA256, 32, 32),
     (CBC, 256, SHA384, 32, 48),
     (CBC, 256, SHA512, 32, 64),
+    (CBC, 128, IntegId.AUTH_HMAC_SHA1_96, 16, 20),
+    (EncrId.ENCR_CHACHA20_POLY1305, 256, IntegId.NONE, 36, 0),
 ]
 SUITE_IDS = [f"{e.name}-{b}-{i.name}" for e, b, i, _, _ in SUITES]
 
@@ -53,11 +55,13 @@ def test_seal_open_round_trip_and_sizes(suite: tuple[EncrId, int, IntegId, int, 
 
 
 def test_sizes() -> None:
-    gcm, _, cbc256, _, cbc384, cbc512 = all_ciphers()
+    gcm, _, cbc256, _, cbc384, cbc512, sha1, chacha = all_ciphers()
     assert (gcm.iv_size, gcm.icv_size, gcm.sealed_size(10)) == (8, 16, 8 + 11 + 16)
     assert (cbc256.iv_size, cbc256.icv_size, cbc256.sealed_size(15)) == (16, 16, 16 + 16 + 16)
     assert cbc256.sealed_size(16) == 16 + 32 + 16
     assert (cbc384.icv_size, cbc512.icv_size) == (24, 32)
+    assert (sha1.iv_size, sha1.icv_size) == (16, 12)             # RFC 2404 §2
+    assert (chacha.iv_size, chacha.icv_size, chacha.sealed_size(10)) == (8, 16, 8 + 11 + 16)
 
 
 def test_gcm_known_answer_rfc5282() -> None:
@@ -145,11 +149,14 @@ def test_every_truncation_fails_cleanly(suite: tuple[EncrId, int, IntegId, int, 
     (GCM, 128, SHA256, bytes(20), bytes(32)),  # AEAD takes no integrity
     (GCM, 100, IntegId.NONE, bytes(16), b""),
     (CBC, 128, IntegId.NONE, bytes(16), b""),
-    (CBC, 128, IntegId.AUTH_HMAC_SHA1_96, bytes(16), bytes(20)),
+    (CBC, 128, IntegId.AUTH_HMAC_SHA1_96, bytes(16), bytes(32)),  # SHA-1 key: 20
+    (CBC, 128, IntegId(1), bytes(16), bytes(16)),  # HMAC-MD5-96
     (CBC, 128, SHA256, bytes(32), bytes(32)),
     (CBC, 256, SHA256, bytes(32), bytes(16)),
     (EncrId.ENCR_AES_CTR, 128, SHA256, bytes(20), bytes(32)),
-    (EncrId.ENCR_CHACHA20_POLY1305, 256, IntegId.NONE, bytes(36), b""),
+    (EncrId.ENCR_CHACHA20_POLY1305, 256, IntegId.NONE, bytes(32), b""),  # salt missing
+    (EncrId.ENCR_CHACHA20_POLY1305, 128, IntegId.NONE, bytes(20), b""),
+    (EncrId.ENCR_CHACHA20_POLY1305, 256, SHA256, bytes(36), bytes(32)),
 ], ids=repr)
 def test_bad_configuration_is_a_value_error(args: tuple[EncrId, int, IntegId, bytes, bytes]
                                             ) -> None:

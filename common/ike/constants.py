@@ -110,8 +110,10 @@ class DhId(_OpenEnum):
     NONE = 0
     MODP_2048 = 14
     MODP_3072 = 15
+    MODP_4096 = 16
     ECP_256 = 19
     ECP_384 = 20
+    ECP_521 = 21
     CURVE_25519 = 31
 
 

@@ -54,27 +54,41 @@ _INTEG_ICV_LEN = {
     IntegId.AUTH_HMAC_SHA2_384_192: 24,
     IntegId.AUTH_HMAC_SHA2_512_256: 32,
 }
-_AEAD_ICV_LEN = {EncrId.ENCR_AES_GCM_8: 8, EncrId.ENCR_AES_GCM_12: 12, EncrId.ENCR_AES_GCM_16: 16}
+_AEAD_ICV_LEN = {
+    EncrId.ENCR_AES_GCM_8: 8,
+    EncrId.ENCR_AES_GCM_12: 12,
+    EncrId.ENCR_AES_GCM_16: 16,
+    EncrId.ENCR_CHACHA20_POLY1305: 16,  # RFC 7634 §2
+}
+#: RFC 7634 §2/§3: ENCR_CHACHA20_POLY1305 has a fixed 256-bit key and its
+#: transform carries no Key Length attribute.
+CHACHA20_KEY_BITS = 256
+#: Ciphers whose keying material has no salt or nonce after the key.
+_NO_SALT_ENCR = frozenset({EncrId.ENCR_AES_CBC})
 
 # strongSwan tokens -> transforms.
 _IKE_ENCR: dict[str, Transform] = {
     "aes128gcm16": Transform(_T.ENCR, EncrId.ENCR_AES_GCM_16, 128),
     "aes256gcm16": Transform(_T.ENCR, EncrId.ENCR_AES_GCM_16, 256),
+    "chacha20poly1305": Transform(_T.ENCR, EncrId.ENCR_CHACHA20_POLY1305),
     "aes128": Transform(_T.ENCR, EncrId.ENCR_AES_CBC, 128),
     "aes256": Transform(_T.ENCR, EncrId.ENCR_AES_CBC, 256),
 }
 _IKE_INTEG: dict[str, Transform] = {
+    "sha1": Transform(_T.INTEG, IntegId.AUTH_HMAC_SHA1_96),
     "sha256": Transform(_T.INTEG, IntegId.AUTH_HMAC_SHA2_256_128),
     "sha384": Transform(_T.INTEG, IntegId.AUTH_HMAC_SHA2_384_192),
     "sha512": Transform(_T.INTEG, IntegId.AUTH_HMAC_SHA2_512_256),
 }
 _PRF: dict[str, Transform] = {
+    "prfsha1": Transform(_T.PRF, PrfId.PRF_HMAC_SHA1),
     "prfsha256": Transform(_T.PRF, PrfId.PRF_HMAC_SHA2_256),
     "prfsha384": Transform(_T.PRF, PrfId.PRF_HMAC_SHA2_384),
     "prfsha512": Transform(_T.PRF, PrfId.PRF_HMAC_SHA2_512),
 }
 #: strongSwan: without an explicit prf, "sha256" also stands for PRF_HMAC_SHA2_256.
 _INTEG_TO_PRF = {
+    IntegId.AUTH_HMAC_SHA1_96: PrfId.PRF_HMAC_SHA1,
     IntegId.AUTH_HMAC_SHA2_256_128: PrfId.PRF_HMAC_SHA2_256,
     IntegId.AUTH_HMAC_SHA2_384_192: PrfId.PRF_HMAC_SHA2_384,
     IntegId.AUTH_HMAC_SHA2_512_256: PrfId.PRF_HMAC_SHA2_512,
@@ -82,18 +96,28 @@ _INTEG_TO_PRF = {
 _DH: dict[str, Transform] = {
     "ecp256": Transform(_T.DH, DhId.ECP_256),
     "ecp384": Transform(_T.DH, DhId.ECP_384),
+    "ecp521": Transform(_T.DH, DhId.ECP_521),
     "curve25519": Transform(_T.DH, DhId.CURVE_25519),
     "x25519": Transform(_T.DH, DhId.CURVE_25519),
     "modp2048": Transform(_T.DH, DhId.MODP_2048),
     "modp3072": Transform(_T.DH, DhId.MODP_3072),
+    "modp4096": Transform(_T.DH, DhId.MODP_4096),
 }
 _ESP_ENCR: dict[str, Transform] = {
     "aes128gcm16": Transform(_T.ENCR, EncrId.ENCR_AES_GCM_16, 128),
     "aes256gcm16": Transform(_T.ENCR, EncrId.ENCR_AES_GCM_16, 256),
+    "chacha20poly1305": _IKE_ENCR["chacha20poly1305"],
     "aes128ctr": Transform(_T.ENCR, EncrId.ENCR_AES_CTR, 128),
     "aes256ctr": Transform(_T.ENCR, EncrId.ENCR_AES_CTR, 256),
+    "aes128": _IKE_ENCR["aes128"],
+    "aes256": _IKE_ENCR["aes256"],
+    # Not strongSwan's: the spelling of common.esp's transform names.
+    "aes128cbc": _IKE_ENCR["aes128"],
+    "aes256cbc": _IKE_ENCR["aes256"],
 }
-_ESP_INTEG: dict[str, Transform] = {"sha256": _IKE_INTEG["sha256"]}
+_ESP_INTEG: dict[str, Transform] = {
+    name: _IKE_INTEG[name] for name in ("sha1", "sha256", "sha384", "sha512")
+}
 _ESN: dict[str, Transform] = {
     "esn": Transform(_T.ESN, EsnId.ESN),
     "noesn": Transform(_T.ESN, EsnId.NO_ESN),
@@ -103,9 +127,33 @@ _ESN: dict[str, Transform] = {
 ESP_TRANSFORMS: dict[str, tuple[EncrId, int, IntegId]] = {
     "aes128gcm16": (EncrId.ENCR_AES_GCM_16, 128, IntegId.NONE),
     "aes256gcm16": (EncrId.ENCR_AES_GCM_16, 256, IntegId.NONE),
+    "chacha20poly1305": (EncrId.ENCR_CHACHA20_POLY1305, CHACHA20_KEY_BITS, IntegId.NONE),
     "aes128ctr-sha256": (EncrId.ENCR_AES_CTR, 128, IntegId.AUTH_HMAC_SHA2_256_128),
     "aes256ctr-sha256": (EncrId.ENCR_AES_CTR, 256, IntegId.AUTH_HMAC_SHA2_256_128),
+    **{
+        f"aes{bits}cbc-{name}": (EncrId.ENCR_AES_CBC, bits, IntegId(integ.id))
+        for bits in (128, 256)
+        for name, integ in _ESP_INTEG.items()
+    },
 }
+_ESP_ALGS = frozenset(ESP_TRANSFORMS.values())
+
+#: strongSwan 5.9's ``default`` proposal keyword (proposal_create_default,
+#: then proposal_create_default_aead), in the order charon 5.9.8 with the
+#: openssl plugin sends it, restricted to what we implement (no AES-192,
+#: AES-CTR/Camellia/3DES in IKE, AES-CCM, AES-GCM-8/12, AES-XCBC, Brainpool,
+#: curve448, MODP 6144/8192).
+_DEFAULT_DH = "curve25519-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048"
+_DEFAULT_PRF = "prfsha256-prfsha384-prfsha512-prfsha1"
+DEFAULT_KEYWORD = "default"
+STRONGSWAN_DEFAULT_IKE: tuple[str, ...] = (
+    f"aes128-aes256-sha256-sha384-sha512-sha1-{_DEFAULT_PRF}-{_DEFAULT_DH}",
+    f"aes128gcm16-aes256gcm16-chacha20poly1305-{_DEFAULT_PRF}-{_DEFAULT_DH}",
+)
+STRONGSWAN_DEFAULT_ESP: tuple[str, ...] = (
+    "aes128-aes256-sha256-sha384-sha512-sha1-noesn",
+    "aes128gcm16-aes256gcm16-noesn",
+)
 _IKE_DH = frozenset(t.id for t in _DH.values())
 
 
@@ -158,8 +206,10 @@ class EspSuite:
 
     @property
     def keymat_len(self) -> int:
-        """Octets of KEYMAT per direction: encr key | salt | [integ key]."""
-        return self.key_bits // 8 + SALT_LEN + _INTEG_KEY_LEN[self.integ]
+        """Octets of KEYMAT per direction: encr key | salt | [integ key]
+        (AES-CBC has no salt, RFC 3602)."""
+        salt = 0 if self.encr in _NO_SALT_ENCR else SALT_LEN
+        return self.key_bits // 8 + salt + _INTEG_KEY_LEN[self.integ]
 
 
 # -- parsing -------------------------------------------------------------------
@@ -251,21 +301,58 @@ def parse_esp_proposal(text: str, number: int = 1) -> Proposal:
         raise ValueError(f"ESP proposal {text!r} combines AEAD with an integrity algorithm")
     if not aead and not integ:
         raise ValueError(f"ESP proposal {text!r} needs an integrity algorithm (sha256)")
+    _check_esp_combinations(encr, integ, text)
     if not esns:
         esns = [_ESN["noesn"]]
     return Proposal(number, ProtocolId.ESP, b"", _unique(encr + integ + dhs + esns))
 
 
+def _check_esp_combinations(encr: list[Transform], integ: list[Transform], text: str) -> None:
+    """Every encryption/integrity pair a proposal allows must be one common.esp
+    runs, or a peer could pick a pair we cannot serve."""
+    for e in encr:
+        for i in integ or [Transform(_T.INTEG, IntegId.NONE)]:
+            if (EncrId(e.id), _key_bits(e), IntegId(i.id)) not in _ESP_ALGS:
+                raise ValueError(
+                    f"ESP proposal {text!r} allows {_encr_name(EncrId(e.id), _key_bits(e))} "
+                    f"with {IntegId(i.id).name}, which is not supported; supported: "
+                    f"{', '.join(ESP_TRANSFORMS)}"
+                )
+
+
+def expand_ike_proposal(text: str, first_number: int = 1) -> list[Proposal]:
+    """One configured IKE proposal string: strongSwan's ``default`` keyword
+    stands for several proposals (``STRONGSWAN_DEFAULT_IKE``), anything else
+    for one.  Numbered from ``first_number``."""
+    if text.strip().lower() == DEFAULT_KEYWORD:
+        return [parse_ike_proposal(p, n)
+                for n, p in enumerate(STRONGSWAN_DEFAULT_IKE, start=first_number)]
+    return [parse_ike_proposal(text, first_number)]
+
+
+def expand_esp_proposal(text: str, first_number: int = 1) -> list[Proposal]:
+    """One configured ESP proposal string, ``default`` expanded
+    (``STRONGSWAN_DEFAULT_ESP``)."""
+    if text.strip().lower() == DEFAULT_KEYWORD:
+        return [parse_esp_proposal(p, n)
+                for n, p in enumerate(STRONGSWAN_DEFAULT_ESP, start=first_number)]
+    return [parse_esp_proposal(text, first_number)]
+
+
 def parse_ike_proposals(text: str) -> list[Proposal]:
     """Comma-separated IKE proposals, numbered from 1 in the order given."""
-    parts = [p.strip() for p in text.split(",")]
-    return [parse_ike_proposal(p, n) for n, p in enumerate(parts, start=1)]
+    out: list[Proposal] = []
+    for part in text.split(","):
+        out += expand_ike_proposal(part, len(out) + 1)
+    return out
 
 
 def parse_esp_proposals(text: str) -> list[Proposal]:
     """Comma-separated ESP proposals, numbered from 1 in the order given."""
-    parts = [p.strip() for p in text.split(",")]
-    return [parse_esp_proposal(p, n) for n, p in enumerate(parts, start=1)]
+    out: list[Proposal] = []
+    for part in text.split(","):
+        out += expand_esp_proposal(part, len(out) + 1)
+    return out
 
 
 # -- negotiation ---------------------------------------------------------------
@@ -347,6 +434,8 @@ def _one(chosen: Proposal, ttype: TransformType) -> Transform:
 
 
 def _key_bits(encr: Transform) -> int:
+    if encr.id == EncrId.ENCR_CHACHA20_POLY1305 and encr.key_length is None:
+        return CHACHA20_KEY_BITS
     if encr.key_length is None:
         raise ValueError(f"encryption transform {encr.id!r} has no key length")
     return encr.key_length
@@ -408,6 +497,8 @@ def esp_suite(chosen: Proposal) -> EspSuite:
 
 
 def _encr_name(encr: EncrId, key_bits: int) -> str:
+    if encr == EncrId.ENCR_CHACHA20_POLY1305:
+        return "CHACHA20_POLY1305"  # strongSwan shows no key size for it
     return f"{encr.name.removeprefix('ENCR_')}_{key_bits}"
 
 

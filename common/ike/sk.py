@@ -4,9 +4,9 @@ An IKE SA holds two ``SkCipher``s: (SK_ei, SK_ai) for what the original
 initiator sends and (SK_er, SK_ar) for what the responder sends.
 
 Rules of this file:
-- No randomness of its own: the caller passes the IV (for AES-GCM it must never
-  repeat under one key, e.g. a sender-id || counter; for AES-CBC it must be
-  unpredictable, i.e. random).
+- No randomness of its own: the caller passes the IV (for AES-GCM and
+  ChaCha20-Poly1305 it must never repeat under one key, e.g. a sender-id ||
+  counter; for AES-CBC it must be unpredictable, i.e. random).
 - ``open`` raises ``IntegrityError`` for every authentication failure, whatever
   failed, and ``MalformedMessage`` only for sizes that cannot be right or a
   bad Pad Length inside an authenticated plaintext.
@@ -18,9 +18,11 @@ Layouts (``aad`` is every byte of the message before the IV: the IKE header,
 any payloads before SK, and the SK generic payload header):
 - ENCR_AES_GCM_16 (RFC 5282 §3-§5): sk_e = key || 4-byte salt; nonce = salt ||
   8-byte IV; body = IV || ciphertext || 16-byte tag; integ must be NONE.
-- ENCR_AES_CBC + AUTH_HMAC_SHA2_* (RFC 7296 §3.14, RFC 4868): body = 16-byte IV
-  || ciphertext || ICV, where ICV = HMAC(SK_a, aad || IV || ciphertext)
-  truncated.
+- ENCR_CHACHA20_POLY1305 (RFC 7634 §3, the RFC 5282 layout): sk_e = 32-byte
+  key || 4-byte salt; nonce = salt || 8-byte IV; 16-byte tag; integ NONE.
+- ENCR_AES_CBC + AUTH_HMAC_SHA1_96 / AUTH_HMAC_SHA2_* (RFC 7296 §3.14, RFC 2404,
+  RFC 4868): body = 16-byte IV || ciphertext || ICV, where ICV = HMAC(SK_a,
+  aad || IV || ciphertext) truncated.
 The plaintext in both cases is payloads || padding || Pad Length (1 octet).
 """
 
@@ -33,7 +35,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from common.errors import IntegrityError, MalformedMessage
 from common.ike.constants import EncrId, IntegId
@@ -43,9 +45,11 @@ AES_BLOCK_LEN = 16
 GCM_SALT_LEN = 4  # RFC 5282 §7.1
 GCM_IV_LEN = 8  # RFC 5282 §3.1
 GCM_ICV_LEN = 16
+CHACHA20_KEY_BITS = 256  # RFC 7634 §2
 
 # IntegId -> (hash constructor, key length, truncated ICV length); RFC 4868 §2.
 _HMACS: dict[IntegId, tuple[Any, int, int]] = {
+    IntegId.AUTH_HMAC_SHA1_96: (hashlib.sha1, 20, 12),  # RFC 2404 §2
     IntegId.AUTH_HMAC_SHA2_256_128: (hashlib.sha256, 32, 16),
     IntegId.AUTH_HMAC_SHA2_384_192: (hashlib.sha384, 48, 24),
     IntegId.AUTH_HMAC_SHA2_512_256: (hashlib.sha512, 64, 32),
@@ -53,15 +57,17 @@ _HMACS: dict[IntegId, tuple[Any, int, int]] = {
 
 
 class _Gcm:
-    """ENCR_AES_GCM_16 (RFC 5282): body = IV || ciphertext || tag."""
+    """ENCR_AES_GCM_16 (RFC 5282) or ENCR_CHACHA20_POLY1305 (RFC 7634 §3):
+    body = IV || ciphertext || tag."""
 
     __slots__ = ("_aead", "_salt")
     iv_size = GCM_IV_LEN
     icv_size = GCM_ICV_LEN
     block = 1
 
-    def __init__(self, key: bytes, salt: bytes) -> None:
-        self._aead = AESGCM(key)
+    def __init__(self, key: bytes, salt: bytes, chacha: bool = False) -> None:
+        self._aead: AESGCM | ChaCha20Poly1305 = ChaCha20Poly1305(key) if chacha \
+            else AESGCM(key)
         self._salt = salt
 
     def seal(self, aad: bytes, plaintext: bytes, iv: bytes) -> bytes:
@@ -122,16 +128,20 @@ class SkCipher:
     _impl: _Gcm | _CbcHmac = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.key_bits not in AES_KEY_BITS:
+        chacha = self.encr == EncrId.ENCR_CHACHA20_POLY1305
+        if chacha and self.key_bits != CHACHA20_KEY_BITS:
+            raise ValueError(f"ChaCha20-Poly1305 has a {CHACHA20_KEY_BITS}-bit key")
+        if not chacha and self.key_bits not in AES_KEY_BITS:
             raise ValueError(f"unsupported AES key size {self.key_bits} bits")
         key_len = self.key_bits // 8
-        if self.encr == EncrId.ENCR_AES_GCM_16:
+        if self.encr == EncrId.ENCR_AES_GCM_16 or chacha:
+            name = "ChaCha20-Poly1305" if chacha else f"AES-GCM-{self.key_bits}"
             if self.integ != IntegId.NONE or self.sk_a:
-                raise ValueError("AES-GCM takes no integrity algorithm and no SK_a")
+                raise ValueError(f"{name} takes no integrity algorithm and no SK_a")
             if len(self.sk_e) != key_len + GCM_SALT_LEN:
-                raise ValueError(f"AES-GCM-{self.key_bits} needs SK_e of "
+                raise ValueError(f"{name} needs SK_e of "
                                  f"{key_len + GCM_SALT_LEN} bytes (key || salt)")
-            self._impl = _Gcm(self.sk_e[:key_len], self.sk_e[key_len:])
+            self._impl = _Gcm(self.sk_e[:key_len], self.sk_e[key_len:], chacha)
         elif self.encr == EncrId.ENCR_AES_CBC:
             spec = _HMACS.get(self.integ)
             if spec is None:
