@@ -87,6 +87,7 @@ class UnsupportedCriticalPayload(RemoteProtocolError):
     notification data is the one-octet payload type (``notify_data``)."""
 
     notify_type = NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD
+    drop_reason = "unsupported_critical_payload"
 
     def __init__(self, payload_type: int) -> None:
         super().__init__(f"unsupported critical payload type {payload_type}")
