@@ -13,7 +13,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.errors import IntegrityError, MalformedMessage
+from common.errors import (
+    IntegrityError,
+    LocalProtocolError,
+    MalformedMessage,
+    RemoteProtocolError,
+)
 from common.ike.constants import (
     IKE_HEADER_LEN,
     ExchangeType,
@@ -583,3 +588,47 @@ def test_engine_never_raises_on_mutated_datagrams(
     for s in ("a", "b"):
         assert p.established_sa(s).spis() == before[s]
     assert p.dpd_ok("a") and p.dpd_ok("b")
+
+
+# -- the boundary: peer errors counted by reason, our own bugs not swallowed ----------------
+
+
+class _Odd(RemoteProtocolError):
+    drop_reason = "odd_peer_error"
+
+
+def test_any_remote_error_is_counted_by_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever part of the core finds a peer error, receive_datagram and
+    handle_timer count it under its drop_reason and go on."""
+    p = established()
+
+    def peer_error(*args: object) -> None:
+        raise _Odd("something the peer did")
+
+    monkeypatch.setattr(IkeSa, "receive_request", peer_error)
+    p.b.dpd(p.ike_id("b"), p.now)
+    p.a.dpd(p.ike_id("a"), p.now)
+    p.flush()
+    assert p.b.drops["odd_peer_error"] == 1 and p.a.drops["odd_peer_error"] == 1
+    monkeypatch.setattr(IkeSa, "handle_timer", peer_error)
+    p.b.handle_timer(1e6)
+    assert p.b.drops["odd_peer_error"] == 2
+    p.drain()
+    assert p.of("b", IkeSaFailed)  # the SA whose timer hit it cannot go on
+
+
+def test_our_own_bugs_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LocalProtocolError (and anything else) reaches the shell's barrier."""
+    p = established()
+
+    def bug(*args: object) -> None:
+        raise LocalProtocolError("a bug of ours")
+
+    monkeypatch.setattr(IkeSa, "receive_request", bug)
+    p.a.dpd(p.ike_id("a"), p.now)
+    [dpd] = answers(p, "a")
+    with pytest.raises(LocalProtocolError):
+        p.deliver("a", dpd)
+    monkeypatch.setattr(IkeSa, "handle_timer", bug)
+    with pytest.raises(LocalProtocolError):
+        p.b.handle_timer(1e6)
