@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from ipaddress import IPv4Address
 
 import pytest
 from hypothesis import given
@@ -26,6 +27,7 @@ from common.ike.constants import (
     PayloadType,
     ProtocolId,
     TransformType,
+    TsType,
 )
 from common.ike.events import (
     ChildSaFailed,
@@ -57,6 +59,7 @@ from common.ike.payloads import (
 from common.ike.sa import IkeSa, IkeState
 from common.ike.sk import SkCipher
 from common.ike.transforms import Proposal, Transform
+from common.ike.ts import TrafficSelector
 from tests.fuzz import fuzz_settings
 from tests.ike_pair import Pair, child, make_pair
 
@@ -632,3 +635,30 @@ def test_our_own_bugs_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(IkeSa, "handle_timer", bug)
     with pytest.raises(LocalProtocolError):
         p.b.handle_timer(1e6)
+
+
+# -- found by the state fuzzer: narrowing past what a TS payload holds ----------------------
+
+
+def test_huge_traffic_selectors_are_narrowed_to_what_fits() -> None:
+    """255 proposed selectors times our two: narrowing gave 510, the answer
+    could not be encoded (ValueError out of receive_datagram). Now the
+    answer carries the first 255 (a subset is a narrowing, RFC 7296 §2.9)."""
+    two = (["10.91.2.0/24", "10.91.3.0/24"], ["10.91.1.0/24", "10.91.4.0/24"])
+    p = make_pair(children_a=[child("net", two[1], two[0])],
+                  children_b=[child("net", two[0], two[1])])
+    p.establish("a", children=[])
+    sa = p.sa("a")
+    assert sa.policy is not None
+    c = sa.policy.children["net"]
+    every = [TrafficSelector(TsType.TS_IPV4_ADDR_RANGE, 0, port, port,
+                             IPv4Address("0.0.0.0"), IPv4Address("255.255.255.255"))
+             for port in range(255)]
+    payloads: list[Payload] = [
+        SaPayload([Proposal(1, ProtocolId.ESP, b"abcd", list(c.esp_proposals[0].transforms))]),
+        NoncePayload(bytes(32)), TsiPayload(every), TsrPayload(every)]
+    p.deliver("a", seal(sa, ExchangeType.CREATE_CHILD_SA, sa.mids.take_request_id(), payloads))
+    p.drain()
+    [installed] = p.of("b", ChildSaInstalled)
+    assert len(installed.local_ts) == len(installed.remote_ts) == 255
+    assert not p.b.drops

@@ -15,6 +15,7 @@ legitimately deleted, still answers a DPD from the honest peer.
 from __future__ import annotations
 
 import struct
+from ipaddress import IPv4Address
 
 import pytest
 from hypothesis import given
@@ -28,6 +29,7 @@ from common.ike.constants import (
     PayloadType,
     ProtocolId,
     TransformType,
+    TsType,
 )
 from common.ike.dh import dh_generate
 from common.ike.message import HEADER, MAX_MESSAGE_ID
@@ -44,9 +46,10 @@ from common.ike.payloads import (
 )
 from common.ike.sa import IkeSa, IkeState
 from common.ike.transforms import Proposal, Transform
+from common.ike.ts import TrafficSelector
 from common.rand import deterministic_random
 from tests.fuzz import fuzz_settings
-from tests.ike_pair import Pair, make_pair, other
+from tests.ike_pair import Pair, child, make_pair, other
 from tests.test_hostile_ike import I_FLAG, R_FLAG, seal_raw
 
 pytestmark = pytest.mark.fuzz
@@ -62,7 +65,10 @@ STATES = ["init_sent", "half_open", "auth_sent", "established", "child_rekey", "
 def drive(state: str) -> tuple[Pair, str]:
     """A pair in ``state``; returns it and the target side. What the honest
     side was about to send stays pending (delivered later, or never)."""
-    p = make_pair(dpd_delay=10.0)
+    # Two selectors a side: narrowing can multiply what the peer proposes.
+    nets = (["10.91.1.0/24", "10.91.4.0/24"], ["10.91.2.0/24", "10.91.3.0/24"])
+    p = make_pair(dpd_delay=10.0, children_a=[child("net", nets[0], nets[1])],
+                  children_b=[child("net", nets[1], nets[0])])
     if state == "init_sent":
         p.initiate("a", ["net"])
         return p, "a"
@@ -142,9 +148,18 @@ def selector_bytes(draw: st.DrawFn) -> bytes:
     return struct.pack("!BBH", ts_type, draw(st.integers(0, 255)), length) + ports + addrs
 
 
+#: 255 distinct selectors, each overlapping everything (ports 0..254)
+_MANY = [struct.pack("!BBHHH", 7, 0, 16, port, port) + bytes(4) + b"\xff" * 4
+         for port in range(255)]
+
+
+_EVERY = [TrafficSelector(TsType.TS_IPV4_ADDR_RANGE, 0, port, port, IPv4Address("0.0.0.0"),
+                          IPv4Address("255.255.255.255")) for port in range(255)]
+
+
 @st.composite
 def ts_body(draw: st.DrawFn) -> bytes:
-    selectors = draw(st.lists(selector_bytes(), max_size=3))
+    selectors = draw(st.one_of(st.lists(selector_bytes(), max_size=3), st.just(_MANY)))
     count = draw(st.one_of(st.just(len(selectors)), st.sampled_from([0, 255])))
     return bytes([count, 0, 0, 0]) + b"".join(selectors)
 
@@ -259,6 +274,8 @@ def templates(sender: IkeSa, receiver: IkeSa, public: bytes,
         # the raw payloads that follow bring the (hostile) TSi/TSr
         "child_no_ts": [SaPayload(esp), NoncePayload(bytes(32))],
         "child_odd_transform": [SaPayload(odd_esp), NoncePayload(bytes(32)), *ts],
+        "child_many_ts": [SaPayload(esp), NoncePayload(bytes(32)), TsiPayload(_EVERY),
+                          TsrPayload(_EVERY)],
         "child_rekey": [*rekey, SaPayload(esp), NoncePayload(bytes(32)), *ts],
         "ike_rekey": [SaPayload(ike), NoncePayload(bytes(32)), KePayload(DhId.ECP_256, public)],
         "delete_child": [DeletePayload(ProtocolId.ESP, outs)] if outs else [],
@@ -269,44 +286,67 @@ def templates(sender: IkeSa, receiver: IkeSa, public: bytes,
     }
 
 
+#: the exchange each template belongs in (none: any)
+_EXCHANGE = {"child_new": 36, "child_no_ts": 36, "child_odd_transform": 36, "child_rekey": 36,
+             "child_many_ts": 36, "ike_rekey": 36, "delete_child": 37, "delete_ike": 37,
+             "mid_sync": 37}
+
+
+@st.composite
+def header_values(draw: st.DrawFn, receiver: IkeSa, name: str) -> tuple[int, int, bool, bool]:
+    """(exchange, message ID, response flag, flip the I flag). Mostly what the
+    receiver takes (the next request, or the answer to its request in
+    flight) so that the hostile payloads get past the message-ID window;
+    otherwise any values: wrong exchange types, response flag games, IDs 0,
+    2^32-1 and others."""
+    mids = receiver.mids
+    mode = draw(st.sampled_from(["request", "request", "response", "any"]))
+    if mode == "request":
+        exchange = _EXCHANGE.get(name) or draw(st.sampled_from([34, 35, 36, 37]))
+        return exchange, 0 if name == "mid_sync" else mids.recv_next, False, False
+    if mode == "response" and mids.busy and receiver.active is not None:
+        return int(receiver.active.exchange), mids.request_id, True, False
+    expected = mids.recv_next
+    mid = draw(st.one_of(st.sampled_from([expected, max(expected - 1, 0), 0,
+                                          mids.request_id % (MAX_MESSAGE_ID + 1),
+                                          MAX_MESSAGE_ID]),
+                         st.integers(0, MAX_MESSAGE_ID)))
+    exchange = draw(st.one_of(st.sampled_from([34, 35, 36, 37]), st.integers(0, 255)))
+    return exchange, mid, draw(st.booleans()), draw(st.sampled_from([False, False, True]))
+
+
 @st.composite
 def hostile_message(draw: st.DrawFn, p: Pair, target: str) -> bytes:
     """One message for ``target`` from its peer: sealed with the peer's real
-    keys when it has them, in the clear otherwise; hostile header values."""
+    keys when it has them, in the clear otherwise; hostile values."""
     tsa = [s for s in p.engine(target).by_id.values() if not s.terminal]
     psa = [s for s in p.engine(other(target)).by_id.values() if not s.terminal]
     if not tsa:
         return draw(st.binary(max_size=64))
     receiver = draw(st.sampled_from(tsa))
     sender = next((s for s in psa if s.spi_i == receiver.spi_i), None)
+    keyed = sender is not None and sender.sk_out is not None
     spis = [c.spi_out.to_bytes(4, "big") for c in receiver.children.values()]
     spis += [receiver.spi_i, receiver.spi_r]
     public = dh_generate(DhId.ECP_256, deterministic_random(draw(st.integers(0, 3)))).public
-    expected = receiver.mids.recv_next
-    mid = draw(st.one_of(st.sampled_from([expected, expected - 1 if expected else 0, 0,
-                                          receiver.mids.request_id % (MAX_MESSAGE_ID + 1),
-                                          MAX_MESSAGE_ID]),
-                         st.integers(0, MAX_MESSAGE_ID)))
-    exchange = draw(st.one_of(st.sampled_from([34, 35, 36, 37]), st.integers(0, 255)))
-    response = draw(st.booleans())
-    raws = draw(st.lists(raw_payload(spis, public), max_size=4))
+    name = "none"
     template: list[Payload] = []
-    if sender is not None and sender.sk_out is not None:
+    if sender is not None and keyed:
         odd = Transform(TransformType(draw(st.sampled_from([0, 6, 13, 200, 255]))),
                         draw(st.sampled_from([0, 1, 0xFFFF])),
                         draw(st.sampled_from([None, 0, 128, 0xFFFF])))
-        template = templates(sender, receiver, public, odd)[draw(st.sampled_from(
-            ["none", "child_new", "child_no_ts", "child_odd_transform", "child_rekey",
-             "ike_rekey", "delete_child", "delete_ike", "mid_sync"]))]
+        name = draw(st.sampled_from(["none", *_EXCHANGE]))
+        template = templates(sender, receiver, public, odd)[name]
+    exchange, mid, response, flip = draw(header_values(receiver, name))
+    raws = draw(st.one_of(st.just([]), st.lists(raw_payload(spis, public), max_size=3)))
     first_raw, raw_bytes = chain(raws)
     if template:
         first, inner = encode_payloads(template, first_raw)
         inner += raw_bytes
     else:
         first, inner = first_raw, raw_bytes
-    flip = draw(st.sampled_from([False, False, False, True]))
     initiator = (not receiver.initiator) != flip
-    if sender is not None and sender.sk_out is not None and draw(st.integers(0, 9)):
+    if sender is not None and keyed and draw(st.integers(0, 9)):
         return seal_raw(sender, exchange, mid, inner, int(first), response=response,
                         initiator=initiator)
     # In the clear (before keys, or as an unauthenticated forger).

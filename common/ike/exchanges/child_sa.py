@@ -25,6 +25,7 @@ from common.ike.exchanges import ChildRefused, Refused
 from common.ike.keys import derive_child_keymat
 from common.ike.message import IkeMessage
 from common.ike.payloads import (
+    MAX_SELECTORS,
     KePayload,
     NoncePayload,
     NotifyPayload,
@@ -247,8 +248,11 @@ def respond_child(sa: IkeSa, msg: IkeMessage, now: float, *, in_auth: bool,
               for p in sa_p.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
     reason = NotifyType.TS_UNACCEPTABLE
     for policy in policies:
-        remote_ts = narrow(tsi.selectors, policy.remote_ts)
-        local_ts = narrow(tsr.selectors, policy.local_ts)
+        # Narrowing may give more selectors than were proposed (each of up to
+        # 255 with each of ours); a TS payload holds 255 (§3.13), and a
+        # subset is still a narrowing (§2.9).
+        remote_ts = narrow(tsi.selectors, policy.remote_ts)[:MAX_SELECTORS]
+        local_ts = narrow(tsr.selectors, policy.local_ts)[:MAX_SELECTORS]
         if not remote_ts or not local_ts:
             continue
         chosen = choose_proposal(esp_proposals(policy, 0, in_auth=in_auth), theirs)
