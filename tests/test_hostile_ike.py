@@ -662,3 +662,27 @@ def test_huge_traffic_selectors_are_narrowed_to_what_fits() -> None:
     [installed] = p.of("b", ChildSaInstalled)
     assert len(installed.local_ts) == len(installed.remote_ts) == 255
     assert not p.b.drops
+
+
+def test_engine_survives_every_truncation_of_its_own_session() -> None:
+    """Every cut of every message of a session (each exchange, both ways),
+    fed back to the engines that hold those SAs (the live ones after the IKE
+    rekey): nothing raises, now or in any later timer, and the IKE SA still
+    answers DPD both ways."""
+    from tests.test_ike_robustness import full_session
+
+    p = full_session()
+    corpus = [(s, o.data) for s, o in p.wire]
+    for sender, data in corpus:
+        for n in range(len(data)):
+            p.deliver(sender, data[:n])
+            p.deliver(sender, _with_length(data[:n]))
+    p.drain()
+    assert p.a.drops["malformed"] + p.b.drops["malformed"] >= sum(len(d) for _, d in corpus)
+    p.flush()
+    for later in (1.0, 31.0, 1e4):
+        p.a.handle_timer(p.now + later)
+        p.b.handle_timer(p.now + later)
+    p.flush()
+    p.now += 1e4
+    assert p.dpd_ok("a") and p.dpd_ok("b")

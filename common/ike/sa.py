@@ -354,7 +354,7 @@ class IkeSa:
         except RemoteProtocolError as exc:
             # RFC 7296 §2.21.2: a message failing integrity is dropped.
             self._drop(exc.drop_reason)
-            log.info("IKE SA %d: dropped bad response: %s", self.ike_id, exc)
+            log.debug("IKE SA %d: dropped bad response: %s", self.ike_id, exc)
             return
         self.counters["responses_in"] += 1
         self.last_heard = now
@@ -405,7 +405,7 @@ class IkeSa:
             return
         except RemoteProtocolError as exc:
             self._drop(exc.drop_reason)
-            log.info("IKE SA %d: dropped bad request: %s", self.ike_id, exc)
+            log.debug("IKE SA %d: dropped bad request: %s", self.ike_id, exc)
             return
         if maybe_sync and not is_mid_sync_request(msg):
             if verdict is RequestVerdict.RETRANSMIT:
