@@ -6,6 +6,9 @@ Rules of this file:
 - ``RemoteProtocolError`` (the peer misbehaved) and ``LocalProtocolError`` (our
   caller misused the API) stay apart, as in h11.
 - IKE protocol errors carry the notify type they map to as ``notify_type``.
+- Every ``RemoteProtocolError`` names a ``drop_reason``: the stable snake_case
+  key under which a receiver that refuses the input counts it (the IKE engine's
+  ``drops``), so an operator sees what peers get wrong, by cause.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class RemoteProtocolError(IpsecClusterError):
 
     notify_type: int = 0
     notify_data: bytes = b""
+    #: stable snake_case key for drop counters (subclasses name their cause)
+    drop_reason: str = "protocol_error"
     notify_protocol: int = 0
     notify_spi: bytes = b""
 
@@ -35,6 +40,7 @@ class MalformedMessage(RemoteProtocolError):
     bad field values). RFC 7296 maps it to INVALID_SYNTAX (7)."""
 
     notify_type = 7
+    drop_reason = "malformed"
 
 
 class IntegrityError(RemoteProtocolError):
@@ -43,10 +49,14 @@ class IntegrityError(RemoteProtocolError):
     Always one error, whatever the cipher said, so nothing leaks which check
     failed."""
 
+    drop_reason = "integrity"
+
 
 class ReplayError(RemoteProtocolError):
     """An ESP packet whose sequence number was already seen or lies left of the
     anti-replay window (RFC 4303 §3.4.3)."""
+
+    drop_reason = "replay"
 
 
 class PeerTimeout(IpsecClusterError):

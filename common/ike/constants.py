@@ -80,6 +80,15 @@ class TransformType(_OpenEnum):
     INTEG = 3
     DH = 4
     ESN = 5
+    # RFC 9370 §3.2.2: Additional Key Exchange 1..7 (we offer none; an
+    # initiator's NONE for them is accepted, anything else is no match)
+    ADDKE1 = 6
+    ADDKE2 = 7
+    ADDKE3 = 8
+    ADDKE4 = 9
+    ADDKE5 = 10
+    ADDKE6 = 11
+    ADDKE7 = 12
 
 
 class EncrId(_OpenEnum):

@@ -26,6 +26,7 @@ class InvalidKeyExchange(RemoteProtocolError):
     result). RFC 7296 §3.4 leaves the notify to us: INVALID_SYNTAX."""
 
     notify_type = int(NotifyType.INVALID_SYNTAX)
+    drop_reason = "bad_ke"
 
 
 # RFC 3526 §3 (group 14), §4 (group 15) and §5 (group 16); generator 2. The test recomputes them

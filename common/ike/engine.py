@@ -8,6 +8,13 @@ Surface for the shells:
     get_timer() -> float | None ;  handle_timer(now)
     initiate(...), create_child(...), rekey_child(...), rekey_ike(...),
     delete_child(...), delete_ike(...), dpd(...), mid_sync(...)
+
+Hostile input: nothing a peer sends escapes ``receive_datagram`` or a later
+``handle_timer``. Every error the peer can cause is a ``RemoteProtocolError``;
+the engine catches that one base at these two entry points, counts it in
+``drops`` by its ``drop_reason`` and goes on. Our own bugs
+(``LocalProtocolError`` and anything else) are not caught here: the shells
+hold that barrier.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import heapq
 import logging
 from collections import Counter
 
-from common.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
+from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
 from common.ike.cookies import CookieJar, cookie_answer, packed_ip, peek_init
 from common.ike.events import IkeEvent
@@ -101,44 +108,47 @@ class IkeEngine:
         self._due: dict[int, float] = {}
         #: established IKE SAs by (our identity, peer identity), for INITIAL_CONTACT
         self._by_identities: dict[Identities, set[int]] = {}
-        self.drops: Counter[str] = Counter()
+        #: refused peer input by reason (shared with every IKE SA: ctx.drops)
+        self.drops: Counter[str] = self.ctx.drops
 
     # -- datagrams ----------------------------------------------------------------
 
     def receive_datagram(self, data: bytes, remote: Address, local_port: int,
                          now: float) -> None:
-        """One IKE message (without the non-ESP marker) from ``remote``."""
+        """One IKE message (without the non-ESP marker) from ``remote``.
+        Never raises for anything the peer sent (see the top of this file)."""
         try:
-            header = decode_header(data)
+            self._receive(data, remote, local_port, now)
         except InvalidMajorVersion as exc:
             self._invalid_major_version(data, exc, remote, local_port)
-            return
         except RemoteProtocolError as exc:
-            self.drops["malformed"] += 1
-            log.debug("dropped IKE datagram from %s: %s", remote[0], exc)
-            return
+            self.drops[exc.drop_reason] += 1
+            log.debug("dropped IKE datagram from %s (%s): %s", remote[0], exc.drop_reason, exc)
+        self._housekeeping()
+
+    def _receive(self, data: bytes, remote: Address, local_port: int, now: float) -> None:
+        header = decode_header(data)
         if (header.exchange == ExchangeType.IKE_SA_INIT and not header.is_response
                 and header.spi_r == ZERO_SPI):
-            self._init_request(data, remote, local_port, now)
+            self._init_request(header, data, remote, local_port, now)
+            return
+        # The I flag says whether the sender is the original initiator, so
+        # whether our SPI is the responder's or the initiator's.
+        ours = header.spi_r if header.is_initiator else header.spi_i
+        sa = self.sas.get(ours)
+        if sa is None or sa.terminal:
+            self.drops["unknown_spi"] += 1
+            return
+        if header.is_response:
+            sa.receive_response(header, data, remote, local_port, now)
+        elif self._retransmit_limited(sa, header, now):
+            self.drops[DROP_RETRANSMIT_RATE] += 1
         else:
-            # The I flag says whether the sender is the original initiator, so
-            # whether our SPI is the responder's or the initiator's.
-            ours = header.spi_r if header.is_initiator else header.spi_i
-            sa = self.sas.get(ours)
-            if sa is None or sa.terminal:
-                self.drops["unknown_spi"] += 1
-                return
-            if header.is_response:
-                sa.receive_response(header, data, remote, local_port, now)
-            elif self._retransmit_limited(sa, header, now):
-                self.drops[DROP_RETRANSMIT_RATE] += 1
-            else:
-                refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0)
-                sa.receive_request(header, data, remote, local_port, now)
-                refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0) - refused
-                if refused:
-                    self.drops[DROP_NO_ADDITIONAL_SAS] += refused
-        self._housekeeping()
+            refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0)
+            sa.receive_request(header, data, remote, local_port, now)
+            refused = sa.counters.get(DROP_NO_ADDITIONAL_SAS, 0) - refused
+            if refused:
+                self.drops[DROP_NO_ADDITIONAL_SAS] += refused
 
     def _retransmit_limited(self, sa: IkeSa, header: IkeHeader, now: float) -> bool:
         """RFC 7296 §2.1 answers a retransmitted request from the cache; at
@@ -151,38 +161,35 @@ class IkeEngine:
             return False
         return not self.limits.answer_retransmit(sa.ike_id, now)
 
-    def _init_request(self, data: bytes, remote: Address, local_port: int, now: float) -> None:
+    def _init_request(self, header: IkeHeader, data: bytes, remote: Address, local_port: int,
+                      now: float) -> None:
+        """A first IKE_SA_INIT request. Peer errors propagate as
+        RemoteProtocolError to ``receive_datagram`` (dropped, counted)."""
         for _ in range(self.limits.cookie_rotations_due(now)):
             self.cookies.rotate()  # RFC 7296 §2.6: the secret changes periodically
-        try:
-            header = decode_header(data)
-            old = self.half_open.get((header.spi_i, remote[0]))
-            if old is not None and not old.terminal:
-                if data == old.init_request and old.mids.response is not None:
-                    if not self.limits.answer_retransmit(old.ike_id, now):
-                        self.drops[DROP_RETRANSMIT_RATE] += 1
-                        return
-                    self.ctx.outbox.append(Outgoing(old.mids.response, remote, local_port))
-                else:
-                    self.drops["init_for_known_spi"] += 1
-                return
-            if self._shed_init(data, remote, local_port, now):
-                return
-            try:
-                msg = decode_message(data)
-            except UnsupportedCriticalPayload as exc:
-                # RFC 7296 §2.5: even in a first IKE_SA_INIT, name the payload.
-                self.drops["bad_init"] += 1
-                self.ctx.outbox.append(Outgoing(error_answer(
-                    header.spi_i, ExchangeType.IKE_SA_INIT, 0, exc), remote, local_port))
-                return
-            count = self.half_open_count()
-            result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
-                                         count, msg, data, remote, local_port, now, self.limits)
-        except (MalformedMessage, RemoteProtocolError, ValueError) as exc:
-            self.drops["bad_init"] += 1
-            log.info("dropped IKE_SA_INIT from %s: %s", remote[0], exc)
+        old = self.half_open.get((header.spi_i, remote[0]))
+        if old is not None and not old.terminal:
+            if data == old.init_request and old.mids.response is not None:
+                if not self.limits.answer_retransmit(old.ike_id, now):
+                    self.drops[DROP_RETRANSMIT_RATE] += 1
+                    return
+                self.ctx.outbox.append(Outgoing(old.mids.response, remote, local_port))
+            else:
+                self.drops["init_for_known_spi"] += 1
             return
+        if self._shed_init(data, remote, local_port, now):
+            return
+        try:
+            msg = decode_message(data)
+        except UnsupportedCriticalPayload as exc:
+            # RFC 7296 §2.5: even in a first IKE_SA_INIT, name the payload.
+            self.drops["bad_init"] += 1
+            self.ctx.outbox.append(Outgoing(error_answer(
+                header.spi_i, ExchangeType.IKE_SA_INIT, 0, exc), remote, local_port))
+            return
+        count = self.half_open_count()
+        result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
+                                     count, msg, data, remote, local_port, now, self.limits)
         if result.refused:
             self.drops[result.refused] += 1  # no state, no answer (common/ike/limits.py)
             return
@@ -276,7 +283,13 @@ class IkeEngine:
                 continue
             del self._due[ike_id]  # recomputed in _housekeeping
             self.ctx.touched.add(sa)
-            sa.handle_timer(now)
+            try:
+                sa.handle_timer(now)
+            except RemoteProtocolError as exc:
+                # Something the peer sent earlier, found only now (e.g. a
+                # value a queued request is built from): that SA cannot go on.
+                self.drops[exc.drop_reason] += 1
+                sa.fail(f"peer input refused: {exc}")
         self._housekeeping()
 
     def _schedule(self, sa: IkeSa) -> None:

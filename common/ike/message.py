@@ -3,8 +3,9 @@
 Rules of this file:
 - ``decode_header`` alone is what the dispatcher needs to route a datagram.
 - ``decode_message(data)`` without keys decodes a message in the clear and
-  raises ``EncryptedWithoutKeys`` when it meets an SK payload (look the keys
-  up, then call again). ``decode_message(data, sk)`` insists on protection: a
+  raises ``EncryptedWithoutKeys`` (a ``MalformedMessage``: where no keys
+  exist, e.g. in a first IKE_SA_INIT, an SK payload is the peer's error) when
+  it meets an SK payload. ``decode_message(data, sk)`` insists on protection: a
   message without an SK payload raises ``IntegrityError``, so nothing
   unauthenticated slips through a caller that expected keys to be used.
 - Bad bytes raise ``MalformedMessage``; failed authentication
@@ -26,7 +27,6 @@ from typing import TypeVar
 from common.buffer import Reader
 from common.errors import (
     IntegrityError,
-    LocalProtocolError,
     MalformedMessage,
     RemoteProtocolError,
 )
@@ -65,15 +65,20 @@ class InvalidMajorVersion(RemoteProtocolError):
     """The header's major version is not 2 (RFC 7296 §2.5, §3.1)."""
 
     notify_type = NotifyType.INVALID_MAJOR_VERSION
+    drop_reason = "malformed"
 
     def __init__(self, major_version: int) -> None:
         super().__init__(f"IKE major version {major_version}, we speak 2")
         self.major_version = major_version
 
 
-class EncryptedWithoutKeys(LocalProtocolError):
-    """``decode_message`` met an SK payload but was given no keys: the caller
-    must look up the IKE SA (by SPI) and decode again with its ``SkCipher``."""
+class EncryptedWithoutKeys(MalformedMessage):
+    """``decode_message`` met an SK payload but was given no keys. Callers
+    that have keys pass them; without keys (a first IKE_SA_INIT, an IKE SA
+    before IKE_SA_INIT completed) nothing can be encrypted yet (RFC 7296
+    §1.2), so this is bad input from the peer, dropped and counted."""
+
+    drop_reason = "sk_without_keys"
 
 
 @dataclass(slots=True, frozen=True)

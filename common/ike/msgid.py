@@ -7,6 +7,9 @@ Rules of this file:
 - Retransmits back off exponentially: timeout * base**n, ``tries`` times, then
   the exchange has failed and the IKE SA is dead (§2.4).
 - Time is an argument; there is no clock here.
+- Message IDs never wrap (RFC 7296 §2.2): once ``send_next`` has passed
+  MAX_MESSAGE_ID the IKE SA can send no request (``exhausted``) and must end;
+  a ``recv_next`` past it means the peer can send none.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from common.errors import PeerTimeout
+from common.errors import LocalProtocolError, PeerTimeout
+from common.ike.message import MAX_MESSAGE_ID
 
 
 class RequestVerdict(Enum):
@@ -56,8 +60,16 @@ class MessageIds:
     def busy(self) -> bool:
         return self.request is not None
 
+    @property
+    def exhausted(self) -> bool:
+        """No message ID left for a request of ours (RFC 7296 §2.2)."""
+        return self.send_next > MAX_MESSAGE_ID
+
     def take_request_id(self) -> int:
         mid = self.send_next
+        if mid > MAX_MESSAGE_ID:
+            # Callers check ``exhausted`` first (IkeSa.kick ends the SA).
+            raise LocalProtocolError(f"message ID {mid} past 2^32-1 (RFC 7296 §2.2)")
         self.send_next += 1
         return mid
 

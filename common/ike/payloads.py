@@ -48,6 +48,7 @@ CRITICAL_BIT = 0x80
 MAX_PAYLOAD_LEN = 0xFFFF
 
 NONCE_MIN_LEN = 16  # RFC 7296 §3.9
+MAX_SELECTORS = 0xFF  # RFC 7296 §3.13: Number of TSs is one octet
 NONCE_MAX_LEN = 256
 
 # RFC 7296 §3.3.1/§3.3.2: the "Last Substructure" values.
@@ -87,6 +88,7 @@ class UnsupportedCriticalPayload(RemoteProtocolError):
     notification data is the one-octet payload type (``notify_data``)."""
 
     notify_type = NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD
+    drop_reason = "unsupported_critical_payload"
 
     def __init__(self, payload_type: int) -> None:
         super().__init__(f"unsupported critical payload type {payload_type}")

@@ -3,7 +3,10 @@
 Rules of this file:
 - Configuration strings use strongSwan's syntax ("aes128gcm16-prfsha256-ecp256");
   an unknown token is a ValueError naming it and listing what is supported.
-- Negotiation works on ``Proposal``/``Transform`` data only. A transform type
+- Negotiation works on ``Proposal``/``Transform`` data only. A proposal with
+  a transform type we do not know for its protocol is unacceptable (RFC 7296
+  §3.3.6), whatever else it holds: it never matches, so nothing downstream
+  (``ike_suite``/``esp_suite``) sees a type it cannot run. A transform type
   absent from a proposal counts as the single transform ID 0 (NONE / NO_ESN),
   the same as RFC 7296 §3.3.3 lets a peer write "DH: NONE" explicitly; ENCR and
   PRF have no ID 0, so they always have to be there.
@@ -358,14 +361,36 @@ def parse_esp_proposals(text: str) -> list[Proposal]:
 # -- negotiation ---------------------------------------------------------------
 
 
+#: RFC 9370 additional key exchanges: known, but only NONE (ID 0) is ours.
+ADDKE_TYPES = frozenset({_T.ADDKE1, _T.ADDKE2, _T.ADDKE3, _T.ADDKE4, _T.ADDKE5,
+                         _T.ADDKE6, _T.ADDKE7})
+
+#: The transform types each protocol has (RFC 7296 §3.3.3, RFC 9370 §2.2.2).
+KNOWN_TYPES: dict[ProtocolId, frozenset[TransformType]] = {
+    ProtocolId.IKE: frozenset({_T.ENCR, _T.PRF, _T.INTEG, _T.DH}) | ADDKE_TYPES,
+    ProtocolId.ESP: frozenset({_T.ENCR, _T.INTEG, _T.DH, _T.ESN}) | ADDKE_TYPES,
+}
+
+
+def _no_addke(chosen: Proposal) -> bool:
+    """A chosen proposal asks for no additional key exchange (NONE or absent)."""
+    return all(t.id == 0 for t in chosen.transforms if t.type in ADDKE_TYPES)
+
+
+def understood(proposal: Proposal) -> bool:
+    """Every transform type of ``proposal`` is one its protocol has."""
+    known = KNOWN_TYPES.get(proposal.protocol, frozenset())
+    return all(t.type in known for t in proposal.transforms)
+
+
 def _options(proposal: Proposal, ttype: TransformType) -> list[Transform]:
     """The transforms of one type; an absent type is the single ID 0 (NONE)."""
     return proposal.of_type(ttype) or [Transform(ttype, 0)]
 
 
 def _select(mine: Proposal, offered: Proposal) -> Proposal | None:
-    if mine.protocol != offered.protocol:
-        return None
+    if mine.protocol != offered.protocol or not understood(offered):
+        return None  # RFC 7296 §3.3.6: an unknown transform type
     types = sorted({t.type for t in mine.transforms} | {t.type for t in offered.transforms})
     picked: list[Transform] = []
     for ttype in types:
@@ -403,6 +428,8 @@ def proposal_matches(offered: Proposal | list[Proposal], chosen: Proposal) -> bo
     if isinstance(offered, list):
         return any(proposal_matches(p, chosen) for p in offered if p.number == chosen.number)
     if chosen.protocol != offered.protocol or chosen.number != offered.number:
+        return False
+    if not understood(chosen):
         return False
     types = [t.type for t in chosen.transforms]
     if len(types) != len(set(types)):
@@ -443,8 +470,7 @@ def _key_bits(encr: Transform) -> int:
 
 def ike_suite(chosen: Proposal) -> IkeSuite:
     """The IkeSuite of a negotiated IKE proposal; ValueError if we do not support it."""
-    known = {_T.ENCR, _T.PRF, _T.INTEG, _T.DH}
-    if chosen.protocol != ProtocolId.IKE or any(t.type not in known for t in chosen.transforms):
+    if chosen.protocol != ProtocolId.IKE or not understood(chosen) or not _no_addke(chosen):
         raise ValueError(f"not an IKE proposal we support: {chosen!r}")
     encr = _one(chosen, _T.ENCR)
     prf = _one(chosen, _T.PRF)
@@ -468,8 +494,7 @@ def ike_suite(chosen: Proposal) -> IkeSuite:
 def esp_suite(chosen: Proposal) -> EspSuite:
     """The EspSuite of a negotiated ESP proposal; ValueError if common.esp
     cannot run it. An absent DH means no PFS, an absent ESN means NO_ESN."""
-    known = {_T.ENCR, _T.INTEG, _T.DH, _T.ESN}
-    if chosen.protocol != ProtocolId.ESP or any(t.type not in known for t in chosen.transforms):
+    if chosen.protocol != ProtocolId.ESP or not understood(chosen) or not _no_addke(chosen):
         raise ValueError(f"not an ESP proposal we support: {chosen!r}")
     encr = _one(chosen, _T.ENCR)
     integ = _maybe(chosen, _T.INTEG)

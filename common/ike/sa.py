@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -29,7 +29,7 @@ from common.ike.constants import ExchangeType, IdType, ProtocolId
 from common.ike.events import IkeEvent, IkeSaFailed
 from common.ike.keys import IkeKeys
 from common.ike.message import (
-    EncryptedWithoutKeys,
+    MAX_MESSAGE_ID,
     IkeHeader,
     IkeMessage,
     decode_message,
@@ -100,6 +100,9 @@ class IkeContext:
     #: IKE SAs established with N(INITIAL_CONTACT) from the peer (RFC 7296
     #: §2.4): the engine deletes the other IKE SAs of the same identities
     initial_contact: list[IkeSa] = field(default_factory=list)
+    #: peer input refused, by stable reason (``RemoteProtocolError.drop_reason``);
+    #: the engine's ``drops``
+    drops: Counter[str] = field(default_factory=Counter)
     next_id: int = 1
 
     def new_id(self) -> int:
@@ -312,11 +315,16 @@ class IkeSa:
         if self.state is IkeState.HALF_OPEN:
             return
         while self.active is None and self.queue and not self.terminal:
+            fixed = getattr(self.queue[0], "fixed_mid", None)
+            if fixed is None and self.mids.exhausted:
+                # RFC 7296 §2.2: message IDs never wrap, and without one not
+                # even a delete can be sent: the IKE SA ends here.
+                self.fail(f"message IDs exhausted (next would be {self.mids.send_next})")
+                return
             task = self.queue.popleft()
             payloads = task.build(self, now)
             if payloads is None:
                 continue
-            fixed = getattr(task, "fixed_mid", None)
             mid = self.mids.take_request_id() if fixed is None else fixed
             data = self.encode(task.exchange, mid, False, payloads)
             self.mids.sent_request(mid, data, now)
@@ -339,22 +347,30 @@ class IkeSa:
                          local_port: int, now: float) -> None:
         self.ctx.touched.add(self)
         if not self.mids.is_our_response(header.message_id) or self.active is None:
-            self.counters["dropped"] += 1
+            self._drop("unexpected_response")
             return
         try:
             msg = decode_message(data, self.sk_in)
-        except (RemoteProtocolError, EncryptedWithoutKeys) as exc:
+        except RemoteProtocolError as exc:
             # RFC 7296 §2.21.2: a message failing integrity is dropped.
-            self.counters["dropped"] += 1
-            log.info("IKE SA %d: dropped bad response: %s", self.ike_id, exc)
+            self._drop(exc.drop_reason)
+            log.debug("IKE SA %d: dropped bad response: %s", self.ike_id, exc)
             return
         self.counters["responses_in"] += 1
         self.last_heard = now
         self.last_message = data
         self.mids.response_received()
         task, self.active = self.active, None
-        task.process(self, msg, now)
-        self.kick(now)
+        try:
+            task.process(self, msg, now)
+        finally:
+            # A bad answer ends its exchange only: the next request goes
+            # out (the engine counts the error itself).
+            self.kick(now)
+
+    def _drop(self, reason: str) -> None:
+        self.counters["dropped"] += 1
+        self.ctx.drops[reason] += 1
 
     def receive_request(self, header: IkeHeader, data: bytes, remote: Address,
                         local_port: int, now: float) -> None:
@@ -371,7 +387,13 @@ class IkeSa:
             self._answer_retransmit(data, remote, local_port)
             return
         if verdict is RequestVerdict.INVALID and not maybe_sync:
-            self.counters["dropped"] += 1
+            self._drop("bad_message_id")
+            return
+        if self.sk_in is None:
+            # RFC 7296 §1.2: no request reaches an IKE SA before its keys
+            # exist (the peer answers our IKE_SA_INIT first): not even an
+            # unprotected error answer goes out, which would use up ID 0.
+            self._drop("unexpected_exchange")
             return
         try:
             msg = decode_message(data, self.sk_in)
@@ -381,15 +403,15 @@ class IkeSa:
                               False, not self.initiator, [])
             self.respond(stub, [notify_for(exc)], now, request=data)
             return
-        except (RemoteProtocolError, EncryptedWithoutKeys) as exc:
-            self.counters["dropped"] += 1
-            log.info("IKE SA %d: dropped bad request: %s", self.ike_id, exc)
+        except RemoteProtocolError as exc:
+            self._drop(exc.drop_reason)
+            log.debug("IKE SA %d: dropped bad request: %s", self.ike_id, exc)
             return
         if maybe_sync and not is_mid_sync_request(msg):
             if verdict is RequestVerdict.RETRANSMIT:
                 self._answer_retransmit(data, remote, local_port)
             else:
-                self.counters["dropped"] += 1
+                self._drop("bad_message_id")
             return
         self.counters["requests_in"] += 1
         self.last_heard = now
@@ -399,7 +421,7 @@ class IkeSa:
         try:
             payloads = dispatch_request(self, msg, now)
         except DropRequest as exc:
-            self.counters["dropped"] += 1
+            self._drop(exc.drop_reason)
             log.info("IKE SA %d: request dropped: %s", self.ike_id, exc)
             return
         except RemoteProtocolError as exc:
@@ -439,6 +461,14 @@ class IkeSa:
             # After answering an IKE rekey: child exchanges moved to the new SA.
             self.successor.kick(now)
         if self.state in TERMINAL:
+            return
+        if self.mids.recv_next > MAX_MESSAGE_ID and self.state is IkeState.ESTABLISHED:
+            # RFC 7296 §2.2: the peer has used its last message ID; it can
+            # send no request on this IKE SA again (not even a rekey), so
+            # we close it while our own IDs still allow the delete.
+            from common.ike.exchanges.informational import IkeDeleteTask
+
+            self.queue_task(IkeDeleteTask("peer's message IDs exhausted"), now)
             return
         self.kick(now)
 

@@ -32,6 +32,8 @@ class Refused(RemoteProtocolError):
         self.notify_protocol = protocol
         self.notify_spi = spi
 
+    drop_reason = "refused"
+
 
 class ChildRefused(Refused):
     """A child SA request we answer with an error notify (the IKE SA lives on)."""
@@ -41,11 +43,14 @@ class UnexpectedExchange(RemoteProtocolError):
     """A request that this IKE SA cannot take in its state (RFC 7296 §2.21)."""
 
     notify_type = int(NotifyType.INVALID_SYNTAX)
+    drop_reason = "unexpected_exchange"
 
 
 class DropRequest(RemoteProtocolError):
     """A request that must be dropped silently, without an answer (e.g. an
     RFC 6311 §5.1 sync whose M1 is not above what we have seen)."""
+
+    drop_reason = "request_dropped"
 
 
 def classify(msg: IkeMessage) -> str:

@@ -26,6 +26,7 @@ from common.ike.keys import derive_child_keymat
 from common.ike.limits import CHILD_SA_MAX_PER_IKE_SA, DROP_NO_ADDITIONAL_SAS
 from common.ike.message import IkeMessage
 from common.ike.payloads import (
+    MAX_SELECTORS,
     KePayload,
     NoncePayload,
     NotifyPayload,
@@ -48,12 +49,17 @@ log = logging.getLogger("ipsec_cluster.ike")
 REKEY_RETRY_S = 10.0
 
 
+#: We run tunnel mode only (the data plane has no transport mode).
+TRANSPORT_MODE_REFUSED = "transport mode requested, not supported"
+
+
 class ChildUnacceptable(ChildRefused):
     """The responder's answer created a child we cannot take (traffic
-    selectors wider than we offered): we delete it (RFC 7296 §2.9)."""
+    selectors wider than we offered, RFC 7296 §2.9; transport mode we did not
+    ask for, §1.3.1): we delete it."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(NotifyType.TS_UNACCEPTABLE, reason)
+    def __init__(self, reason: str, notify: NotifyType = NotifyType.TS_UNACCEPTABLE) -> None:
+        super().__init__(notify, reason)
 
 
 def _strip_dh(p: Proposal) -> list[Transform]:
@@ -161,7 +167,7 @@ def finish_initiated_child(sa: IkeSa, offer: ChildOffer, msg: IkeMessage, now: f
         sa.queue_task(RefusedChildDeleteTask(offer.spi_in), now)
         offer.released = True
         sa.ctx.events.append(ChildSaFailed(sa.ike_id, offer.policy.name,
-                                           f"{exc} ({NotifyType.TS_UNACCEPTABLE.name})"))
+                                           f"{exc} ({NotifyType(exc.notify_type).name})"))
         log.warning("IKE SA %d: child %s refused, deleting it: %s", sa.ike_id,
                     offer.policy.name, exc)
         return None
@@ -180,6 +186,11 @@ def _finish(sa: IkeSa, offer: ChildOffer, msg: IkeMessage, now: float, *,
     sa_p, tsi, tsr = msg.get(SaPayload), msg.get(TsiPayload), msg.get(TsrPayload)
     if sa_p is None or tsi is None or tsr is None or len(sa_p.proposals) != 1:
         raise ChildRefused(NotifyType.INVALID_SYNTAX, "child SA answer without SA, TSi or TSr")
+    if msg.has_notify(NotifyType.USE_TRANSPORT_MODE):
+        # §1.3.1: only an answer to a request that asked for it may say so;
+        # the peer's half would not be the tunnel ours is.
+        raise ChildUnacceptable("peer answered in transport mode, which we did not request",
+                                NotifyType.NO_PROPOSAL_CHOSEN)
     chosen = sa_p.proposals[0]
     if not proposal_matches(offer.proposals, chosen) or len(chosen.spi) != 4:
         raise ChildRefused(NotifyType.NO_PROPOSAL_CHOSEN, "peer chose an ESP proposal we "
@@ -224,12 +235,25 @@ def respond_child(sa: IkeSa, msg: IkeMessage, now: float, *, in_auth: bool,
     policies = list(sa.policy.children.values())
     if rekeyed is not None:
         policies = [p for p in policies if p.name == rekeyed.name] or policies
+    if msg.has_notify(NotifyType.USE_TRANSPORT_MODE):
+        # RFC 7296 §1.3.1: a responder that cannot do transport mode refuses
+        # the child rather than answering in tunnel mode (which the peer
+        # would install as transport). In IKE_AUTH the IKE SA still comes up.
+        name = next((p.name for p in policies if narrow(tsi.selectors, p.remote_ts)
+                     and narrow(tsr.selectors, p.local_ts)), "")
+        sa.ctx.events.append(ChildSaFailed(sa.ike_id, name, TRANSPORT_MODE_REFUSED))
+        log.info("IKE SA %d: child %s refused: %s", sa.ike_id, name or "?",
+                 TRANSPORT_MODE_REFUSED)
+        raise ChildRefused(NotifyType.NO_PROPOSAL_CHOSEN, TRANSPORT_MODE_REFUSED)
     theirs = [Proposal(p.number, p.protocol, p.spi, _strip_dh(p) if in_auth else p.transforms)
               for p in sa_p.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
     reason = NotifyType.TS_UNACCEPTABLE
     for policy in policies:
-        remote_ts = narrow(tsi.selectors, policy.remote_ts)
-        local_ts = narrow(tsr.selectors, policy.local_ts)
+        # Narrowing may give more selectors than were proposed (each of up to
+        # 255 with each of ours); a TS payload holds 255 (§3.13), and a
+        # subset is still a narrowing (§2.9).
+        remote_ts = narrow(tsi.selectors, policy.remote_ts)[:MAX_SELECTORS]
+        local_ts = narrow(tsr.selectors, policy.local_ts)[:MAX_SELECTORS]
         if not remote_ts or not local_ts:
             continue
         chosen = choose_proposal(esp_proposals(policy, 0, in_auth=in_auth), theirs)
@@ -315,12 +339,16 @@ class ChildCreateTask:
 
 
 def _invalid_ke_retry(msg: IkeMessage, offer: ChildOffer) -> DhId | None:
+    """The group to retry a CREATE_CHILD_SA with after INVALID_KE_PAYLOAD
+    (RFC 7296 §1.3): one we offered and did not send; None for any other
+    (the child then fails like any refused one)."""
     n = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
-    if n is None or len(n.data) < 2:
+    if n is None or len(n.data) != 2:
         return None
-    wanted = int.from_bytes(n.data[:2], "big")
+    wanted = int.from_bytes(n.data, "big")
     offered = {t.id for p in offer.proposals for t in p.of_type(TransformType.DH)}
-    return DhId(wanted) if wanted in offered else None
+    sent = offer.dh.group if offer.dh is not None else DhId.NONE
+    return DhId(wanted) if wanted in offered and wanted not in (sent, DhId.NONE) else None
 
 
 @dataclass(slots=True)

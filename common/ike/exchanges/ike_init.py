@@ -111,8 +111,10 @@ class IkeInitTask:
             if cookie is not None:
                 self.cookie = cookie.data
             if invalid_ke is not None:
-                wanted = int.from_bytes(invalid_ke.data[:2], "big")
-                if wanted == self.group or not _offered_group(sa.policy, wanted):
+                # RFC 7296 §3.10.1: two octets; anything else names no group.
+                wanted = int.from_bytes(invalid_ke.data, "big") if len(
+                    invalid_ke.data) == 2 else -1
+                if wanted == self.group or not offered_group(sa.policy, wanted):
                     sa.fail(f"peer wants DH group {wanted}, which we did not offer")
                     return
                 self.group = DhId(wanted)
@@ -162,7 +164,7 @@ class IkeInitTask:
         sa.install_keys(suite, derive_ike_keys(suite, sa.ni, sa.nr, shared, sa.spi_i, sa.spi_r))
 
 
-def _offered_group(policy: IkePolicy, group: int) -> bool:
+def offered_group(policy: IkePolicy, group: int) -> bool:
     return any(t.id == group for p in policy.proposals for t in p.of_type(TransformType.DH))
 
 

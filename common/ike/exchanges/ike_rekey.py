@@ -20,7 +20,7 @@ from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId
 from common.ike.dh import DhKeyPair, dh_generate
 from common.ike.events import IkeSaRekeyed
 from common.ike.exchanges import Refused
-from common.ike.exchanges.ike_init import numbered
+from common.ike.exchanges.ike_init import numbered, offered_group
 from common.ike.keys import derive_rekeyed_ike_keys
 from common.ike.message import IkeMessage
 from common.ike.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
@@ -123,9 +123,13 @@ class IkeRekeyTask:
         if sa.policy is None or self.dh is None:
             return
         invalid_ke = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
-        if invalid_ke is not None and self.group is None and len(invalid_ke.data) >= 2:
-            sa.queue_task(IkeRekeyTask(DhId(int.from_bytes(invalid_ke.data[:2], "big"))), now,
-                          first=True)
+        wanted = _wanted_group(invalid_ke)
+        if (invalid_ke is not None and self.group is None and wanted != self.dh.group
+                and offered_group(sa.policy, wanted)):
+            # RFC 7296 §1.3.2/§2.7: retry once with the group the peer asks
+            # for, if we offered it; any other INVALID_KE fails this rekey
+            # like any refusal (below), never the IKE SA or the engine.
+            sa.queue_task(IkeRekeyTask(DhId(wanted)), now, first=True)
             return
         errors = [n for n in msg.get_all(NotifyPayload) if n.notify_type.is_error]
         if errors and sa.peer_rekey is not None:
@@ -178,6 +182,14 @@ class IkeRekeyTask:
 
     def failed(self, sa: IkeSa, now: float) -> None:
         pass
+
+
+def _wanted_group(n: NotifyPayload | None) -> int:
+    """The group an INVALID_KE_PAYLOAD names (two octets, RFC 7296 §3.10.1),
+    or -1 when it names none."""
+    if n is None or len(n.data) != 2:
+        return -1
+    return int.from_bytes(n.data, "big")
 
 
 def handle_ike_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:

@@ -18,7 +18,7 @@ from common.ike.child import ChildInput, ChildSa, ChildState
 from common.ike.constants import ExchangeType, NotifyType, ProtocolId
 from common.ike.events import ChildSaDeleted, DpdSucceeded, IkeSaDeleted, MessageIdsSynced
 from common.ike.exchanges import DropRequest, Refused
-from common.ike.message import IkeMessage
+from common.ike.message import MAX_MESSAGE_ID, IkeMessage
 from common.ike.payloads import DeletePayload, NotifyPayload, Payload
 
 if TYPE_CHECKING:
@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipsec_cluster.ike")
 
 _MID_SYNC = struct.Struct("!4sII")  # nonce, EXPECTED_SEND_REQ_MESSAGE_ID, EXPECTED_RECV_REQ...
+
+
+class MessageIdsExhausted(DropRequest):
+    """A MID sync that would announce a message ID past 2^32-1: IDs never
+    wrap (RFC 7296 §2.2), so there is nothing to synchronise to."""
+
+    drop_reason = "message_ids_exhausted"
 
 
 def child_gone(sa: IkeSa, child: ChildSa, reason: str) -> None:
@@ -156,6 +163,10 @@ class MidSyncTask:
         # RFC 6311 §5.1: the peer drops a sync whose M1 is not above every M1
         # it has seen, so each of ours announces a higher one.
         send = max(sa.mids.send_next + self.margin, sa.mid_sync_m1_sent + 1, 1)
+        if send > MAX_MESSAGE_ID or sa.mids.recv_next > MAX_MESSAGE_ID:
+            # RFC 7296 §2.2: no ID left to announce; the IKE SA is used up.
+            sa.fail(f"message IDs exhausted, no MID sync possible ({send})")
+            return None
         sa.mid_sync_m1_sent = send
         return [NotifyPayload(NotifyType.IKEV2_MESSAGE_ID_SYNC,
                               data=_MID_SYNC.pack(self.nonce, send, sa.mids.recv_next))]
@@ -263,6 +274,8 @@ def handle_mid_sync(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     ours = mids.request_id if mids.busy and not isinstance(sa.active, MidSyncTask) \
         else mids.send_next
     p2 = max(p1, ours)
+    if m2 > MAX_MESSAGE_ID or p2 > MAX_MESSAGE_ID:
+        raise MessageIdsExhausted(f"MID sync past the last message ID ({m2}, {p2})")
     mids.recv_next = m2
     mids.send_next = max(mids.send_next, p2)
     sa.ctx.events.append(MessageIdsSynced(sa.ike_id, p2, m2))
