@@ -129,5 +129,6 @@ def make_inside(config: InsideConfig, *, address: str | None = None,
     if config.kind == "tun":
         return TunDevice(config.name, address=address, routes=routes, mtu=mtu,
                          table=config.route_table, mark=config.route_mark)
-    assert config.host is not None and config.bind_host is not None
+    if config.host is None or config.bind_host is None:
+        raise ValueError("a udp inside needs a host and a bind host (common/config.py sets both)")
     return UdpInside((str(config.host), config.port), (str(config.bind_host), config.bind_port))

@@ -212,7 +212,8 @@ def _peer_main(argv: list[str]) -> int:
             return out
 
         async def traffic(self) -> int:
-            assert self.inside is not None
+            if self.inside is None:
+                raise RuntimeError("traffic() before the inside was opened")
             rec = Recorder(self.inside)
             self.inside = rec
             self.options.traffic_size = args.size
@@ -736,7 +737,8 @@ class Demo:
                     self.peer_events.put(json.loads(line))
             self.peer_events.put({"event": "exit"})
 
-        assert peer.proc.stdout is not None
+        if peer.proc.stdout is None:
+            raise RuntimeError("the peer was started without a stdout pipe")
         threading.Thread(target=read, args=(peer.proc.stdout,), daemon=True).start()
         return peer
 
@@ -828,7 +830,8 @@ class Demo:
 
     def _since_kill(self, at: float) -> str:
         """"150 ms after the kill" (or before it)."""
-        assert self.fo.killed_at is not None
+        if self.fo.killed_at is None:
+            raise RuntimeError("failover summary before the kill")
         ms = (at - self.fo.killed_at) * 1000
         span = f"{abs(ms):.0f} ms" if abs(ms) < 2000 else f"{abs(ms) / 1000:.1f} s"
         return f"{span} {'after' if ms >= 0 else 'before'} the kill"
@@ -1076,7 +1079,8 @@ class Demo:
 
     def _loss(self, bad: list[str]) -> list[str]:
         fo, d = self.fo, self.done or {}
-        assert fo.killed_at is not None
+        if fo.killed_at is None:
+            raise RuntimeError("failover summary before the kill")
         labels: list[str] = d.get("children", [])
         runs = d.get("lost_runs", [])
         fo_end = (fo.dead_at or fo.killed_at) + 1.0

@@ -438,7 +438,8 @@ class Peer(Gateway):
 
     async def _traffic(self) -> TrafficResult:
         opts = self.options
-        assert opts.traffic_pps is not None
+        if opts.traffic_pps is None:
+            raise ValueError("traffic needs --traffic-pps")
         counting = _CountingInside(self.inside) if self.inside is not None else None
         self.inside = counting
         templates = self._templates()
