@@ -61,6 +61,17 @@ class MsgType(enum.IntEnum):
     SYNC = 14
 
 
+class Channel(enum.IntEnum):
+    """A member's connections to the dispatcher, each opened by a HELLO that
+    names it and bound to the member id its CURVE key authenticates
+    (DESIGN.md "Trust model"): the live one (everything but what follows),
+    the heartbeat thread's, and the bulk state transfers'."""
+
+    LIVE = 1
+    HEARTBEAT = 2
+    BULK = 3
+
+
 # -- messages ------------------------------------------------------------------------
 
 
@@ -160,10 +171,16 @@ class RouteDel:
 
 @dataclass(slots=True, frozen=True)
 class Hello:
+    """member -> dispatcher: opens one of the member's channels. The LIVE
+    HELLO asks for a new incarnation (answered with its sender id); HEARTBEAT
+    and BULK ones name the incarnation they belong to (``sender_id``)."""
+
     member_id: int
     pid: int
     host: str
     version: str
+    channel: Channel = Channel.LIVE
+    sender_id: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -460,10 +477,18 @@ def _body_hello(w: Writer, m: Hello) -> None:
     w.push_uint32(m.pid)
     push_str(w, m.host)
     push_str(w, m.version)
+    w.push_uint8(m.channel)
+    w.push_uint16(m.sender_id)
 
 
 def _pull_hello(r: Reader) -> Hello:
-    return Hello(r.pull_uint16(), r.pull_uint32(), pull_str(r), pull_str(r))
+    member_id, pid, host, version = r.pull_uint16(), r.pull_uint32(), pull_str(r), pull_str(r)
+    channel = r.pull_uint8()
+    try:
+        kind = Channel(channel)
+    except ValueError:
+        raise MalformedMessage(f"HELLO for unknown channel {channel}") from None
+    return Hello(member_id, pid, host, version, kind, r.pull_uint16())
 
 
 def _body_child_delete(w: Writer, m: ChildDelete) -> None:

@@ -209,6 +209,15 @@ class Membership:
                 if self.balancing:
                     self._autobalance(now)
 
+    def fence(self, member_id: int, pid: int) -> None:
+        """The supervisor saw this incarnation's process end: it is dead now,
+        not after ``dead_after`` heartbeats, so that its successor's HELLO is
+        taken (a HELLO for a live member id is refused)."""
+        info = self.members.get(member_id)
+        if info is not None and info.alive and info.pid == pid:
+            log.warning("member %d (pid %d) exited: fenced", member_id, pid)
+            self._dead(info)
+
     def _dead(self, info: MemberInfo) -> None:
         info.alive = False
         log.warning("member %d declared dead (no heartbeat for %d intervals)", info.member_id,

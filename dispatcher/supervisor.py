@@ -22,11 +22,14 @@ import zmq
 import zmq.asyncio
 
 from common.config import Config
+from common.errors import StartupError
 from dispatcher.cluster import Dispatcher
+from dispatcher.trust import KeyRing, secure_run_dir
 
 log = logging.getLogger("ipsec_cluster.supervisor")
 
 RESTART_DELAY_S = 0.5
+SOCKETS = ("control.ipc", "members.ipc")
 
 
 def run_dir(config: Config, config_path: str) -> Path:
@@ -54,12 +57,17 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.dir = run_dir(config, config_path)
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secure_run_dir(self.dir, SOCKETS)
         endpoint = members_endpoint(config, config_path)
+        # CURVE on every transport (DESIGN.md "Trust model"): on ipc:// a key
+        # pair of this run; the members we start get a key pair each.
+        self.keys = KeyRing()
         curve = None
         if endpoint.startswith("tcp://"):
-            curve = load_server_curve(config, config_path)
-        self.dispatcher = Dispatcher(config, endpoint, curve=curve)
+            public, secret, allowed = load_server_curve(config, config_path)
+            curve = (public, secret)
+            self.keys.load_authorized(Path(allowed))
+        self.dispatcher = Dispatcher(config, endpoint, curve=curve, keys=self.keys)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
 
@@ -68,9 +76,18 @@ class Supervisor:
         if endpoint.startswith("tcp://"):
             endpoint = endpoint.replace("tcp://0.0.0.0", "tcp://127.0.0.1")
         argv = [sys.executable, "-m", "dispatcher.cli", "member", "--config", self.config_path,
-                "--id", str(member_id), "--connect", endpoint]
-        self.procs[member_id] = subprocess.Popen(argv)
-        log.info("started member %d (pid %d)", member_id, self.procs[member_id].pid)
+                "--id", str(member_id), "--connect", endpoint, "--key-stdin"]
+        # A key pair for this incarnation only: the secret goes down a pipe
+        # (never argv or the environment, which other local users can read).
+        public, secret = zmq.curve_keypair()
+        self.keys.register_local(member_id, public)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        if proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(b" ".join((public, secret, self.dispatcher.curve[0])) + b"\n")
+            proc.stdin.close()
+        self.procs[member_id] = proc
+        log.info("started member %d (pid %d)", member_id, proc.pid)
 
     async def _watch(self) -> None:
         while not self.stopping:
@@ -89,6 +106,7 @@ class Supervisor:
                 if proc.poll() is not None and not self.stopping:
                     log.warning("member %d (pid %d) exited with %s; starting it again",
                                 member_id, proc.pid, proc.returncode)
+                    self.dispatcher.fence(member_id, proc.pid)
                     await asyncio.sleep(RESTART_DELAY_S)
                     if not self.stopping:
                         self._spawn(member_id)
@@ -98,6 +116,7 @@ class Supervisor:
         rep = ctx.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 0)
         rep.bind(control_endpoint(self.config, self.config_path))
+        _private(control_endpoint(self.config, self.config_path))
         try:
             while not self.stopping:
                 request = await rep.recv()
@@ -124,11 +143,13 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         await self.dispatcher.start()
+        _private(self.dispatcher.endpoint)
         self._metrics()
         for member_id in range(1, self.config.cluster.members + 1):
             self._spawn(member_id)
         tasks = [asyncio.ensure_future(self.dispatcher._members_loop()),
                  asyncio.ensure_future(self.dispatcher._monitor()),
+                 asyncio.ensure_future(self.dispatcher._watch_handshakes()),
                  asyncio.ensure_future(self._watch()),
                  asyncio.ensure_future(self._control())]
         try:
@@ -146,7 +167,7 @@ class Supervisor:
         """Our sockets go with us (not a configured ``control`` folder)."""
         if self.config.cluster.control:
             return
-        for name in ("control.ipc", "members.ipc"):
+        for name in SOCKETS:
             with contextlib.suppress(OSError):
                 (self.dir / name).unlink()
         with contextlib.suppress(OSError):
@@ -167,6 +188,13 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         log.info("all members stopped")
+
+
+def _private(endpoint: str) -> None:
+    """An ipc:// socket file only we can connect to (besides its 0700 folder)."""
+    if endpoint.startswith("ipc://"):
+        with contextlib.suppress(OSError):
+            os.chmod(endpoint[len("ipc://"):], 0o600)
 
 
 def load_server_curve(config: Config, config_path: str) -> tuple[bytes, bytes, str]:
@@ -204,10 +232,29 @@ def load_member_curve(config: Config, config_path: str) -> tuple[bytes, bytes, b
     return public, secret, server
 
 
-def run_member(config: Config, config_path: str, member_id: int, endpoint: str) -> int:
+def read_key_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """(our public key, our secret key, the dispatcher's public key), z85,
+    as the supervisor writes them to a member's stdin."""
+    parts = line.split()
+    if len(parts) != 3 or any(len(p) != 40 for p in parts):
+        raise StartupError("--key-stdin: expected one line 'public secret server' of z85 "
+                           "CURVE keys on stdin (the supervisor writes it)")
+    return parts[0], parts[1], parts[2]
+
+
+def run_member(config: Config, config_path: str, member_id: int, endpoint: str, *,
+               key_stdin: bool = False) -> int:
     from member.process import MemberProcess
 
-    curve = load_member_curve(config, config_path) if endpoint.startswith("tcp://") else None
+    if key_stdin:
+        curve = read_key_line(sys.stdin.buffer.readline(256))
+    elif endpoint.startswith("tcp://"):
+        curve = load_member_curve(config, config_path)
+    else:
+        raise StartupError(f"a member on {endpoint} needs its CURVE key: members on the "
+                           "dispatcher's host are started by `ipsec-cluster run` (which "
+                           "hands each its key), others connect over tcp:// with "
+                           "cluster.curve_secret_key")
     proc = MemberProcess(config, member_id, endpoint, curve=curve)
 
     async def main() -> None:
