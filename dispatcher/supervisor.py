@@ -59,11 +59,13 @@ class Supervisor:
         self.dir = run_dir(config, config_path)
         secure_run_dir(self.dir, SOCKETS)
         endpoint = members_endpoint(config, config_path)
-        # CURVE on every transport (DESIGN.md "Trust model"): on ipc:// a key
-        # pair of this run; the members we start get a key pair each.
+        # CURVE on every transport (DESIGN.md "Trust model"): without
+        # configured keys (ipc://) a key pair of this run; the members we
+        # start get a key pair each; members started by hand use their key
+        # files, authorized one member id each (memberN.key).
         self.keys = KeyRing()
         curve = None
-        if endpoint.startswith("tcp://"):
+        if endpoint.startswith("tcp://") or config.cluster.curve_secret_key:
             public, secret, allowed = load_server_curve(config, config_path)
             curve = (public, secret)
             self.keys.load_authorized(Path(allowed))
@@ -248,13 +250,13 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
 
     if key_stdin:
         curve = read_key_line(sys.stdin.buffer.readline(256))
-    elif endpoint.startswith("tcp://"):
+    elif endpoint.startswith("tcp://") or config.cluster.curve_secret_key:
         curve = load_member_curve(config, config_path)
     else:
         raise StartupError(f"a member on {endpoint} needs its CURVE key: members on the "
                            "dispatcher's host are started by `ipsec-cluster run` (which "
-                           "hands each its key), others connect over tcp:// with "
-                           "cluster.curve_secret_key")
+                           "hands each its key), others need cluster.curve_secret_key "
+                           "and cluster.curve_server_key")
     proc = MemberProcess(config, member_id, endpoint, curve=curve)
 
     async def main() -> None:
