@@ -207,7 +207,7 @@ def _selector(cidr: str) -> TrafficSelector:
                            net.broadcast_address)
 
 
-def every_message(c: Cluster, trap_port: int, real_spi: int, peer_ip: bytes,
+def every_message(ports: tuple[int, int], trap_port: int, real_spi: int, peer_ip: bytes,
                   claim: int) -> list[Message]:
     """One of each message a member can send, claiming to be member ``claim``."""
     trap = socket.inet_aton(GW)
@@ -217,9 +217,9 @@ def every_message(c: Cluster, trap_port: int, real_spi: int, peer_ip: bytes,
         Hello(claim, os.getpid(), "fake", "bulk", Channel.BULK, 1),
         Hello(claim, os.getpid(), "fake", "0.1.0", Channel.HEARTBEAT, 1),
         Heartbeat(claim, 1, os.getpid(), 1, {"ike_sas": 999}),
-        DatagramOut([Datagram(c.ports[1], trap, trap_port, b"spoofed from the cluster"),
-                     Datagram(c.ports[0], trap, trap_port, ike),
-                     Datagram(c.ports[1], peer_ip, c.ports[1], struct.pack("!II", real_spi, 1))]),
+        DatagramOut([Datagram(ports[1], trap, trap_port, b"spoofed from the cluster"),
+                     Datagram(ports[0], trap, trap_port, ike),
+                     Datagram(ports[1], peer_ip, ports[1], struct.pack("!II", real_spi, 1))]),
         InnerOut([b"E" + bytes(27)]),
         RouteAdd(real_spi, claim, (V4_ANY,), (V4_ANY,)),
         RouteAdd(0x7F000001, claim, (V4_ANY,), (V4_ANY,)),
@@ -271,7 +271,7 @@ def test_a_fake_member_gets_nothing_and_breaks_nothing(cluster: Cluster) -> None
         time.sleep(0.5)   # handshakes
         for fake in fakes.values():
             for claim in (1, 2, 3):
-                fake.say(*every_message(c, trap_port, real_spi, peer_ip, claim))
+                fake.say(*every_message(c.ports, trap_port, real_spi, peer_ip, claim))
         # member 4's key (it could join as member 4: it is authorized), on the
         # channels of an incarnation that does not exist, and without HELLO
         sender_id = before["members"][0]["sender_id"]
@@ -566,3 +566,59 @@ def test_hostile_messages_never_send_or_route(channel: str, msgs: list[Message])
         assert all(data == b"\xff" for data, _ in sent.udp), sent.udp
     finally:
         d.close()
+
+
+# -- strongSwan as the peer ------------------------------------------------------------------
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+def test_strongswan_sas_survive_a_local_fake_member(lab: Any, tmp_path: Path) -> None:
+    """The attack of the issue, on one host: the members' ipc:// socket is
+    reachable from any local process (and from every network namespace). A
+    fake with no key, or with keys of its own, says everything a member can;
+    it hears nothing, charon's IKE and child SAs stay up with the same SPIs,
+    pings pass every child, and no member process changes."""
+    from tests.test_cluster_strongswan import CHILDREN, _all_children, _pings, _setup
+
+    ns_a, ns_b, charon, gw, config = _setup(lab, tmp_path)
+    for child in CHILDREN:
+        charon.initiate(child=child.name, ike="a-b")
+    ours = wait_for("3 children at the cluster", lambda: _all_children(config), timeout=10)
+    _pings(ns_a, ns_b, gw)
+    ike_before = charon.ike_sa("a-b")
+    kids_before = {c["name"]: c["spi-in"] for c in charon.child_sas()}
+    st0 = status(config)
+    loaded = load_config(config.read_text(), str(config))
+    endpoint = members_endpoint(loaded, str(config))
+    run_dir = Path(endpoint[len("ipc://"):]).parent
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    assert Path(endpoint[len("ipc://"):]).stat().st_mode & 0o777 == 0o600
+    real_spi = int(next(iter(ours.values()))["spi_in"], 16)
+    ctx: zmq.Context[Any] = zmq.Context()
+    own = zmq.curve_keypair()
+    fakes = [Fake(ctx, endpoint, b"member-1", None),
+             Fake(ctx, endpoint, b"member-2-bulk", (*own, zmq.curve_keypair()[0]))]
+    try:
+        time.sleep(0.3)
+        for fake in fakes:
+            for claim in (1, 2, 3):
+                fake.say(*every_message((500, 4500), 9, real_spi,
+                                        socket.inet_aton("198.18.0.1"), claim))
+        wait_for("handshakes refused", lambda: status(config)["dispatcher"]["drops"].get(
+            "member_handshake_failed", 0) >= 2, timeout=10)
+        time.sleep(LISTEN_S)
+        assert all(fake.heard() == [] for fake in fakes)
+    finally:
+        for fake in fakes:
+            fake.sock.close(linger=0)
+        ctx.term()
+    _pings(ns_a, ns_b, gw)
+    ike_after = charon.ike_sa("a-b")
+    assert ike_after is not None and ike_before is not None
+    assert ike_after["initiator-spi"] == ike_before["initiator-spi"]
+    assert {c["name"]: c["spi-in"] for c in charon.child_sas()} == kids_before
+    st = status(config)
+    assert [m["pid"] for m in st["members"]] == [m["pid"] for m in st0["members"]]
+    assert all(m["alive"] for m in st["members"])
+    assert st["dispatcher"]["counters"].get("members_died", 0) == 0
