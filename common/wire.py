@@ -121,6 +121,9 @@ class Heartbeat:
     pid: int
     epoch_seen: int
     counters: dict[str, int] = field(default_factory=dict)
+    #: the dispatcher's answer to a LIVE HELLO: the incarnation's secret, which
+    #: its HEARTBEAT and BULK HELLOs must show (0 otherwise)
+    token: int = field(default=0, repr=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -181,6 +184,7 @@ class Hello:
     version: str
     channel: Channel = Channel.LIVE
     sender_id: int = 0
+    token: int = field(default=0, repr=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -419,6 +423,7 @@ def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
     for key, value in m.counters.items():
         push_str(w, key)
         w.push_uint64(value)
+    w.push_uint64(m.token)
 
 
 def _pull_heartbeat(r: Reader) -> Heartbeat:
@@ -428,7 +433,7 @@ def _pull_heartbeat(r: Reader) -> Heartbeat:
     for _ in range(r.pull_uint8()):
         key = pull_str(r)
         counters[key] = r.pull_uint64()
-    return Heartbeat(member_id, sender_id, pid, epoch, counters)
+    return Heartbeat(member_id, sender_id, pid, epoch, counters, r.pull_uint64())
 
 
 def _body_child_push(w: Writer, m: ChildPush) -> None:
@@ -479,6 +484,7 @@ def _body_hello(w: Writer, m: Hello) -> None:
     push_str(w, m.version)
     w.push_uint8(m.channel)
     w.push_uint16(m.sender_id)
+    w.push_uint64(m.token)
 
 
 def _pull_hello(r: Reader) -> Hello:
@@ -488,7 +494,7 @@ def _pull_hello(r: Reader) -> Hello:
         kind = Channel(channel)
     except ValueError:
         raise MalformedMessage(f"HELLO for unknown channel {channel}") from None
-    return Hello(member_id, pid, host, version, kind, r.pull_uint16())
+    return Hello(member_id, pid, host, version, kind, r.pull_uint16(), r.pull_uint64())
 
 
 def _body_child_delete(w: Writer, m: ChildDelete) -> None:

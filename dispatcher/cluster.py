@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -435,7 +436,7 @@ class Dispatcher(Membership):
                 if info.identity == identity and info.pid == hello.pid:
                     # the same incarnation asking again: the same answer
                     self._send(info, Heartbeat(0, info.sender_id, os.getpid(),
-                                               self.table.epoch, self._loads()))
+                                               self.table.epoch, self._loads(), info.token))
                     self._send(info, TableUpdate(self.table))
                 else:
                     self._refuse("hello_member_alive", identity, hello)
@@ -446,7 +447,9 @@ class Dispatcher(Membership):
             self.conns[identity] = Conn(member_id, Channel.LIVE)
             self._hello(identity, hello)
             return
-        if info is None or not info.alive or hello.sender_id != info.sender_id:
+        if (info is None or not info.alive or hello.sender_id != info.sender_id
+                or not hmac.compare_digest(hello.token.to_bytes(8, "big"),
+                                           info.token.to_bytes(8, "big"))):
             self._refuse("hello_no_incarnation", identity, hello)
             return
         for old in [i for i, c in self.conns.items()

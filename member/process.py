@@ -105,6 +105,8 @@ class MemberProcess:
         self.loads: dict[int, int] = {}
         self.member: Member | None = None
         self.sender_id = 0
+        #: our incarnation's secret (from the dispatcher), for our other channels
+        self.token = 0
         self.seq = StreamSeq()
         self.rx_seq = StreamSeq()
         self.gaps = 0
@@ -262,6 +264,7 @@ class MemberProcess:
         if self.member is None:
             # The dispatcher's answer to HELLO: our incarnation's sender id.
             self.sender_id = hb.sender_id
+            self.token = hb.token
             self.member = Member(self.config, member_id=self.member_id,
                                  sender_id=hb.sender_id, segments=[0],
                                  owner_of_esp=self.owner_of_esp, esp_segment=self.esp_segment)
@@ -436,8 +439,10 @@ class MemberProcess:
             sock.close(linger=0)
 
     def _hello(self, channel: Channel) -> Hello:
+        if channel is Channel.LIVE:
+            return Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION, channel)
         return Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION, channel,
-                     self.sender_id if channel is not Channel.LIVE else 0)
+                     self.sender_id, self.token)
 
     async def heartbeats(self) -> None:
         interval = self.config.cluster.heartbeat_interval

@@ -507,6 +507,13 @@ def test_role_checks_refuse_and_count(tmp_path: Path) -> None:
     assert d.drops["refused_hello_wrong_id"] == 1
     assert d.drops["refused_hello_member_alive"] == 1
     assert d.members[1].identity == b"live1" and not sent.to
+    # another channel of member 1's incarnation: its sender id is not enough
+    bulk = Hello(1, 1, "x", "v", Channel.BULK, d.members[1].sender_id, 0x5EC2E7)
+    _say(d, 1, bulk, channel="new")
+    assert d.drops["refused_hello_no_incarnation"] == 1 and b"new1" not in d.conns
+    d.members[1].token = 0x5EC2E7
+    _say(d, 1, bulk, channel="new")
+    assert d.conns[b"new1"].channel is Channel.BULK and d.bulk_identity[1] == b"new1"
     # what only the dispatcher says
     for msg in (DatagramIn([]), StatusReq()):
         _say(d, 1, msg)
@@ -515,8 +522,10 @@ def test_role_checks_refuse_and_count(tmp_path: Path) -> None:
     _say(d, 1, Heartbeat(2, 2, 1, 1, {}))
     assert d.drops["refused_heartbeat_not_own"] == 1
     # the bulk channel carries SYNC only
-    _say(d, 1, RouteAdd(push.spi_in, 1, push.local_ts, push.remote_ts), channel="bulk")
+    _say(d, 1, RouteAdd(push.spi_in, 1, push.local_ts, push.remote_ts), channel="new")
     assert d.drops["refused_bulk_not_sync"] == 1
+    _say(d, 1, Sync(partner, 1, 0, b"x"), channel="bulk")   # the replaced bulk connection
+    assert d.drops["refused_no_hello"] == 1 and not sent.to
     d.close()
 
 
