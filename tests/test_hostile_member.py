@@ -631,3 +631,151 @@ def test_strongswan_sas_survive_a_local_fake_member(lab: Any, tmp_path: Path) ->
     assert [m["pid"] for m in st["members"]] == [m["pid"] for m in st0["members"]]
     assert all(m["alive"] for m in st["members"])
     assert st["dispatcher"]["counters"].get("members_died", 0) == 0
+
+
+# -- across hosts (network namespaces), tcp:// + CURVE ---------------------------------------
+
+
+def _key_pair(keys: Path, name: str) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(str(keys / f"{name}.key_secret"))
+    assert secret is not None
+    return public, secret
+
+
+def _in_netns(ns: str, fn: Any) -> Any:
+    """Run ``fn()`` on a thread that entered ``ns`` (setns(2) is per thread;
+    the ZeroMQ context ``fn`` makes starts its I/O threads from there)."""
+    import ctypes
+    import threading
+
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
+                    raise OSError(ctypes.get_errno(), f"setns({ns})")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as exc:  # handed to the caller
+            out.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_across_hosts_a_stolen_key_gets_nothing(lab: Any, tmp_path: Path) -> None:
+    """Dispatcher (with members 1 and 2) in one namespace, member 3 on another
+    "host" over tcp:// with its own key, the attacker on a third with member
+    3's key file (stolen) and member 4's (authorized, not running): it cannot
+    join as the live member 3, cannot open member 3's heartbeat or bulk
+    channel (it does not know the incarnation's token), cannot speak for
+    anyone without a HELLO, and hears nothing; traffic still flows."""
+    gw, peer_addr, sync_port = "198.18.20.2", "198.18.20.1", 31990
+    gw_ports, peer_ports, inside, inside_bind = (31900, 31901), (31930, 31931), \
+        ("127.0.0.1", 31910), ("127.0.0.1", 31911)
+    procs = Procs(tmp_path)
+    endpoints: list[Endpoint] = []
+    try:
+        ns_d, ns_p, ns_m, ns_f = lab.netns(), lab.netns(), lab.netns(), lab.netns()
+        lab.veth(ns_p, ns_d, f"{peer_addr}/24", f"{gw}/24")
+        lab.veth(ns_d, ns_m, "198.18.21.1/24", "198.18.21.2/24")
+        lab.veth(ns_d, ns_f, "198.18.22.1/24", "198.18.22.2/24")
+        keys = tmp_path / "keys"
+        for name in ("dispatcher", "member3", "member4"):
+            keygen(keys, name)
+        authorized = tmp_path / "authorized"
+        authorized.mkdir()
+        for name in ("member3", "member4"):
+            (authorized / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+        conns = grid_connections(2, 2)
+        common = {"sync": f"tcp://0.0.0.0:{sync_port}",
+                  "curve_server_key": "keys/dispatcher.key"}
+        config = tmp_path / "dispatcher.toml"
+        config.write_text(gateway_toml(
+            address=gw, ports=gw_ports, inside=f"udp:{inside[0]}:{inside[1]}",
+            inside_bind=f"{inside_bind[0]}:{inside_bind[1]}", members=2, conns=conns,
+            extra={**common, "expect_members": 3, "curve_authorized": "authorized",
+                   "curve_secret_key": "keys/dispatcher.key_secret"}))
+        disp = procs.start("dispatcher", cli_argv("run", "--config", str(config)), ns=ns_d)
+        member_cfg = tmp_path / "member3.toml"
+        member_cfg.write_text(gateway_toml(
+            address=gw, ports=gw_ports, inside=f"udp:{inside[0]}:{inside[1]}", conns=conns,
+            extra={**common, "curve_secret_key": "keys/member3.key_secret"}))
+        procs.start("member3", cli_argv("member", "--config", str(member_cfg), "--id", "3",
+                                        "--connect", f"tcp://198.18.21.1:{sync_port}"), ns=ns_m)
+        wait_status(config, "3 members", lambda s: len(alive_members(s)) == 3
+                    and all(m["segments"] for m in s["members"]), timeout=30,
+                    diag=lambda: tail(disp.log_path) + tail(tmp_path / "member3.log"))
+        gw_ep = Endpoint(inside, inside_bind, ns=ns_d)
+        peer_ep = Endpoint(inside, inside_bind, ns=ns_p)
+        endpoints += [gw_ep, peer_ep]
+        peer_cfg = tmp_path / "peer.toml"
+        peer_cfg.write_text(gateway_toml(
+            address=peer_addr, ports=peer_ports, inside=f"udp:{inside[0]}:{inside[1]}",
+            inside_bind=f"{inside_bind[0]}:{inside_bind[1]}", conns=conns,
+            remote=(gw, gw_ports[0])))
+        procs.start("peer", cli_argv("peer", "--config", str(peer_cfg)), ns=ns_p)
+        before = wait_status(config, "children up", lambda s: sum(
+            m["child_sas"] for m in s["members"]) == 4, timeout=30,
+            diag=lambda: tail(disp.log_path))
+        d0 = before["dispatcher"]["drops"]
+        m3 = next(m for m in before["members"] if m["id"] == 3)
+        real_spi = int(esp_sas(sas(config))[0]["spi_in"], 16)
+
+        def attack() -> list[bytes]:
+            ctx: zmq.Context[Any] = zmq.Context()
+            endpoint = f"tcp://198.18.22.1:{sync_port}"
+            server, _ = zmq.auth.load_certificate(str(keys / "dispatcher.key"))
+            stolen, borrowed = _key_pair(keys, "member3"), _key_pair(keys, "member4")
+            fakes = [Fake(ctx, endpoint, b"member-3", (*stolen, server)),
+                     Fake(ctx, endpoint, b"member-3-bulk", (*stolen, server)),
+                     Fake(ctx, endpoint, b"member-1", (*borrowed, server))]
+            try:
+                time.sleep(0.5)
+                live, bulk, _borrowed = fakes
+                live.say(Hello(3, 1, "fake", "0.1.0"))
+                for token in (0, 1):
+                    bulk.say(Hello(3, 1, "fake", "bulk", Channel.BULK, m3["sender_id"], token),
+                             Hello(3, 1, "fake", "hb", Channel.HEARTBEAT, m3["sender_id"],
+                                   token))
+                for fake in fakes:
+                    for claim in (1, 2, 3):
+                        fake.say(*every_message(gw_ports, 9, real_spi,
+                                                socket.inet_aton(peer_addr), claim))
+                time.sleep(3.0)
+                return [f for fake in fakes for f in fake.heard()]
+            finally:
+                for fake in fakes:
+                    fake.sock.close(linger=0)
+                ctx.term()
+
+        heard = _in_netns(ns_f, attack)
+        assert heard == [], f"the attacker was told {len(heard)} frames"
+        d = status(config)["dispatcher"]["drops"]
+        grown = {k: v - d0.get(k, 0) for k, v in d.items() if v > d0.get(k, 0)}
+        assert grown.get("refused_hello_member_alive", 0) >= 1, grown
+        assert grown.get("refused_hello_no_incarnation", 0) >= 4, grown
+        assert grown.get("refused_hello_wrong_id", 0) >= 1, grown
+        assert grown.get("refused_no_hello", 0) >= 3 * 3 * 12, grown
+        after = status(config)
+        assert [(m["id"], m["pid"], m["sender_id"]) for m in after["members"]] == \
+            [(m["id"], m["pid"], m["sender_id"]) for m in before["members"]]
+        assert all(m["alive"] for m in after["members"])
+        flows = [ch.host_pair() for c in conns for ch in c.children]
+        res = exchange_traffic(flows, peer_ep, gw_ep, per_flow=PER_FLOW)
+        every = set(range(len(flows)))
+        assert res.bad == 0 and res.flows_seen(UP) == every and res.flows_seen(DOWN) == every
+    finally:
+        for ep in endpoints:
+            ep.close()
+        procs.close()
