@@ -328,7 +328,9 @@ class Guard:
         rec = self.children.get(msg.child_id)
         if rec is None:
             if len(self.pending_routes) >= MAX_PENDING_ROUTES:
-                return "route_add_unknown_child"
+                # the oldest waited longest (its push normally follows at
+                # once): a flood of unknown children cannot lock out new ones
+                del self.pending_routes[next(iter(self.pending_routes))]
             self.pending_routes[msg.child_id] = msg
             return "route_add_pending"
         if not self.owns(sender, segment_of_esp_spi(msg.child_id, self.table.segment_bits)):
