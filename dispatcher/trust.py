@@ -295,7 +295,8 @@ class Guard:
         if msg.child_id != msg.spi_in:
             return "child_push_bad_id"
         old = self.children.get(msg.spi_in)
-        if old is not None and (old.spi_out != msg.spi_out or old.ike_spi != msg.ike_spi):
+        if old is not None and old.spi_out != msg.spi_out:
+            # (the IKE SA may have been rekeyed or taken over: its SPI may change)
             return "child_push_conflict"
         if self.allowed_remote is not None and not ts_within(msg.remote_ts,
                                                              self.allowed_remote):
