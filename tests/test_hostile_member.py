@@ -18,6 +18,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -444,6 +445,9 @@ def test_role_checks_refuse_and_count(tmp_path: Path) -> None:
     _say(d, 1, push)
     assert {m for m, _ in sent.to} == {2, d.table.backup(d.table.segments_of(2)[0])} - {1}
     sent.to.clear()
+    # the same child with another outbound SPI
+    _say(d, 1, dataclasses.replace(push, spi_out=0x0BAD))
+    assert d.drops["refused_child_push_conflict"] == 1 and not sent.to
     # a child wider than anything configured
     _say(d, 1, _push(d, 1, 1, remote="0.0.0.0/0"))
     assert d.drops["refused_child_push_outside_config"] == 1 and not sent.to
