@@ -263,8 +263,9 @@ class MemberProcess:
     def _dispatcher_heartbeat(self, hb: Heartbeat) -> None:
         if self.member is None:
             # The dispatcher's answer to HELLO: our incarnation's sender id.
-            self.sender_id = hb.sender_id
+            # (the token first: the heartbeat thread starts on the sender id)
             self.token = hb.token
+            self.sender_id = hb.sender_id
             self.member = Member(self.config, member_id=self.member_id,
                                  sender_id=hb.sender_id, segments=[0],
                                  owner_of_esp=self.owner_of_esp, esp_segment=self.esp_segment)
