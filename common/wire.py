@@ -61,6 +61,17 @@ class MsgType(enum.IntEnum):
     SYNC = 14
 
 
+class Channel(enum.IntEnum):
+    """A member's connections to the dispatcher, each opened by a HELLO that
+    names it and bound to the member id its CURVE key authenticates
+    (DESIGN.md "Trust model"): the live one (everything but what follows),
+    the heartbeat thread's, and the bulk state transfers'."""
+
+    LIVE = 1
+    HEARTBEAT = 2
+    BULK = 3
+
+
 # -- messages ------------------------------------------------------------------------
 
 
@@ -110,6 +121,9 @@ class Heartbeat:
     pid: int
     epoch_seen: int
     counters: dict[str, int] = field(default_factory=dict)
+    #: the dispatcher's answer to a LIVE HELLO: the incarnation's secret, which
+    #: its HEARTBEAT and BULK HELLOs must show (0 otherwise)
+    token: int = field(default=0, repr=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -160,10 +174,17 @@ class RouteDel:
 
 @dataclass(slots=True, frozen=True)
 class Hello:
+    """member -> dispatcher: opens one of the member's channels. The LIVE
+    HELLO asks for a new incarnation (answered with its sender id); HEARTBEAT
+    and BULK ones name the incarnation they belong to (``sender_id``)."""
+
     member_id: int
     pid: int
     host: str
     version: str
+    channel: Channel = Channel.LIVE
+    sender_id: int = 0
+    token: int = field(default=0, repr=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -406,6 +427,7 @@ def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
     for key, value in m.counters.items():
         push_str(w, key)
         w.push_uint64(value)
+    w.push_uint64(m.token)
 
 
 def _pull_heartbeat(r: Reader) -> Heartbeat:
@@ -415,7 +437,7 @@ def _pull_heartbeat(r: Reader) -> Heartbeat:
     for _ in range(r.pull_uint8()):
         key = pull_str(r)
         counters[key] = r.pull_uint64()
-    return Heartbeat(member_id, sender_id, pid, epoch, counters)
+    return Heartbeat(member_id, sender_id, pid, epoch, counters, r.pull_uint64())
 
 
 def _body_child_push(w: Writer, m: ChildPush) -> None:
@@ -467,10 +489,19 @@ def _body_hello(w: Writer, m: Hello) -> None:
     w.push_uint32(m.pid)
     push_str(w, m.host)
     push_str(w, m.version)
+    w.push_uint8(m.channel)
+    w.push_uint16(m.sender_id)
+    w.push_uint64(m.token)
 
 
 def _pull_hello(r: Reader) -> Hello:
-    return Hello(r.pull_uint16(), r.pull_uint32(), pull_str(r), pull_str(r))
+    member_id, pid, host, version = r.pull_uint16(), r.pull_uint32(), pull_str(r), pull_str(r)
+    channel = r.pull_uint8()
+    try:
+        kind = Channel(channel)
+    except ValueError:
+        raise MalformedMessage(f"HELLO for unknown channel {channel}") from None
+    return Hello(member_id, pid, host, version, kind, r.pull_uint16(), r.pull_uint64())
 
 
 def _body_child_delete(w: Writer, m: ChildDelete) -> None:

@@ -83,7 +83,7 @@ def cmd_member(args: argparse.Namespace) -> int:
     if not 1 <= args.id <= MAX_MEMBERS:
         raise StartupError(f"--id: expected a member id in 1..{MAX_MEMBERS}, got {args.id}")
     _setup_logging(args.log_level or config.cluster.log_level)
-    return run_member(config, args.config, args.id, args.connect)
+    return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin)
 
 
 def _ask(args: argparse.Namespace, request: bytes) -> dict[str, Any]:
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     member.add_argument("--id", type=int, required=True, help="member id (1..64)")
     member.add_argument("--connect", required=True, help="the dispatcher's endpoint")
     member.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    member.add_argument("--key-stdin", action="store_true",
+                        help="read this incarnation's CURVE keys from stdin (how "
+                        "`ipsec-cluster run` starts its members)")
     for name, text in (("status", "members, segments, SA counts, traffic and drops"),
                        ("sas", "every IKE SA and child SA, like swanctl --list-sas")):
         p = sub.add_parser(name, help=text)

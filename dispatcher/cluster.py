@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import hmac
 import json
 import logging
 import os
 import socket
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -30,10 +31,12 @@ import zmq.asyncio
 
 from common.config import Config
 from common.errors import MalformedMessage
+from common.ike.ts import TrafficSelector
 from common.routing import InsideRoutes, PortKind, RouteKind, route_datagram
 from common.segments import SegmentTable
 from common.spi import segment_of_esp_spi
 from common.wire import (
+    Channel,
     ChildDelete,
     ChildPush,
     Datagram,
@@ -49,18 +52,24 @@ from common.wire import (
     Status,
     StatusReq,
     Sync,
+    TableUpdate,
     decode,
     encode,
 )
 from dispatcher.inside import Inside, make_inside
 from dispatcher.membership import MemberInfo, Membership, RouteInfo
 from dispatcher.routes import bind_udp, mark_for_tun
+from dispatcher.trust import (
+    HANDSHAKE_FAILED_EVENTS,
+    ZAP_DOMAIN,
+    Guard,
+    KeyRing,
+    authenticator,
+    member_of_user_id,
+)
 from member.refusals import Refusals
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
-
-#: the HELLO version that opens a member's bulk channel (member/process.py)
-BULK = "bulk"
 
 #: datagrams read per readiness callback, and the most a batch may hold
 READ_BURST = 256
@@ -70,20 +79,31 @@ MAX_BATCH = 256
 #: bounded queue per member (frames ZeroMQ may hold before we drop)
 MEMBER_HWM = 20_000
 UDP_RCVBUF = 8 << 20
-#: ZAP domain of the members endpoint (the authenticator's certificates are
-#: configured for this same domain)
-ZAP_DOMAIN = "ipsec-cluster"
+#: what members must not send us: the dispatcher's own messages
+_TO_MEMBERS = (DatagramIn, InnerIn, TableUpdate, StatusReq)
+
+
+@dataclass(slots=True)
+class Conn:
+    """One member connection (its ROUTER routing id), bound by its HELLO to
+    the member id its CURVE key authenticates and to one channel."""
+
+    member_id: int
+    channel: Channel
 
 
 class Dispatcher(Membership):
     def __init__(self, config: Config, endpoint: str, *,
-                 curve: tuple[bytes, bytes, str] | None = None,
+                 curve: tuple[bytes, bytes] | None = None, keys: KeyRing | None = None,
                  expect_members: int | None = None) -> None:
-        """``curve`` = (our public key, our secret key, directory of allowed
-        member public keys) for tcp:// endpoints."""
+        """``curve`` = our CURVE key pair (z85; made fresh when None: members
+        we start learn it from us); ``keys``: each member's public key bound
+        to its member id (DESIGN.md "Trust model"). Every endpoint, ipc://
+        too, is CURVE: no key, no member."""
         self.config = config
         self.endpoint = endpoint
-        self.curve = curve
+        self.curve = curve if curve is not None else zmq.curve_keypair()
+        self.keys = keys if keys is not None else KeyRing()
         c = config.cluster
         self.table = SegmentTable(c.segment_bits)
         self.expect = expect_members if expect_members is not None else c.expect_members
@@ -94,6 +114,11 @@ class Dispatcher(Membership):
         self.route_info: dict[int, RouteInfo] = {}
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        #: routing id -> (member, channel); the member id of the message being handled
+        self.conns: dict[bytes, Conn] = {}
+        self._peer: int | None = None
+        self.guard = Guard(self.table, frozenset({c.ike_port, c.natt_port}),
+                           _configured_remote(config))
         self.udp: dict[int, socket.socket] = {}
         self.inside: Inside | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -110,12 +135,12 @@ class Dispatcher(Membership):
         #: the same socket for plain non-blocking recvs (``_drain_members``)
         self._shadow: zmq.Socket[bytes] | None = zmq.Socket.shadow(self.router.underlying)
         self.auth: Any = None
+        self._handshakes: Any = None
         #: members getting their share of segments, and segments whose future
         #: owner is already their backup (segment -> (member, since))
         self.balancing: set[int] = set()
         #: each member's second connection, for bulk state transfers
         self.bulk_identity: dict[int, bytes] = {}
-        self.by_bulk_identity: dict[bytes, int] = {}
         self.prepared: dict[int, tuple[int, float]] = {}
         self._last_balance = 0.0
 
@@ -213,8 +238,22 @@ class Dispatcher(Membership):
         # plain one. (Draining stops at EAGAIN or at the bound; either way the
         # next awaited recv first checks ZMQ_EVENTS, so no edge is lost.)
         while not self._stop.is_set():
-            self._member_frames(await self.router.recv_multipart(copy=True))
+            self._received(await self.router.recv_multipart(copy=False))
             self._drain_members()
+
+    def _received(self, frames: list[zmq.Frame]) -> None:
+        """One message from a member, with who sent it: the member id its
+        CURVE key authenticated (the ZAP User-Id ZeroMQ puts on each message),
+        whatever the message says."""
+        try:
+            user_id = frames[-1].get("User-Id")
+        except zmq.ZMQError:
+            user_id = None
+        self._peer = member_of_user_id(user_id if isinstance(user_id, str) else None)
+        try:
+            self._member_frames([f.bytes for f in frames])
+        finally:
+            self._peer = None
 
     def _drain_members(self) -> None:
         """Handle up to DRAIN_BURST queued member frames without awaiting."""
@@ -223,10 +262,10 @@ class Dispatcher(Membership):
             return
         for _ in range(DRAIN_BURST):
             try:
-                frames = shadow.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = shadow.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._member_frames(frames)
+            self._received(frames)
 
     def _member_frames(self, frames: list[bytes]) -> None:
         """One message from a member: the barrier of the members loop. A bad
@@ -265,32 +304,48 @@ class Dispatcher(Membership):
             r = self._refused = Refusals(log, name="dispatcher")
         return r
 
+    def _refuse(self, reason: str, identity: bytes, msg: Message) -> None:
+        """A message the sender's role does not allow: counted by reason."""
+        self.drops[f"refused_{reason}"] += 1
+        log.debug("refused %s from %r (member %s): %s", type(msg).__name__, identity,
+                  self._peer, reason)
+
     def _from_member(self, identity: bytes, seq: int, msg: Message) -> None:
+        member_id = self._peer
+        if member_id is None:
+            self._refuse("unauthenticated", identity, msg)
+            return
         if isinstance(msg, Hello):
-            if msg.version == BULK:
-                self.bulk_identity[msg.member_id] = identity
-                self.by_bulk_identity[identity] = msg.member_id
-            else:
-                self._hello(identity, msg)
+            self._channel_hello(identity, member_id, msg)
             return
-        if identity.endswith(b"-hb"):
-            self._liveness(identity, msg)
+        conn = self.conns.get(identity)
+        if conn is None:
+            self._refuse("no_hello", identity, msg)
             return
-        bulk_member = self.by_bulk_identity.get(identity)
-        if bulk_member is not None:
-            if isinstance(msg, Sync) and msg.src == bulk_member:
+        if conn.member_id != member_id:
+            self._refuse("wrong_connection", identity, msg)
+            return
+        if conn.channel is Channel.HEARTBEAT:
+            self._liveness(member_id, identity, msg)
+            return
+        if conn.channel is Channel.BULK:
+            reason = self.guard.sync(msg, member_id) if isinstance(msg, Sync) \
+                else "bulk_not_sync"
+            if reason is not None:
+                self._refuse(reason, identity, msg)
+            elif isinstance(msg, Sync):
                 self._relay_bulk(msg)
-            else:
-                self.drops["bulk_not_sync"] += 1
             return
-        member_id = self.by_identity.get(identity)
-        info = self.members.get(member_id) if member_id is not None else None
-        if info is None:
-            self.drops["unknown_member"] += 1
+        info = self.members.get(member_id)
+        if info is None or info.identity != identity:
+            self._refuse("stale_connection", identity, msg)
             return
         lost = info.rx.check(seq)
         if lost > 0:
             info.gaps += lost
+        if isinstance(msg, _TO_MEMBERS):
+            self._refuse("wrong_direction", identity, msg)
+            return
         if not info.alive and not isinstance(msg, Heartbeat):
             # Declared dead: its segments have a new owner, so whatever this
             # incarnation still says (IKE, ESP, routes) would be a second
@@ -298,22 +353,7 @@ class Dispatcher(Membership):
             self.drops["dead_member"] += 1
             return
         if isinstance(msg, DatagramOut):
-            sent = 0
-            for d in msg.datagrams:
-                sock = self.udp.get(d.local_port)
-                if sock is None:
-                    self.drops["no_socket"] += 1
-                    continue
-                ip = d.peer_ip
-                try:
-                    sock.sendto(d.payload, (socket.inet_ntop(
-                        socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip), d.peer_port))
-                    sent += 1
-                except BlockingIOError:
-                    self.drops["udp_send_full"] += 1
-                except OSError:
-                    self.drops["udp_send_error"] += 1
-            self.counters["udp_out"] += sent
+            self._datagram_out(msg, member_id, identity)
         elif isinstance(msg, InnerOut):
             inside = self.inside
             if inside is not None:
@@ -324,29 +364,120 @@ class Dispatcher(Membership):
                     write(p)
                 self.counters["inner_out"] += len(msg.packets)
         elif isinstance(msg, Heartbeat):
+            if msg.member_id != member_id or msg.sender_id != info.sender_id:
+                self._refuse("heartbeat_not_own", identity, msg)
+                return
             info.last_seen = time.monotonic()
             info.counters = dict(msg.counters)
             if not info.alive and not info.back_logged:
                 info.back_logged = True
                 log.warning("member %d (pid %d) is back after being declared dead; its "
                             "output is ignored until it rejoins", info.member_id, info.pid)
-        elif isinstance(msg, RouteAdd):
-            self.routes.add(msg.child_id, msg.local_ts, msg.remote_ts, msg.member)
-            self.route_info[msg.child_id] = RouteInfo(msg.member, msg.local_ts, msg.remote_ts)
+        else:
+            self._control(msg, info, identity)
+
+    def _control(self, msg: Message, info: MemberInfo, identity: bytes) -> None:
+        member_id = info.member_id
+        if isinstance(msg, RouteAdd):
+            self._route_add(msg, member_id, identity)
         elif isinstance(msg, RouteDel):
             r = self.route_info.get(msg.child_id)
-            if r is not None and r.member == info.member_id:
+            if r is None or r.member != member_id:
                 # (a member that no longer carries the child cannot remove the
                 # route of the one that took it over)
-                self.routes.remove(msg.child_id)
-                del self.route_info[msg.child_id]
+                self._refuse("route_del_not_own", identity, msg)
+                return
+            self.routes.remove(msg.child_id)
+            del self.route_info[msg.child_id]
         elif isinstance(msg, ChildPush | ChildDelete):
-            self._relay(msg, info.member_id)
+            reason = (self.guard.child_push(msg, member_id) if isinstance(msg, ChildPush)
+                      else self.guard.child_delete(msg, member_id))
+            if reason is not None:
+                self._refuse(reason, identity, msg)
+                return
+            self._relay(msg, member_id)
+            pending = self.guard.pending_route(msg.spi_in)
+            if pending is not None and isinstance(msg, ChildPush):
+                self._route_add(pending, pending.member, identity)
         elif isinstance(msg, Sync):
-            self._relay_sync(msg, info.member_id)
+            if (reason := self.guard.sync(msg, member_id)) is not None:
+                self._refuse(reason, identity, msg)
+                return
+            self._relay_sync(msg, member_id)
         elif isinstance(msg, Status):
-            self._status_pending[info.member_id] = json.loads(msg.json)
+            self._status_pending[member_id] = json.loads(msg.json)
             self._status_done()
+
+    def _route_add(self, msg: RouteAdd, member_id: int, identity: bytes) -> None:
+        reason = self.guard.route_add(msg, member_id)
+        if reason == "route_add_pending":
+            # (its CHILD_PUSH follows: the member tells the child's backup
+            # after it has installed the child itself)
+            return
+        if reason is not None:
+            self._refuse(reason, identity, msg)
+            return
+        self.routes.add(msg.child_id, msg.local_ts, msg.remote_ts, msg.member)
+        self.route_info[msg.child_id] = RouteInfo(msg.member, msg.local_ts, msg.remote_ts)
+
+    def _datagram_out(self, msg: DatagramOut, member_id: int, identity: bytes) -> None:
+        sent = 0
+        allowed = self.guard.datagram
+        for d in msg.datagrams:
+            sock = self.udp.get(d.local_port)
+            if sock is None:
+                self.drops["no_socket"] += 1
+                continue
+            if (reason := allowed(d, member_id)) is not None:
+                self._refuse(reason, identity, msg)
+                continue
+            ip = d.peer_ip
+            try:
+                sock.sendto(d.payload, (socket.inet_ntop(
+                    socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip), d.peer_port))
+                sent += 1
+            except BlockingIOError:
+                self.drops["udp_send_full"] += 1
+            except OSError:
+                self.drops["udp_send_error"] += 1
+        self.counters["udp_out"] += sent
+
+    def _channel_hello(self, identity: bytes, member_id: int, hello: Hello) -> None:
+        """HELLO opens a channel of the member its key authenticates, and only
+        that one: a LIVE one a new incarnation (never while the current one is
+        alive: it must be dead or fenced first), a HEARTBEAT or BULK one for
+        the current incarnation (its sender id)."""
+        if hello.member_id != member_id:
+            self._refuse("hello_wrong_id", identity, hello)
+            return
+        info = self.members.get(member_id)
+        if hello.channel is Channel.LIVE:
+            if info is not None and info.alive:
+                if info.identity == identity and info.pid == hello.pid:
+                    # the same incarnation asking again: the same answer
+                    self._send(info, Heartbeat(0, info.sender_id, os.getpid(),
+                                               self.table.epoch, self._loads(), info.token))
+                    self._send(info, TableUpdate(self.table))
+                else:
+                    self._refuse("hello_member_alive", identity, hello)
+                return
+            for old in [i for i, c in self.conns.items() if c.member_id == member_id]:
+                del self.conns[old]
+            self.bulk_identity.pop(member_id, None)
+            self.conns[identity] = Conn(member_id, Channel.LIVE)
+            self._hello(identity, hello)
+            return
+        if (info is None or not info.alive or hello.sender_id != info.sender_id
+                or not hmac.compare_digest(hello.token.to_bytes(8, "big"),
+                                           info.token.to_bytes(8, "big"))):
+            self._refuse("hello_no_incarnation", identity, hello)
+            return
+        for old in [i for i, c in self.conns.items()
+                    if c.member_id == member_id and c.channel is hello.channel]:
+            del self.conns[old]
+        self.conns[identity] = Conn(member_id, hello.channel)
+        if hello.channel is Channel.BULK:
+            self.bulk_identity[member_id] = identity
 
     def _relay(self, msg: ChildPush | ChildDelete, sender: int) -> None:
         """The IKE SA owner manages children: pass the child to the member
@@ -361,12 +492,12 @@ class Dispatcher(Membership):
             if info is not None and info.alive:
                 self._send(info, msg)
 
-    def _liveness(self, identity: bytes, msg: Message) -> None:
+    def _liveness(self, member_id: int, identity: bytes, msg: Message) -> None:
         """A heartbeat from a member's heartbeat thread (its own connection)."""
-        if not isinstance(msg, Heartbeat) or identity != f"member-{msg.member_id}-hb".encode():
-            self.drops["heartbeat_bad"] += 1
+        if not isinstance(msg, Heartbeat) or msg.member_id != member_id:
+            self._refuse("heartbeat_channel", identity, msg)
             return
-        info = self.members.get(msg.member_id)
+        info = self.members.get(member_id)
         if info is not None and info.alive and info.sender_id == msg.sender_id:
             info.last_seen = time.monotonic()
 
@@ -475,18 +606,29 @@ class Dispatcher(Membership):
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, port)
 
     def _start_auth(self) -> None:
-        if self.curve is None:
-            return
-        public, secret, allowed_dir = self.curve
-        self.auth = _authenticator(allowed_dir, self.drops)
+        public, secret = self.curve
+        self.auth = authenticator(self.keys, self.drops, zmq.asyncio.Context.instance())
         self.auth.start()
-        # The ZAP request carries the socket's zap_domain; certificates
-        # configured for another domain ("*" included) match nothing.
-        self.auth.configure_curve(domain=ZAP_DOMAIN, location=allowed_dir)
         self.router.curve_server = True
         self.router.curve_publickey = public
         self.router.curve_secretkey = secret
+        # The ZAP request carries the socket's zap_domain (the authenticator
+        # admits this domain only).
         self.router.zap_domain = ZAP_DOMAIN.encode()
+        self._handshakes = self.router.get_monitor_socket(HANDSHAKE_FAILED_EVENTS)
+
+    async def _watch_handshakes(self) -> None:
+        """Connections that fail the CURVE handshake (no key, a wrong server
+        key, a refused key) never deliver a message: count them."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        sock = self._handshakes
+        if sock is None:
+            return
+        while not self._stop.is_set():
+            event = parse_monitor_message(await sock.recv_multipart())
+            self.drops["member_handshake_failed"] += 1
+            log.debug("member handshake failed: %s", event)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -508,7 +650,8 @@ class Dispatcher(Membership):
     async def run(self) -> None:
         await self.start()
         tasks = [asyncio.ensure_future(self._members_loop()),
-                 asyncio.ensure_future(self._monitor())]
+                 asyncio.ensure_future(self._monitor()),
+                 asyncio.ensure_future(self._watch_handshakes())]
         try:
             await self._stop.wait()
         finally:
@@ -528,37 +671,22 @@ class Dispatcher(Membership):
         if self.inside is not None:
             self.inside.close()
         self._shadow = None
+        if self._handshakes is not None:
+            self.router.disable_monitor()
+            self._handshakes.close(linger=0)
+            self._handshakes = None
         self.router.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
 
 
-def _authenticator(allowed_dir: str, drops: Counter[str]) -> Any:
-    """pyzmq's ZAP authenticator, but a refused member is a counted drop
-    (``member_refused``) and a WARNING (pyzmq logs it at DEBUG only): the
-    first refusal of each key, since a refused member reconnects every
-    100 ms."""
-    from zmq.auth.asyncio import AsyncioAuthenticator
-    from zmq.utils import z85
-
-    zap_log = logging.getLogger("ipsec_cluster.zap")
-    refused: set[bytes] = set()
-
-    class Authenticator(AsyncioAuthenticator):
-
-        async def _authenticate_curve(self, domain: str,
-                                      client_key: bytes) -> tuple[bool, bytes]:
-            result = super()._authenticate_curve(domain, client_key)
-            allowed, reason = await result if inspect.isawaitable(result) else result
-            if not allowed:
-                drops["member_refused"] += 1
-                key = z85.encode(client_key)
-                level = logging.DEBUG if key in refused else logging.WARNING
-                refused.add(key)
-                zap_log.log(level, "refused a member: CURVE key %s is not in %s (%s)",
-                            key.decode(), allowed_dir, reason.decode(errors="replace"))
-            return bool(allowed), reason
-
-    auth = Authenticator(zmq.asyncio.Context.instance())
-    auth.log = zap_log
-    return auth
+def _configured_remote(config: Config) -> tuple[TrafficSelector, ...] | None:
+    """Every configured child's remote selectors: no negotiated child is wider
+    (RFC 7296 §2.9 narrowing), so no member may announce a wider one."""
+    out: list[TrafficSelector] = []
+    for conn in config.connections.values():
+        for child in conn.children.values():
+            if not child.remote_ts:
+                return None
+            out.extend(child.remote_ts)
+    return tuple(out) if out else None

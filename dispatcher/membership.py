@@ -58,6 +58,8 @@ class MemberInfo:
     tx: StreamSeq = field(default_factory=StreamSeq)
     rx: StreamSeq = field(default_factory=StreamSeq)
     gaps: int = 0
+    #: the incarnation's secret (its HEARTBEAT and BULK channels show it)
+    token: int = field(default=0, repr=False)
     datagrams: list[Datagram] = field(default_factory=list)
     inner: list[bytes] = field(default_factory=list)
 
@@ -99,12 +101,15 @@ class Membership:
         old = self.members.get(hello.member_id)
         info = MemberInfo(hello.member_id, identity, sender_id, hello.pid, hello.host,
                           time.monotonic())
+        # (os.urandom: the dispatcher is a shell; the token is a secret)
+        info.token = int.from_bytes(os.urandom(8), "big") | 1
         self.members[hello.member_id] = info
         self.by_identity[identity] = hello.member_id
         log.info("member %d joined (pid %d on %s), sender id %d%s", hello.member_id, hello.pid,
                  hello.host, sender_id, " (restarted)" if old else "")
         # Its incarnation's IV sender id first, then the table.
-        self._send(info, Heartbeat(0, sender_id, os.getpid(), self.table.epoch, self._loads()))
+        self._send(info, Heartbeat(0, sender_id, os.getpid(), self.table.epoch, self._loads(),
+                                   info.token))
         alive = sorted(m for m, i in self.members.items() if i.alive)
         if not self.table.members and len(alive) >= self.expect:
             self._assign(alive)
@@ -208,6 +213,15 @@ class Membership:
                 self._heal_backups()
                 if self.balancing:
                     self._autobalance(now)
+
+    def fence(self, member_id: int, pid: int) -> None:
+        """The supervisor saw this incarnation's process end: it is dead now,
+        not after ``dead_after`` heartbeats, so that its successor's HELLO is
+        taken (a HELLO for a live member id is refused)."""
+        info = self.members.get(member_id)
+        if info is not None and info.alive and info.pid == pid:
+            log.warning("member %d (pid %d) exited: fenced", member_id, pid)
+            self._dead(info)
 
     def _dead(self, info: MemberInfo) -> None:
         info.alive = False

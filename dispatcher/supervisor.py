@@ -25,10 +25,12 @@ from common.config import Config
 from common.errors import StartupError
 from dispatcher.cluster import Dispatcher
 from dispatcher.startup import bind_error, load_certificate
+from dispatcher.trust import KeyRing, secure_run_dir
 
 log = logging.getLogger("ipsec_cluster.supervisor")
 
 RESTART_DELAY_S = 0.5
+SOCKETS = ("control.ipc", "members.ipc")
 
 
 def run_dir(config: Config, config_path: str) -> Path:
@@ -56,12 +58,19 @@ class Supervisor:
         self.config = config
         self.config_path = config_path
         self.dir = run_dir(config, config_path)
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secure_run_dir(self.dir, SOCKETS)
         endpoint = members_endpoint(config, config_path)
+        # CURVE on every transport (DESIGN.md "Trust model"): without
+        # configured keys (ipc://) a key pair of this run; the members we
+        # start get a key pair each; members started by hand use their key
+        # files, authorized one member id each (memberN.key).
+        self.keys = KeyRing()
         curve = None
-        if endpoint.startswith("tcp://"):
-            curve = load_server_curve(config, config_path)
-        self.dispatcher = Dispatcher(config, endpoint, curve=curve)
+        if endpoint.startswith("tcp://") or config.cluster.curve_secret_key:
+            public, secret, allowed = load_server_curve(config, config_path)
+            curve = (public, secret)
+            self.keys.load_authorized(Path(allowed))
+        self.dispatcher = Dispatcher(config, endpoint, curve=curve, keys=self.keys)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
 
@@ -70,9 +79,18 @@ class Supervisor:
         if endpoint.startswith("tcp://"):
             endpoint = endpoint.replace("tcp://0.0.0.0", "tcp://127.0.0.1")
         argv = [sys.executable, "-m", "dispatcher.cli", "member", "--config", self.config_path,
-                "--id", str(member_id), "--connect", endpoint]
-        self.procs[member_id] = subprocess.Popen(argv)
-        log.info("started member %d (pid %d)", member_id, self.procs[member_id].pid)
+                "--id", str(member_id), "--connect", endpoint, "--key-stdin"]
+        # A key pair for this incarnation only: the secret goes down a pipe
+        # (never argv or the environment, which other local users can read).
+        public, secret = zmq.curve_keypair()
+        self.keys.register_local(member_id, public)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        if proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(b" ".join((public, secret, self.dispatcher.curve[0])) + b"\n")
+            proc.stdin.close()
+        self.procs[member_id] = proc
+        log.info("started member %d (pid %d)", member_id, proc.pid)
 
     async def _watch(self) -> None:
         while not self.stopping:
@@ -91,6 +109,7 @@ class Supervisor:
                 if proc.poll() is not None and not self.stopping:
                     log.warning("member %d (pid %d) exited with %s; starting it again",
                                 member_id, proc.pid, proc.returncode)
+                    self.dispatcher.fence(member_id, proc.pid)
                     await asyncio.sleep(RESTART_DELAY_S)
                     if not self.stopping:
                         self._spawn(member_id)
@@ -100,6 +119,7 @@ class Supervisor:
         rep = ctx.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 0)
         rep.bind(control_endpoint(self.config, self.config_path))
+        _private(control_endpoint(self.config, self.config_path))
         try:
             while not self.stopping:
                 request = await rep.recv()
@@ -131,10 +151,12 @@ class Supervisor:
         except zmq.ZMQError as exc:  # the members' endpoint (cluster.sync)
             raise bind_error(self.dispatcher.endpoint, f"{self.config_path}: cluster.sync",
                              exc) from None
+        _private(self.dispatcher.endpoint)
         for member_id in range(1, self.config.cluster.members + 1):
             self._spawn(member_id)
         tasks = [asyncio.ensure_future(self.dispatcher._members_loop()),
                  asyncio.ensure_future(self.dispatcher._monitor()),
+                 asyncio.ensure_future(self.dispatcher._watch_handshakes()),
                  asyncio.ensure_future(self._watch()),
                  asyncio.ensure_future(self._control())]
         try:
@@ -152,7 +174,7 @@ class Supervisor:
         """Our sockets go with us (not a configured ``control`` folder)."""
         if self.config.cluster.control:
             return
-        for name in ("control.ipc", "members.ipc"):
+        for name in SOCKETS:
             with contextlib.suppress(OSError):
                 (self.dir / name).unlink()
         with contextlib.suppress(OSError):
@@ -173,6 +195,13 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         log.info("all members stopped")
+
+
+def _private(endpoint: str) -> None:
+    """An ipc:// socket file only we can connect to (besides its 0700 folder)."""
+    if endpoint.startswith("ipc://"):
+        with contextlib.suppress(OSError):
+            os.chmod(endpoint[len("ipc://"):], 0o600)
 
 
 def load_server_curve(config: Config, config_path: str) -> tuple[bytes, bytes, str]:
@@ -210,10 +239,29 @@ def load_member_curve(config: Config, config_path: str) -> tuple[bytes, bytes, b
     return public, secret, server
 
 
-def run_member(config: Config, config_path: str, member_id: int, endpoint: str) -> int:
+def read_key_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """(our public key, our secret key, the dispatcher's public key), z85,
+    as the supervisor writes them to a member's stdin."""
+    parts = line.split()
+    if len(parts) != 3 or any(len(p) != 40 for p in parts):
+        raise StartupError("--key-stdin: expected one line 'public secret server' of z85 "
+                           "CURVE keys on stdin (the supervisor writes it)")
+    return parts[0], parts[1], parts[2]
+
+
+def run_member(config: Config, config_path: str, member_id: int, endpoint: str, *,
+               key_stdin: bool = False) -> int:
     from member.process import MemberProcess
 
-    curve = load_member_curve(config, config_path) if endpoint.startswith("tcp://") else None
+    if key_stdin:
+        curve = read_key_line(sys.stdin.buffer.readline(256))
+    elif endpoint.startswith("tcp://") or config.cluster.curve_secret_key:
+        curve = load_member_curve(config, config_path)
+    else:
+        raise StartupError(f"a member on {endpoint} needs its CURVE key: members on the "
+                           "dispatcher's host are started by `ipsec-cluster run` (which "
+                           "hands each its key), others need cluster.curve_secret_key "
+                           "and cluster.curve_server_key")
     proc = MemberProcess(config, member_id, endpoint, curve=curve)
 
     async def main() -> None:

@@ -32,6 +32,7 @@ from common.routing import init_segment
 from common.segments import SegmentTable
 from common.spi import segment_of_esp_spi
 from common.wire import (
+    Channel,
     ChildDelete,
     ChildPush,
     Datagram,
@@ -65,8 +66,6 @@ VERSION = "0.1.0"
 WATCHDOG_S = 5.0
 #: frames handled per wake-up of the receive loop
 DRAIN_BURST = 64
-#: the version string of the HELLO that opens a member's bulk channel
-BULK = "bulk"
 #: a heartbeat carries at most this many counters (common/wire.py: a u8 count)
 MAX_HEARTBEAT_COUNTERS = 255
 #: where messages from the dispatcher come from, for the refusal log
@@ -115,6 +114,15 @@ def table_refusal(old: SegmentTable | None, new: SegmentTable, segment_bits: int
     if any(not 1 <= m <= MAX_MEMBERS for m in new.members):
         return "bad_member"
     return None
+#: bytes of a connection's random routing id (per incarnation and channel)
+ROUTING_ID_BYTES = 16
+
+
+def _routing_id() -> bytes:
+    """A routing id nobody can guess: ZeroMQ routes the dispatcher's messages
+    for us by it, and a connection holding it while we are away would get
+    them (the first byte non-zero: zero is ZeroMQ's own)."""
+    return b"m" + os.urandom(ROUTING_ID_BYTES - 1)
 
 
 def _ip(packed: bytes) -> str:
@@ -147,6 +155,8 @@ class MemberProcess:
         self.loads: dict[int, int] = {}
         self.member: Member | None = None
         self.sender_id = 0
+        #: our incarnation's secret (from the dispatcher), for our other channels
+        self.token = 0
         self.seq = StreamSeq()
         self.rx_seq = StreamSeq()
         self.gaps = 0
@@ -165,7 +175,7 @@ class MemberProcess:
         self.sync_drop_rate = float(os.environ.get("IPSEC_CLUSTER_SYNC_DROP", "0") or 0)
         ctx = zmq.asyncio.Context.instance()
         self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"member-{member_id}".encode())
+        self.sock.setsockopt(zmq.IDENTITY, _routing_id())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -175,7 +185,7 @@ class MemberProcess:
         # travel on their own connection, so they never queue ahead of live
         # traffic and live sync messages.
         self.bulk = ctx.socket(zmq.DEALER)
-        self.bulk.setsockopt(zmq.IDENTITY, f"member-{member_id}-bulk".encode())
+        self.bulk.setsockopt(zmq.IDENTITY, _routing_id())
         self.bulk.setsockopt(zmq.LINGER, 0)
         self.bulk.setsockopt(zmq.SNDHWM, 1_000_000)
         self.bulk.setsockopt(zmq.RCVHWM, 1_000_000)
@@ -343,6 +353,8 @@ class MemberProcess:
             return
         if self.member is None:
             # The dispatcher's answer to HELLO: our incarnation's sender id.
+            # (the token first: the heartbeat thread starts on the sender id)
+            self.token = hb.token
             self.sender_id = hb.sender_id
             self.member = Member(self.config, member_id=self.member_id,
                                  sender_id=hb.sender_id, segments=[0],
@@ -355,6 +367,8 @@ class MemberProcess:
                 replay_policy=c.replay_after_failover, drop_rate=self.sync_drop_rate,
                 refusals=self.refusals)
             log.info("member %d: sender id %d", self.member_id, hb.sender_id)
+            # the bulk channel is this incarnation's (docs/design.md "Trust model")
+            self.send_bulk(self._hello(Channel.BULK))
         self.loads, bad = heartbeat_loads(hb)
         if bad:
             self.refusals.refuse("heartbeat_bad_load", DISPATCHER, f"{bad} load counters")
@@ -532,7 +546,7 @@ class MemberProcess:
         progress for WATCHDOG_S, so a hung member is still declared dead."""
         ctx: Any = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"member-{self.member_id}-hb".encode())
+        sock.setsockopt(zmq.IDENTITY, _routing_id())
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100)
         if self.curve is not None:
@@ -540,21 +554,40 @@ class MemberProcess:
         sock.connect(self.endpoint)
         interval = self.config.cluster.heartbeat_interval
         seq = StreamSeq()
+        opened = 0
         try:
             while not self._hb_stop.wait(interval):
                 if time.monotonic() - self.progress > WATCHDOG_S or not self.sender_id:
                     continue
                 epoch = self.table.epoch if self.table else 0
+                if opened != self.sender_id:
+                    # this channel belongs to the incarnation (its sender id)
+                    opened = self.sender_id
+                    with contextlib.suppress(zmq.ZMQError):
+                        sock.send(encode(self._hello(Channel.HEARTBEAT), seq.next()),
+                                  zmq.NOBLOCK)
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send(encode(Heartbeat(self.member_id, self.sender_id, os.getpid(),
                                                epoch, {}), seq.next()), zmq.NOBLOCK)
         finally:
             sock.close(linger=0)
 
+    def _hello(self, channel: Channel) -> Hello:
+        if channel is Channel.LIVE:
+            return Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION, channel)
+        return Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION, channel,
+                     self.sender_id, self.token)
+
     async def heartbeats(self) -> None:
         interval = self.config.cluster.heartbeat_interval
         while not self._stop.is_set():
             self.progress = time.monotonic()
+            if not self.sender_id:
+                # Not a member yet: the dispatcher refuses a HELLO while the
+                # previous incarnation of our id is alive; ask again.
+                self.send(self._hello(Channel.LIVE))
+                await asyncio.sleep(interval)
+                continue
             try:
                 self._heartbeat_tick()
             except Exception as exc:   # the barrier: the task must outlive one bad tick
@@ -580,8 +613,6 @@ class MemberProcess:
                                "(expected the dispatcher's ipc://PATH or tcp://HOST:PORT)"
                                ) from None
         self.bulk.connect(self.endpoint)
-        self.send(Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION))
-        self.send_bulk(Hello(self.member_id, os.getpid(), socket.gethostname(), BULK))
         hb = asyncio.ensure_future(self.heartbeats())
         bulk = asyncio.ensure_future(self._bulk_loop())
         self.progress = time.monotonic()

@@ -227,10 +227,11 @@ def test_junk_on_the_members_endpoint_is_dropped(cluster: Cluster, tmp_path: Pat
                                                  trap.getsockname()[1], b"spoof")]), 2))
 
         def counted() -> dict[str, int] | None:
+            # no CURVE key: the connection never gets past the handshake
+            # (tests/test_hostile_member.py: the authenticated cases)
             d = cluster.status()["dispatcher"]["drops"]
-            ok = (d.get("wire_malformed", 0) - d0.get("wire_malformed", 0) >= 3
-                  and d.get("wire_frames", 0) - d0.get("wire_frames", 0) >= 1
-                  and d.get("unknown_member", 0) - d0.get("unknown_member", 0) >= 2)
+            ok = (d.get("member_handshake_failed", 0)
+                  - d0.get("member_handshake_failed", 0) >= 1)
             return d if ok else None
 
         wait_for("junk frames counted", counted, timeout=10,
@@ -244,6 +245,5 @@ def test_junk_on_the_members_endpoint_is_dropped(cluster: Cluster, tmp_path: Pat
     st = cluster.status()
     assert [m["id"] for m in st["members"]] == [1, 2, 3]
     assert sum(m["ike_sas"] for m in st["members"]) == N_IKE   # the fake heartbeat counted nothing
-    assert "bad frame from b'intruder'" in cluster.dispatcher.log_text()
     _all_alive(cluster)
     cluster.traffic_ok()

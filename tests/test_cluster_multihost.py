@@ -73,11 +73,12 @@ def test_members_on_other_hosts_over_curve(lab: Lab, tmp_path: Path) -> None:
             lab.veth(ns_d, host_ns[host], addr_d, addr_m)
 
         keys = tmp_path / "keys"
-        for name in ("dispatcher", "host1", "host2", "rogue"):
+        # one key pair per member, authorized for its member id (memberN.key)
+        for name in ("dispatcher", "member1", "member2", "member3", "rogue"):
             keygen(keys, name)
         authorized = tmp_path / "authorized"
         authorized.mkdir()
-        for name in ("host1", "host2"):   # not "rogue"
+        for name in ("member1", "member2", "member3"):   # not "rogue"
             (authorized / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
 
         conns = grid_connections(N_IKE, N_CHILD)
@@ -104,7 +105,8 @@ def test_members_on_other_hosts_over_curve(lab: Lab, tmp_path: Path) -> None:
             endpoint = f"tcp://{addr_d.split('/')[0]}:{SYNC_PORT}"
             for member_id in ids:
                 procs.start(f"member{member_id}", cli_argv(
-                    "member", "--config", str(member_config(host)), "--id", str(member_id),
+                    "member", "--config", str(member_config(f"member{member_id}")),
+                    "--id", str(member_id),
                     "--connect", endpoint), ns=host_ns[host])
         rogue = procs.start("rogue", cli_argv(
             "member", "--config", str(member_config("rogue")), "--id", "4",
