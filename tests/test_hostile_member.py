@@ -88,6 +88,8 @@ N_IKE, N_CHILD, N_MEMBERS = 3, 2, 3
 PER_FLOW = 5
 #: how long the fake listens for anything the dispatcher might send it
 LISTEN_S = 1.5
+#: how long a fake waits to send before it takes itself as shut out
+SEND_TIMEOUT_MS = 2000
 V4_ANY = TrafficSelector(TsType.TS_IPV4_ADDR_RANGE, 0, 0, 65535,
                          ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("255.255.255.255"))
 
@@ -185,14 +187,23 @@ class Fake:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, routing_id)
+        # a DEALER whose handshake never completes would block on send
+        self.sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         if keys is not None:
             self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = keys
         self.sock.connect(endpoint.replace("tcp://0.0.0.0", "tcp://127.0.0.1"))
         self.seq = 0
+        #: the dispatcher never let it in (no connection to send on)
+        self.shut_out = False
 
     def say(self, *msgs: Message) -> None:
         for msg in msgs:
-            self.sock.send(encode(msg, self.seq))
+            if self.shut_out:
+                return
+            try:
+                self.sock.send(encode(msg, self.seq))
+            except zmq.Again:
+                self.shut_out = True
             self.seq += 1
 
     def heard(self) -> list[bytes]:
