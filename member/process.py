@@ -582,12 +582,6 @@ class MemberProcess:
         interval = self.config.cluster.heartbeat_interval
         while not self._stop.is_set():
             self.progress = time.monotonic()
-            if not self.sender_id:
-                # Not a member yet: the dispatcher refuses a HELLO while the
-                # previous incarnation of our id is alive; ask again.
-                self.send(self._hello(Channel.LIVE))
-                await asyncio.sleep(interval)
-                continue
             try:
                 self._heartbeat_tick()
             except Exception as exc:   # the barrier: the task must outlive one bad tick
@@ -595,6 +589,11 @@ class MemberProcess:
             await asyncio.sleep(interval)
 
     def _heartbeat_tick(self) -> None:
+        if not self.sender_id:
+            # Not a member yet: the dispatcher refuses a HELLO while the
+            # previous incarnation of our id is alive; ask again.
+            self.send(self._hello(Channel.LIVE))
+            return
         epoch = self.table.epoch if self.table else 0
         self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
                             self.counters()))

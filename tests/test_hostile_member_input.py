@@ -542,6 +542,7 @@ def test_the_heartbeat_task_outlives_a_failing_tick() -> None:
             raise RuntimeError("counters")
 
         mp.counters = boom  # type: ignore[method-assign]
+        mp.sender_id = 7   # joined: every tick sends a heartbeat (with the counters)
         task = asyncio.ensure_future(mp.heartbeats())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
