@@ -21,6 +21,8 @@ from common.ike.fragments import (
 from common.ike.message import IkeMessage, decode_header
 from common.ike.payloads import NotifyPayload
 from common.ike.sa import IkeState, Outgoing
+from common.routing import PortKind, Route, RouteKind, route_datagram
+from common.segments import SegmentTable
 from tests.ike_pair import Pair, assert_children_agree, child, make_pair
 
 #: 4500 after the NAT-T float: the datagram carries a non-ESP marker too.
@@ -225,3 +227,23 @@ def test_flood_of_authenticated_fragments_stays_bounded() -> None:
     p.flush()
     assert len(p.b.ctx.reassembly) == 0
 
+
+
+def test_fragments_route_to_the_member_that_owns_the_sa() -> None:
+    """Cluster: every fragment carries the IKE header with our SPI, so the
+    dispatcher's routing sends it where the IKE SA lives, like any IKE
+    message (side a allocates SPIs in segment 1, side b in segment 2)."""
+    table = SegmentTable(8).assign([1, 2, 3])
+    p = big_pair()
+    p.initiate("a")
+    p.step("a")
+    p.step("b")
+    p.flush()
+    assert p.sa("a").state is IkeState.ESTABLISHED
+    for sender, segment in (("a", 2), ("b", 1)):
+        frags = auth_fragments(p, sender)
+        assert frags
+        for f in frags:
+            route = route_datagram(PortKind.NATT, bytes(4) + f, bytes([198, 18, 0, 1]),
+                                   4500, table)
+            assert route == Route(RouteKind.IKE, segment, table.owner(segment)), sender
