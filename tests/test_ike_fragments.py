@@ -3,8 +3,11 @@ splitting, reassembly, loss, duplicates, reordering and the bounds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from common.config import ConfigError, load_config
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, NotifyType, PayloadType
 from common.ike.fragments import (
     DROP_FRAGMENT_DUPLICATE,
@@ -20,10 +23,12 @@ from common.ike.fragments import (
 )
 from common.ike.message import IkeMessage, decode_header
 from common.ike.payloads import NotifyPayload
+from common.ike.policy import policies_from_config
 from common.ike.sa import IkeState, Outgoing
 from common.routing import PortKind, Route, RouteKind, route_datagram
 from common.segments import SegmentTable
 from tests.ike_pair import Pair, assert_children_agree, child, make_pair
+from tests.test_config import BASE, to_toml, with_change
 
 #: 4500 after the NAT-T float: the datagram carries a non-ESP marker too.
 LIMIT = max_message_len(1280, "198.18.0.1", natt=True)
@@ -247,3 +252,18 @@ def test_fragments_route_to_the_member_that_owns_the_sa() -> None:
             route = route_datagram(PortKind.NATT, bytes(4) + f, bytes([198, 18, 0, 1]),
                                    4500, table)
             assert route == Route(RouteKind.IKE, segment, table.owner(segment)), sender
+
+
+@pytest.mark.parametrize("value", ["yes", "accept", "force", "no"])
+def test_config_fragmentation_reaches_the_policy(value: str) -> None:
+    cfg = load_config(with_change("connections.branch.fragmentation", value), "gw.toml")
+    assert cfg.connections["branch"].fragmentation == value
+    cfg = replace(cfg, connections={"branch": replace(cfg.connections["branch"],
+                                                       psk=b"k")})
+    assert policies_from_config(cfg.connections)[0].fragmentation == value
+
+
+def test_config_fragmentation_default_and_bad_value() -> None:
+    assert load_config(to_toml(BASE), "gw.toml").connections["branch"].fragmentation == "yes"
+    with pytest.raises(ConfigError, match=r"fragmentation: expected one of .*\"force\""):
+        load_config(with_change("connections.branch.fragmentation", "maybe"), "gw.toml")
