@@ -267,3 +267,21 @@ def test_config_fragmentation_default_and_bad_value() -> None:
     assert load_config(to_toml(BASE), "gw.toml").connections["branch"].fragmentation == "yes"
     with pytest.raises(ConfigError, match=r"fragmentation: expected one of .*\"force\""):
         load_config(with_change("connections.branch.fragmentation", "maybe"), "gw.toml")
+
+
+def test_rekeyed_ike_sa_keeps_fragmenting() -> None:
+    """Support is announced in IKE_SA_INIT only (RFC 7383 §2.3): the IKE SA
+    that replaces this one by a rekey still sends fragments."""
+    p = big_pair()
+    p.establish("a")
+    p.a.rekey_ike(p.ike_id("a"), p.now)
+    p.flush()
+    p.advance(1.0)
+    new_a = p.established_sa("a")
+    assert new_a.peer_fragmentation
+    before = len(p.wire)
+    p.a.create_child(new_a.ike_id, "net", p.now)
+    p.flush()
+    later = [o.data for _, o in p.wire[before:]]
+    assert any(is_fragment(d) for d in later)
+    assert p.established_sa("b").peer_fragmentation

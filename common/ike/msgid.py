@@ -55,7 +55,7 @@ class MessageIds:
     response_id: int = -1
     #: digest of the request the cached response answers (sa.request_digest)
     response_digest: bytes = b""
-    #: RFC 7383: the RFC 7383 fragments ``request``/``response`` went out as
+    #: the RFC 7383 fragments ``request``/``response`` went out as
     #: (empty: sent whole); a retransmission sends all of them (§2.6)
     request_frags: list[bytes] = field(default_factory=list)
     response_frags: list[bytes] = field(default_factory=list)
