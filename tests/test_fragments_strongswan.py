@@ -2,8 +2,8 @@
 
 The veth between the two namespaces has an MTU of 1280 and both ends drop
 every IP fragment (nftables, before any reassembly): an IKE message over
-1280 bytes arrives only in RFC 7383 fragments. The children carry 100
-selectors on one side, so that IKE_AUTH is about 2 kB each way (the
+1280 bytes arrives only in RFC 7383 fragments. The children carry 150
+selectors on one side, so that IKE_AUTH is about 2.6 kB each way, 3 fragments (the
 responder's narrowed answer holds them all). Namespace a: charon
 (198.18.0.1, inside 10.91.1.1); namespace b: ours (198.18.0.2, inside
 10.91.2.1).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,9 @@ from tests.lab.netns import Lab
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 PATH_MTU = 1280
+FIRST_ECHO_WAIT_S = 5.0
 #: our side's extra selectors: 10.70.0.1/32 ... (with 10.91.2.0/24 first)
-EXTRA_SELECTORS = [f"10.70.{i // 250}.{i % 250 + 1}/32" for i in range(99)]
+EXTRA_SELECTORS = [f"10.70.{i // 250}.{i % 250 + 1}/32" for i in range(149)]
 OURS = ["10.91.2.0/24", *EXTRA_SELECTORS]
 THEIRS = "10.91.1.0/24"
 
@@ -62,6 +64,12 @@ def _charon_conn(fragmentation: str) -> Conn:
 
 
 def _ping_both_ways(ns_a: str, ns_b: str, where: OurProcess) -> None:
+    # charon reports the child up once it sent its IKE_AUTH answer; our side
+    # installs it after reassembling that answer: wait for the first echo.
+    end = time.monotonic() + FIRST_ECHO_WAIT_S
+    while not traffic.ping(ns_a, "10.91.2.1", src="10.91.1.1", count=1).ok \
+            and time.monotonic() < end:
+        time.sleep(0.2)
     for ns, src, dst in ((ns_a, "10.91.1.1", "10.91.2.1"), (ns_b, "10.91.2.1", "10.91.1.1")):
         res = traffic.ping(ns, dst, src=src, count=2, interval=0.05)
         assert res.ok, f"ping {src} -> {dst}: {res.output}\n{where.log_text()[-3000:]}"
