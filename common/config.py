@@ -145,6 +145,8 @@ class ConnectionConfig:
     reauth_time: int
     mobike: bool
     children: dict[str, ChildConfig]
+    #: RFC 7383 (strongSwan's values; "force" acts as "yes" in IKEv2)
+    fragmentation: Literal["yes", "accept", "force", "no"] = "yes"
     psk_file: str | None = None  # resolved path; set when psk_file was used
     psk: bytes | None = field(default=None, repr=False)  # None: psk_file not read yet
 
@@ -755,6 +757,7 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
         reauth_time=t.duration("reauth_time", 0),
         mobike=mobike,
         children=children,
+        fragmentation=t.choice("fragmentation", "yes", ("yes", "accept", "force", "no")),
         psk_file=psk_file,
         psk=psk,
     )

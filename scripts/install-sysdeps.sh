@@ -3,7 +3,7 @@
 # libipsec, swanctl, ping, tcpdump, iproute2) and the OpenSSL headers the compiled
 # ESP path builds against (libssl-dev), when running as root and missing.
 set -eu
-PKGS="strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins iputils-ping tcpdump iproute2 libssl-dev"
+PKGS="strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins iputils-ping tcpdump iproute2 libssl-dev nftables"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

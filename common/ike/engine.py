@@ -321,6 +321,7 @@ class IkeEngine:
         self._due.pop(sa.ike_id, None)
         self._drop_half_open(sa)
         self.limits.ike_sa_gone(sa.ike_id)
+        self.ctx.reassembly.forget(sa.ike_id)
         idents = _identities(sa)
         ids = self._by_identities.get(idents) if idents is not None else None
         if idents is not None and ids is not None:

@@ -14,8 +14,10 @@ Rules of this file:
 - The AUTH payload (RFC 7296 §2.15) signs the raw octets of the IKE_SA_INIT
   message as sent or received: the output of ``encode_message`` and the input
   of ``decode_message`` are those octets; nothing is re-encoded for signing.
-- RFC 7383 fragmentation is not supported (and not advertised): an SKF
-  payload is malformed.
+- RFC 7383 fragments (a header whose first payload is SKF) are opened and
+  reassembled by common/ike/fragments.py; ``message_from_plaintext`` builds the
+  message from the reassembled payload bytes. An SKF payload reaching
+  ``decode_message`` (after other payloads, or unexpected) is malformed.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> IkeHeader:
                      HeaderFlag(flags), message_id, length)
 
 
-def _encode_header(msg: IkeMessage, next_payload: int, length: int) -> bytes:
+def encode_header(msg: IkeMessage, next_payload: int, length: int) -> bytes:
     if len(msg.spi_i) != SPI_LEN or len(msg.spi_r) != SPI_LEN:
         raise ValueError("IKE SPIs are 8 bytes")
     if not 0 <= msg.message_id <= MAX_MESSAGE_ID:
@@ -168,14 +170,14 @@ def encode_message(msg: IkeMessage, sk: SkCipher | None = None, iv: bytes = b"")
     with ``sk`` they all go inside one SK payload, sealed with ``iv``."""
     if sk is None:
         first, body = encode_payloads(msg.payloads)
-        return _encode_header(msg, first, IKE_HEADER_LEN + len(body)) + body
+        return encode_header(msg, first, IKE_HEADER_LEN + len(body)) + body
     first, inner = encode_payloads(msg.payloads)
     sk_len = GENERIC_PAYLOAD_HEADER_LEN + sk.sealed_size(len(inner))
     if sk_len > MAX_PAYLOAD_LEN:
         raise ValueError(f"SK payload of {sk_len} bytes does not fit its length field")
     # RFC 7296 §3.14 / RFC 5282 §5.1: authenticated data is the header and the
     # SK generic header, both already carrying the final lengths.
-    aad = (_encode_header(msg, PayloadType.SK, IKE_HEADER_LEN + sk_len)
+    aad = (encode_header(msg, PayloadType.SK, IKE_HEADER_LEN + sk_len)
            + GENERIC_HEADER.pack(int(first), 0, sk_len))
     return aad + sk.seal(aad, inner, iv)
 
@@ -192,7 +194,7 @@ def decode_message(data: bytes | bytearray | memoryview,
         raise MalformedMessage("bytes after the last payload")
     last = raws[-1] if raws else None
     if last is not None and last.payload_type == PayloadType.SKF:
-        raise MalformedMessage("fragmentation not supported")
+        raise MalformedMessage("SKF payload not in a fragment of an IKE SA (RFC 7383 §2.5)")
     inner: list[Payload] = []
     if last is not None and last.payload_type == PayloadType.SK:
         # The chain walk stops at SK, so SK is last if the datagram ends there.
@@ -213,3 +215,13 @@ def decode_message(data: bytes | bytearray | memoryview,
             payloads.append(p)
     return IkeMessage(header.spi_i, header.spi_r, header.exchange, header.message_id,
                       header.is_response, header.is_initiator, payloads + inner)
+
+
+def message_from_plaintext(header: IkeHeader, first_type: int,
+                           plaintext: bytes | bytearray | memoryview) -> IkeMessage:
+    """The message whose Encrypted payload(s) held ``plaintext`` (the inner
+    payload chain, starting with a payload of ``first_type``): a message
+    reassembled from RFC 7383 fragments, each already authenticated."""
+    return IkeMessage(header.spi_i, header.spi_r, header.exchange, header.message_id,
+                      header.is_response, header.is_initiator,
+                      decode_payloads(first_type, plaintext))

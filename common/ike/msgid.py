@@ -4,6 +4,8 @@ Rules of this file:
 - Window size 1 both ways: at most one request of ours is outstanding.
 - A retransmitted request (message ID one below the next expected) gets the
   cached response, byte for byte; the request is not processed again.
+- A request or response sent in RFC 7383 fragments is resent as all of its
+  fragments (RFC 7383 §2.6); ``request``/``response`` keep the whole message.
 - Retransmits back off exponentially: timeout * base**n, ``tries`` times, then
   the exchange has failed and the IKE SA is dead (§2.4).
 - Time is an argument; there is no clock here.
@@ -53,6 +55,10 @@ class MessageIds:
     response_id: int = -1
     #: digest of the request the cached response answers (sa.request_digest)
     response_digest: bytes = b""
+    #: the RFC 7383 fragments ``request``/``response`` went out as
+    #: (empty: sent whole); a retransmission sends all of them (§2.6)
+    request_frags: list[bytes] = field(default_factory=list)
+    response_frags: list[bytes] = field(default_factory=list)
 
     # -- our requests -----------------------------------------------------
 
@@ -73,8 +79,10 @@ class MessageIds:
         self.send_next += 1
         return mid
 
-    def sent_request(self, mid: int, data: bytes, now: float) -> None:
+    def sent_request(self, mid: int, data: bytes, now: float,
+                     frags: list[bytes] | None = None) -> None:
         self.request = data
+        self.request_frags = frags or []
         self.request_id = mid
         self.request_tries = 0
         self.request_deadline = now + self.policy.timeout_s
@@ -110,8 +118,9 @@ class MessageIds:
             return RequestVerdict.RETRANSMIT
         return RequestVerdict.INVALID
 
-    def sent_response(self, mid: int, data: bytes) -> None:
+    def sent_response(self, mid: int, data: bytes, frags: list[bytes] | None = None) -> None:
         self.response = data
+        self.response_frags = frags or []
         self.response_id = mid
         self.recv_next = mid + 1
 

@@ -25,15 +25,24 @@ from typing import TYPE_CHECKING, Protocol
 
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.child import ChildInput, ChildSa, ChildState
-from common.ike.constants import ExchangeType, IdType, ProtocolId
+from common.ike.constants import ExchangeType, IdType, PayloadType, ProtocolId
 from common.ike.events import IkeEvent, IkeSaFailed
+from common.ike.fragments import (
+    FRAGMENT_SIZE_DEFAULT,
+    Reassembly,
+    max_message_len,
+    open_fragment,
+    split_message,
+)
 from common.ike.keys import IkeKeys
 from common.ike.message import (
     MAX_MESSAGE_ID,
+    EncryptedWithoutKeys,
     IkeHeader,
     IkeMessage,
     decode_message,
     encode_message,
+    message_from_plaintext,
 )
 from common.ike.msgid import MessageIds, RequestVerdict, RetransmitPolicy
 from common.ike.payloads import NotifyPayload, Payload, UnsupportedCriticalPayload
@@ -81,6 +90,8 @@ class IkeOptions:
     half_open_timeout_s: float = 30.0
     cookie_threshold: int = 100
     nonce_len: int = 32
+    #: IP datagram size of the RFC 7383 fragments we send (§2.5.1)
+    fragment_size: int = FRAGMENT_SIZE_DEFAULT
 
 
 @dataclass(slots=True)
@@ -103,6 +114,8 @@ class IkeContext:
     #: peer input refused, by stable reason (``RemoteProtocolError.drop_reason``);
     #: the engine's ``drops``
     drops: Counter[str] = field(default_factory=Counter)
+    #: RFC 7383 partial messages of every IKE SA, bounded (common/ike/fragments.py)
+    reassembly: Reassembly = field(default_factory=Reassembly)
     next_id: int = 1
 
     def new_id(self) -> int:
@@ -206,6 +219,8 @@ class IkeSa:
         self.last_message = b""
         self.peer_id: tuple[IdType, bytes] | None = None
         self.peer_mid_sync = False
+        #: the peer sent IKEV2_FRAGMENTATION_SUPPORTED in IKE_SA_INIT (RFC 7383 §2.3)
+        self.peer_fragmentation = False
         #: RFC 6311: nonce and answer data of the last MID sync request we took,
         #: so that its retransmission gets the same answer and no second bump.
         self.mid_sync_answered: tuple[bytes, bytes] | None = None
@@ -300,6 +315,30 @@ class IkeSa:
             return encode_message(msg)
         return encode_message(msg, self.sk_out, self.ctx.random(self.sk_out.iv_size))
 
+    def encode_out(self, exchange: ExchangeType, mid: int, response: bool,
+                   payloads: list[Payload]) -> tuple[bytes, list[bytes]]:
+        """The message whole, and the RFC 7383 fragments it goes out as
+        (empty: it goes out whole)."""
+        data = self.encode(exchange, mid, response, payloads)
+        opts = self.ctx.options
+        # RFC 7383 §2.3, §2.5.3: only when both announced it, never IKE_SA_INIT.
+        if (self.sk_out is None or exchange == ExchangeType.IKE_SA_INIT
+                or not self.peer_fragmentation or self.policy is None
+                or self.policy.fragmentation not in ("yes", "force")):
+            return data, []
+        limit = max_message_len(opts.fragment_size, self.remote[0],
+                                self.local_port != opts.ike_port)
+        if len(data) <= limit:
+            return data, []
+        msg = IkeMessage(spi_i=self.spi_i, spi_r=self.spi_r, exchange=exchange,
+                         message_id=mid, is_response=response, is_initiator=self.initiator,
+                         payloads=payloads)
+        return data, split_message(msg, self.sk_out, self.ctx.random, limit) or []
+
+    def send_all(self, data: bytes, frags: list[bytes]) -> None:
+        for datagram in frags or [data]:
+            self.send(datagram)
+
     def queue_task(self, task: Task, now: float, *, first: bool = False) -> None:
         if first:
             self.queue.appendleft(task)
@@ -326,20 +365,20 @@ class IkeSa:
             if payloads is None:
                 continue
             mid = self.mids.take_request_id() if fixed is None else fixed
-            data = self.encode(task.exchange, mid, False, payloads)
-            self.mids.sent_request(mid, data, now)
+            data, frags = self.encode_out(task.exchange, mid, False, payloads)
+            self.mids.sent_request(mid, data, now, frags)
             self.last_request = data
             self.active = task
-            self.send(data)
+            self.send_all(data, frags)
 
     def restart_request(self, task: Task, payloads: list[Payload], now: float, mid: int) -> None:
         """Send a new request with a given message ID (IKE_SA_INIT retry after
         COOKIE or INVALID_KE_PAYLOAD, RFC 7296 §2.6/§1.2; MID sync uses 0)."""
-        data = self.encode(task.exchange, mid, False, payloads)
-        self.mids.sent_request(mid, data, now)
+        data, frags = self.encode_out(task.exchange, mid, False, payloads)
+        self.mids.sent_request(mid, data, now, frags)
         self.last_request = data
         self.active = task
-        self.send(data)
+        self.send_all(data, frags)
 
     # -- receiving --------------------------------------------------------------
 
@@ -350,12 +389,14 @@ class IkeSa:
             self._drop("unexpected_response")
             return
         try:
-            msg = decode_message(data, self.sk_in)
+            msg = self._decode(header, data, now)
         except RemoteProtocolError as exc:
             # RFC 7296 §2.21.2: a message failing integrity is dropped.
             self._drop(exc.drop_reason)
             log.debug("IKE SA %d: dropped bad response: %s", self.ike_id, exc)
             return
+        if msg is None:
+            return  # a fragment stored, more to come
         self.counters["responses_in"] += 1
         self.last_heard = now
         self.last_message = data
@@ -367,6 +408,21 @@ class IkeSa:
             # A bad answer ends its exchange only: the next request goes
             # out (the engine counts the error itself).
             self.kick(now)
+
+    def _decode(self, header: IkeHeader, data: bytes, now: float) -> IkeMessage | None:
+        """The protected message, or None while RFC 7383 fragments of it are
+        still missing. Each fragment is authenticated before it is stored
+        (RFC 7383 §2.6.1); the reassembly bounds are common/ike/fragments.py's."""
+        if header.next_payload != PayloadType.SKF:
+            return decode_message(data, self.sk_in)
+        if self.sk_in is None:
+            raise EncryptedWithoutKeys("fragment before keys exist")
+        frag = open_fragment(data, header, self.sk_in)
+        whole = self.ctx.reassembly.add(
+            (self.ike_id, header.message_id, header.is_response), frag, now)
+        if whole is None:
+            return None
+        return message_from_plaintext(header, whole[0], whole[1])
 
     def _drop(self, reason: str) -> None:
         self.counters["dropped"] += 1
@@ -384,7 +440,10 @@ class IkeSa:
         maybe_sync = (header.message_id == 0 and verdict is not RequestVerdict.NEW
                       and header.exchange == ExchangeType.INFORMATIONAL and self.established)
         if verdict is RequestVerdict.RETRANSMIT and not maybe_sync:
-            self._answer_retransmit(data, remote, local_port)
+            if header.next_payload == PayloadType.SKF:
+                self._fragment_retransmit(header, data, remote, local_port)
+            else:
+                self._answer_retransmit(data, remote, local_port)
             return
         if verdict is RequestVerdict.INVALID and not maybe_sync:
             self._drop("bad_message_id")
@@ -396,7 +455,7 @@ class IkeSa:
             self._drop("unexpected_exchange")
             return
         try:
-            msg = decode_message(data, self.sk_in)
+            decoded = self._decode(header, data, now)
         except UnsupportedCriticalPayload as exc:
             # RFC 7296 §2.5: answer with the type of the payload we do not know.
             stub = IkeMessage(self.spi_i, self.spi_r, header.exchange, header.message_id,
@@ -407,6 +466,9 @@ class IkeSa:
             self._drop(exc.drop_reason)
             log.debug("IKE SA %d: dropped bad request: %s", self.ike_id, exc)
             return
+        if decoded is None:
+            return  # a fragment stored, more to come
+        msg = decoded
         if maybe_sync and not is_mid_sync_request(msg):
             if verdict is RequestVerdict.RETRANSMIT:
                 self._answer_retransmit(data, remote, local_port)
@@ -439,24 +501,47 @@ class IkeSa:
                 digest, request_digest(data))):
             self.counters["dropped"] += 1
             return
+        self._resend_response(remote, local_port)
+
+    def _resend_response(self, remote: Address, local_port: int) -> None:
+        if self.mids.response is None:
+            return
         self.counters["retransmits_answered"] += 1
-        self.ctx.outbox.append(Outgoing(self.mids.response, remote, local_port, self.ike_id))
+        for datagram in self.mids.response_frags or [self.mids.response]:
+            self.ctx.outbox.append(Outgoing(datagram, remote, local_port, self.ike_id))
+
+    def _fragment_retransmit(self, header: IkeHeader, data: bytes, remote: Address,
+                             local_port: int) -> None:
+        """A fragment of the request our cached response answers (RFC 7383
+        §2.6.1): checked first, and only fragment 1 brings the whole response
+        again (all its fragments), so that a retransmitted request of n
+        fragments gets one response, not n."""
+        if self.sk_in is None:
+            self._drop("sk_without_keys")
+            return
+        try:
+            frag = open_fragment(data, header, self.sk_in)
+        except RemoteProtocolError as exc:
+            self._drop(exc.drop_reason)
+            return
+        if frag.number == 1:
+            self._resend_response(remote, local_port)
 
     def respond(self, msg: IkeMessage, payloads: list[Payload], now: float, *,
                 request: bytes = b"") -> None:
         from common.ike.exchanges.informational import is_mid_sync_request
 
-        data = self.encode(msg.exchange, msg.message_id, True, payloads)
+        data, frags = self.encode_out(msg.exchange, msg.message_id, True, payloads)
         # RFC 6311: a MID sync request is outside the message-ID sequence; its
         # message ID 0 must not count as the peer's request 0 (the handler has
         # set recv_next to the value we announced).
         if msg.message_id == self.mids.recv_next and not (
                 msg.exchange == ExchangeType.INFORMATIONAL and is_mid_sync_request(msg)):
-            self.mids.sent_response(msg.message_id, data)
+            self.mids.sent_response(msg.message_id, data, frags)
             self.mids.response_digest = request_digest(request) if request else b""
         if self.on_response is not None:
             self.on_response(self, data)
-        self.send(data)
+        self.send_all(data, frags)
         if self.successor is not None:
             # After answering an IKE rekey: child exchanges moved to the new SA.
             self.successor.kick(now)
@@ -506,7 +591,7 @@ class IkeSa:
             self.fail(f"peer not answering: {exc}")
             return
         if again is not None:
-            self.send(again)
+            self.send_all(again, self.mids.request_frags)
         if self.half_open_deadline is not None and now >= self.half_open_deadline:
             self.fail("half-open IKE SA timed out")
             return

@@ -97,6 +97,9 @@ class IkeInitTask:
             NoncePayload(sa.ni),
         ]
         payloads += self.nat
+        if sa.policy.fragmentation != "no":
+            # RFC 7383 §2.3
+            payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         return payloads
 
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
@@ -161,6 +164,8 @@ class IkeInitTask:
         sa.spi_r = msg.spi_r
         sa.init_request = sa.last_request
         sa.init_response = sa.last_message
+        sa.peer_fragmentation = (sa.policy.fragmentation != "no" and msg.has_notify(
+            NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         sa.install_keys(suite, derive_ike_keys(suite, sa.ni, sa.nr, shared, sa.spi_i, sa.spi_r))
 
 
@@ -247,6 +252,11 @@ def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: Coo
     payloads: list[Payload] = [SaPayload([chosen]), KePayload(suite.dh, dh.public),
                                NoncePayload(sa.nr)]
     payloads += nat_payloads(ctx, sa.spi_i, sa.spi_r, remote)
+    # RFC 7383 §2.3: announced back only to a peer that announced it.
+    if msg.has_notify(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED) and any(
+            p.fragmentation != "no" for p in candidates):
+        sa.peer_fragmentation = True
+        payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
     response = sa.encode(ExchangeType.IKE_SA_INIT, 0, True, payloads)
     sa.sk_out = sk_out
     sa.init_request, sa.init_response = raw, response

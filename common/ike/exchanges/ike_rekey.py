@@ -50,6 +50,7 @@ def _successor(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, chose
     new.created_at = new.last_heard = now
     new.peer_id = old.peer_id
     new.peer_mid_sync = old.peer_mid_sync
+    new.peer_fragmentation = old.peer_fragmentation  # RFC 7383 §2.3: negotiated once
     new.on_response = old.on_response
     new.install_keys(suite, derive_rekeyed_ike_keys(old.suite.prf, old.keys.sk_d, suite, ni, nr,
                                                     shared, spi_i, spi_r))
