@@ -11,8 +11,8 @@ responder's narrowed answer holds them all). Namespace a: charon
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import shutil
 import time
 from pathlib import Path
