@@ -41,6 +41,8 @@ class IkePolicy:
     dpd_delay: float = 10.0
     rekey_time: float = 14400.0
     children: dict[str, ChildPolicy] = field(default_factory=dict)
+    #: address pools for CP requests (RFC 7296 §3.15), tried in order
+    pools: list[str] = field(default_factory=list)
 
     def matches_address(self, addr: str) -> bool:
         return "%any" in self.remote_addrs or addr in self.remote_addrs
@@ -84,5 +86,5 @@ def policies_from_config(connections: Mapping[str, ConnectionConfig]) -> list[Ik
             conn.name, (conn.local_id.id_type, conn.local_id.data), remote_id, conn.psk,
             [p.proposal for p in conn.proposals],
             [str(a) for a in conn.remote_addrs] or ["%any"], conn.remote_port,
-            float(conn.dpd_delay), float(conn.rekey_time), children))
+            float(conn.dpd_delay), float(conn.rekey_time), children, list(conn.pools)))
     return out

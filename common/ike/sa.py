@@ -44,6 +44,7 @@ from common.rand import RandomBytes
 
 if TYPE_CHECKING:
     from common.ike.dh import DhKeyPair
+    from common.pools import Lease, PoolSet
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -103,6 +104,8 @@ class IkeContext:
     #: peer input refused, by stable reason (``RemoteProtocolError.drop_reason``);
     #: the engine's ``drops``
     drops: Counter[str] = field(default_factory=Counter)
+    #: virtual IP pools for CP requests (RFC 7296 §3.15); None: no pools
+    pools: PoolSet | None = None
     next_id: int = 1
 
     def new_id(self) -> int:
@@ -214,6 +217,8 @@ class IkeSa:
         self.mid_sync_m1_seen = -1
         self.mid_sync_m1_sent = 0
         self.children: dict[int, ChildSa] = {}
+        #: virtual IPs leased to the peer (CP reply, RFC 7296 §3.15)
+        self.leases: tuple[Lease, ...] = ()
         self.queue: deque[Task] = deque()
         self.active: Task | None = None
         self.created_at = 0.0

@@ -62,6 +62,7 @@ def move_children(old: IkeSa, new: IkeSa, now: float) -> None:
 
     new.children.update(old.children)
     old.children.clear()
+    new.leases, old.leases = old.leases, ()  # the virtual IPs follow (RFC 7296 §2.18)
     # Queued child exchanges follow their children (strongSwan adopts them
     # too): left behind, they would find no child and be dropped as moot,
     # e.g. the delete of a child we just rekeyed.
