@@ -23,6 +23,10 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
                       str(m["packets_out"]), str(m["bytes_out"]), _replicas(m), drops,
                       _refused(m.get("refused", {})) or "-")
     console.print(table)
+    for p in status.get("pools", []):
+        by = ", ".join(f"member {m}: {n}" for m, n in p["by_member"].items()) or "-"
+        console.print(f"pool {p['name']} {p['addrs']}: {p['leased']} of {p['size']} leased "
+                      f"({p['per_segment']} per segment; {by})")
     d = status["dispatcher"]
     drops = ", ".join(f"{k}={v}" for k, v in sorted(d["drops"].items())) or "none"
     console.print(f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}; "

@@ -325,6 +325,8 @@ class IkeEngine:
             # RFC 7296 §3.15.4: the address returns to the pool with the IKE SA.
             for lease in sa.leases:
                 self.ctx.pools.release(lease)
+                log.info("IKE SA %d: %s returned to pool %s", sa.ike_id, lease.address,
+                         lease.pool)
             sa.leases = ()
         idents = _identities(sa)
         ids = self._by_identities.get(idents) if idents is not None else None
