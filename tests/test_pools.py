@@ -340,3 +340,29 @@ remote_ts = ["10.3.0.0/16"]
     # 8 usable addresses for 16 segments: some segments would have none
     with pytest.raises(ValueError, match="at least 16 usable addresses"):
         load_config(base % ("10.3.0.0/28", '["rw"]'), "gw.toml")
+
+
+@pytest.mark.parametrize("ini", ["a", "b"])
+def test_an_ike_rekey_keeps_the_sa_and_its_lease_in_one_segment(vip: None, ini: str) -> None:
+    """The lease's partition is the IKE SA's segment: a rekey (by either end)
+    draws the new SPI from the same segment, and the lease moves with it."""
+    from common.ike.spis import SegmentSpis
+    from common.rand import deterministic_random
+    from common.spi import SpiAllocator
+
+    p = _road_warrior()
+    p.b.ctx.spis = SegmentSpis(SpiAllocator(deterministic_random(5)), list(range(2, 40)))
+    pools = _gateway_pools(p.b)
+    p.a.initiate("conn", B_ADDR, 0.0)
+    p.flush()
+    (old,) = p.b.established()
+    (lease,) = old.leases
+    for _ in range(3):
+        sa = p.engine(ini).established()[0]
+        p.engine(ini).rekey_ike(sa.ike_id, p.now)
+        p.flush()
+        (new,) = p.b.established()
+        ours = new.spi_i if new.initiator else new.spi_r   # b's SPI of the new SA
+        assert new.leases == (lease,) and ours != old.spi_r
+        assert pools.segment_of_spi(ours) == pools.segment_of_spi(old.spi_r)
+    assert len(pools.pools["rw"].leased) == 1
