@@ -57,6 +57,8 @@ def print_sas(sas: dict[str, Any], console: Console | None = None) -> None:
             console.print(f"[bold]{ike['name']}[/]: #{ike['id']} on member {m['member']}, "
                           f"{ike['state']}, {ike['spi_i']}_i {ike['spi_r']}_r, "
                           f"remote {ike['remote']} {ike['remote_id']}, {ike['algorithms']}")
+            if ike.get("virtual_ips"):
+                console.print(f"  virtual IPs {', '.join(ike['virtual_ips'])}")
             for ch in ike["children"]:
                 console.print(f"  {ch['name']}: {ch['state']} on member {ch['member']}, "
                               f"{ch['spi_in']}_i {ch['spi_out']}_o, {ch['algorithms']}")

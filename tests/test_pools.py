@@ -223,13 +223,11 @@ def test_cp_request_gets_a_lease_and_the_child_is_narrowed_to_it(vip: None) -> N
     assert [str(t) for t in a_child.local_ts] == [want]   # TSi narrowed (RFC 7296 §2.9)
 
 
-def test_the_reply_carries_the_address_and_dns(monkeypatch: pytest.MonkeyPatch) -> None:
-    _request_vip(monkeypatch)
-    p = _road_warrior()
-    _gateway_pools(p.b)
-    seen: list[CpPayload] = []
+def _spy_cp(monkeypatch: pytest.MonkeyPatch) -> list[CpPayload]:
+    """The CP replies the gateway sends (the wire is encrypted)."""
     from common.ike.exchanges import ike_auth
 
+    seen: list[CpPayload] = []
     answer = ike_auth.answer_cp
 
     def spy(sa: IkeSa, msg: object) -> list[Payload]:
@@ -238,6 +236,14 @@ def test_the_reply_carries_the_address_and_dns(monkeypatch: pytest.MonkeyPatch) 
         return out
 
     monkeypatch.setattr(ike_auth, "answer_cp", spy)
+    return seen
+
+
+def test_the_reply_carries_the_address_and_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    _request_vip(monkeypatch)
+    p = _road_warrior()
+    _gateway_pools(p.b)
+    seen = _spy_cp(monkeypatch)
     p.a.initiate("conn", B_ADDR, 0.0)
     p.flush()
     (cp,) = seen
@@ -366,3 +372,44 @@ def test_an_ike_rekey_keeps_the_sa_and_its_lease_in_one_segment(vip: None, ini: 
         assert new.leases == (lease,) and ours != old.spi_r
         assert pools.segment_of_spi(ours) == pools.segment_of_spi(old.spi_r)
     assert len(pools.pools["rw"].leased) == 1
+
+
+def test_ipv4_and_ipv6_addresses_in_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    _request_vip(monkeypatch, CfgAttribute(CfgAttr.INTERNAL_IP4_ADDRESS),
+                 CfgAttribute(CfgAttr.INTERNAL_IP6_ADDRESS))
+    p = _road_warrior()
+    pools = PoolSet([Pool("rw", ipaddress.ip_network(POOL_NET)),
+                     Pool("rw6", ipaddress.ip_network("fd00:3::/112"),
+                          (ipaddress.IPv6Address("fd00::53"),))], 8)
+    p.b.ctx.pools = pools
+    p.b.policies["conn"].pools = ["rw6", "rw"]
+    seen = _spy_cp(monkeypatch)
+    p.a.initiate("conn", B_ADDR, 0.0)
+    p.flush()
+    (gw,) = p.b.established()
+    v4, v6 = gw.leases
+    assert (v4.pool, v6.pool) == ("rw", "rw6") and v6.address.version == 6
+    (cp,) = seen
+    assert CfgAttribute(CfgAttr.INTERNAL_IP6_ADDRESS, v6.address.packed + b"\x80") \
+        in cp.attributes
+    assert CfgAttribute(CfgAttr.INTERNAL_IP6_DNS,
+                        ipaddress.IPv6Address("fd00::53").packed) in cp.attributes
+    # the initiator proposed 0.0.0.0/0 only: the child is narrowed to the IPv4 lease
+    (b_child,) = gw.children.values()
+    assert [str(t) for t in b_child.remote_ts] == [f"{v4.address}/32"]
+
+
+def test_a_cut_lease_list_in_a_replica_is_malformed(vip: None) -> None:
+    from common.ike.snapshot import snapshot
+
+    p = _road_warrior()
+    _gateway_pools(p.b)
+    p.a.initiate("conn", B_ADDR, 0.0)
+    p.flush()
+    (gw,) = p.b.established()
+    wire = encode_sync(snapshot(gw, p.now))
+    for n in range(1, 9):   # count, name length, "rw", address length, 4 bytes
+        with pytest.raises(MalformedMessage):
+            decode_sync(wire[:-n])
+    with pytest.raises(MalformedMessage):
+        decode_sync(wire + b"\x00")
