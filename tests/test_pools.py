@@ -154,16 +154,6 @@ def test_a_cut_attribute_is_malformed() -> None:
             decode_payloads(first, short)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=80))
-def test_random_cp_bodies_raise_only_malformed(body: bytes) -> None:
-    data = bytes([0, 0]) + (4 + len(body)).to_bytes(2, "big") + body
-    try:
-        decode_payloads(PayloadType.CP, data)
-    except MalformedMessage:
-        pass
-
-
 # -- the exchange -------------------------------------------------------------
 
 POOL_NET = "10.3.0.0/16"
