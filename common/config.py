@@ -30,6 +30,7 @@ from common.ike.constants import IdType
 from common.ike.proposals import expand_esp_proposal, expand_ike_proposal
 from common.ike.transforms import Proposal
 from common.ike.ts import TrafficSelector, ts_from_cidr
+from common.pools import Pool
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -745,8 +746,6 @@ def _pool(t: _Table, name: str, segment_bits: int) -> PoolConfig:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError:
         raise t.error("addrs", 'a CIDR like "10.3.0.0/16"', _show(text)) from None
-    from common.pools import Pool
-
     size = Pool(name, net).size
     segments = 1 << segment_bits
     if size < segments * MIN_POOL_ADDRS_PER_SEGMENT:
