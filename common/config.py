@@ -30,6 +30,7 @@ from common.ike.constants import IdType
 from common.ike.proposals import expand_esp_proposal, expand_ike_proposal
 from common.ike.transforms import Proposal
 from common.ike.ts import TrafficSelector, ts_from_cidr
+from common.pools import Pool
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -132,6 +133,15 @@ class ChildConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class PoolConfig:
+    """``[pools.NAME]``: virtual IPs handed out in CP replies (RFC 7296 §3.15)."""
+
+    name: str
+    addrs: IPNetwork
+    dns: tuple[IPAddress, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
 class ConnectionConfig:
     name: str
     remote_addrs: tuple[IPAddress, ...]  # empty = %any
@@ -149,6 +159,7 @@ class ConnectionConfig:
     fragmentation: Literal["yes", "accept", "force", "no"] = "yes"
     psk_file: str | None = None  # resolved path; set when psk_file was used
     psk: bytes | None = field(default=None, repr=False)  # None: psk_file not read yet
+    pools: tuple[str, ...] = ()  # names of [pools.NAME] tables, tried in order
 
 
 @dataclass(slots=True, frozen=True)
@@ -183,6 +194,7 @@ class Config:
     cluster: ClusterConfig
     connections: dict[str, ConnectionConfig]
     source: str  # the file name the text came from
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
 
 
 # -- identities ------------------------------------------------------------------------
@@ -725,8 +737,32 @@ def _curve_files(filename: str, cluster: ClusterConfig, config_dir: PurePosixPat
                               f"{_show(path, cut=False)} ({problem})")
 
 
+#: a pool smaller than this per segment is refused: some segments would have
+#: no address at all to lease (docs/config.md "Address pools")
+MIN_POOL_ADDRS_PER_SEGMENT = 1
+
+
+def _pool(t: _Table, name: str, segment_bits: int) -> PoolConfig:
+    text = t.string("addrs", expected='a CIDR like "10.3.0.0/16"')
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise t.error("addrs", 'a CIDR like "10.3.0.0/16"', _show(text)) from None
+    size = Pool(name, net).size
+    segments = 1 << segment_bits
+    if size < segments * MIN_POOL_ADDRS_PER_SEGMENT:
+        # Leases come from per-segment partitions (address index mod segments).
+        raise t.error("addrs", f"a prefix of at least {segments} usable addresses (one per "
+                               f"segment; cluster.segment_bits = {segment_bits})",
+                      f"{_show(text)} ({size} addresses)")
+    dns = tuple(_address(t, "dns", a, i)
+                for i, a in enumerate(t.strings("dns", [], nonempty=False)))
+    t.done()
+    return PoolConfig(name, net, dns)
+
+
 def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePosixPath,
-                read_file: ReadFile | None) -> ConnectionConfig:
+                read_file: ReadFile | None, pools: dict[str, PoolConfig]) -> ConnectionConfig:
     remote_addrs = _addresses(t, "remote_addrs", [ANY], allow_any=True)
     local_addrs = _addresses(t, "local_addrs", [str(cluster.address)], allow_any=False)
     psk, psk_file = _psk(t, config_dir, read_file)
@@ -741,6 +777,12 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
     if starts and not remote_addrs:
         raise t.error("remote_addrs", f'a peer address to initiate to (child "{starts[0]}" '
                                       'has start_action = "start")', '["%any"]')
+    pool_names = t.strings("pools", [], nonempty=False)
+    for i, pname in enumerate(pool_names):
+        if pname not in pools:
+            raise _item_error(t, "pools", i, "the name of a [pools.NAME] table (one of "
+                              + (", ".join(_show(p) for p in pools) or "none defined") + ")",
+                              _show(pname))
     mobike = t.boolean("mobike", False)
     if mobike:
         raise t.error("mobike", "false (MOBIKE is not supported)", "true")
@@ -760,6 +802,7 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
         fragmentation=t.choice("fragmentation", "yes", ("yes", "accept", "force", "no")),
         psk_file=psk_file,
         psk=psk,
+        pools=tuple(pool_names),
     )
     t.done()
     return conn
@@ -821,12 +864,16 @@ def load_config(text: str | bytes, filename: str, read_file: ReadFile | None = N
     config_dir = PurePosixPath(filename).parent
     if read_file is not None:
         _curve_files(filename, cluster, config_dir, read_file)
+    pools_t = root.table("pools", {})
+    pools = {name: _pool(_sub(pools_t, name), name, cluster.segment_bits)
+             for name in pools_t.data}
+    pools_t.known += list(pools_t.data)
     conns_t = root.table("connections")
     if not conns_t.data:
         raise root.error("connections", "at least one [connections.NAME] table", "none")
     connections = {
-        name: _connection(_sub(conns_t, name), name, cluster, config_dir, read_file)
+        name: _connection(_sub(conns_t, name), name, cluster, config_dir, read_file, pools)
         for name in conns_t.data
     }
     root.done()
-    return Config(cluster=cluster, connections=connections, source=filename)
+    return Config(cluster=cluster, connections=connections, source=filename, pools=pools)

@@ -28,7 +28,8 @@ from common.buffer import Reader, Writer
 from common.errors import MalformedMessage
 from common.ike.ts import TrafficSelector
 
-SYNC_VERSION = 2   # 2: IkeSaState as one struct per layout (bulk transfer speed)
+SYNC_VERSION = 3   # 2: IkeSaState as one struct per layout (bulk transfer speed)
+#                   3: IkeSaState.leases (virtual IPs) after the layout
 
 
 class SyncKind(enum.IntEnum):
@@ -93,6 +94,8 @@ class IkeSaState:
     children: tuple[ChildRecord, ...]
     #: the owner went on without a live backup for a while: IDs may be stale
     stale: bool = False
+    #: virtual IPs the peer holds: (pool name, packed address) (RFC 7296 §3.15)
+    leases: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -296,7 +299,10 @@ def _pull_bool(r: Reader) -> bool:
 #: the number of children.
 _IKE_HEAD = struct.Struct("!BB8s8sBBHHHHHHHBIIIdHHHHHHHHHIBH")
 _IKE_LIMITS = (4096, 512, 512, 512, 512, 512, 512, 512, 1024, 65536, 64)
-_F_INITIATOR, _F_MID_SYNC, _F_STALE, _F_V6 = 1, 2, 4, 8
+_F_INITIATOR, _F_MID_SYNC, _F_STALE, _F_V6, _F_LEASES = 1, 2, 4, 8, 16
+#: after the layout when _F_LEASES: count u8, then per lease the pool name
+#: (u8 length + UTF-8) and the address (u8 length 4 or 16 + bytes)
+_MAX_LEASES = 8
 _NO_RESPONSE = 0xFFFFFFFF
 #: spi_in, spi_out, dh, state, esn (0/1), rekey_in (then name, transform,
 #: local_ts, remote_ts).
@@ -396,6 +402,8 @@ def _ike_bytes(m: IkeSaState) -> bytes:
         flags |= _F_MID_SYNC
     if m.stale:
         flags |= _F_STALE
+    if m.leases:
+        flags |= _F_LEASES
     var = (_enc_str(m.policy), m.sk_d, m.sk_ai, m.sk_ar, m.sk_ei, m.sk_er, m.sk_pi, m.sk_pr,
            m.peer_id, m.response, m.request_digest)
     lens = tuple(map(len, var))
@@ -413,11 +421,40 @@ def _ike_bytes(m: IkeSaState) -> bytes:
         child_values += (c.spi_in, c.spi_out, c.dh, c.state, 1 if c.esn else 0, c.rekey_in,
                          name, transform, lts, rts)
     rid = m.response_id if m.response_id >= 0 else _NO_RESPONSE
-    return _layout((len(ip), *lens, *child_lens)).pack(
+    body = _layout((len(ip), *lens, *child_lens)).pack(
         SYNC_VERSION, SyncKind.IKE_SA, spi_i, spi_r, flags, m.state, m.remote_port,
         m.local_port, m.encr, m.key_bits, m.prf, m.integ, m.dh, m.peer_id_type, m.send_next,
         m.recv_next, rid, m.rekey_in, *lens, len(m.children), *child_lens, ip, *var,
         *child_values)
+    return body + _leases_bytes(m.leases) if m.leases else body
+
+
+def _leases_bytes(leases: tuple[tuple[str, bytes], ...]) -> bytes:
+    if len(leases) > _MAX_LEASES:
+        raise ValueError(f"{len(leases)} leases (at most {_MAX_LEASES})")
+    out = bytearray([len(leases)])
+    for pool, addr in leases:
+        name = _enc_str(pool)
+        if len(name) > 0xFF or len(addr) not in (4, 16):
+            raise ValueError(f"bad lease {pool!r} {addr!r}")
+        out += bytes([len(name)]) + name + bytes([len(addr)]) + addr
+    return bytes(out)
+
+
+def _leases_from(buf: Reader) -> tuple[tuple[str, bytes], ...]:
+    count = buf.pull_uint8()
+    if not 0 < count <= _MAX_LEASES:
+        raise MalformedMessage(f"{count} leases")
+    out = []
+    for _ in range(count):
+        name = _dec_str(buf.pull_bytes(buf.pull_uint8()))
+        n = buf.pull_uint8()
+        if n not in (4, 16):
+            raise MalformedMessage(f"lease address of {n} bytes")
+        out.append((name, buf.pull_bytes(n)))
+    if not buf.eof():
+        raise MalformedMessage("bytes after the leases")
+    return tuple(out)
 
 
 _IKE_HEAD_FIELDS = 30   # values in an unpacked _IKE_HEAD
@@ -429,7 +466,7 @@ def _ike_from(data: bytes | bytearray | memoryview) -> IkeSaState:
         (_v, _k, spi_i, spi_r, flags, state, remote_port, local_port, encr, key_bits, prf,
          integ, dh, peer_id_type, send_next, recv_next, rid, rekey_in, *lens,
          n_children) = _IKE_HEAD.unpack_from(data, 0)
-        if flags & ~(_F_INITIATOR | _F_MID_SYNC | _F_STALE | _F_V6):
+        if flags & ~(_F_INITIATOR | _F_MID_SYNC | _F_STALE | _F_V6 | _F_LEASES):
             raise MalformedMessage(f"IKE SA flags {flags:#x}")
         for n, limit in zip(lens, _IKE_LIMITS, strict=True):
             if n > limit:
@@ -445,7 +482,10 @@ def _ike_from(data: bytes | bytearray | memoryview) -> IkeSaState:
         values = layout.unpack_from(data, 0)
     except struct.error as e:
         raise MalformedMessage(f"truncated IKE SA state: {e}") from None
-    if layout.size != len(data):
+    leases: tuple[tuple[str, bytes], ...] = ()
+    if flags & _F_LEASES:
+        leases = _leases_from(Reader(data, layout.size))
+    elif layout.size != len(data):
         raise MalformedMessage(f"{len(data) - layout.size} bytes after a sync message")
     pos = _IKE_HEAD_FIELDS + 4 * n_children
     (remote_ip, policy, sk_d, sk_ai, sk_ar, sk_ei, sk_er, sk_pi, sk_pr, peer_id, response,
@@ -465,7 +505,7 @@ def _ike_from(data: bytes | bytearray | memoryview) -> IkeSaState:
                       sk_d, sk_ai, sk_ar, sk_ei, sk_er, sk_pi, sk_pr, peer_id_type, peer_id,
                       bool(flags & _F_MID_SYNC), send_next, recv_next,
                       -1 if rid == _NO_RESPONSE else rid, response, digest, _pull_timer(rekey_in),
-                      tuple(children), bool(flags & _F_STALE))
+                      tuple(children), bool(flags & _F_STALE), leases)
 
 
 def _push_child(w: Writer, m: ChildState) -> None:

@@ -568,7 +568,23 @@ class Dispatcher(Membership):
                 "dispatcher": {"pid": os.getpid(), "counters": dict(self.counters),
                                "drops": dict(self.drops), "inside_routes": len(self.routes),
                                "refused": dict(self._refusals().counts)},
-                "members": members}
+                "members": members, "pools": self._pools_status()}
+
+    def _pools_status(self) -> list[dict[str, Any]]:
+        """Each ``[pools.NAME]`` and how many of its addresses the live members
+        have leased (the addresses themselves: ``sas``, per IKE SA)."""
+        from common.pools import Pool
+
+        out = []
+        bits = self.config.cluster.segment_bits
+        for p in self.config.pools.values():
+            pool = Pool(p.name, p.addrs, p.dns, bits)
+            by_member = {m: info.counters.get(f"pool.{p.name}", 0)
+                         for m, info in sorted(self.members.items()) if info.alive}
+            out.append({"name": p.name, "addrs": str(p.addrs), "dns": [str(a) for a in p.dns],
+                        "size": pool.size, "per_segment": pool.per_segment(0),
+                        "leased": sum(by_member.values()), "by_member": by_member})
+        return out
 
     async def sas(self, timeout: float = 2.0) -> dict[str, Any]:
         """Every member's SAs (like swanctl --list-sas)."""

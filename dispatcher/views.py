@@ -23,6 +23,10 @@ def print_status(status: dict[str, Any], console: Console | None = None) -> None
                       str(m["packets_out"]), str(m["bytes_out"]), _replicas(m), drops,
                       _refused(m.get("refused", {})) or "-")
     console.print(table)
+    for p in status.get("pools", []):
+        by = ", ".join(f"member {m}: {n}" for m, n in p["by_member"].items()) or "-"
+        console.print(f"pool {p['name']} {p['addrs']}: {p['leased']} of {p['size']} leased "
+                      f"({p['per_segment']} per segment; {by})")
     d = status["dispatcher"]
     drops = ", ".join(f"{k}={v}" for k, v in sorted(d["drops"].items())) or "none"
     console.print(f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}; "
@@ -53,6 +57,8 @@ def print_sas(sas: dict[str, Any], console: Console | None = None) -> None:
             console.print(f"[bold]{ike['name']}[/]: #{ike['id']} on member {m['member']}, "
                           f"{ike['state']}, {ike['spi_i']}_i {ike['spi_r']}_r, "
                           f"remote {ike['remote']} {ike['remote_id']}, {ike['algorithms']}")
+            if ike.get("virtual_ips"):
+                console.print(f"  virtual IPs {', '.join(ike['virtual_ips'])}")
             for ch in ike["children"]:
                 console.print(f"  {ch['name']}: {ch['state']} on member {ch['member']}, "
                               f"{ch['spi_in']}_i {ch['spi_out']}_o, {ch['algorithms']}")

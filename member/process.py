@@ -517,6 +517,9 @@ class MemberProcess:
         c["ike_sas"] = len(m.engine.established())
         c["half_open"] = m.engine.half_open_count()
         c["child_sas"] = len(m.by_spi)
+        if m.engine.ctx.pools is not None:   # virtual IPs this member has leased
+            c.update({f"pool.{name}": len(p.leased)
+                      for name, p in m.engine.ctx.pools.pools.items()})
         c["sync_gaps"] = self.gaps
         c.update({f"refused.{k}": v for k, v in self.refusals.counts.items()})
         if self.raw_inside is not None:

@@ -37,6 +37,7 @@ from common.ike.sa import IkeOptions, Outgoing
 from common.ike.spis import SegmentSpis
 from common.ike.ts import PORT_MAX, PORT_MIN, TrafficSelector
 from common.iv import COUNTER_LIMIT
+from common.pools import Pool, PoolSet
 from common.rand import RandomBytes
 from common.replay import MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, ReplayState
 from common.routing import InsideRoutes
@@ -171,6 +172,10 @@ class Member:
             policies_from_config(config.connections), random=random, spis=self.spis,
             options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
                                cookie_threshold=c.cookie_threshold))
+        if config.pools:
+            # Virtual IPs (RFC 7296 §3.15), leased from our segments' partitions.
+            self.engine.ctx.pools = PoolSet(
+                [Pool(p.name, p.addrs, p.dns) for p in config.pools.values()], c.segment_bits)
         #: inbound SPI -> route (old SAs stay here until deleted, for packets in flight)
         self.by_spi: dict[int, ChildRoute] = {}
         #: routes that carry outbound traffic (rekeyed ones leave this list)
@@ -485,6 +490,7 @@ class Member:
                 "remote": f"{sa.remote[0]}:{sa.remote[1]}",
                 "algorithms": format_ike_suite(sa.suite) if sa.suite else "",
                 "remote_id": format_identity(*sa.peer_id) if sa.peer_id else "",
+                "virtual_ips": [str(lease.address) for lease in sa.leases],
                 "message_ids": {"send_next": sa.mids.send_next, "recv_next": sa.mids.recv_next},
                 "children": children, "counters": dict(sa.counters)})
         esp = []
@@ -496,7 +502,9 @@ class Member:
                 "packets_out": r.outbound.packets, "bytes_out": r.outbound.octets,
                 "local_ts": [str(t) for t in r.local_ts],
                 "remote_ts": [str(t) for t in r.remote_ts]})
-        return {"ike_sas": ike_sas, "child_sas": esp}
+        pools = self.engine.ctx.pools
+        return {"ike_sas": ike_sas, "child_sas": esp,
+                "pools": pools.status() if pools is not None else []}
 
     def remote_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from common.errors import MalformedMessage
 from common.ike.constants import (
     AuthMethod,
+    CfgAttr,
+    CfgType,
     DhId,
     EncrId,
     EsnId,
@@ -25,6 +27,8 @@ from common.ike.constants import (
 )
 from common.ike.payloads import (
     AuthPayload,
+    CfgAttribute,
+    CpPayload,
     DeletePayload,
     IdiPayload,
     IdrPayload,
@@ -121,7 +125,7 @@ def every_payload() -> list[Payload]:
         TsrPayload([v6("2001:db8::", "2001:db8::ffff"),
                     v6("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 17, (65535, 0))]),
         TsiPayload([v4("10.0.0.1", "10.0.0.1"), v6("fe80::1", "fe80::2")]),
-        OpaquePayload(PayloadType.CP, b"\x01\x00\x00\x00\x00\x01\x00\x00"),
+        CpPayload(CfgType.CFG_REQUEST, [CfgAttribute(CfgAttr.INTERNAL_IP4_ADDRESS)]),
         OpaquePayload(PayloadType.CERTREQ, b"\x04" + bytes(20)),
         OpaquePayload(PayloadType.EAP, b"\x01\x02\x00\x05\x01", critical=True),
     ]
@@ -315,8 +319,9 @@ def test_every_shortened_body_is_malformed(payload: Payload) -> None:
             decode_payloads(first, short)
         except MalformedMessage:
             continue
-        # Some bodies are legitimately shorter (opaque data, a dropped SPI...).
-        assert isinstance(payload, (KePayload, IdiPayload, IdrPayload, AuthPayload,
+        # Some bodies are legitimately shorter (opaque data, a dropped SPI, a
+        # CP cut between its attributes...).
+        assert isinstance(payload, (CpPayload, KePayload, IdiPayload, IdrPayload, AuthPayload,
                                     NoncePayload, NotifyPayload, VendorIdPayload,
                                     OpaquePayload))
 

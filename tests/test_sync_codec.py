@@ -49,7 +49,7 @@ def _state(**kw: object) -> IkeSaState:
 def test_ike_sa_state_round_trips(kw: dict[str, object]) -> None:
     st = _state(**kw)
     raw = encode_sync(st)
-    assert raw[0] == SYNC_VERSION == 2
+    assert raw[0] == SYNC_VERSION == 3
     assert decode_sync(raw) == st
     assert decode_sync(bytearray(raw)) == st
     assert decode_sync(memoryview(raw)) == st

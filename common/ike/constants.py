@@ -157,6 +157,32 @@ class TsType(_OpenEnum):
     TS_IPV6_ADDR_RANGE = 8
 
 
+class CfgType(_OpenEnum):
+    """RFC 7296 §3.15: CFG Type of a Configuration payload."""
+
+    CFG_REQUEST = 1
+    CFG_REPLY = 2
+    CFG_SET = 3
+    CFG_ACK = 4
+
+
+class CfgAttr(_OpenEnum):
+    """RFC 7296 §3.15.1 Configuration Attribute types (the ones we answer)."""
+
+    INTERNAL_IP4_ADDRESS = 1
+    INTERNAL_IP4_NETMASK = 2
+    INTERNAL_IP4_DNS = 3
+    INTERNAL_IP4_NBNS = 4
+    INTERNAL_IP4_DHCP = 6
+    APPLICATION_VERSION = 7
+    INTERNAL_IP6_ADDRESS = 8
+    INTERNAL_IP6_DNS = 10
+    INTERNAL_IP6_DHCP = 12
+    INTERNAL_IP4_SUBNET = 13
+    SUPPORTED_ATTRIBUTES = 14
+    INTERNAL_IP6_SUBNET = 15
+
+
 class NotifyType(_OpenEnum):
     # Error types (RFC 7296 §3.10.1), < 16384
     UNSUPPORTED_CRITICAL_PAYLOAD = 1

@@ -322,6 +322,13 @@ class IkeEngine:
         self._drop_half_open(sa)
         self.limits.ike_sa_gone(sa.ike_id)
         self.ctx.reassembly.forget(sa.ike_id)
+        if sa.leases and self.ctx.pools is not None:
+            # RFC 7296 §3.15.4: the address returns to the pool with the IKE SA.
+            for lease in sa.leases:
+                self.ctx.pools.release(lease)
+                log.info("IKE SA %d: %s returned to pool %s", sa.ike_id, lease.address,
+                         lease.pool)
+            sa.leases = ()
         idents = _identities(sa)
         ids = self._by_identities.get(idents) if idents is not None else None
         if idents is not None and ids is not None:
@@ -485,6 +492,11 @@ class IkeEngine:
         old = self.sas.get(sa.spi_i if sa.initiator else sa.spi_r)
         if old is not None:
             self._unindex(old)
+        if self.ctx.pools is not None:
+            # The replica's leases are ours now (a takeover rebuilds the
+            # segment's lease set from the SAs it adopts).
+            for lease in sa.leases:
+                self.ctx.pools.claim(lease, sa.peer_id[1] if sa.peer_id else b"")
         self._index(sa)
         if mid_sync and sa.peer_mid_sync:
             sa.queue_task(MidSyncTask(margin), now, first=True)

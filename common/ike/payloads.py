@@ -26,6 +26,8 @@ from common.errors import MalformedMessage, RemoteProtocolError
 from common.ike.constants import (
     GENERIC_PAYLOAD_HEADER_LEN,
     AuthMethod,
+    CfgAttr,
+    CfgType,
     DhId,
     EncrId,
     EsnId,
@@ -77,8 +79,11 @@ _TRANSFORM_ID_ENUMS: dict[TransformType, type[EncrId | PrfId | IntegId | DhId | 
 }
 
 # Payload types we carry without interpreting their bodies.
-OPAQUE_TYPES = frozenset({PayloadType.CERT, PayloadType.CERTREQ, PayloadType.CP,
-                          PayloadType.EAP})
+OPAQUE_TYPES = frozenset({PayloadType.CERT, PayloadType.CERTREQ, PayloadType.EAP})
+
+# RFC 7296 §3.15.1: R bit (reserved, ignored on receipt) + 15-bit attribute type.
+_CFG_ATTR_RESERVED_BIT = 0x8000
+_CFG_ATTR_HEADER_LEN = 4
 
 
 class UnsupportedCriticalPayload(RemoteProtocolError):
@@ -200,9 +205,27 @@ class TsrPayload(TsPayload):
     payload_type: ClassVar[PayloadType] = PayloadType.TSR
 
 
+@dataclass(slots=True, frozen=True)
+class CfgAttribute:
+    """One Configuration Attribute (RFC 7296 §3.15.1); ``value`` may be empty
+    (a request for "any" value)."""
+
+    attr_type: CfgAttr
+    value: bytes = b""
+
+
+@dataclass(slots=True)
+class CpPayload:
+    """RFC 7296 §3.15: the Configuration payload (virtual IPs, DNS servers)."""
+
+    payload_type: ClassVar[PayloadType] = PayloadType.CP
+    cfg_type: CfgType
+    attributes: list[CfgAttribute] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class OpaquePayload:
-    """A payload we carry but do not interpret (CERT, CERTREQ, CP, EAP)."""
+    """A payload we carry but do not interpret (CERT, CERTREQ, EAP)."""
 
     payload_type: PayloadType
     data: bytes
@@ -211,7 +234,7 @@ class OpaquePayload:
 
 Payload = (SaPayload | KePayload | IdiPayload | IdrPayload | AuthPayload | NoncePayload
            | NotifyPayload | DeletePayload | VendorIdPayload | TsiPayload | TsrPayload
-           | OpaquePayload)
+           | CpPayload | OpaquePayload)
 
 
 # ---------------------------------------------------------------------------
@@ -450,6 +473,27 @@ def push_delete(buf: Writer, d: DeletePayload) -> None:
         buf.push_bytes(spi)
 
 
+def pull_cp(buf: Reader) -> CpPayload:
+    """RFC 7296 §3.15: CFG Type, three RESERVED octets, attributes to the end."""
+    cfg_type = CfgType(buf.pull_uint8())
+    buf.pull_bytes(3)
+    attributes: list[CfgAttribute] = []
+    while not buf.eof():
+        attr_type = CfgAttr(buf.pull_uint16() & ~_CFG_ATTR_RESERVED_BIT)
+        attributes.append(CfgAttribute(attr_type, buf.pull_bytes(buf.pull_uint16())))
+    return CpPayload(cfg_type, attributes)
+
+
+def push_cp(buf: Writer, cp: CpPayload) -> None:
+    buf.push_uint8(_check_range("CFG type", cp.cfg_type, 0xFF))
+    buf.push_bytes(b"\x00\x00\x00")
+    for attr in cp.attributes:
+        buf.push_uint16(_check_range("attribute type", attr.attr_type,
+                                     _CFG_ATTR_RESERVED_BIT - 1))
+        buf.push_uint16(_check_range("attribute length", len(attr.value), 0xFFFF))
+        buf.push_bytes(attr.value)
+
+
 def pull_nonce(buf: Reader) -> NoncePayload:
     if not NONCE_MIN_LEN <= buf.remaining <= NONCE_MAX_LEN:
         raise MalformedMessage(f"nonce of {buf.remaining} bytes (RFC 7296 §3.9: 16..256)")
@@ -491,6 +535,8 @@ def pull_payload_body(ptype: PayloadType, critical: bool, buf: Reader) -> Payloa
         if ptype == PayloadType.TSI:
             return pull_ts(buf, TsiPayload)
         return pull_ts(buf, TsrPayload)
+    if ptype == PayloadType.CP:
+        return pull_cp(buf)
     if ptype in OPAQUE_TYPES:
         return OpaquePayload(ptype, buf.pull_rest(), critical)
     if ptype in (PayloadType.SK, PayloadType.SKF):
@@ -528,6 +574,8 @@ def push_payload_body(buf: Writer, p: Payload) -> None:
             buf.push_bytes(p.data)
         case TsiPayload() | TsrPayload():
             push_ts(buf, p)
+        case CpPayload():
+            push_cp(buf, p)
         case OpaquePayload():
             if p.payload_type not in OPAQUE_TYPES:
                 raise ValueError(f"{p.payload_type!r} is not an opaque payload type")

@@ -44,6 +44,8 @@ class IkePolicy:
     #: RFC 7383: "yes"/"force" announce and send fragments, "accept" only
     #: announces, "no" does neither (received fragments are always taken)
     fragmentation: str = "yes"
+    #: address pools for CP requests (RFC 7296 §3.15), tried in order
+    pools: list[str] = field(default_factory=list)
 
     def matches_address(self, addr: str) -> bool:
         return "%any" in self.remote_addrs or addr in self.remote_addrs
@@ -88,5 +90,5 @@ def policies_from_config(connections: Mapping[str, ConnectionConfig]) -> list[Ik
             [p.proposal for p in conn.proposals],
             [str(a) for a in conn.remote_addrs] or ["%any"], conn.remote_port,
             float(conn.dpd_delay), float(conn.rekey_time), children,
-            fragmentation=conn.fragmentation))
+            fragmentation=conn.fragmentation, pools=list(conn.pools)))
     return out

@@ -53,6 +53,7 @@ from common.rand import RandomBytes
 
 if TYPE_CHECKING:
     from common.ike.dh import DhKeyPair
+    from common.pools import Lease, PoolSet
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -75,7 +76,7 @@ class Outgoing:
 class SpiSource(Protocol):
     """Where SPIs come from: the member's segment-aware allocator."""
 
-    def allocate_ike(self) -> bytes: ...
+    def allocate_ike(self, segment: int | None = None) -> bytes: ...
 
     def allocate_esp(self) -> int: ...
 
@@ -116,6 +117,8 @@ class IkeContext:
     drops: Counter[str] = field(default_factory=Counter)
     #: RFC 7383 partial messages of every IKE SA, bounded (common/ike/fragments.py)
     reassembly: Reassembly = field(default_factory=Reassembly)
+    #: virtual IP pools for CP requests (RFC 7296 §3.15); None: no pools
+    pools: PoolSet | None = None
     next_id: int = 1
 
     def new_id(self) -> int:
@@ -229,6 +232,8 @@ class IkeSa:
         self.mid_sync_m1_seen = -1
         self.mid_sync_m1_sent = 0
         self.children: dict[int, ChildSa] = {}
+        #: virtual IPs leased to the peer (CP reply, RFC 7296 §3.15)
+        self.leases: tuple[Lease, ...] = ()
         self.queue: deque[Task] = deque()
         self.active: Task | None = None
         self.created_at = 0.0

@@ -19,6 +19,7 @@ from common.ike.keys import IkeKeys
 from common.ike.policy import IkePolicy
 from common.ike.proposals import ESP_TRANSFORMS, EspSuite, IkeSuite
 from common.ike.sa import IkeContext, IkeSa, IkeState
+from common.pools import Lease
 from common.sync import ChildRecord, IkeSaState
 
 
@@ -52,7 +53,8 @@ def snapshot(sa: IkeSa, now: float, *, stale: bool = False) -> IkeSaState:
         sa.mids.send_next, sa.mids.recv_next,
         sa.mids.response_id if sa.mids.response is not None else -1,
         sa.mids.response or b"", sa.mids.response_digest,
-        _rel(sa.rekey_at, now), children, stale)
+        _rel(sa.rekey_at, now), children, stale,
+        tuple((lease.pool, lease.address.packed) for lease in sa.leases))
 
 
 def esp_suite_of(transform: str, esn: bool, dh: int) -> EspSuite:
@@ -74,6 +76,8 @@ def restore(ctx: IkeContext, st: IkeSaState, policy: IkePolicy | None, now: floa
                                    st.sk_pr))
     sa.peer_id = (IdType(st.peer_id_type), st.peer_id) if st.peer_id_type else None
     sa.peer_mid_sync = st.peer_mid_sync
+    # The engine claims these in its pools when it adopts the SA.
+    sa.leases = tuple(Lease(pool, ipaddress.ip_address(addr)) for pool, addr in st.leases)
     sa.mids.send_next = st.send_next
     sa.mids.recv_next = st.recv_next
     if st.response_id >= 0 and st.response:

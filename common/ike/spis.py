@@ -36,8 +36,10 @@ class SegmentSpis:
         self._next += 1
         return seg
 
-    def allocate_ike(self) -> bytes:
-        seg = self.next_ike_segment
+    def allocate_ike(self, segment: int | None = None) -> bytes:
+        """``segment``: keep this one if we own it (an IKE rekey of an SA that
+        holds a virtual IP from that segment's partition, common/pools.py)."""
+        seg = segment if segment is not None else self.next_ike_segment
         if seg is None or seg not in self.segments:
             seg = self._own()
         return self._alloc.allocate_ike(seg).to_bytes(8, "big")

@@ -12,6 +12,7 @@ by the end that created it; the other end's initiator deletes the old SA.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,7 +39,7 @@ from common.ike.payloads import (
 from common.ike.policy import ChildPolicy
 from common.ike.proposals import EspSuite, choose_proposal, esp_suite, proposal_matches
 from common.ike.transforms import Proposal, Transform
-from common.ike.ts import TrafficSelector, narrow, within
+from common.ike.ts import TrafficSelector, narrow, ts_from_cidr, within
 
 if TYPE_CHECKING:
     from common.ike.sa import IkeContext, IkeSa
@@ -224,6 +225,17 @@ def _finish(sa: IkeSa, offer: ChildOffer, msg: IkeMessage, now: float, *,
                          now, offer.replaces)
 
 
+def peer_allowed(sa: IkeSa, policy: ChildPolicy) -> list[TrafficSelector]:
+    """The peer's side a child may have: the policy's remote_ts, or, when the
+    peer holds virtual IPs, those addresses inside it (RFC 7296 §2.9: an
+    initiator asking for a virtual IP proposes 0.0.0.0/0 and the responder
+    narrows TSi to the leased address)."""
+    if not sa.leases:
+        return policy.remote_ts
+    return narrow([ts_from_cidr(ipaddress.ip_network(lease.address))
+                   for lease in sa.leases], policy.remote_ts)
+
+
 def respond_child(sa: IkeSa, msg: IkeMessage, now: float, *, in_auth: bool,
                   rekeyed: ChildSa | None) -> list[Payload]:
     """Responder: negotiate one child SA; raises ChildRefused with the notify."""
@@ -252,7 +264,7 @@ def respond_child(sa: IkeSa, msg: IkeMessage, now: float, *, in_auth: bool,
         # Narrowing may give more selectors than were proposed (each of up to
         # 255 with each of ours); a TS payload holds 255 (§3.13), and a
         # subset is still a narrowing (§2.9).
-        remote_ts = narrow(tsi.selectors, policy.remote_ts)[:MAX_SELECTORS]
+        remote_ts = narrow(tsi.selectors, peer_allowed(sa, policy))[:MAX_SELECTORS]
         local_ts = narrow(tsr.selectors, policy.local_ts)[:MAX_SELECTORS]
         if not remote_ts or not local_ts:
             continue

@@ -13,12 +13,13 @@ N(AUTHENTICATION_FAILED) and logs which identity failed and why.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError
-from common.ike.constants import AuthMethod, ExchangeType, IdType, NotifyType
+from common.ike.constants import AuthMethod, CfgAttr, CfgType, ExchangeType, IdType, NotifyType
 from common.ike.events import IkeSaEstablished
 from common.ike.exchanges import ChildRefused, Refused, notify_for
 from common.ike.exchanges.child_sa import (
@@ -29,7 +30,15 @@ from common.ike.exchanges.child_sa import (
 )
 from common.ike.keys import psk_auth
 from common.ike.message import IkeMessage
-from common.ike.payloads import AuthPayload, IdiPayload, IdrPayload, NotifyPayload, Payload
+from common.ike.payloads import (
+    AuthPayload,
+    CfgAttribute,
+    CpPayload,
+    IdiPayload,
+    IdrPayload,
+    NotifyPayload,
+    Payload,
+)
 from common.ike.policy import ChildPolicy, IkePolicy, format_identity
 from common.ike.proposals import format_ike_suite
 
@@ -137,6 +146,63 @@ class IkeAuthTask:
             self.offer.release()
 
 
+#: RFC 7296 §3.15.1: the address attribute and the DNS attribute of each family;
+#: an INTERNAL_IP6_ADDRESS value is the address and a one-octet prefix length.
+_ADDR_ATTR = {4: CfgAttr.INTERNAL_IP4_ADDRESS, 6: CfgAttr.INTERNAL_IP6_ADDRESS}
+_DNS_ATTR = {4: CfgAttr.INTERNAL_IP4_DNS, 6: CfgAttr.INTERNAL_IP6_DNS}
+_ADDR_LEN = {4: 4, 6: 17}
+_IP6_PREFIX_LEN = 128
+
+
+def _requested(attr: CfgAttribute, version: int) -> ipaddress.IPv4Address | \
+        ipaddress.IPv6Address | None:
+    """The address a CFG_REQUEST asks for (None: any, or a malformed value,
+    which we answer like "any")."""
+    if len(attr.value) != _ADDR_LEN[version]:
+        return None
+    raw = attr.value[:4] if version == 4 else attr.value[:16]
+    addr = ipaddress.ip_address(raw)
+    return None if addr.is_unspecified else addr
+
+
+def answer_cp(sa: IkeSa, msg: IkeMessage) -> list[Payload]:
+    """RFC 7296 §3.15: a CFG_REQUEST for INTERNAL_IP4/IP6_ADDRESS gets a
+    CFG_REPLY with an address from the connection's pools (the partition of
+    this IKE SA's segment) and their DNS servers. Without pools the request is
+    ignored (§3.15.4: the responder may). No address free: the child is
+    refused with INTERNAL_ADDRESS_FAILURE; the IKE SA stays (§3.15.4)."""
+    cp, policy, pools = msg.get(CpPayload), sa.policy, sa.ctx.pools
+    if cp is None or cp.cfg_type != CfgType.CFG_REQUEST or policy is None \
+            or not policy.pools or pools is None:
+        return []
+    holder = sa.peer_id[1] if sa.peer_id is not None else b""
+    segment = pools.segment_of_spi(sa.spi_i if sa.initiator else sa.spi_r)
+    wanted = {a.attr_type for a in cp.attributes}
+    reply: list[CfgAttribute] = []
+    for version in (4, 6):
+        ask = next((a for a in cp.attributes if a.attr_type == _ADDR_ATTR[version]), None)
+        if ask is None:
+            continue
+        lease = pools.lease(policy.pools, version, segment, holder, _requested(ask, version))
+        if lease is None:
+            continue
+        sa.leases += (lease,)
+        value = lease.address.packed + (b"" if version == 4 else bytes([_IP6_PREFIX_LEN]))
+        reply.append(CfgAttribute(_ADDR_ATTR[version], value))
+        log.info("IKE SA %d: leased %s from pool %s to %s", sa.ike_id, lease.address,
+                 lease.pool, format_identity(*sa.peer_id) if sa.peer_id else "?")
+    if not reply:
+        log.info("IKE SA %d: no address free in pools %s (segment %d)", sa.ike_id,
+                 ",".join(policy.pools), segment)
+        raise ChildRefused(NotifyType.INTERNAL_ADDRESS_FAILURE, "address pools exhausted")
+    for version in (4, 6):
+        if _DNS_ATTR[version] in wanted or any(le.address.version == version
+                                               for le in sa.leases):
+            reply += [CfgAttribute(_DNS_ATTR[version], a.packed)
+                      for a in pools.dns(policy.pools, version)]
+    return [CpPayload(CfgType.CFG_REPLY, reply)]
+
+
 def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     idi, auth, idr = msg.get(IdiPayload), msg.get(AuthPayload), msg.get(IdrPayload)
     if idi is None or auth is None:
@@ -167,6 +233,7 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
     payloads: list[Payload] = [IdrPayload(*policy.local_id), AuthPayload(
         AuthMethod.SHARED_KEY_MIC, _auth(sa, policy, ours=True, ident=policy.local_id))]
     try:
+        payloads += answer_cp(sa, msg)
         payloads += respond_child(sa, msg, now, in_auth=True, rekeyed=None)
     except ChildRefused as exc:
         # The IKE SA is up; only the child is refused (RFC 7296 §1.2).

@@ -58,11 +58,22 @@ def _successor(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, chose
     return new
 
 
+def lease_segment(sa: IkeSa) -> int | None:
+    """The segment a rekeyed IKE SA must stay in: its virtual IPs come from
+    that segment's partition of the pool (common/pools.py), which only the
+    segment's owner leases from and rebuilds on a takeover."""
+    pools = sa.ctx.pools
+    if not sa.leases or pools is None:
+        return None
+    return pools.segment_of_spi(sa.spi_i if sa.initiator else sa.spi_r)
+
+
 def move_children(old: IkeSa, new: IkeSa, now: float) -> None:
     from common.ike.sa import IkeInput
 
     new.children.update(old.children)
     old.children.clear()
+    new.leases, old.leases = old.leases, ()  # the virtual IPs follow (RFC 7296 §2.18)
     # Queued child exchanges follow their children (strongSwan adopts them
     # too): left behind, they would find no child and be dropped as moot,
     # e.g. the delete of a child we just rekeyed.
@@ -111,7 +122,7 @@ class IkeRekeyTask:
 
         if sa.state is not IkeState.ESTABLISHED or sa.policy is None or sa.suite is None:
             return None
-        self.spi = sa.ctx.spis.allocate_ike()
+        self.spi = sa.ctx.spis.allocate_ike(lease_segment(sa))
         self.ni = sa.nonce()
         group = self.group if self.group is not None else sa.suite.dh
         self.dh = dh_generate(group, sa.ctx.random)
@@ -215,7 +226,7 @@ def handle_ike_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
                       int(suite.dh).to_bytes(2, "big"))
     dh = dh_generate(suite.dh, sa.ctx.random)
     shared = dh.shared_secret(ke.data)
-    spi_r = sa.ctx.spis.allocate_ike()
+    spi_r = sa.ctx.spis.allocate_ike(lease_segment(sa))
     nr = sa.nonce()
     new = _successor(sa, initiator=False, spi_i=chosen.spi, spi_r=spi_r, chosen=chosen,
                      ni=nonce.data, nr=nr, shared=shared, now=now)
