@@ -342,7 +342,7 @@ class Member:
             InboundSA(spi_in, transform, keymat_in, self.replay_window, esn=esn),
             local_ts, remote_ts, remote, keymat_in, keymat_out, ike_spi)
         self.by_spi[spi_in] = route
-        log.debug("child SA %s installed: %08x_i %08x_o %s%s", name, spi_in, spi_out,
+        log.debug("carrying child SA %s here: %08x_i %08x_o %s%s", name, spi_in, spi_out,
                   transform, f" (rekeys {replaces:08x})" if replaces else "")
         if defer and replaces is not None:
             # RFC 7296 §2.8: as the responder of a rekey we cannot know that the
