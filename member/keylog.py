@@ -47,11 +47,15 @@ _IKE_INTEG = {
 }
 _GCM_ICV = {EncrId.ENCR_AES_GCM_8: 8, EncrId.ENCR_AES_GCM_12: 12, EncrId.ENCR_AES_GCM_16: 16}
 #: Wireshark's names (its ESP SA UAT)
-_ESP_ENCR = {CBC: "AES-CBC [RFC3602]", CTR: "AES-CTR [RFC3686]", GCM: "AES-GCM [RFC4106]"}
+_ESP_ENCR = {CBC: "AES-CBC [RFC3602]", CTR: "AES-CTR [RFC3686]",
+             GCM: "AES-GCM with 16 octet ICV [RFC4106]"}
 _ESP_INTEG = {"sha1": "HMAC-SHA-1-96 [RFC2404]", "sha256": "HMAC-SHA-256-128 [RFC4868]",
               "sha384": "HMAC-SHA-384-192 [RFC4868]", "sha512": "HMAC-SHA-512-256 [RFC4868]"}
-#: AES-GCM with its 16-octet ICV (the only GCM ESP transform we have)
-_ESP_GCM_INTEG = "ANY 128 bit authentication [no checking]"
+#: AES-GCM: Wireshark (4.0) takes it only with NULL authentication and with
+#: the ICV length in the cipher's name. strongSwan's plugin writes "AES-GCM
+#: [RFC4106]" with "ANY 128 bit authentication [no checking]", which
+#: Wireshark 4.0 rejects as a preferences error: here we differ from it.
+_ESP_GCM_INTEG = "NULL"
 
 
 class _Sa(Protocol):

@@ -247,8 +247,9 @@ def test_save_keys_writes_both_tables_0600(tmp_path: Path, records: io.StringIO)
     gcm_in = next(r for r in gw.by_spi.values() if r.name == "gcm")
     spi_in = gcm_in.inbound.spi
     line = next(x for x in esp if f'"0x{spi_in:08x}"' in x)
-    assert line == (f'"IPv4","{PEER_ADDR}","{GW_ADDR}","0x{spi_in:08x}","AES-GCM [RFC4106]",'
-                    f'"0x{gcm_in.keymat_in.hex()}","ANY 128 bit authentication [no checking]",'
+    assert line == (f'"IPv4","{PEER_ADDR}","{GW_ADDR}","0x{spi_in:08x}",'
+                    '"AES-GCM with 16 octet ICV [RFC4106]",'
+                    f'"0x{gcm_in.keymat_in.hex()}","NULL",'
                     '"0x"')
     ctr = next(x for x in esp if "AES-CTR" in x and x.startswith(f'"IPv4","{GW_ADDR}"'))
     assert '"HMAC-SHA-256-128 [RFC4868]"' in ctr

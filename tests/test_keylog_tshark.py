@@ -1,0 +1,149 @@
+"""Key export read by Wireshark: our gateway with ``save_keys`` and our peer,
+in a network namespace of their own on the standard ports 500/4500; the
+UDP traffic captured with tcpdump; tshark, pointed at the two key files,
+must dissect the encrypted IKE_AUTH payloads (IDi, AUTH) and the inner
+packets of the ESP traffic.
+
+Needs root, ``ip netns``, tcpdump and tshark (scripts/install-sysdeps.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from member.keylog import ESP_TABLE, IKE_TABLE
+from tests.test_peer import ROOT, gateway_config, peer_config
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+NS = f"klog{os.getpid()}"
+ECHO_PORT = 7777
+ECHO = f"""
+import socket
+from member.peer import swap_inner
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", {ECHO_PORT}))
+while True:
+    data, addr = s.recvfrom(65535)
+    back = swap_inner(data)
+    if back is not None:
+        s.sendto(back, addr)
+"""
+
+
+def _usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "tcpdump", "tshark"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (scripts/install-sysdeps.sh)"
+    return None
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    why = _usable()
+    if why:
+        pytest.skip(why)
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    try:
+        subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True)
+        yield NS
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], check=False)
+
+
+def _in_ns(ns: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tshark(cap: Path, conf: Path, fields: list[str], filt: str) -> list[str]:
+    argv = ["tshark", "-r", str(cap), "-o", "esp.enable_encryption_decode:TRUE",
+            "-Y", filt, "-T", "fields", *[a for f in fields for a in ("-e", f)]]
+    env = dict(os.environ, WIRESHARK_CONFIG_DIR=str(conf))
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [ln for ln in out.stdout.splitlines() if ln.strip()]
+
+
+def test_tshark_decrypts_ike_auth_and_esp_with_our_key_files(netns: str,
+                                                            tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    gw_cfg = tmp_path / "gw.toml"
+    gw_cfg.write_text(gateway_config((500, 4500), ECHO_PORT).replace(
+        'log_level = "info"', f'log_level = "info"\nsave_keys = "{keys}"'))
+    peer_cfg = tmp_path / "peer.toml"
+    peer_cfg.write_text(peer_config((500, 4500)))
+    cap = tmp_path / "ike.pcap"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    dump = subprocess.Popen(_in_ns(netns, "tcpdump", "-i", "lo", "-U", "-w", str(cap),
+                                   "udp port 500 or udp port 4500"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    echo = subprocess.Popen(_in_ns(netns, sys.executable, "-c", ECHO), env=env, cwd=ROOT)
+    log = tmp_path / "gw.log"
+    with log.open("wb") as out:
+        gw = subprocess.Popen(_in_ns(netns, sys.executable, "-m", "dispatcher.cli", "run",
+                                     "--config", str(gw_cfg)),
+                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        end = time.monotonic() + 15
+        while "gateway listening" not in log.read_text():
+            assert gw.poll() is None and time.monotonic() < end, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)   # tcpdump is listening by now
+        peer = subprocess.run(_in_ns(netns, sys.executable, "-m", "dispatcher.cli", "peer",
+                                     "--config", str(peer_cfg), "--json", "--ike-sas", "1",
+                                     "--traffic", "50", "--seconds", "2", "--size", "100"),
+                              capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        res = json.loads([ln for ln in peer.stdout.splitlines() if ln.startswith("{")][-1])
+        assert res["ok"] and res["traffic"]["echoed"] > 0, peer.stderr
+        time.sleep(0.5)
+    finally:
+        _stop(gw)
+        _stop(echo)
+        _stop(dump)
+    text = log.read_text()
+    assert "save_keys" in text and "WARNING" in text   # the secrets warning at start
+
+    # Wireshark reads its tables from its personal configuration folder.
+    conf = tmp_path / "wireshark"
+    conf.mkdir()
+    for name in (IKE_TABLE, ESP_TABLE):
+        shutil.copy(keys / name, conf / name)
+    auth = _tshark(cap, conf, ["isakmp.id.data.fqdn", "isakmp.auth.method"],
+                   "isakmp.exchangetype == 35 && isakmp.auth.method")
+    # IKE_AUTH request (IDi branch.test, IDr gw.test) and response (IDr gw.test),
+    # each with its AUTH payload (method 2: shared key MIC).
+    assert len(auth) == 2, auth
+    assert auth[0].split("\t") == ["branch.test,gw.test", "2"], auth
+    assert auth[1].split("\t") == ["gw.test", "2"], auth
+    inner = _tshark(cap, conf, ["esp.spi", "ip.src", "ip.dst"], "esp && udp.port == 9")
+    spis = {line.split("\t")[0] for line in inner}
+    # Both children (AES-GCM and AES-CTR + HMAC-SHA-256), both directions.
+    assert len(spis) == 4 and len(inner) >= 40, inner
+    assert all("10.91." in line.split("\t")[1] for line in inner), inner
+    # Without the key files nothing inside is readable.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert _tshark(cap, bare, ["isakmp.id.type"],
+                   "isakmp.exchangetype == 35 && isakmp.id.type") == []
+    assert _tshark(cap, bare, ["esp.spi"], "esp && udp.port == 9") == []
