@@ -54,6 +54,9 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
     cluster = not initiate and (c.members > 1 or bool(c.sync))
     _setup_logging(args.log_level or c.log_level, c.log_format,
                    "dispatcher" if cluster else "peer" if initiate else "gateway")
+    from member.keylog import check_folder
+
+    check_folder(c.save_keys)   # before any member starts: one line, not a restart loop
     if cluster:
         from dispatcher.startup import check_run
         from dispatcher.supervisor import Supervisor, run_dir

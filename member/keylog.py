@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
+from common.errors import StartupError
 from common.esp import CBC, CHACHA, CTR, GCM, TRANSFORMS
 from common.ike.constants import EncrId, IntegId
 from common.ike.events import ChildSaInstalled, IkeEvent, IkeSaEstablished, IkeSaRekeyed
@@ -141,7 +142,15 @@ class KeyLog:
             log.error("save_keys: cannot write into %s: %s", self.folder, exc.strerror or exc)
 
 
+def check_folder(folder: str) -> None:
+    """A missing ``save_keys`` folder is one operator error line at start."""
+    if folder and not os.path.isdir(folder):
+        raise StartupError(f"save_keys: {folder} is not a folder (create it, mode 0700, "
+                           "or remove cluster.save_keys)")
+
+
 def keylog_for(folder: str, address: str) -> KeyLog:
     """The KeyLog of ``save_keys`` (off when ""); ``address`` is cluster.address."""
+    check_folder(folder)
     local = "*" if ipaddress.ip_address(address).is_unspecified else address
     return KeyLog(folder, local)

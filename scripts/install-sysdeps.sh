@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the real-peer tests need (strongSwan's charon with
 # libipsec, swanctl, ping, tcpdump, iproute2, tshark for the key export test) and
-# the OpenSSL headers the compiled
-# ESP path builds against (libssl-dev), when running as root and missing.
+# the OpenSSL headers the compiled ESP path builds against (libssl-dev), when
+# running as root and missing.
 set -eu
 PKGS="strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins iputils-ping tcpdump iproute2 libssl-dev tshark"
 missing=""

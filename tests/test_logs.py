@@ -257,6 +257,15 @@ def test_save_keys_writes_both_tables_0600(tmp_path: Path, records: io.StringIO)
         assert stat.S_IMODE(os.stat(keys / name).st_mode) == 0o600
 
 
+def test_save_keys_folder_must_exist(tmp_path: Path) -> None:
+    from common.errors import StartupError
+    from member.keylog import keylog_for
+
+    with pytest.raises(StartupError, match="save_keys"):
+        keylog_for(str(tmp_path / "missing"), "0.0.0.0")
+    assert keylog_for(str(tmp_path), "0.0.0.0").local == "*"
+
+
 def test_esp_lines_cbc_split_key_and_integrity() -> None:
     from common.ike.ts import ts_from_cidr
 
