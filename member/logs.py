@@ -171,7 +171,7 @@ class SaEventLog:
                        replaces=f"{e.replaces:08x}" if e.replaces else None)
         elif isinstance(e, ChildSaDeleted):
             self._emit(logging.INFO, "child_sa_deleted", e.ike_id, e.name,
-                       f"{e.spi_in:08x}_i {e.spi_out:08x}_o deleted: {e.reason}",
+                       f"{e.spi_in:08x}_i deleted: {e.reason}, {e.spi_out:08x}_o",
                        spi_in=f"{e.spi_in:08x}", spi_out=f"{e.spi_out:08x}", reason=e.reason)
         elif isinstance(e, ChildSaFailed):
             self._emit(logging.WARNING, "child_sa_failed", e.ike_id, e.name or "?",

@@ -166,7 +166,7 @@ def test_ike_proposal_mismatch_names_both_sides(records: io.StringIO) -> None:
     carry(gw, peer)
     msgs = [r["message"] for r in lines(records) if "NO_PROPOSAL_CHOSEN" in r["message"]
             and r["logger"] == "ipsec_cluster.ike"]
-    assert msgs == [f"IKE_SA_INIT from {PEER_ADDR}: no proposal chosen (NO_PROPOSAL_CHOSEN): "
+    assert msgs == [f"IKE_SA_INIT from {PEER_ADDR}: no common proposal (NO_PROPOSAL_CHOSEN): "
                     "received proposals: aes128gcm16-prfsha256-ecp256; "
                     "configured proposals: aes256-sha512-prfsha512-modp4096"]
 
@@ -176,7 +176,7 @@ def test_esp_proposal_mismatch_names_both_sides(records: io.StringIO) -> None:
     gw, peer = pair(gw_text=gw_text)
     peer.start_connections(0.0, only_start_action=False)
     carry(gw, peer)
-    msgs = [r["message"] for r in lines(records) if "child SA refused: no proposal" in
+    msgs = [r["message"] for r in lines(records) if "child SA refused: no common proposal" in
             r["message"]]
     assert msgs and "received proposals: aes128gcm16-noesn; configured proposals: " \
         "aes256-sha384-noesn" in msgs[0]

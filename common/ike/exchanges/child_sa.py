@@ -259,7 +259,7 @@ def respond_child(sa: IkeSa, msg: IkeMessage, now: float, *, in_auth: bool,
             continue
         return _accept(sa, msg, now, policy, chosen, local_ts, remote_ts, in_auth, rekeyed)
     if reason == NotifyType.NO_PROPOSAL_CHOSEN:
-        log.info("IKE SA %d: child SA refused: no proposal chosen (NO_PROPOSAL_CHOSEN): "
+        log.info("IKE SA %d: child SA refused: no common proposal (NO_PROPOSAL_CHOSEN): "
                  "received proposals: %s; configured proposals: %s", sa.ike_id,
                  format_proposals(theirs), format_proposals(configured))
     else:

@@ -221,7 +221,7 @@ def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: Coo
     theirs = [p for p in sa_p.proposals if p.protocol == ProtocolId.IKE]
     chosen = choose_proposal(numbered(ours), theirs)
     if chosen is None:
-        log.info("IKE_SA_INIT from %s: no proposal chosen (NO_PROPOSAL_CHOSEN): received "
+        log.info("IKE_SA_INIT from %s: no common proposal (NO_PROPOSAL_CHOSEN): received "
                  "proposals: %s; configured proposals: %s", remote[0],
                  format_proposals(theirs), format_proposals(ours))
         return InitResult(None, _error_answer(msg, NotifyType.NO_PROPOSAL_CHOSEN))
