@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -299,3 +300,62 @@ def test_appends_from_several_processes_stay_whole_lines(tmp_path: Path) -> None
     assert len(got) == 1200
     assert all(len(line) == 209 and line.endswith("x" * 200) for line in got)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+# -- a cluster: every process's lines, one shared pair of key files --------------------
+
+
+@pytest.mark.slow
+def test_cluster_json_lines_roles_and_shared_key_files(tmp_path: Path) -> None:
+    from tests.cluster_util import (
+        Procs,
+        alive_members,
+        cli_argv,
+        gateway_toml,
+        grid_connections,
+        status,
+        tail,
+        wait_for,
+    )
+    from tests.test_peer import _free_port_pair
+
+    gw_ports, inside, peer_ports, peer_inside = (_free_port_pair() for _ in range(4))
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    conns = grid_connections(12, 1)
+    config = tmp_path / "cluster.toml"
+    config.write_text(gateway_toml(
+        address=GW_ADDR, ports=gw_ports, inside=f"udp:{GW_ADDR}:{inside[0]}",
+        inside_bind=f"{GW_ADDR}:{inside[1]}", members=2, conns=conns,
+        extra={"log_format": "json", "save_keys": str(keys)}))
+    peer_cfg = tmp_path / "peer.toml"
+    peer_cfg.write_text(gateway_toml(
+        address=PEER_ADDR, ports=peer_ports, inside=f"udp:{GW_ADDR}:{peer_inside[0]}",
+        inside_bind=f"{GW_ADDR}:{peer_inside[1]}", conns=conns, remote=(GW_ADDR, gw_ports[0])))
+    procs = Procs(tmp_path)
+    try:
+        disp = procs.start("cluster", cli_argv("run", "--config", str(config)))
+        wait_for("2 members alive", lambda: len(alive_members(status(config))) == 2,
+                 timeout=20, diag=lambda: tail(disp.log_path))
+        procs.start("peer", cli_argv("peer", "--config", str(peer_cfg)))
+        wait_for("12 IKE SAs up", lambda: sum(m["ike_sas"] for m in status(config)["members"])
+                 == 12, timeout=30, diag=lambda: tail(disp.log_path))
+        time.sleep(0.3)
+    finally:
+        procs.close()
+    recs = [json.loads(line) for line in disp.log_path.read_text().splitlines()
+            if line.strip()]   # every line is one JSON object
+    assert {"dispatcher", "member 1", "member 2"} <= {r["role"] for r in recs}
+    est = [r for r in recs if r.get("event") == "ike_sa_established"]
+    assert len(est) == 12 and len({(r["ike_spi_i"], r["ike_spi_r"]) for r in est}) == 12
+    for r in est:
+        assert r["role"] == f"member {r['member']}" and r["peer"] == PEER_ADDR
+    # the SAs spread over both members (all 12 on one: odds 1 in 2048)
+    assert {r["member"] for r in est} == {1, 2}
+    warnings = [r for r in recs if r["level"] == "warning" and "save_keys" in r["message"]]
+    assert {r["role"] for r in warnings} == {"member 1", "member 2"}
+    # Both members appended to the same files: one line per IKE SA, two per child.
+    ike = (keys / IKE_TABLE).read_text().splitlines()
+    assert sorted(line[:33] for line in ike) == sorted(
+        f"{r['ike_spi_i']},{r['ike_spi_r']}" for r in est)
+    assert len((keys / ESP_TABLE).read_text().splitlines()) == 24
