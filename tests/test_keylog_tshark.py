@@ -1,10 +1,12 @@
-"""Key export read by Wireshark: our gateway with ``save_keys`` and our peer,
-in a network namespace of their own on the standard ports 500/4500; the
-UDP traffic captured with tcpdump; tshark, pointed at the two key files,
-must dissect the encrypted IKE_AUTH payloads (IDi, AUTH) and the inner
-packets of the ESP traffic.
+"""Key export read by Wireshark: our gateway with ``save_keys``, and as the
+initiator our peer (a namespace of their own, standard ports 500/4500) or
+strongSwan's charon (the interop lab, ping through both children); the UDP
+traffic captured with tcpdump; tshark, pointed at the two key files, must
+dissect the encrypted IKE_AUTH payloads (IDi, AUTH) and the inner packets
+of the ESP traffic (UDP from our peer, ICMP echo from charon's side).
 
-Needs root, ``ip netns``, tcpdump and tshark (scripts/install-sysdeps.sh).
+Needs root, ``ip netns``, tcpdump and tshark (scripts/install-sysdeps.sh);
+the charon test also strongSwan.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ from pathlib import Path
 import pytest
 
 from member.keylog import ESP_TABLE, IKE_TABLE
+from tests.interop_gw import OurProcess
+from tests.interop_gw import gateway_toml as interop_gateway_toml
+from tests.lab import traffic
+from tests.lab.charon import Child, Conn, render_swanctl_conf
+from tests.lab.netns import Lab
 from tests.test_peer import ROOT, gateway_config, peer_config
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 NS = f"klog{os.getpid()}"
 ECHO_PORT = 7777
@@ -84,6 +91,7 @@ def _tshark(cap: Path, conf: Path, fields: list[str], filt: str) -> list[str]:
     return [ln for ln in out.stdout.splitlines() if ln.strip()]
 
 
+@pytest.mark.netns
 def test_tshark_decrypts_ike_auth_and_esp_with_our_key_files(netns: str,
                                                             tmp_path: Path) -> None:
     keys = tmp_path / "keys"
@@ -147,3 +155,50 @@ def test_tshark_decrypts_ike_auth_and_esp_with_our_key_files(netns: str,
     assert _tshark(cap, bare, ["isakmp.id.type"],
                    "isakmp.exchangetype == 35 && isakmp.id.type") == []
     assert _tshark(cap, bare, ["esp.spi"], "esp && udp.port == 9") == []
+
+
+@pytest.mark.interop
+def test_tshark_decrypts_strongswan_session_with_our_key_files(lab: Lab,
+                                                              tmp_path: Path) -> None:
+    why = _usable()
+    if why:
+        pytest.skip(why)
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    ns_a, ns_b, _veth = lab.pair()
+    for addr in ("10.91.1.1", "10.91.11.1"):
+        lab.add_lo_addr(ns_a, addr)
+    lab.add_lo_addr(ns_b, "10.91.12.1")
+    cap = tmp_path / "charon.pcap"
+    dump = subprocess.Popen(_in_ns(ns_b, "tcpdump", "-i", "any", "-U", "-w", str(cap),
+                                   "udp port 500 or udp port 4500"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        gw = OurProcess(lab, ns_b, interop_gateway_toml(extra=f'save_keys = "{keys}"'),
+                        tmp_path)
+        gw.wait_log("gateway listening")
+        charon = lab.charon(ns_a, "charon-a")
+        charon.load(render_swanctl_conf(Conn("a-b", "198.18.0.1", "198.18.0.2", [
+            Child("net-gcm", "10.91.1.0/24", "10.91.2.0/24", esp_proposals="aes128gcm16"),
+            Child("net-ctr", "10.91.11.0/24", "10.91.12.0/24",
+                  esp_proposals="aes128ctr-sha256")])))
+        charon.initiate(child="net-gcm", ike="a-b")
+        charon.initiate(child="net-ctr", ike="a-b")
+        for src, dst in (("10.91.1.1", "10.91.2.1"), ("10.91.11.1", "10.91.12.1")):
+            res = traffic.ping(ns_a, dst, src=src, count=3, interval=0.05)
+            assert res.ok, f"ping {src} -> {dst}: {res.output}\n{gw.log_text()[-3000:]}"
+        time.sleep(0.5)
+    finally:
+        _stop(dump)
+    conf = tmp_path / "wireshark"
+    conf.mkdir()
+    for name in (IKE_TABLE, ESP_TABLE):
+        shutil.copy(keys / name, conf / name)
+    auth = _tshark(cap, conf, ["isakmp.id.data.fqdn", "isakmp.auth.method"],
+                   "isakmp.exchangetype == 35 && isakmp.auth.method")
+    assert auth and auth[0].split("\t")[0].startswith("gw-a.test"), auth
+    icmp = _tshark(cap, conf, ["esp.spi", "ip.src", "icmp.type"], "esp && icmp")
+    kinds = {(line.split("\t")[1].split(",")[-1], line.split("\t")[2]) for line in icmp}
+    # echo requests (8) from charon's side and replies (0) from ours, both children
+    assert kinds == {("10.91.1.1", "8"), ("10.91.2.1", "0"), ("10.91.11.1", "8"),
+                     ("10.91.12.1", "0")}, icmp
