@@ -73,6 +73,13 @@ def _in_ns(ns: str, *argv: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
 
 
+def _tcpdump(interface: str, cap: Path) -> list[str]:
+    # --immediate-mode: without it the kernel hands packets over in blocks,
+    # and the last block is lost when tcpdump is stopped.
+    return ["tcpdump", "-i", interface, "-U", "--immediate-mode", "-w", str(cap),
+            "udp port 500 or udp port 4500"]
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -103,8 +110,7 @@ def test_tshark_decrypts_ike_auth_and_esp_with_our_key_files(netns: str,
     peer_cfg.write_text(peer_config((500, 4500)))
     cap = tmp_path / "ike.pcap"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    dump = subprocess.Popen(_in_ns(netns, "tcpdump", "-i", "lo", "-U", "-w", str(cap),
-                                   "udp port 500 or udp port 4500"),
+    dump = subprocess.Popen(_in_ns(netns, *_tcpdump("lo", cap)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     echo = subprocess.Popen(_in_ns(netns, sys.executable, "-c", ECHO), env=env, cwd=ROOT)
     log = tmp_path / "gw.log"
@@ -170,9 +176,10 @@ def test_tshark_decrypts_strongswan_session_with_our_key_files(lab: Lab,
         lab.add_lo_addr(ns_a, addr)
     lab.add_lo_addr(ns_b, "10.91.12.1")
     cap = tmp_path / "charon.pcap"
-    dump = subprocess.Popen(_in_ns(ns_b, "tcpdump", "-i", "any", "-U", "-w", str(cap),
-                                   "udp port 500 or udp port 4500"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dump_log = tmp_path / "tcpdump.log"
+    with dump_log.open("wb") as err:
+        dump = subprocess.Popen(_in_ns(ns_b, *_tcpdump("any", cap)),
+                                stdout=subprocess.DEVNULL, stderr=err)
     try:
         gw = OurProcess(lab, ns_b, interop_gateway_toml(extra=f'save_keys = "{keys}"'),
                         tmp_path)
