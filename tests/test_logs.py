@@ -359,3 +359,28 @@ def test_cluster_json_lines_roles_and_shared_key_files(tmp_path: Path) -> None:
     assert sorted(line[:33] for line in ike) == sorted(
         f"{r['ike_spi_i']},{r['ike_spi_r']}" for r in est)
     assert len((keys / ESP_TABLE).read_text().splitlines()) == 24
+
+
+def test_rekeys_are_one_line_each(records: io.StringIO) -> None:
+    gw, peer = pair(member_id=4)
+    ids = peer.start_connections(0.0, only_start_action=False)
+    carry(gw, peer)
+    old_sa = next(iter(gw.engine.by_id.values()))
+    child = next(r for r in peer.by_spi.values() if r.name == "gcm")
+    peer.engine.rekey_child(ids[0], child.inbound.spi, 1.0)
+    carry(gw, peer, 1.0)
+    peer.engine.rekey_ike(ids[0], 2.0)
+    carry(gw, peer, 2.0)
+    ours = sa_events(lines(records), 4)[3:]
+    assert sorted(r["event"] for r in ours) == [
+        "child_sa_deleted", "child_sa_rekeyed", "ike_sa_deleted", "ike_sa_rekeyed"]
+    rekeyed = next(r for r in ours if r["event"] == "ike_sa_rekeyed")
+    new_sa = gw.engine.by_id[rekeyed["ike_id"]]
+    assert (rekeyed["ike_spi_i"], rekeyed["ike_spi_r"]) == (new_sa.spi_i.hex(),
+                                                             new_sa.spi_r.hex())
+    assert rekeyed["old_ike_id"] == old_sa.ike_id and rekeyed["connection"] == "c"
+    assert "rekeyed into c[" in rekeyed["message"]
+    gone = next(r for r in ours if r["event"] == "ike_sa_deleted")
+    assert (gone["ike_spi_i"], gone["ike_id"]) == (old_sa.spi_i.hex(), old_sa.ike_id)
+    child_rekey = next(r for r in ours if r["event"] == "child_sa_rekeyed")
+    assert child_rekey["child"] == "gcm" and child_rekey["replaces"]
