@@ -187,6 +187,10 @@ class ClusterConfig:
     seq_sync_interval: float
     replay_after_failover: Literal["strict", "learn", "rekey"]
     log_level: Literal["debug", "info", "warning", "error"]
+    #: "text" (one readable line) or "json" (one JSON object a line)
+    log_format: Literal["text", "json"] = "text"
+    #: folder for Wireshark's esp_sa and ikev2_decryption_table ("" = off)
+    save_keys: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -622,6 +626,8 @@ def _cluster(t: _Table) -> ClusterConfig:
         replay_after_failover=t.choice("replay_after_failover", "rekey",
                                        ("strict", "learn", "rekey")),
         log_level=t.choice("log_level", "info", ("debug", "info", "warning", "error")),
+        log_format=t.choice("log_format", "text", ("text", "json")),
+        save_keys=t.filepath("save_keys"),
     )
     t.done()
     return cluster

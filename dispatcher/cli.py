@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,12 @@ def read_config(path: str) -> Config:
         raise StartupError(str(exc)) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def _setup_logging(level: str, fmt: str = "text", role: str = "gateway") -> None:
+    """Text or JSON lines on stderr, each naming this process's role
+    (dispatcher, member N, gateway, peer): member/logs.py."""
+    from member.logs import setup_logging
+
+    setup_logging(level, fmt, role)
 
 
 def _run_loop(coro: object) -> None:
@@ -48,9 +50,14 @@ def _run_loop(coro: object) -> None:
 
 def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
     config = read_config(args.config)
-    _setup_logging(args.log_level or config.cluster.log_level)
     c = config.cluster
-    if not initiate and (c.members > 1 or c.sync):
+    cluster = not initiate and (c.members > 1 or bool(c.sync))
+    _setup_logging(args.log_level or c.log_level, c.log_format,
+                   "dispatcher" if cluster else "peer" if initiate else "gateway")
+    from member.keylog import check_folder
+
+    check_folder(c.save_keys)   # before any member starts: one line, not a restart loop
+    if cluster:
         from dispatcher.startup import check_run
         from dispatcher.supervisor import Supervisor, run_dir
 
@@ -82,7 +89,8 @@ def cmd_member(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     if not 1 <= args.id <= MAX_MEMBERS:
         raise StartupError(f"--id: expected a member id in 1..{MAX_MEMBERS}, got {args.id}")
-    _setup_logging(args.log_level or config.cluster.log_level)
+    _setup_logging(args.log_level or config.cluster.log_level, config.cluster.log_format,
+                   f"member {args.id}")
     return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin)
 
 
@@ -166,7 +174,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     config = read_config(args.config)
-    _setup_logging(args.log_level or config.cluster.log_level)
+    _setup_logging(args.log_level or config.cluster.log_level, config.cluster.log_format, "peer")
     peer = Peer(config, options)
     codes: list[int] = []
 

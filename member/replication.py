@@ -587,8 +587,10 @@ class Replicator:
         self.counters["takeovers"] += 1
         self.counters["ike_sas_adopted"] += adopted
         self.counters["child_sas_adopted"] += children
-        log.warning("member %d took over %d segments: %d IKE SAs, %d child SAs",
-                    self.member_id, len(gained), adopted, children)
+        # A planned handover (autobalance) is routine: INFO; a failover: WARNING.
+        log.log(logging.INFO if gained <= planned else logging.WARNING,
+                "member %d took over %d segments: %d IKE SAs, %d child SAs",
+                self.member_id, len(gained), adopted, children)
 
     def _give_up(self, lost: set[int], table: SegmentTable, now: float) -> None:
         """Segments moved to another member (autobalance): our live SAs there

@@ -23,10 +23,8 @@ from common.esp import MAX_SEQ_32, MAX_SEQ_64, MIN_SPI, TRANSFORMS, InboundSA, O
 from common.ike.engine import IkeEngine
 from common.ike.events import (
     ChildSaDeleted,
-    ChildSaFailed,
     ChildSaInstalled,
     DpdSucceeded,
-    IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
     IkeSaRekeyed,
@@ -45,6 +43,8 @@ from common.selectors import Matcher, five_tuple, matcher
 from common.spi import SpiAllocator
 from common.sync import ChildState
 from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
+from member.keylog import keylog_for
+from member.logs import SaEventLog, engine_lookup
 
 log = logging.getLogger("ipsec_cluster.member")
 
@@ -185,6 +185,8 @@ class Member:
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
         self.esp_out: list[tuple[bytes, Address]] = []
+        self.sa_log = SaEventLog(member_id, engine_lookup(self.engine))
+        self.keylog = keylog_for(c.save_keys, str(c.address))
 
     # -- IKE ------------------------------------------------------------------
 
@@ -225,27 +227,20 @@ class Member:
                 ike_id = getattr(e, attr, None)
                 if ike_id:
                     self.touched.add(ike_id)
+            self.sa_log.event(e)
+            self.keylog.event(e, self.engine.by_id.get)
             if isinstance(e, ChildSaInstalled):
                 self._install(e)
             elif isinstance(e, ChildSaDeleted):
                 self._remove(e.spi_in)
-                log.info("child SA %s %08x_i deleted: %s", e.name, e.spi_in, e.reason)
             elif isinstance(e, IkeSaEstablished):
                 self.counters["ike_established"] += 1
-                log.info("IKE SA %d %s established with %s (%s <-> %s), %s", e.ike_id, e.name,
-                         e.remote[0], e.local_id, e.remote_id, e.suite)
             elif isinstance(e, IkeSaRekeyed):
-                log.info("IKE SA %d rekeyed into %d", e.old_ike_id, e.new_ike_id)
                 for r in self.by_spi.values():
                     if r.ike_id == e.old_ike_id:
                         r.ike_id = e.new_ike_id
             elif isinstance(e, IkeSaFailed):
                 self.counters["ike_failed"] += 1
-                log.warning("IKE SA %s with %s failed: %s", e.name, e.remote[0], e.reason)
-            elif isinstance(e, IkeSaDeleted):
-                log.info("IKE SA %d %s deleted: %s", e.ike_id, e.name, e.reason)
-            elif isinstance(e, ChildSaFailed):
-                log.warning("child SA %s failed: %s", e.name, e.reason)
             elif isinstance(e, DpdSucceeded):
                 self.counters["dpd_ok"] += 1
                 log.info("IKE SA %d: DPD answered", e.ike_id)
@@ -259,7 +254,7 @@ class Member:
             # The IKE SA owner manages children: this one lives on another member.
             self.notices.append(self._push(e))
             self.placed[e.spi_in] = target
-            log.info("child SA %s %08x_i placed on member %d", e.name, e.spi_in, target)
+            log.debug("child SA %s %08x_i placed on member %d", e.name, e.spi_in, target)
             return
         self._install_local(e.ike_id, e.name, e.spi_in, e.spi_out, e.transform, e.esn,
                             e.keymat_in, e.keymat_out, e.local_ts, e.remote_ts, e.remote,
@@ -352,8 +347,8 @@ class Member:
             InboundSA(spi_in, transform, keymat_in, self.replay_window, esn=esn),
             local_ts, remote_ts, remote, keymat_in, keymat_out, ike_spi)
         self.by_spi[spi_in] = route
-        log.info("child SA %s installed: %08x_i %08x_o %s%s", name, spi_in, spi_out,
-                 transform, f" (rekeys {replaces:08x})" if replaces else "")
+        log.debug("carrying child SA %s here: %08x_i %08x_o %s%s", name, spi_in, spi_out,
+                  transform, f" (rekeys {replaces:08x})" if replaces else "")
         if defer and replaces is not None:
             # RFC 7296 §2.8: as the responder of a rekey we cannot know that the
             # initiator has installed the new SA until traffic arrives on it or

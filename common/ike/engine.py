@@ -26,6 +26,7 @@ from collections import Counter
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
 from common.ike.cookies import CookieJar, cookie_answer, packed_ip, peek_init
+from common.ike.describe import describe
 from common.ike.events import IkeEvent
 from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
 from common.ike.exchanges.ike_auth import IkeAuthTask
@@ -187,6 +188,8 @@ class IkeEngine:
             self.ctx.outbox.append(Outgoing(error_answer(
                 header.spi_i, ExchangeType.IKE_SA_INIT, 0, exc), remote, local_port))
             return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("received %s from %s", describe(msg), remote[0])
         count = self.half_open_count()
         result = handle_init_request(self.ctx, list(self.policies.values()), self.cookies,
                                      count, msg, data, remote, local_port, now, self.limits)

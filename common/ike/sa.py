@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.child import ChildInput, ChildSa, ChildState
 from common.ike.constants import ExchangeType, IdType, PayloadType, ProtocolId
+from common.ike.describe import describe
 from common.ike.events import IkeEvent, IkeSaFailed
 from common.ike.fragments import (
     FRAGMENT_SIZE_DEFAULT,
@@ -281,8 +282,6 @@ class IkeSa:
         """End this IKE SA because of an error; the shell logs the reason."""
         if self.terminal:
             return
-        log.warning("IKE SA %d (%s) with %s failed: %s", self.ike_id, self.name,
-                    self.remote[0], reason)
         self.apply(IkeInput.FAILED)
         self.ctx.events.append(IkeSaFailed(self.ike_id, self.name, self.remote, reason))
         self._drop_children(reason)
@@ -316,6 +315,8 @@ class IkeSa:
         msg = IkeMessage(spi_i=self.spi_i, spi_r=self.spi_r, exchange=exchange,
                          message_id=mid, is_response=response, is_initiator=self.initiator,
                          payloads=payloads)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IKE SA %d: sending %s to %s", self.ike_id, describe(msg), self.remote[0])
         if self.sk_out is None:
             return encode_message(msg)
         return encode_message(msg, self.sk_out, self.ctx.random(self.sk_out.iv_size))
@@ -402,6 +403,8 @@ class IkeSa:
             return
         if msg is None:
             return  # a fragment stored, more to come
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IKE SA %d: received %s from %s", self.ike_id, describe(msg), remote[0])
         self.counters["responses_in"] += 1
         self.last_heard = now
         self.last_message = data
@@ -480,6 +483,8 @@ class IkeSa:
             else:
                 self._drop("bad_message_id")
             return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("IKE SA %d: received %s from %s", self.ike_id, describe(msg), remote[0])
         self.counters["requests_in"] += 1
         self.last_heard = now
         # RFC 7296 §2.23: follow the peer's NAT mapping on authenticated requests.

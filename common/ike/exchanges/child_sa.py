@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.child import ChildInput, ChildSa, ChildState
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
+from common.ike.describe import format_proposals
 from common.ike.dh import DhKeyPair, dh_generate
 from common.ike.events import ChildSaFailed, ChildSaInstalled
 from common.ike.exchanges import ChildRefused, Refused
@@ -144,8 +145,6 @@ def install_child(sa: IkeSa, policy: ChildPolicy, suite: EspSuite, spi_in: int, 
     sa.ctx.events.append(ChildSaInstalled(
         sa.ike_id, policy.name, spi_in, spi_out, suite.transform, suite.esn, keymat_in,
         keymat_out, child.local_ts, child.remote_ts, sa.remote, replaces, initiator))
-    log.info("IKE SA %d: child %s installed, SPIs %08x_i %08x_o, %s", sa.ike_id, policy.name,
-             spi_in, spi_out, suite.transform)
     return child
 
 
@@ -169,13 +168,10 @@ def finish_initiated_child(sa: IkeSa, offer: ChildOffer, msg: IkeMessage, now: f
         offer.released = True
         sa.ctx.events.append(ChildSaFailed(sa.ike_id, offer.policy.name,
                                            f"{exc} ({NotifyType(exc.notify_type).name})"))
-        log.warning("IKE SA %d: child %s refused, deleting it: %s", sa.ike_id,
-                    offer.policy.name, exc)
         return None
     except (RemoteProtocolError, ValueError) as exc:
         offer.release()
         sa.ctx.events.append(ChildSaFailed(sa.ike_id, offer.policy.name, str(exc)))
-        log.warning("IKE SA %d: child %s failed: %s", sa.ike_id, offer.policy.name, exc)
         return None
 
 
@@ -254,12 +250,11 @@ def respond_child(sa: IkeSa, msg: IkeMessage, now: float, *, in_auth: bool,
         name = next((p.name for p in policies if narrow(tsi.selectors, p.remote_ts)
                      and narrow(tsr.selectors, p.local_ts)), "")
         sa.ctx.events.append(ChildSaFailed(sa.ike_id, name, TRANSPORT_MODE_REFUSED))
-        log.info("IKE SA %d: child %s refused: %s", sa.ike_id, name or "?",
-                 TRANSPORT_MODE_REFUSED)
         raise ChildRefused(NotifyType.NO_PROPOSAL_CHOSEN, TRANSPORT_MODE_REFUSED)
     theirs = [Proposal(p.number, p.protocol, p.spi, _strip_dh(p) if in_auth else p.transforms)
               for p in sa_p.proposals if p.protocol == ProtocolId.ESP and len(p.spi) == 4]
     reason = NotifyType.TS_UNACCEPTABLE
+    configured: list[Proposal] = []   # of the children whose selectors fit, for the log
     for policy in policies:
         # Narrowing may give more selectors than were proposed (each of up to
         # 255 with each of ours); a TS payload holds 255 (§3.13), and a
@@ -268,12 +263,19 @@ def respond_child(sa: IkeSa, msg: IkeMessage, now: float, *, in_auth: bool,
         local_ts = narrow(tsr.selectors, policy.local_ts)[:MAX_SELECTORS]
         if not remote_ts or not local_ts:
             continue
-        chosen = choose_proposal(esp_proposals(policy, 0, in_auth=in_auth), theirs)
+        ours = esp_proposals(policy, 0, in_auth=in_auth)
+        chosen = choose_proposal(ours, theirs)
         if chosen is None:
             reason = NotifyType.NO_PROPOSAL_CHOSEN
+            configured += ours
             continue
         return _accept(sa, msg, now, policy, chosen, local_ts, remote_ts, in_auth, rekeyed)
-    log.info("IKE SA %d: child SA refused: %s", sa.ike_id, reason.name)
+    if reason == NotifyType.NO_PROPOSAL_CHOSEN:
+        log.info("IKE SA %d: child SA refused: no common proposal (NO_PROPOSAL_CHOSEN): "
+                 "received proposals: %s; configured proposals: %s", sa.ike_id,
+                 format_proposals(theirs), format_proposals(configured))
+    else:
+        log.info("IKE SA %d: child SA refused: %s", sa.ike_id, reason.name)
     raise ChildRefused(reason, f"no child config accepts the request ({reason.name})")
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
 from common.ike.cookies import CookieJar
+from common.ike.describe import format_proposals
 from common.ike.dh import dh_generate
 from common.ike.exchanges import Refused, notify_for
 from common.ike.keys import derive_ike_keys, nat_detection_hash
@@ -222,10 +223,12 @@ def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: Coo
             return InitResult(None, _error_answer(
                 msg, NotifyType.COOKIE, cookies.make(nonce.data, ip, msg.spi_i)))
     ours = [p for c in candidates for p in c.proposals]
-    chosen = choose_proposal(numbered(ours), [p for p in sa_p.proposals
-                                             if p.protocol == ProtocolId.IKE])
+    theirs = [p for p in sa_p.proposals if p.protocol == ProtocolId.IKE]
+    chosen = choose_proposal(numbered(ours), theirs)
     if chosen is None:
-        log.info("IKE_SA_INIT from %s: no common proposal", remote[0])
+        log.info("IKE_SA_INIT from %s: no common proposal (NO_PROPOSAL_CHOSEN): received "
+                 "proposals: %s; configured proposals: %s", remote[0],
+                 format_proposals(theirs), format_proposals(ours))
         return InitResult(None, _error_answer(msg, NotifyType.NO_PROPOSAL_CHOSEN))
     suite = ike_suite(chosen)
     if ke.group != suite.dh:

@@ -86,8 +86,6 @@ def move_children(old: IkeSa, new: IkeSa, now: float) -> None:
     old.successor = new
     old.apply(IkeInput.REKEYED)
     old.ctx.events.append(IkeSaRekeyed(old.ike_id, new.ike_id, new.spi_i, new.spi_r))
-    log.info("IKE SA %d rekeyed into %d (%s_i %s_r)", old.ike_id, new.ike_id,
-             new.spi_i.hex(), new.spi_r.hex())
 
 
 def peer_rekey_won(sa: IkeSa, now: float) -> None:
