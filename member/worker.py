@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 from collections import Counter
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,7 +171,9 @@ class Member:
         self.engine = IkeEngine(
             policies_from_config(config.connections), random=random, spis=self.spis,
             options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
-                               cookie_threshold=c.cookie_threshold))
+                               cookie_threshold=c.cookie_threshold,
+                               # certificate validity needs the wall clock (common/ is pure)
+                               utc_now=lambda: datetime.now(timezone.utc)))
         #: inbound SPI -> route (old SAs stay here until deleted, for packets in flight)
         self.by_spi: dict[int, ChildRoute] = {}
         #: routes that carry outbound traffic (rekeyed ones leave this list)

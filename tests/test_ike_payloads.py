@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from common.errors import MalformedMessage
 from common.ike.constants import (
     AuthMethod,
+    CertEncoding,
     DhId,
     EncrId,
     EsnId,
@@ -25,6 +26,7 @@ from common.ike.constants import (
 )
 from common.ike.payloads import (
     AuthPayload,
+    CertReqPayload,
     DeletePayload,
     IdiPayload,
     IdrPayload,
@@ -122,7 +124,7 @@ def every_payload() -> list[Payload]:
                     v6("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 17, (65535, 0))]),
         TsiPayload([v4("10.0.0.1", "10.0.0.1"), v6("fe80::1", "fe80::2")]),
         OpaquePayload(PayloadType.CP, b"\x01\x00\x00\x00\x00\x01\x00\x00"),
-        OpaquePayload(PayloadType.CERTREQ, b"\x04" + bytes(20)),
+        CertReqPayload(CertEncoding.X509_SIGNATURE, bytes(20)),
         OpaquePayload(PayloadType.EAP, b"\x01\x02\x00\x05\x01", critical=True),
     ]
 
@@ -318,7 +320,7 @@ def test_every_shortened_body_is_malformed(payload: Payload) -> None:
         # Some bodies are legitimately shorter (opaque data, a dropped SPI...).
         assert isinstance(payload, (KePayload, IdiPayload, IdrPayload, AuthPayload,
                                     NoncePayload, NotifyPayload, VendorIdPayload,
-                                    OpaquePayload))
+                                    OpaquePayload, CertReqPayload))
 
 
 @settings(max_examples=500, deadline=None)

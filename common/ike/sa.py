@@ -20,6 +20,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Protocol
 
@@ -81,6 +82,9 @@ class IkeOptions:
     half_open_timeout_s: float = 30.0
     cookie_threshold: int = 100
     nonce_len: int = 32
+    #: wall-clock UTC time for certificate validity (the shell passes
+    #: ``lambda: datetime.now(timezone.utc)``); None refuses certificates
+    utc_now: Callable[[], datetime] | None = None
 
 
 @dataclass(slots=True)
@@ -206,6 +210,8 @@ class IkeSa:
         self.last_message = b""
         self.peer_id: tuple[IdType, bytes] | None = None
         self.peer_mid_sync = False
+        #: RFC 7427 §4: the peer's N(SIGNATURE_HASH_ALGORITHMS), None if absent
+        self.peer_hash_algs: frozenset[int] | None = None
         #: RFC 6311: nonce and answer data of the last MID sync request we took,
         #: so that its retransmission gets the same answer and no second bump.
         self.mid_sync_answered: tuple[bytes, bytes] | None = None
