@@ -13,9 +13,9 @@ import ipaddress
 import logging
 import os
 from collections import Counter
-from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from common.config import Config
@@ -173,7 +173,7 @@ class Member:
             options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
                                cookie_threshold=c.cookie_threshold,
                                # certificate validity needs the wall clock (common/ is pure)
-                               utc_now=lambda: datetime.now(timezone.utc)))
+                               utc_now=lambda: datetime.now(UTC)))
         #: inbound SPI -> route (old SAs stay here until deleted, for packets in flight)
         self.by_spi: dict[int, ChildRoute] = {}
         #: routes that carry outbound traffic (rekeyed ones leave this list)
