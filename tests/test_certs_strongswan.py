@@ -1,0 +1,176 @@
+"""Certificate authentication against a real strongSwan 5.9 charon.
+
+One charon per direction, several connections under it (distinct identities,
+one child each): RSA, ECDSA (P-256, P-384) and Ed25519 certificates on both
+sides, PSK one way and a certificate the other, and a certificate of an
+untrusted CA that must be refused with AUTHENTICATION_FAILED and one log line
+naming the check. The certificates are made here with ``cryptography``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.interop_gw import PSK, OurProcess
+from tests.lab.charon import (
+    DEFAULT_PLUGINS,
+    Charon,
+    CharonError,
+    Child,
+    Conn,
+    render_swanctl_conf,
+)
+from tests.lab.netns import Lab
+from tests.pki import Issued, make_ca, make_cert
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+PLUGINS = DEFAULT_PLUGINS + " pkcs8 constraints"
+#: connection -> (our key type, charon's key type, our auth, charon's auth)
+GOOD = {
+    "rsa": ("rsa2048", "rsa2048", "pubkey", "pubkey"),
+    "ecdsa": ("p256", "p384", "pubkey", "pubkey"),
+    "ed25519": ("ed25519", "ed25519", "pubkey", "pubkey"),
+    "mixed": ("p256", "", "pubkey", "psk"),  # we sign, charon uses the PSK
+}
+
+
+def _nets(k: int) -> tuple[str, str]:
+    return f"10.91.{40 + 2 * k}.0/24", f"10.91.{41 + 2 * k}.0/24"
+
+
+def _our_toml(address: str, remote: str, conns: list[tuple[str, str, str, str, str, str]],
+              start: bool, tmp: Path) -> str:
+    """conns: (name, local_id, remote_id, local_auth, remote_auth, cert basename)."""
+    text = f"""
+[cluster]
+address = "{address}"
+inside = "tun:ipsc{'p' if start else 'g'}0"
+inside_address = "10.91.250.{1 if start else 2}"
+log_level = "debug"
+"""
+    for k, (name, lid, rid, lauth, rauth, cert) in enumerate(conns):
+        theirs, ours = _nets(k)
+        text += f"""
+[connections.{name}]
+remote_addrs = ["{remote}"]
+local_id = "{lid}"
+remote_id = "{rid}"
+local_auth = "{lauth}"
+remote_auth = "{rauth}"
+"""
+        if lauth == "pubkey":
+            text += f'local_cert = "{tmp / cert}.crt"\nlocal_key = "{tmp / cert}.key"\n'
+        if rauth == "pubkey":
+            text += f'remote_cacerts = ["{tmp / "ca.crt"}"]\n'
+        if "psk" in (lauth, rauth):
+            text += f'psk = "{PSK}"\n'
+        text += f"""
+[connections.{name}.children.c{k}]
+local_ts = ["{ours}"]
+remote_ts = ["{theirs}"]
+start_action = "{'start' if start else 'none'}"
+"""
+    return text
+
+
+def _setup(tmp: Path, we: str, they: str) -> tuple[Issued, Issued]:
+    ca = make_ca("C=CH, O=Interop, CN=Interop CA", "p256")
+    rogue = make_ca("C=CH, O=Rogue, CN=Rogue CA", "p256")
+    (tmp / "ca.crt").write_bytes(ca.cert_pem)
+    for name, (ours, theirs, _, _) in {**GOOD, "rogue": ("p256", "p256", "", "")}.items():
+        make_cert(ca, f"C=CH, O=Interop, CN={we}-{name}.test", ours,
+                  sans=(f"@{we}-{name}.test",)).write(tmp, f"{we}-{name}")
+        if theirs:
+            issuer = rogue if name == "rogue" else ca
+            make_cert(issuer, f"C=CH, O=Interop, CN={they}-{name}.test", theirs,
+                      sans=(f"@{they}-{name}.test",)).write(tmp, f"{they}-{name}")
+    return ca, rogue
+
+
+def _charon_conns(tmp: Path, we: str, they: str, our_addr: str,
+                  their_addr: str) -> list[Conn]:
+    out = []
+    for k, name in enumerate([*GOOD, "rogue"]):
+        theirs, ours = _nets(k)
+        _, kind, our_auth, their_auth = GOOD.get(name, ("", "p256", "pubkey", "pubkey"))
+        pub = their_auth == "pubkey"
+        out.append(Conn(
+            name, their_addr, our_addr,
+            [Child(f"c{k}", theirs, ours, start_action="none")],
+            local_id=f"{they}-{name}.test", remote_id=f"{we}-{name}.test",
+            local_auth=their_auth, remote_auth=our_auth,
+            local_cert=f"{they}-{name}.crt" if pub else "", remote_cacerts="ca.crt"))
+    return out
+
+
+def _hosts(lab: Lab, ns_charon: str, ns_ours: str) -> None:
+    """charon installs routes for its children only from an address inside them."""
+    for k in range(len(GOOD) + 1):
+        theirs, ours = _nets(k)
+        lab.add_lo_addr(ns_charon, theirs.replace(".0/24", ".1"))
+        lab.add_lo_addr(ns_ours, ours.replace(".0/24", ".1"))
+
+
+def _install(charon: Charon, tmp: Path, they: str) -> None:
+    charon.add_file("x509ca", tmp / "ca.crt")
+    for crt in tmp.glob(f"{they}-*.crt"):
+        charon.add_file("x509", crt)
+        charon.add_file("private", crt.with_suffix(".key"))
+
+
+def _our_conns(we: str, they: str) -> list[tuple[str, str, str, str, str, str]]:
+    out = []
+    for name in [*GOOD, "rogue"]:
+        _, _, ours, theirs = GOOD.get(name, ("", "", "pubkey", "pubkey"))
+        out.append((name, f"{we}-{name}.test", f"{they}-{name}.test", ours, theirs,
+                    f"{we}-{name}"))
+    return out
+
+
+def test_charon_initiates_with_certificates(lab: Lab, tmp_path: Path) -> None:
+    """charon (namespace a) initiates each connection; our gateway answers."""
+    ns_a, ns_b, _veth = lab.pair()
+    _hosts(lab, ns_a, ns_b)
+    _setup(tmp_path, "gw-b", "gw-a")
+    gw = OurProcess(lab, ns_b, _our_toml("198.18.0.2", "198.18.0.1",
+                                         _our_conns("gw-b", "gw-a"), False, tmp_path), tmp_path)
+    gw.wait_log("gateway listening")
+    charon = lab.charon(ns_a, "charon-a", plugins=PLUGINS)
+    _install(charon, tmp_path, "gw-a")
+    charon.load(render_swanctl_conf(*_charon_conns(tmp_path, "gw-b", "gw-a", "198.18.0.2",
+                                                   "198.18.0.1")))
+    for k, name in enumerate(GOOD):
+        charon.initiate(child=f"c{k}", ike=name)
+        ike = charon.ike_sa(name)
+        assert ike is not None and ike.get("state") == "ESTABLISHED", name
+    with pytest.raises(CharonError):
+        charon.initiate(child=f"c{len(GOOD)}", ike="rogue")
+    log = gw.log_text()
+    assert "gw-a-rogue.test" in log and "is not issued by a trusted CA" in log
+    assert "received AUTHENTICATION_FAILED" in charon.log_text()
+    assert gw.alive()
+
+
+def test_our_peer_initiates_to_charon_with_certificates(lab: Lab, tmp_path: Path) -> None:
+    """Our ``peer`` (namespace a) initiates each connection; charon answers and
+    sends its certificate because our IKE_AUTH carries CERTREQ."""
+    ns_a, ns_b, _veth = lab.pair()
+    _hosts(lab, ns_b, ns_a)
+    _setup(tmp_path, "gw-a", "gw-b")
+    charon = lab.charon(ns_b, "charon-b", plugins=PLUGINS)
+    _install(charon, tmp_path, "gw-b")
+    charon.load(render_swanctl_conf(*_charon_conns(tmp_path, "gw-a", "gw-b", "198.18.0.1",
+                                                   "198.18.0.2")))
+    peer = OurProcess(lab, ns_a, _our_toml("198.18.0.1", "198.18.0.2",
+                                           _our_conns("gw-a", "gw-b"), True, tmp_path),
+                      tmp_path, command="peer", name="peer")
+    charon.wait_for("the children up at the responder",
+                    lambda: len(charon.child_sas()) == len(GOOD) or None, timeout=30)
+    up = {sa.get("name") for sa in charon.list_sas()}
+    assert up >= set(GOOD), up
+    log = peer.wait_log("is not issued by a trusted CA", timeout=15)
+    assert "gw-b-rogue.test" in log
+    assert peer.alive()
