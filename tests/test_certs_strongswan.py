@@ -95,7 +95,7 @@ def _charon_conns(tmp: Path, we: str, they: str, our_addr: str,
     out = []
     for k, name in enumerate([*GOOD, "rogue"]):
         theirs, ours = _nets(k)
-        _, kind, our_auth, their_auth = GOOD.get(name, ("", "p256", "pubkey", "pubkey"))
+        _, _, our_auth, their_auth = GOOD.get(name, ("", "p256", "pubkey", "pubkey"))
         pub = their_auth == "pubkey"
         out.append(Conn(
             name, their_addr, our_addr,

@@ -299,7 +299,8 @@ def _verify(public: PublicKey, method: AuthMethod, data: bytes, octets: bytes) -
 
 
 def describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
+    """The subject as strongSwan prints it ("C=CH, O=Example, CN=gw")."""
+    return format_dn(cert.subject.public_bytes()) or "(empty subject)"
 
 
 def _check_validity(cert: x509.Certificate, now: datetime) -> None:
@@ -362,7 +363,7 @@ def verify_chain(certs_der: list[bytes], anchors: TrustAnchors,
         parent = next((c for c in pool if _issued_by(current, c)), None)
         if parent is None:
             raise CertificateRefused(f"certificate '{describe(current)}' is not issued by a "
-                                     f"trusted CA (issuer '{current.issuer.rfc4514_string()}')")
+                                     f"trusted CA (issuer '{format_dn(current.issuer.public_bytes())}')")
         parent_usage = _key_usage(parent)
         if not _is_ca(parent) or (parent_usage is not None and not parent_usage.key_cert_sign):
             raise CertificateRefused(f"intermediate '{describe(parent)}' is not a CA")

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from common.errors import LocalProtocolError
 from common.ike.certs import (
     CertificateRefused,
+    describe,
     identity_in_certificate,
     sign_auth,
     verify_auth,
@@ -126,7 +127,7 @@ def _check_peer(sa: IkeSa, policy: IkePolicy, msg: IkeMessage, ident: tuple[IdTy
         cert = verify_chain(certs, policy.anchors, utc_now())
         if not identity_in_certificate(cert, *ident):
             return (f"identity {format_identity(*ident)} is not in its certificate "
-                    f"'{cert.subject.rfc4514_string()}' (subject or subjectAltName)")
+                    f"'{describe(cert)}' (subject or subjectAltName)")
         public = cert.public_key()
         if not isinstance(public, PUBLIC_KEY_TYPES):
             return f"certificate key type {type(public).__name__} is not supported"
