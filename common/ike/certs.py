@@ -362,8 +362,9 @@ def verify_chain(certs_der: list[bytes], anchors: TrustAnchors,
             return end
         parent = next((c for c in pool if _issued_by(current, c)), None)
         if parent is None:
+            issuer = format_dn(current.issuer.public_bytes())
             raise CertificateRefused(f"certificate '{describe(current)}' is not issued by a "
-                                     f"trusted CA (issuer '{format_dn(current.issuer.public_bytes())}')")
+                                     f"trusted CA (issuer '{issuer}')")
         parent_usage = _key_usage(parent)
         if not _is_ca(parent) or (parent_usage is not None and not parent_usage.key_cert_sign):
             raise CertificateRefused(f"intermediate '{describe(parent)}' is not a CA")
