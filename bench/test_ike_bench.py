@@ -104,6 +104,49 @@ def test_memory_handshake(benchmark: Any, group: str) -> None:
     RESULTS[("memory", group)] = 1.0 / benchmark.stats.stats.median
 
 
+# -- (a') in memory with certificates ----------------------------------------------------
+#: our certificate auth (both sides sign and verify; RFC 7427, chain checks)
+CERT_KINDS = ("p256", "rsa3072")
+
+
+def _cert_engines(kind: str) -> tuple[IkeEngine, IkeEngine]:
+    from datetime import UTC, datetime
+
+    from common.ike.certs import TrustAnchors, load_credential
+    from tests.pki import make_ca, make_cert
+
+    ca = make_ca()
+    a, b = _engines("ecp256")
+    for e, me in ((a, "a.test"), (b, "b.test")):
+        leaf = make_cert(ca, f"CN={me}", kind, sans=(f"@{me}",))
+        pol = e.policies["conn"]
+        pol.local_auth = pol.remote_auth = "pubkey"
+        pol.credential = load_credential(leaf.cert_pem, leaf.key_pem)
+        pol.anchors = TrustAnchors((ca.cert,))
+        e.ctx.options.utc_now = lambda: datetime.now(UTC)
+    return a, b
+
+
+@pytest.mark.parametrize("kind", CERT_KINDS)
+def test_memory_handshake_certificates(benchmark: Any, kind: str) -> None:
+    benchmark.group = "ike-handshake-memory"
+    pair: list[tuple[IkeEngine, IkeEngine]] = []
+    template = _cert_engines(kind)  # keys made once (RSA-3072 generation is slow)
+
+    def setup() -> tuple[tuple[object, ...], dict[str, object]]:
+        a, b = _engines("ecp256")
+        for new, old in ((a, template[0]), (b, template[1])):
+            new.policies["conn"] = old.policies["conn"]
+            new.ctx.options.utc_now = old.ctx.options.utc_now
+        pair[:] = [(a, b)]
+        return (), {}
+
+    def target() -> None:
+        handshake(*pair[0])
+    benchmark.pedantic(target, setup=setup, rounds=MEMORY_ROUNDS, warmup_rounds=3)
+    RESULTS[("memory-cert", kind)] = 1.0 / benchmark.stats.stats.median
+
+
 # -- configs for (b) and (c) ----------------------------------------------------------------
 
 
@@ -284,6 +327,11 @@ def table() -> str:
         if rate:
             lines.append(f"| in memory, both sides, 1 child | {group} | {rate:.0f} | "
                          f"{1000 / rate:.2f} |")
+    for kind in CERT_KINDS:
+        rate = RESULTS.get(("memory-cert", kind))
+        if rate:
+            lines.append(f"| in memory, both sides, 1 child, {kind} certificates | ecp256 | "
+                         f"{rate:.0f} | {1000 / rate:.2f} |")
     names = {"loopback": f"our peer -> our gateway, loopback, N={N_SAS}",
              "charon": f"our peer -> charon 5.9.8, netns, N={N_SAS}"}
     for key, name in names.items():
