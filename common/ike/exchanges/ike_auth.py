@@ -186,7 +186,9 @@ class IkeAuthTask:
             return
         if msg.has_notify(NotifyType.AUTHENTICATION_FAILED):
             self._release()
-            sa.fail("peer answered AUTHENTICATION_FAILED (wrong PSK, certificate or identity?)")
+            hint = ("wrong PSK or identity?" if policy.local_auth == "psk"
+                    else "our certificate refused or wrong identity?")
+            sa.fail(f"peer answered AUTHENTICATION_FAILED ({hint})")
             return
         idr, auth = msg.get(IdrPayload), msg.get(AuthPayload)
         if idr is None or auth is None:
