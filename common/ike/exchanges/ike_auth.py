@@ -106,6 +106,10 @@ def _certreq(policy: IkePolicy) -> list[Payload]:
     return [CertReqPayload(CertEncoding.X509_SIGNATURE, policy.anchors.certreq_data())]
 
 
+def _kind(policy: IkePolicy) -> str:
+    return "PSK" if policy.remote_auth == "psk" else "certificate"
+
+
 def _check_peer(sa: IkeSa, policy: IkePolicy, msg: IkeMessage, ident: tuple[IdType, bytes],
                 auth: AuthPayload) -> str:
     """Why the peer's proof fails (one phrase for the log), "" when it holds."""
@@ -114,7 +118,7 @@ def _check_peer(sa: IkeSa, policy: IkePolicy, msg: IkeMessage, ident: tuple[IdTy
         if auth.method != AuthMethod.SHARED_KEY_MIC:
             return f"it uses auth method {auth.method.name}; the connection expects a PSK"
         if not hmac.compare_digest(_psk_mac(sa, policy, octets), auth.data):
-            return "PSK AUTH payload does not match (wrong pre-shared key?)"
+            return "AUTH payload does not match (wrong pre-shared key?)"
         return ""
     if auth.method == AuthMethod.SHARED_KEY_MIC:
         return "it uses a PSK; the connection expects a certificate (remote_auth = pubkey)"
@@ -203,7 +207,8 @@ class IkeAuthTask:
         problem = _check_peer(sa, policy, msg, ident, auth)
         if problem:
             self._release()
-            sa.fail(f"responder {format_identity(*ident)} failed authentication: {problem}")
+            sa.fail(f"responder {format_identity(*ident)} failed {_kind(policy)} "
+                    f"authentication: {problem}")
             return
         sa.peer_id = ident
         sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
@@ -234,8 +239,8 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
     sa.policy = policy
     problem = _check_peer(sa, policy, msg, ident, auth)
     if problem:
-        sa.fail(f"peer {who} at {sa.remote[0]} failed authentication for connection "
-                f"'{policy.name}': {problem}")
+        sa.fail(f"peer {who} at {sa.remote[0]} failed {_kind(policy)} authentication for "
+                f"connection '{policy.name}': {problem}")
         raise Refused(NotifyType.AUTHENTICATION_FAILED)
     sa.peer_id = ident
     sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
