@@ -373,6 +373,35 @@ def verify_chain(certs_der: list[bytes], anchors: TrustAnchors,
     raise CertificateRefused(f"certificate chain longer than {MAX_CHAIN_DEPTH}")
 
 
+PUBLIC_KEY_TYPES = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)
+
+
+def check_peer(certs_der: list[bytes], anchors: TrustAnchors, now: datetime,
+               ident: tuple[IdType, bytes], who: str, method: AuthMethod, data: bytes,
+               octets: bytes) -> str:
+    """Why a peer's certificate proof fails (one phrase for the log line of
+    AUTHENTICATION_FAILED), "" when it holds: chain, validity and key usage
+    (``verify_chain``), the identity ``who`` in the certificate, and the AUTH
+    signature over ``octets``. Peer bytes make this return, never raise."""
+    try:
+        cert = verify_chain(certs_der, anchors, now)
+        if not identity_in_certificate(cert, *ident):
+            return (f"identity {who} is not in its certificate '{describe(cert)}' "
+                    "(subject or subjectAltName)")
+        public = cert.public_key()
+        if not isinstance(public, PUBLIC_KEY_TYPES):
+            return f"certificate key type {type(public).__name__} is not supported"
+        verify_auth(public, method, data, octets)
+    except CertificateRefused as exc:
+        return str(exc)
+    except (ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:
+        # cryptography parses names, extensions and keys lazily: a malformed
+        # one surfaces here, from the peer's bytes (an unknown string tag in
+        # a Name is a KeyError in cryptography 48)
+        return f"certificate cannot be used ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+    return ""
+
+
 def identity_in_certificate(cert: x509.Certificate, id_type: IdType, data: bytes) -> bool:
     """RFC 4945 §3.1: the IKE identity is the subject DN or one of the
     subjectAltNames (dNSName, rfc822Name, iPAddress)."""

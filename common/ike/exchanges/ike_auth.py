@@ -21,17 +21,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
 from common.errors import LocalProtocolError
-from common.ike.certs import (
-    CertificateRefused,
-    describe,
-    identity_in_certificate,
-    sign_auth,
-    verify_auth,
-    verify_chain,
-)
+from common.ike.certs import check_peer, sign_auth
 from common.ike.constants import AuthMethod, CertEncoding, ExchangeType, IdType, NotifyType
 from common.ike.events import IkeSaEstablished
 from common.ike.exchanges import ChildRefused, Refused, notify_for
@@ -59,8 +50,6 @@ if TYPE_CHECKING:
     from common.ike.sa import IkeSa
 
 log = logging.getLogger("ipsec_cluster.ike")
-
-PUBLIC_KEY_TYPES = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)
 
 
 def id_body(id_type: IdType, data: bytes) -> bytes:
@@ -127,18 +116,8 @@ def _check_peer(sa: IkeSa, policy: IkePolicy, msg: IkeMessage, ident: tuple[IdTy
         return "no trust anchors or no wall clock to check certificates with"
     certs = [c.data for c in msg.get_all(CertPayload)
              if c.encoding == CertEncoding.X509_SIGNATURE]
-    try:
-        cert = verify_chain(certs, policy.anchors, utc_now())
-        if not identity_in_certificate(cert, *ident):
-            return (f"identity {format_identity(*ident)} is not in its certificate "
-                    f"'{describe(cert)}' (subject or subjectAltName)")
-        public = cert.public_key()
-        if not isinstance(public, PUBLIC_KEY_TYPES):
-            return f"certificate key type {type(public).__name__} is not supported"
-        verify_auth(public, auth.method, auth.data, octets)
-    except CertificateRefused as exc:
-        return str(exc)
-    return ""
+    return check_peer(certs, policy.anchors, utc_now(), ident, format_identity(*ident),
+                      auth.method, auth.data, octets)
 
 
 def became_established(sa: IkeSa, now: float) -> None:
