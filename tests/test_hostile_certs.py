@@ -77,3 +77,7 @@ def test_random_dn_identities(data: bytes) -> None:
 @given(st.binary(max_size=40))
 def test_random_signature_hash_algorithms(data: bytes) -> None:
     assert all(0 <= h <= 0xFFFF for h in certs.parse_hash_algorithms(data))
+
+
+def test_too_many_certificates_are_refused_before_any_work() -> None:
+    assert "CERT payloads (at most" in _check([DER] * 50, AuthMethod.DIGITAL_SIGNATURE, b"")

@@ -344,6 +344,9 @@ def verify_chain(certs_der: list[bytes], anchors: TrustAnchors,
     usage digitalSignature, RFC 5280 §4.2.1.3). Raises CertificateRefused."""
     if not certs_der:
         raise CertificateRefused("no certificate received (CERT payload)")
+    if len(certs_der) > MAX_CHAIN_DEPTH:
+        # each candidate costs signature checks: bound the work a peer can ask for
+        raise CertificateRefused(f"{len(certs_der)} CERT payloads (at most {MAX_CHAIN_DEPTH})")
     try:
         certs = [x509.load_der_x509_certificate(d) for d in certs_der]
     except ValueError:
