@@ -155,7 +155,8 @@ class ConnectionConfig:
     children: dict[str, ChildConfig]
     psk_file: str | None = None  # resolved path; set when psk_file was used
     psk: bytes | None = field(default=None, repr=False)  # None: psk_file not read yet
-    local_auth: Literal["psk", "pubkey"] = "psk"
+    #: "rsa/pss" is "pubkey" signing RSA with RSASSA-PSS (swanctl's name)
+    local_auth: Literal["psk", "pubkey", "rsa/pss"] = "psk"
     remote_auth: Literal["psk", "pubkey"] = "psk"
     local_cert: str | None = None  # resolved paths (local_auth = "pubkey")
     local_key: str | None = None
@@ -793,7 +794,7 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
 
 @dataclass(slots=True)
 class _Auth:
-    local: Literal["psk", "pubkey"]
+    local: Literal["psk", "pubkey", "rsa/pss"]
     remote: Literal["psk", "pubkey"]
     cert: str | None = None
     key: str | None = None
@@ -819,14 +820,14 @@ def _auth(t: _Table, config_dir: PurePosixPath, read_file: ReadFile | None) -> _
     """local_auth/remote_auth and their files (swanctl's local.auth,
     local.certs, remote.auth, remote.cacerts); with ``read_file`` the
     certificates and key are loaded and checked now."""
-    auth = _Auth(t.choice("local_auth", "psk", ("psk", "pubkey")),
+    auth = _Auth(t.choice("local_auth", "psk", ("psk", "pubkey", "rsa/pss")),
                  t.choice("remote_auth", "psk", ("psk", "pubkey")))
     files = {k: t.filepath(k) for k in ("local_cert", "local_key")}
     cacerts = t.strings("remote_cacerts", [], nonempty=False)
-    if auth.local == "pubkey":
+    if auth.local != "psk":
         for k, v in files.items():
             if not v:
-                raise t.error(k, 'a PEM file (local_auth = "pubkey")', "nothing")
+                raise t.error(k, f'a PEM file (local_auth = "{auth.local}")', "nothing")
         auth.cert = str(config_dir / files["local_cert"])
         auth.key = str(config_dir / files["local_key"])
     if auth.remote == "pubkey":
@@ -845,7 +846,7 @@ def _auth(t: _Table, config_dir: PurePosixPath, read_file: ReadFile | None) -> _
                           f"{_show(auth.cert, cut=False)} ({str(exc).splitlines()[0]})") from None
         key_pem = _read_pem(t, "local_key", auth.key, read_file, "a PEM private key file")
         try:
-            auth.credential = load_credential(cert_pem, key_pem)
+            auth.credential = load_credential(cert_pem, key_pem, auth.local == "rsa/pss")
         except ValueError as exc:
             raise t.error("local_key", "the PEM private key of local_cert",
                           f"{_show(auth.key, cut=False)} ({exc})") from None

@@ -31,6 +31,7 @@ PLUGINS = DEFAULT_PLUGINS + " pkcs8 constraints"
 #: connection -> (our key type, charon's key type, our auth, charon's auth)
 GOOD = {
     "rsa": ("rsa2048", "rsa2048", "pubkey", "pubkey"),
+    "rsapss": ("rsa2048", "rsa2048", "rsa/pss", "rsa/pss"),  # RSASSA-PSS both ways
     "ecdsa": ("p256", "p384", "pubkey", "pubkey"),
     "ed25519": ("ed25519", "ed25519", "pubkey", "pubkey"),
     "mixed": ("p256", "", "pubkey", "psk"),  # we sign, charon uses the PSK
@@ -61,9 +62,9 @@ remote_id = "{rid}"
 local_auth = "{lauth}"
 remote_auth = "{rauth}"
 """
-        if lauth == "pubkey":
+        if lauth != "psk":
             text += f'local_cert = "{tmp / cert}.crt"\nlocal_key = "{tmp / cert}.key"\n'
-        if rauth == "pubkey":
+        if rauth != "psk":
             text += f'remote_cacerts = ["{tmp / "ca.crt"}"]\n'
         if "psk" in (lauth, rauth):
             text += f'psk = "{PSK}"\n'
@@ -96,7 +97,7 @@ def _charon_conns(tmp: Path, we: str, they: str, our_addr: str,
     for k, name in enumerate([*GOOD, "rogue"]):
         theirs, ours = _nets(k)
         _, _, our_auth, their_auth = GOOD.get(name, ("", "p256", "pubkey", "pubkey"))
-        pub = their_auth == "pubkey"
+        pub = their_auth != "psk"
         out.append(Conn(
             name, their_addr, our_addr,
             [Child(f"c{k}", theirs, ours, start_action="none")],
@@ -125,6 +126,7 @@ def _our_conns(we: str, they: str) -> list[tuple[str, str, str, str, str, str]]:
     out = []
     for name in [*GOOD, "rogue"]:
         _, _, ours, theirs = GOOD.get(name, ("", "", "pubkey", "pubkey"))
+        theirs = "psk" if theirs == "psk" else "pubkey"  # we accept PKCS#1 and PSS alike
         out.append((name, f"{we}-{name}.test", f"{they}-{name}.test", ours, theirs,
                     f"{we}-{name}"))
     return out
@@ -150,7 +152,13 @@ def test_charon_initiates_with_certificates(lab: Lab, tmp_path: Path) -> None:
         charon.initiate(child=f"c{len(GOOD)}", ike="rogue")
     log = gw.log_text()
     assert "gw-a-rogue.test" in log and "is not issued by a trusted CA" in log
-    assert "received AUTHENTICATION_FAILED" in charon.log_text()
+    theirs = charon.log_text()
+    assert "received AUTHENTICATION_FAILED" in theirs
+    # what charon verified of ours (RFC 7427 method 14 each time)
+    for who, scheme in (("rsa", "RSA_EMSA_PKCS1_SHA2_256"), ("rsapss", "RSA_EMSA_PSS"),
+                        ("ecdsa", "ECDSA_WITH_SHA256_DER"), ("ed25519", "ED25519"),
+                        ("mixed", "ECDSA_WITH_SHA256_DER")):
+        assert f"authentication of 'gw-b-{who}.test' with {scheme}" in theirs, who
     assert gw.alive()
 
 

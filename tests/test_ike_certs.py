@@ -318,6 +318,8 @@ def test_config_loads_certificates(tmp_path: Path) -> None:
      "does not match the certificate"),
     (('remote_cacerts = ["ca.crt"]', ""), "remote_cacerts", "at least one CA"),
     (('local_cert = "gw.crt"', ""), "local_cert", "a PEM file"),
+    (('local_auth = "pubkey"', 'local_auth = "rsa/pss"'), "local_key",
+     "rsa/pss needs an RSA key"),
 ])
 def test_config_errors_name_key_and_file(tmp_path: Path, change: tuple[str, str], key: str,
                                          words: str) -> None:
@@ -327,3 +329,11 @@ def test_config_errors_name_key_and_file(tmp_path: Path, change: tuple[str, str]
         _load(path, CONFIG.replace(*change))
     text = str(err.value)
     assert f"connections.gw.{key}" in text and words in text and "\n" not in text
+
+
+def test_config_rsa_pss(tmp_path: Path) -> None:
+    path = _files(tmp_path)
+    make_cert(CA, "C=CH, O=Test, CN=gw", "rsa2048", sans=("@gw.test",)).write(tmp_path, "gw")
+    cfg = _load(path, CONFIG.replace('local_auth = "pubkey"', 'local_auth = "rsa/pss"'))
+    [pol] = policies_from_config(cfg.connections)
+    assert pol.local_auth == "pubkey" and pol.credential is not None and pol.credential.rsa_pss

@@ -193,6 +193,8 @@ def load_credential(cert_pem: bytes, key_pem: bytes, rsa_pss: bool = False) -> L
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
                       | ed25519.Ed25519PrivateKey):
         raise ValueError(f"unsupported key type {type(key).__name__}")
+    if rsa_pss and not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"rsa/pss needs an RSA key, not {type(key).__name__}")
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*fmt) != certs[0].public_key().public_bytes(*fmt):
         raise ValueError("the key does not match the certificate's public key")

@@ -88,7 +88,7 @@ def policies_from_config(connections: Mapping[str, ConnectionConfig]) -> list[Ik
         uses_psk = "psk" in (conn.local_auth, conn.remote_auth)
         if conn.psk is None and uses_psk:
             raise ValueError(f"connection {conn.name}: the pre-shared key was not read")
-        if conn.local_auth == "pubkey" and conn.credential is None:
+        if conn.local_auth != "psk" and conn.credential is None:
             raise ValueError(f"connection {conn.name}: local_cert/local_key were not read")
         if conn.remote_auth == "pubkey" and conn.anchors is None:
             raise ValueError(f"connection {conn.name}: remote_cacerts were not read")
@@ -107,5 +107,6 @@ def policies_from_config(connections: Mapping[str, ConnectionConfig]) -> list[Ik
             [p.proposal for p in conn.proposals],
             [str(a) for a in conn.remote_addrs] or ["%any"], conn.remote_port,
             float(conn.dpd_delay), float(conn.rekey_time), children,
-            conn.local_auth, conn.remote_auth, conn.credential, conn.anchors))
+            "psk" if conn.local_auth == "psk" else "pubkey", conn.remote_auth,
+            conn.credential, conn.anchors))
     return out
