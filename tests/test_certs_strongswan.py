@@ -36,6 +36,14 @@ GOOD = {
     "ed25519": ("ed25519", "ed25519", "pubkey", "pubkey"),
     "mixed": ("p256", "", "pubkey", "psk"),  # we sign, charon uses the PSK
 }
+#: charon with ``signature_authentication = no`` (no RFC 7427): the classic
+#: methods 1 (RSA) and 9/10/11 (ECDSA P-256/384/521) both ways
+CLASSIC = {
+    "rsa": ("rsa2048", "rsa2048", "pubkey", "pubkey"),
+    "p256": ("p256", "p384", "pubkey", "pubkey"),
+    "p521": ("p521", "p521", "pubkey", "pubkey"),
+}
+Table = dict[str, tuple[str, str, str, str]]
 
 
 def _nets(k: int) -> tuple[str, str]:
@@ -77,11 +85,11 @@ start_action = "{'start' if start else 'none'}"
     return text
 
 
-def _setup(tmp: Path, we: str, they: str) -> tuple[Issued, Issued]:
+def _setup(tmp: Path, we: str, they: str, good: Table = GOOD) -> tuple[Issued, Issued]:
     ca = make_ca("C=CH, O=Interop, CN=Interop CA", "p256")
     rogue = make_ca("C=CH, O=Rogue, CN=Rogue CA", "p256")
     (tmp / "ca.crt").write_bytes(ca.cert_pem)
-    for name, (ours, theirs, _, _) in {**GOOD, "rogue": ("p256", "p256", "", "")}.items():
+    for name, (ours, theirs, _, _) in {**good, "rogue": ("p256", "p256", "", "")}.items():
         make_cert(ca, f"C=CH, O=Interop, CN={we}-{name}.test", ours,
                   sans=(f"@{we}-{name}.test",)).write(tmp, f"{we}-{name}")
         if theirs:
@@ -92,11 +100,11 @@ def _setup(tmp: Path, we: str, they: str) -> tuple[Issued, Issued]:
 
 
 def _charon_conns(tmp: Path, we: str, they: str, our_addr: str,
-                  their_addr: str) -> list[Conn]:
+                  their_addr: str, good: Table = GOOD) -> list[Conn]:
     out = []
-    for k, name in enumerate([*GOOD, "rogue"]):
+    for k, name in enumerate([*good, "rogue"]):
         theirs, ours = _nets(k)
-        _, _, our_auth, their_auth = GOOD.get(name, ("", "p256", "pubkey", "pubkey"))
+        _, _, our_auth, their_auth = good.get(name, ("", "p256", "pubkey", "pubkey"))
         pub = their_auth != "psk"
         out.append(Conn(
             name, their_addr, our_addr,
@@ -107,9 +115,9 @@ def _charon_conns(tmp: Path, we: str, they: str, our_addr: str,
     return out
 
 
-def _hosts(lab: Lab, ns_charon: str, ns_ours: str) -> None:
+def _hosts(lab: Lab, ns_charon: str, ns_ours: str, good: Table = GOOD) -> None:
     """charon installs routes for its children only from an address inside them."""
-    for k in range(len(GOOD) + 1):
+    for k in range(len(good) + 1):
         theirs, ours = _nets(k)
         lab.add_lo_addr(ns_charon, theirs.replace(".0/24", ".1"))
         lab.add_lo_addr(ns_ours, ours.replace(".0/24", ".1"))
@@ -122,10 +130,11 @@ def _install(charon: Charon, tmp: Path, they: str) -> None:
         charon.add_file("private", crt.with_suffix(".key"))
 
 
-def _our_conns(we: str, they: str) -> list[tuple[str, str, str, str, str, str]]:
+def _our_conns(we: str, they: str,
+               good: Table = GOOD) -> list[tuple[str, str, str, str, str, str]]:
     out = []
-    for name in [*GOOD, "rogue"]:
-        _, _, ours, theirs = GOOD.get(name, ("", "", "pubkey", "pubkey"))
+    for name in [*good, "rogue"]:
+        _, _, ours, theirs = good.get(name, ("", "", "pubkey", "pubkey"))
         theirs = "psk" if theirs == "psk" else "pubkey"  # we accept PKCS#1 and PSS alike
         out.append((name, f"{we}-{name}.test", f"{they}-{name}.test", ours, theirs,
                     f"{we}-{name}"))
@@ -182,3 +191,31 @@ def test_our_peer_initiates_to_charon_with_certificates(lab: Lab, tmp_path: Path
     log = peer.wait_log("is not issued by a trusted CA", timeout=15)
     assert "gw-b-rogue.test" in log
     assert peer.alive()
+
+
+def test_classic_methods_with_charon_without_rfc7427(lab: Lab, tmp_path: Path) -> None:
+    """charon without RFC 7427 sends no N(SIGNATURE_HASH_ALGORITHMS): both
+    sides sign with the classic methods, and an untrusted CA is still refused."""
+    ns_a, ns_b, _veth = lab.pair()
+    _hosts(lab, ns_a, ns_b, CLASSIC)
+    _setup(tmp_path, "gw-b", "gw-a", CLASSIC)
+    gw = OurProcess(lab, ns_b, _our_toml("198.18.0.2", "198.18.0.1",
+                                         _our_conns("gw-b", "gw-a", CLASSIC), False, tmp_path),
+                    tmp_path)
+    gw.wait_log("gateway listening")
+    charon = lab.charon(ns_a, "charon-a", plugins=PLUGINS,
+                        charon_options={"signature_authentication": "no"})
+    _install(charon, tmp_path, "gw-a")
+    charon.load(render_swanctl_conf(*_charon_conns(tmp_path, "gw-b", "gw-a", "198.18.0.2",
+                                                   "198.18.0.1", CLASSIC)))
+    for k, name in enumerate(CLASSIC):
+        charon.initiate(child=f"c{k}", ike=name)
+    with pytest.raises(CharonError):
+        charon.initiate(child=f"c{len(CLASSIC)}", ike="rogue")
+    theirs = charon.log_text()
+    assert "N(HASH_ALG)" not in theirs
+    for who, scheme in (("rsa", "RSA signature"), ("p256", "ECDSA-256 signature"),
+                        ("p521", "ECDSA-521 signature")):
+        assert f"authentication of 'gw-b-{who}.test' with {scheme}" in theirs, [
+            ln for ln in theirs.splitlines() if "authentication of" in ln]
+    assert "is not issued by a trusted CA" in gw.log_text()
