@@ -1,10 +1,13 @@
 """Certificate authentication against a real strongSwan 5.9 charon.
 
-One charon per direction, several connections under it (distinct identities,
-one child each): RSA, ECDSA (P-256, P-384) and Ed25519 certificates on both
-sides, PSK one way and a certificate the other, and a certificate of an
-untrusted CA that must be refused with AUTHENTICATION_FAILED and one log line
-naming the check. The certificates are made here with ``cryptography``.
+One charon per run, several connections under it (distinct identities, one
+child each): RSA (PKCS#1 v1.5 and RSASSA-PSS), ECDSA (P-256, P-384) and
+Ed25519 certificates on both sides with RFC 7427 signatures, PSK one way and
+a certificate the other, and a certificate of an untrusted CA that must be
+refused with AUTHENTICATION_FAILED and one log line naming the check; charon
+initiating to our gateway, and our ``peer`` initiating to charon. A third run
+turns RFC 7427 off in charon: the classic methods 1 (RSA) and 9/10/11 (ECDSA)
+both ways. The certificates are made here with ``cryptography``.
 """
 
 from __future__ import annotations
