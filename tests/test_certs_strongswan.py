@@ -222,3 +222,68 @@ def test_classic_methods_with_charon_without_rfc7427(lab: Lab, tmp_path: Path) -
         assert f"authentication of 'gw-b-{who}.test' with {scheme}" in theirs, [
             ln for ln in theirs.splitlines() if "authentication of" in ln]
     assert "is not issued by a trusted CA" in gw.log_text()
+
+
+def test_cluster_member_takes_over_a_certificate_ike_sa(lab: Lab, tmp_path: Path) -> None:
+    """A 2-member cluster authenticated with a certificate: kill -9 the member
+    that owns the IKE SA; the other one continues it (same SPIs, no new
+    IKE_SA_INIT), rekeys with charon and passes traffic. Every member loaded
+    the same certificate and key from the config; nothing else is needed."""
+    import os
+    import signal
+
+    from tests.failover_lab import owners, status
+    from tests.lab import traffic
+
+    ns_a, ns_b, _veth = lab.pair()
+    _setup(tmp_path, "gw-b", "gw-a", {"ha": ("p256", "p256", "pubkey", "pubkey")})
+    lab.add_lo_addr(ns_a, "10.91.60.1")
+    lab.add_lo_addr(ns_b, "10.91.61.1")
+    cert = tmp_path / "gw-b-ha"
+    cluster = OurProcess(lab, ns_b, f"""
+[cluster]
+address = "198.18.0.2"
+inside = "tun:ipsc0"
+inside_address = "10.91.2.1"
+members = 2
+log_level = "info"
+replay_after_failover = "rekey"
+
+[connections.ha]
+remote_addrs = ["%any"]
+remote_id = "gw-a-ha.test"
+local_id = "gw-b-ha.test"
+local_auth = "pubkey"
+local_cert = "{cert}.crt"
+local_key = "{cert}.key"
+remote_auth = "pubkey"
+remote_cacerts = ["{tmp_path / 'ca.crt'}"]
+dpd_delay = 0
+
+[connections.ha.children.h1]
+local_ts = ["10.91.61.0/24"]
+remote_ts = ["10.91.60.0/24"]
+""", tmp_path, name="cluster")
+    cluster.wait_log("segment table epoch", timeout=30)
+    charon = lab.charon(ns_a, "charon-a", plugins=PLUGINS, charon_options={"uniqueids": "no"})
+    _install(charon, tmp_path, "gw-a")
+    charon.load(render_swanctl_conf(Conn(
+        "ha", "198.18.0.1", "198.18.0.2", [Child("h1", "10.91.60.0/24", "10.91.61.0/24")],
+        local_id="gw-a-ha.test", remote_id="gw-b-ha.test", local_auth="pubkey",
+        remote_auth="pubkey", local_cert="gw-a-ha.crt", remote_cacerts="ca.crt",
+        dpd_delay="1s")))
+    charon.initiate(child="h1", ike="ha")
+    ike = charon.ike_sa("ha")
+    assert ike is not None
+    spis = (ike["initiator-spi"], ike["responder-spi"])
+    ike_owner, _ = owners(cluster.config)
+    pid = next(m["pid"] for m in status(cluster.config)["members"]
+               if m["id"] == ike_owner["ha"])
+    os.kill(pid, signal.SIGKILL)
+    charon.rekey_child("h1")            # answered by the member that took over
+    res = traffic.ping(ns_a, "10.91.61.1", src="10.91.60.1", count=3, interval=0.05)
+    assert res.ok, res.output
+    after = charon.ike_sa("ha")
+    assert after is not None and (after["initiator-spi"], after["responder-spi"]) == spis
+    assert charon.log_text().count("initiating IKE_SA") == 1
+    assert owners(cluster.config)[0]["ha"] != ike_owner["ha"]
