@@ -7,7 +7,8 @@ a certificate the other, and a certificate of an untrusted CA that must be
 refused with AUTHENTICATION_FAILED and one log line naming the check; charon
 initiating to our gateway, and our ``peer`` initiating to charon. A third run
 turns RFC 7427 off in charon: the classic methods 1 (RSA) and 9/10/11 (ECDSA)
-both ways. The certificates are made here with ``cryptography``.
+both ways. A fourth runs a 2-member cluster with a certificate and kills the
+owner of the IKE SA. The certificates are made here with ``cryptography``.
 """
 
 from __future__ import annotations
