@@ -104,11 +104,55 @@ def test_memory_handshake(benchmark: Any, group: str) -> None:
     RESULTS[("memory", group)] = 1.0 / benchmark.stats.stats.median
 
 
+# -- (a') in memory with certificates ----------------------------------------------------
+#: our certificate auth (both sides sign and verify; RFC 7427, chain checks)
+CERT_KINDS = ("p256", "rsa3072")
+
+
+def _cert_engines(kind: str) -> tuple[IkeEngine, IkeEngine]:
+    from datetime import UTC, datetime
+
+    from common.ike.certs import TrustAnchors, load_credential
+    from tests.pki import make_ca, make_cert
+
+    ca = make_ca()
+    a, b = _engines("ecp256")
+    for e, me in ((a, "a.test"), (b, "b.test")):
+        leaf = make_cert(ca, f"CN={me}", kind, sans=(f"@{me}",))
+        pol = e.policies["conn"]
+        pol.local_auth = pol.remote_auth = "pubkey"
+        pol.credential = load_credential(leaf.cert_pem, leaf.key_pem)
+        pol.anchors = TrustAnchors((ca.cert,))
+        e.ctx.options.utc_now = lambda: datetime.now(UTC)
+    return a, b
+
+
+@pytest.mark.parametrize("kind", CERT_KINDS)
+def test_memory_handshake_certificates(benchmark: Any, kind: str) -> None:
+    benchmark.group = "ike-handshake-memory"
+    pair: list[tuple[IkeEngine, IkeEngine]] = []
+    template = _cert_engines(kind)  # keys made once (RSA-3072 generation is slow)
+
+    def setup() -> tuple[tuple[object, ...], dict[str, object]]:
+        a, b = _engines("ecp256")
+        for new, old in ((a, template[0]), (b, template[1])):
+            new.policies["conn"] = old.policies["conn"]
+            new.ctx.options.utc_now = old.ctx.options.utc_now
+        pair[:] = [(a, b)]
+        return (), {}
+
+    def target() -> None:
+        handshake(*pair[0])
+    benchmark.pedantic(target, setup=setup, rounds=MEMORY_ROUNDS, warmup_rounds=3)
+    RESULTS[("memory-cert", kind)] = 1.0 / benchmark.stats.stats.median
+
+
 # -- configs for (b) and (c) ----------------------------------------------------------------
 
 
 def config(*, address: str, ports: tuple[int, int], inside: str, remote: str | None,
-           local_id: str, remote_id: str, local_ts: str, remote_ts: str) -> str:
+           local_id: str, remote_id: str, local_ts: str, remote_ts: str,
+           auth: str = f'psk = "{PSK}"') -> str:
     conn_remote = (f'remote_addrs = ["{remote}"]\nremote_port = {ports[0]}' if remote
                    else 'remote_addrs = ["%any"]')
     return f"""
@@ -125,7 +169,7 @@ cookie_threshold = 1000
 proposals = ["aes128gcm16-prfsha256-ecp256"]
 local_id = "{local_id}"
 remote_id = "{remote_id}"
-psk = "{PSK}"
+{auth}
 
 [connections.c.children.net]
 local_ts = ["{local_ts}"]
@@ -135,10 +179,11 @@ start_action = "{'start' if remote else 'none'}"
 """
 
 
-def peer_config(address: str, remote: str, ports: tuple[int, int]) -> str:
+def peer_config(address: str, remote: str, ports: tuple[int, int],
+                auth: str = f'psk = "{PSK}"') -> str:
     return config(address=address, ports=ports, inside="udp:127.0.0.1:9", remote=remote,
                   local_id="a.test", remote_id="b.test", local_ts="10.91.1.0/24",
-                  remote_ts="10.91.2.0/24")
+                  remote_ts="10.91.2.0/24", auth=auth)
 
 
 def peer_argv(cfg: Path, *extra: str) -> list[str]:
@@ -236,8 +281,26 @@ CHARON_OPTIONS = {"block_threshold": "1000", "cookie_threshold": "1000",
                   "cookie_threshold_ip": "1000", "init_limit_half_open": "0"}
 
 
-def _charon_round(lab: object, tmp: Path, n: int, *extra: str) -> dict:  # type: ignore[type-arg]
-    from tests.lab.charon import Child, Conn, render_swanctl_conf
+def _certificates(tmp: Path, kind: str) -> tuple[str, Path]:
+    """CA and certificates for a.test (ours) and b.test (charon's) in ``tmp``;
+    returns our config's auth lines and the folder."""
+    from tests.pki import make_ca, make_cert
+
+    ca = make_ca("C=CH, O=Bench, CN=Bench CA", kind)
+    (tmp / "ca.crt").write_bytes(ca.cert_pem)
+    for name in ("a", "b"):
+        make_cert(ca, f"C=CH, O=Bench, CN={name}.test", kind,
+                  sans=(f"@{name}.test",)).write(tmp, name)
+    auth = (f'local_auth = "pubkey"\nremote_auth = "pubkey"\nlocal_cert = "{tmp / "a.crt"}"\n'
+            f'local_key = "{tmp / "a.key"}"\nremote_cacerts = ["{tmp / "ca.crt"}"]')
+    return auth, tmp
+
+
+def _charon_round(lab: object, tmp: Path, n: int, *extra: str,  # type: ignore[type-arg]
+                  kind: str = "") -> dict:
+    """One run of the peer against charon; ``kind``: certificates of that key
+    type on both sides instead of the PSK."""
+    from tests.lab.charon import DEFAULT_PLUGINS, Child, Conn, render_swanctl_conf
     from tests.lab.netns import Lab
 
     assert isinstance(lab, Lab)
@@ -245,13 +308,22 @@ def _charon_round(lab: object, tmp: Path, n: int, *extra: str) -> dict:  # type:
     # without an address inside its local selector charon (libipsec) answers
     # every CHILD_SA with TS_UNACCEPTABLE
     lab.add_lo_addr(ns_b, "10.91.2.1")
-    charon = lab.charon(ns_b, f"charon-{n}", charon_options=CHARON_OPTIONS)
+    charon = lab.charon(ns_b, f"charon-{kind}{n}", charon_options=CHARON_OPTIONS,
+                        plugins=DEFAULT_PLUGINS + " pkcs8")
     conn = Conn("c", "198.18.0.1", "198.18.0.2",
                 [Child("net", "10.91.1.0/24", "10.91.2.0/24")],
-                local_id="a.test", remote_id="b.test", psk=PSK)
-    charon.load(render_swanctl_conf(conn.mirrored()))
-    cfg = tmp / f"peer-{n}.toml"
-    cfg.write_text(peer_config("198.18.0.1", "198.18.0.2", (500, 4500)))
+                local_id="a.test", remote_id="b.test", psk=PSK).mirrored()
+    auth = f'psk = "{PSK}"'
+    if kind:
+        auth, folder = _certificates(tmp, kind)
+        conn.local_auth = conn.remote_auth = "pubkey"
+        conn.local_cert, conn.remote_cacerts = "b.crt", "ca.crt"
+        charon.add_file("x509", folder / "b.crt")
+        charon.add_file("private", folder / "b.key")
+        charon.add_file("x509ca", folder / "ca.crt")
+    charon.load(render_swanctl_conf(conn))
+    cfg = tmp / f"peer-{kind}{n}.toml"
+    cfg.write_text(peer_config("198.18.0.1", "198.18.0.2", (500, 4500), auth))
     proc = lab.popen(ns_a, peer_argv(cfg, *extra), stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
     out, err = proc.communicate(timeout=120)
@@ -274,6 +346,17 @@ def test_charon_our_peer_vs_strongswan(benchmark: Any, lab: object,
     assert [r["charon_ike_sas"] for r in runs] == [N_SAS] * len(runs)
 
 
+@pytest.mark.parametrize("kind", CERT_KINDS)
+def test_charon_our_peer_vs_strongswan_certificates(benchmark: Any, lab: object,
+                                                    tmp_path: Path, kind: str) -> None:
+    benchmark.group = "ike-handshake-processes"
+    runs: list[dict] = []  # type: ignore[type-arg]
+    benchmark.pedantic(lambda: runs.append(_charon_round(lab, tmp_path, len(runs), kind=kind)),
+                       rounds=PROCESS_ROUNDS, iterations=1)
+    RUNS[f"charon-{kind}"] = runs
+    assert [r["charon_ike_sas"] for r in runs] == [N_SAS] * len(runs)
+
+
 # -- the table ------------------------------------------------------------------------------
 
 
@@ -284,8 +367,15 @@ def table() -> str:
         if rate:
             lines.append(f"| in memory, both sides, 1 child | {group} | {rate:.0f} | "
                          f"{1000 / rate:.2f} |")
+    for kind in CERT_KINDS:
+        rate = RESULTS.get(("memory-cert", kind))
+        if rate:
+            lines.append(f"| in memory, both sides, 1 child, {kind} certificates | ecp256 | "
+                         f"{rate:.0f} | {1000 / rate:.2f} |")
     names = {"loopback": f"our peer -> our gateway, loopback, N={N_SAS}",
-             "charon": f"our peer -> charon 5.9.8, netns, N={N_SAS}"}
+             "charon": f"our peer -> charon 5.9.8, netns, N={N_SAS}",
+             **{f"charon-{k}": f"our peer -> charon 5.9.8, netns, N={N_SAS}, {k} certificates"
+                for k in CERT_KINDS}}
     for key, name in names.items():
         runs = RUNS.get(key)
         if runs:

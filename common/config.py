@@ -26,6 +26,14 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from common.errors import IpsecClusterError
+from common.ike.certs import (
+    LocalCredential,
+    TrustAnchors,
+    format_dn,
+    load_certificates,
+    load_credential,
+    parse_dn,
+)
 from common.ike.constants import IdType
 from common.ike.proposals import expand_esp_proposal, expand_ike_proposal
 from common.ike.transforms import Proposal
@@ -160,6 +168,15 @@ class ConnectionConfig:
     psk_file: str | None = None  # resolved path; set when psk_file was used
     psk: bytes | None = field(default=None, repr=False)  # None: psk_file not read yet
     pools: tuple[str, ...] = ()  # names of [pools.NAME] tables, tried in order
+    #: "rsa/pss" is "pubkey" signing RSA with RSASSA-PSS (swanctl's name)
+    local_auth: Literal["psk", "pubkey", "rsa/pss"] = "psk"
+    remote_auth: Literal["psk", "pubkey"] = "psk"
+    local_cert: str | None = None  # resolved paths (local_auth = "pubkey")
+    local_key: str | None = None
+    remote_cacerts: tuple[str, ...] = ()  # resolved paths (remote_auth = "pubkey")
+    #: loaded when the config is read with ``read_file``
+    credential: LocalCredential | None = field(default=None, repr=False)
+    anchors: TrustAnchors | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True, frozen=True)
@@ -241,7 +258,8 @@ def parse_identity(text: str) -> tuple[IdType, bytes]:
     if "@" in text:
         return IdType.ID_RFC822_ADDR, text.encode()
     if "=" in text:
-        raise ValueError("distinguished names (ID_DER_ASN1_DN) are not supported")
+        # strongSwan's "C=CH, O=Example, CN=gw.example" (RFC 4514-like)
+        return IdType.ID_DER_ASN1_DN, parse_dn(text)
     return IdType.ID_FQDN, text.encode()
 
 
@@ -534,7 +552,8 @@ def _identity(t: _Table, key: str, default: Any, allow_any: bool) -> Identity:
     if allow_any and text == ANY:
         return Identity(text, None, b"")
     expected = 'an identity like "gw.example", "@gw.example", "user@example", ' \
-               '"198.18.0.2" or "keyid:..."' + (' or "%any"' if allow_any else "")
+               '"198.18.0.2", "C=CH, O=Example, CN=gw" or "keyid:..."' + (
+                   ' or "%any"' if allow_any else "")
     try:
         id_type, data = parse_identity(text)
     except ValueError as exc:
@@ -668,8 +687,10 @@ def _addresses(t: _Table, key: str, default: list[str], allow_any: bool) -> list
 
 
 def _psk(t: _Table, config_dir: PurePosixPath,
-         read_file: ReadFile | None) -> tuple[bytes | None, str | None]:
+         read_file: ReadFile | None, needed: bool = True) -> tuple[bytes | None, str | None]:
     has_psk, has_file = "psk" in t.data, "psk_file" in t.data
+    if not needed and not has_psk and not has_file:
+        return None, None
     if has_psk == has_file:
         t.known += ["psk", "psk_file"]
         raise t.error("psk_file" if has_psk else "psk", "exactly one of psk or psk_file",
@@ -771,7 +792,8 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
                 read_file: ReadFile | None, pools: dict[str, PoolConfig]) -> ConnectionConfig:
     remote_addrs = _addresses(t, "remote_addrs", [ANY], allow_any=True)
     local_addrs = _addresses(t, "local_addrs", [str(cluster.address)], allow_any=False)
-    psk, psk_file = _psk(t, config_dir, read_file)
+    auth = _auth(t, config_dir, read_file)
+    psk, psk_file = _psk(t, config_dir, read_file, needed="psk" in (auth.local, auth.remote))
     children_t = t.table("children", {})
     if not children_t.data:
         # A connection without children would negotiate IKE SAs that carry nothing.
@@ -798,7 +820,8 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
         local_addrs=tuple(local_addrs),
         remote_port=t.integer("remote_port", 500, 1, 65535),
         proposals=_proposals(t, "proposals", DEFAULT_IKE_PROPOSAL, esp=False),
-        local_id=_identity(t, "local_id", str(cluster.address), allow_any=False),
+        local_id=(auth.default_id if auth.default_id is not None and "local_id" not in t.data
+                  else _identity(t, "local_id", str(cluster.address), allow_any=False)),
         remote_id=_identity(t, "remote_id", ANY, allow_any=True),
         dpd_delay=t.duration("dpd_delay", 10),
         rekey_time=t.duration("rekey_time", 14400),
@@ -809,9 +832,89 @@ def _connection(t: _Table, name: str, cluster: ClusterConfig, config_dir: PurePo
         psk_file=psk_file,
         psk=psk,
         pools=tuple(pool_names),
+        local_auth=auth.local,
+        remote_auth=auth.remote,
+        local_cert=auth.cert,
+        local_key=auth.key,
+        remote_cacerts=auth.cacerts,
+        credential=auth.credential,
+        anchors=auth.anchors,
     )
     t.done()
     return conn
+
+
+@dataclass(slots=True)
+class _Auth:
+    local: Literal["psk", "pubkey", "rsa/pss"]
+    remote: Literal["psk", "pubkey"]
+    cert: str | None = None
+    key: str | None = None
+    cacerts: tuple[str, ...] = ()
+    credential: LocalCredential | None = None
+    anchors: TrustAnchors | None = None
+    #: strongSwan's default local identity with a certificate: its subject DN
+    default_id: Identity | None = None
+
+
+def _read_pem(t: _Table, key: str, path: str, read_file: ReadFile, what: str,
+              index: int | None = None) -> bytes:
+    try:
+        return read_file(path)
+    except OSError as exc:
+        got = f"{_show(path, cut=False)} ({exc.strerror or type(exc).__name__})"
+        if index is not None:
+            raise _item_error(t, key, index, what, got) from None
+        raise t.error(key, what, got) from None
+
+
+def _auth(t: _Table, config_dir: PurePosixPath, read_file: ReadFile | None) -> _Auth:
+    """local_auth/remote_auth and their files (swanctl's local.auth,
+    local.certs, remote.auth, remote.cacerts); with ``read_file`` the
+    certificates and key are loaded and checked now."""
+    auth = _Auth(t.choice("local_auth", "psk", ("psk", "pubkey", "rsa/pss")),
+                 t.choice("remote_auth", "psk", ("psk", "pubkey")))
+    files = {k: t.filepath(k) for k in ("local_cert", "local_key")}
+    cacerts = t.strings("remote_cacerts", [], nonempty=False)
+    if auth.local != "psk":
+        for k, v in files.items():
+            if not v:
+                raise t.error(k, f'a PEM file (local_auth = "{auth.local}")', "nothing")
+        auth.cert = str(config_dir / files["local_cert"])
+        auth.key = str(config_dir / files["local_key"])
+    if auth.remote == "pubkey":
+        if not cacerts:
+            raise t.error("remote_cacerts", 'at least one CA file (remote_auth = "pubkey")',
+                          "none")
+        auth.cacerts = tuple(str(config_dir / c) for c in cacerts)
+    if read_file is None:
+        return auth
+    if auth.cert is not None and auth.key is not None:
+        cert_pem = _read_pem(t, "local_cert", auth.cert, read_file, "a PEM certificate file")
+        try:
+            load_certificates(cert_pem)
+        except ValueError as exc:
+            raise t.error("local_cert", "a PEM certificate file",
+                          f"{_show(auth.cert, cut=False)} ({str(exc).splitlines()[0]})") from None
+        key_pem = _read_pem(t, "local_key", auth.key, read_file, "a PEM private key file")
+        try:
+            auth.credential = load_credential(cert_pem, key_pem, auth.local == "rsa/pss")
+        except ValueError as exc:
+            raise t.error("local_key", "the PEM private key of local_cert",
+                          f"{_show(auth.key, cut=False)} ({exc})") from None
+        subject = auth.credential.cert.subject.public_bytes()
+        auth.default_id = Identity(format_dn(subject), IdType.ID_DER_ASN1_DN, subject)
+    anchors = []
+    for i, path in enumerate(auth.cacerts):
+        pem = _read_pem(t, "remote_cacerts", path, read_file, "a PEM CA certificate file", i)
+        try:
+            anchors += load_certificates(pem)
+        except ValueError as exc:
+            raise _item_error(t, "remote_cacerts", i, "a PEM CA certificate file",
+                              f"{_show(path, cut=False)} ({str(exc).splitlines()[0]})") from None
+    if auth.cacerts:
+        auth.anchors = TrustAnchors(tuple(anchors))
+    return auth
 
 
 def _sub(parent: _Table, key: str) -> _Table:

@@ -15,6 +15,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from common.config import Config
@@ -171,7 +172,9 @@ class Member:
         self.engine = IkeEngine(
             policies_from_config(config.connections), random=random, spis=self.spis,
             options=IkeOptions(ike_port=c.ike_port, natt_port=c.natt_port,
-                               cookie_threshold=c.cookie_threshold))
+                               cookie_threshold=c.cookie_threshold,
+                               # certificate validity needs the wall clock (common/ is pure)
+                               utc_now=lambda: datetime.now(UTC)))
         if config.pools:
             # Virtual IPs (RFC 7296 §3.15), leased from our segments' partitions.
             self.engine.ctx.pools = PoolSet(

@@ -184,7 +184,7 @@ BAD = [
     (B + "proposals", [1], B + "proposals[0]", "a string"),
     (B + "local_id", "", B + "local_id", "an identity"),
     (B + "local_id", "%any", B + "local_id", "an identity"),
-    (B + "remote_id", "C=CH, O=strongSwan", B + "remote_id", "distinguished names"),
+    (B + "remote_id", "C=CH, XY=strongSwan", B + "remote_id", "is not an attribute like CN=name"),
     (B + "psk_file", "branch.psk", B + "psk_file", "exactly one of psk or psk_file, got both"),
     (B + "psk", DELETE, B + "psk", "exactly one of psk or psk_file, got neither"),
     (B + "psk", "", B + "psk", "got an empty key"),
@@ -334,7 +334,7 @@ def test_parse_identity(text: str, id_type: IdType, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("text", ["", " gw", "%any", "@", "keyid:#zz", "ipv4:::1",
-                                  "ipv6:10.0.0.1", "fqdn:", "CN=gw, O=test"])
+                                  "ipv6:10.0.0.1", "fqdn:", "CN=gw, Q=test"])
 def test_parse_identity_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_identity(text)

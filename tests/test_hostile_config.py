@@ -190,8 +190,8 @@ BAD: list[Bad] = [
         N + "esp_proposals[0]", "an ESP proposal"),
     Bad("identity-too-long", with_change(B + "local_id", "h" * 300), B + "local_id",
         "at most 255 bytes"),
-    Bad("identity-dn", with_change(B + "remote_id", "C=CH, O=x"), B + "remote_id",
-        "distinguished names"),
+    Bad("identity-dn", with_change(B + "remote_id", "C=CH, QQ=x"), B + "remote_id",
+        "is not an attribute like CN=name"),
     # -- bad file paths -------------------------------------------------------------
     Bad("psk-file-missing", _renamed(f'psk = "{PSK}"', 'psk_file = "missing.psk"'),
         B + "psk_file", "No such file or directory"),

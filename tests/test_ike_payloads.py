@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from common.errors import MalformedMessage
 from common.ike.constants import (
     AuthMethod,
+    CertEncoding,
     CfgAttr,
     CfgType,
     DhId,
@@ -27,6 +28,7 @@ from common.ike.constants import (
 )
 from common.ike.payloads import (
     AuthPayload,
+    CertReqPayload,
     CfgAttribute,
     CpPayload,
     DeletePayload,
@@ -126,7 +128,7 @@ def every_payload() -> list[Payload]:
                     v6("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 17, (65535, 0))]),
         TsiPayload([v4("10.0.0.1", "10.0.0.1"), v6("fe80::1", "fe80::2")]),
         CpPayload(CfgType.CFG_REQUEST, [CfgAttribute(CfgAttr.INTERNAL_IP4_ADDRESS)]),
-        OpaquePayload(PayloadType.CERTREQ, b"\x04" + bytes(20)),
+        CertReqPayload(CertEncoding.X509_SIGNATURE, bytes(20)),
         OpaquePayload(PayloadType.EAP, b"\x01\x02\x00\x05\x01", critical=True),
     ]
 
@@ -323,7 +325,7 @@ def test_every_shortened_body_is_malformed(payload: Payload) -> None:
         # CP cut between its attributes...).
         assert isinstance(payload, (CpPayload, KePayload, IdiPayload, IdrPayload, AuthPayload,
                                     NoncePayload, NotifyPayload, VendorIdPayload,
-                                    OpaquePayload))
+                                    OpaquePayload, CertReqPayload))
 
 
 @settings(max_examples=500, deadline=None)

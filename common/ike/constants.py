@@ -146,10 +146,29 @@ class IdType(_OpenEnum):
 
 
 class AuthMethod(_OpenEnum):
-    RSA_SIG = 1
+    RSA_SIG = 1  # RFC 7296 §3.8: PKCS#1 v1.5 with SHA-1
     SHARED_KEY_MIC = 2
     DSS_SIG = 3
+    ECDSA_SHA256_P256 = 9  # RFC 4754 §7: r | s, fixed length
+    ECDSA_SHA384_P384 = 10
+    ECDSA_SHA512_P521 = 11
     DIGITAL_SIGNATURE = 14  # RFC 7427
+
+
+class CertEncoding(_OpenEnum):
+    """RFC 7296 §3.6 Certificate Encoding (CERT and CERTREQ payloads)."""
+
+    X509_SIGNATURE = 4
+
+
+class HashAlgorithm(_OpenEnum):
+    """RFC 7427 §7 hash algorithms of N(SIGNATURE_HASH_ALGORITHMS)."""
+
+    SHA1 = 1
+    SHA2_256 = 2
+    SHA2_384 = 3
+    SHA2_512 = 4
+    IDENTITY = 5  # RFC 8420: Ed25519/Ed448 sign the message itself
 
 
 class TsType(_OpenEnum):

@@ -26,6 +26,7 @@ from common.errors import MalformedMessage, RemoteProtocolError
 from common.ike.constants import (
     GENERIC_PAYLOAD_HEADER_LEN,
     AuthMethod,
+    CertEncoding,
     CfgAttr,
     CfgType,
     DhId,
@@ -52,6 +53,7 @@ MAX_PAYLOAD_LEN = 0xFFFF
 NONCE_MIN_LEN = 16  # RFC 7296 §3.9
 MAX_SELECTORS = 0xFF  # RFC 7296 §3.13: Number of TSs is one octet
 NONCE_MAX_LEN = 256
+SHA1_LEN = 20  # RFC 7296 §3.7: CERTREQ hashes
 
 # RFC 7296 §3.3.1/§3.3.2: the "Last Substructure" values.
 _LAST = 0
@@ -79,7 +81,7 @@ _TRANSFORM_ID_ENUMS: dict[TransformType, type[EncrId | PrfId | IntegId | DhId | 
 }
 
 # Payload types we carry without interpreting their bodies.
-OPAQUE_TYPES = frozenset({PayloadType.CERT, PayloadType.CERTREQ, PayloadType.EAP})
+OPAQUE_TYPES = frozenset({PayloadType.EAP})
 
 # RFC 7296 §3.15.1: R bit (reserved, ignored on receipt) + 15-bit attribute type.
 _CFG_ATTR_RESERVED_BIT = 0x8000
@@ -148,6 +150,27 @@ class AuthPayload:
     payload_type: ClassVar[PayloadType] = PayloadType.AUTH
     method: AuthMethod
     data: bytes
+
+
+@dataclass(slots=True)
+class CertPayload:
+    """RFC 7296 §3.6: Cert Encoding (one octet), Certificate Data (for
+    X509_SIGNATURE: one DER certificate)."""
+
+    payload_type: ClassVar[PayloadType] = PayloadType.CERT
+    encoding: CertEncoding
+    data: bytes
+
+
+@dataclass(slots=True)
+class CertReqPayload:
+    """RFC 7296 §3.7: Cert Encoding, Certification Authority (for
+    X509_SIGNATURE: SHA-1 hashes of trust anchors' SubjectPublicKeyInfo,
+    20 octets each)."""
+
+    payload_type: ClassVar[PayloadType] = PayloadType.CERTREQ
+    encoding: CertEncoding
+    data: bytes = b""
 
 
 @dataclass(slots=True)
@@ -233,8 +256,8 @@ class OpaquePayload:
 
 
 Payload = (SaPayload | KePayload | IdiPayload | IdrPayload | AuthPayload | NoncePayload
-           | NotifyPayload | DeletePayload | VendorIdPayload | TsiPayload | TsrPayload
-           | CpPayload | OpaquePayload)
+           | CertPayload | CertReqPayload | NotifyPayload | DeletePayload | VendorIdPayload
+           | TsiPayload | TsrPayload | CpPayload | OpaquePayload)
 
 
 # ---------------------------------------------------------------------------
@@ -523,6 +546,16 @@ def pull_payload_body(ptype: PayloadType, critical: bool, buf: Reader) -> Payloa
     if ptype == PayloadType.AUTH:
         kind, data = _pull_typed(buf)
         return AuthPayload(AuthMethod(kind), data)
+    if ptype in (PayloadType.CERT, PayloadType.CERTREQ):
+        if buf.remaining < 1:
+            raise MalformedMessage(f"empty {ptype.name} payload (RFC 7296 §3.6: encoding octet)")
+        encoding = CertEncoding(buf.pull_uint8())
+        if ptype == PayloadType.CERT:
+            return CertPayload(encoding, buf.pull_rest())
+        data = buf.pull_rest()
+        if encoding == CertEncoding.X509_SIGNATURE and len(data) % SHA1_LEN:
+            raise MalformedMessage(f"CERTREQ of {len(data)} bytes: not 20-byte SHA-1 hashes")
+        return CertReqPayload(encoding, data)
     if ptype == PayloadType.NONCE:
         return pull_nonce(buf)
     if ptype == PayloadType.NOTIFY:
@@ -561,6 +594,9 @@ def push_payload_body(buf: Writer, p: Payload) -> None:
         case AuthPayload():
             buf.push_uint8(int(p.method))
             buf.push_bytes(b"\x00\x00\x00")
+            buf.push_bytes(p.data)
+        case CertPayload() | CertReqPayload():
+            buf.push_uint8(_check_range("cert encoding", p.encoding, 0xFF))
             buf.push_bytes(p.data)
         case NoncePayload():
             if not NONCE_MIN_LEN <= len(p.data) <= NONCE_MAX_LEN:

@@ -20,6 +20,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Protocol
 
@@ -94,6 +95,9 @@ class IkeOptions:
     nonce_len: int = 32
     #: IP datagram size of the RFC 7383 fragments we send (§2.5.1)
     fragment_size: int = FRAGMENT_SIZE_DEFAULT
+    #: wall-clock UTC time for certificate validity (the shell passes
+    #: ``lambda: datetime.now(timezone.utc)``); None refuses certificates
+    utc_now: Callable[[], datetime] | None = None
 
 
 @dataclass(slots=True)
@@ -225,6 +229,8 @@ class IkeSa:
         self.peer_mid_sync = False
         #: the peer sent IKEV2_FRAGMENTATION_SUPPORTED in IKE_SA_INIT (RFC 7383 §2.3)
         self.peer_fragmentation = False
+        #: RFC 7427 §4: the peer's N(SIGNATURE_HASH_ALGORITHMS), None if absent
+        self.peer_hash_algs: frozenset[int] | None = None
         #: RFC 6311: nonce and answer data of the last MID sync request we took,
         #: so that its retransmission gets the same answer and no second bump.
         self.mid_sync_answered: tuple[bytes, bytes] | None = None

@@ -84,7 +84,7 @@ charon {{
     }}
 }}
 swanctl {{
-    load = pem pkcs1 x509 pubkey openssl random
+    load = pem pkcs1 pkcs8 x509 pubkey openssl random
     socket = unix://{run_dir}/charon.vici
 }}
 """
@@ -221,11 +221,19 @@ class Conn:
     local_port: int | None = None
     remote_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: "psk" or "pubkey"; with pubkey: the certificate (``local_cert``) and the
+    #: CAs we trust (``remote_cacerts``), file names put with ``Charon.add_file``
+    #: into x509/ and x509ca/ (the key into private/)
+    local_auth: str = "psk"
+    remote_auth: str = "psk"
+    local_cert: str = ""
+    remote_cacerts: str = ""
 
     def mirrored(self) -> Conn:
         return replace(
             self, local_addrs=self.remote_addrs, remote_addrs=self.local_addrs,
             local_id=self.remote_id, remote_id=self.local_id,
+            local_auth=self.remote_auth, remote_auth=self.local_auth,
             local_port=self.remote_port, remote_port=self.local_port,
             children=[c.mirrored() for c in self.children],
         )
@@ -240,9 +248,13 @@ class Conn:
             opts["remote_port"] = str(self.remote_port)
         opts.update(self.extra)
         lines = [f"    {self.name} {{", *(f"        {k} = {v}" for k, v in opts.items())]
-        lines += ["        local {", "            auth = psk", f"            id = {self.local_id}",
-                  "        }", "        remote {", "            auth = psk",
-                  f"            id = {self.remote_id}", "        }", "        children {"]
+        local = [f"auth = {self.local_auth}", f"id = {self.local_id}"]
+        local += [f"certs = {self.local_cert}"] if self.local_cert else []
+        remote = [f"auth = {self.remote_auth}", f"id = {self.remote_id}"]
+        remote += [f"cacerts = {self.remote_cacerts}"] if self.remote_cacerts else []
+        lines += ["        local {", *(f"            {x}" for x in local), "        }",
+                  "        remote {", *(f"            {x}" for x in remote), "        }",
+                  "        children {"]
         for c in self.children:
             copts = {"local_ts": c.local_ts, "remote_ts": c.remote_ts, "mode": c.mode,
                      "esp_proposals": c.esp_proposals, "rekey_time": c.rekey_time,
@@ -253,8 +265,11 @@ class Conn:
         return "\n".join(lines)
 
     def render_secret(self) -> str:
-        return (f"    ike-{self.name} {{\n        id-a = {self.local_id}\n"
-                f"        id-b = {self.remote_id}\n        secret = \"{self.psk}\"\n    }}")
+        out = ""
+        if "psk" in (self.local_auth, self.remote_auth):
+            out += (f"    ike-{self.name} {{\n        id-a = {self.local_id}\n"
+                    f"        id-b = {self.remote_id}\n        secret = \"{self.psk}\"\n    }}")
+        return out
 
 
 def render_swanctl_conf(*conns: Conn) -> str:
@@ -356,6 +371,11 @@ class Charon:
             out = "\n".join((proc.stdout + proc.stderr).splitlines()[-SWANCTL_TAIL_LINES:])
             raise self._error(f"swanctl {' '.join(args)} failed ({proc.returncode}):\n{out}")
         return proc
+
+    def add_file(self, sub: str, src: Path) -> None:
+        """A credential for ``swanctl --load-all``: ``sub`` is x509 (our
+        certificates), x509ca (trusted CAs) or private (keys)."""
+        (self.swanctl_dir / sub / src.name).write_bytes(src.read_bytes())
 
     def load(self, swanctl_conf_text: str) -> None:
         """Write swanctl.conf into the run dir and ``swanctl --load-all`` it."""

@@ -1,13 +1,17 @@
-"""IKE_AUTH with pre-shared keys and the first child SA (RFC 7296 §1.2, §2.15).
+"""IKE_AUTH with pre-shared keys or certificates, and the first child SA
+(RFC 7296 §1.2, §2.15; RFC 7427 signatures, see common/ike/certs.py).
 
     Initiator                         Responder
-    HDR, SK {IDi, [IDr,] AUTH, SAi2, TSi, TSr,
+    HDR, SK {IDi, [CERT,] [CERTREQ,] [IDr,] AUTH, SAi2, TSi, TSr,
              N(IKEV2_MESSAGE_ID_SYNC_SUPPORTED)}  -->
-                          <--    HDR, SK {IDr, AUTH, SAr2, TSi, TSr,
+                          <--    HDR, SK {IDr, [CERT,] AUTH, SAr2, TSi, TSr,
                                           N(IKEV2_MESSAGE_ID_SYNC_SUPPORTED)}
 
-A wrong PSK ends the half-open SA: the responder answers
-N(AUTHENTICATION_FAILED) and logs which identity failed and why.
+Each side proves itself as its connection says (``local_auth``) and checks the
+other as it says (``remote_auth``): PSK one way and a certificate the other is
+fine. A failed check ends the half-open SA: the responder answers
+N(AUTHENTICATION_FAILED) and logs one line naming the identity and the check.
+EAP (an IKE_AUTH request without AUTH) is refused the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError
-from common.ike.constants import AuthMethod, CfgAttr, CfgType, ExchangeType, IdType, NotifyType
+from common.ike.certs import check_peer, sign_auth
+from common.ike.constants import (
+    AuthMethod,
+    CertEncoding,
+    CfgAttr,
+    CfgType,
+    ExchangeType,
+    IdType,
+    NotifyType,
+)
 from common.ike.events import IkeSaEstablished
 from common.ike.exchanges import ChildRefused, Refused, notify_for
 from common.ike.exchanges.child_sa import (
@@ -28,10 +41,12 @@ from common.ike.exchanges.child_sa import (
     offer_child,
     respond_child,
 )
-from common.ike.keys import psk_auth
+from common.ike.keys import KEY_PAD, auth_octets, prf
 from common.ike.message import IkeMessage
 from common.ike.payloads import (
     AuthPayload,
+    CertPayload,
+    CertReqPayload,
     CfgAttribute,
     CpPayload,
     IdiPayload,
@@ -53,16 +68,67 @@ def id_body(id_type: IdType, data: bytes) -> bytes:
     return bytes([int(id_type), 0, 0, 0]) + data
 
 
-def _auth(sa: IkeSa, policy: IkePolicy, *, ours: bool, ident: tuple[IdType, bytes]) -> bytes:
+def _octets(sa: IkeSa, *, ours: bool, ident: tuple[IdType, bytes]) -> bytes:
+    """What the signer of an AUTH payload signs or MACs (RFC 7296 §2.15)."""
     if sa.suite is None or sa.keys is None:
         raise LocalProtocolError("IKE_AUTH before keys")
-    we_initiated = sa.initiator
     # The signer's first message and the other side's nonce (§2.15).
-    signer_is_initiator = we_initiated if ours else not we_initiated
+    signer_is_initiator = sa.initiator if ours else not sa.initiator
     message = sa.init_request if signer_is_initiator else sa.init_response
     nonce = sa.nr if signer_is_initiator else sa.ni
     sk_p = sa.keys.sk_pi if signer_is_initiator else sa.keys.sk_pr
-    return psk_auth(sa.suite.prf, policy.psk, message, nonce, sk_p, id_body(*ident))
+    return auth_octets(sa.suite.prf, message, nonce, sk_p, id_body(*ident))
+
+
+def _psk_mac(sa: IkeSa, policy: IkePolicy, octets: bytes) -> bytes:
+    """prf(prf(Shared Secret, "Key Pad for IKEv2"), <octets>) (RFC 7296 §2.15)."""
+    if sa.suite is None:
+        raise LocalProtocolError("IKE_AUTH before keys")
+    return prf(sa.suite.prf, prf(sa.suite.prf, policy.psk, KEY_PAD), octets)
+
+
+def _our_proof(sa: IkeSa, policy: IkePolicy) -> tuple[list[Payload], AuthPayload]:
+    """Our CERT payloads (if we use a certificate) and AUTH payload."""
+    octets = _octets(sa, ours=True, ident=policy.local_id)
+    if policy.local_auth != "pubkey":
+        return [], AuthPayload(AuthMethod.SHARED_KEY_MIC, _psk_mac(sa, policy, octets))
+    if policy.credential is None:
+        raise LocalProtocolError(f"connection {policy.name}: pubkey without a credential")
+    method, data = sign_auth(policy.credential, octets, sa.peer_hash_algs)
+    certs: list[Payload] = [CertPayload(CertEncoding.X509_SIGNATURE, der)
+                            for der in policy.credential.chain]
+    return certs, AuthPayload(method, data)
+
+
+def _certreq(policy: IkePolicy) -> list[Payload]:
+    if policy.remote_auth != "pubkey" or policy.anchors is None:
+        return []
+    return [CertReqPayload(CertEncoding.X509_SIGNATURE, policy.anchors.certreq_data())]
+
+
+def _kind(policy: IkePolicy) -> str:
+    return "PSK" if policy.remote_auth == "psk" else "certificate"
+
+
+def _check_peer(sa: IkeSa, policy: IkePolicy, msg: IkeMessage, ident: tuple[IdType, bytes],
+                auth: AuthPayload) -> str:
+    """Why the peer's proof fails (one phrase for the log), "" when it holds."""
+    octets = _octets(sa, ours=False, ident=ident)
+    if policy.remote_auth != "pubkey":
+        if auth.method != AuthMethod.SHARED_KEY_MIC:
+            return f"it uses auth method {auth.method.name}; the connection expects a PSK"
+        if not hmac.compare_digest(_psk_mac(sa, policy, octets), auth.data):
+            return "AUTH payload does not match (wrong pre-shared key?)"
+        return ""
+    if auth.method == AuthMethod.SHARED_KEY_MIC:
+        return "it uses a PSK; the connection expects a certificate (remote_auth = pubkey)"
+    utc_now = sa.ctx.options.utc_now
+    if policy.anchors is None or utc_now is None:
+        return "no trust anchors or no wall clock to check certificates with"
+    certs = [c.data for c in msg.get_all(CertPayload)
+             if c.encoding == CertEncoding.X509_SIGNATURE]
+    return check_peer(certs, policy.anchors, utc_now(), ident, format_identity(*ident),
+                      auth.method, auth.data, octets)
 
 
 def became_established(sa: IkeSa, now: float) -> None:
@@ -95,13 +161,13 @@ class IkeAuthTask:
         policy = sa.policy
         if policy is None:
             return None
-        payloads: list[Payload] = [IdiPayload(*policy.local_id)]
+        certs, auth = _our_proof(sa, policy)
+        payloads: list[Payload] = [IdiPayload(*policy.local_id), *certs, *_certreq(policy)]
         if self.initial_contact:
             payloads.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
         if policy.remote_id is not None:
             payloads.append(IdrPayload(*policy.remote_id))
-        payloads.append(AuthPayload(AuthMethod.SHARED_KEY_MIC,
-                                    _auth(sa, policy, ours=True, ident=policy.local_id)))
+        payloads.append(auth)
         if self.child is not None:
             self.offer = offer_child(sa, self.child, in_auth=True)
             payloads += self.offer.payloads
@@ -114,7 +180,9 @@ class IkeAuthTask:
             return
         if msg.has_notify(NotifyType.AUTHENTICATION_FAILED):
             self._release()
-            sa.fail("peer answered AUTHENTICATION_FAILED (wrong PSK or identity?)")
+            hint = ("wrong PSK or identity?" if policy.local_auth == "psk"
+                    else "our certificate refused or wrong identity?")
+            sa.fail(f"peer answered AUTHENTICATION_FAILED ({hint})")
             return
         idr, auth = msg.get(IdrPayload), msg.get(AuthPayload)
         if idr is None or auth is None:
@@ -126,11 +194,11 @@ class IkeAuthTask:
             self._release()
             sa.fail(f"responder identity {format_identity(*ident)} is not the configured one")
             return
-        expected = _auth(sa, policy, ours=False, ident=ident)
-        if auth.method != AuthMethod.SHARED_KEY_MIC or not hmac.compare_digest(
-                expected, auth.data):
+        problem = _check_peer(sa, policy, msg, ident, auth)
+        if problem:
             self._release()
-            sa.fail(f"responder {format_identity(*ident)} failed PSK authentication")
+            sa.fail(f"responder {format_identity(*ident)} failed {_kind(policy)} "
+                    f"authentication: {problem}")
             return
         sa.peer_id = ident
         sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
@@ -206,7 +274,7 @@ def answer_cp(sa: IkeSa, msg: IkeMessage) -> list[Payload]:
 def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     idi, auth, idr = msg.get(IdiPayload), msg.get(AuthPayload), msg.get(IdrPayload)
     if idi is None or auth is None:
-        sa.fail(f"IKE_AUTH from {sa.remote[0]} without IDi or AUTH (EAP is not supported)")
+        sa.fail(f"IKE_AUTH from {sa.remote[0]} without IDi or AUTH: EAP is not supported")
         raise Refused(NotifyType.AUTHENTICATION_FAILED)
     ident = (idi.id_type, idi.data)
     who = format_identity(*ident)
@@ -216,13 +284,10 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
         sa.fail(f"no connection matches IDi={who} from {sa.remote[0]}")
         raise Refused(NotifyType.AUTHENTICATION_FAILED)
     sa.policy = policy
-    expected = _auth(sa, policy, ours=False, ident=ident)
-    if auth.method != AuthMethod.SHARED_KEY_MIC:
-        sa.fail(f"peer {who} uses auth method {auth.method.name}; only PSK is configured")
-        raise Refused(NotifyType.AUTHENTICATION_FAILED)
-    if not hmac.compare_digest(expected, auth.data):
-        sa.fail(f"peer {who} at {sa.remote[0]} failed PSK authentication for connection "
-                f"'{policy.name}': AUTH payload does not match (wrong pre-shared key?)")
+    problem = _check_peer(sa, policy, msg, ident, auth)
+    if problem:
+        sa.fail(f"peer {who} at {sa.remote[0]} failed {_kind(policy)} authentication for "
+                f"connection '{policy.name}': {problem}")
         raise Refused(NotifyType.AUTHENTICATION_FAILED)
     sa.peer_id = ident
     sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
@@ -230,8 +295,8 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
     if msg.has_notify(NotifyType.INITIAL_CONTACT):
         # RFC 7296 §2.4: the peer holds no other IKE SA with us (it restarted).
         sa.ctx.initial_contact.append(sa)
-    payloads: list[Payload] = [IdrPayload(*policy.local_id), AuthPayload(
-        AuthMethod.SHARED_KEY_MIC, _auth(sa, policy, ours=True, ident=policy.local_id))]
+    certs, our_auth = _our_proof(sa, policy)
+    payloads: list[Payload] = [IdrPayload(*policy.local_id), *certs, our_auth]
     try:
         payloads += answer_cp(sa, msg)
         payloads += respond_child(sa, msg, now, in_auth=True, rekeyed=None)

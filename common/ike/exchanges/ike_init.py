@@ -18,14 +18,29 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError, RemoteProtocolError
-from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
+from common.ike.certs import hash_algorithms_data, parse_hash_algorithms
+from common.ike.constants import (
+    CertEncoding,
+    DhId,
+    ExchangeType,
+    NotifyType,
+    ProtocolId,
+    TransformType,
+)
 from common.ike.cookies import CookieJar
 from common.ike.describe import format_proposals
 from common.ike.dh import dh_generate
 from common.ike.exchanges import Refused, notify_for
 from common.ike.keys import derive_ike_keys, nat_detection_hash
 from common.ike.message import IkeMessage, encode_message
-from common.ike.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
+from common.ike.payloads import (
+    CertReqPayload,
+    KePayload,
+    NoncePayload,
+    NotifyPayload,
+    Payload,
+    SaPayload,
+)
 from common.ike.policy import IkePolicy
 from common.ike.proposals import choose_proposal, ike_suite, proposal_matches
 from common.ike.transforms import Proposal
@@ -101,6 +116,7 @@ class IkeInitTask:
         if sa.policy.fragmentation != "no":
             # RFC 7383 §2.3
             payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+        payloads += certificate_payloads([sa.policy], None)
         return payloads
 
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
@@ -162,12 +178,36 @@ class IkeInitTask:
             raise RemoteProtocolError(f"KE group {ke.group} does not match {suite.dh}")
         shared = sa.dh.shared_secret(ke.data)
         sa.nr = nonce.data
+        sa.peer_hash_algs = peer_hash_algorithms(msg)
         sa.spi_r = msg.spi_r
         sa.init_request = sa.last_request
         sa.init_response = sa.last_message
         sa.peer_fragmentation = (sa.policy.fragmentation != "no" and msg.has_notify(
             NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         sa.install_keys(suite, derive_ike_keys(suite, sa.ni, sa.nr, shared, sa.spi_i, sa.spi_r))
+
+
+def peer_hash_algorithms(msg: IkeMessage) -> frozenset[int] | None:
+    n = msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS)
+    return None if n is None else parse_hash_algorithms(n.data)
+
+
+def certificate_payloads(policies: list[IkePolicy], request: IkeMessage | None) -> list[Payload]:
+    """N(SIGNATURE_HASH_ALGORITHMS) when certificates may be used (RFC 7427
+    §4; the responder answers only an initiator that sent it), and in a
+    response, CERTREQ naming our trust anchors (RFC 7296 §3.7) so that the
+    initiator sends its certificate."""
+    out: list[Payload] = []
+    if any(p.uses_certificates for p in policies) and (
+            request is None or peer_hash_algorithms(request) is not None):
+        out.append(NotifyPayload(NotifyType.SIGNATURE_HASH_ALGORITHMS,
+                                 data=hash_algorithms_data()))
+    if request is not None:
+        hashes = b"".join(dict.fromkeys(p.anchors.certreq_data() for p in policies
+                                        if p.anchors is not None and p.remote_auth == "pubkey"))
+        if hashes:
+            out.append(CertReqPayload(CertEncoding.X509_SIGNATURE, hashes))
+    return out
 
 
 def offered_group(policy: IkePolicy, group: int) -> bool:
@@ -260,6 +300,8 @@ def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: Coo
             p.fragmentation != "no" for p in candidates):
         sa.peer_fragmentation = True
         payloads.append(NotifyPayload(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+    payloads += certificate_payloads(candidates, msg)
+    sa.peer_hash_algs = peer_hash_algorithms(msg)
     response = sa.encode(ExchangeType.IKE_SA_INIT, 0, True, payloads)
     sa.sk_out = sk_out
     sa.init_request, sa.init_response = raw, response
