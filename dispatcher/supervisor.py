@@ -253,6 +253,9 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
                key_stdin: bool = False) -> int:
     from member.process import MemberProcess
 
+    if not endpoint.startswith(("ipc://", "tcp://")):
+        raise StartupError(f"--connect {endpoint}: not an endpoint (expected the "
+                           "dispatcher's ipc://PATH or tcp://HOST:PORT)")
     if key_stdin:
         curve = read_key_line(sys.stdin.buffer.readline(256))
     elif endpoint.startswith("tcp://") or config.cluster.curve_secret_key:

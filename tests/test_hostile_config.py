@@ -434,7 +434,7 @@ def test_member_bad_id_and_bad_endpoint(tmp_path: Path) -> None:
     _assert_one_line(*_cli("member", "--config", str(config), "--id", "99", "--connect",
                            f"ipc://{tmp_path}/m.ipc"), "--id", "1..64")
     _assert_one_line(*_cli("member", "--config", str(config), "--id", "1", "--connect",
-                           "nowhere"), "--connect nowhere", "Invalid argument")
+                           "nowhere"), "--connect nowhere", "not an endpoint")
 
 
 def test_keygen_into_an_unusable_folder(tmp_path: Path) -> None:

@@ -351,7 +351,7 @@ def verify_chain(certs_der: list[bytes], anchors: TrustAnchors,
         raise CertificateRefused(f"{len(certs_der)} CERT payloads (at most {MAX_CHAIN_DEPTH})")
     try:
         certs = [x509.load_der_x509_certificate(d) for d in certs_der]
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         raise CertificateRefused("a CERT payload holds no parsable X.509 certificate") from None
     end = certs[0]
     usage = _key_usage(end)
@@ -399,10 +399,11 @@ def check_peer(certs_der: list[bytes], anchors: TrustAnchors, now: datetime,
         verify_auth(public, method, data, octets)
     except CertificateRefused as exc:
         return str(exc)
-    except (ValueError, TypeError, KeyError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, KeyError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         # cryptography parses names, extensions and keys lazily: a malformed
         # one surfaces here, from the peer's bytes (an unknown string tag in
-        # a Name is a KeyError in cryptography 48)
+        # a Name is a KeyError in cryptography 48; a bad version field is
+        # x509.InvalidVersion, which is none of the others)
         return f"certificate cannot be used ({str(exc).splitlines()[0] if str(exc) else exc!r})"
     return ""
 
