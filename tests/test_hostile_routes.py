@@ -203,7 +203,12 @@ def _peer_config() -> str:
 
 
 def _second_run(lab: Lab, ns: str, config: Path) -> subprocess.CompletedProcess[str]:
-    return lab.run(ns, [sys.executable, "-m", "dispatcher.cli", "run", "--config", str(config)],
+    """The same configuration from another file: another run directory, so the
+    second instance gets as far as binding the ports (with the same file, the
+    run directory's check refuses it first: "a cluster already runs")."""
+    other = config.with_name("second-" + config.name)
+    other.write_text(config.read_text())   # same folder: relative paths still hold
+    return lab.run(ns, [sys.executable, "-m", "dispatcher.cli", "run", "--config", str(other)],
                    check=False, cwd=str(ROOT), timeout=30)
 
 
