@@ -148,6 +148,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     import zmq.auth
 
     out = Path(args.dir)
+    existing = [p for p in (out / f"{args.name}.key", out / f"{args.name}.key_secret")
+                if p.exists()]
+    if existing and not args.force:
+        raise StartupError(f"keygen: {existing[0]} exists; not overwriting a key pair "
+                           "(--force to replace it: the other side then needs the new "
+                           "public key)")
     try:
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
         public, secret = zmq.auth.create_certificates(str(out), args.name)
@@ -227,9 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="the config the cluster runs with")
         p.add_argument("--json", action="store_true")
         p.add_argument("--timeout", type=float, default=5.0)
-    keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair")
-    keygen.add_argument("--dir", required=True)
-    keygen.add_argument("--name", required=True)
+    keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair (dispatcher and "
+                            "members on other hosts, docs/operations.md)")
+    keygen.add_argument("--dir", required=True,
+                        help="folder for NAME.key (public) and NAME.key_secret (made 0700)")
+    keygen.add_argument("--name", required=True,
+                        help="file name of the pair, e.g. dispatcher or member2")
+    keygen.add_argument("--force", action="store_true",
+                        help="overwrite an existing key pair of that name")
     return parser
 
 
