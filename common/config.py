@@ -174,6 +174,8 @@ class ClusterConfig:
     seq_sync_interval: float
     replay_after_failover: Literal["strict", "learn", "rekey"]
     log_level: Literal["debug", "info", "warning", "error"]
+    #: where the Prometheus metrics listen (with metrics_port)
+    metrics_address: str = "127.0.0.1"
 
 
 @dataclass(slots=True, frozen=True)
@@ -598,6 +600,9 @@ def _cluster(t: _Table) -> ClusterConfig:
         curve_authorized=authorized,
         control=control,
         metrics_port=t.integer("metrics_port", 0, 0, 65535, " (0 = off)"),
+        # loopback unless the operator opens it (a scraper on another host)
+        metrics_address=str(_address(t, "metrics_address",
+                                     t.string("metrics_address", "127.0.0.1"))),
         cookie_threshold=t.integer("cookie_threshold", 100, 0, 1_000_000),
         replay_window=t.integer("replay_window", 1024, MIN_REPLAY_WINDOW, MAX_REPLAY_WINDOW),
         segment_bits=segment_bits,

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 from common.config import Config
@@ -167,6 +168,12 @@ class Gateway:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         c = self.config.cluster
+        if c.metrics_port:  # first: a port in use stops us before anything else
+            from dispatcher.metrics import gateway_status, start_metrics
+
+            started = time.time()
+            start_metrics(lambda: gateway_status(self, started), c.metrics_port,
+                          c.metrics_address)
         # Our own sockets, no SO_REUSEADDR (nobody binds beside us), marked
         # with a TUN inside so our IKE/ESP bypass the tunnel's table
         # (dispatcher/routes.py); a port in use is one StartupError line.

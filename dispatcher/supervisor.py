@@ -240,9 +240,10 @@ class Supervisor:
     def _metrics(self) -> None:
         port = self.config.cluster.metrics_port
         if port:
-            from dispatcher.metrics import start_metrics
+            from dispatcher.metrics import dispatcher_status, start_metrics
 
-            start_metrics(self.dispatcher, port)
+            start_metrics(lambda: dispatcher_status(self.dispatcher), port,
+                          self.config.cluster.metrics_address)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -551,6 +551,11 @@ class MemberProcess:
             c["ike_replicas"] = len(self.replicator.ike_replicas)
             c["child_replicas"] = len(self.replicator.child_replicas)
             c["held"] = len(self.replicator.held)
+        # last: per-connection SA counts (dispatcher/metrics.py), the first
+        # to go when the heartbeat's counters are full
+        from dispatcher.metrics import sa_counts_by_connection
+
+        c.update(sa_counts_by_connection(m))
         if len(c) > MAX_HEARTBEAT_COUNTERS:
             c = dict(list(c.items())[:MAX_HEARTBEAT_COUNTERS])
         return c
