@@ -104,6 +104,12 @@ def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path) -> None:
         wait_for("2 members alive", lambda: len(alive_members(status(config))) == 2,
                  timeout=20, diag=lambda: tail(disp.log_path))
         members = [m["pid"] for m in status(config)["members"]]
+        # `ipsec-cluster status | cat`: plain tab-separated lines, a totals row
+        piped = subprocess.run(cli_argv("status", "--config", str(config)), cwd=ROOT,
+                               capture_output=True, text=True, timeout=30, check=True)
+        rows = [ln.split("\t") for ln in piped.stdout.splitlines()]
+        assert rows[1][:4] == ["id", "pid", "host", "alive"], piped.stdout
+        assert rows[-2][:4] == ["total", "-", "-", "2/2"], piped.stdout
         assert sorted(members) == sorted(_children(disp.pid))
         os.kill(disp.pid, signal.SIGKILL)
         disp.proc.wait(5)
