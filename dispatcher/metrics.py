@@ -132,8 +132,12 @@ def gateway_status(gw: Gateway, started: float) -> Status:
 class ClusterCollector(Collector):
     """The metrics of one scrape, from a status source (cluster or gateway)."""
 
-    def __init__(self, source: Callable[[], Status]) -> None:
-        self.source = source
+    def __init__(self, source: Callable[[], Status] | Dispatcher) -> None:
+        if callable(source):
+            self.source = source
+        else:
+            dispatcher = source
+            self.source = lambda: dispatcher_status(dispatcher)
 
     def collect(self) -> Iterator[Family]:
         # the HTTP server's thread reads what the event loop changes: a dict
