@@ -194,18 +194,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_cluster_demo(quick=args.quick, keep=args.keep)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ipsec-cluster")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipsec-cluster",
-        description="A load-sharing IPsec (IKEv2 + ESP) gateway cluster.")
+        description="A load-sharing IPsec (IKEv2 + ESP) gateway cluster.",
+        epilog="`ipsec-cluster COMMAND --help` describes each command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway (responder) from a config file")
     run.add_argument("--config", required=True, help="TOML config file (docs/config.md)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="log level (default: cluster.log_level of the config)")
     peer = sub.add_parser("peer", help="run our initiator: bring up the configured "
                           "connections and carry their traffic")
-    peer.add_argument("--config", required=True)
-    peer.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    peer.add_argument("--config", required=True,
+                      help="TOML config file with the connections to bring up")
+    peer.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                      help="log level (default: cluster.log_level of the config)")
     from member.peer import add_peer_arguments
 
     add_peer_arguments(peer)
@@ -220,10 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead: the in-memory ESP demonstration (transforms, replay, IVs)")
     member = sub.add_parser("member", help="run one member process and connect it to a "
                             "dispatcher (other hosts: tcp:// with CURVE keys)")
-    member.add_argument("--config", required=True)
+    member.add_argument("--config", required=True,
+                        help="TOML config file (the same connections as the dispatcher's)")
     member.add_argument("--id", type=int, required=True, help="member id (1..64)")
-    member.add_argument("--connect", required=True, help="the dispatcher's endpoint")
-    member.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    member.add_argument("--connect", required=True,
+                        help="the dispatcher's endpoint (cluster.sync, e.g. tcp://HOST:PORT)")
+    member.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="log level (default: cluster.log_level of the config)")
     member.add_argument("--key-stdin", action="store_true",
                         help="read this incarnation's CURVE keys from stdin (how "
                         "`ipsec-cluster run` starts its members)")
@@ -231,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("sas", "every IKE SA and child SA, like swanctl --list-sas")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="the config the cluster runs with")
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--timeout", type=float, default=5.0)
+        p.add_argument("--json", action="store_true", help="print the answer as JSON")
+        p.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to wait for the cluster's answer (default 5)")
     keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair (dispatcher and "
                             "members on other hosts, docs/operations.md)")
     keygen.add_argument("--dir", required=True,

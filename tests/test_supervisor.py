@@ -136,3 +136,20 @@ def test_keygen_refuses_to_overwrite_a_key_pair(tmp_path: Path) -> None:
     assert (tmp_path / "d.key_secret").read_bytes() == secret
     assert keygen("--force").returncode == 0
     assert (tmp_path / "d.key_secret").read_bytes() != secret
+
+
+def test_every_option_of_every_command_has_a_help_text_and_version_works() -> None:
+    import argparse
+
+    from dispatcher.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"run", "peer", "demo", "member", "status", "sas", "keygen"}
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"ipsec-cluster {name} {action.option_strings[0]}"
+    out = subprocess.run(cli_argv("--version"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    assert re.fullmatch(r"ipsec-cluster \S+.*\n", out), out
