@@ -5,6 +5,7 @@ SA counts carry a per-connection label, and counters never go down."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_util import (
+    ROOT,
     ChildSpec,
     ConnSpec,
     Procs,
@@ -101,6 +103,11 @@ def test_metrics_in_single_and_cluster_mode(tmp_path: Path, members: int) -> Non
     assert "ipsec_cluster_uptime_seconds" in fams
     assert any('child="lan"' in k and v == 1 for k, v in now.items()
                if k.startswith("ipsec_cluster_connection_child_sas"))
+    # every metric the Grafana dashboard queries exists
+    dashboard = (ROOT / "docs" / "grafana-dashboard.json").read_text()
+    json.loads(dashboard)
+    for name in set(re.findall(r"ipsec_cluster_\w+", dashboard)):
+        assert name in fams, name
     before = samples(first)
     for key, value in now.items():
         if key.endswith("_total") and key in before:
