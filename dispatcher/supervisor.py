@@ -137,6 +137,9 @@ class Supervisor:
         self.backoff: dict[int, Backoff] = {}
         #: member id -> when (monotonic) it is to be started again
         self.restart_at: dict[int, float] = {}
+        #: pids we ended because they stalled: not a failure of the member's
+        #: start (a loaded machine must not make us give up)
+        self.stalled: set[int] = set()
         self.stopping = False
         #: the one line why we stopped on our own (a member that keeps failing)
         self.gave_up: str | None = None
@@ -198,19 +201,27 @@ class Supervisor:
                         "restarting it", member_id, proc.pid)
             proc.kill()
             proc.wait()
+            self.stalled.add(proc.pid)
 
     def _exited(self, member_id: int, proc: subprocess.Popen[bytes], now: float) -> None:
         """A member exited: fence it, and start it again after its backoff
-        delay, or give up (the whole supervisor stops, exit status 1)."""
+        delay, or give up (the whole supervisor stops: one StartupError line,
+        exit status 2)."""
         self.dispatcher.fence(member_id, proc.pid)
         inc = self.incarnations.get(member_id)
         ran_s = now - inc.started if inc is not None else 0.0
         backoff = self.backoff.setdefault(member_id, self.new_backoff())
-        delay = backoff.exited(ran_s)
+        if proc.pid in self.stalled:
+            self.stalled.discard(proc.pid)
+            delay: float | None = backoff.initial_s
+        else:
+            delay = backoff.exited(ran_s)
         if delay is None:
             last = inc.last_line if inc is not None and inc.last_line else "no output"
+            code = proc.returncode
+            how = f"killed by signal {-code}" if code < 0 else f"last exit status {code}"
             self.gave_up = (f"member {member_id} failed {backoff.failures} times in a row, "
-                            f"last exit status {proc.returncode}: {last[:300]}")
+                            f"{how}: {last[:300]}")
             self.stop()
             return
         log.warning("member %d (pid %d) exited with %s after %.1f s; starting it again "
