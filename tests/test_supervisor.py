@@ -5,6 +5,7 @@ last stderr line; members die with their supervisor (also on kill -9)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -96,28 +97,44 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path) -> None:
-    config = _config(tmp_path, BASE + 10, members=2)
+@pytest.mark.parametrize("keep", [False, True])
+def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool) -> None:
+    """Unless IPSEC_CLUSTER_KEEP_MEMBERS=1 leaves them running on purpose."""
+    config = _config(tmp_path, BASE + (20 if keep else 10), members=2)
     procs = Procs(tmp_path)
+    members: list[int] = []
+    old = os.environ.pop("IPSEC_CLUSTER_KEEP_MEMBERS", None)
+    if keep:
+        os.environ["IPSEC_CLUSTER_KEEP_MEMBERS"] = "1"
     try:
         disp = procs.start("cluster", cli_argv("run", "--config", str(config)))
         wait_for("2 members alive", lambda: len(alive_members(status(config))) == 2,
                  timeout=20, diag=lambda: tail(disp.log_path))
         members = [m["pid"] for m in status(config)["members"]]
-        # `ipsec-cluster status | cat`: plain tab-separated lines, a totals row
-        piped = subprocess.run(cli_argv("status", "--config", str(config)), cwd=ROOT,
-                               capture_output=True, text=True, timeout=30, check=True)
-        rows = [ln.split("\t") for ln in piped.stdout.splitlines()]
-        assert rows[1][:4] == ["id", "pid", "host", "alive"], piped.stdout
-        assert rows[-2][:4] == ["total", "-", "-", "2/2"], piped.stdout
         assert sorted(members) == sorted(_children(disp.pid))
+        if not keep:
+            # `ipsec-cluster status | cat`: plain tab-separated lines, a totals row
+            piped = subprocess.run(cli_argv("status", "--config", str(config)), cwd=ROOT,
+                                   capture_output=True, text=True, timeout=30, check=True)
+            rows = [ln.split("\t") for ln in piped.stdout.splitlines()]
+            assert rows[1][:4] == ["id", "pid", "host", "alive"], piped.stdout
+            assert rows[-2][:4] == ["total", "-", "-", "2/2"], piped.stdout
         os.kill(disp.pid, signal.SIGKILL)
         disp.proc.wait(5)
         end = time.monotonic() + 1.0
         while time.monotonic() < end and any(pid_alive(p) for p in members):
             time.sleep(0.02)
-        assert not any(pid_alive(p) for p in members), members
+        if keep:
+            assert all(pid_alive(p) for p in members), members
+        else:
+            assert not any(pid_alive(p) for p in members), members
     finally:
+        os.environ.pop("IPSEC_CLUSTER_KEEP_MEMBERS", None)
+        if old is not None:
+            os.environ["IPSEC_CLUSTER_KEEP_MEMBERS"] = old
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         procs.close()
 
 
