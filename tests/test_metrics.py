@@ -119,3 +119,16 @@ def _try_scrape(port: int) -> str | None:
         return scrape(port)
     except OSError:
         return None
+
+
+def test_metrics_address_is_a_config_key_with_a_one_line_error() -> None:
+    from common.config import ConfigError, load_config
+
+    base = gateway_toml(address=GW, ports=(500, 4500), inside="udp:127.0.0.1:9000",
+                        conns=CONNS)
+    assert load_config(base, "gw.toml").cluster.metrics_address == "127.0.0.1"
+    opened = base.replace("[cluster]\n", '[cluster]\nmetrics_address = "0.0.0.0"\n', 1)
+    assert load_config(opened, "gw.toml").cluster.metrics_address == "0.0.0.0"
+    with pytest.raises(ConfigError, match=r"gw.toml: cluster.metrics_address: expected"):
+        load_config(base.replace("[cluster]\n", '[cluster]\nmetrics_address = "lo"\n', 1),
+                    "gw.toml")
