@@ -93,6 +93,7 @@ class Gateway:
                 inner = member.handle_esp(data, spi, remote, now)
                 if inner is not None and self.inside is not None:
                     member.counters["esp_in"] += 1
+                    member.counters["esp_in_bytes"] += len(inner)
                     self.inside.write(inner)
                 return
             if kind is Kind.KEEPALIVE:
@@ -116,6 +117,7 @@ class Gateway:
         port = self.ports.get(self.config.cluster.natt_port)
         if port is not None and port.transport is not None:
             self.member.counters["esp_out"] += 1
+            self.member.counters["esp_out_bytes"] += len(packet)
             port.transport.sendto(esp, remote)
 
     # -- I/O out ------------------------------------------------------------------

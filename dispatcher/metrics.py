@@ -53,9 +53,11 @@ MEMBER_GAUGES = (
 #: (status key, metric name without _total, HELP) of the per-member counters
 MEMBER_COUNTERS = (
     ("packets_in", "ipsec_cluster_esp_packets_in", "ESP packets decrypted by the member"),
-    ("bytes_in", "ipsec_cluster_esp_in_bytes", "bytes of ESP packets decrypted"),
+    ("bytes_in", "ipsec_cluster_esp_in_bytes",
+     "inner bytes decrypted from ESP (IP packets to the inside)"),
     ("packets_out", "ipsec_cluster_esp_packets_out", "ESP packets encrypted by the member"),
-    ("bytes_out", "ipsec_cluster_esp_out_bytes", "bytes of ESP packets encrypted"),
+    ("bytes_out", "ipsec_cluster_esp_out_bytes",
+     "inner bytes encrypted into ESP (IP packets from the inside)"),
 )
 #: (replication key, metric name, HELP, is a counter)
 REPLICATION = (

@@ -15,11 +15,15 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_util import (
+    DOWN,
     ROOT,
+    UP,
     ChildSpec,
     ConnSpec,
+    Endpoint,
     Procs,
     cli_argv,
+    exchange_traffic,
     gateway_toml,
     tail,
     wait_for,
@@ -70,6 +74,7 @@ def test_metrics_in_single_and_cluster_mode(tmp_path: Path, members: int) -> Non
                                      inside_bind=f"127.0.0.1:{base + 103}", conns=CONNS,
                                      remote=(GW, base)))
     procs = Procs(tmp_path)
+    endpoints: list[Endpoint] = []
     try:
         gw = procs.start("gw", cli_argv("run", "--config", str(config)))
         wait_for("metrics served", lambda: _try_scrape(metrics_port), timeout=20,
@@ -86,9 +91,16 @@ def test_metrics_in_single_and_cluster_mode(tmp_path: Path, members: int) -> Non
 
         first = wait_for("both connections up", both_up, timeout=40,
                          diag=lambda: tail(gw.log_path) + tail(peer.log_path))
-        time.sleep(0.5)
+        gw_ep = Endpoint(("127.0.0.1", base + 2), ("127.0.0.1", base + 3))
+        peer_ep = Endpoint(("127.0.0.1", base + 102), ("127.0.0.1", base + 103))
+        endpoints += [gw_ep, peer_ep]
+        flows = [ch.host_pair() for conn in CONNS for ch in conn.children]
+        res = exchange_traffic(flows, peer_ep, gw_ep, per_flow=5)
+        time.sleep(0.5)  # heartbeats carry the members' counters
         second = scrape(metrics_port)
     finally:
+        for ep in endpoints:
+            ep.close()
         procs.close()
     fams = families(second)
     assert fams["ipsec_cluster_member_alive"]["type"] == "gauge"
@@ -108,6 +120,16 @@ def test_metrics_in_single_and_cluster_mode(tmp_path: Path, members: int) -> Non
     json.loads(dashboard)
     for name in set(re.findall(r"ipsec_cluster_\w+", dashboard)):
         assert name in fams, name
+    # the traffic is counted: every packet the cluster's inside received (UP)
+    # was decrypted there, every one the peer received (DOWN) encrypted there
+    def total(prefix: str) -> float:
+        return sum(v for k, v in now.items() if k.startswith(prefix))
+
+    assert res.total(UP) > 0 and res.total(DOWN) > 0, res
+    assert total("ipsec_cluster_esp_packets_in_total") >= res.total(UP)
+    assert total("ipsec_cluster_esp_packets_out_total") >= res.total(DOWN)
+    assert total("ipsec_cluster_esp_in_bytes_total") >= 200 * res.total(UP)
+    assert total("ipsec_cluster_esp_out_bytes_total") >= 200 * res.total(DOWN)
     before = samples(first)
     for key, value in now.items():
         if key.endswith("_total") and key in before:
