@@ -101,14 +101,13 @@ class _Member:
                              name=f"stderr-{proc.pid}").start()
 
     def _copy(self, stream: Any) -> None:
-        out = sys.stderr.buffer
         for line in iter(stream.readline, b""):
-            text = line.decode(errors="replace").strip()
-            if text:
-                self.last_line = text
+            text = line.decode(errors="replace")
+            if text.strip():
+                self.last_line = text.strip()
             with contextlib.suppress(OSError, ValueError):
-                out.write(line)
-                out.flush()
+                sys.stderr.write(text)
+                sys.stderr.flush()
 
 
 class Supervisor:
