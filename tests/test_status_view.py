@@ -7,11 +7,26 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 
-from dispatcher.views import COLUMNS, print_status
+from dispatcher.views import COLUMNS, print_status, status_rows
+from tests.cluster_util import (
+    ChildSpec,
+    ConnSpec,
+    Procs,
+    alive_members,
+    cli_argv,
+    gateway_toml,
+    status,
+    tail,
+    wait_for,
+)
 
 LONG_HOST = "member-host-with-a-rather-long-name.datacenter.example.org"
 
@@ -70,3 +85,56 @@ def test_terminal_layout_is_a_table_with_the_same_totals() -> None:
     assert "DEAD" in text
     total = next(ln for ln in text.splitlines() if "total" in ln)
     assert "2/3" in total and " 11 " in total and " 22 " in total
+
+
+@pytest.mark.slow
+def test_totals_after_a_live_failover_count_each_sa_once(tmp_path: Path) -> None:
+    """kill -9 of a member holding SAs: in a snapshot where it is DEAD and the
+    other member took its SAs over, the totals row counts every SA once."""
+    base = 35000 + os.getpid() % 500 * 4
+    conns = tuple(ConnSpec(f"c{i}", "gw.test", f"peer{i}.test",
+                           (ChildSpec("net", f"10.74.{i}.0/24", f"10.75.{i}.0/24"),))
+                  for i in range(6))
+    config = tmp_path / "gw.toml"
+    config.write_text(gateway_toml(address="127.0.0.1", ports=(base, base + 1),
+                                   inside="udp:127.0.0.1:9", inside_bind=f"127.0.0.1:{base + 2}",
+                                   members=2, conns=conns))
+    peer_cfg = tmp_path / "peer.toml"
+    peer_cfg.write_text(gateway_toml(address="127.0.0.2", ports=(base + 100, base + 101),
+                                     inside="udp:127.0.0.1:9",
+                                     inside_bind=f"127.0.0.1:{base + 102}", conns=conns,
+                                     remote=("127.0.0.1", base)))
+    procs = Procs(tmp_path)
+    try:
+        disp = procs.start("gw", cli_argv("run", "--config", str(config)))
+        wait_for("2 members", lambda: len(alive_members(status(config))) == 2, timeout=20,
+                 diag=lambda: tail(disp.log_path))
+        procs.start("peer", cli_argv("peer", "--config", str(peer_cfg)))
+
+        def spread() -> dict[str, Any] | None:
+            st = status(config)
+            ok = (sum(m["ike_sas"] for m in st["members"]) == len(conns)
+                  and all(m["ike_sas"] for m in st["members"])
+                  and all(m["replication"].get("ike_replicas") for m in st["members"]))
+            return st if ok else None
+
+        st = wait_for("SAs on both members, replicated", spread, timeout=40,
+                      diag=lambda: tail(disp.log_path))
+        victim = max(st["members"], key=lambda m: m["ike_sas"])
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def taken_over() -> dict[str, Any] | None:
+            st = status(config)
+            dead = [m for m in st["members"] if not m["alive"]]
+            alive = alive_members(st)
+            ok = (dead and dead[0]["ike_sas"] > 0
+                  and sum(m["ike_sas"] for m in alive) == len(conns))
+            return st if ok else None
+
+        snapshot = wait_for("a snapshot: DEAD with its last SAs, taken over", taken_over,
+                            timeout=20, interval=0.05, diag=lambda: tail(disp.log_path))
+    finally:
+        procs.close()
+    total = dict(zip(COLUMNS, status_rows(snapshot)[-1], strict=True))
+    assert total["IKE"] == str(len(conns)), snapshot
+    assert total["alive"] == "1/2"
