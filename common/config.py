@@ -208,6 +208,8 @@ class ClusterConfig:
     log_format: Literal["text", "json"] = "text"
     #: folder for Wireshark's esp_sa and ikev2_decryption_table ("" = off)
     save_keys: str = ""
+    #: where the Prometheus metrics listen (with metrics_port)
+    metrics_address: str = "127.0.0.1"
 
 
 @dataclass(slots=True, frozen=True)
@@ -635,6 +637,9 @@ def _cluster(t: _Table) -> ClusterConfig:
         curve_authorized=authorized,
         control=control,
         metrics_port=t.integer("metrics_port", 0, 0, 65535, " (0 = off)"),
+        # loopback unless the operator opens it (a scraper on another host)
+        metrics_address=str(_address(t, "metrics_address",
+                                     t.string("metrics_address", "127.0.0.1"))),
         cookie_threshold=t.integer("cookie_threshold", 100, 0, 1_000_000),
         replay_window=t.integer("replay_window", 1024, MIN_REPLAY_WINDOW, MAX_REPLAY_WINDOW),
         segment_bits=segment_bits,

@@ -156,6 +156,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     import zmq.auth
 
     out = Path(args.dir)
+    existing = [p for p in (out / f"{args.name}.key", out / f"{args.name}.key_secret")
+                if p.exists()]
+    if existing and not args.force:
+        raise StartupError(f"keygen: {existing[0]} exists; not overwriting a key pair "
+                           "(--force to replace it: the other side then needs the new "
+                           "public key)")
     try:
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
         public, secret = zmq.auth.create_certificates(str(out), args.name)
@@ -196,18 +202,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_cluster_demo(quick=args.quick, keep=args.keep)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ipsec-cluster")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipsec-cluster",
-        description="A load-sharing IPsec (IKEv2 + ESP) gateway cluster.")
+        description="A load-sharing IPsec (IKEv2 + ESP) gateway cluster.",
+        epilog="`ipsec-cluster COMMAND --help` describes each command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the gateway (responder) from a config file")
     run.add_argument("--config", required=True, help="TOML config file (docs/config.md)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="log level (default: cluster.log_level of the config)")
     peer = sub.add_parser("peer", help="run our initiator: bring up the configured "
                           "connections and carry their traffic")
-    peer.add_argument("--config", required=True)
-    peer.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    peer.add_argument("--config", required=True,
+                      help="TOML config file with the connections to bring up")
+    peer.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                      help="log level (default: cluster.log_level of the config)")
     from member.peer import add_peer_arguments
 
     add_peer_arguments(peer)
@@ -222,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead: the in-memory ESP demonstration (transforms, replay, IVs)")
     member = sub.add_parser("member", help="run one member process and connect it to a "
                             "dispatcher (other hosts: tcp:// with CURVE keys)")
-    member.add_argument("--config", required=True)
+    member.add_argument("--config", required=True,
+                        help="TOML config file (the same connections as the dispatcher's)")
     member.add_argument("--id", type=int, required=True, help="member id (1..64)")
-    member.add_argument("--connect", required=True, help="the dispatcher's endpoint")
-    member.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    member.add_argument("--connect", required=True,
+                        help="the dispatcher's endpoint (cluster.sync, e.g. tcp://HOST:PORT)")
+    member.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="log level (default: cluster.log_level of the config)")
     member.add_argument("--key-stdin", action="store_true",
                         help="read this incarnation's CURVE keys from stdin (how "
                         "`ipsec-cluster run` starts its members)")
@@ -233,11 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("sas", "every IKE SA and child SA, like swanctl --list-sas")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="the config the cluster runs with")
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--timeout", type=float, default=5.0)
-    keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair")
-    keygen.add_argument("--dir", required=True)
-    keygen.add_argument("--name", required=True)
+        p.add_argument("--json", action="store_true", help="print the answer as JSON")
+        p.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to wait for the cluster's answer (default 5)")
+    keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair (dispatcher and "
+                            "members on other hosts, docs/operations.md)")
+    keygen.add_argument("--dir", required=True,
+                        help="folder for NAME.key (public) and NAME.key_secret (made 0700)")
+    keygen.add_argument("--name", required=True,
+                        help="file name of the pair, e.g. dispatcher or member2")
+    keygen.add_argument("--force", action="store_true",
+                        help="overwrite an existing key pair of that name")
     return parser
 
 

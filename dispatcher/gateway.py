@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from typing import Any
 
 from common.config import Config
@@ -92,6 +93,7 @@ class Gateway:
                 inner = member.handle_esp(data, spi, remote, now)
                 if inner is not None and self.inside is not None:
                     member.counters["esp_in"] += 1
+                    member.counters["esp_in_bytes"] += len(inner)
                     self.inside.write(inner)
                 return
             if kind is Kind.KEEPALIVE:
@@ -115,6 +117,7 @@ class Gateway:
         port = self.ports.get(self.config.cluster.natt_port)
         if port is not None and port.transport is not None:
             self.member.counters["esp_out"] += 1
+            self.member.counters["esp_out_bytes"] += len(packet)
             port.transport.sendto(esp, remote)
 
     # -- I/O out ------------------------------------------------------------------
@@ -167,6 +170,12 @@ class Gateway:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         c = self.config.cluster
+        if c.metrics_port:  # first: a port in use stops us before anything else
+            from dispatcher.metrics import gateway_status, start_metrics
+
+            started = time.time()
+            start_metrics(lambda: gateway_status(self, started), c.metrics_port,
+                          c.metrics_address)
         # Our own sockets, no SO_REUSEADDR (nobody binds beside us), marked
         # with a TUN inside so our IKE/ESP bypass the tunnel's table
         # (dispatcher/routes.py); a port in use is one StartupError line.

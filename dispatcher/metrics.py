@@ -1,13 +1,21 @@
-"""Prometheus metrics of the running cluster (``cluster.metrics_port``): the
-same counters as ``ipsec-cluster status``."""
+"""Prometheus metrics (``cluster.metrics_port`` on ``cluster.metrics_address``),
+in every mode: the cluster's dispatcher serves the counters of ``ipsec-cluster
+status``, the single-process gateway the same names for its one member (id 1).
+
+Naming (Prometheus conventions): counters end in ``_total`` (TYPE counter),
+units are suffixes (``_bytes``, ``_seconds``); per-connection SA counts carry a
+``connection`` (IKE SAs) or ``child`` (child SAs) label, at most
+MAX_CONNECTION_LABELS names per member (the rest summed as ``_other``)."""
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
@@ -17,89 +25,247 @@ from common.errors import StartupError
 
 if TYPE_CHECKING:
     from dispatcher.cluster import Dispatcher
+    from dispatcher.gateway import Gateway
+    from member.worker import Member
+
+#: per member and kind, connection (or child) names with their own label value
+MAX_CONNECTION_LABELS = 32
+#: the label value of the connections beyond MAX_CONNECTION_LABELS
+OTHER = "_other"
+#: reads of the status per scrape before a changing dict is an error
+STATUS_TRIES = 3
+#: heartbeat counter prefixes of the per-connection counts (member/process.py)
+CONN_IKE, CONN_CHILD = "conn.ike.", "conn.child."
+
+Family = GaugeMetricFamily | CounterMetricFamily
+Status = dict[str, Any]
+
+#: (status key of a member, metric name, HELP) of the per-member gauges
+MEMBER_GAUGES = (
+    ("segments", "ipsec_cluster_segments", "SPI segments the member owns"),
+    ("backup_segments", "ipsec_cluster_backup_segments",
+     "SPI segments the member backs up (state sync)"),
+    ("ike_sas", "ipsec_cluster_ike_sas", "established IKE SAs on the member"),
+    ("half_open_ike_sas", "ipsec_cluster_half_open_ike_sas",
+     "IKE SAs in negotiation (IKE_SA_INIT answered, no IKE_AUTH yet)"),
+    ("child_sas", "ipsec_cluster_child_sas", "child SAs (ESP) installed on the member"),
+)
+#: (status key, metric name without _total, HELP) of the per-member counters
+MEMBER_COUNTERS = (
+    ("packets_in", "ipsec_cluster_esp_packets_in", "ESP packets decrypted by the member"),
+    ("bytes_in", "ipsec_cluster_esp_in_bytes",
+     "inner bytes decrypted from ESP (IP packets to the inside)"),
+    ("packets_out", "ipsec_cluster_esp_packets_out", "ESP packets encrypted by the member"),
+    ("bytes_out", "ipsec_cluster_esp_out_bytes",
+     "inner bytes encrypted into ESP (IP packets from the inside)"),
+)
+#: (replication key, metric name, HELP, is a counter)
+REPLICATION = (
+    ("ike_replicas", "ipsec_cluster_ike_replicas",
+     "IKE SAs of other members this member holds a copy of", False),
+    ("child_replicas", "ipsec_cluster_child_replicas",
+     "child SAs of other members this member holds a copy of", False),
+    ("unreplicated_changes", "ipsec_cluster_unreplicated_changes",
+     "IKE SA changes that reached no backup", True),
+    ("ack_timeouts", "ipsec_cluster_sync_ack_timeouts",
+     "state updates whose backup's acknowledgement did not come in time", True),
+    ("takeovers", "ipsec_cluster_takeovers",
+     "segments this member took over from a dead member", True),
+)
+
+
+def sa_counts_by_connection(member: Member) -> dict[str, int]:
+    """``conn.ike.NAME`` (established IKE SAs) and ``conn.child.NAME`` (child
+    SAs) of one member, the heartbeat counters behind the labelled metrics."""
+    ike = Counter(sa.name for sa in member.engine.established())
+    child = Counter(route.name for route in member.by_spi.values())
+    out: dict[str, int] = {}
+    for prefix, counts in ((CONN_IKE, ike), (CONN_CHILD, child)):
+        for name, n in _capped(counts).items():
+            out[prefix + name[:64]] = n
+    return out
+
+
+def _capped(counts: Counter[str]) -> dict[str, int]:
+    names = sorted(counts)
+    kept = {name: counts[name] for name in names[:MAX_CONNECTION_LABELS]}
+    rest = sum(counts[name] for name in names[MAX_CONNECTION_LABELS:])
+    if rest:
+        kept[OTHER] = rest
+    return kept
+
+
+def dispatcher_status(dispatcher: Dispatcher) -> Status:
+    """``Dispatcher.status()`` with each member's per-connection counts."""
+    status = dispatcher.status()
+    for m in status["members"]:
+        info = dispatcher.members.get(m["id"])
+        counters = info.counters if info is not None else {}
+        m["connections"] = {
+            "ike": {k[len(CONN_IKE):]: v for k, v in counters.items() if k.startswith(CONN_IKE)},
+            "child": {k[len(CONN_CHILD):]: v for k, v in counters.items()
+                      if k.startswith(CONN_CHILD)}}
+    return status
+
+
+def gateway_status(gw: Gateway, started: float) -> Status:
+    """The single-process gateway in the shape of ``Dispatcher.status()``:
+    one member, id 1, always alive, no segments or replication."""
+    m = gw.member
+    counts = sa_counts_by_connection(m)
+    member = {
+        "id": 1, "alive": True, "segments": 0, "backup_segments": 0, "last_heartbeat_ms": 0,
+        "ike_sas": len(m.engine.established()), "half_open_ike_sas": m.engine.half_open_count(),
+        "child_sas": len(m.by_spi),
+        "packets_in": m.counters.get("esp_in", 0), "bytes_in": m.counters.get("esp_in_bytes", 0),
+        "packets_out": m.counters.get("esp_out", 0),
+        "bytes_out": m.counters.get("esp_out_bytes", 0),
+        "drops": {**dict(m.drops), **{f"ike_{k}": v for k, v in m.engine.drops.items()}},
+        "refused": dict(gw.refusals.counts), "replication": {},
+        "connections": {
+            "ike": {k[len(CONN_IKE):]: v for k, v in counts.items() if k.startswith(CONN_IKE)},
+            "child": {k[len(CONN_CHILD):]: v for k, v in counts.items()
+                      if k.startswith(CONN_CHILD)}},
+    }
+    return {"cluster": {"epoch": 0, "uptime_s": round(time.time() - started, 1)},
+            "dispatcher": {"drops": {}, "refused": {}, "counters": {}}, "members": [member]}
 
 
 class ClusterCollector(Collector):
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    """The metrics of one scrape, from a status source (cluster or gateway)."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        status = self.dispatcher.status()
-        alive = GaugeMetricFamily("ipsec_cluster_member_alive", "1 if the member is alive",
-                                  labels=["member"])
-        gauges = {k: GaugeMetricFamily(f"ipsec_cluster_{k}", f"{k} per member",
-                                       labels=["member"])
-                  for k in ("segments", "ike_sas", "child_sas")}
-        counters = {k: CounterMetricFamily(f"ipsec_cluster_esp_{k}", f"ESP {k} per member",
-                                           labels=["member"])
-                    for k in ("packets_in", "bytes_in", "packets_out", "bytes_out")}
-        drops = CounterMetricFamily("ipsec_cluster_member_drops", "drops by reason",
-                                    labels=["member", "reason"])
-        repl = {k: GaugeMetricFamily(f"ipsec_cluster_{k}", f"{k} per member (state sync)",
-                                     labels=["member"])
-                for k in ("ike_replicas", "child_replicas", "unreplicated_changes",
-                          "ack_timeouts", "takeovers")}
-        # refused input and failed messages of every process, by reason
-        # (member/refusals.py): process = a member id or "dispatcher"
-        refused = CounterMetricFamily("ipsec_cluster_refused", "refusals by reason",
-                                      labels=["process", "reason"])
-        degraded = GaugeMetricFamily("ipsec_cluster_unreplicated",
-                                     "1 if some segment of the member has no live backup",
-                                     labels=["member"])
-        for m in status["members"]:
-            label = [str(m["id"])]
-            alive.add_metric(label, 1.0 if m["alive"] else 0.0)
-            for k, g in gauges.items():
-                g.add_metric(label, float(m[k]))
-            for k, c in counters.items():
-                c.add_metric(label, float(m[k]))
-            for reason, n in m["drops"].items():
-                drops.add_metric([str(m["id"]), reason], float(n))
-            for reason, n in m.get("refused", {}).items():
-                refused.add_metric([str(m["id"]), reason], float(n))
-            r = m.get("replication", {})
-            for k, g in repl.items():
-                g.add_metric(label, float(r.get(k, 0)))
-            degraded.add_metric(label, 1.0 if r.get("degraded") else 0.0)
-        yield alive
-        yield from gauges.values()
-        yield from counters.values()
-        yield drops
-        yield from repl.values()
-        yield degraded
-        d = CounterMetricFamily("ipsec_cluster_dispatcher_drops", "dispatcher drops by reason",
+    def __init__(self, source: Callable[[], Status] | Dispatcher) -> None:
+        if callable(source):
+            self.source = source
+        else:
+            dispatcher = source
+            self.source = lambda: dispatcher_status(dispatcher)
+
+    def collect(self) -> Iterator[Family]:
+        # the HTTP server's thread reads what the event loop changes: a dict
+        # that changed size under us is read again
+        for _ in range(STATUS_TRIES - 1):
+            try:
+                status = self.source()
+                break
+            except RuntimeError:
+                continue
+        else:
+            status = self.source()
+        yield from _member_families(status["members"])
+        yield from _process_families(status)
+
+
+def _member_families(members: list[dict[str, Any]]) -> Iterator[Family]:
+    labels = ["member"]
+    alive = GaugeMetricFamily("ipsec_cluster_member_alive",
+                              "1 if the member is alive (heartbeats arrive), 0 if declared dead",
+                              labels=labels)
+    heartbeat = GaugeMetricFamily("ipsec_cluster_member_heartbeat_age_seconds",
+                                  "time since the member's last heartbeat", labels=labels)
+    gauges = [(k, GaugeMetricFamily(n, h, labels=labels)) for k, n, h in MEMBER_GAUGES]
+    counters = [(k, CounterMetricFamily(n, h, labels=labels)) for k, n, h in MEMBER_COUNTERS]
+    repl = [(k, (CounterMetricFamily if c else GaugeMetricFamily)(n, h, labels=labels))
+            for k, n, h, c in REPLICATION]
+    degraded = GaugeMetricFamily("ipsec_cluster_unreplicated",
+                                 "1 if some segment of the member has no live backup",
+                                 labels=labels)
+    drops = CounterMetricFamily("ipsec_cluster_member_drops",
+                                "packets and messages the member dropped, by reason",
+                                labels=["member", "reason"])
+    conn_ike = GaugeMetricFamily("ipsec_cluster_connection_ike_sas",
+                                 "established IKE SAs per configured connection",
+                                 labels=["member", "connection"])
+    conn_child = GaugeMetricFamily("ipsec_cluster_connection_child_sas",
+                                   "child SAs per configured child (its name in the config)",
+                                   labels=["member", "child"])
+    for m in members:
+        label = [str(m["id"])]
+        alive.add_metric(label, 1.0 if m["alive"] else 0.0)
+        heartbeat.add_metric(label, m.get("last_heartbeat_ms", 0) / 1000)
+        for k, g in gauges:
+            g.add_metric(label, float(m.get(k, 0)))
+        for k, c in counters:
+            c.add_metric(label, float(m.get(k, 0)))
+        r = m.get("replication", {})
+        for k, f in repl:
+            f.add_metric(label, float(r.get(k, 0)))
+        degraded.add_metric(label, 1.0 if r.get("degraded") else 0.0)
+        for reason, n in m["drops"].items():
+            drops.add_metric([*label, reason], float(n))
+        conns = m.get("connections", {})
+        for name, n in conns.get("ike", {}).items():
+            conn_ike.add_metric([*label, name], float(n))
+        for name, n in conns.get("child", {}).items():
+            conn_child.add_metric([*label, name], float(n))
+    yield alive
+    yield heartbeat
+    for _, g in gauges:
+        yield g
+    for _, c in counters:
+        yield c
+    for _, f in repl:
+        yield f
+    yield degraded
+    yield drops
+    yield conn_ike
+    yield conn_child
+
+
+def _process_families(status: Status) -> Iterator[Family]:
+    d = status["dispatcher"]
+    drops = CounterMetricFamily("ipsec_cluster_dispatcher_drops",
+                                "datagrams and messages the dispatcher dropped, by reason",
                                 labels=["reason"])
-        for reason, n in status["dispatcher"]["drops"].items():
-            d.add_metric([reason], float(n))
-        yield d
-        for reason, n in status["dispatcher"].get("refused", {}).items():
-            refused.add_metric(["dispatcher", reason], float(n))
-        yield refused
-        epoch = GaugeMetricFamily("ipsec_cluster_table_epoch", "segment table epoch")
-        epoch.add_metric([], float(status["cluster"]["epoch"]))
-        yield epoch
+    for reason, n in d["drops"].items():
+        drops.add_metric([reason], float(n))
+    yield drops
+    events = CounterMetricFamily("ipsec_cluster_dispatcher_events",
+                                 "what the dispatcher relayed and did, by event",
+                                 labels=["event"])
+    for event, n in d.get("counters", {}).items():
+        events.add_metric([event], float(n))
+    yield events
+    # refused input and failed messages of every process, by reason
+    # (member/refusals.py): process = a member id or "dispatcher"
+    refused = CounterMetricFamily("ipsec_cluster_refused",
+                                  "input refused and messages that failed, by process and "
+                                  "reason (bug.* = a failure nobody foresaw)",
+                                  labels=["process", "reason"])
+    for m in status["members"]:
+        for reason, n in m.get("refused", {}).items():
+            refused.add_metric([str(m["id"]), reason], float(n))
+    for reason, n in d.get("refused", {}).items():
+        refused.add_metric(["dispatcher", reason], float(n))
+    yield refused
+    epoch = GaugeMetricFamily("ipsec_cluster_table_epoch",
+                              "epoch of the segment table (grows with every reassignment)")
+    epoch.add_metric([], float(status["cluster"]["epoch"]))
+    yield epoch
+    uptime = GaugeMetricFamily("ipsec_cluster_uptime_seconds",
+                               "time since the dispatcher (or gateway) started")
+    uptime.add_metric([], float(status["cluster"]["uptime_s"]))
+    yield uptime
 
 
-#: the HTTP server listens on loopback only
-METRICS_ADDRESS = "127.0.0.1"
 #: /proc/net/tcp state of a listening socket
 _TCP_LISTEN = "0A"
 
 
-def start_metrics(dispatcher: Dispatcher, port: int) -> None:
+def start_metrics(source: Callable[[], Status], port: int, address: str) -> None:
     """Serve the metrics; a port we cannot listen on is a ``StartupError``."""
     try:
-        start_http_server(port, addr=METRICS_ADDRESS)
+        start_http_server(port, addr=address)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise StartupError(
-                f"cluster.metrics_port: port {port} on {METRICS_ADDRESS} is in use"
+                f"cluster.metrics_port: port {port} on {address} is in use"
                 f"{port_holder(port)} (choose another metrics_port, or 0 for no metrics)"
             ) from None
-        raise StartupError(f"cluster.metrics_port: cannot listen on {METRICS_ADDRESS} port "
-                           f"{port}: {exc.strerror} (choose another metrics_port, or 0 for "
-                           "no metrics)") from None
-    REGISTRY.register(ClusterCollector(dispatcher))
+        raise StartupError(f"cluster.metrics_port: cannot listen on {address} port "
+                           f"{port}: {exc.strerror} (choose another metrics_port or "
+                           "metrics_address, or 0 for no metrics)") from None
+    REGISTRY.register(ClusterCollector(source))
 
 
 def port_holder(port: int) -> str:

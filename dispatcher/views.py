@@ -1,36 +1,77 @@
-"""Human views of ``status`` and ``sas`` (rich tables)."""
+"""Human views of ``status`` and ``sas`` (rich tables on a terminal; plain
+tab-separated lines otherwise)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+COLUMNS = ("id", "pid", "host", "alive", "segs", "bkup", "IKE", "child", "pkts in",
+           "bytes in", "pkts out", "bytes out", "replicas", "drops", "refused")
+#: the columns summed in the totals row (alive members only: a dead member's
+#: SAs were taken over by the others and are counted there)
+SUMMED = ("segs", "bkup", "IKE", "child", "pkts in", "bytes in", "pkts out", "bytes out")
 
-def print_status(status: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
-    c = status["cluster"]
-    console.print(f"cluster {c['address']} ({c['mode']}), table epoch {c['epoch']}, "
-                  f"up {c['uptime_s']} s, members at {c['endpoint']}")
-    table = Table("id", "pid", "host", "alive", "segs", "bkup", "IKE", "child", "pkts in",
-                  "bytes in", "pkts out", "bytes out", "replicas", "drops", "refused")
+
+def status_rows(status: dict[str, Any]) -> list[list[str]]:
+    """One row per member, then a totals row over the alive members."""
+    rows = []
+    totals = dict.fromkeys(SUMMED, 0)
     for m in status["members"]:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(m["drops"].items()) if v) or "-"
-        table.add_row(str(m["id"]), str(m["pid"]), m["host"], "yes" if m["alive"] else "DEAD",
-                      str(m["segments"]), str(m["backup_segments"]), str(m["ike_sas"]),
-                      str(m["child_sas"]), str(m["packets_in"]), str(m["bytes_in"]),
-                      str(m["packets_out"]), str(m["bytes_out"]), _replicas(m), drops,
-                      _refused(m.get("refused", {})) or "-")
-    console.print(table)
-    for p in status.get("pools", []):
-        by = ", ".join(f"member {m}: {n}" for m, n in p["by_member"].items()) or "-"
-        console.print(f"pool {p['name']} {p['addrs']}: {p['leased']} of {p['size']} leased "
-                      f"({p['per_segment']} per segment; {by})")
+        numbers = dict(zip(SUMMED, (m["segments"], m["backup_segments"], m["ike_sas"],
+                                    m["child_sas"], m["packets_in"], m["bytes_in"],
+                                    m["packets_out"], m["bytes_out"]), strict=True))
+        if m["alive"]:
+            for k, v in numbers.items():
+                totals[k] += int(v)
+        rows.append([str(m["id"]), str(m["pid"]), m["host"], "yes" if m["alive"] else "DEAD",
+                     *(str(v) for v in numbers.values()), _replicas(m), drops,
+                     _refused(m.get("refused", {})) or "-"])
+    alive = sum(1 for m in status["members"] if m["alive"])
+    rows.append(["total", "-", "-", f"{alive}/{len(status['members'])}",
+                 *(str(v) for v in totals.values()), "-", "-", "-"])
+    return rows
+
+
+def print_status(status: dict[str, Any], console: Console | None = None, *,
+                 plain: bool | None = None) -> None:
+    """A table on a terminal; otherwise (``status | cat``, ``plain``) one
+    tab-separated line per row with every field whole."""
+    if plain is None:
+        plain = console is None and not sys.stdout.isatty()
+    c = status["cluster"]
+    head = (f"cluster {c['address']} ({c['mode']}), table epoch {c['epoch']}, "
+            f"up {c['uptime_s']} s, members at {c['endpoint']}")
     d = status["dispatcher"]
     drops = ", ".join(f"{k}={v}" for k, v in sorted(d["drops"].items())) or "none"
-    console.print(f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}; "
-                  f"refused: {_refused(d.get('refused', {})) or 'none'}")
+    tail = (f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}; "
+            f"refused: {_refused(d.get('refused', {})) or 'none'}")
+    rows = status_rows(status)
+    pools = [_pool_line(p) for p in status.get("pools", [])]
+    if plain:
+        out = [head, "\t".join(COLUMNS), *("\t".join(r) for r in rows), *pools, tail]
+        sys.stdout.write("\n".join(out) + "\n")
+        return
+    console = console or Console()
+    console.print(head)
+    table = Table(*COLUMNS)
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for line in pools:
+        console.print(line)
+    console.print(tail)
+
+
+def _pool_line(p: dict[str, Any]) -> str:
+    """One virtual IP pool: size, leases, and which member holds them."""
+    by = ", ".join(f"member {m}: {n}" for m, n in p["by_member"].items()) or "-"
+    return (f"pool {p['name']} {p['addrs']}: {p['leased']} of {p['size']} leased "
+            f"({p['per_segment']} per segment; {by})")
 
 
 def _refused(counts: dict[str, int]) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -141,6 +143,28 @@ def _ip_cached(packed: bytes) -> str:
             _IP_TEXT.clear()
         text = _IP_TEXT[packed] = _ip(packed)
     return text
+
+
+#: set by the supervisor that started us (dispatcher/supervisor.py): its pid
+SUPERVISOR_PID_ENV = "IPSEC_CLUSTER_SUPERVISOR_PID"
+#: prctl(2) option: the signal we get when our parent dies
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_supervisor() -> None:
+    """A member started by a supervisor ends when the supervisor does (also
+    on kill -9): PR_SET_PDEATHSIG, then a check that the parent did not die
+    before the prctl (we would be orphaned already). Unset environment
+    variable: a member started by hand, or one meant to outlive its
+    supervisor (IPSEC_CLUSTER_KEEP_MEMBERS=1 on the supervisor)."""
+    parent = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if not parent.isdigit():
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != int(parent):
+        os._exit(1)
 
 
 class MemberProcess:
@@ -530,6 +554,11 @@ class MemberProcess:
             c["ike_replicas"] = len(self.replicator.ike_replicas)
             c["child_replicas"] = len(self.replicator.child_replicas)
             c["held"] = len(self.replicator.held)
+        # last: per-connection SA counts (dispatcher/metrics.py), the first
+        # to go when the heartbeat's counters are full
+        from dispatcher.metrics import sa_counts_by_connection
+
+        c.update(sa_counts_by_connection(m))
         if len(c) > MAX_HEARTBEAT_COUNTERS:
             c = dict(list(c.items())[:MAX_HEARTBEAT_COUNTERS])
         return c
@@ -607,6 +636,7 @@ class MemberProcess:
             rep.esp_tick(now, 0)
 
     async def run(self) -> None:
+        die_with_supervisor()
         self.loop = asyncio.get_running_loop()
         try:
             self.sock.connect(self.endpoint)
