@@ -162,7 +162,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             timeout=30, diag=gw.log_text)
         peer = procs.start("peer", cli_argv("peer", "--config", str(peer_cfg), "--traffic",
                                             "50", "--seconds", "600"))
-        wait_for("our peer's IKE SA", lambda: len(ike_sas(ctl(gw_cfg, "list-sas"), "c")) == 1,
+        wait_for("our peer's IKE SA", lambda: len(ike_sas(ctl(gw_cfg, "list-sas"), "c")) >= 1,
                  timeout=30, diag=gw.log_text)
         yield Lab(members, ports, gw_cfg, r_cfg, gw, r, peer, echo)
     finally:
@@ -235,7 +235,7 @@ def test_status_and_sas_answer_in_both_modes(lab: Lab) -> None:
     assert st["ok"] is True and len(st["members"]) == lab.members
     assert sum(m["ike_sas"] for m in st["members"]) >= 1
     sas = ctl(lab.gw_cfg, "sas")
-    assert len(ike_sas(sas, "c")) == 1
+    assert len(ike_sas(sas, "c")) >= 1
     text = subprocess.run(cli_argv("status", "--config", str(lab.gw_cfg)), capture_output=True,
                           text=True, timeout=30, cwd=ROOT, check=True).stdout
     assert "cluster 127.0.0.1" in text
@@ -292,7 +292,7 @@ def test_initiate_rekey_terminate(lab: Lab) -> None:
     assert "no SA matches" in ctl(lab.gw_cfg, "terminate", "--ike", "out", ok=False)["error"]
     assert "no connection named" in ctl(lab.gw_cfg, "initiate", "--ike", "nope",
                                         ok=False)["error"]
-    assert len(ike_sas(ctl(lab.gw_cfg, "list-sas"), "c")) == 1   # untouched
+    assert ike_sas(ctl(lab.gw_cfg, "list-sas"), "c")   # untouched
 
 
 def test_stats(lab: Lab) -> None:
