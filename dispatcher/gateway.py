@@ -199,7 +199,9 @@ class Gateway:
                  sorted(self.ports), c.inside.kind)
         if self.initiate:
             self.member.start_connections(self._now())
-        else:   # ``run``: the connections with start_action = "start"
+        elif self.config_path is not None:
+            # ``run`` (not our peer, which starts its own): the connections
+            # with a start_action = "start" child
             start_configured(self.member, self._now())
         self.flush()
 
