@@ -593,6 +593,12 @@ class Dispatcher(Membership):
         return {"members": [self._status_pending.get(m, {"member": m, "error": "no answer"})
                             for m, i in sorted(self.members.items()) if i.alive]}
 
+    def reconfigure(self, config: Config) -> None:
+        """``reload``: the connections changed; no member may announce a
+        child wider than the new ones allow (the role check follows)."""
+        self.config = config
+        self.guard.allowed_remote = _configured_remote(config)
+
     def control_relay(self) -> ControlRelay:
         """The control requests in flight (made on first use, as _refusals)."""
         r: ControlRelay | None = getattr(self, "_control_relay", None)

@@ -136,8 +136,9 @@ class Supervisor:
         if new.cluster != self.config.cluster:
             return {"ok": False, "error": f"{self.config_path}: [cluster] changed: reload "
                                           "takes connections only (restart for the rest)"}
-        answers = await self.dispatcher.control({"cmd": "reload"})
         self.config = new
+        self.dispatcher.reconfigure(new)
+        answers = await self.dispatcher.control({"cmd": "reload"})
         failed = [a for a in answers if not a.get("ok")]
         if failed:
             return {"ok": False, "error": f"member {failed[0].get('member')}: "

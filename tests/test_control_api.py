@@ -227,6 +227,35 @@ def test_relay_takes_answers_only_from_members_it_asked() -> None:
     asyncio.run(go())
 
 
+def test_dispatcher_takes_control_answers_only_from_members_it_asked() -> None:
+    """The role check of the new member messages, in the dispatcher itself."""
+    import asyncio
+
+    from common.wire import Control, ControlReq
+    from tests.test_hostile_member import _rig, _say
+
+    async def go() -> None:
+        d, sent = _rig()
+        _say(d, 2, Control(1, b'{"ok": true}'))          # nobody asked
+        assert d.drops["refused_control_unasked"] == 1
+        _say(d, 2, ControlReq(1, b"{}"))                  # members may not ask
+        assert d.drops["refused_wrong_direction"] == 1
+        ask = asyncio.ensure_future(d.control({"cmd": "stats"}, one=True, timeout=2))
+        await asyncio.sleep(0)
+        ((to, req),) = sent.to
+        assert to == 1 and isinstance(req, ControlReq)
+        _say(d, 2, Control(req.req_id, b'{"ok": true, "done": 9}'))   # not asked
+        assert d.drops["refused_control_unasked"] == 2
+        _say(d, 1, Control(req.req_id, b"not json"))
+        assert d.drops["refused_control_not_json"] == 1
+        _say(d, 1, Control(req.req_id, b'{"ok": true, "done": 1}'))
+        assert await ask == [{"ok": True, "done": 1, "member": 1}]
+        _say(d, 1, Control(req.req_id, b'{"ok": true}'))   # too late: closed
+        assert d.drops["refused_control_unasked"] == 3
+
+    asyncio.run(go())
+
+
 # -- against running gateways ------------------------------------------------------------
 
 
@@ -322,6 +351,9 @@ def test_reload_add_change_remove_keeps_the_busy_connection(lab: Lab) -> None:
         "c", "out", "new"}
     assert ctl(lab.gw_cfg, "initiate", "--ike", "new")["done"] == 1
     wait_for("IKE SA new", lambda: ike_sas(ctl(lab.r_cfg, "list-sas"), "new"), timeout=20)
+    # its child is carried (in the cluster maybe by another member: the
+    # dispatcher's role check knows the new connection's selectors)
+    wait_for("child new1", lambda: esp(ctl(lab.gw_cfg, "list-sas"), "new1"), timeout=20)
     # a bad config is refused, the running one stays
     # a bad config is refused by the gateway (the CLI would refuse it first)
     lab.gw_cfg.write_text(changed + "\n[connections.bad\n")
