@@ -80,7 +80,14 @@ def _target(req: dict[str, Any], cmd: str) -> dict[str, Any]:
 
 
 async def _initiate(b: Backend, req: dict[str, Any]) -> dict[str, Any]:
-    answers = await b.ask(_target(req, "initiate"), one=True)
+    target = _target(req, "initiate")
+    if "child" in target:
+        # a CREATE_CHILD_SA by the member that owns an IKE SA of its
+        # connection (in the cluster: any member may); else a new IKE SA
+        answers = await b.ask({**target, "existing": True})
+        if any(a.get("ike_ids") for a in answers):
+            return _merge(answers, "initiate", req)
+    answers = await b.ask(target, one=True)
     return _merge(answers, "initiate", req)
 
 

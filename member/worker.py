@@ -578,6 +578,8 @@ def _initiate(member: Member, req: dict[str, Any], now: float) -> list[int]:
                     if sa.name == conn.name:
                         member.engine.create_child(sa.ike_id, child, now)
                         return [sa.ike_id]
+                if req.get("existing"):   # only on an IKE SA we own
+                    return []
                 return [_initiate_conn(member, conn.name, [child], now)]
         raise ControlError(f"no child named {child!r} in the config")
     if not isinstance(ike, str):

@@ -289,6 +289,10 @@ def test_list_sas_shows_owner_timers_and_traffic(lab: Lab) -> None:
     assert sa["age_s"] >= 0 and "rekey_in_s" in sa and len(sa["spi"]) == 16
     child = sa["children"][0]
     assert child["member"] in range(1, lab.members + 1) and child["age_s"] >= 0
+    text = subprocess.run(cli_argv("list-sas", "--config", str(lab.gw_cfg)),
+                          capture_output=True, text=True, timeout=30, cwd=ROOT,
+                          check=True).stdout
+    assert "on member" in text and ", up " in text and "pkts" in text
 
 
 def test_initiate_rekey_terminate(lab: Lab) -> None:
