@@ -237,7 +237,9 @@ class Supervisor:
             self.dir.rmdir()
 
     def stop(self) -> None:
-        """SIGTERM/SIGINT: the Deletes first (``run``), then the members."""
+        """SIGTERM/SIGINT: the Deletes first (``run``), then the members (no
+        member is restarted from here on: one that got SIGTERM too is gone)."""
+        self.stopping = True
         self._stop_requested.set()
 
     def _stop_members(self) -> None:
