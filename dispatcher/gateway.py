@@ -303,9 +303,10 @@ class GatewayControl:
                     "half_open_ike_sas": m.engine.half_open_count(),
                     "child_sas": len(m.by_spi),
                     "packets_in": m.counters.get("esp_in", 0),
-                    "bytes_in": m.counters.get("esp_in_bytes", 0),
+                    # (the SAs' own counts: one process counts no bytes per datagram)
+                    "bytes_in": sum(r.inbound.octets for r in m.by_spi.values()),
                     "packets_out": m.counters.get("esp_out", 0),
-                    "bytes_out": m.counters.get("esp_out_bytes", 0),
+                    "bytes_out": sum(r.outbound.octets for r in m.by_spi.values()),
                     "drops": {**m.drops, **{f"ike_{k}": v for k, v in m.engine.drops.items()}},
                     "refused": {}, "sync_gaps": 0, "replication": {}, "sync": {}}]}
 

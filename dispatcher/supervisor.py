@@ -1,8 +1,9 @@
 """``ipsec-cluster run`` with ``members > 1`` (or a ``sync`` endpoint): the
 dispatcher process starts the member processes, supervises them (a member
-that exits is started again, with a new IV sender id), serves ``status`` and
-``sas`` on a control socket, exports Prometheus metrics, and stops everything
-cleanly on SIGINT/SIGTERM."""
+that exits is started again, with a new IV sender id), serves the control API
+(dispatcher/control.py) by relaying to the members, exports Prometheus
+metrics, reloads the connections on SIGHUP, and stops everything cleanly on
+SIGINT/SIGTERM (every IKE SA deleted with its peer first)."""
 
 from __future__ import annotations
 

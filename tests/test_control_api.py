@@ -293,6 +293,8 @@ def test_list_sas_shows_owner_timers_and_traffic(lab: Lab) -> None:
                           capture_output=True, text=True, timeout=30, cwd=ROOT,
                           check=True).stdout
     assert "on member" in text and ", up " in text and "pkts" in text
+    st = ctl(lab.gw_cfg, "status")
+    assert sum(m["bytes_in"] for m in st["members"]) > 0
 
 
 def test_initiate_rekey_terminate(lab: Lab) -> None:
