@@ -14,7 +14,7 @@ Rules of this file:
   not fit their fields (our own bug).
 - Batch cost (timeit, 64 datagrams of 1400 bytes per frame, CPython 3.11 on
   the dev box): encode ~0.8 us, decode ~1.1 us per datagram.
-- STATUS carries JSON bytes for the CLI; this file does not parse them.
+- STATUS, CONTROL_REQ and CONTROL carry JSON bytes; this file does not parse them.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ class MsgType(enum.IntEnum):
     STATUS_REQ = 12
     STATUS = 13
     SYNC = 14
+    CONTROL_REQ = 15
+    CONTROL = 16
 
 
 class Channel(enum.IntEnum):
@@ -198,6 +200,24 @@ class Status:
 
 
 @dataclass(slots=True, frozen=True)
+class ControlReq:
+    """dispatcher -> member: one control API request (docs/operations.md
+    "Control API"), JSON bytes, numbered ``req_id`` by the dispatcher."""
+
+    req_id: int
+    json: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Control:
+    """member -> dispatcher: the answer to the ControlReq ``req_id`` (JSON
+    bytes); the dispatcher takes it only from a member it asked."""
+
+    req_id: int
+    json: bytes
+
+
+@dataclass(slots=True, frozen=True)
 class Sync:
     """member -> dispatcher -> member: one synch channel message (common/sync.py)
     from ``src`` to ``dst``, numbered ``seq`` in the (src, dst) stream."""
@@ -209,7 +229,8 @@ class Sync:
 
 
 Message = (DatagramIn | DatagramOut | InnerIn | InnerOut | Heartbeat | TableUpdate
-           | ChildPush | ChildDelete | RouteAdd | RouteDel | Hello | StatusReq | Status | Sync)
+           | ChildPush | ChildDelete | RouteAdd | RouteDel | Hello | StatusReq | Status | Sync
+           | ControlReq | Control)
 
 
 class StreamSeq:
@@ -527,6 +548,8 @@ _PULL: dict[MsgType, Callable[[Reader], Message]] = {
     MsgType.HELLO: _pull_hello,
     MsgType.STATUS_REQ: lambda r: StatusReq(),
     MsgType.STATUS: lambda r: Status(r.pull_bytes(r.remaining)),
+    MsgType.CONTROL_REQ: lambda r: ControlReq(r.pull_uint64(), r.pull_bytes(r.remaining)),
+    MsgType.CONTROL: lambda r: Control(r.pull_uint64(), r.pull_bytes(r.remaining)),
     MsgType.SYNC: lambda r: Sync(r.pull_uint16(), r.pull_uint16(), r.pull_uint64(),
                                  r.pull_bytes(r.remaining)),
 }
@@ -580,6 +603,10 @@ def encode(msg: Message, seq: int) -> bytes:
             kind = MsgType.STATUS_REQ
         elif isinstance(msg, Status):
             kind = MsgType.STATUS
+            w.push_bytes(msg.json)
+        elif isinstance(msg, ControlReq | Control):
+            kind = MsgType.CONTROL_REQ if isinstance(msg, ControlReq) else MsgType.CONTROL
+            w.push_uint64(msg.req_id)
             w.push_bytes(msg.json)
         else:
             raise TypeError(f"not a wire message: {msg!r}")

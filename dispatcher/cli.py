@@ -12,6 +12,9 @@ from typing import Any
 from common.config import MAX_MEMBERS, Config, ConfigError, load_config
 from common.errors import StartupError
 
+#: the control API's verbs (docs/operations.md "Control API")
+CONTROL_VERBS = ("list-conns", "list-sas", "initiate", "terminate", "rekey", "stats", "reload")
+
 
 def read_config(path: str) -> Config:
     """Load a config file; a bad one is one ``StartupError`` line (exit 2)."""
@@ -66,7 +69,9 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
         codes: list[int] = []
 
         async def run() -> None:
-            codes.append(await Supervisor(config, args.config).run())
+            sup = Supervisor(config, args.config)
+            sup.read_config = read_config
+            codes.append(await sup.run())
 
         try:
             _run_loop(run())
@@ -78,7 +83,8 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
         return codes[0] if codes else 1
     from dispatcher.gateway import Gateway
 
-    gw = Gateway(config, initiate=initiate)
+    gw = Gateway(config, initiate=initiate, config_path=None if initiate else args.config)
+    gw.read_config = read_config
     _run_loop(gw.run_forever())
     return 0
 
@@ -94,7 +100,7 @@ def cmd_member(args: argparse.Namespace) -> int:
     return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin)
 
 
-def _ask(args: argparse.Namespace, request: bytes) -> dict[str, Any]:
+def _ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     import json
 
     import zmq
@@ -109,9 +115,10 @@ def _ask(args: argparse.Namespace, request: bytes) -> dict[str, Any]:
     endpoint = control_endpoint(config, args.config)
     try:
         req.connect(endpoint)
-        req.send(request)
+        req.send(json.dumps(request).encode())
         answer: dict[str, Any] = json.loads(req.recv())
-        return answer
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
     except zmq.Again:
         raise StartupError(f"no cluster answers for {args.config} "
                            "(is `ipsec-cluster run` running with this config?)") from None
@@ -124,12 +131,15 @@ def _ask(args: argparse.Namespace, request: bytes) -> dict[str, Any]:
                            "(is another program using cluster.control?)") from None
     finally:
         req.close(linger=0)
+    if answer.get("ok") is False:
+        raise StartupError(str(answer.get("error", "refused")).splitlines()[0])
+    return answer
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dispatcher.views import print_status
 
-    answer = _ask(args, b"status")
+    answer = _ask(args, {"cmd": "status"})
     if args.json:
         import json
 
@@ -142,7 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_sas(args: argparse.Namespace) -> int:
     from dispatcher.views import print_sas
 
-    answer = _ask(args, b"sas")
+    answer = _ask(args, {"cmd": "sas"})
     if args.json:
         import json
 
@@ -150,6 +160,58 @@ def cmd_sas(args: argparse.Namespace) -> int:
     else:
         print_sas(answer)
     return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """The control verbs (docs/operations.md "Control API")."""
+    import json
+
+    request: dict[str, Any] = {"cmd": args.command}
+    for key in ("ike", "child"):
+        if getattr(args, key, None) is not None:
+            request[key] = getattr(args, key)
+    answer = _ask(args, request)
+    if getattr(args, "json", False):
+        print(json.dumps(answer, indent=2))
+    elif args.command == "list-sas":
+        from dispatcher.views import print_sas
+
+        print_sas(answer)
+    elif args.command == "list-conns":
+        for conn in answer["connections"]:
+            print(f"{conn['name']}: {', '.join(conn['remote_addrs'])}, "
+                  f"{conn['local_id']} - {conn['remote_id']}")
+            for ch in conn["children"]:
+                print(f"  {ch['name']}: start_action {ch['start_action']}, "
+                      f"{', '.join(ch['local_ts'])} === {', '.join(ch['remote_ts'])}")
+    elif args.command in ("initiate", "terminate", "rekey"):
+        print(f"{args.command}: {answer['done']} SA(s)")
+    elif args.command == "reload":
+        print("reloaded: " + "; ".join(f"{k} {', '.join(answer[k]) or '-'}"
+                                       for k in ("added", "changed", "removed")))
+    else:
+        print(json.dumps(answer, indent=2))
+    return 0
+
+
+def _control_parsers(sub: Any) -> None:
+    verbs = (("list-conns", "the loaded connections and their children"),
+             ("list-sas", "IKE and child SAs: owner member, ages, rekey timers, traffic"),
+             ("initiate", "bring up a connection (--ike NAME) or a child (--child NAME)"),
+             ("terminate", "delete IKE SAs (--ike NAME|ID) or child SAs (--child NAME|ID) "
+                           "with the peer"),
+             ("rekey", "rekey an IKE SA (--ike ID) or a child SA (--child ID)"),
+             ("stats", "counters and drops of every member"),
+             ("reload", "re-read the config file: connections added, changed, removed"))
+    for name, text in verbs:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="the config the gateway runs with")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--timeout", type=float, default=5.0)
+        if name in ("initiate", "terminate", "rekey"):
+            group = p.add_mutually_exclusive_group(required=True)
+            group.add_argument("--ike", help="a connection name, an IKE SA id or its SPI (hex)")
+            group.add_argument("--child", help="a child name or its inbound SPI (hex)")
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -259,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the answer as JSON")
         p.add_argument("--timeout", type=float, default=5.0,
                        help="seconds to wait for the cluster's answer (default 5)")
+    _control_parsers(sub)
     keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair (dispatcher and "
                             "members on other hosts, docs/operations.md)")
     keygen.add_argument("--dir", required=True,
@@ -289,6 +352,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_demo(args)
     handlers = {"member": cmd_member, "status": cmd_status, "sas": cmd_sas,
                 "keygen": cmd_keygen}
+    handlers.update({verb: cmd_control for verb in CONTROL_VERBS})
     return handlers[args.command](args)
 
 

@@ -39,6 +39,8 @@ from common.wire import (
     Channel,
     ChildDelete,
     ChildPush,
+    Control,
+    ControlReq,
     Datagram,
     DatagramIn,
     DatagramOut,
@@ -56,6 +58,7 @@ from common.wire import (
     decode,
     encode,
 )
+from dispatcher.control import ControlRelay
 from dispatcher.inside import Inside, make_inside
 from dispatcher.membership import MemberInfo, Membership, RouteInfo
 from dispatcher.routes import bind_udp, mark_for_tun
@@ -79,8 +82,10 @@ MAX_BATCH = 256
 #: bounded queue per member (frames ZeroMQ may hold before we drop)
 MEMBER_HWM = 20_000
 UDP_RCVBUF = 8 << 20
+#: how long a control request waits for the members' answers
+CONTROL_TIMEOUT_S = 3.0
 #: what members must not send us: the dispatcher's own messages
-_TO_MEMBERS = (DatagramIn, InnerIn, TableUpdate, StatusReq)
+_TO_MEMBERS = (DatagramIn, InnerIn, TableUpdate, StatusReq, ControlReq)
 
 
 @dataclass(slots=True)
@@ -407,6 +412,10 @@ class Dispatcher(Membership):
         elif isinstance(msg, Status):
             self._status_pending[member_id] = json.loads(msg.json)
             self._status_done()
+        elif isinstance(msg, Control):
+            # only an answer to a request this member was sent (control.py)
+            if (reason := self.control_relay().answer(member_id, msg.req_id, msg.json)) is not None:
+                self._refuse(reason, identity, msg)
 
     def _route_add(self, msg: RouteAdd, member_id: int, identity: bytes) -> None:
         reason = self.guard.route_add(msg, member_id)
@@ -599,6 +608,41 @@ class Dispatcher(Membership):
             await asyncio.wait_for(asyncio.shield(fut), timeout)
         return {"members": [self._status_pending.get(m, {"member": m, "error": "no answer"})
                             for m, i in sorted(self.members.items()) if i.alive]}
+
+    def reconfigure(self, config: Config) -> None:
+        """``reload``: the connections changed; no member may announce a
+        child wider than the new ones allow (the role check follows)."""
+        self.config = config
+        self.guard.allowed_remote = _configured_remote(config)
+
+    def control_relay(self) -> ControlRelay:
+        """The control requests in flight (made on first use, as _refusals)."""
+        r: ControlRelay | None = getattr(self, "_control_relay", None)
+        if r is None:
+            r = self._control_relay = ControlRelay()
+        return r
+
+    async def control(self, req: dict[str, Any], *, one: bool = False,
+                      timeout: float = CONTROL_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Every alive member's answer to a control request (``one``: the
+        lowest alive member only); a member that does not answer in time
+        is listed with an error."""
+        alive = sorted(m for m, i in self.members.items() if i.alive)
+        if one:
+            alive = alive[:1]
+        if not alive:
+            return [{"ok": False, "error": "no member is alive"}]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        relay = self.control_relay()
+        req_id = relay.open(set(alive), done)
+        data = json.dumps(req).encode()
+        for m in alive:
+            self._send(self.members[m], ControlReq(req_id, data))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done, timeout)
+        answers = relay.close(req_id)
+        return [answers.get(m, {"member": m, "ok": False, "error": f"member {m}: no answer"})
+                for m in alive]
 
     def _status_done(self) -> None:
         alive = {m for m, i in self.members.items() if i.alive}

@@ -10,26 +10,34 @@ NAT-keepalive, four zero bytes start an IKE message, anything else is ESP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from common.config import Config
-from common.errors import MalformedMessage
+from common.errors import MalformedMessage, StartupError
 from common.natt import NON_ESP_MARKER, Kind, classify_4500
+from dispatcher.control import connections_view, control_endpoint, run_dir, serve
 from dispatcher.inside import Inside, make_inside
 from dispatcher.routes import bind_udp, keep_alone, mark_for_tun
+from dispatcher.trust import secure_run_dir
 from member.refusals import Refusals
 from member.timer import CoreTimer
-from member.worker import Member
+from member.worker import Member, delete_all, start_configured
+from member.worker import control as member_control
+from member.worker import reload as reload_member
 
 log = logging.getLogger("ipsec_cluster.gateway")
 
 #: a timer run that failed is retried no sooner than this
 TIMER_RETRY_S = 0.1
+#: how long a clean stop waits for the peers to answer our Deletes
+STOP_GRACE_S = 1.0
 
 
 class _Port(asyncio.DatagramProtocol):
@@ -51,8 +59,13 @@ class _Port(asyncio.DatagramProtocol):
 class Gateway:
     """One process: sockets + inside + Member."""
 
-    def __init__(self, config: Config, *, initiate: bool = False) -> None:
+    def __init__(self, config: Config, *, initiate: bool = False,
+                 config_path: str | None = None) -> None:
         self.config = config
+        #: with a path: the control socket in the run directory, reload, SIGHUP
+        self.config_path = config_path
+        #: how reload reads the file (the CLI's: one StartupError line)
+        self.read_config: Callable[[str], Config] = _no_reader
         self.member = Member(config, random=os.urandom)
         self.initiate = initiate
         self.ports: dict[int, _Port] = {}
@@ -194,7 +207,11 @@ class Gateway:
                  sorted(self.ports), c.inside.kind)
         if self.initiate:
             self.member.start_connections(self._now())
-            self.flush()
+        elif self.config_path is not None:
+            # ``run`` (not our peer, which starts its own): the connections
+            # with a start_action = "start" child
+            start_configured(self.member, self._now())
+        self.flush()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -204,10 +221,29 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
+        control = GatewayControl(self) if self.config_path is not None else None
+        if control is not None:
+            loop.add_signal_handler(signal.SIGHUP, control.sighup)
+            control.start()
         try:
             await self._stopped.wait()
+            await self.delete_all()
         finally:
+            if control is not None:
+                control.close()
             self.close()
+
+    async def delete_all(self) -> None:
+        """A clean stop (SIGTERM): a Delete for every IKE SA, sent now, and
+        a short wait for the peers' answers (retransmits are not awaited)."""
+        n = delete_all(self.member, self._now())
+        if n:
+            log.info("stopping: deleting %d IKE SA(s) with their peers", n)
+            self.flush()
+            for _ in range(int(STOP_GRACE_S / 0.05)):
+                if not any(not sa.terminal for sa in self.member.engine.by_id.values()):
+                    break
+                await asyncio.sleep(0.05)
 
     def close(self) -> None:
         self._timer.cancel()
@@ -218,3 +254,89 @@ class Gateway:
                 port.transport.close()
         if self.inside is not None:
             self.inside.close()
+
+
+def _no_reader(path: str) -> Config:
+    raise StartupError(f"{path}: this gateway cannot reload")
+
+
+class GatewayControl:
+    """The control API of the single-process gateway (dispatcher/control.py):
+    the same socket and answers as the cluster's, from our one Member."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.path = gw.config_path or ""
+        self.dir = run_dir(gw.config, self.path)
+        secure_run_dir(self.dir, ("control.ipc",))
+        self.endpoint = control_endpoint(gw.config, self.path)
+        self.started = time.time()
+        self.task: asyncio.Future[None] | None = None
+        self.reloading: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(
+            serve(self, self.endpoint, lambda: self.gw._stopped.is_set()))
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if not self.gw.config.cluster.control:
+            with contextlib.suppress(OSError):
+                (self.dir / "control.ipc").unlink()
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+
+    def sighup(self) -> None:
+        self.reloading = asyncio.ensure_future(self._sighup())
+
+    async def _sighup(self) -> None:
+        result = await self.reload()
+        log.info("SIGHUP: reload: %s", result.get("error") or result)
+
+    # -- Backend (dispatcher/control.py) ---------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        m = self.gw.member
+        c = self.gw.config.cluster
+        return {"cluster": {"address": str(c.address), "mode": "single-process", "epoch": 0,
+                            "uptime_s": round(time.time() - self.started, 1),
+                            "endpoint": self.endpoint},
+                "dispatcher": {"pid": os.getpid(), "counters": {}, "drops": {},
+                               "inside_routes": 0, "refused": dict(self.gw.refusals.counts)},
+                "members": [{
+                    "id": 1, "pid": os.getpid(), "host": "local", "alive": True, "sender_id": 1,
+                    "last_heartbeat_ms": 0, "segments": 0, "backup_segments": 0,
+                    "ike_sas": len(m.engine.established()),
+                    "half_open_ike_sas": m.engine.half_open_count(),
+                    "child_sas": len(m.by_spi),
+                    "packets_in": m.counters.get("esp_in", 0),
+                    # (the SAs' own counts: one process counts no bytes per datagram)
+                    "bytes_in": sum(r.inbound.octets for r in m.by_spi.values()),
+                    "packets_out": m.counters.get("esp_out", 0),
+                    "bytes_out": sum(r.outbound.octets for r in m.by_spi.values()),
+                    "drops": {**m.drops, **{f"ike_{k}": v for k, v in m.engine.drops.items()}},
+                    "refused": {}, "sync_gaps": 0, "replication": {}, "sync": {}}]}
+
+    def connections(self) -> list[dict[str, Any]]:
+        return connections_view(self.gw.config)
+
+    async def ask(self, req: dict[str, Any], *, one: bool = False) -> list[dict[str, Any]]:
+        answer = member_control(self.gw.member, req, self.gw._now())
+        answer["member"] = 1
+        self.gw.flush()
+        return [answer]
+
+    async def reload(self) -> dict[str, Any]:
+        try:
+            new = self.gw.read_config(self.path)
+        except StartupError as exc:
+            return {"ok": False, "error": str(exc)}
+        if new.cluster != self.gw.config.cluster:
+            return {"ok": False, "error": f"{self.path}: [cluster] changed: reload takes "
+                                          "connections only (restart for the rest)"}
+        result = reload_member(self.gw.member, new, self.gw._now())
+        self.gw.config = new
+        self.gw.flush()
+        log.info("reloaded %s: %s", self.path, result)
+        return {"ok": True, **result}

@@ -1,15 +1,14 @@
 """``ipsec-cluster run`` with ``members > 1`` (or a ``sync`` endpoint): the
 dispatcher process starts the member processes, supervises them (a member
-that exits is started again, with a new IV sender id), serves ``status`` and
-``sas`` on a control socket, exports Prometheus metrics, and stops everything
-cleanly on SIGINT/SIGTERM."""
+that exits is started again, with a new IV sender id), serves the control API
+(dispatcher/control.py) by relaying to the members, exports Prometheus
+metrics, reloads the connections on SIGHUP, and stops everything cleanly on
+SIGINT/SIGTERM (every IKE SA deleted with its peer first)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,9 @@ import zmq.asyncio
 from common.config import Config
 from common.errors import StartupError
 from dispatcher.cluster import Dispatcher
+from dispatcher.control import connections_view, serve
+from dispatcher.control import control_endpoint as control_endpoint  # (cli, tests, demo)
+from dispatcher.control import run_dir as run_dir
 from dispatcher.startup import bind_error, load_certificate
 from dispatcher.trust import KeyRing, secure_run_dir
 
@@ -45,21 +48,11 @@ GIVE_UP_AFTER = 8
 KEEP_MEMBERS_ENV = "IPSEC_CLUSTER_KEEP_MEMBERS"
 #: the supervisor's pid, handed to the members it starts
 PARENT_ENV = "IPSEC_CLUSTER_SUPERVISOR_PID"
+#: a clean stop: how long the members' Deletes (and the peers' answers) get
+STOP_GRACE_S = 1.0
+#: start_action = "start": how long we wait for the members to join first
+START_WAIT_S = 10.0
 SOCKETS = ("control.ipc", "members.ipc")
-
-
-def run_dir(config: Config, config_path: str) -> Path:
-    """Where a running cluster keeps its sockets: ``cluster.control`` or a
-    folder derived from the config file's absolute path, so that ``status``
-    and ``sas`` find the cluster through the same ``--config``."""
-    if config.cluster.control:
-        return Path(config.cluster.control)
-    digest = hashlib.sha256(str(Path(config_path).resolve()).encode()).hexdigest()[:12]
-    return Path("/tmp") / f"ipsec-cluster-{digest}"  # noqa: S108 - a per-config folder, 0700
-
-
-def control_endpoint(config: Config, config_path: str) -> str:
-    return f"ipc://{run_dir(config, config_path) / 'control.ipc'}"
 
 
 def members_endpoint(config: Config, config_path: str) -> str:
@@ -120,7 +113,7 @@ class Supervisor:
         self.dir = run_dir(config, config_path)
         secure_run_dir(self.dir, SOCKETS)
         endpoint = members_endpoint(config, config_path)
-        # CURVE on every transport (DESIGN.md "Trust model"): without
+        # CURVE on every transport (docs/design.md "Trust model"): without
         # configured keys (ipc://) a key pair of this run; the members we
         # start get a key pair each; members started by hand use their key
         # files, authorized one member id each (memberN.key).
@@ -142,6 +135,10 @@ class Supervisor:
         self.stopping = False
         #: the one line why we stopped on our own (a member that keeps failing)
         self.gave_up: str | None = None
+        self._stop_requested = asyncio.Event()
+        #: how reload reads the file (the CLI's, set by it: one StartupError line)
+        self.read_config: Callable[[str], Config] = lambda path: config
+        self._reloading: asyncio.Future[None] | None = None
 
     def new_backoff(self) -> Backoff:
         return Backoff()
@@ -228,24 +225,75 @@ class Supervisor:
         self.restart_at[member_id] = now + delay
 
     async def _control(self) -> None:
-        ctx = zmq.asyncio.Context.instance()
-        rep = ctx.socket(zmq.REP)
-        rep.setsockopt(zmq.LINGER, 0)
-        rep.bind(control_endpoint(self.config, self.config_path))
-        _private(control_endpoint(self.config, self.config_path))
+        """The control API (dispatcher/control.py), relayed to the members."""
+        await serve(self, control_endpoint(self.config, self.config_path),
+                    lambda: self.stopping)
+
+    # -- Backend (dispatcher/control.py) --------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self.dispatcher.status()
+
+    def connections(self) -> list[dict[str, Any]]:
+        return connections_view(self.config)
+
+    async def ask(self, req: dict[str, Any], *, one: bool = False) -> list[dict[str, Any]]:
+        return await self.dispatcher.control(req, one=one)
+
+    async def reload(self) -> dict[str, Any]:
+        """The file checked here first (a bad one changes nothing), then every
+        member re-reads it (the same path: members run with our --config)."""
         try:
-            while not self.stopping:
-                request = await rep.recv()
-                answer: dict[str, Any]
-                if request == b"status":
-                    answer = self.dispatcher.status()
-                elif request == b"sas":
-                    answer = await self.dispatcher.sas()
-                else:
-                    answer = {"error": f"unknown request {request[:32]!r}"}
-                await rep.send(json.dumps(answer).encode())
-        finally:
-            rep.close(linger=0)
+            new = self.read_config(self.config_path)
+        except StartupError as exc:
+            return {"ok": False, "error": str(exc)}
+        if new.cluster != self.config.cluster:
+            return {"ok": False, "error": f"{self.config_path}: [cluster] changed: reload "
+                                          "takes connections only (restart for the rest)"}
+        self.config = new
+        self.dispatcher.reconfigure(new)
+        answers = await self.dispatcher.control({"cmd": "reload"})
+        failed = [a for a in answers if not a.get("ok")]
+        if failed:
+            return {"ok": False, "error": f"member {failed[0].get('member')}: "
+                                          f"{failed[0].get('error')}"}
+        first = answers[0]
+        log.info("reloaded %s: %s", self.config_path,
+                 {k: first.get(k) for k in ("added", "changed", "removed")})
+        return {"ok": True, "added": first.get("added", []), "changed": first.get("changed", []),
+                "removed": first.get("removed", []), "members": answers}
+
+    def _sighup(self) -> None:
+        self._reloading = asyncio.ensure_future(self._sighup_reload())
+
+    async def _sighup_reload(self) -> None:
+        result = await self.reload()
+        log.info("SIGHUP: reload: %s", result.get("error") or "done")
+
+    async def _start_connections(self) -> None:
+        """``start_action = "start"``: once the members are in, one of them
+        initiates (its SPIs route the answers to it)."""
+        if not any(ch.start_action == "start" and conn.remote_addrs
+                   for conn in self.config.connections.values()
+                   for ch in conn.children.values()):
+            return
+        for _ in range(int(START_WAIT_S / 0.1)):
+            alive = [i for i in self.dispatcher.members.values() if i.alive]
+            if len(alive) >= self.config.cluster.members:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)   # the table reaches every member
+        answers = await self.dispatcher.control({"cmd": "start"}, one=True)
+        log.info("start_action: %s", answers)
+
+    async def _delete_all(self) -> None:
+        """A clean stop: every member deletes its IKE SAs with the peers (a
+        member killed for a handover does not: that path is os._exit)."""
+        answers = await self.dispatcher.control({"cmd": "shutdown"}, timeout=STOP_GRACE_S)
+        n = sum(int(a.get("done", 0)) for a in answers)
+        if n:
+            log.info("stopping: %d IKE SA(s) deleted with their peers", n)
+            await asyncio.sleep(STOP_GRACE_S)   # their Deletes out, the answers in
 
     def _metrics(self) -> None:
         port = self.config.cluster.metrics_port
@@ -259,6 +307,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self._metrics()  # first: a port in use stops us before anything else started
         try:
             await self.dispatcher.start()
@@ -272,10 +321,18 @@ class Supervisor:
                  asyncio.ensure_future(self.dispatcher._monitor()),
                  asyncio.ensure_future(self.dispatcher._watch_handshakes()),
                  asyncio.ensure_future(self._watch()),
-                 asyncio.ensure_future(self._control())]
+                 asyncio.ensure_future(self._control()),
+                 asyncio.ensure_future(self._start_connections())]
         try:
-            await self.dispatcher._stop.wait()
+            waits = [asyncio.ensure_future(self._stop_requested.wait()),
+                     asyncio.ensure_future(self.dispatcher._stop.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if self._stop_requested.is_set():
+                await self._delete_all()
         finally:
+            self.dispatcher.stop()
             self.stopping = True
             for t in tasks:
                 t.cancel()
@@ -297,8 +354,10 @@ class Supervisor:
             self.dir.rmdir()
 
     def stop(self) -> None:
+        """SIGTERM/SIGINT: the Deletes first (``run``), then the members (no
+        member is restarted from here on: one that got SIGTERM too is gone)."""
         self.stopping = True
-        self.dispatcher.stop()
+        self._stop_requested.set()
 
     def _stop_members(self) -> None:
         for proc in self.procs.values():
@@ -382,6 +441,7 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
                            "hands each its key), others need cluster.curve_secret_key "
                            "and cluster.curve_server_key")
     proc = MemberProcess(config, member_id, endpoint, curve=curve)
+    proc.config_path = config_path
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -97,15 +97,27 @@ def print_sas(sas: dict[str, Any], console: Console | None = None) -> None:
         for ike in m["ike_sas"]:
             console.print(f"[bold]{ike['name']}[/]: #{ike['id']} on member {m['member']}, "
                           f"{ike['state']}, {ike['spi_i']}_i {ike['spi_r']}_r, "
-                          f"remote {ike['remote']} {ike['remote_id']}, {ike['algorithms']}")
+                          f"remote {ike['remote']} {ike['remote_id']}, {ike['algorithms']}"
+                          f"{_timers(ike)}")
             if ike.get("virtual_ips"):
                 console.print(f"  virtual IPs {', '.join(ike['virtual_ips'])}")
             for ch in ike["children"]:
                 console.print(f"  {ch['name']}: {ch['state']} on member {ch['member']}, "
-                              f"{ch['spi_in']}_i {ch['spi_out']}_o, {ch['algorithms']}")
+                              f"{ch['spi_in']}_i {ch['spi_out']}_o, {ch['algorithms']}"
+                              f"{_timers(ch)}")
                 console.print(f"    local  {', '.join(ch['local_ts'])}")
                 console.print(f"    remote {', '.join(ch['remote_ts'])}")
         for esp in m["child_sas"]:
             console.print(f"  ESP {esp['name']} {esp['spi_in']}_i {esp['spi_out']}_o on member "
                           f"{m['member']}: in {esp['packets_in']} pkts/{esp['bytes_in']} B, "
                           f"out {esp['packets_out']} pkts/{esp['bytes_out']} B")
+
+
+def _timers(sa: dict[str, Any]) -> str:
+    """Age and rekey timer (control API ``list-sas``; absent in older answers)."""
+    text = ""
+    if sa.get("age_s") is not None:
+        text += f", up {sa['age_s']} s"
+    if sa.get("rekey_in_s") is not None:
+        text += f", rekey in {sa['rekey_in_s']} s"
+    return text

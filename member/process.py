@@ -37,6 +37,8 @@ from common.wire import (
     Channel,
     ChildDelete,
     ChildPush,
+    Control,
+    ControlReq,
     Datagram,
     DatagramIn,
     DatagramOut,
@@ -60,6 +62,8 @@ from member.refusals import Refusals
 from member.replication import Replicator
 from member.timer import CoreTimer
 from member.worker import Member, child_refusal
+from member.worker import control as member_control
+from member.worker import reload as reload_member
 
 log = logging.getLogger("ipsec_cluster.member")
 
@@ -172,6 +176,8 @@ class MemberProcess:
                  curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         """``curve`` = (our public key, our secret key, the dispatcher's public key)."""
         self.config = config
+        #: the file ``reload`` re-reads (set by ``run_member``)
+        self.config_path: str | None = None
         self.member_id = member_id
         self.endpoint = endpoint
         self.curve = curve
@@ -338,11 +344,38 @@ class MemberProcess:
                 self.replicator.child_replicas.pop(msg.spi_in, None)
         elif isinstance(msg, StatusReq):
             self.send(Status(json.dumps(self.status()).encode()))
+        elif isinstance(msg, ControlReq):
+            self.send(Control(msg.req_id, json.dumps(self._control(msg)).encode()))
         else:
             # DATAGRAM_OUT, INNER_OUT, ROUTE_*, HELLO, STATUS: member -> dispatcher only
             self.refusals.refuse("wire_wrong_direction", DISPATCHER, type(msg).__name__)
             return
         self.flush()
+
+    def _control(self, msg: ControlReq) -> dict[str, Any]:
+        """A control API request relayed by the dispatcher (dispatcher/control.py)."""
+        try:
+            req = json.loads(bytes(msg.json))
+        except (ValueError, UnicodeDecodeError):
+            req = None
+        if not isinstance(req, dict):
+            return {"ok": False, "error": "control request is not a JSON object"}
+        if self.member is None or self.loop is None:
+            return {"ok": False, "error": f"member {self.member_id} has not joined yet"}
+        now = self.loop.time()
+        if req.get("cmd") == "reload":
+            # the same file the dispatcher checked, re-read here (ours may
+            # hold other key paths on another host)
+            from dispatcher.cli import read_config
+
+            try:
+                new = read_config(self.config_path or "")
+            except StartupError as exc:
+                return {"ok": False, "error": str(exc)}
+            result = reload_member(self.member, new, now)
+            self.config = new
+            return {"ok": True, **result}
+        return member_control(self.member, req, now)
 
     def _child_push(self, push: ChildPush) -> None:
         """RFC 6027 §3.4: a child SA from the IKE SA owner, for us to carry

@@ -19,7 +19,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from common.config import Config
-from common.errors import IntegrityError, MalformedMessage, ReplayError, SequenceExhausted
+from common.errors import (
+    IntegrityError,
+    LocalProtocolError,
+    MalformedMessage,
+    ReplayError,
+    SequenceExhausted,
+)
 from common.esp import MAX_SEQ_32, MAX_SEQ_64, MIN_SPI, TRANSFORMS, InboundSA, OutboundSA
 from common.ike.engine import IkeEngine
 from common.ike.events import (
@@ -466,8 +472,9 @@ class Member:
 
     # -- seeing it ----------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """Every IKE SA and child SA of this member (``ipsec-cluster sas``)."""
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """Every IKE SA and child SA of this member (``ipsec-cluster sas``);
+        with ``now``, also ages and rekey timers in seconds."""
         from common.ike.policy import format_identity
         from common.ike.proposals import format_esp_suite, format_ike_suite
 
@@ -479,7 +486,7 @@ class Member:
                 children.append({
                     "name": c.name, "spi_in": f"{c.spi_in:08x}", "spi_out": f"{c.spi_out:08x}",
                     "algorithms": format_esp_suite(c.suite), "state": c.state.name,
-                    "member": where,
+                    "member": where, **_times(now, c.installed_at, c.rekey_at),
                     "local_ts": [str(t) for t in c.local_ts],
                     "remote_ts": [str(t) for t in c.remote_ts]})
             ike_sas.append({
@@ -490,11 +497,14 @@ class Member:
                 "remote_id": format_identity(*sa.peer_id) if sa.peer_id else "",
                 "virtual_ips": [str(lease.address) for lease in sa.leases],
                 "message_ids": {"send_next": sa.mids.send_next, "recv_next": sa.mids.recv_next},
-                "children": children, "counters": dict(sa.counters)})
+                "children": children, "counters": dict(sa.counters),
+                "spi": (sa.spi_i if sa.initiator else sa.spi_r).hex(), "member": self.member_id,
+                **_times(now, sa.established_at, sa.rekey_at)})
         esp = []
         for spi, r in self.by_spi.items():
             esp.append({
                 "name": r.name, "ike_id": r.ike_id, "spi_in": f"{spi:08x}",
+                "member": self.member_id,
                 "spi_out": f"{r.outbound.spi:08x}", "transform": r.outbound.transform,
                 "packets_in": r.inbound.packets, "bytes_in": r.inbound.octets,
                 "packets_out": r.outbound.packets, "bytes_out": r.outbound.octets,
@@ -510,3 +520,172 @@ class Member:
             for ch in conn.children.values():
                 nets += ch.remote_nets
         return nets
+
+
+def _times(now: float | None, since: float | None, rekey_at: float | None) -> dict[str, Any]:
+    if now is None:
+        return {}
+    return {"age_s": None if since is None else round(now - since, 1),
+            "rekey_in_s": None if rekey_at is None else round(rekey_at - now, 1)}
+
+
+# -- the control API's member side (docs/operations.md "Control API") ---------------
+
+
+class ControlError(Exception):
+    """A control request this member refuses: one line for the operator."""
+
+
+def _ike_matches(sa: Any, key: str) -> bool:
+    """An IKE SA named by its id, our SPI (hex) or its connection's name."""
+    ours = sa.spi_i if sa.initiator else sa.spi_r
+    return key in (str(sa.ike_id), ours.hex(), sa.name)
+
+
+def _child_matches(child: Any, key: str) -> bool:
+    return key in (f"{child.spi_in:08x}", child.name)
+
+
+def control(member: Member, req: dict[str, Any], now: float) -> dict[str, Any]:
+    """One control request acted on by this member's engine; the answer's
+    ``ok`` says whether it did anything (a cluster asks every member and
+    merges). Unknown IDs are not an error here: another member may own them."""
+    cmd = req.get("cmd")
+    try:
+        if cmd == "list-sas":
+            return {"ok": True, **member.snapshot(now)}
+        if cmd == "initiate":
+            return {"ok": True, "ike_ids": _initiate(member, req, now)}
+        if cmd == "terminate":
+            return {"ok": True, "done": _terminate(member, req, now)}
+        if cmd == "rekey":
+            return {"ok": True, "done": _rekey(member, req, now)}
+        if cmd == "start":
+            return {"ok": True, "ike_ids": start_configured(member, now)}
+        if cmd == "shutdown":
+            return {"ok": True, "done": delete_all(member, now)}
+        if cmd == "stats":
+            return {"ok": True, "counters": dict(member.counters), "drops": dict(member.drops),
+                    "ike_drops": dict(member.engine.drops),
+                    "ike_sas": len(member.engine.established()),
+                    "child_sas": len(member.by_spi)}
+    except (ControlError, LocalProtocolError) as exc:
+        return {"ok": False, "error": str(exc)}
+    return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
+
+
+def _initiate(member: Member, req: dict[str, Any], now: float) -> list[int]:
+    ike, child = req.get("ike"), req.get("child")
+    if isinstance(child, str):
+        # a child of an established IKE SA of its connection, else a new IKE SA
+        for conn in member.config.connections.values():
+            if child in conn.children:
+                for sa in member.engine.established():
+                    if sa.name == conn.name:
+                        member.engine.create_child(sa.ike_id, child, now)
+                        return [sa.ike_id]
+                if req.get("existing"):   # only on an IKE SA we own
+                    return []
+                return [_initiate_conn(member, conn.name, [child], now)]
+        raise ControlError(f"no child named {child!r} in the config")
+    if not isinstance(ike, str):
+        raise ControlError("initiate: expected \"ike\" or \"child\" (a name)")
+    return [_initiate_conn(member, ike, None, now)]
+
+
+def _initiate_conn(member: Member, name: str, children: list[str] | None, now: float) -> int:
+    conn = member.config.connections.get(name)
+    if conn is None:
+        raise ControlError(f"no connection named {name!r} in the config")
+    if not conn.remote_addrs:
+        raise ControlError(f"connection {name!r} has no remote_addrs to initiate to")
+    if children is None:
+        children = [n for n, ch in conn.children.items() if ch.start_action == "start"] \
+            or list(conn.children)
+    return member.engine.initiate(name, (str(conn.remote_addrs[0]), conn.remote_port), now,
+                                  children)
+
+
+def _terminate(member: Member, req: dict[str, Any], now: float) -> int:
+    ike, child = req.get("ike"), req.get("child")
+    done = 0
+    if isinstance(ike, str):
+        for sa in list(member.engine.by_id.values()):
+            if _ike_matches(sa, ike) and not sa.terminal:
+                member.engine.delete_ike(sa.ike_id, now)
+                done += 1
+        return done
+    if not isinstance(child, str):
+        raise ControlError("terminate: expected \"ike\" or \"child\" (a name or an ID)")
+    for sa in member.engine.established():
+        for c in list(sa.children.values()):
+            if _child_matches(c, child):
+                member.engine.delete_child(sa.ike_id, c.spi_in, now)
+                done += 1
+    return done
+
+
+def _rekey(member: Member, req: dict[str, Any], now: float) -> int:
+    ike, child = req.get("ike"), req.get("child")
+    done = 0
+    for sa in member.engine.established():
+        if isinstance(ike, str) and _ike_matches(sa, ike):
+            member.engine.rekey_ike(sa.ike_id, now)
+            done += 1
+        elif isinstance(child, str):
+            for c in list(sa.children.values()):
+                if _child_matches(c, child):
+                    member.engine.rekey_child(sa.ike_id, c.spi_in, now)
+                    done += 1
+    if not isinstance(ike, str) and not isinstance(child, str):
+        raise ControlError("rekey: expected \"ike\" or \"child\" (an ID)")
+    return done
+
+
+def delete_all(member: Member, now: float) -> int:
+    """A clean stop: an INFORMATIONAL Delete for every IKE SA (RFC 7296 §1.4.1),
+    so that peers learn it now rather than by DPD."""
+    done = 0
+    for sa in list(member.engine.by_id.values()):
+        if not sa.terminal:
+            member.engine.delete_ike(sa.ike_id, now)
+            done += 1
+    member._events()
+    return done
+
+
+def start_configured(member: Member, now: float) -> list[int]:
+    """``run``: the connections with a ``start_action = "start"`` child."""
+    ids = []
+    for conn in member.config.connections.values():
+        if conn.remote_addrs and any(ch.start_action == "start"
+                                     for ch in conn.children.values()):
+            ids.append(_initiate_conn(member, conn.name, None, now))
+    return ids
+
+
+def reload(member: Member, new: Config, now: float) -> dict[str, list[str]]:
+    """Take ``new``'s connections: added ones added, changed ones replaced and
+    removed ones removed (their IKE SAs deleted with the peer), unchanged ones
+    and their SAs untouched. The cluster section is not reloaded."""
+    old = member.config.connections
+    added = sorted(set(new.connections) - set(old))
+    removed = sorted(set(old) - set(new.connections))
+    changed = sorted(n for n in set(old) & set(new.connections) if old[n] != new.connections[n])
+    for sa in list(member.engine.by_id.values()):
+        if sa.name in removed or sa.name in changed:
+            if not sa.terminal:
+                member.engine.delete_ike(sa.ike_id, now)
+    policies = {p.name: p for p in policies_from_config(new.connections)}
+    for name in set(policies) & set(old):
+        if name not in changed:   # SAs of unchanged connections keep their policy object
+            policies[name] = member.engine.policies[name]
+    member.engine.policies = policies
+    member.config = new
+    member._events()
+    for name in added + changed:
+        conn = new.connections[name]
+        if conn.remote_addrs and any(ch.start_action == "start"
+                                     for ch in conn.children.values()):
+            _initiate_conn(member, name, None, now)
+    return {"added": added, "changed": changed, "removed": removed}

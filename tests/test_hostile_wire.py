@@ -42,6 +42,8 @@ from common.wire import (
     WIRE_VERSION,
     ChildDelete,
     ChildPush,
+    Control,
+    ControlReq,
     Datagram,
     DatagramIn,
     DatagramOut,
@@ -91,6 +93,8 @@ WIRE: list[Message] = [
     Hello(1, 2, "host", "0.1.0"),
     StatusReq(),
     Status(b"{}"),
+    ControlReq(1, b"{}"),
+    Control(1, b"{}"),
     Sync(1, 2, 3, b"xyz"),
 ]
 
@@ -125,7 +129,7 @@ def test_every_message_type_is_covered_and_round_trips() -> None:
     assert {type(m).__name__ for m in WIRE} == {
         "DatagramIn", "DatagramOut", "InnerIn", "InnerOut", "Heartbeat", "TableUpdate",
         "ChildPush", "ChildDelete", "RouteAdd", "RouteDel", "Hello", "StatusReq", "Status",
-        "Sync"}
+        "Sync", "ControlReq", "Control"}
     assert len(WIRE) == len(MsgType)
     assert len(SYNC) == len(SyncKind)
     for raw in WIRE_RAW:

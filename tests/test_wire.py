@@ -12,6 +12,8 @@ from common.segments import SegmentTable
 from common.wire import (
     ChildDelete,
     ChildPush,
+    Control,
+    ControlReq,
     Datagram,
     DatagramIn,
     DatagramOut,
@@ -56,6 +58,8 @@ SAMPLES: list[Message] = [
     RouteDel(9),
     Hello(2, 31337, "gw-a.example", "0.1.0"),
     StatusReq(),
+    ControlReq(3, b'{"cmd": "list-sas"}'),
+    Control(3, b'{"ok": true}'),
     Status(b'{"members": [1, 2]}'),
     Sync(2, 1, 9, b"\x01\x06sync"),
 ]
@@ -91,10 +95,12 @@ def test_every_truncation_is_malformed(msg: Message) -> None:
         # Only a message with a free-form tail (STATUS JSON, a SYNC payload,
         # decoded by common/sync.py) may end anywhere after its fixed part.
         assert (isinstance(msg, Status | StatusReq) and n >= 10) or (
-            isinstance(msg, Sync) and n >= 22)
+            isinstance(msg, Sync) and n >= 22) or (
+            isinstance(msg, Control | ControlReq) and n >= 18)
 
 
-@pytest.mark.parametrize("msg", [m for m in SAMPLES if not isinstance(m, Status | Sync)],
+@pytest.mark.parametrize("msg", [m for m in SAMPLES
+                                 if not isinstance(m, Status | Sync | Control | ControlReq)],
                          ids=_id)
 def test_trailing_bytes_are_malformed(msg: Message) -> None:
     with pytest.raises(MalformedMessage):
