@@ -206,8 +206,9 @@ def _control_parsers(sub: Any) -> None:
     for name, text in verbs:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="the config the gateway runs with")
-        p.add_argument("--json", action="store_true")
-        p.add_argument("--timeout", type=float, default=5.0)
+        p.add_argument("--json", action="store_true", help="print the answer as JSON")
+        p.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to wait for the gateway's answer (default 5)")
         if name in ("initiate", "terminate", "rekey"):
             group = p.add_mutually_exclusive_group(required=True)
             group.add_argument("--ike", help="a connection name, an IKE SA id or its SPI (hex)")
