@@ -310,10 +310,17 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self._metrics()  # first: a port in use stops us before anything else started
         try:
-            await self.dispatcher.start()
-        except zmq.ZMQError as exc:  # the members' endpoint (cluster.sync)
-            raise bind_error(self.dispatcher.endpoint, f"{self.config_path}: cluster.sync",
-                             exc) from None
+            try:
+                await self.dispatcher.start()
+            except zmq.ZMQError as exc:  # the members' endpoint (cluster.sync)
+                raise bind_error(self.dispatcher.endpoint, f"{self.config_path}: cluster.sync",
+                                 exc) from None
+        except BaseException:
+            # e.g. a TUN without CAP_NET_ADMIN after the members' socket was
+            # bound: leave no socket and no run folder behind
+            self.dispatcher.close()
+            self._remove_run_dir()
+            raise
         _private(self.dispatcher.endpoint)
         for member_id in range(1, self.config.cluster.members + 1):
             self._spawn(member_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -25,6 +26,7 @@ import struct
 import subprocess
 from collections.abc import Callable, Sequence
 
+from common.errors import StartupError
 from dispatcher.routes import DEFAULT_MARK, DEFAULT_TABLE, PolicyRoutes
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,16 @@ class TunDevice:
         """Create and configure the device (idempotent); ``start`` calls it."""
         if self.fd >= 0:
             return
-        self.fd, self.name = open_tun(self.name)
+        try:
+            self.fd, self.name = open_tun(self.name)
+        except TunError as exc:
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise StartupError(
+                    f"cannot create the TUN device {self.name!r}: {exc.strerror}: a TUN "
+                    "inside needs root or CAP_NET_ADMIN (or use inside = \"udp:HOST:PORT\", "
+                    "docs/config.md)") from None
+            raise StartupError(f"cannot create the TUN device {self.name!r}: {exc} "
+                               "(is /dev/net/tun there? modprobe tun)") from None
         try:
             configure(self.name, self.address, self.mtu)
             policy = PolicyRoutes(self.name, self.table, self.mark)
