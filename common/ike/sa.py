@@ -576,8 +576,12 @@ class IkeSa:
     # -- timers -----------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
+        # The rekey time counts only while ESTABLISHED, as in handle_timer: a
+        # REKEYED SA whose delete never comes must not stay due for ever (the
+        # shell's timer would spin).
+        rekey = self.rekey_at if self.state is IkeState.ESTABLISHED else None
         times = [t for t in (self.mids.request_deadline, self.half_open_deadline,
-                             self.rekey_at, self._dpd_at()) if t is not None]
+                             rekey, self._dpd_at()) if t is not None]
         times += [c.rekey_at for c in self.children.values()
                   if c.rekey_at is not None and c.state is ChildState.INSTALLED]
         return min(times) if times else None
