@@ -6,21 +6,21 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit bench fuzz sysdeps clean
 
-$(STAMP): pyproject.toml setup.py common/_esp_fast.c
+$(STAMP): pyproject.toml setup.py common/esp/_esp_fast.c
 	@command -v $(PY) >/dev/null 2>&1 || { echo "make: $(PY) not found (set PY=...)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-# Debian packages: libssl-dev for the compiled ESP path (common/_esp_fast.c), and the
+# Debian packages: libssl-dev for the compiled ESP path (common/esp/_esp_fast.c), and the
 # real-peer tests (strongSwan, ping, tcpdump); only as root.  `test` runs it before
 # the install so the extension gets built.
 sysdeps:
 	@./scripts/install-sysdeps.sh
 
 demo: $(STAMP)
-	$(BIN)/ipsec-cluster demo
+	$(BIN)/python -m bench.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check common dispatcher member tests bench

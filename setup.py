@@ -1,8 +1,8 @@
 """Only the optional C extension; pyproject.toml holds all the metadata.
 
-``common._esp_fast`` is the ESP byte primitive (common/_esp_fast.c, linked
+``common.esp._esp_fast`` is the ESP byte primitive (common/esp/_esp_fast.c, linked
 against OpenSSL libcrypto, Debian: libssl-dev).  ``optional=True``: without a
-compiler or the OpenSSL headers the install still succeeds and common/esp.py
+compiler or the OpenSSL headers the install still succeeds and common/esp/transforms.py
 uses its pure-Python path.
 """
 
@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "common._esp_fast",
-            sources=["common/_esp_fast.c"],
+            "common.esp._esp_fast",
+            sources=["common/esp/_esp_fast.c"],
             libraries=["crypto"],
             extra_compile_args=["-Wall", "-Wextra", "-Wno-missing-field-initializers"],
             optional=True,

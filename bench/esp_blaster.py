@@ -31,9 +31,9 @@ import sys
 import time
 from typing import Any
 
-from dispatcher.cli import read_config
 from dispatcher.gateway import Gateway
-from member.peer import udp4_packet
+from dispatcher.peer import udp4_packet
+from member.config_file import read_config
 
 SINK_PORT = 9
 BATCH_S = 0.001

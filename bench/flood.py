@@ -155,10 +155,10 @@ def _drain(s: socket.socket, template: bytes, gw: str, gw_port: int,
 
 
 def _initiator_engine(ike_port: int, natt_port: int, gw: str) -> Any:
+    from common.cluster.spi import SpiAllocator
     from common.ike.engine import IkeEngine
     from common.ike.sa import IkeOptions
     from common.ike.spis import SegmentSpis
-    from common.spi import SpiAllocator
     from tests.ike_pair import child, policy
 
     pol = policy("flood", "peer.test", "gw.test", PSK.encode(),

@@ -7,7 +7,7 @@ for the bare AEAD too), so the per-call timer overhead vanishes and caches see
 the same working set; results are divided by BATCH.  ``unprotect`` gets a fresh
 replay window (outside the timed part) before each round, so replay never fires.
 The last test prints the ratio table (protect+unprotect vs encrypt+decrypt) for
-both implementations: ``c`` (common/_esp_fast.c, the default when built) and
+both implementations: ``c`` (common/esp/_esp_fast.c, the default when built) and
 ``python`` (the pure-Python reference, as IPSEC_CLUSTER_PURE_ESP=1 forces).
 
 The bare baseline of a transform is the same cryptography done with bare
@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.hmac import HMAC
 
-from common import esp
-from common.esp import TRANSFORMS, InboundSA, OutboundSA
-from common.replay import ReplayState
+from common.esp import transforms as esp
+from common.esp.replay import ReplayState
+from common.esp.transforms import TRANSFORMS, InboundSA, OutboundSA
 
 BATCH = 256
 ROUNDS = 200
@@ -46,7 +46,7 @@ def use_impl(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if impl == "c":
         compiled = esp._load_compiled()
         if compiled is None:
-            pytest.skip("common._esp_fast is not built (or IPSEC_CLUSTER_PURE_ESP=1)")
+            pytest.skip("common.esp._esp_fast is not built (or IPSEC_CLUSTER_PURE_ESP=1)")
         monkeypatch.setattr(esp, "_compiled", compiled)
     else:
         monkeypatch.setattr(esp, "_compiled", None)

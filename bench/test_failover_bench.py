@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from common.routing import InsideRoutes
+from common.cluster.routing import InsideRoutes
 from tests.test_failover_scale import ScaleCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,7 +234,7 @@ def test_a_failover_gap_with_strongswan(tmp_path: Path) -> None:
 
 def _template_state() -> Any:
     """One real IKE SA with two children, as its owner snapshots it."""
-    from common.ike.snapshot import snapshot
+    from common.cluster.snapshot import snapshot
 
     c = ScaleCluster.build(replay_policy="learn")
     c.peers.clear()
@@ -247,7 +247,7 @@ def _template_state() -> Any:
 def _receiver(endpoint: str, ready: Any, result: Any) -> None:
     import zmq
 
-    from common.wire import Sync, decode, encode
+    from common.cluster.wire import Sync, decode, encode
     from member.replication import Replicator
 
     ctx = zmq.Context()
@@ -280,19 +280,19 @@ def _receiver(endpoint: str, ready: Any, result: Any) -> None:
 def test_b_bulk_transfer_100k(tmp_path: Path) -> None:
     import zmq
 
+    from common.cluster.segments import SegmentTable
+    from common.cluster.wire import Sync, encode
     from common.ike.engine import IkeEngine
-    from common.segments import SegmentTable
-    from common.wire import Sync, encode
     from member.replication import Replicator
 
     n = int(os.environ.get("FAILOVER_BENCH_BULK", "100000"))
     template = _template_state()
     # n IKE SAs in an owner's engine (restored from the template with their
     # own SPIs: cheaper than 100,000 handshakes, the same objects).
+    from common.cluster.spi import SpiAllocator
     from common.ike.policy import IkePolicy  # noqa: F401  (engine needs policies)
     from common.ike.spis import SegmentSpis
     from common.rand import deterministic_random
-    from common.spi import SpiAllocator
 
     table = SegmentTable(8)
     table.assign([1, 2])

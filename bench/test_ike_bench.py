@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from common.cluster.spi import SpiAllocator
 from common.ike.constants import IdType
 from common.ike.engine import IkeEngine
 from common.ike.policy import ChildPolicy, IkePolicy
@@ -36,7 +37,6 @@ from common.ike.proposals import parse_esp_proposal, parse_ike_proposal
 from common.ike.sa import IkeState
 from common.ike.spis import SegmentSpis
 from common.ike.ts import ts_from_cidr
-from common.spi import SpiAllocator
 
 ROOT = Path(__file__).resolve().parent.parent
 N_SAS = 200

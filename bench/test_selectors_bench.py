@@ -25,14 +25,14 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from common.cluster.routing import InsideRoutes, inner_addresses
+from common.cluster.wire import ChildPush
 from common.config import load_config
 from common.errors import IntegrityError, MalformedMessage, ReplayError, SequenceExhausted
-from common.esp import TRANSFORMS, OutboundSA
+from common.esp.replay import ReplayState
+from common.esp.transforms import TRANSFORMS, OutboundSA
 from common.ike.ts import TrafficSelector, ts_from_cidr
-from common.replay import ReplayState
-from common.routing import InsideRoutes, inner_addresses
-from common.wire import ChildPush
-from member.peer import udp4_packet
+from dispatcher.peer import udp4_packet
 from member.worker import Address, Member
 
 BATCH = 256

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
+from common.cluster.pools import Pool
 from common.errors import IpsecClusterError
 from common.ike.certs import (
     LocalCredential,
@@ -38,7 +39,6 @@ from common.ike.constants import IdType
 from common.ike.proposals import expand_esp_proposal, expand_ike_proposal
 from common.ike.transforms import Proposal
 from common.ike.ts import TrafficSelector, ts_from_cidr
-from common.pools import Pool
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -46,7 +46,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 #: Reads a file by path (the shell passes ``lambda p: Path(p).read_bytes()``).
 ReadFile = Callable[[str], bytes]
 
-MIN_REPLAY_WINDOW = 32  # same bounds as common/replay.py
+MIN_REPLAY_WINDOW = 32  # same bounds as common/esp/replay.py
 MAX_REPLAY_WINDOW = 65536
 MAX_MEMBERS = 64
 IFNAMSIZ = 16  # Linux interface names: at most 15 bytes + NUL
@@ -54,7 +54,7 @@ IFNAMSIZ = 16  # Linux interface names: at most 15 bytes + NUL
 UNIX_PATH_MAX = 107
 #: control sockets made in the ``control`` folder (the longest name counts)
 CONTROL_SOCKETS = ("control.ipc", "members.ipc")
-#: connection and child names travel as strings with a one-byte length (common/wire.py)
+#: connection and child names travel as strings with a one-byte length (common/cluster/wire.py)
 MAX_NAME_BYTES = 255
 #: identities: host names are at most 253 bytes (RFC 1035), e-mail addresses 254
 MAX_ID_BYTES = 255
@@ -100,7 +100,7 @@ class InsideConfig:
     port: int = 0
     bind_host: IPAddress | None = None  # udp: our inside socket
     bind_port: int = 0
-    route_table: int = 220  # tun: our routing table, rule priority (dispatcher/routes.py)
+    route_table: int = 220  # tun: our routing table, rule priority (member/routes.py)
     route_mark: int = 0x220  # tun: SO_MARK of our own IKE/ESP sockets (+1: decrypted)
 
 

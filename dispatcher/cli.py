@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
-from common.config import MAX_MEMBERS, Config, ConfigError, load_config
+from common.config import MAX_MEMBERS
 from common.errors import StartupError
+from member.config_file import read_config
+from member.main import run_loop
 
 #: the control API's verbs (docs/operations.md "Control API")
 CONTROL_VERBS = ("list-conns", "list-sas", "initiate", "terminate", "rekey", "stats", "reload")
-
-
-def read_config(path: str) -> Config:
-    """Load a config file; a bad one is one ``StartupError`` line (exit 2)."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise StartupError(f"cannot read config {path}: {exc.strerror or exc} (check "
-                           "--config)") from None
-
-    def read_file(name: str) -> bytes:  # load_config made it relative to the config already
-        return Path(name).read_bytes()
-
-    try:
-        return load_config(data, str(p), read_file)
-    except ConfigError as exc:
-        raise StartupError(str(exc)) from None
 
 
 def _setup_logging(level: str, fmt: str = "text", role: str = "gateway") -> None:
@@ -40,15 +23,6 @@ def _setup_logging(level: str, fmt: str = "text", role: str = "gateway") -> None
     from member.logs import setup_logging
 
     setup_logging(level, fmt, role)
-
-
-def _run_loop(coro: object) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
@@ -74,7 +48,7 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
             codes.append(await sup.run())
 
         try:
-            _run_loop(run())
+            run_loop(run())
         except StartupError:
             if not c.control:  # the run folder we made, if still empty
                 with contextlib.suppress(OSError):
@@ -85,12 +59,12 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
 
     gw = Gateway(config, initiate=initiate, config_path=None if initiate else args.config)
     gw.read_config = read_config
-    _run_loop(gw.run_forever())
+    run_loop(gw.run_forever())
     return 0
 
 
 def cmd_member(args: argparse.Namespace) -> int:
-    from dispatcher.supervisor import run_member
+    from member.main import run_member
 
     config = read_config(args.config)
     if not 1 <= args.id <= MAX_MEMBERS:
@@ -239,7 +213,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_peer(args: argparse.Namespace) -> int:
     """Our initiator; without load/check flags exactly today's ``peer``."""
-    from member.peer import Peer, options_from_args
+    from dispatcher.peer import Peer, options_from_args
 
     options = options_from_args(args)
     config = read_config(args.config)
@@ -250,19 +224,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
     async def run() -> None:
         codes.append(await peer.run())
 
-    _run_loop(run())
+    run_loop(run())
     return codes[0] if codes else 1
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The cluster demonstration (member/demo.py); ``--esp``: the in-memory ESP one."""
-    if args.esp:
-        from member.esp_demo import run_demo
-
-        return int(run_demo())
-    from member.demo import run_cluster_demo
-
-    return run_cluster_demo(quick=args.quick, keep=args.keep)
 
 
 def _version() -> str:
@@ -291,18 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TOML config file with the connections to bring up")
     peer.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                       help="log level (default: cluster.log_level of the config)")
-    from member.peer import add_peer_arguments
+    from dispatcher.peer import add_peer_arguments
 
     add_peer_arguments(peer)
-    demo = sub.add_parser("demo", help="a self-contained demonstration (make demo): a "
-                          "3-member cluster on loopback, our peer's traffic, a member "
-                          "killed and the failover")
-    demo.add_argument("--quick", action="store_true",
-                      help="a shortened schedule (~20 s; also IPSEC_CLUSTER_DEMO_QUICK=1)")
-    demo.add_argument("--keep", action="store_true",
-                      help="keep the work directory (configs, logs) also when it worked")
-    demo.add_argument("--esp", action="store_true",
-                      help="instead: the in-memory ESP demonstration (transforms, replay, IVs)")
     member = sub.add_parser("member", help="run one member process and connect it to a "
                             "dispatcher (other hosts: tcp:// with CURVE keys)")
     member.add_argument("--config", required=True,
@@ -349,8 +303,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_run(args)
     if args.command == "peer":
         return cmd_peer(args)
-    if args.command == "demo":
-        return cmd_demo(args)
     handlers = {"member": cmd_member, "status": cmd_status, "sas": cmd_sas,
                 "keygen": cmd_keygen}
     handlers.update({verb: cmd_control for verb in CONTROL_VERBS})

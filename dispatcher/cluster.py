@@ -1,7 +1,7 @@
 """The dispatcher process: the cluster's single address and its I/O edge.
 
 It owns UDP 500/4500 and the inside (TUN or UDP), classifies every datagram
-and routes it with the one routing function (common/routing.py) to the member
+and routes it with the one routing function (common/cluster/routing.py) to the member
 that owns the segment, in batches over ZeroMQ; it sends what members hand back
 from the cluster address, so IKE and ESP always share one address (RFC 6027
 §3.8). It is the membership authority: HELLO, heartbeats, the segment table
@@ -29,13 +29,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common.config import Config
-from common.errors import MalformedMessage
-from common.ike.ts import TrafficSelector
-from common.routing import InsideRoutes, PortKind, RouteKind, route_datagram
-from common.segments import SegmentTable
-from common.spi import segment_of_esp_spi
-from common.wire import (
+from common.cluster.routing import InsideRoutes, PortKind, RouteKind, route_datagram
+from common.cluster.segments import SegmentTable
+from common.cluster.spi import segment_of_esp_spi
+from common.cluster.wire import (
     Channel,
     ChildDelete,
     ChildPush,
@@ -58,10 +55,11 @@ from common.wire import (
     decode,
     encode,
 )
+from common.config import Config
+from common.errors import MalformedMessage
+from common.ike.ts import TrafficSelector
 from dispatcher.control import ControlRelay
-from dispatcher.inside import Inside, make_inside
 from dispatcher.membership import MemberInfo, Membership, RouteInfo
-from dispatcher.routes import bind_udp, mark_for_tun
 from dispatcher.trust import (
     HANDSHAKE_FAILED_EVENTS,
     ZAP_DOMAIN,
@@ -70,7 +68,9 @@ from dispatcher.trust import (
     authenticator,
     member_of_user_id,
 )
+from member.inside import Inside, make_inside
 from member.refusals import Refusals
+from member.routes import bind_udp, mark_for_tun
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
 
@@ -103,7 +103,7 @@ class Dispatcher(Membership):
                  expect_members: int | None = None) -> None:
         """``curve`` = our CURVE key pair (z85; made fresh when None: members
         we start learn it from us); ``keys``: each member's public key bound
-        to its member id (DESIGN.md "Trust model"). Every endpoint, ipc://
+        to its member id (docs/design.md "Trust model"). Every endpoint, ipc://
         too, is CURVE: no key, no member."""
         self.config = config
         self.endpoint = endpoint
@@ -582,7 +582,7 @@ class Dispatcher(Membership):
     def _pools_status(self) -> list[dict[str, Any]]:
         """Each ``[pools.NAME]`` and how many of its addresses the live members
         have leased (the addresses themselves: ``sas``, per IKE SA)."""
-        from common.pools import Pool
+        from common.cluster.pools import Pool
 
         out = []
         bits = self.config.cluster.segment_bits

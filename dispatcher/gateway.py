@@ -21,12 +21,12 @@ from typing import Any
 
 from common.config import Config
 from common.errors import MalformedMessage, StartupError
-from common.natt import NON_ESP_MARKER, Kind, classify_4500
+from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
 from dispatcher.control import connections_view, control_endpoint, run_dir, serve
-from dispatcher.inside import Inside, make_inside
-from dispatcher.routes import bind_udp, keep_alone, mark_for_tun
 from dispatcher.trust import secure_run_dir
+from member.inside import Inside, make_inside
 from member.refusals import Refusals
+from member.routes import bind_udp, keep_alone, mark_for_tun
 from member.timer import CoreTimer
 from member.worker import Member, delete_all, start_configured
 from member.worker import control as member_control
@@ -191,7 +191,7 @@ class Gateway:
                           c.metrics_address)
         # Our own sockets, no SO_REUSEADDR (nobody binds beside us), marked
         # with a TUN inside so our IKE/ESP bypass the tunnel's table
-        # (dispatcher/routes.py); a port in use is one StartupError line.
+        # (member/routes.py); a port in use is one StartupError line.
         mark = mark_for_tun(c.inside.kind, c.inside.route_mark)
         for port in sorted({c.ike_port, c.natt_port}):
             sock = bind_udp(str(c.address), port, mark=mark)

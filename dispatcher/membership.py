@@ -1,6 +1,6 @@
 """Membership: who is in the cluster and which member owns which segment.
 
-The dispatcher is the membership authority (DESIGN.md "Failure handling"):
+The dispatcher is the membership authority (docs/failover.md):
 HELLO gives a member (incarnation) its IV sender id and the segment table;
 heartbeats keep it alive; a member that misses ``dead_after`` of them is dead
 and its segments go to their backups (epoch bumped); every segment gets a
@@ -20,16 +20,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from common.cluster.segments import SegmentMove
+from common.cluster.spi import segment_of_esp_spi
+from common.cluster.wire import Datagram, Heartbeat, Hello, StreamSeq, TableUpdate
 from common.ike.ts import TrafficSelector
-from common.segments import SegmentMove
-from common.spi import segment_of_esp_spi
-from common.wire import Datagram, Heartbeat, Hello, StreamSeq, TableUpdate
 
 if TYPE_CHECKING:
+    from common.cluster.routing import InsideRoutes
+    from common.cluster.segments import SegmentTable
+    from common.cluster.wire import Message
     from common.config import Config
-    from common.routing import InsideRoutes
-    from common.segments import SegmentTable
-    from common.wire import Message
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,20 +21,18 @@ from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFam
 from prometheus_client.registry import Collector
 
 from common.errors import StartupError
+from member.sa_counts import (
+    CONN_CHILD,
+    CONN_IKE,
+    sa_counts_by_connection,
+)
 
 if TYPE_CHECKING:
     from dispatcher.cluster import Dispatcher
     from dispatcher.gateway import Gateway
-    from member.worker import Member
 
-#: per member and kind, connection (or child) names with their own label value
-MAX_CONNECTION_LABELS = 32
-#: the label value of the connections beyond MAX_CONNECTION_LABELS
-OTHER = "_other"
 #: reads of the status per scrape before a changing dict is an error
 STATUS_TRIES = 3
-#: heartbeat counter prefixes of the per-connection counts (member/process.py)
-CONN_IKE, CONN_CHILD = "conn.ike.", "conn.child."
 
 Family = GaugeMetricFamily | CounterMetricFamily
 Status = dict[str, Any]
@@ -72,27 +69,6 @@ REPLICATION = (
     ("takeovers", "ipsec_cluster_takeovers",
      "segments this member took over from a dead member", True),
 )
-
-
-def sa_counts_by_connection(member: Member) -> dict[str, int]:
-    """``conn.ike.NAME`` (established IKE SAs) and ``conn.child.NAME`` (child
-    SAs) of one member, the heartbeat counters behind the labelled metrics."""
-    ike = Counter(sa.name for sa in member.engine.established())
-    child = Counter(route.name for route in member.by_spi.values())
-    out: dict[str, int] = {}
-    for prefix, counts in ((CONN_IKE, ike), (CONN_CHILD, child)):
-        for name, n in _capped(counts).items():
-            out[prefix + name[:64]] = n
-    return out
-
-
-def _capped(counts: Counter[str]) -> dict[str, int]:
-    names = sorted(counts)
-    kept = {name: counts[name] for name in names[:MAX_CONNECTION_LABELS]}
-    rest = sum(counts[name] for name in names[MAX_CONNECTION_LABELS:])
-    if rest:
-        kept[OTHER] = rest
-    return kept
 
 
 def dispatcher_status(dispatcher: Dispatcher) -> Status:

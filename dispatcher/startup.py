@@ -74,17 +74,5 @@ def bind_error(endpoint: str, what: str, exc: zmq.ZMQError) -> StartupError:
     return StartupError(f"{what}: cannot bind {endpoint}: {reason} ({fix})")
 
 
-def load_certificate(config_path: str, key: str, path: Path) -> tuple[bytes, bytes | None]:
-    """``zmq.auth.load_certificate``, its failures as one line naming the key."""
-    import zmq.auth
-
-    try:
-        return zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError, IndexError) as exc:
-        reason = getattr(exc, "strerror", None) or "not a CURVE certificate"
-        raise StartupError(f"{config_path}: cluster.{key}: cannot load {path}: {reason} "
-                           "(make keys with `ipsec-cluster keygen`)") from None
-
-
 def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__

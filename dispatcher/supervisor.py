@@ -30,8 +30,9 @@ from dispatcher.cluster import Dispatcher
 from dispatcher.control import connections_view, serve
 from dispatcher.control import control_endpoint as control_endpoint  # (cli, tests, demo)
 from dispatcher.control import run_dir as run_dir
-from dispatcher.startup import bind_error, load_certificate
+from dispatcher.startup import bind_error
 from dispatcher.trust import KeyRing, secure_run_dir
+from member.main import load_certificate
 
 log = logging.getLogger("ipsec_cluster.supervisor")
 
@@ -192,7 +193,7 @@ class Supervisor:
                 and proc.poll() is None):
             # Declared dead but still running (stalled, not crashed): its
             # segments moved on; end this incarnation so that it rejoins as
-            # a new one (new IV sender id, DESIGN.md).
+            # a new one (new IV sender id, docs/failover.md).
             log.warning("member %d (pid %d) was declared dead but still runs; "
                         "restarting it", member_id, proc.pid)
             proc.kill()
@@ -404,67 +405,3 @@ def load_server_curve(config: Config, config_path: str) -> tuple[bytes, bytes, s
         raise StartupError(f"{config_path}: cluster.curve_authorized: "
                            f"expected a folder of member public keys, got {allowed}")
     return public, secret, str(allowed)
-
-
-def load_member_curve(config: Config, config_path: str) -> tuple[bytes, bytes, bytes]:
-
-    c = config.cluster
-    base = Path(config_path).parent
-    if not c.curve_secret_key or not c.curve_server_key:
-        raise StartupError(f"{config_path}: a member on tcp:// needs "
-                           "cluster.curve_secret_key and cluster.curve_server_key")
-    public, secret = load_certificate(config_path, "curve_secret_key", base / c.curve_secret_key)
-    server, _ = load_certificate(config_path, "curve_server_key", base / c.curve_server_key)
-    if secret is None:
-        raise StartupError(f"{config_path}: cluster.curve_secret_key: {c.curve_secret_key} "
-                           "holds no secret key (use NAME.key_secret from keygen)")
-    return public, secret, server
-
-
-def read_key_line(line: bytes) -> tuple[bytes, bytes, bytes]:
-    """(our public key, our secret key, the dispatcher's public key), z85,
-    as the supervisor writes them to a member's stdin."""
-    parts = line.split()
-    if len(parts) != 3 or any(len(p) != 40 for p in parts):
-        raise StartupError("--key-stdin: expected one line 'public secret server' of z85 "
-                           "CURVE keys on stdin (the supervisor writes it)")
-    return parts[0], parts[1], parts[2]
-
-
-def run_member(config: Config, config_path: str, member_id: int, endpoint: str, *,
-               key_stdin: bool = False) -> int:
-    from member.process import MemberProcess
-
-    if not endpoint.startswith(("ipc://", "tcp://")):
-        raise StartupError(f"--connect {endpoint}: not an endpoint (expected the "
-                           "dispatcher's ipc://PATH or tcp://HOST:PORT)")
-    if key_stdin:
-        curve = read_key_line(sys.stdin.buffer.readline(256))
-    elif endpoint.startswith("tcp://") or config.cluster.curve_secret_key:
-        curve = load_member_curve(config, config_path)
-    else:
-        raise StartupError(f"a member on {endpoint} needs its CURVE key: members on the "
-                           "dispatcher's host are started by `ipsec-cluster run` (which "
-                           "hands each its key), others need cluster.curve_secret_key "
-                           "and cluster.curve_server_key")
-    proc = MemberProcess(config, member_id, endpoint, curve=curve)
-    proc.config_path = config_path
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: os._exit(0))
-        await proc.run()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        _run(main())
-    return 0
-
-
-def _run(coro: Any) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)

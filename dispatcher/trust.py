@@ -1,4 +1,4 @@
-"""The trust model of the cluster's inside (DESIGN.md "Trust model").
+"""The trust model of the cluster's inside (docs/design.md "Trust model").
 
 Rules of this file:
 - Every member connection is CURVE-authenticated, on ipc:// too. A public key
@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.cluster.routing import FLAG_INITIATOR, IKE_HEADER_LEN, NON_ESP_MARKER_LEN, init_segment
+from common.cluster.segments import SegmentTable
+from common.cluster.spi import segment_of_esp_spi, segment_of_ike_spi
+from common.cluster.wire import ChildDelete, ChildPush, Datagram, RouteAdd, Sync
 from common.errors import MalformedMessage, StartupError
+from common.esp.natt import Kind, classify_4500
 from common.ike.ts import TrafficSelector
-from common.natt import Kind, classify_4500
-from common.routing import FLAG_INITIATOR, IKE_HEADER_LEN, NON_ESP_MARKER_LEN, init_segment
-from common.segments import SegmentTable
-from common.spi import segment_of_esp_spi, segment_of_ike_spi
-from common.wire import ChildDelete, ChildPush, Datagram, RouteAdd, Sync
 
 log = logging.getLogger("ipsec_cluster.trust")
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from common.errors import StartupError
-from common.esp import CBC, CHACHA, CTR, GCM, TRANSFORMS
+from common.esp.transforms import CBC, CHACHA, CTR, GCM, TRANSFORMS
 from common.ike.constants import EncrId, IntegId
 from common.ike.events import ChildSaInstalled, IkeEvent, IkeSaEstablished, IkeSaRekeyed
 from common.ike.keys import IkeKeys

@@ -25,15 +25,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common.config import MAX_MEMBERS, Config
-from common.errors import MalformedMessage, StartupError
-from common.ike.sa import Outgoing
-from common.iv import MAX_SENDER_ID
-from common.natt import NON_ESP_MARKER, Kind, classify_4500
-from common.routing import init_segment
-from common.segments import SegmentTable
-from common.spi import segment_of_esp_spi
-from common.wire import (
+from common.cluster.routing import init_segment
+from common.cluster.segments import SegmentTable
+from common.cluster.spi import segment_of_esp_spi
+from common.cluster.wire import (
     Channel,
     ChildDelete,
     ChildPush,
@@ -57,6 +52,11 @@ from common.wire import (
     decode,
     encode,
 )
+from common.config import MAX_MEMBERS, Config
+from common.errors import MalformedMessage, StartupError
+from common.esp.iv import MAX_SENDER_ID
+from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
+from common.ike.sa import Outgoing
 from member.rawinside import RawInside
 from member.refusals import Refusals
 from member.replication import Replicator
@@ -72,7 +72,7 @@ VERSION = "0.1.0"
 WATCHDOG_S = 5.0
 #: frames handled per wake-up of the receive loop
 DRAIN_BURST = 64
-#: a heartbeat carries at most this many counters (common/wire.py: a u8 count)
+#: a heartbeat carries at most this many counters (common/cluster/wire.py: a u8 count)
 MAX_HEARTBEAT_COUNTERS = 255
 #: where messages from the dispatcher come from, for the refusal log
 DISPATCHER = "dispatcher"
@@ -366,7 +366,7 @@ class MemberProcess:
         if req.get("cmd") == "reload":
             # the same file the dispatcher checked, re-read here (ours may
             # hold other key paths on another host)
-            from dispatcher.cli import read_config
+            from member.config_file import read_config
 
             try:
                 new = read_config(self.config_path or "")
@@ -497,7 +497,7 @@ class MemberProcess:
         try:
             if table is not None and len(data) >= 28 and data[8:16] == bytes(8):
                 # IKE_SA_INIT: our responder SPI goes into the segment the dispatcher
-                # hashed it to (the same function, common/routing.py).
+                # hashed it to (the same function, common/cluster/routing.py).
                 m.spis.next_ike_segment = init_segment(d.peer_ip, d.peer_port, data[:8],
                                                        table.segment_bits)
             m.handle_ike(data, remote, d.local_port, now)
@@ -589,7 +589,7 @@ class MemberProcess:
             c["held"] = len(self.replicator.held)
         # last: per-connection SA counts (dispatcher/metrics.py), the first
         # to go when the heartbeat's counters are full
-        from dispatcher.metrics import sa_counts_by_connection
+        from member.sa_counts import sa_counts_by_connection
 
         c.update(sa_counts_by_connection(m))
         if len(c) > MAX_HEARTBEAT_COUNTERS:

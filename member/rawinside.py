@@ -8,7 +8,7 @@ of twice. Needs CAP_NET_RAW (root) and the member in the dispatcher's network
 namespace; otherwise members hand packets back as before (INNER_OUT).
 
 The sockets carry the decrypted-packets mark (``cluster.route_mark`` + 1,
-dispatcher/routes.py): the kernel then routes them like packets the dispatcher
+member/routes.py): the kernel then routes them like packets the dispatcher
 writes into the TUN device, to the main table's specific routes (the LAN
 behind us) before the cluster's table, so a full-tunnel child does not send
 them straight back into the tunnel.

@@ -3,7 +3,7 @@
 
 Rules of this file:
 - IKE: after every change of an established IKE SA its owner sends the whole
-  new state (common/sync.py ``IkeSaState``) to the SA's backup and HOLDS the
+  new state (common/cluster/sync.py ``IkeSaState``) to the SA's backup and HOLDS the
   datagrams that change produced until the backup acknowledged it. A peer can
   therefore never see a message the backup does not know about (§3.6 closed by
   design). Without a live backup the owner goes on unreplicated, counts it, and
@@ -30,25 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common.errors import LocalProtocolError, MalformedMessage
-from common.esp import MAX_SEQ_32, MIN_SPI
-from common.ike.child import ChildState as ChildSaState
-from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
-from common.ike.proposals import (
-    _DH,
-    _IKE_ENCR,
-    _IKE_INTEG,
-    _PRF,
-    AEAD_ENCR,
-    ESP_TRANSFORMS,
-    IkeSuite,
-)
-from common.ike.sa import IkeSa, IkeState, Outgoing
-from common.ike.snapshot import snapshot
-from common.replay import ReplayState
-from common.segments import SegmentTable, TableMode
-from common.spi import segment_of_esp_spi, segment_of_ike_spi
-from common.sync import (
+from common.cluster.segments import SegmentTable, TableMode
+from common.cluster.snapshot import snapshot
+from common.cluster.spi import segment_of_esp_spi, segment_of_ike_spi
+from common.cluster.sync import (
     Ack,
     BulkDone,
     ChildGone,
@@ -63,7 +48,22 @@ from common.sync import (
     decode_sync,
     encode_sync,
 )
-from common.wire import ChildPush, StreamSeq, Sync
+from common.cluster.wire import ChildPush, StreamSeq, Sync
+from common.errors import LocalProtocolError, MalformedMessage
+from common.esp.replay import ReplayState
+from common.esp.transforms import MAX_SEQ_32, MIN_SPI
+from common.ike.child import ChildState as ChildSaState
+from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
+from common.ike.proposals import (
+    _DH,
+    _IKE_ENCR,
+    _IKE_INTEG,
+    _PRF,
+    AEAD_ENCR,
+    ESP_TRANSFORMS,
+    IkeSuite,
+)
+from common.ike.sa import IkeSa, IkeState, Outgoing
 from member.refusals import Refusals
 from member.worker import child_refusal, child_state_refusal, selectors_refusal
 

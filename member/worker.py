@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from common.cluster.pools import Pool, PoolSet
+from common.cluster.routing import InsideRoutes
+from common.cluster.spi import SpiAllocator
+from common.cluster.sync import ChildState
+from common.cluster.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
 from common.config import Config
 from common.errors import (
     IntegrityError,
@@ -26,7 +31,10 @@ from common.errors import (
     ReplayError,
     SequenceExhausted,
 )
-from common.esp import MAX_SEQ_32, MAX_SEQ_64, MIN_SPI, TRANSFORMS, InboundSA, OutboundSA
+from common.esp.iv import COUNTER_LIMIT
+from common.esp.replay import MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, ReplayState
+from common.esp.selectors import Matcher, five_tuple, matcher
+from common.esp.transforms import MAX_SEQ_32, MAX_SEQ_64, MIN_SPI, TRANSFORMS, InboundSA, OutboundSA
 from common.ike.engine import IkeEngine
 from common.ike.events import (
     ChildSaDeleted,
@@ -41,15 +49,7 @@ from common.ike.policy import policies_from_config
 from common.ike.sa import IkeOptions, Outgoing
 from common.ike.spis import SegmentSpis
 from common.ike.ts import PORT_MAX, PORT_MIN, TrafficSelector
-from common.iv import COUNTER_LIMIT
-from common.pools import Pool, PoolSet
 from common.rand import RandomBytes
-from common.replay import MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, ReplayState
-from common.routing import InsideRoutes
-from common.selectors import Matcher, five_tuple, matcher
-from common.spi import SpiAllocator
-from common.sync import ChildState
-from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
 from member.keylog import keylog_for
 from member.logs import SaEventLog, engine_lookup
 
@@ -69,7 +69,7 @@ class ChildRoute:
     local_ts: tuple[TrafficSelector, ...]
     remote_ts: tuple[TrafficSelector, ...]
     remote: Address
-    #: kept for the backup of this child (common/sync.py ChildState)
+    #: kept for the backup of this child (common/cluster/sync.py ChildState)
     keymat_in: bytes = field(default=b"", repr=False)
     keymat_out: bytes = field(default=b"", repr=False)
     #: our SPI of the IKE SA that negotiated it (on whichever member owns it)
@@ -84,7 +84,7 @@ class ChildRoute:
         self.in_match = matcher(self.remote_ts, self.local_ts)
 
 
-#: bits of the member slot in every SPI (common/spi.py): up to 64 members
+#: bits of the member slot in every SPI (common/cluster/spi.py): up to 64 members
 SLOT_BITS = 6
 #: selectors per side of a pushed or replicated child (the wire's u8 count)
 MAX_SELECTORS = 255
@@ -130,7 +130,7 @@ def child_refusal(transform: str, keymat_in: bytes, keymat_out: bytes, spi_in: i
 
 
 def child_state_refusal(cs: ChildState) -> str | None:
-    """``child_refusal`` and the counters of a replicated child (common/sync.py
+    """``child_refusal`` and the counters of a replicated child (common/cluster/sync.py
     ChildState): a sequence number within its space (RFC 4303 §3.3.3, and
     the 48 bits of the IV counter), a replay window we can hold."""
     reason = child_refusal(cs.transform, cs.keymat_in, cs.keymat_out, cs.spi_in, cs.spi_out,

@@ -2,7 +2,7 @@
 
 Built on tests/cluster_util.py (configs, ``Procs``, ``status``/``sas``,
 ``EspProxy``): a root-less 3-member cluster on loopback whose ``udp:`` inside
-is our inner echo (``python -m member.peer echo``) or a test ``Endpoint``, our
+is our inner echo (``python -m dispatcher.peer echo``) or a test ``Endpoint``, our
 peer (``ipsec-cluster peer``) behind an ESP-recording relay, and the moves a
 failover test makes: kill a member with SIGKILL, wait for the supervisor's
 restart, the autobalance, a takeover.
@@ -233,7 +233,7 @@ def start_rig(workdir: Path, base: int, *, n_ike: int, n_child: int,
         eps: list[Endpoint] = []
         echo_proc = None
         if echo and not endpoints:
-            echo_proc = procs.start("echo", [sys.executable, "-m", "member.peer", "echo",
+            echo_proc = procs.start("echo", [sys.executable, "-m", "dispatcher.peer", "echo",
                                              f"{gw_inside[0]}:{gw_inside[1]}"])
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
@@ -277,8 +277,8 @@ def ask(config: Path, request: bytes, timeout: float = 10.0) -> dict[str, Any]:
     is a 2-CPU machine and the members' heartbeats must not starve."""
     import zmq
 
-    from dispatcher.cli import read_config
     from dispatcher.supervisor import control_endpoint
+    from member.config_file import read_config
 
     ctx: Any = zmq.Context.instance()
     req = ctx.socket(zmq.REQ)
@@ -326,7 +326,7 @@ def ike_owners(sas_answer: dict[str, Any]) -> dict[str, int]:
 
 
 def sender_id_of(iv: bytes) -> int:
-    """RFC 6027 §3.7.1 / common/iv.py: the first 16 bits of the 8-byte IV."""
+    """RFC 6027 §3.7.1 / common/esp/iv.py: the first 16 bits of the 8-byte IV."""
     return int.from_bytes(iv[:2], "big")
 
 

@@ -11,7 +11,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.esp import InboundSA, OutboundSA
+from common.cluster.spi import SpiAllocator
+from common.esp.transforms import InboundSA, OutboundSA
 from common.ike.child import ChildSa, ChildState
 from common.ike.constants import IKE_HEADER_LEN, IdType, PayloadType
 from common.ike.engine import IkeEngine
@@ -25,7 +26,6 @@ from common.ike.sa import IkeOptions, IkeSa, IkeState, Outgoing
 from common.ike.spis import SegmentSpis
 from common.ike.ts import ts_from_cidr
 from common.rand import RandomBytes, deterministic_random
-from common.spi import SpiAllocator
 
 A_ADDR = ("198.18.0.1", 500)
 B_ADDR = ("198.18.0.2", 500)

@@ -14,9 +14,9 @@ import asyncio
 import logging
 import sys
 
-from dispatcher.cli import read_config
 from dispatcher.gateway import Gateway
-from member.peer import udp4_packet
+from dispatcher.peer import udp4_packet
+from member.config_file import read_config
 
 UP_TIMEOUT_S = 20.0
 POLL_S = 0.05

@@ -3,7 +3,7 @@ garbage, truncated and oversized datagrams at the IKE and NAT-T ports, random
 bytes under a real ESP SPI, IKE headers with random SPIs, and junk on the
 ZeroMQ members endpoint. Each is a counted drop (``status --json``), no process
 dies or restarts, and the established SAs still carry traffic afterwards
-(DESIGN.md "Failure handling": bad input gets a counted drop)."""
+(docs/failover.md: bad input gets a counted drop)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import zmq
 
+from common.cluster.wire import Datagram, DatagramOut, Heartbeat, encode
 from common.config import load_config
-from common.wire import Datagram, DatagramOut, Heartbeat, encode
 from dispatcher.supervisor import members_endpoint
 from tests.cluster_util import (
     DOWN,

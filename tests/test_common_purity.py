@@ -1,4 +1,5 @@
-"""common/ is pure logic: no I/O, no clock, no global randomness (STYLE.md)."""
+"""common/ is pure logic: no I/O, no clock, no global randomness
+(docs/design.md "Code conventions")."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def _violations(path: Path) -> list[str]:
     return found
 
 
-def test_common_has_modules() -> None:
-    assert (COMMON / "esp.py").exists()
+def test_common_has_its_subpackages() -> None:
+    """The checks below walk these (an empty walk would pass by itself)."""
+    for sub in ("ike", "esp", "cluster"):
+        assert (COMMON / sub / "__init__.py").exists()
+    assert (COMMON / "esp" / "transforms.py").exists()
 
 
 def test_common_imports_no_io_clock_or_randomness() -> None:

@@ -231,7 +231,7 @@ def test_dispatcher_takes_control_answers_only_from_members_it_asked() -> None:
     """The role check of the new member messages, in the dispatcher itself."""
     import asyncio
 
-    from common.wire import Control, ControlReq
+    from common.cluster.wire import Control, ControlReq
     from tests.test_hostile_member import _rig, _say
 
     async def go() -> None:

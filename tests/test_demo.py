@@ -1,4 +1,4 @@
-"""``ipsec-cluster demo`` (member/demo.py): the whole show with the shortened
+"""`make demo` (`python -m bench.demo`, bench/demo.py): the whole show with the shortened
 schedule as a subprocess (exit 0, the summary's key lines, nothing left
 running), Ctrl-C in the middle (everything stopped), the ``--esp`` demo still
 there, and the loss accounting on its own."""
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from member.demo import _loss_runs, _silences
+from bench.demo import _loss_runs, _silences
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TIMEOUT_S = 150
 
 
 def demo_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dispatcher.cli", "demo", *args]
+    return [sys.executable, "-m", "bench.demo", *args]
 
 
 def markers_of(output: str) -> list[str]:

@@ -1,6 +1,6 @@
 """ESP transform: known answers, round trips, tampering, replay, limits, errors.
 
-Every test runs twice: against the compiled byte primitive (``common._esp_fast``,
+Every test runs twice: against the compiled byte primitive (``common.esp._esp_fast``,
 the default when built) and against the pure-Python reference path.
 """
 
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from common import errors
-from common.esp import (
+from common.esp.transforms import (
     IV_BLOCK,
     TRANSFORMS,
     AesCtr,

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from common.errors import IntegrityError, MalformedMessage
-from common.esp import TRANSFORMS, CbcHmac, Hmac, InboundSA, OutboundSA
+from common.esp.transforms import TRANSFORMS, CbcHmac, Hmac, InboundSA, OutboundSA
 from tests.esp_impls import IMPLS, use_impl
 
 SPI = 0x0D0D_0001

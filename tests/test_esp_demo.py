@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from member.esp_demo import run_demo
+from bench.esp_demo import run_demo
 
 
 def test_demo_runs() -> None:

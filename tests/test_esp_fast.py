@@ -1,4 +1,4 @@
-"""The compiled ESP primitive (common/_esp_fast.c) against the pure-Python reference.
+"""The compiled ESP primitive (common/esp/_esp_fast.c) against the pure-Python reference.
 
 For the same keys, sequence numbers and IVs both paths must produce byte-identical
 ESP, each must unprotect the other's output, and both must refuse bad bytes with
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from common import esp
 from common.errors import IntegrityError, MalformedMessage, ReplayError, SequenceExhausted
-from common.esp import TRANSFORMS, InboundSA, OutboundSA
+from common.esp import transforms as esp
+from common.esp.transforms import TRANSFORMS, InboundSA, OutboundSA
 from tests.esp_impls import compiled
 
 SPI = 0x0B0B_0001
@@ -83,7 +83,7 @@ def test_default_path_is_the_compiled_one() -> None:
 
 @pytest.mark.parametrize(("env", "expected"), [("1", "False"), ("0", "True")])
 def test_env_var_forces_the_pure_path(env: str, expected: str) -> None:
-    code = ("from common.esp import FAST_PATH, OutboundSA\n"
+    code = ("from common.esp.transforms import FAST_PATH, OutboundSA\n"
             "sa = OutboundSA(0x100, 'aes128gcm16', bytes(20), sender_id=1)\n"
             "print(FAST_PATH, sa._fast is not None)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

@@ -4,10 +4,10 @@ scapy takes the GCM / ChaCha20-Poly1305 salt and the CTR nonce as the tail of
 ``crypt_key`` (RFC 4106 §8.1, RFC 7634 §4, RFC 3686 §5.1 order), so the key
 material is split exactly as IKEv2 hands it out: encryption key (+ 4 bytes,
 none for AES-CBC, RFC 3602), then the integrity key.  Every transform of
-common.esp is here: AES-GCM, ChaCha20-Poly1305 (RFC 7634), AES-CTR and AES-CBC
+common.esp.transforms is here: AES-GCM, ChaCha20-Poly1305 (RFC 7634), AES-CTR and AES-CBC
 (RFC 3602) with HMAC-SHA1-96 (RFC 2404) and HMAC-SHA-256/384/512 (RFC 4868).
 
-Every case runs against the compiled byte primitive (``common._esp_fast``, the
+Every case runs against the compiled byte primitive (``common.esp._esp_fast``, the
 path SAs use by default when it is built; tests/test_esp_fast.py checks that
 it is the default) and against the pure-Python reference.
 """
@@ -23,8 +23,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.packet import Packet
 
-from common.esp import TRANSFORMS, InboundSA, OutboundSA
-from common.replay import ReplayState
+from common.esp.replay import ReplayState
+from common.esp.transforms import TRANSFORMS, InboundSA, OutboundSA
 from tests.esp_impls import IMPLS, use_impl
 
 SPI = 0x0C01_2345

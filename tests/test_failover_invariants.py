@@ -1,5 +1,5 @@
 """Transparent failover, as processes: invariants under repeated ``kill -9``
-(DESIGN.md "State sync", "Failure handling"; RFC 6027 §3.2-3.7).
+(docs/failover.md; RFC 6027 §3.2-3.7).
 
 A 3-member cluster on loopback (``ipsec-cluster run``, ipc://) whose inside is
 our inner echo; our peer (``ipsec-cluster peer --traffic``) with 6 IKE SAs of

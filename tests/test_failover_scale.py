@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from common.cluster.segments import SegmentTable
+from common.cluster.spi import segment_of_esp_spi
+from common.cluster.wire import ChildDelete, ChildPush, RouteAdd, RouteDel, Sync
 from common.config import load_config
 from common.ike.engine import IkeEngine
 from common.ike.events import ChildSaInstalled, DpdSucceeded, IkeSaRekeyed
 from common.ike.sa import IkeSa, IkeState, Outgoing
 from common.rand import deterministic_random
-from common.segments import SegmentTable
-from common.spi import segment_of_esp_spi
-from common.wire import ChildDelete, ChildPush, RouteAdd, RouteDel, Sync
 from member.replication import Replicator
 from member.worker import Member
 from tests.ike_pair import child, engine, policy
@@ -195,8 +195,8 @@ class ScaleCluster:
     # -- moving things ----------------------------------------------------------------
 
     def owner_of_ike(self, data: bytes) -> int:
+        from common.cluster.spi import segment_of_ike_spi
         from common.ike.message import decode_header
-        from common.spi import segment_of_ike_spi
 
         h = decode_header(data)
         ours = h.spi_r if h.is_initiator else h.spi_i

@@ -1,4 +1,4 @@
-"""The synch channel as processes (DESIGN.md "State sync"; RFC 6027 §3.2-3.7,
+"""The synch channel as processes (docs/failover.md; RFC 6027 §3.2-3.7,
 §4): a lossy channel, a member that rejoins, and an IKE_SA_INIT flood.
 
 Same setup as tests/test_failover_invariants.py (3 members on loopback, our
@@ -12,8 +12,8 @@ import socket
 import time
 from pathlib import Path
 
-from common.natt import NON_ESP_MARKER
-from dispatcher.cli import read_config
+from common.esp.natt import NON_ESP_MARKER
+from member.config_file import read_config
 from member.worker import Member
 from tests.cluster_util import wait_for
 from tests.failover_util import (

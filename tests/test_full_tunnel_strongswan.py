@@ -5,7 +5,7 @@
 charon (namespace a, 198.18.0.1) initiates; our gateway answers at 198.18.0.2
 (namespace b, which has its own default routes via a). The children cover
 charon's own address, so our IKE and ESP would be routed into the tunnel if
-they were not kept out of it (dispatcher/routes.py): the IKE SA coming up is
+they were not kept out of it (member/routes.py): the IKE SA coming up is
 the proof that the answers are not swallowed. Cleartext to charon's inner AND
 outer addresses goes through the tunnel; after SIGTERM the routing rules and
 tables equal those before the start. Single-process and cluster mode (members

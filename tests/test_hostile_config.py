@@ -28,8 +28,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.config import Config, ConfigError, load_config
-from dispatcher.cli import read_config
 from dispatcher.supervisor import run_dir
+from member.config_file import read_config
 from tests.fuzz import fuzz_settings
 from tests.test_config import BASE, DELETE, PSK, to_toml, with_change
 

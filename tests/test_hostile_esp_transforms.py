@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common import esp
 from common.errors import IntegrityError, MalformedMessage, ReplayError
-from common.esp import TRANSFORMS, InboundSA, OutboundSA
+from common.esp import transforms as esp
+from common.esp.transforms import TRANSFORMS, InboundSA, OutboundSA
 from tests.esp_impls import compiled
 from tests.fuzz import fuzz_settings
 

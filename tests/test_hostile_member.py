@@ -1,4 +1,4 @@
-"""Hostile members (DESIGN.md "Trust model"): something that can reach the
+"""Hostile members (docs/design.md "Trust model"): something that can reach the
 members' endpoint is not a member.
 
 Live: a real 3-member cluster (``ipsec-cluster run``, members started by the
@@ -35,11 +35,8 @@ import zmq.auth
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.config import load_config
-from common.ike.constants import TsType
-from common.ike.ts import TrafficSelector
-from common.routing import init_segment
-from common.wire import (
+from common.cluster.routing import init_segment
+from common.cluster.wire import (
     Channel,
     ChildDelete,
     ChildPush,
@@ -57,6 +54,9 @@ from common.wire import (
     Sync,
     encode,
 )
+from common.config import load_config
+from common.ike.constants import TsType
+from common.ike.ts import TrafficSelector
 from dispatcher.cluster import Conn, Dispatcher
 from dispatcher.membership import MemberInfo
 from dispatcher.supervisor import members_endpoint

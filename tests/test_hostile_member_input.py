@@ -22,13 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from common.config import load_config
-from common.ike.child import ChildState as ChildSaState
-from common.ike.constants import TsType
-from common.ike.sa import IkeState
-from common.ike.ts import TrafficSelector
-from common.segments import SegmentMove, SegmentTable
-from common.sync import (
+from common.cluster.segments import SegmentMove, SegmentTable
+from common.cluster.sync import (
     Ack,
     ChildRecord,
     ChildState,
@@ -39,7 +34,7 @@ from common.sync import (
     decode_sync,
     encode_sync,
 )
-from common.wire import (
+from common.cluster.wire import (
     ChildPush,
     Datagram,
     DatagramIn,
@@ -50,6 +45,11 @@ from common.wire import (
     TableUpdate,
     encode,
 )
+from common.config import load_config
+from common.ike.child import ChildState as ChildSaState
+from common.ike.constants import TsType
+from common.ike.sa import IkeState
+from common.ike.ts import TrafficSelector
 from member.process import MemberProcess
 from member.refusals import Refusals
 from tests.fuzz import fuzz_settings

@@ -1,5 +1,5 @@
 """The host's own routes and ports are safe from the gateway's configuration and
-from local processes (dispatcher/routes.py, docs/routing.md "Host routes").
+from local processes (member/routes.py, docs/routing.md "Host routes").
 
 Attacks held here:
 - a full-tunnel child (0.0.0.0/0, ::/0) must not replace the host's default
@@ -282,7 +282,7 @@ def test_another_users_socket_cannot_bind_beside_ours(lab: Lab, tmp_path: Path,
 
 
 def test_bind_error_lines() -> None:
-    from dispatcher.routes import bind_error
+    from member.routes import bind_error
     exc = OSError(errno.EADDRNOTAVAIL, "x")
     assert "[2001:db8::9]:4500: the address is not on this host" in bind_error(
         "2001:db8::9", 4500, exc)
@@ -306,7 +306,7 @@ def test_only_our_leftover_rules_are_taken_for_stale(monkeypatch: pytest.MonkeyP
     """After a crash: our exact rules (an iif one only on a device that is gone
     or on our new one) are removed; strongSwan's ``lookup 220`` and rules at
     other priorities or on live devices are not ours."""
-    from dispatcher import routes
+    from member import routes
 
     monkeypatch.setattr(routes, "ip", lambda *args, check=True: RULES_SHOWN)
     stale = routes.PolicyRoutes("ipsc0")._stale_rules("-4")
@@ -321,7 +321,7 @@ def test_only_our_leftover_rules_are_taken_for_stale(monkeypatch: pytest.MonkeyP
 
 
 def test_proc_net_udp_addresses() -> None:
-    from dispatcher.routes import _proc_address
+    from member.routes import _proc_address
 
     assert _proc_address("0100007F") == bytes([127, 0, 0, 1])
     assert _proc_address("00000000000000000000000000000000") == bytes(16)

@@ -1,4 +1,4 @@
-"""RFC 4301 §5.2 selector checks (common/selectors.py, Member.handle_esp and
+"""RFC 4301 §5.2 selector checks (common/esp/selectors.py, Member.handle_esp and
 handle_inner, InsideRoutes): an authenticated peer cannot inject packets from
 outside its selectors, and we never encrypt traffic into a child that did not
 negotiate it. Hypothesis compares the matcher with a plain reference built on
@@ -15,13 +15,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common import selectors as sel
+from common.cluster.routing import InsideRoutes
+from common.cluster.wire import ChildPush
 from common.config import load_config
 from common.errors import MalformedMessage
-from common.esp import TRANSFORMS, OutboundSA
-from common.ike.ts import TrafficSelector, contains, ts_from_cidr, ts_from_range
-from common.routing import InsideRoutes
-from common.selectors import (
+from common.esp import selectors as sel
+from common.esp.selectors import (
     NO_PORTS,
     compile_blob,
     compile_ts,
@@ -29,7 +28,8 @@ from common.selectors import (
     five_tuple_py,
     packet_matches,
 )
-from common.wire import ChildPush
+from common.esp.transforms import TRANSFORMS, OutboundSA
+from common.ike.ts import TrafficSelector, contains, ts_from_cidr, ts_from_range
 from member.worker import Member
 from tests.fuzz import fuzz_settings
 
@@ -295,7 +295,7 @@ def _outcome(fn: object, *args: object) -> object:
 
 
 needs_c = pytest.mark.skipif(sel._c_match is None or sel._c_five_tuple is None,
-                             reason="common._esp_fast not built (or pure forced)")
+                             reason="common.esp._esp_fast not built (or pure forced)")
 
 
 @needs_c
@@ -330,7 +330,7 @@ def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     if request.param == "python":
         monkeypatch.setattr(sel, "_c_match", None)
     elif sel._c_match is None:
-        pytest.skip("common._esp_fast not built (or pure forced)")
+        pytest.skip("common.esp._esp_fast not built (or pure forced)")
     return str(request.param)
 
 

@@ -1,5 +1,5 @@
-"""Hostile bytes into the dispatcher <-> member decoder (common/wire.py) and
-the synch channel's (common/sync.py): whatever the bytes, ``decode`` and
+"""Hostile bytes into the dispatcher <-> member decoder (common/cluster/wire.py) and
+the synch channel's (common/cluster/sync.py): whatever the bytes, ``decode`` and
 ``decode_sync`` return a message or raise ``MalformedMessage``, nothing else.
 Every truncation of every message type's valid encoding, random bytes,
 random bodies behind a valid head, and field-level mutations of valid
@@ -16,11 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.errors import MalformedMessage
-from common.ike.constants import TsType
-from common.ike.ts import TrafficSelector
-from common.segments import SegmentTable
-from common.sync import (
+from common.cluster.segments import SegmentTable
+from common.cluster.sync import (
     SYNC_VERSION,
     Ack,
     BulkDone,
@@ -38,7 +35,7 @@ from common.sync import (
     decode_sync,
     encode_sync,
 )
-from common.wire import (
+from common.cluster.wire import (
     WIRE_VERSION,
     ChildDelete,
     ChildPush,
@@ -62,6 +59,9 @@ from common.wire import (
     decode,
     encode,
 )
+from common.errors import MalformedMessage
+from common.ike.constants import TsType
+from common.ike.ts import TrafficSelector
 from tests.fuzz import fuzz_settings
 
 pytestmark = pytest.mark.fuzz

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from common.cluster.sync import decode_sync, encode_sync
 from common.config import ConfigError, load_config
 from common.ike import certs
 from common.ike.certs import LocalCredential, TrustAnchors, load_credential, parse_dn
@@ -18,7 +19,6 @@ from common.ike.exchanges import ike_auth
 from common.ike.message import IkeMessage
 from common.ike.payloads import AuthPayload, CertReqPayload
 from common.ike.policy import policies_from_config
-from common.sync import decode_sync, encode_sync
 from tests.ike_pair import Pair, engine, make_pair, other
 from tests.pki import KINDS, NOW, Issued, make_ca, make_cert
 
@@ -254,7 +254,7 @@ def test_intermediate_ca_chain() -> None:
 def test_certificate_sa_replicates(methods: list[tuple[AuthMethod, bytes]]) -> None:
     """A member that takes over a certificate-authenticated IKE SA needs only
     the same config: the replica carries the peer identity."""
-    from common.ike.snapshot import snapshot
+    from common.cluster.snapshot import snapshot
 
     p = cert_pair()
     p.establish("a")

@@ -1,5 +1,5 @@
 """One exception tree, and exactly one function that turns an exception into
-a NOTIFY payload (STYLE.md; h2 ``exceptions.py``)."""
+a NOTIFY payload (docs/design.md "Code conventions")."""
 
 from __future__ import annotations
 

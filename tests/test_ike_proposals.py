@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from common.esp import TRANSFORMS
+from common.esp.transforms import TRANSFORMS
 from common.ike.constants import (
     DhId,
     EncrId,
@@ -124,7 +124,7 @@ def test_parse_esp_names_of_the_data_plane(name: str) -> None:
     suite = esp_suite(parse_esp_proposal(name))
     assert suite.transform == name
     assert (suite.dh, suite.esn) == (DhId.NONE, False)
-    # The KEYMAT IKE derives is the layout common.esp takes (RFC 7296 §2.17).
+    # The KEYMAT IKE derives is the layout common.esp.transforms takes (RFC 7296 §2.17).
     assert suite.keymat_len == TRANSFORMS[name].keymat_size
     assert suite.keymat_len == {
         "aes128gcm16": 20, "aes256gcm16": 36, "chacha20poly1305": 36,

@@ -1,5 +1,5 @@
 """The IKE SA and child SA state tables are the single source of truth
-(STYLE.md: an unknown (state, input) pair moves the machine to a terminal
+(docs/design.md "Code conventions": an unknown (state, input) pair moves the machine to a terminal
 state and raises)."""
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ import dataclasses
 
 import pytest
 
+from common.cluster.snapshot import snapshot
 from common.ike.events import DpdSucceeded
 from common.ike.sa import IkeSa
-from common.ike.snapshot import snapshot
 from tests.ike_pair import Pair, make_pair
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import SequenceExhausted
-from common.iv import COUNTER_LIMIT, IvGenerator
+from common.esp.iv import COUNTER_LIMIT, IvGenerator
 
 
 def test_iv_layout() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import MalformedMessage
-from common.natt import Kind, classify_4500, parse_esp_header, strip_non_esp_marker
+from common.esp.natt import Kind, classify_4500, parse_esp_header, strip_non_esp_marker
 
 # RFC 7296 §3.1 header: SPIi, SPIr, next payload, version, exchange, flags, MID, length.
 IKE_MESSAGE = bytes(16) + bytes([0x21, 0x20, 0x22, 0x08]) + bytes(4) + bytes([0, 0, 0, 28])

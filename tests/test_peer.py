@@ -1,4 +1,4 @@
-"""``ipsec-cluster peer`` as a load and check tool (member/peer.py).
+"""``ipsec-cluster peer`` as a load and check tool (dispatcher/peer.py).
 
 Bottom: inner packets built by hand (checksums against scapy as an independent
 oracle), the INITIAL_CONTACT choice in memory. Top: root-less processes on
@@ -29,7 +29,7 @@ from common.ike.constants import ExchangeType, NotifyType
 from common.ike.message import decode_header, decode_message
 from common.ike.payloads import NotifyPayload
 from common.ike.ts import ts_from_cidr
-from member.peer import (
+from dispatcher.peer import (
     TRAFFIC_MARK,
     Peer,
     PeerOptions,

@@ -1,5 +1,5 @@
 """Virtual IPs (RFC 7296 §3.15): the pools partitioned by segment
-(common/pools.py), the CP payload codec, the CP exchange in IKE_AUTH with the
+(common/cluster/pools.py), the CP payload codec, the CP exchange in IKE_AUTH with the
 peer's traffic selector narrowed to its lease, and leases kept across a
 takeover of the IKE SA's replica."""
 
@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.cluster.pools import Lease, Pool, PoolSet
+from common.cluster.sync import decode_sync, encode_sync
 from common.config import load_config
 from common.errors import MalformedMessage
 from common.ike.constants import CfgAttr, CfgType, PayloadType
@@ -24,8 +26,6 @@ from common.ike.payloads import (
     encode_payloads,
 )
 from common.ike.sa import IkeSa
-from common.pools import Lease, Pool, PoolSet
-from common.sync import decode_sync, encode_sync
 from tests.ike_pair import B_ADDR, Pair, child, engine, make_pair
 
 V4 = ipaddress.IPv4Address
@@ -289,7 +289,7 @@ def test_no_pools_ignores_the_cp_request(vip: None) -> None:
 
 
 def test_takeover_keeps_the_lease_and_never_hands_it_out_again(vip: None) -> None:
-    from common.ike.snapshot import snapshot
+    from common.cluster.snapshot import snapshot
 
     p = _road_warrior()
     _gateway_pools(p.b)
@@ -342,9 +342,9 @@ remote_ts = ["10.3.0.0/16"]
 def test_an_ike_rekey_keeps_the_sa_and_its_lease_in_one_segment(vip: None, ini: str) -> None:
     """The lease's partition is the IKE SA's segment: a rekey (by either end)
     draws the new SPI from the same segment, and the lease moves with it."""
+    from common.cluster.spi import SpiAllocator
     from common.ike.spis import SegmentSpis
     from common.rand import deterministic_random
-    from common.spi import SpiAllocator
 
     p = _road_warrior()
     p.b.ctx.spis = SegmentSpis(SpiAllocator(deterministic_random(5)), list(range(2, 40)))
@@ -390,7 +390,7 @@ def test_ipv4_and_ipv6_addresses_in_one_request(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_cut_lease_list_in_a_replica_is_malformed(vip: None) -> None:
-    from common.ike.snapshot import snapshot
+    from common.cluster.snapshot import snapshot
 
     p = _road_warrior()
     _gateway_pools(p.b)

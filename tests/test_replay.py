@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import ReplayError
-from common.replay import ReplayState, ReplayWindow
+from common.esp.replay import ReplayState, ReplayWindow
 
 
 def accept(window: ReplayWindow, seq: int) -> bool:

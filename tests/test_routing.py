@@ -1,4 +1,4 @@
-"""The shared routing function and the inside routes (common/routing.py)."""
+"""The shared routing function and the inside routes (common/cluster/routing.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import MalformedMessage
-from common.ike.ts import ts_from_cidr
-from common.rand import deterministic_random
-from common.routing import (
+from common.cluster.routing import (
     InsideRoutes,
     PortKind,
     Route,
@@ -21,8 +18,11 @@ from common.routing import (
     inner_addresses,
     route_datagram,
 )
-from common.segments import SegmentTable
-from common.spi import SpiAllocator
+from common.cluster.segments import SegmentTable
+from common.cluster.spi import SpiAllocator
+from common.errors import MalformedMessage
+from common.ike.ts import ts_from_cidr
+from common.rand import deterministic_random
 
 PEER = bytes([192, 0, 2, 7])
 PEER6 = bytes.fromhex("20010db8000000000000000000000007")
@@ -240,6 +240,6 @@ def test_inner_addresses_malformed(packet: bytes) -> None:
         InsideRoutes().lookup(packet)
 
 
-# Speed (not asserted; STYLE.md: timing belongs in bench/). timeit on the dev box,
+# Speed (not asserted; docs/testing.md: timing belongs in bench/). timeit on the dev box,
 # CPython 3.11: route_datagram of an ESP packet ~1.8 us, of a first IKE_SA_INIT
 # ~1.9 us; InsideRoutes.lookup with 1000 /24 children ~0.7 us, index rebuild ~2 ms.

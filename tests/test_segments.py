@@ -1,4 +1,4 @@
-"""The segment table (common/segments.py): assignment, failover, join, wire."""
+"""The segment table (common/cluster/segments.py): assignment, failover, join, wire."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.cluster.segments import SegmentMove, SegmentTable, TableMode
 from common.errors import LocalProtocolError, MalformedMessage
-from common.segments import SegmentMove, SegmentTable, TableMode
 
 
 def rows(t: SegmentTable) -> list[tuple[int | None, int | None]]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from common.cluster.spi import SpiAllocator, segment_of_esp_spi, segment_of_ike_spi
 from common.errors import LocalProtocolError
 from common.rand import deterministic_random
-from common.spi import SpiAllocator, segment_of_esp_spi, segment_of_ike_spi
 
 
 def test_esp_spis_carry_their_segment_and_are_unique() -> None:
@@ -72,8 +72,8 @@ def test_bad_segment(segment: int) -> None:
 def test_slots_keep_members_apart_inside_one_segment() -> None:
     """Two members allocating in the same segment (a child placed on another
     member's segment) can never draw the same SPI: their slot bits differ."""
+    from common.cluster.spi import SpiAllocator, segment_of_esp_spi, segment_of_ike_spi
     from common.rand import deterministic_random
-    from common.spi import SpiAllocator, segment_of_esp_spi, segment_of_ike_spi
 
     a = SpiAllocator(deterministic_random(1), 8, slot=1, slot_bits=6)
     b = SpiAllocator(deterministic_random(1), 8, slot=2, slot_bits=6)  # same random stream
@@ -89,8 +89,8 @@ def test_slots_keep_members_apart_inside_one_segment() -> None:
 def test_slot_arguments_are_checked() -> None:
     import pytest
 
+    from common.cluster.spi import SpiAllocator
     from common.rand import deterministic_random
-    from common.spi import SpiAllocator
 
     with pytest.raises(ValueError, match="slot must be"):
         SpiAllocator(deterministic_random(1), 8, slot=64, slot_bits=6)

@@ -1,13 +1,11 @@
-"""The IkeSaState layout of SYNC_VERSION 2 (common/sync.py): round trips,
+"""The IkeSaState layout of SYNC_VERSION 2 (common/cluster/sync.py): round trips,
 and every truncation or corruption is a MalformedMessage."""
 
 from __future__ import annotations
 
 import pytest
 
-from common.errors import MalformedMessage
-from common.ike.ts import ts_any, ts_from_cidr
-from common.sync import (
+from common.cluster.sync import (
     SYNC_VERSION,
     ChildRecord,
     IkeSaGone,
@@ -15,6 +13,8 @@ from common.sync import (
     decode_sync,
     encode_sync,
 )
+from common.errors import MalformedMessage
+from common.ike.ts import ts_any, ts_from_cidr
 
 
 def _state(**kw: object) -> IkeSaState:

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import pytest
 
+from common.cluster.sync import decode_sync, encode_sync
 from common.ike.constants import ExchangeType
 from common.ike.events import ChildSaInstalled, DpdSucceeded, IkeSaRekeyed, MessageIdsSynced
 from common.ike.message import decode_header
-from common.sync import decode_sync, encode_sync
 from tests.ike_pair import B_ADDR, Pair, engine, make_pair
 
 
 def _takeover(pair: Pair, *, stale: bool = False) -> Pair:
     """Replicate a's IKE SA through the sync codec into a fresh engine that
     replaces a (same policies, different randomness and SPI slot)."""
-    from common.ike.snapshot import snapshot
+    from common.cluster.snapshot import snapshot
 
     (sa,) = pair.a.established()
     wire = encode_sync(snapshot(sa, pair.now, stale=stale))
@@ -38,7 +38,7 @@ def established() -> Pair:
 
 
 def test_snapshot_round_trips_through_the_codec(established: Pair) -> None:
-    from common.ike.snapshot import snapshot
+    from common.cluster.snapshot import snapshot
 
     (sa,) = established.a.established()
     st = snapshot(sa, 0.0)
@@ -89,7 +89,7 @@ def test_new_owner_continues_dpd_and_rekeys(established: Pair) -> None:
 def test_stale_replica_resyncs_message_ids_with_rfc_6311(established: Pair) -> None:
     p = established
     (a_sa,) = p.a.established()
-    from common.ike.snapshot import snapshot
+    from common.cluster.snapshot import snapshot
 
     stale_state = encode_sync(snapshot(a_sa, p.now, stale=True))
     # After the snapshot, a and b run two more exchanges the replica misses.

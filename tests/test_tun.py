@@ -1,4 +1,4 @@
-"""dispatcher/tun.py in a throw-away network namespace, and dispatcher/inside.py.
+"""member/tun.py in a throw-away network namespace, and member/inside.py.
 
 The TUN test runs a small script inside the namespace (``ip netns exec``): it
 opens and addresses a TUN device, routes 10.91.9.0/24 (and fd00:91:9::/64) into
@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 
 from common.config import InsideConfig, load_config
-from dispatcher.inside import Inside, UdpInside, make_inside
-from dispatcher.tun import TunDevice
+from member.inside import Inside, UdpInside, make_inside
+from member.tun import TunDevice
 
 ROOT = Path(__file__).resolve().parent.parent
 
 NS_SCRIPT = r'''
 import asyncio, ipaddress, json, socket, struct, sys
-from dispatcher.tun import TunDevice
+from member.tun import TunDevice
 
 def csum(data):
     if len(data) % 2:

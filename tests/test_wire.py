@@ -1,4 +1,4 @@
-"""Dispatcher <-> member frames (common/wire.py): round trips, truncations, noise."""
+"""Dispatcher <-> member frames (common/cluster/wire.py): round trips, truncations, noise."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import MalformedMessage
-from common.ike.ts import ts_from_cidr, ts_from_range
-from common.segments import SegmentTable
-from common.wire import (
+from common.cluster.segments import SegmentTable
+from common.cluster.wire import (
     ChildDelete,
     ChildPush,
     Control,
@@ -33,6 +31,8 @@ from common.wire import (
     decode,
     encode,
 )
+from common.errors import MalformedMessage
+from common.ike.ts import ts_from_cidr, ts_from_range
 
 V4 = bytes([192, 0, 2, 7])
 V6 = bytes.fromhex("20010db8000000000000000000000007")
@@ -93,7 +93,7 @@ def test_every_truncation_is_malformed(msg: Message) -> None:
         except MalformedMessage:
             continue
         # Only a message with a free-form tail (STATUS JSON, a SYNC payload,
-        # decoded by common/sync.py) may end anywhere after its fixed part.
+        # decoded by common/cluster/sync.py) may end anywhere after its fixed part.
         assert (isinstance(msg, Status | StatusReq) and n >= 10) or (
             isinstance(msg, Sync) and n >= 22) or (
             isinstance(msg, Control | ControlReq) and n >= 18)
@@ -199,7 +199,7 @@ def test_datagram_batches_round_trip(batch: list[Datagram], out: bool, seq: int)
 
 
 def test_sync_envelope_round_trips() -> None:
-    from common.wire import Sync, decode, encode
+    from common.cluster.wire import Sync, decode, encode
 
     msg = Sync(3, 1, 42, b"\x01\x06payload")
     assert decode(encode(msg, 7)) == (7, msg)

@@ -23,6 +23,7 @@ import heapq
 import logging
 from collections import Counter
 
+from common.cluster.sync import IkeSaState
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
 from common.ike.cookies import CookieJar, cookie_answer, packed_ip, peek_init
@@ -70,7 +71,6 @@ from common.ike.sa import (
     SpiSource,
 )
 from common.rand import RandomBytes
-from common.sync import IkeSaState
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -489,7 +489,7 @@ class IkeEngine:
         cached response, go on with DPD and rekeys. With ``mid_sync`` (the
         replica may be stale) and a peer that supports it, start with an RFC
         6311 IKEV2_MESSAGE_ID_SYNC exchange."""
-        from common.ike.snapshot import restore
+        from common.cluster.snapshot import restore
 
         sa = restore(self.ctx, state, self.policies.get(state.policy), now)
         old = self.sas.get(sa.spi_i if sa.initiator else sa.spi_r)

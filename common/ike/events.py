@@ -1,4 +1,4 @@
-"""Events the IKE core hands to its shell: past-tense facts (STYLE.md).
+"""Events the IKE core hands to its shell: past-tense facts (docs/design.md "Code conventions").
 
 The shell drains them with ``IkeEngine.next_event()`` and acts: install ESP
 SAs, log, count, replicate to a backup (failover issue).

@@ -154,7 +154,7 @@ def derive_child_keymat(
     initiator to the responder takes its keys first, and within one SA the
     encryption key (with its 4-octet salt or nonce, RFC 4106 §8.1, RFC 3686 §5.1)
     comes before the integrity key; so each half is already laid out as
-    common.esp wants it: encr key | salt | [integ key].
+    common.esp.transforms wants it: encr key | salt | [integ key].
     """
     seed = ni + nr if shared_secret is None else shared_secret + ni + nr
     n = esp.keymat_len

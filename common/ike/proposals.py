@@ -114,7 +114,7 @@ _ESP_ENCR: dict[str, Transform] = {
     "aes256ctr": Transform(_T.ENCR, EncrId.ENCR_AES_CTR, 256),
     "aes128": _IKE_ENCR["aes128"],
     "aes256": _IKE_ENCR["aes256"],
-    # Not strongSwan's: the spelling of common.esp's transform names.
+    # Not strongSwan's: the spelling of common.esp.transforms's transform names.
     "aes128cbc": _IKE_ENCR["aes128"],
     "aes256cbc": _IKE_ENCR["aes256"],
 }
@@ -126,7 +126,7 @@ _ESN: dict[str, Transform] = {
     "noesn": Transform(_T.ESN, EsnId.NO_ESN),
 }
 
-#: The data plane's transform names (common.esp) -> (ENCR id, key bits, INTEG id).
+#: The data plane's transform names (common.esp.transforms) -> (ENCR id, key bits, INTEG id).
 ESP_TRANSFORMS: dict[str, tuple[EncrId, int, IntegId]] = {
     "aes128gcm16": (EncrId.ENCR_AES_GCM_16, 128, IntegId.NONE),
     "aes256gcm16": (EncrId.ENCR_AES_GCM_16, 256, IntegId.NONE),
@@ -197,7 +197,7 @@ class IkeSuite:
 
 @dataclass(slots=True, frozen=True)
 class EspSuite:
-    """The negotiated algorithms of a Child SA. ``transform`` is the common.esp
+    """The negotiated algorithms of a Child SA. ``transform`` is the common.esp.transforms
     name; ``dh`` is NONE without PFS."""
 
     transform: str
@@ -311,7 +311,7 @@ def parse_esp_proposal(text: str, number: int = 1) -> Proposal:
 
 
 def _check_esp_combinations(encr: list[Transform], integ: list[Transform], text: str) -> None:
-    """Every encryption/integrity pair a proposal allows must be one common.esp
+    """Every encryption/integrity pair a proposal allows must be one common.esp.transforms
     runs, or a peer could pick a pair we cannot serve."""
     for e in encr:
         for i in integ or [Transform(_T.INTEG, IntegId.NONE)]:
@@ -492,7 +492,7 @@ def ike_suite(chosen: Proposal) -> IkeSuite:
 
 
 def esp_suite(chosen: Proposal) -> EspSuite:
-    """The EspSuite of a negotiated ESP proposal; ValueError if common.esp
+    """The EspSuite of a negotiated ESP proposal; ValueError if common.esp.transforms
     cannot run it. An absent DH means no PFS, an absent ESN means NO_ESN."""
     if chosen.protocol != ProtocolId.ESP or not understood(chosen) or not _no_addke(chosen):
         raise ValueError(f"not an ESP proposal we support: {chosen!r}")

@@ -54,8 +54,8 @@ from common.ike.sk import SkCipher
 from common.rand import RandomBytes
 
 if TYPE_CHECKING:
+    from common.cluster.pools import Lease, PoolSet
     from common.ike.dh import DhKeyPair
-    from common.pools import Lease, PoolSet
 
 log = logging.getLogger("ipsec_cluster.ike")
 

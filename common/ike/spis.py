@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.spi import SpiAllocator
+from common.cluster.spi import SpiAllocator
 
 
 class SegmentSpis:
-    """Adapts ``common.spi.SpiAllocator`` to the IKE core's ``SpiSource``."""
+    """Adapts ``common.cluster.spi.SpiAllocator`` to the IKE core's ``SpiSource``."""
 
     __slots__ = ("_alloc", "_next", "esp_segment", "next_ike_segment", "segments")
 
@@ -38,7 +38,7 @@ class SegmentSpis:
 
     def allocate_ike(self, segment: int | None = None) -> bytes:
         """``segment``: keep this one if we own it (an IKE rekey of an SA that
-        holds a virtual IP from that segment's partition, common/pools.py)."""
+        holds a virtual IP from that segment's partition, common/cluster/pools.py)."""
         seg = segment if segment is not None else self.next_ike_segment
         if seg is None or seg not in self.segments:
             seg = self._own()

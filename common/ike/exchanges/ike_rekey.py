@@ -60,7 +60,7 @@ def _successor(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, chose
 
 def lease_segment(sa: IkeSa) -> int | None:
     """The segment a rekeyed IKE SA must stay in: its virtual IPs come from
-    that segment's partition of the pool (common/pools.py), which only the
+    that segment's partition of the pool (common/cluster/pools.py), which only the
     segment's owner leases from and rebuilds on a takeover."""
     pools = sa.ctx.pools
     if not sa.leases or pools is None:

@@ -13,7 +13,7 @@ import time
 from typing import TextIO
 
 from common.errors import IntegrityError, ReplayError
-from common.esp import TRANSFORMS, InboundSA, OutboundSA
+from common.esp.transforms import TRANSFORMS, InboundSA, OutboundSA
 
 SPI = 0xC0DE_0001
 THROUGHPUT_PACKETS = 20_000

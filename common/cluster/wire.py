@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from common.buffer import Reader, Writer
+from common.cluster.segments import SegmentTable
 from common.errors import MalformedMessage
+from common.esp.natt import Bytes
 from common.ike.constants import TsType
 from common.ike.ts import TrafficSelector
-from common.natt import Bytes
-from common.segments import SegmentTable
 
 WIRE_VERSION = 1
 MAX_SEQ = (1 << 64) - 1
@@ -66,7 +66,7 @@ class MsgType(enum.IntEnum):
 class Channel(enum.IntEnum):
     """A member's connections to the dispatcher, each opened by a HELLO that
     names it and bound to the member id its CURVE key authenticates
-    (DESIGN.md "Trust model"): the live one (everything but what follows),
+    (docs/design.md "Trust model"): the live one (everything but what follows),
     the heartbeat thread's, and the bulk state transfers'."""
 
     LIVE = 1
@@ -119,7 +119,7 @@ class InnerOut:
 @dataclass(slots=True, frozen=True)
 class Heartbeat:
     member_id: int
-    sender_id: int  # the incarnation (the IV sender id, DESIGN.md "IVs")
+    sender_id: int  # the incarnation (the IV sender id, docs/failover.md)
     pid: int
     epoch_seen: int
     counters: dict[str, int] = field(default_factory=dict)
@@ -219,7 +219,7 @@ class Control:
 
 @dataclass(slots=True, frozen=True)
 class Sync:
-    """member -> dispatcher -> member: one synch channel message (common/sync.py)
+    """member -> dispatcher -> member: one synch channel message (common/cluster/sync.py)
     from ``src`` to ``dst``, numbered ``seq`` in the (src, dst) stream."""
 
     dst: int

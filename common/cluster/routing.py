@@ -1,6 +1,6 @@
 """The one routing function the dispatcher and the members share.
 
-Rules of this file (DESIGN.md "Routing", docs/routing.md):
+Rules of this file (docs/routing.md):
 - ESP: the segment is the top bits of the SPI (strongSwan ``ha_kernel.c``
   ``get_segment_spi``). Established IKE: the top bits of OUR SPI, i.e. SPIr
   when the I flag says the sender is the original initiator, else SPIi.
@@ -11,7 +11,7 @@ Rules of this file (DESIGN.md "Routing", docs/routing.md):
 - An SPI whose segment is not valid (no owner, or the caller's predicate says
   no: a foreign SPI) falls back to the same hash, with the SPI in SPIi's place.
 - Port 500 carries bare IKE; every other port is classified per RFC 3948
-  (``common.natt.classify_4500``). A NAT-keepalive routes nowhere.
+  (``common.esp.natt.classify_4500``). A NAT-keepalive routes nowhere.
 - Only the first 28 bytes are read: no length or version checks here, the
   owner does those (and must answer INVALID_MAJOR_VERSION, RFC 7296 §2.5).
   The whole function stays a few loads, a shift and a hash, so that a classic
@@ -30,12 +30,12 @@ from itertools import pairwise
 
 import xxhash
 
+from common.cluster.segments import SegmentTable
+from common.cluster.spi import ESP_SPI_BITS, IKE_SPI_BITS
 from common.errors import MalformedMessage
+from common.esp.natt import Bytes, Kind, classify_4500
+from common.esp.selectors import CompiledTs, Matcher, compile_ts, five_tuple, matcher
 from common.ike.ts import TrafficSelector
-from common.natt import Bytes, Kind, classify_4500
-from common.segments import SegmentTable
-from common.selectors import CompiledTs, Matcher, compile_ts, five_tuple, matcher
-from common.spi import ESP_SPI_BITS, IKE_SPI_BITS
 
 IKE_PORT = 500
 NATT_PORT = 4500
@@ -160,7 +160,7 @@ class _InsideChild:
 class InsideRoutes:
     """Which child SA (and member) encrypts a cleartext packet: the newest
     whose selectors hold it, addresses, IP protocol and ports (RFC 4301 §4.4.1,
-    §5.1; common/selectors.py). A packet no child's selectors hold has no
+    §5.1; common/esp/selectors.py). A packet no child's selectors hold has no
     route: it is dropped and counted, never sent in a child that did not
     negotiate it.
 
@@ -211,7 +211,7 @@ class InsideRoutes:
 
     def lookup_child(self, packet: Bytes) -> tuple[int, int] | None:
         """``(child_id, member)`` for a packet, or None; ``MalformedMessage``
-        when its headers are not there (common/selectors.py)."""
+        when its headers are not there (common/esp/selectors.py)."""
         version, _, dst, _, _, _ = five_tuple(packet)
         if self._dirty:
             self._rebuild()

@@ -13,7 +13,7 @@ configured connection and keep running) it can:
   selector, destination in its remote one, headers and checksums built here.
   Packets that come back decrypted and carry our payload mark are counted as
   echoes (the far side needs an echo that swaps addresses: ``swap_inner``,
-  ``python -m member.peer echo HOST:PORT``).
+  ``python -m dispatcher.peer echo HOST:PORT``).
 
 INITIAL_CONTACT (RFC 7296 §2.4) tells the responder that this is the only IKE
 SA between the two identities: strongSwan (swanctl ``unique = no``, the
@@ -53,7 +53,7 @@ from common.ike.events import (
 )
 from common.ike.ts import TrafficSelector
 from dispatcher.gateway import Gateway
-from dispatcher.inside import Inside, OnPacket
+from member.inside import Inside, OnPacket
 
 log = logging.getLogger("ipsec_cluster.peer")
 
@@ -597,9 +597,9 @@ async def _echo_forever(host: str, port: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m member.peer echo HOST:PORT``: the inner echo."""
+    """``python -m dispatcher.peer echo HOST:PORT``: the inner echo."""
     if len(argv) != 2 or argv[0] != "echo" or ":" not in argv[1]:
-        print("usage: python -m member.peer echo HOST:PORT", file=sys.stderr)
+        print("usage: python -m dispatcher.peer echo HOST:PORT", file=sys.stderr)
         return 2
     host, _, port = argv[1].rpartition(":")
     try:

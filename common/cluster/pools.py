@@ -20,7 +20,7 @@ import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from common.spi import segment_of_ike_spi
+from common.cluster.spi import segment_of_ike_spi
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

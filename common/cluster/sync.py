@@ -3,7 +3,7 @@ needs to continue an IKE SA or an ESP SA after its owner died.
 
 Rules of this file:
 - Every message is versioned and typed: version u8 || kind u8 || body; the
-  envelope (common/wire.py SYNC) carries source, destination and a sequence
+  envelope (common/cluster/wire.py SYNC) carries source, destination and a sequence
   number per (source, destination) stream, so a receiver sees gaps.
 - Whole-state messages, not deltas: ``IkeSaState`` is the IKE SA after the
   change (message IDs both ways, the last response for retransmits, the keys,
@@ -227,7 +227,7 @@ def _ts_bytes(tss: tuple[TrafficSelector, ...]) -> bytes:
         return hit[1]
     raw = _ts_encoded.get(tss)
     if raw is None:
-        from common.wire import push_selectors
+        from common.cluster.wire import push_selectors
 
         sub = Writer()
         push_selectors(sub, tss)
@@ -245,7 +245,7 @@ def _ts_from(raw: bytes) -> tuple[TrafficSelector, ...]:
     """Selectors from exactly ``raw`` (push_selectors layout)."""
     tss = _ts_decoded.get(raw)
     if tss is None:
-        from common.wire import pull_selectors
+        from common.cluster.wire import pull_selectors
 
         sub = Reader(raw)
         tss = pull_selectors(sub)   # validates (MalformedMessage on a bad version)
@@ -262,7 +262,7 @@ def _push_ts(w: Writer, tss: tuple[TrafficSelector, ...]) -> None:
 
 
 def _pull_ts(r: Reader) -> tuple[TrafficSelector, ...]:
-    # The same layout as common/wire.py push_selectors: u8 count, then per
+    # The same layout as common/cluster/wire.py push_selectors: u8 count, then per
     # selector u8 version, 5 bytes, two addresses of 4 (v4) or 16 bytes.
     count = r.pull_uint8()
     parts = [bytes((count,))]
@@ -287,7 +287,7 @@ def _pull_bool(r: Reader) -> bool:
 # (_IKE_HEAD), the lengths of each child's strings (4 x u16 per child), the
 # remote address (4 or 16 bytes by a flag), the variable-length fields back to
 # back (lengths in the fixed part), then per child a fixed part (_CHILD_FIXED)
-# and its name, transform and two selector lists (common/wire.py
+# and its name, transform and two selector lists (common/cluster/wire.py
 # push_selectors layout). SAs of one policy share all their lengths, so the
 # struct of a whole layout is compiled once: an SA is one ``pack`` to encode
 # and three ``unpack_from`` to decode.
@@ -310,7 +310,7 @@ _CHILD_FIXED = "IIHBBd"
 _CHILD_FIELDS = 10
 #: name and transform of a child are at most this long
 _CHILD_STR_LIMIT = 4096
-#: a replay window of at most this many bits (common/replay.py MAX_WINDOW_SIZE)
+#: a replay window of at most this many bits (common/esp/replay.py MAX_WINDOW_SIZE)
 _MAX_REPLAY_BITS = 65536
 
 

@@ -13,11 +13,11 @@ Rules of this file:
 - Outbound sequence numbers start at ``initial_seq`` and never wrap
   (RFC 4303 §3.3.3): ``RekeyRequested`` is queued ``rekey_margin`` packets
   before the end, ``SequenceExhausted`` is raised at the end.
-- IVs are ``sender_id || counter`` (``common.iv``), unique across members;
+- IVs are ``sender_id || counter`` (``common.esp.iv``), unique across members;
   AES-CBC sends that value encrypted (SP 800-38A Appendix C), never in the
   clear, because a CBC IV must be unpredictable (RFC 3602 §2.4).
 - Two implementations of the byte work, one SA state: the compiled
-  ``common._esp_fast`` (OpenSSL, built when possible) and the pure-Python
+  ``common.esp._esp_fast`` (OpenSSL, built when possible) and the pure-Python
   path below, which stays the reference and the fallback.  They produce
   identical bytes; ``IPSEC_CLUSTER_PURE_ESP=1`` forces the pure path.
 """
@@ -43,11 +43,11 @@ from common.errors import (
     ReplayError,
     SequenceExhausted,
 )
-from common.iv import COUNTER_LIMIT, IvGenerator, check_sender_id
-from common.replay import DEFAULT_WINDOW_SIZE, ReplayState, ReplayWindow
+from common.esp.iv import COUNTER_LIMIT, IvGenerator, check_sender_id
+from common.esp.replay import DEFAULT_WINDOW_SIZE, ReplayState, ReplayWindow
 
 if TYPE_CHECKING:
-    from common._esp_fast import SaCipher
+    from common.esp._esp_fast import SaCipher
 
 PURE_ESP_ENV = "IPSEC_CLUSTER_PURE_ESP"   # "1": use the pure-Python path only
 
@@ -57,7 +57,7 @@ def _load_compiled() -> type[SaCipher] | None:
     if os.environ.get(PURE_ESP_ENV) == "1":
         return None
     try:
-        from common._esp_fast import SaCipher
+        from common.esp._esp_fast import SaCipher
     except ImportError:   # no compiler or no OpenSSL headers at install time
         return None
     return SaCipher

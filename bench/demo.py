@@ -1,14 +1,14 @@
-"""The cluster demonstration behind ``make demo`` (``ipsec-cluster demo``).
+"""The cluster demonstration behind ``make demo`` (``python -m bench.demo``).
 
 Root-less, on loopback, in a temporary directory with ports chosen free at
 start, it runs (each in its own session, all stopped at the end or on Ctrl-C):
 
-- the protected network: an inner echo (``python -m member.peer echo``) at
+- the protected network: an inner echo (``python -m dispatcher.peer echo``) at
   the cluster's ``udp:`` inside, sending every inner packet back with its
   addresses swapped;
 - the cluster: ``ipsec-cluster run`` with a dispatcher and 3 members at
   127.0.0.1 (the supervisor restarts a member that dies);
-- our peer at 127.0.0.2 (``python -m member.demo peer``, a ``member.peer.Peer``
+- our peer at 127.0.0.2 (``python -m bench.demo peer``, a ``dispatcher.peer.Peer``
   that records every packet): 6 IKE SAs (6 identities) with 3 children each
   (AES-GCM and AES-CTR), then paced inner UDP traffic round-robin through the
   18 children, each packet coming back through the echo (both directions
@@ -95,7 +95,7 @@ STRAY_LOSS = 0.01
 log = logging.getLogger("ipsec_cluster.demo")
 
 
-# == our peer, as a subprocess: ``python -m member.demo peer ...`` ===========================
+# == our peer, as a subprocess: ``python -m bench.demo peer ...`` ===========================
 #
 # One JSON object per line on stdout: {"event": "up", ...} once the SAs are
 # up, {"event": "traffic", "t0": ...} when traffic starts, {"event":
@@ -144,9 +144,9 @@ def _silences(arrivals: list[list[float]], at_least: float) -> list[dict[str, An
 
 def _peer_main(argv: list[str]) -> int:
     from common.config import load_config
-    from member.peer import TRAFFIC_MARK, Peer, PeerOptions
+    from dispatcher.peer import TRAFFIC_MARK, Peer, PeerOptions
 
-    p = argparse.ArgumentParser(prog="python -m member.demo peer")
+    p = argparse.ArgumentParser(prog="python -m bench.demo peer")
     p.add_argument("--config", required=True)
     p.add_argument("--pps", type=float, required=True)
     p.add_argument("--seconds", type=float, required=True)
@@ -408,8 +408,8 @@ class Control:
     def __init__(self, config_path: Path) -> None:
         import zmq
 
-        from dispatcher.cli import read_config
         from dispatcher.supervisor import control_endpoint
+        from member.config_file import read_config
 
         self.zmq = zmq
         self.ctx = zmq.Context()
@@ -696,7 +696,7 @@ class Demo:
                    f"{GW} ports {self.gw_ports[0]}/{self.gw_ports[1]}, peer at {PEER} ports "
                    f"{peer_ports[0]}/{peer_ports[1]}, inner echo at {GW}:{echo_port}")
         py = sys.executable
-        self.start("echo", [py, "-m", "member.peer", "echo", f"{GW}:{echo_port}"])
+        self.start("echo", [py, "-m", "dispatcher.peer", "echo", f"{GW}:{echo_port}"])
         self.cluster = self.start("cluster", [py, "-m", "dispatcher.cli", "run", "--config",
                                               str(self.config_path)])
         self.control = Control(self.config_path)
@@ -723,7 +723,7 @@ class Demo:
     def start_peer(self) -> Proc:
         py = sys.executable
         n = self.s.ike_sas * self.s.children
-        peer = self.start("peer", [py, "-m", "member.demo", "peer", "--config",
+        peer = self.start("peer", [py, "-m", "bench.demo", "peer", "--config",
                                    str(self.peer_path), "--pps", str(self.s.pps), "--seconds",
                                    str(self.s.traffic), "--size", str(self.s.size)],
                           stdout_pipe=True)
@@ -1268,12 +1268,32 @@ def _signals_raise() -> Iterator[None]:
 
 
 def run_cluster_demo(*, quick: bool = False, keep: bool = False, console: Any = None) -> int:
-    """``ipsec-cluster demo``: the whole show; 0 when every check passed."""
+    """``make demo``: the whole show; 0 when every check passed."""
     schedule = QUICK if quick or os.environ.get("IPSEC_CLUSTER_DEMO_QUICK") == "1" else FULL
     return Demo(schedule, console=console, keep=keep).run()
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.demo`` (``make demo``); ``peer ARGS``: the demo's peer process."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["peer"]:
+        return _peer_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=(
+        "a self-contained demonstration (make demo): a 3-member cluster on loopback, "
+        "our peer's traffic, a member killed and the failover"))
+    parser.add_argument("--quick", action="store_true",
+                        help="a shortened schedule (~20 s; also IPSEC_CLUSTER_DEMO_QUICK=1)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory (configs, logs) also when it worked")
+    parser.add_argument("--esp", action="store_true",
+                        help="instead: the in-memory ESP demonstration (transforms, replay, IVs)")
+    args = parser.parse_args(argv)
+    if args.esp:
+        from bench.esp_demo import run_demo
+
+        return int(run_demo())
+    return run_cluster_demo(quick=args.quick, keep=args.keep)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "peer":
-        sys.exit(_peer_main(sys.argv[2:]))
-    sys.exit(run_cluster_demo(quick="--quick" in sys.argv))
+    sys.exit(main())

@@ -8,7 +8,7 @@ Rules of this file:
 - IFF_NO_PI: each read is exactly one IP packet (v4 or v6, told apart by the
   version nibble), each write must be exactly one.
 - The routes into the device live in the cluster's own routing table with our
-  own rules (dispatcher/routes.py), never in the main table; ``close`` removes
+  own rules (member/routes.py), never in the main table; ``close`` removes
   exactly what ``open`` added. Closing the (non-persistent) device makes the
   kernel drop it, its addresses and every route through it.
 """
@@ -27,7 +27,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from common.errors import StartupError
-from dispatcher.routes import DEFAULT_MARK, DEFAULT_TABLE, PolicyRoutes
+from member.routes import DEFAULT_MARK, DEFAULT_TABLE, PolicyRoutes
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class TunDevice:
     """A TUN device as the gateway's inside: ``start(on_packet)`` calls
     ``on_packet(packet)`` for each IP packet the kernel routes into it,
     ``write(packet)`` hands a packet to the kernel. Same interface as
-    ``dispatcher.inside.UdpInside`` (the ``Inside`` protocol)."""
+    ``member.inside.UdpInside`` (the ``Inside`` protocol)."""
 
     def __init__(self, name: str = "ipsc%d", *, address: str | None = None,
                  routes: Sequence[IPNetwork] = (), mtu: int = DEFAULT_MTU,

@@ -23,7 +23,7 @@ Rules of this file (docs/esp.md "Selector checks"):
   the per-packet work is one ``struct`` unpack and int comparisons. Matching
   agrees with ``common.ike.ts.contains`` (the reference the tests compare to).
 - The data path calls ``matcher(src_ts, dst_ts)`` once per child and then the
-  result per packet. With the compiled module (common/_esp_fast.c, unless
+  result per packet. With the compiled module (common/esp/_esp_fast.c, unless
   ``IPSEC_CLUSTER_PURE_ESP=1``) that is ``match_selectors`` on packed records
   (``compile_blob``), else ``packet_matches`` here; ``five_tuple`` likewise.
   Both raise ``MalformedMessage`` in the same cases.
@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 
 from common.errors import MalformedMessage
-from common.esp import PURE_ESP_ENV
+from common.esp.transforms import PURE_ESP_ENV
 from common.ike.ts import PORT_MAX, TrafficSelector
 
 #: the port of a packet that has none (any negative value fails a port range)
@@ -70,7 +70,7 @@ _V4 = struct.Struct("!6xHxB2xII")
 _V6 = struct.Struct("!6xB1xQQQQ")
 _PORTS = struct.Struct("!HH")
 _TYPE_CODE = struct.Struct("!H")
-#: one compiled selector for common/_esp_fast.c: version, protocol, first and
+#: one compiled selector for common/esp/_esp_fast.c: version, protocol, first and
 #: last port (native ints), first and last address (16 bytes, big-endian)
 _BLOB = struct.Struct("=BBxxii16s16s")
 
@@ -227,8 +227,8 @@ def _load_compiled() -> tuple[Callable[[bytes, bytes, Packet], bool] | None,
     if os.environ.get(PURE_ESP_ENV) == "1":
         return None, None
     try:
-        from common._esp_fast import five_tuple as c_five_tuple
-        from common._esp_fast import match_selectors as c_match
+        from common.esp._esp_fast import five_tuple as c_five_tuple
+        from common.esp._esp_fast import match_selectors as c_match
     except ImportError:   # not built, or built before these existed
         return None, None
     return c_match, c_five_tuple

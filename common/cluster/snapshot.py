@@ -13,14 +13,14 @@ from __future__ import annotations
 import functools
 import ipaddress
 
+from common.cluster.pools import Lease
+from common.cluster.sync import ChildRecord, IkeSaState
 from common.ike.child import ChildSa, ChildState
 from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
 from common.ike.keys import IkeKeys
 from common.ike.policy import IkePolicy
 from common.ike.proposals import ESP_TRANSFORMS, EspSuite, IkeSuite
 from common.ike.sa import IkeContext, IkeSa, IkeState
-from common.pools import Lease
-from common.sync import ChildRecord, IkeSaState
 
 
 def _rel(deadline: float | None, now: float) -> float:

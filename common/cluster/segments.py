@@ -1,7 +1,7 @@
 """The segment table: segment -> (owner member, backup member, epoch).
 
 Rules of this file:
-- Segments, not members, move (DESIGN.md "Routing"). SPIs carry their segment
+- Segments, not members, move (docs/routing.md). SPIs carry their segment
   in their top bits, so a row rewrite re-routes every SA of that segment at
   once and no SPI ever changes.
 - Every segment has exactly one owner once the table is assigned (RFC 6027

@@ -2,8 +2,8 @@
  *
  * Rules of this file:
  * - Bytes only.  Sequence numbers, IVs, the replay window, events and limits
- *   stay in common/esp.py; this module gets (seq, IV, inner) and gives ESP
- *   bytes, or gets ESP bytes and gives the inner packet.  common/esp.py keeps
+ *   stay in common/esp/transforms.py; this module gets (seq, IV, inner) and gives ESP
+ *   bytes, or gets ESP bytes and gives the inner packet.  common/esp/transforms.py keeps
  *   the pure-Python path as the reference; both produce identical bytes.
  * - One SaCipher per SA holds reused OpenSSL contexts (key schedule done once).
  *   Methods run with the GIL held and never release it, so a context is never
@@ -36,7 +36,7 @@
 #define SALT_SIZE 4     /* RFC 4106 §8.1 salt, RFC 3686 §5.1 nonce, RFC 7634 §4 salt */
 #define MAX_PACKET (INT_MAX - 1024)                /* EVP lengths are ints */
 /* The CBC IV is E_K(prefix | sender_id | counter): SP 800-38A Appendix C
- * (see common/esp.py CbcHmac, which this must match byte for byte). */
+ * (see common/esp/transforms.py CbcHmac, which this must match byte for byte). */
 static const unsigned char CBC_IV_PREFIX[8] = {'E', 'S', 'P', '-', 'C', 'B', 'C', 0};
 
 enum kind { GCM, CHACHA, CTR, CBC };
@@ -500,7 +500,7 @@ static PyMethodDef SaCipher_methods[] = {
 
 static PyTypeObject SaCipherType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "common._esp_fast.SaCipher",
+    .tp_name = "common.esp._esp_fast.SaCipher",
     .tp_doc = "ESP byte primitive for one SA: reused OpenSSL contexts, no state but keys.",
     .tp_basicsize = sizeof(SaCipher),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -512,10 +512,10 @@ static PyTypeObject SaCipherType = {
 
 /* -- RFC 4301 §5.2 selector checks on inner packets ------------------------------
  *
- * The compiled twin of common/selectors.py (``five_tuple``, ``packet_matches``),
+ * The compiled twin of common/esp/selectors.py (``five_tuple``, ``packet_matches``),
  * which stays the reference: same fields, same MalformedMessage cases, the
  * tests compare the two.  A compiled side is a bytes object of SEL_SIZE
- * records (common.selectors.compile_blob, struct "=BBxxii16s16s"): version,
+ * records (common.esp.selectors.compile_blob, struct "=BBxxii16s16s"): version,
  * protocol (0 = any), first port, last port (first -1 = any, OPAQUE too), first
  * and last address big-endian (IPv4 in the first 4 bytes). */
 
@@ -710,15 +710,15 @@ static PyObject *esp_fast_five_tuple(PyObject *self, PyObject *arg) {
 
 static PyMethodDef esp_fast_functions[] = {
     {"match_selectors", (PyCFunction)(void (*)(void))esp_fast_match_selectors, METH_FASTCALL,
-     "match_selectors(src_blob, dst_blob, packet) -> bool (common.selectors.packet_matches)"},
+     "match_selectors(src_blob, dst_blob, packet) -> bool (common.esp.selectors.packet_matches)"},
     {"five_tuple", (PyCFunction)esp_fast_five_tuple, METH_O,
      "five_tuple(packet) -> (version, src, dst, protocol, sport, dport)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef esp_fast_module = {
-    PyModuleDef_HEAD_INIT, .m_name = "common._esp_fast",
-    .m_doc = "Compiled ESP byte primitive (see common/esp.py).", .m_size = -1,
+    PyModuleDef_HEAD_INIT, .m_name = "common.esp._esp_fast",
+    .m_doc = "Compiled ESP byte primitive (see common/esp/transforms.py).", .m_size = -1,
     .m_methods = esp_fast_functions,
 };
 

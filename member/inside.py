@@ -1,7 +1,7 @@
 """The gateway's inside: where cleartext IP packets enter and leave.
 
 Two kinds with one interface (``Inside``), so the gateway treats them alike:
-- ``TunDevice`` (dispatcher/tun.py): a Linux TUN device, needs root.
+- ``TunDevice`` (member/tun.py): a Linux TUN device, needs root.
 - ``UdpInside``: root-less; each inner IP packet is the whole payload of one UDP
   datagram between our inside socket and the configured ``udp:HOST:PORT`` (the
   tests and the demo put a fake protected network there).
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
 
 from common.config import InsideConfig
-from dispatcher.tun import DEFAULT_MTU, TunDevice
+from member.tun import DEFAULT_MTU, TunDevice
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,5 @@
+"""The cluster without I/O: SPI ranges with the segment in the top bits
+(``spi``), the segment table (``segments``), the one routing function
+(``routing``), the dispatcher <-> member wire codec (``wire``), the state-sync
+messages (``sync``) and their restoration (``snapshot``), address pools by
+segment (``pools``)."""
