@@ -1189,7 +1189,7 @@ class Demo:
         interrupted = False
         lines: list[str] = []
         bad: list[str] = []
-        self.event(f"[bold]ipsec-cluster demo[/]: a {self.s.members}-member cluster on "
+        self.event(f"[bold]make demo[/]: a {self.s.members}-member cluster on "
                    f"loopback, our peer with {self.s.ike_sas} IKE SAs, traffic through an "
                    f"echo, and a member killed with SIGKILL after {self.s.kill_after:g} s "
                    "(Ctrl-C stops it cleanly)")
