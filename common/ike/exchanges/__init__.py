@@ -115,7 +115,7 @@ def dispatch_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
 
 def notify_for(exc: RemoteProtocolError) -> NotifyPayload:
     """The one place an error becomes a Notify payload (docs/design.md "Code
-    conventions", as in h2's exceptions): its type (INVALID_SYNTAX when it names none), data, and the
-    protocol and SPI it is about."""
+    conventions", as in h2's exceptions): its type (INVALID_SYNTAX when it
+    names none), data, and the protocol and SPI it is about."""
     return NotifyPayload(NotifyType(exc.notify_type or NotifyType.INVALID_SYNTAX),
                          ProtocolId(exc.notify_protocol), exc.notify_spi, exc.notify_data)
