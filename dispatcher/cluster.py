@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from common.cluster.events import Event, EventLog
 from common.cluster.routing import InsideRoutes, PortKind, RouteKind, route_datagram
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
@@ -128,6 +129,8 @@ class Dispatcher(Membership):
         self.inside: Inside | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
+        #: the cluster's event stream (control API ``events``)
+        self.events = EventLog()
         self._status_waiters: list[asyncio.Future[dict[str, Any]]] = []
         self._status_pending: dict[int, dict[str, Any]] = {}
         self._stop = asyncio.Event()
@@ -150,6 +153,10 @@ class Dispatcher(Membership):
         self._last_balance = 0.0
 
     # -- network in -----------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        """One fact for the event stream (docs/operations.md "Control API")."""
+        self.events.add(event, time.time())
 
     def _readable(self, port: int) -> None:
         sock = self.udp[port]

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from common.cluster.events import Event, EventLog
 from common.config import Config
 from common.errors import MalformedMessage, StartupError
 from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
@@ -75,6 +76,12 @@ class Gateway:
         self._stopped = asyncio.Event()
         #: what failed per datagram, packet or timer run, by reason
         self.refusals = Refusals(log, name="gateway")
+        #: the gateway's event stream (control API ``events``)
+        self.events = EventLog()
+
+    def publish(self, event: Event) -> None:
+        """One fact for the event stream (docs/operations.md "Control API")."""
+        self.events.add(event, time.time())
 
     # -- I/O in -------------------------------------------------------------------
 
