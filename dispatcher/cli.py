@@ -120,7 +120,76 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     else:
         print_status(answer)
+        _recent_events(args)
     return 0
+
+
+#: events ``status`` shows, and ``events --follow`` before the new ones
+RECENT_EVENTS = 5
+#: how often ``events --follow`` asks
+FOLLOW_INTERVAL_S = 0.2
+
+
+def event_line(e: dict[str, Any]) -> str:
+    """One event as a line: sequence number, local time, type, then its fields."""
+    import time
+
+    when = e.get("time")
+    stamp = (time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}"
+             if isinstance(when, int | float) else "?")
+    rest = " ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in e.items() if k not in ("seq", "time", "type"))
+    return f"{e.get('seq', '?'):>6} {stamp} {e.get('type', '?'):<15} {rest}".rstrip()
+
+
+def _recent_events(args: argparse.Namespace) -> None:
+    """The last few events under ``status`` (nothing from a gateway without them)."""
+    try:
+        end = int(_ask(args, {"cmd": "events"})["next"])
+        answer = _ask(args, {"cmd": "events", "since": max(1, end - RECENT_EVENTS)})
+    except (StartupError, KeyError, TypeError, ValueError):
+        return
+    if answer.get("events"):
+        print("recent events:")
+        for e in answer["events"]:
+            print(event_line(e))
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """The event stream (docs/operations.md "Control API"): the events held
+    (or from ``--since``); ``--follow`` then asks for new ones every
+    FOLLOW_INTERVAL_S until Ctrl-C."""
+    import json
+    import time
+
+    if args.since is not None:
+        since = args.since
+    elif args.follow:
+        since = max(1, int(_ask(args, {"cmd": "events"})["next"]) - RECENT_EVENTS)
+    else:
+        since = 1
+    try:
+        while True:
+            answer = _ask(args, {"cmd": "events", "since": since})
+            nxt = int(answer["next"])
+            if nxt < since:   # the gateway started anew: its stream from the start
+                print(f"(event stream started anew at {nxt})", file=sys.stderr)
+                since = 1
+                continue
+            if answer.get("dropped"):
+                print(f"({answer['dropped']} events lost: the ring moved past them)",
+                      file=sys.stderr)
+            for e in answer["events"]:
+                print(json.dumps(e, separators=(",", ":")) if args.json else event_line(e))
+            sys.stdout.flush()
+            since = nxt
+            if answer["events"]:
+                continue   # more may be waiting
+            if not args.follow:
+                return 0
+            time.sleep(FOLLOW_INTERVAL_S)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_sas(args: argparse.Namespace) -> int:
@@ -277,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=5.0,
                        help="seconds to wait for the cluster's answer (default 5)")
     _control_parsers(sub)
+    events = sub.add_parser("events", help="the event stream: SAs up, down and rekeyed, "
+                            "members joined and dead, takeovers (one line each)")
+    events.add_argument("--config", required=True, help="the config the gateway runs with")
+    events.add_argument("--since", type=int, metavar="N",
+                        help="from sequence number N on (default: every event held)")
+    events.add_argument("--follow", action="store_true",
+                        help="then wait for new events, until Ctrl-C")
+    events.add_argument("--json", action="store_true", help="one JSON object a line")
+    events.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds to wait for the gateway's answer (default 5)")
     keygen = sub.add_parser("keygen", help="write a ZeroMQ CURVE key pair (dispatcher and "
                             "members on other hosts, docs/operations.md)")
     keygen.add_argument("--dir", required=True,
@@ -304,7 +383,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "peer":
         return cmd_peer(args)
     handlers = {"member": cmd_member, "status": cmd_status, "sas": cmd_sas,
-                "keygen": cmd_keygen}
+                "keygen": cmd_keygen, "events": cmd_events}
     handlers.update({verb: cmd_control for verb in CONTROL_VERBS})
     return handlers[args.command](args)
 

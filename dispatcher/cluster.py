@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from common.cluster.events import Event, EventLog
+from common.cluster.events import MEMBER_EVENTS, Event, EventLog, EventType
 from common.cluster.routing import InsideRoutes, PortKind, RouteKind, route_datagram
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
@@ -42,6 +42,7 @@ from common.cluster.wire import (
     Datagram,
     DatagramIn,
     DatagramOut,
+    Events,
     Heartbeat,
     Hello,
     InnerIn,
@@ -423,6 +424,20 @@ class Dispatcher(Membership):
             # only an answer to a request this member was sent (control.py)
             if (reason := self.control_relay().answer(member_id, msg.req_id, msg.json)) is not None:
                 self._refuse(reason, identity, msg)
+        elif isinstance(msg, Events):
+            self._member_events(msg, member_id, identity)
+
+    def _member_events(self, msg: Events, member_id: int, identity: bytes) -> None:
+        """A member's SA events, published when they are its own: an event
+        naming another member, or one only the dispatcher may tell (a member
+        dead, segments moved), is refused and counted."""
+        for event in msg.events:
+            if event.member != member_id:
+                self._refuse("event_not_own", identity, msg)
+            elif event.type not in MEMBER_EVENTS:
+                self._refuse("event_type", identity, msg)
+            else:
+                self.publish(event)
 
     def _route_add(self, msg: RouteAdd, member_id: int, identity: bytes) -> None:
         reason = self.guard.route_add(msg, member_id)
@@ -713,6 +728,7 @@ class Dispatcher(Membership):
         await self.inside.start(self._inner)
         log.info("dispatcher on %s ports %s, members at %s", c.address, sorted(self.udp),
                  self.endpoint)
+        self.publish(Event(EventType.READY, peer=str(c.address)))
 
     async def run(self) -> None:
         await self.start()

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
+from common.cluster.events import MAX_LIMIT, EventLog
 from common.config import Config
 
 log = logging.getLogger("ipsec_cluster.control")
@@ -47,6 +48,11 @@ class Backend(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def connections(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def events(self) -> EventLog:
+        """The event stream (``events``)."""
+        ...
 
     async def ask(self, req: dict[str, Any], *, one: bool = False) -> list[dict[str, Any]]:
         """Every member's answer to ``req`` (``one``: a single member acts,
@@ -116,10 +122,39 @@ async def _reload(b: Backend, req: dict[str, Any]) -> dict[str, Any]:
     return await b.reload()
 
 
+#: the highest ``since`` taken (a sequence number, JSON-safe)
+MAX_SINCE = (1 << 53) - 1
+#: events per answer unless the request says ``limit``
+DEFAULT_LIMIT = 512
+
+
+def _number(req: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = req.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"events: \"{key}\" must be an integer in {low}..{high}")
+    return value
+
+
+async def _events(b: Backend, req: dict[str, Any]) -> dict[str, Any]:
+    """The event stream from ``since`` (a sequence number; without it: from
+    now on, only ``next`` to ask with), at most ``limit`` events. ``next``
+    is the ``since`` of the following request; ``dropped`` counts the events
+    the ring no longer holds between ``since`` and the first one returned."""
+    since = _number(req, "since", 0, MAX_SINCE)
+    limit = _number(req, "limit", 1, MAX_LIMIT)
+    log_ = b.events
+    events, nxt, dropped = log_.since(log_.next_seq if since is None else since,
+                                      DEFAULT_LIMIT if limit is None else limit)
+    return {"ok": True, "events": [e.to_json() for e in events], "next": nxt,
+            "dropped": dropped}
+
+
 HANDLERS: dict[str, Handler] = {
     "status": _status, "sas": _sas, "list-sas": _sas, "list-conns": _list_conns,
     "initiate": _initiate, "terminate": _act, "rekey": _act, "stats": _stats,
-    "reload": _reload,
+    "reload": _reload, "events": _events,
 }
 
 

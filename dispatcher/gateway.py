@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common.cluster.events import Event, EventLog
+from common.cluster.events import Event, EventLog, EventType
 from common.config import Config
 from common.errors import MalformedMessage, StartupError
 from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
@@ -67,7 +67,9 @@ class Gateway:
         self.config_path = config_path
         #: how reload reads the file (the CLI's: one StartupError line)
         self.read_config: Callable[[str], Config] = _no_reader
-        self.member = Member(config, random=os.urandom)
+        #: the gateway's event stream (control API ``events``)
+        self.events = EventLog()
+        self.member = Member(config, random=os.urandom, publish=self.publish)
         self.initiate = initiate
         self.ports: dict[int, _Port] = {}
         self.inside: Inside | None = None
@@ -76,8 +78,6 @@ class Gateway:
         self._stopped = asyncio.Event()
         #: what failed per datagram, packet or timer run, by reason
         self.refusals = Refusals(log, name="gateway")
-        #: the gateway's event stream (control API ``events``)
-        self.events = EventLog()
 
     def publish(self, event: Event) -> None:
         """One fact for the event stream (docs/operations.md "Control API")."""
@@ -212,6 +212,7 @@ class Gateway:
         await self.inside.start(self.inner)
         log.info("gateway listening on %s ports %s, inside %s", c.address,
                  sorted(self.ports), c.inside.kind)
+        self.publish(Event(EventType.READY, peer=str(c.address)))
         if self.initiate:
             self.member.start_connections(self._now())
         elif self.config_path is not None:
@@ -327,6 +328,10 @@ class GatewayControl:
 
     def connections(self) -> list[dict[str, Any]]:
         return connections_view(self.gw.config)
+
+    @property
+    def events(self) -> EventLog:
+        return self.gw.events
 
     async def ask(self, req: dict[str, Any], *, one: bool = False) -> list[dict[str, Any]]:
         answer = member_control(self.gw.member, req, self.gw._now())

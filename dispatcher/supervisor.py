@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from common.cluster.events import EventLog
 from common.config import Config
 from common.errors import StartupError
 from dispatcher.cluster import Dispatcher
@@ -237,6 +238,10 @@ class Supervisor:
 
     def connections(self) -> list[dict[str, Any]]:
         return connections_view(self.config)
+
+    @property
+    def events(self) -> EventLog:
+        return self.dispatcher.events
 
     async def ask(self, req: dict[str, Any], *, one: bool = False) -> list[dict[str, Any]]:
         return await self.dispatcher.control(req, one=one)

@@ -25,10 +25,12 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from common.cluster.events import Event
 from common.cluster.routing import init_segment
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
 from common.cluster.wire import (
+    MAX_EVENTS,
     Channel,
     ChildDelete,
     ChildPush,
@@ -37,6 +39,7 @@ from common.cluster.wire import (
     Datagram,
     DatagramIn,
     DatagramOut,
+    Events,
     Heartbeat,
     Hello,
     InnerIn,
@@ -78,6 +81,8 @@ MAX_HEARTBEAT_COUNTERS = 255
 DISPATCHER = "dispatcher"
 #: a timer run that failed is retried no sooner than this
 TIMER_RETRY_S = 0.1
+#: SA events held for the dispatcher at most (between two flushes)
+MAX_EVENTS_QUEUED = 4096
 
 
 def heartbeat_refusal(hb: Heartbeat, sender_id: int) -> str | None:
@@ -195,6 +200,8 @@ class MemberProcess:
         self._placed = 0
         self._stop = asyncio.Event()
         self.replicator: Replicator | None = None
+        #: SA events not yet sent to the dispatcher
+        self.events_out: list[Event] = []
         inside = config.cluster.inside
         self.raw_inside = RawInside.open_if_possible(inside.kind, inside.route_mark) \
             if not endpoint.startswith("tcp://") else None
@@ -282,7 +289,23 @@ class MemberProcess:
         # backup has the new state.
         self.emit(rep.outgoing(m.ike_out(), m.touched, now))
         m.touched.clear()
+        self._send_events()
         self._arm()
+
+    def _event(self, event: Event) -> None:
+        """An SA event for the dispatcher's event stream (sent by ``flush``;
+        the oldest go first when the dispatcher cannot take them)."""
+        if len(self.events_out) >= MAX_EVENTS_QUEUED:
+            del self.events_out[0]
+            if self.member is not None:
+                self.member.drops["events_queue_full"] += 1
+        self.events_out.append(event)
+
+    def _send_events(self) -> None:
+        while self.events_out:
+            batch = self.events_out[:MAX_EVENTS]
+            del self.events_out[:MAX_EVENTS]
+            self.send(Events(tuple(batch)))
 
     def emit(self, outs: list[Outgoing]) -> None:
         out = []
@@ -415,7 +438,8 @@ class MemberProcess:
             self.sender_id = hb.sender_id
             self.member = Member(self.config, member_id=self.member_id,
                                  sender_id=hb.sender_id, segments=[0],
-                                 owner_of_esp=self.owner_of_esp, esp_segment=self.esp_segment)
+                                 owner_of_esp=self.owner_of_esp, esp_segment=self.esp_segment,
+                                 publish=self._event)
             c = self.config.cluster
             self.replicator = Replicator(
                 self.member_id, self.member, self.send, self.emit,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from common.cluster.events import Event
 from common.cluster.pools import Pool, PoolSet
 from common.cluster.routing import InsideRoutes
 from common.cluster.spi import SpiAllocator
@@ -155,7 +156,10 @@ class Member:
     def __init__(self, config: Config, *, member_id: int = 1, sender_id: int = 1,
                  segments: list[int] | None = None, random: RandomBytes = os.urandom,
                  owner_of_esp: Callable[[int], int] | None = None,
-                 esp_segment: Callable[[], int] | None = None) -> None:
+                 esp_segment: Callable[[], int] | None = None,
+                 publish: Callable[[Event], None] | None = None) -> None:
+        """``publish``: where SA events go as ``Event``s (the event stream of
+        the control API); without it they are only logged."""
         c = config.cluster
         self.config = config
         self.member_id = member_id
@@ -194,7 +198,7 @@ class Member:
         self.drops: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
         self.esp_out: list[tuple[bytes, Address]] = []
-        self.sa_log = SaEventLog(member_id, engine_lookup(self.engine))
+        self.sa_log = SaEventLog(member_id, engine_lookup(self.engine), publish)
         self.keylog = keylog_for(c.save_keys, str(c.address))
 
     # -- IKE ------------------------------------------------------------------

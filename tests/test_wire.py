@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.cluster.events import Event, EventType
 from common.cluster.segments import SegmentTable
 from common.cluster.wire import (
     ChildDelete,
@@ -15,6 +16,7 @@ from common.cluster.wire import (
     Datagram,
     DatagramIn,
     DatagramOut,
+    Events,
     Heartbeat,
     Hello,
     InnerIn,
@@ -62,6 +64,8 @@ SAMPLES: list[Message] = [
     Control(3, b'{"ok": true}'),
     Status(b'{"members": [1, 2]}'),
     Sync(2, 1, 9, b"\x01\x06sync"),
+    Events((Event(EventType.CHILD_UP, member=2, conn="c", child="gcm", child_spi="c0000100"),
+            Event(EventType.IKE_DOWN, member=2, reason="deleted by the peer, ünï"))),
 ]
 
 

@@ -29,14 +29,30 @@ class EventType(StrEnum):
     IKE_DOWN = "ike_down"              # member, conn, ike_spi, reason
     IKE_REKEYED = "ike_rekeyed"        # member, conn, ike_spi (old), new_spi
     IKE_FAILED = "ike_failed"          # member, conn, peer, reason (auth, proposals, ...)
-    CHILD_UP = "child_up"              # member, conn, ike_spi, child_spi (inbound), peer
-    CHILD_DOWN = "child_down"          # member, conn, child_spi, reason
-    CHILD_REKEYED = "child_rekeyed"    # member, conn, child_spi (old), new_spi
+    CHILD_UP = "child_up"              # member, conn, child, ike_spi, child_spi (inbound), peer
+    CHILD_DOWN = "child_down"          # member, conn, child, child_spi, reason
+    CHILD_REKEYED = "child_rekeyed"    # member, conn, child, child_spi (old), new_spi
+    CHILD_FAILED = "child_failed"      # member, conn, child, ike_spi, reason
     LEASE_RELEASED = "lease_released"  # member, conn, address (a virtual IP back in its pool)
+
+
+#: what a member may report (the dispatcher publishes the rest itself)
+MEMBER_EVENTS = frozenset({
+    EventType.IKE_UP, EventType.IKE_DOWN, EventType.IKE_REKEYED, EventType.IKE_FAILED,
+    EventType.CHILD_UP, EventType.CHILD_DOWN, EventType.CHILD_REKEYED, EventType.CHILD_FAILED,
+    EventType.LEASE_RELEASED})
 
 
 _MAX_TEXT = 256
 _MAX_SEGMENTS = 1024
+#: the most events one read returns (and the ring's default size)
+MAX_LIMIT = 4096
+
+
+def clip(text: str) -> str:
+    """``text`` as an event's string field: its first line, at most 256 characters."""
+    lines = text.splitlines()
+    return (lines[0] if lines else "")[:_MAX_TEXT]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +64,7 @@ class Event:
     child_spi: str = ""        # our inbound ESP SPI, 8 hex digits
     new_spi: str = ""          # rekeyed: the SPI that replaces ike_spi / child_spi
     peer: str = ""             # the peer's address
+    child: str = ""            # a child SA's name (CHILD_*)
     address: str = ""          # a virtual IP (LEASE_RELEASED)
     reason: str = ""           # down / failed / dead: why, one line
     epoch: int = 0             # the segment table's epoch after the change
@@ -114,7 +131,7 @@ class EventLog:
     ``next`` of its previous read; ``dropped`` says how many it missed
     because the ring had moved past them."""
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(self, capacity: int = MAX_LIMIT) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._ring: deque[Logged] = deque(maxlen=capacity)
@@ -132,8 +149,10 @@ class EventLog:
 
     def since(self, seq: int, limit: int = 512) -> tuple[list[Logged], int, int]:
         """(events with seq >= ``seq``, at most ``limit``; the next seq to ask
-        for; how many events before the first returned one were lost)."""
-        seq = max(seq, 1)
+        for; how many events before the first returned one were lost). A
+        ``seq`` past the end (a reader of a log that started anew) reads
+        from the end: ``next`` then is below what the reader asked for."""
+        seq = min(max(seq, 1), self._next)
         first = self._ring[0].seq if self._ring else self._next
         dropped = max(0, first - seq)
         start = max(seq, first)
