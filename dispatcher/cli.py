@@ -120,7 +120,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     else:
         print_status(answer)
-        _recent_events(args)
+        if sys.stdout.isatty():   # (piped: the plain table only, for scripts)
+            _recent_events(args)
     return 0
 
 
