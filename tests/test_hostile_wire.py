@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.cluster.events import Event, EventType
 from common.cluster.segments import SegmentTable
 from common.cluster.sync import (
     SYNC_VERSION,
@@ -44,6 +45,7 @@ from common.cluster.wire import (
     Datagram,
     DatagramIn,
     DatagramOut,
+    Events,
     Heartbeat,
     Hello,
     InnerIn,
@@ -96,6 +98,7 @@ WIRE: list[Message] = [
     ControlReq(1, b"{}"),
     Control(1, b"{}"),
     Sync(1, 2, 3, b"xyz"),
+    Events((Event(EventType.IKE_UP, member=1, conn="c"),)),
 ]
 
 _CHILD = ChildRecord("c", 0x1000, 0x2000, "aes128gcm16", False, 0, 1, 5.0, (TS4,), (TS6,))
@@ -129,7 +132,7 @@ def test_every_message_type_is_covered_and_round_trips() -> None:
     assert {type(m).__name__ for m in WIRE} == {
         "DatagramIn", "DatagramOut", "InnerIn", "InnerOut", "Heartbeat", "TableUpdate",
         "ChildPush", "ChildDelete", "RouteAdd", "RouteDel", "Hello", "StatusReq", "Status",
-        "Sync", "ControlReq", "Control"}
+        "Sync", "ControlReq", "Control", "Events"}
     assert len(WIRE) == len(MsgType)
     assert len(SYNC) == len(SyncKind)
     for raw in WIRE_RAW:
