@@ -17,6 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.cluster.segments import SegmentTable
+from common.cluster.stats import (
+    MAX_ENTRIES,
+    MAX_KEY_BYTES,
+    ConnectionCounts,
+    EspTraffic,
+    MemberStats,
+    Replicas,
+)
 from common.cluster.sync import (
     SYNC_VERSION,
     Ack,
@@ -34,14 +42,6 @@ from common.cluster.sync import (
     SyncMessage,
     decode_sync,
     encode_sync,
-)
-from common.cluster.stats import (
-    MAX_ENTRIES,
-    MAX_KEY_BYTES,
-    ConnectionCounts,
-    EspTraffic,
-    MemberStats,
-    Replicas,
 )
 from common.cluster.wire import (
     WIRE_VERSION,
