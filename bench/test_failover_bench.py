@@ -247,7 +247,7 @@ def _template_state() -> Any:
 def _receiver(endpoint: str, ready: Any, result: Any) -> None:
     import zmq
 
-    from common.cluster.wire import Sync, decode, encode
+    from common.cluster.wire import Channel, Sync, decode, encode
     from member.replication import Replicator
 
     ctx = zmq.Context()
@@ -267,7 +267,7 @@ def _receiver(endpoint: str, ready: Any, result: Any) -> None:
     n = 0
     while True:
         _s, msg = decode(sock.recv(copy=True))
-        rep.on_sync(msg, 0.0, channel="bulk")
+        rep.on_sync(msg, 0.0, channel=Channel.BULK)
         n += 1
         if msg.payload[1] == 9:   # BULK_DONE
             break

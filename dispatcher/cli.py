@@ -111,6 +111,7 @@ def _ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from common.cluster.stats import StatusReport
     from dispatcher.views import print_status
 
     answer = _ask(args, {"cmd": "status"})
@@ -119,7 +120,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(json.dumps(answer, indent=2))
     else:
-        print_status(answer)
+        try:
+            report = StatusReport.from_json(answer)
+        except ValueError as exc:
+            raise StartupError(f"the status answer is not one this version reads: {exc}"
+                               ) from None
+        print_status(report)
         if sys.stdout.isatty():   # (piped: the plain table only, for scripts)
             _recent_events(args)
     return 0

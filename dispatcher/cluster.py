@@ -33,6 +33,14 @@ from common.cluster.events import MEMBER_EVENTS, Event, EventLog, EventType
 from common.cluster.routing import InsideRoutes, PortKind, RouteKind, route_datagram
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
+from common.cluster.stats import (
+    ClusterStatus,
+    DispatcherStatus,
+    MemberStats,
+    MemberStatus,
+    PoolStatus,
+    StatusReport,
+)
 from common.cluster.wire import (
     Channel,
     ChildDelete,
@@ -381,7 +389,7 @@ class Dispatcher(Membership):
                 self._refuse("heartbeat_not_own", identity, msg)
                 return
             info.last_seen = time.monotonic()
-            info.counters = dict(msg.counters)
+            info.stats = msg.stats if msg.stats is not None else MemberStats()
             if not info.alive and not info.back_logged:
                 info.back_logged = True
                 log.warning("member %d (pid %d) is back after being declared dead; its "
@@ -555,53 +563,30 @@ class Dispatcher(Membership):
         self._send(info, msg)
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        members = []
-        for m, info in sorted(self.members.items()):
-            members.append({
-                "id": m, "pid": info.pid, "host": info.host, "alive": info.alive,
-                "sender_id": info.sender_id,
-                "last_heartbeat_ms": round((now - info.last_seen) * 1000),
-                "segments": len(self.table.segments_of(m)),
-                "backup_segments": len(self.table.backups_of(m)),
-                "ike_sas": info.counters.get("ike_sas", 0),
-                "half_open_ike_sas": info.counters.get("half_open", 0),
-                "child_sas": info.counters.get("child_sas", 0),
-                "packets_in": info.counters.get("c.esp_in", 0),
-                "bytes_in": info.counters.get("c.esp_in_bytes", 0),
-                "packets_out": info.counters.get("c.esp_out", 0),
-                "bytes_out": info.counters.get("c.esp_out_bytes", 0),
-                "drops": {k[5:]: v for k, v in info.counters.items() if k.startswith("drop.")},
-                # refused input and failed messages, by reason (member/refusals.py)
-                "refused": {k[8:]: v for k, v in info.counters.items()
-                            if k.startswith("refused.")},
-                "sync_gaps": info.gaps + info.counters.get("sync_gaps", 0),
-                # RFC 6027 §3.6: whether this member's SAs are safe from its death
-                "replication": {
-                    "ike_replicas": info.counters.get("ike_replicas", 0),
-                    "child_replicas": info.counters.get("child_replicas", 0),
-                    "unreplicated_changes": info.counters.get("sync.ike_unreplicated", 0),
-                    "ack_timeouts": info.counters.get("sync.ack_timeouts", 0),
-                    "held": info.counters.get("held", 0),
-                    "sync_out": info.counters.get("sync.sync_out", 0),
-                    "sync_in": info.counters.get("sync.sync_in", 0),
-                    "takeovers": info.counters.get("sync.takeovers", 0),
-                    "degraded": self._backup_missing(m),
-                },
-                # every synch-channel counter of the member (member/replication.py):
-                # sync_gaps, bulk_sent, sync_dropped_on_purpose, rekeys_after_failover, ...
-                "sync": {k[5:]: v for k, v in info.counters.items() if k.startswith("sync.")},
-            })
-        return {"cluster": {"address": str(self.config.cluster.address),
-                            "mode": self.config.cluster.mode, "epoch": self.table.epoch,
-                            "uptime_s": round(time.time() - self.started, 1),
-                            "endpoint": self.endpoint},
-                "dispatcher": {"pid": os.getpid(), "counters": dict(self.counters),
-                               "drops": dict(self.drops), "inside_routes": len(self.routes),
-                               "refused": dict(self._refusals().counts)},
-                "members": members, "pools": self._pools_status()}
+        """``status_report()`` as the JSON of ``status --json``."""
+        return self.status_report().to_json()
 
-    def _pools_status(self) -> list[dict[str, Any]]:
+    def status_report(self) -> StatusReport:
+        """``ipsec-cluster status``: every member known (a dead one with its
+        last heartbeat's figures), the dispatcher's counters and the pools."""
+        now = time.monotonic()
+        members = tuple(
+            MemberStatus.of(m, info.stats, pid=info.pid, host=info.host, alive=info.alive,
+                            sender_id=info.sender_id,
+                            last_heartbeat_ms=round((now - info.last_seen) * 1000),
+                            segments=len(self.table.segments_of(m)),
+                            backup_segments=len(self.table.backups_of(m)),
+                            gaps=info.gaps, degraded=self._backup_missing(m))
+            for m, info in sorted(self.members.items()))
+        c = self.config.cluster
+        return StatusReport(
+            ClusterStatus(str(c.address), c.mode, self.table.epoch,
+                          round(time.time() - self.started, 1), self.endpoint),
+            DispatcherStatus(os.getpid(), dict(self.counters), dict(self.drops),
+                             len(self.routes), dict(self._refusals().counts)),
+            members, self._pools_status())
+
+    def _pools_status(self) -> tuple[PoolStatus, ...]:
         """Each ``[pools.NAME]`` and how many of its addresses the live members
         have leased (the addresses themselves: ``sas``, per IKE SA)."""
         from common.cluster.pools import Pool
@@ -610,12 +595,12 @@ class Dispatcher(Membership):
         bits = self.config.cluster.segment_bits
         for p in self.config.pools.values():
             pool = Pool(p.name, p.addrs, p.dns, bits)
-            by_member = {m: info.counters.get(f"pool.{p.name}", 0)
+            by_member = {m: info.stats.pools.get(p.name, 0)
                          for m, info in sorted(self.members.items()) if info.alive}
-            out.append({"name": p.name, "addrs": str(p.addrs), "dns": [str(a) for a in p.dns],
-                        "size": pool.size, "per_segment": pool.per_segment(0),
-                        "leased": sum(by_member.values()), "by_member": by_member})
-        return out
+            out.append(PoolStatus(p.name, str(p.addrs), tuple(str(a) for a in p.dns),
+                                  pool.size, pool.per_segment(0), sum(by_member.values()),
+                                  by_member))
+        return tuple(out)
 
     async def sas(self, timeout: float = 2.0) -> dict[str, Any]:
         """Every member's SAs (like swanctl --list-sas)."""

@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from common.cluster.events import MAX_LIMIT, EventLog
+from common.cluster.stats import StatusReport
 from common.config import Config
 
 log = logging.getLogger("ipsec_cluster.control")
@@ -45,7 +46,7 @@ def control_endpoint(config: Config, config_path: str) -> str:
 class Backend(Protocol):
     """What a mode offers the handlers."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status_report(self) -> StatusReport: ...
 
     def connections(self) -> list[dict[str, Any]]: ...
 
@@ -66,7 +67,7 @@ Handler = Callable[[Backend, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 async def _status(b: Backend, req: dict[str, Any]) -> dict[str, Any]:
-    return {"ok": True, **b.status()}
+    return {"ok": True, **b.status_report().to_json()}
 
 
 async def _sas(b: Backend, req: dict[str, Any]) -> dict[str, Any]:

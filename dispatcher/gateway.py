@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.cluster.events import Event, EventLog, EventType
+from common.cluster.stats import ClusterStatus, DispatcherStatus, MemberStatus, StatusReport
 from common.config import Config
 from common.errors import MalformedMessage, StartupError
 from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
@@ -78,10 +79,33 @@ class Gateway:
         self._stopped = asyncio.Event()
         #: what failed per datagram, packet or timer run, by reason
         self.refusals = Refusals(log, name="gateway")
+        #: when it started (``status``: uptime)
+        self.started = time.time()
 
     def publish(self, event: Event) -> None:
         """One fact for the event stream (docs/operations.md "Control API")."""
         self.events.add(event, time.time())
+
+    def status_report(self) -> StatusReport:
+        """``ipsec-cluster status`` (and the metrics) of one process in the
+        cluster's shape: it is the dispatcher (its refusals are the
+        dispatcher's) and member 1, always alive, with no segments,
+        replication or pools."""
+        c = self.config.cluster
+        s = self.member.stats()
+        e = s.esp
+        endpoint = control_endpoint(self.config, self.config_path) \
+            if self.config_path is not None else ""
+        member = MemberStatus(
+            1, os.getpid(), "local", alive=True, sender_id=1, ike_sas=s.ike_sas,
+            half_open_ike_sas=s.half_open_ike_sas, child_sas=s.child_sas,
+            packets_in=e.packets_in, bytes_in=e.bytes_in, packets_out=e.packets_out,
+            bytes_out=e.bytes_out, drops=dict(s.drops), connections=s.connections)
+        return StatusReport(
+            ClusterStatus(str(c.address), "single-process", 0,
+                          round(time.time() - self.started, 1), endpoint),
+            DispatcherStatus(os.getpid(), refused=dict(self.refusals.counts)),
+            (member,))
 
     # -- I/O in -------------------------------------------------------------------
 
@@ -190,12 +214,11 @@ class Gateway:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         c = self.config.cluster
+        self.started = time.time()
         if c.metrics_port:  # first: a port in use stops us before anything else
-            from dispatcher.metrics import gateway_status, start_metrics
+            from dispatcher.metrics import start_metrics
 
-            started = time.time()
-            start_metrics(lambda: gateway_status(self, started), c.metrics_port,
-                          c.metrics_address)
+            start_metrics(self.status_report, c.metrics_port, c.metrics_address)
         # Our own sockets, no SO_REUSEADDR (nobody binds beside us), marked
         # with a TUN inside so our IKE/ESP bypass the tunnel's table
         # (member/routes.py); a port in use is one StartupError line.
@@ -278,7 +301,6 @@ class GatewayControl:
         self.dir = run_dir(gw.config, self.path)
         secure_run_dir(self.dir, ("control.ipc",))
         self.endpoint = control_endpoint(gw.config, self.path)
-        self.started = time.time()
         self.task: asyncio.Future[None] | None = None
         self.reloading: asyncio.Future[None] | None = None
 
@@ -304,27 +326,8 @@ class GatewayControl:
 
     # -- Backend (dispatcher/control.py) ---------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        m = self.gw.member
-        c = self.gw.config.cluster
-        return {"cluster": {"address": str(c.address), "mode": "single-process", "epoch": 0,
-                            "uptime_s": round(time.time() - self.started, 1),
-                            "endpoint": self.endpoint},
-                "dispatcher": {"pid": os.getpid(), "counters": {}, "drops": {},
-                               "inside_routes": 0, "refused": dict(self.gw.refusals.counts)},
-                "members": [{
-                    "id": 1, "pid": os.getpid(), "host": "local", "alive": True, "sender_id": 1,
-                    "last_heartbeat_ms": 0, "segments": 0, "backup_segments": 0,
-                    "ike_sas": len(m.engine.established()),
-                    "half_open_ike_sas": m.engine.half_open_count(),
-                    "child_sas": len(m.by_spi),
-                    "packets_in": m.counters.get("esp_in", 0),
-                    # (the SAs' own counts: one process counts no bytes per datagram)
-                    "bytes_in": sum(r.inbound.octets for r in m.by_spi.values()),
-                    "packets_out": m.counters.get("esp_out", 0),
-                    "bytes_out": sum(r.outbound.octets for r in m.by_spi.values()),
-                    "drops": {**m.drops, **{f"ike_{k}": v for k, v in m.engine.drops.items()}},
-                    "refused": {}, "sync_gaps": 0, "replication": {}, "sync": {}}]}
+    def status_report(self) -> StatusReport:
+        return self.gw.status_report()
 
     def connections(self) -> list[dict[str, Any]]:
         return connections_view(self.gw.config)

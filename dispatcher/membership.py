@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from common.cluster.segments import SegmentMove
 from common.cluster.spi import segment_of_esp_spi
+from common.cluster.stats import MemberStats
 from common.cluster.wire import Datagram, Heartbeat, Hello, StreamSeq, TableUpdate
 from common.ike.ts import TrafficSelector
 
@@ -54,7 +55,8 @@ class MemberInfo:
     alive: bool = True
     #: heartbeats after it was declared dead were logged (once per incarnation)
     back_logged: bool = False
-    counters: dict[str, int] = field(default_factory=dict)
+    #: its last heartbeat's figures
+    stats: MemberStats = field(default_factory=MemberStats)
     tx: StreamSeq = field(default_factory=StreamSeq)
     rx: StreamSeq = field(default_factory=StreamSeq)
     gaps: int = 0

@@ -11,33 +11,30 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from common.cluster.stats import MemberStatus, StatusReport
 from common.errors import StartupError
-from member.sa_counts import (
-    CONN_CHILD,
-    CONN_IKE,
-    sa_counts_by_connection,
-)
-
-if TYPE_CHECKING:
-    from dispatcher.cluster import Dispatcher
-    from dispatcher.gateway import Gateway
 
 #: reads of the status per scrape before a changing dict is an error
 STATUS_TRIES = 3
 
 Family = GaugeMetricFamily | CounterMetricFamily
-Status = dict[str, Any]
 
-#: (status key of a member, metric name, HELP) of the per-member gauges
+
+class StatusSource(Protocol):
+    """What serves a status report: the cluster's dispatcher, the gateway."""
+
+    def status_report(self) -> StatusReport: ...
+
+
+#: (MemberStatus field, metric name, HELP) of the per-member gauges
 MEMBER_GAUGES = (
     ("segments", "ipsec_cluster_segments", "SPI segments the member owns"),
     ("backup_segments", "ipsec_cluster_backup_segments",
@@ -47,7 +44,7 @@ MEMBER_GAUGES = (
      "IKE SAs in negotiation (IKE_SA_INIT answered, no IKE_AUTH yet)"),
     ("child_sas", "ipsec_cluster_child_sas", "child SAs (ESP) installed on the member"),
 )
-#: (status key, metric name without _total, HELP) of the per-member counters
+#: (MemberStatus field, metric name without _total, HELP) of the per-member counters
 MEMBER_COUNTERS = (
     ("packets_in", "ipsec_cluster_esp_packets_in", "ESP packets decrypted by the member"),
     ("bytes_in", "ipsec_cluster_esp_in_bytes",
@@ -56,7 +53,7 @@ MEMBER_COUNTERS = (
     ("bytes_out", "ipsec_cluster_esp_out_bytes",
      "inner bytes encrypted into ESP (IP packets from the inside)"),
 )
-#: (replication key, metric name, HELP, is a counter)
+#: (ReplicationStatus field, metric name, HELP, is a counter)
 REPLICATION = (
     ("ike_replicas", "ipsec_cluster_ike_replicas",
      "IKE SAs of other members this member holds a copy of", False),
@@ -71,68 +68,29 @@ REPLICATION = (
 )
 
 
-def dispatcher_status(dispatcher: Dispatcher) -> Status:
-    """``Dispatcher.status()`` with each member's per-connection counts."""
-    status = dispatcher.status()
-    for m in status["members"]:
-        info = dispatcher.members.get(m["id"])
-        counters = info.counters if info is not None else {}
-        m["connections"] = {
-            "ike": {k[len(CONN_IKE):]: v for k, v in counters.items() if k.startswith(CONN_IKE)},
-            "child": {k[len(CONN_CHILD):]: v for k, v in counters.items()
-                      if k.startswith(CONN_CHILD)}}
-    return status
-
-
-def gateway_status(gw: Gateway, started: float) -> Status:
-    """The single-process gateway in the shape of ``Dispatcher.status()``:
-    one member, id 1, always alive, no segments or replication."""
-    m = gw.member
-    counts = sa_counts_by_connection(m)
-    member = {
-        "id": 1, "alive": True, "segments": 0, "backup_segments": 0, "last_heartbeat_ms": 0,
-        "ike_sas": len(m.engine.established()), "half_open_ike_sas": m.engine.half_open_count(),
-        "child_sas": len(m.by_spi),
-        "packets_in": m.counters.get("esp_in", 0), "bytes_in": m.counters.get("esp_in_bytes", 0),
-        "packets_out": m.counters.get("esp_out", 0),
-        "bytes_out": m.counters.get("esp_out_bytes", 0),
-        "drops": {**dict(m.drops), **{f"ike_{k}": v for k, v in m.engine.drops.items()}},
-        "refused": dict(gw.refusals.counts), "replication": {},
-        "connections": {
-            "ike": {k[len(CONN_IKE):]: v for k, v in counts.items() if k.startswith(CONN_IKE)},
-            "child": {k[len(CONN_CHILD):]: v for k, v in counts.items()
-                      if k.startswith(CONN_CHILD)}},
-    }
-    return {"cluster": {"epoch": 0, "uptime_s": round(time.time() - started, 1)},
-            "dispatcher": {"drops": {}, "refused": {}, "counters": {}}, "members": [member]}
-
-
 class ClusterCollector(Collector):
-    """The metrics of one scrape, from a status source (cluster or gateway)."""
+    """The metrics of one scrape, from a status report (cluster or gateway)."""
 
-    def __init__(self, source: Callable[[], Status] | Dispatcher) -> None:
-        if callable(source):
-            self.source = source
-        else:
-            dispatcher = source
-            self.source = lambda: dispatcher_status(dispatcher)
+    def __init__(self, source: Callable[[], StatusReport] | StatusSource) -> None:
+        self.source: Callable[[], StatusReport] = \
+            source if callable(source) else source.status_report
 
     def collect(self) -> Iterator[Family]:
         # the HTTP server's thread reads what the event loop changes: a dict
         # that changed size under us is read again
         for _ in range(STATUS_TRIES - 1):
             try:
-                status = self.source()
+                report = self.source()
                 break
             except RuntimeError:
                 continue
         else:
-            status = self.source()
-        yield from _member_families(status["members"])
-        yield from _process_families(status)
+            report = self.source()
+        yield from _member_families(report.members)
+        yield from _process_families(report)
 
 
-def _member_families(members: list[dict[str, Any]]) -> Iterator[Family]:
+def _member_families(members: tuple[MemberStatus, ...]) -> Iterator[Family]:
     labels = ["member"]
     alive = GaugeMetricFamily("ipsec_cluster_member_alive",
                               "1 if the member is alive (heartbeats arrive), 0 if declared dead",
@@ -156,23 +114,22 @@ def _member_families(members: list[dict[str, Any]]) -> Iterator[Family]:
                                    "child SAs per configured child (its name in the config)",
                                    labels=["member", "child"])
     for m in members:
-        label = [str(m["id"])]
-        alive.add_metric(label, 1.0 if m["alive"] else 0.0)
-        heartbeat.add_metric(label, m.get("last_heartbeat_ms", 0) / 1000)
+        label = [str(m.id)]
+        alive.add_metric(label, 1.0 if m.alive else 0.0)
+        heartbeat.add_metric(label, m.last_heartbeat_ms / 1000)
         for k, g in gauges:
-            g.add_metric(label, float(m.get(k, 0)))
+            g.add_metric(label, float(getattr(m, k)))
         for k, c in counters:
-            c.add_metric(label, float(m.get(k, 0)))
-        r = m.get("replication", {})
+            c.add_metric(label, float(getattr(m, k)))
+        r = m.replication
         for k, f in repl:
-            f.add_metric(label, float(r.get(k, 0)))
-        degraded.add_metric(label, 1.0 if r.get("degraded") else 0.0)
-        for reason, n in m["drops"].items():
+            f.add_metric(label, float(getattr(r, k)) if r is not None else 0.0)
+        degraded.add_metric(label, 1.0 if r is not None and r.degraded else 0.0)
+        for reason, n in m.drops.items():
             drops.add_metric([*label, reason], float(n))
-        conns = m.get("connections", {})
-        for name, n in conns.get("ike", {}).items():
+        for name, n in m.connections.ike.items():
             conn_ike.add_metric([*label, name], float(n))
-        for name, n in conns.get("child", {}).items():
+        for name, n in m.connections.child.items():
             conn_child.add_metric([*label, name], float(n))
     yield alive
     yield heartbeat
@@ -188,18 +145,18 @@ def _member_families(members: list[dict[str, Any]]) -> Iterator[Family]:
     yield conn_child
 
 
-def _process_families(status: Status) -> Iterator[Family]:
-    d = status["dispatcher"]
+def _process_families(report: StatusReport) -> Iterator[Family]:
+    d = report.dispatcher
     drops = CounterMetricFamily("ipsec_cluster_dispatcher_drops",
                                 "datagrams and messages the dispatcher dropped, by reason",
                                 labels=["reason"])
-    for reason, n in d["drops"].items():
+    for reason, n in d.drops.items():
         drops.add_metric([reason], float(n))
     yield drops
     events = CounterMetricFamily("ipsec_cluster_dispatcher_events",
                                  "what the dispatcher relayed and did, by event",
                                  labels=["event"])
-    for event, n in d.get("counters", {}).items():
+    for event, n in d.counters.items():
         events.add_metric([event], float(n))
     yield events
     # refused input and failed messages of every process, by reason
@@ -208,19 +165,19 @@ def _process_families(status: Status) -> Iterator[Family]:
                                   "input refused and messages that failed, by process and "
                                   "reason (bug.* = a failure nobody foresaw)",
                                   labels=["process", "reason"])
-    for m in status["members"]:
-        for reason, n in m.get("refused", {}).items():
-            refused.add_metric([str(m["id"]), reason], float(n))
-    for reason, n in d.get("refused", {}).items():
+    for m in report.members:
+        for reason, n in m.refused.items():
+            refused.add_metric([str(m.id), reason], float(n))
+    for reason, n in d.refused.items():
         refused.add_metric(["dispatcher", reason], float(n))
     yield refused
     epoch = GaugeMetricFamily("ipsec_cluster_table_epoch",
                               "epoch of the segment table (grows with every reassignment)")
-    epoch.add_metric([], float(status["cluster"]["epoch"]))
+    epoch.add_metric([], float(report.cluster.epoch))
     yield epoch
     uptime = GaugeMetricFamily("ipsec_cluster_uptime_seconds",
                                "time since the dispatcher (or gateway) started")
-    uptime.add_metric([], float(status["cluster"]["uptime_s"]))
+    uptime.add_metric([], float(report.cluster.uptime_s))
     yield uptime
 
 
@@ -228,7 +185,7 @@ def _process_families(status: Status) -> Iterator[Family]:
 _TCP_LISTEN = "0A"
 
 
-def start_metrics(source: Callable[[], Status], port: int, address: str) -> None:
+def start_metrics(source: Callable[[], StatusReport], port: int, address: str) -> None:
     """Serve the metrics; a port we cannot listen on is a ``StartupError``."""
     try:
         start_http_server(port, addr=address)

@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from common.cluster.events import EventLog
+from common.cluster.stats import StatusReport
 from common.config import Config
 from common.errors import StartupError
 from dispatcher.cluster import Dispatcher
@@ -233,8 +234,8 @@ class Supervisor:
 
     # -- Backend (dispatcher/control.py) --------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        return self.dispatcher.status()
+    def status_report(self) -> StatusReport:
+        return self.dispatcher.status_report()
 
     def connections(self) -> list[dict[str, Any]]:
         return connections_view(self.config)
@@ -304,9 +305,9 @@ class Supervisor:
     def _metrics(self) -> None:
         port = self.config.cluster.metrics_port
         if port:
-            from dispatcher.metrics import dispatcher_status, start_metrics
+            from dispatcher.metrics import start_metrics
 
-            start_metrics(lambda: dispatcher_status(self.dispatcher), port,
+            start_metrics(self.dispatcher.status_report, port,
                           self.config.cluster.metrics_address)
 
     async def run(self) -> int:

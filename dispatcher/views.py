@@ -1,13 +1,16 @@
-"""Human views of ``status`` and ``sas`` (rich tables on a terminal; plain
-tab-separated lines otherwise)."""
+"""Human views of ``status`` (a ``StatusReport``, common/cluster/stats.py) and
+``sas`` (rich tables on a terminal; plain tab-separated lines otherwise)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from common.cluster.stats import MemberStatus, PoolStatus, StatusReport
 
 COLUMNS = ("id", "pid", "host", "alive", "segs", "bkup", "IKE", "child", "pkts in",
            "bytes in", "pkts out", "bytes out", "replicas", "drops", "refused")
@@ -16,42 +19,42 @@ COLUMNS = ("id", "pid", "host", "alive", "segs", "bkup", "IKE", "child", "pkts i
 SUMMED = ("segs", "bkup", "IKE", "child", "pkts in", "bytes in", "pkts out", "bytes out")
 
 
-def status_rows(status: dict[str, Any]) -> list[list[str]]:
+def status_rows(report: StatusReport) -> list[list[str]]:
     """One row per member, then a totals row over the alive members."""
     rows = []
     totals = dict.fromkeys(SUMMED, 0)
-    for m in status["members"]:
-        drops = ", ".join(f"{k}={v}" for k, v in sorted(m["drops"].items()) if v) or "-"
-        numbers = dict(zip(SUMMED, (m["segments"], m["backup_segments"], m["ike_sas"],
-                                    m["child_sas"], m["packets_in"], m["bytes_in"],
-                                    m["packets_out"], m["bytes_out"]), strict=True))
-        if m["alive"]:
+    for m in report.members:
+        drops = ", ".join(f"{k}={v}" for k, v in sorted(m.drops.items()) if v) or "-"
+        numbers = dict(zip(SUMMED, (m.segments, m.backup_segments, m.ike_sas, m.child_sas,
+                                    m.packets_in, m.bytes_in, m.packets_out, m.bytes_out),
+                           strict=True))
+        if m.alive:
             for k, v in numbers.items():
-                totals[k] += int(v)
-        rows.append([str(m["id"]), str(m["pid"]), m["host"], "yes" if m["alive"] else "DEAD",
+                totals[k] += v
+        rows.append([str(m.id), str(m.pid), m.host, "yes" if m.alive else "DEAD",
                      *(str(v) for v in numbers.values()), _replicas(m), drops,
-                     _refused(m.get("refused", {})) or "-"])
-    alive = sum(1 for m in status["members"] if m["alive"])
-    rows.append(["total", "-", "-", f"{alive}/{len(status['members'])}",
+                     _refused(m.refused) or "-"])
+    alive = sum(1 for m in report.members if m.alive)
+    rows.append(["total", "-", "-", f"{alive}/{len(report.members)}",
                  *(str(v) for v in totals.values()), "-", "-", "-"])
     return rows
 
 
-def print_status(status: dict[str, Any], console: Console | None = None, *,
+def print_status(report: StatusReport, console: Console | None = None, *,
                  plain: bool | None = None) -> None:
     """A table on a terminal; otherwise (``status | cat``, ``plain``) one
     tab-separated line per row with every field whole."""
     if plain is None:
         plain = console is None and not sys.stdout.isatty()
-    c = status["cluster"]
-    head = (f"cluster {c['address']} ({c['mode']}), table epoch {c['epoch']}, "
-            f"up {c['uptime_s']} s, members at {c['endpoint']}")
-    d = status["dispatcher"]
-    drops = ", ".join(f"{k}={v}" for k, v in sorted(d["drops"].items())) or "none"
-    tail = (f"dispatcher pid {d['pid']}: {d['counters']}; drops: {drops}; "
-            f"refused: {_refused(d.get('refused', {})) or 'none'}")
-    rows = status_rows(status)
-    pools = [_pool_line(p) for p in status.get("pools", [])]
+    c = report.cluster
+    head = (f"cluster {c.address} ({c.mode}), table epoch {c.epoch}, "
+            f"up {c.uptime_s} s, members at {c.endpoint}")
+    d = report.dispatcher
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(d.drops.items())) or "none"
+    tail = (f"dispatcher pid {d.pid}: {dict(d.counters)}; drops: {drops}; "
+            f"refused: {_refused(d.refused) or 'none'}")
+    rows = status_rows(report)
+    pools = [_pool_line(p) for p in report.pools or ()]
     if plain:
         out = [head, "\t".join(COLUMNS), *("\t".join(r) for r in rows), *pools, tail]
         sys.stdout.write("\n".join(out) + "\n")
@@ -67,23 +70,25 @@ def print_status(status: dict[str, Any], console: Console | None = None, *,
     console.print(tail)
 
 
-def _pool_line(p: dict[str, Any]) -> str:
+def _pool_line(p: PoolStatus) -> str:
     """One virtual IP pool: size, leases, and which member holds them."""
-    by = ", ".join(f"member {m}: {n}" for m, n in p["by_member"].items()) or "-"
-    return (f"pool {p['name']} {p['addrs']}: {p['leased']} of {p['size']} leased "
-            f"({p['per_segment']} per segment; {by})")
+    by = ", ".join(f"member {m}: {n}" for m, n in p.by_member.items()) or "-"
+    return (f"pool {p.name} {p.addrs}: {p.leased} of {p.size} leased "
+            f"({p.per_segment} per segment; {by})")
 
 
-def _refused(counts: dict[str, int]) -> str:
+def _refused(counts: Mapping[str, int]) -> str:
     """Refusals by reason (member/refusals.py), unexpected failures (bug.*) first."""
     rows = sorted(counts.items(), key=lambda kv: (not kv[0].startswith("bug."), kv[0]))
     return ", ".join(f"{k}={v}" for k, v in rows if v)
 
 
-def _replicas(m: dict[str, Any]) -> str:
-    r = m.get("replication", {})
-    text = f"{r.get('ike_replicas', 0)}/{r.get('child_replicas', 0)}"
-    if r.get("degraded"):
+def _replicas(m: MemberStatus) -> str:
+    r = m.replication
+    if r is None:
+        return "0/0"
+    text = f"{r.ike_replicas}/{r.child_replicas}"
+    if r.degraded:
         text += " UNREPLICATED"
     return text
 

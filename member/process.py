@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -29,6 +30,7 @@ from common.cluster.events import Event
 from common.cluster.routing import init_segment
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
+from common.cluster.stats import MemberStats, Replicas
 from common.cluster.wire import (
     MAX_EVENTS,
     Channel,
@@ -70,13 +72,10 @@ from member.worker import reload as reload_member
 
 log = logging.getLogger("ipsec_cluster.member")
 
-VERSION = "0.1.0"
 #: the heartbeat thread stays silent once the event loop is stuck this long
 WATCHDOG_S = 5.0
 #: frames handled per wake-up of the receive loop
 DRAIN_BURST = 64
-#: a heartbeat carries at most this many counters (common/cluster/wire.py: a u8 count)
-MAX_HEARTBEAT_COUNTERS = 255
 #: where messages from the dispatcher come from, for the refusal log
 DISPATCHER = "dispatcher"
 #: a timer run that failed is retried no sooner than this
@@ -262,7 +261,7 @@ class MemberProcess:
             self.refusals.refuse("bulk_not_sync", DISPATCHER, type(msg).__name__)
             return
         if self.replicator is not None and self.loop is not None:
-            self.replicator.on_sync(msg, self.loop.time(), channel="bulk")
+            self.replicator.on_sync(msg, self.loop.time(), channel=Channel.BULK)
             self.flush()
 
     def _sent(self, fut: asyncio.Future[Any]) -> None:
@@ -588,37 +587,25 @@ class MemberProcess:
 
     # -- status -----------------------------------------------------------------------
 
-    def counters(self) -> dict[str, int]:
+    def stats(self) -> MemberStats:
+        """What our heartbeat tells the dispatcher (common/cluster/stats.py):
+        the member's figures, ours (refusals, receive gaps, the raw inside's)
+        and the replicator's, bounded to what the wire takes."""
         m = self.member
         if m is None:
-            return {}
-        c: dict[str, int] = {f"c.{k}": v for k, v in m.counters.items()}
-        c.update({f"drop.{k}": v for k, v in m.drops.items()})
-        c.update({f"drop.ike_{k}": v for k, v in m.engine.drops.items()})
-        c["ike_sas"] = len(m.engine.established())
-        c["half_open"] = m.engine.half_open_count()
-        c["child_sas"] = len(m.by_spi)
-        if m.engine.ctx.pools is not None:   # virtual IPs this member has leased
-            c.update({f"pool.{name}": len(p.leased)
-                      for name, p in m.engine.ctx.pools.pools.items()})
-        c["sync_gaps"] = self.gaps
-        c.update({f"refused.{k}": v for k, v in self.refusals.counts.items()})
+            return MemberStats()
+        s = m.stats()
+        counters, drops = dict(s.counters), dict(s.drops)
         if self.raw_inside is not None:
-            c["c.inner_raw"] = self.raw_inside.sent
-            c["drop.inner_raw"] = self.raw_inside.drops
-        if self.replicator is not None:
-            c.update({f"sync.{k}": v for k, v in self.replicator.counters.items()})
-            c["ike_replicas"] = len(self.replicator.ike_replicas)
-            c["child_replicas"] = len(self.replicator.child_replicas)
-            c["held"] = len(self.replicator.held)
-        # last: per-connection SA counts (dispatcher/metrics.py), the first
-        # to go when the heartbeat's counters are full
-        from member.sa_counts import sa_counts_by_connection
-
-        c.update(sa_counts_by_connection(m))
-        if len(c) > MAX_HEARTBEAT_COUNTERS:
-            c = dict(list(c.items())[:MAX_HEARTBEAT_COUNTERS])
-        return c
+            counters["inner_raw"] = self.raw_inside.sent
+            drops["inner_raw"] = self.raw_inside.drops
+        rep = self.replicator
+        return dataclasses.replace(
+            s, sync_gaps=self.gaps, counters=counters, drops=drops,
+            refused=dict(self.refusals.counts),
+            sync=dict(rep.counters) if rep is not None else {},
+            replicas=Replicas(len(rep.ike_replicas), len(rep.child_replicas), len(rep.held))
+            if rep is not None else Replicas()).bounded()
 
     def status(self) -> dict[str, Any]:
         m = self.member
@@ -656,15 +643,16 @@ class MemberProcess:
                         sock.send(encode(self._hello(Channel.HEARTBEAT), seq.next()),
                                   zmq.NOBLOCK)
                 with contextlib.suppress(zmq.ZMQError):
+                    # (liveness only: the figures travel on the live channel)
                     sock.send(encode(Heartbeat(self.member_id, self.sender_id, os.getpid(),
-                                               epoch, {}), seq.next()), zmq.NOBLOCK)
+                                               epoch), seq.next()), zmq.NOBLOCK)
         finally:
             sock.close(linger=0)
 
     def _hello(self, channel: Channel) -> Hello:
         if channel is Channel.LIVE:
-            return Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION, channel)
-        return Hello(self.member_id, os.getpid(), socket.gethostname(), VERSION, channel,
+            return Hello(self.member_id, os.getpid(), socket.gethostname(), channel)
+        return Hello(self.member_id, os.getpid(), socket.gethostname(), channel,
                      self.sender_id, self.token)
 
     async def heartbeats(self) -> None:
@@ -685,7 +673,7 @@ class MemberProcess:
             return
         epoch = self.table.epoch if self.table else 0
         self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
-                            self.counters()))
+                            stats=self.stats()))
         rep, loop = self.replicator, self.loop
         if rep is not None and loop is not None:
             now = loop.time()

@@ -48,7 +48,7 @@ from common.cluster.sync import (
     decode_sync,
     encode_sync,
 )
-from common.cluster.wire import ChildPush, StreamSeq, Sync
+from common.cluster.wire import Channel, ChildPush, StreamSeq, Sync
 from common.errors import LocalProtocolError, MalformedMessage
 from common.esp.replay import ReplayState
 from common.esp.transforms import MAX_SEQ_32, MIN_SPI
@@ -346,8 +346,10 @@ class Replicator:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def on_sync(self, env: Sync, now: float, channel: str = "live") -> None:
-        stream = env.src if channel == "live" else -env.src
+    def on_sync(self, env: Sync, now: float, channel: Channel = Channel.LIVE) -> None:
+        """One synch message from the dispatcher, off our ``channel`` (LIVE
+        or BULK: each has its own stream of sequence numbers)."""
+        stream = env.src if channel is Channel.LIVE else -env.src
         lost = self.rx.setdefault(stream, StreamSeq()).check(env.seq)
         if lost < 0:
             # Numbers went back: the sender is a new incarnation (it was
@@ -405,10 +407,10 @@ class Replicator:
         c = self.member.config.cluster
         return (c.ike_port, c.natt_port)
 
-    def _handle(self, env: Sync, msg: SyncMessage, now: float, channel: str = "live",
-                *, parked: bool = False) -> None:
+    def _handle(self, env: Sync, msg: SyncMessage, now: float,
+                channel: Channel = Channel.LIVE, *, parked: bool = False) -> None:
         reason = self._sender_refusal(env, msg)
-        if reason == "not_owner" and channel == "bulk" and not parked \
+        if reason == "not_owner" and channel is Channel.BULK and not parked \
                 and len(self.parked) < MAX_PARKED:
             self.parked.append((env, msg))   # our TABLE may be on its way
             return
@@ -420,7 +422,7 @@ class Replicator:
         if isinstance(msg, IkeSaState):
             key = msg.spi_i if msg.initiator else msg.spi_r
             self.ike_replicas[key] = msg
-            if channel == "live":
+            if channel is Channel.LIVE:
                 # Only live changes hold datagrams. A bulk message's sequence
                 # number is of the bulk stream: acking it would release the
                 # live message with that number before its backup has it.
@@ -539,7 +541,7 @@ class Replicator:
                      time.perf_counter() - started)
         parked, self.parked = self.parked, []
         for env, msg in parked:
-            self._handle(env, msg, now, "bulk", parked=True)
+            self._handle(env, msg, now, Channel.BULK, parked=True)
 
     def _take_over(self, gained: set[int], table: SegmentTable, now: float, *,
                    planned: set[int] | None = None) -> None:

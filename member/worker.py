@@ -22,6 +22,7 @@ from common.cluster.events import Event
 from common.cluster.pools import Pool, PoolSet
 from common.cluster.routing import InsideRoutes
 from common.cluster.spi import SpiAllocator
+from common.cluster.stats import EspTraffic, MemberStats
 from common.cluster.sync import ChildState
 from common.cluster.wire import ChildDelete, ChildPush, RouteAdd, RouteDel
 from common.config import Config
@@ -53,10 +54,13 @@ from common.ike.ts import PORT_MAX, PORT_MIN, TrafficSelector
 from common.rand import RandomBytes
 from member.keylog import keylog_for
 from member.logs import SaEventLog, engine_lookup
+from member.sa_counts import connection_counts
 
 log = logging.getLogger("ipsec_cluster.member")
 
 Address = tuple[str, int]
+#: the shells' ESP traffic counters (``MemberStats.esp``, not its ``counters``)
+ESP_COUNTERS = frozenset({"esp_in", "esp_in_bytes", "esp_out", "esp_out_bytes"})
 
 
 @dataclass(slots=True, eq=False)
@@ -475,6 +479,23 @@ class Member:
             return None
 
     # -- seeing it ----------------------------------------------------------------
+
+    def stats(self) -> MemberStats:
+        """This member's figures (common/cluster/stats.py); the shell adds its
+        own (refusals, sync, replicas) and bounds them for the heartbeat."""
+        c = self.counters
+        pools = self.engine.ctx.pools
+        return MemberStats(
+            ike_sas=len(self.engine.established()),
+            half_open_ike_sas=self.engine.half_open_count(),
+            child_sas=len(self.by_spi),
+            esp=EspTraffic(c["esp_in"], c["esp_in_bytes"], c["esp_out"], c["esp_out_bytes"]),
+            counters={k: v for k, v in c.items() if k not in ESP_COUNTERS},
+            drops={**self.drops, **{f"ike_{k}": v for k, v in self.engine.drops.items()}},
+            pools={name: len(p.leased) for name, p in pools.pools.items()}
+            if pools is not None else {},
+            connections=connection_counts((sa.name for sa in self.engine.established()),
+                                          (route.name for route in self.by_spi.values())))
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """Every IKE SA and child SA of this member (``ipsec-cluster sas``);

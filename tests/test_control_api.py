@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from common.cluster.stats import ClusterStatus, DispatcherStatus, StatusReport
 from common.config import load_config
 from dispatcher.control import ControlRelay, answer, parse_request
 from dispatcher.supervisor import control_endpoint
@@ -174,8 +175,8 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 class _NoBackend:
-    def status(self) -> dict[str, Any]:
-        return {"members": []}
+    def status_report(self) -> StatusReport:
+        return StatusReport(ClusterStatus(), DispatcherStatus(), ())
 
     def connections(self) -> list[dict[str, Any]]:
         return []

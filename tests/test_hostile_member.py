@@ -36,6 +36,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.cluster.routing import init_segment
+from common.cluster.stats import MemberStats
 from common.cluster.wire import (
     Channel,
     ChildDelete,
@@ -225,10 +226,10 @@ def every_message(ports: tuple[int, int], trap_port: int, real_spi: int, peer_ip
     trap = socket.inet_aton(GW)
     ike = struct.pack("!QQBBBBII", 0x1111, 0x2222, 33, 0x20, 37, 0x20, 0, 28)
     return [
-        Hello(claim, os.getpid(), "fake", "0.1.0"),
-        Hello(claim, os.getpid(), "fake", "bulk", Channel.BULK, 1),
-        Hello(claim, os.getpid(), "fake", "0.1.0", Channel.HEARTBEAT, 1),
-        Heartbeat(claim, 1, os.getpid(), 1, {"ike_sas": 999}),
+        Hello(claim, os.getpid(), "fake"),
+        Hello(claim, os.getpid(), "fake", Channel.BULK, 1),
+        Hello(claim, os.getpid(), "fake", Channel.HEARTBEAT, 1),
+        Heartbeat(claim, 1, os.getpid(), 1, stats=MemberStats(ike_sas=999)),
         DatagramOut([Datagram(ports[1], trap, trap_port, b"spoofed from the cluster"),
                      Datagram(ports[0], trap, trap_port, ike),
                      Datagram(ports[1], peer_ip, ports[1], struct.pack("!II", real_spi, 1))]),
@@ -288,8 +289,8 @@ def test_a_fake_member_gets_nothing_and_breaks_nothing(cluster: Cluster) -> None
         # channels of an incarnation that does not exist, and without HELLO
         sender_id = before["members"][0]["sender_id"]
         fakes["another member's key, bulk"].say(
-            Hello(4, 1, "fake", "bulk", Channel.BULK, sender_id),
-            Hello(4, 1, "fake", "hb", Channel.HEARTBEAT, sender_id),
+            Hello(4, 1, "fake", Channel.BULK, sender_id),
+            Hello(4, 1, "fake", Channel.HEARTBEAT, sender_id),
             Sync(1, 4, 0, b"x"), Heartbeat(4, sender_id, 1, 1, {}))
 
         def refused() -> dict[str, int] | None:
@@ -517,13 +518,13 @@ def test_role_checks_refuse_and_count(tmp_path: Path) -> None:
     assert [m for m, _ in sent.to] == [partner]
     sent.to.clear()
     # HELLO: only for the authenticated id, never for a live one
-    _say(d, 1, Hello(2, 1, "x", "v"))
-    _say(d, 1, Hello(1, 1, "x", "v"))
+    _say(d, 1, Hello(2, 1, "x"))
+    _say(d, 1, Hello(1, 1, "x"))
     assert d.drops["refused_hello_wrong_id"] == 1
     assert d.drops["refused_hello_member_alive"] == 1
     assert d.members[1].identity == b"live1" and not sent.to
     # another channel of member 1's incarnation: its sender id is not enough
-    bulk = Hello(1, 1, "x", "v", Channel.BULK, d.members[1].sender_id, 0x5EC2E7)
+    bulk = Hello(1, 1, "x", Channel.BULK, d.members[1].sender_id, 0x5EC2E7)
     _say(d, 1, bulk, channel="new")
     assert d.drops["refused_hello_no_incarnation"] == 1 and b"new1" not in d.conns
     d.members[1].token = 0x5EC2E7
@@ -546,14 +547,14 @@ def test_role_checks_refuse_and_count(tmp_path: Path) -> None:
 
 def test_a_dead_member_is_fenced_and_its_successor_joins() -> None:
     d, sent = _rig()
-    _say(d, 2, Hello(2, 999, "x", "v"))
+    _say(d, 2, Hello(2, 999, "x"))
     assert d.drops["refused_hello_member_alive"] == 1
     d.fence(2, 999)                  # not that incarnation's pid: nothing
     assert d.members[2].alive
     d.fence(2, 102)
     assert not d.members[2].alive
     d._peer = 2
-    d._from_member(b"new2", 0, Hello(2, 999, "x", "v"))
+    d._from_member(b"new2", 0, Hello(2, 999, "x"))
     d._peer = None
     assert d.members[2].alive and d.members[2].identity == b"new2"
     assert any(m == 2 and isinstance(msg, Heartbeat) for m, msg in sent.to)
@@ -567,7 +568,7 @@ _messages = st.one_of(
     st.builds(RouteDel, st.integers(0, 2**32 - 1)),
     st.builds(ChildDelete, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
     st.builds(Sync, st.integers(0, 5), st.integers(0, 5), st.integers(0, 9), st.binary()),
-    st.builds(Hello, st.integers(0, 5), st.integers(0, 9), st.just("h"), st.just("v"),
+    st.builds(Hello, st.integers(0, 5), st.integers(0, 9), st.just("h"),
               st.sampled_from(list(Channel)), st.integers(0, 9)),
     st.builds(lambda p, b: DatagramOut([Datagram(p, socket.inet_aton(PEER), 1, b)]),
               st.sampled_from([500, 4500, 53]), st.binary(max_size=64)),
@@ -758,10 +759,10 @@ def test_across_hosts_a_stolen_key_gets_nothing(lab: Any, tmp_path: Path) -> Non
             try:
                 time.sleep(0.5)
                 live, bulk, _borrowed = fakes
-                live.say(Hello(3, 1, "fake", "0.1.0"))
+                live.say(Hello(3, 1, "fake"))
                 for token in (0, 1):
-                    bulk.say(Hello(3, 1, "fake", "bulk", Channel.BULK, m3["sender_id"], token),
-                             Hello(3, 1, "fake", "hb", Channel.HEARTBEAT, m3["sender_id"],
+                    bulk.say(Hello(3, 1, "fake", Channel.BULK, m3["sender_id"], token),
+                             Hello(3, 1, "fake", Channel.HEARTBEAT, m3["sender_id"],
                                    token))
                 for fake in fakes:
                     for claim in (1, 2, 3):

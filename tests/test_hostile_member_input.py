@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from common.cluster.segments import SegmentMove, SegmentTable
+from common.cluster.stats import MemberStats, StatusReport
 from common.cluster.sync import (
     Ack,
     ChildRecord,
@@ -528,7 +529,7 @@ def test_an_exception_in_any_handler_is_counted_and_logged_once_with_a_traceback
     assert len(errors) == 4, [r.getMessage() for r in errors]
     assert sum(1 for r in errors if r.exc_info) == 4
     # the counts travel to the dispatcher in the member's heartbeat
-    assert rig.mp.counters()["refused.bug.esp.RuntimeError"] == 100
+    assert rig.mp.stats().refused["bug.esp.RuntimeError"] == 100
 
 
 def test_the_heartbeat_task_outlives_a_failing_tick() -> None:
@@ -538,11 +539,11 @@ def test_the_heartbeat_task_outlives_a_failing_tick() -> None:
         mp.config = replace(mp.config, cluster=replace(mp.config.cluster,
                                                        heartbeat_interval=0.01))
 
-        def boom() -> dict[str, int]:
-            raise RuntimeError("counters")
+        def boom() -> MemberStats:
+            raise RuntimeError("stats")
 
-        mp.counters = boom  # type: ignore[method-assign]
-        mp.sender_id = 7   # joined: every tick sends a heartbeat (with the counters)
+        mp.stats = boom  # type: ignore[method-assign]
+        mp.sender_id = 7   # joined: every tick sends a heartbeat (with the stats)
         task = asyncio.ensure_future(mp.heartbeats())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10.0
@@ -668,7 +669,7 @@ def test_the_dispatcher_counts_a_failing_member_message_in_status_and_metrics() 
                                            "wire_malformed": 1, "wire_frames": 1}
     assert st["samples"][("dispatcher", "bug.heartbeat.RuntimeError")] == 5.0
     console = Console(record=True, width=300)
-    print_status({**st, "members": [_member_row()]}, console)
+    print_status(StatusReport.from_json({**st, "members": [_member_row()]}), console)
     text = console.export_text()
     assert "refused: bug.heartbeat.RuntimeError=5" in text
     assert "push_bad_spi=3" in text

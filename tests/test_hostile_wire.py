@@ -18,6 +18,14 @@ from hypothesis import strategies as st
 
 from common.cluster.events import Event, EventType
 from common.cluster.segments import SegmentTable
+from common.cluster.stats import (
+    MAX_ENTRIES,
+    MAX_KEY_BYTES,
+    ConnectionCounts,
+    EspTraffic,
+    MemberStats,
+    Replicas,
+)
 from common.cluster.sync import (
     SYNC_VERSION,
     Ack,
@@ -92,7 +100,7 @@ WIRE: list[Message] = [
     ChildDelete(1, 2),
     RouteAdd(1, 2, (TS4,), (TS6,)),
     RouteDel(5),
-    Hello(1, 2, "host", "0.1.0"),
+    Hello(1, 2, "host"),
     StatusReq(),
     Status(b"{}"),
     ControlReq(1, b"{}"),
@@ -254,3 +262,88 @@ def test_a_replay_window_or_bitmap_too_wide_is_malformed() -> None:
         decode_sync(encode_sync(replace(cs, ike_spi=b"abc")))
     with pytest.raises(MalformedMessage, match="IKE SPI"):
         decode_sync(encode_sync(RekeyChild(b"abc", 9)))
+
+
+# -- a member's stats in its heartbeat (common/cluster/stats.py) ----------------------------
+
+_STATS = MemberStats(
+    ike_sas=2, half_open_ike_sas=1, child_sas=4, esp=EspTraffic(1, 2, 3, 4), sync_gaps=5,
+    replicas=Replicas(6, 7, 8), counters={"ike_in": 9}, drops={"esp_replay": 10},
+    refused={"bug.esp.KeyError": 11}, sync={"sync_out": 12}, pools={"rw": 13},
+    connections=ConnectionCounts({"branch": 14}, {"net": 15}))
+_STATS_RAW = encode(Heartbeat(3, 4, 5, 6, stats=_STATS), 7)
+#: where the first map (counters: one name) starts: head, the heartbeat's fixed
+#: part, its empty counters, token, the stats flag, the stats' 11 u64
+_FIRST_MAP = 10 + 16 + 1 + 8 + 1 + 88
+
+
+def test_member_stats_round_trip_and_every_truncation_is_malformed() -> None:
+    _, back = decode(_STATS_RAW)
+    assert isinstance(back, Heartbeat) and back.stats == _STATS
+    for n in range(len(_STATS_RAW)):
+        with pytest.raises(MalformedMessage):
+            decode(_STATS_RAW[:n])
+    with pytest.raises(MalformedMessage):
+        decode(_STATS_RAW + b"\x00")
+
+
+@fuzz_settings(300)
+@given(edits=_EDITS)
+def test_field_mutations_of_member_stats(edits: list[tuple[int, int]]) -> None:
+    _only_malformed(decode, _mutate(_STATS_RAW, edits))
+
+
+def _with_first_map(entries: bytes) -> bytes:
+    """``_STATS_RAW`` with its first map replaced by ``entries`` (count included)."""
+    raw = bytearray(_STATS_RAW)
+    assert raw[_FIRST_MAP] == 1 and raw[_FIRST_MAP + 1] == len("ike_in")
+    end = _FIRST_MAP + 1 + 1 + len("ike_in") + 8
+    return bytes(raw[:_FIRST_MAP]) + entries + bytes(raw[end:])
+
+
+def _entry(name: bytes, value: int = 1) -> bytes:
+    return bytes([len(name)]) + name + value.to_bytes(8, "big")
+
+
+@pytest.mark.parametrize("entries,error", [
+    (b"\x01" + _entry(b""), "name of 0 bytes"),
+    (b"\x01" + _entry(b"x" * (MAX_KEY_BYTES + 1)), f"name of {MAX_KEY_BYTES + 1} bytes"),
+    (b"\x01" + _entry(b"\xff\xfe"), "not UTF-8"),
+    (b"\x01" + _entry(b"esc\x1b[31m"), "not printable"),
+    (b"\x02" + _entry(b"dup") + _entry(b"dup"), "twice"),
+    (b"\xff" + _entry(b"a"), "cannot fit"),
+], ids=["empty", "too long", "not UTF-8", "control character", "duplicate", "count"])
+def test_bad_names_in_member_stats_are_malformed(entries: bytes, error: str) -> None:
+    assert decode(_with_first_map(b"\x01" + _entry(b"ike_in", 9)))[1] == decode(_STATS_RAW)[1]
+    with pytest.raises(MalformedMessage, match=error):
+        decode(_with_first_map(entries))
+
+
+def test_more_names_than_the_stats_may_hold_are_malformed() -> None:
+    head = _STATS_RAW[:_FIRST_MAP]
+    full = b"\xff" + b"".join(_entry(f"{i:03}".encode()) for i in range(255))
+    # three full maps: over MAX_ENTRIES before the third is read
+    assert 3 * 255 > MAX_ENTRIES >= 2 * 255
+    with pytest.raises(MalformedMessage, match=f"more than {MAX_ENTRIES}"):
+        decode(head + full * 3 + b"\x00" * 4)
+    # two are fine
+    _, msg = decode(head + full * 2 + b"\x00" * 5)
+    assert isinstance(msg, Heartbeat) and msg.stats is not None
+    assert len(msg.stats.counters) == len(msg.stats.drops) == 255
+
+
+_names = st.text(min_size=0, max_size=200)
+_values = st.integers(-(2**65), 2**65)
+_maps = st.dictionaries(_names, _values, max_size=300)
+
+
+@fuzz_settings(100)
+@given(maps=st.lists(_maps, min_size=7, max_size=7), numbers=st.lists(_values, min_size=11,
+                                                                        max_size=11))
+def test_bounded_member_stats_always_encode(maps: list[dict[str, int]],
+                                            numbers: list[int]) -> None:
+    stats = MemberStats(numbers[0], numbers[1], numbers[2], EspTraffic(*numbers[3:7]),
+                        numbers[7], Replicas(*numbers[8:11]), *maps[:5],
+                        ConnectionCounts(maps[5], maps[6])).bounded()
+    _, back = decode(encode(Heartbeat(1, 1, 1, 1, stats=stats), 0))
+    assert isinstance(back, Heartbeat) and back.stats == stats

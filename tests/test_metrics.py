@@ -154,3 +154,57 @@ def test_metrics_address_is_a_config_key_with_a_one_line_error() -> None:
     with pytest.raises(ConfigError, match=r"gw.toml: cluster.metrics_address: expected"):
         load_config(base.replace("[cluster]\n", '[cluster]\nmetrics_address = "lo"\n', 1),
                     "gw.toml")
+
+
+def test_the_metrics_are_read_from_the_status_report() -> None:
+    """In-process: every family comes from the StatusReport (common/cluster/stats.py),
+    whichever process serves it; a member without replication (a single
+    process) shows zeros there."""
+    from common.cluster.stats import (
+        ClusterStatus,
+        ConnectionCounts,
+        DispatcherStatus,
+        MemberStatus,
+        ReplicationStatus,
+        StatusReport,
+    )
+    from dispatcher.metrics import ClusterCollector
+
+    report = StatusReport(
+        ClusterStatus(epoch=4, uptime_s=2.5),
+        DispatcherStatus(counters={"udp_in": 7}, drops={"no_owner": 2},
+                         refused={"wire_frames": 1}),
+        (MemberStatus(1, segments=3, ike_sas=2, packets_in=5, bytes_in=500,
+                      drops={"esp_replay": 1}, refused={"push_bad_spi": 3},
+                      replication=ReplicationStatus(ike_replicas=6, takeovers=2, degraded=True),
+                      connections=ConnectionCounts({"branch": 2}, {"net": 1})),
+         MemberStatus(2, alive=False, last_heartbeat_ms=1500)))
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in ClusterCollector(lambda: report).collect() for s in f.samples}
+    one, two = (("member", "1"),), (("member", "2"),)
+    assert got[("ipsec_cluster_member_alive", one)] == 1.0
+    assert got[("ipsec_cluster_member_alive", two)] == 0.0
+    assert got[("ipsec_cluster_member_heartbeat_age_seconds", two)] == 1.5
+    assert got[("ipsec_cluster_segments", one)] == 3.0
+    assert got[("ipsec_cluster_ike_sas", one)] == 2.0
+    assert got[("ipsec_cluster_esp_packets_in_total", one)] == 5.0
+    assert got[("ipsec_cluster_esp_in_bytes_total", one)] == 500.0
+    assert got[("ipsec_cluster_ike_replicas", one)] == 6.0
+    assert got[("ipsec_cluster_takeovers_total", one)] == 2.0
+    assert got[("ipsec_cluster_takeovers_total", two)] == 0.0
+    assert got[("ipsec_cluster_unreplicated", one)] == 1.0
+    assert got[("ipsec_cluster_unreplicated", two)] == 0.0
+    assert got[("ipsec_cluster_member_drops_total", (("member", "1"),
+                                                     ("reason", "esp_replay")))] == 1.0
+    assert got[("ipsec_cluster_connection_ike_sas", (("connection", "branch"),
+                                                     ("member", "1")))] == 2.0
+    assert got[("ipsec_cluster_connection_child_sas", (("child", "net"),
+                                                       ("member", "1")))] == 1.0
+    assert got[("ipsec_cluster_refused_total", (("process", "1"),
+                                                ("reason", "push_bad_spi")))] == 3.0
+    assert got[("ipsec_cluster_refused_total", (("process", "dispatcher"),
+                                                ("reason", "wire_frames")))] == 1.0
+    assert got[("ipsec_cluster_dispatcher_drops_total", (("reason", "no_owner"),))] == 2.0
+    assert got[("ipsec_cluster_dispatcher_events_total", (("event", "udp_in"),))] == 7.0
+    assert got[("ipsec_cluster_table_epoch", ())] == 4.0
+    assert got[("ipsec_cluster_uptime_seconds", ())] == 2.5

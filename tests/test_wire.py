@@ -8,6 +8,14 @@ from hypothesis import strategies as st
 
 from common.cluster.events import Event, EventType
 from common.cluster.segments import SegmentTable
+from common.cluster.stats import (
+    MAX_ENTRIES,
+    MAX_KEY_BYTES,
+    ConnectionCounts,
+    EspTraffic,
+    MemberStats,
+    Replicas,
+)
 from common.cluster.wire import (
     ChildDelete,
     ChildPush,
@@ -50,6 +58,13 @@ SAMPLES: list[Message] = [
     InnerOut([bytes(range(256)) * 4]),
     Heartbeat(3, 0x1234, 4242, 17, {"esp_in": 10, "drops": 0, "ünï": 2**64 - 1}),
     Heartbeat(1, 1, 1, 0),
+    Heartbeat(2, 7, 4242, 3, stats=MemberStats(
+        ike_sas=3, half_open_ike_sas=1, child_sas=6, esp=EspTraffic(10, 1400, 9, 1300),
+        sync_gaps=2, replicas=Replicas(4, 8, 1), counters={"ike_in": 12, "dpd_ok": 2},
+        drops={"esp_replay": 1, "ike_bad_spi": 2**64 - 1}, refused={"bug.ike.KeyError": 1},
+        sync={"sync_out": 5, "takeovers": 1}, pools={"rw": 2},
+        connections=ConnectionCounts({"branch": 2, "ünï": 1}, {"net": 6}))),
+    Heartbeat(2, 7, 4242, 3, stats=MemberStats()),
     TableUpdate(SegmentTable(4).assign([1, 2, 3])),
     ChildPush(child_id=9, ike_id=5, name="net-net", spi_in=0xC0000100, spi_out=0x1234,
               transform="aes256gcm16", esn=True, keymat_in=bytes(36), keymat_out=b"k" * 36,
@@ -58,7 +73,7 @@ SAMPLES: list[Message] = [
     ChildDelete(9, 0xC0000100),
     RouteAdd(9, 2, LOCAL, REMOTE),
     RouteDel(9),
-    Hello(2, 31337, "gw-a.example", "0.1.0"),
+    Hello(2, 31337, "gw-a.example"),
     StatusReq(),
     ControlReq(3, b'{"cmd": "list-sas"}'),
     Control(3, b'{"ok": true}'),
@@ -122,7 +137,7 @@ def test_bad_version_and_type() -> None:
 
 
 def test_bad_fields_are_malformed() -> None:
-    hello = bytearray(encode(Hello(1, 2, "ab", "v"), 0))
+    hello = bytearray(encode(Hello(1, 2, "ab"), 0))
     hello[10 + 6 + 1] = 0xFF                    # invalid UTF-8 in the host name
     with pytest.raises(MalformedMessage, match="UTF-8"):
         decode(bytes(hello))
@@ -144,11 +159,51 @@ def test_encode_rejects_values_that_do_not_fit() -> None:
     with pytest.raises(ValueError):
         encode(InnerOut([bytes(70000)]), 0)
     with pytest.raises(ValueError):
-        encode(Hello(1, 2, "h" * 300, "v"), 0)
+        encode(Hello(1, 2, "h" * 300), 0)
     with pytest.raises(ValueError):
         encode(Heartbeat(1, 1, 1, 1, {"x": -1}), 0)
     with pytest.raises(ValueError):
         encode(StatusReq(), -1)
+
+
+@pytest.mark.parametrize("stats", [
+    MemberStats(drops={"x" * (MAX_KEY_BYTES + 1): 1}),
+    MemberStats(drops={"": 1}),
+    MemberStats(refused={"new\nline": 1}),
+    MemberStats(sync={"sync_out": -1}),
+    MemberStats(esp=EspTraffic(packets_in=2**64)),
+    MemberStats(counters={f"c{i}": i for i in range(256)}),
+    MemberStats(counters={f"c{i}": i for i in range(200)}, drops={f"d{i}": i for i in range(200)},
+                refused={f"r{i}": i for i in range(200)}),
+], ids=["long name", "empty name", "unprintable name", "negative", "u64 overflow",
+        "full map", "too many names"])
+def test_encode_rejects_member_stats_that_do_not_fit(stats: MemberStats) -> None:
+    with pytest.raises(ValueError):
+        encode(Heartbeat(1, 1, 1, 1, stats=stats), 0)
+    # bounded() makes them fit, and they round-trip as bounded
+    bounded = stats.bounded()
+    _, back = decode(encode(Heartbeat(1, 1, 1, 1, stats=bounded), 0))
+    assert isinstance(back, Heartbeat) and back.stats == bounded
+
+
+def test_bounded_stats_keep_the_important_maps_and_drop_connections_first() -> None:
+    many = {f"n{i:03}": 1 for i in range(300)}
+    stats = MemberStats(drops=many, refused=many, sync={"sync_out": 3},
+                        connections=ConnectionCounts(many, many)).bounded()
+    assert len(stats.drops) == len(stats.refused) == 255
+    assert stats.sync == {"sync_out": 3}
+    assert len(stats.connections.ike) == MAX_ENTRIES - 2 * 255 - 1
+    assert stats.connections.child == {}
+    # names cut to the limit that then meet are summed, values clamped to a u64
+    long = MemberStats(drops={"é" * 100 + "a": 2**64 - 1, "é" * 100 + "b": 5}).bounded()
+    assert long.drops == {"é" * (MAX_KEY_BYTES // 2): 2**64 - 1}
+
+
+def test_a_heartbeat_stats_flag_other_than_0_or_1_is_malformed() -> None:
+    frame = bytearray(encode(Heartbeat(1, 1, 1, 1), 0))
+    frame[-1] = 2
+    with pytest.raises(MalformedMessage, match="stats flag"):
+        decode(bytes(frame))
 
 
 def test_decoded_payloads_are_views_of_the_frame() -> None:

@@ -16,6 +16,9 @@ Rules of this file:
   the dev box): encode ~0.8 us, decode ~1.1 us per datagram.
 - STATUS, CONTROL_REQ and CONTROL carry JSON bytes; this file does not parse them.
   EVENTS carries events as JSON objects, each checked here (``Event.from_json``).
+- What travels between the processes is typed: a connection's role is the
+  HELLO's ``Channel``; a member's figures are a HEARTBEAT's ``MemberStats``
+  (common/cluster/stats.py, bounded like every other field here).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import NamedTuple
 from common.buffer import Reader, Writer
 from common.cluster.events import Event
 from common.cluster.segments import SegmentTable
+from common.cluster.stats import MemberStats, pull_member_stats, push_member_stats
 from common.errors import MalformedMessage
 from common.esp.natt import Bytes
 from common.ike.constants import TsType
@@ -122,14 +126,21 @@ class InnerOut:
 
 @dataclass(slots=True, frozen=True)
 class Heartbeat:
+    """Both ways: a member's (``member_id`` its own) says it is alive and, on
+    its LIVE channel, carries its ``stats``; the dispatcher's (``member_id``
+    0) gives the incarnation its sender id and the members' loads."""
+
     member_id: int
     sender_id: int  # the incarnation (the IV sender id, docs/failover.md)
     pid: int
     epoch_seen: int
+    #: the dispatcher's: children each member carries (``load.<member id>``)
     counters: dict[str, int] = field(default_factory=dict)
     #: the dispatcher's answer to a LIVE HELLO: the incarnation's secret, which
     #: its HEARTBEAT and BULK HELLOs must show (0 otherwise)
     token: int = field(default=0, repr=False)
+    #: a member's figures (common/cluster/stats.py); None: liveness only
+    stats: MemberStats | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,7 +198,6 @@ class Hello:
     member_id: int
     pid: int
     host: str
-    version: str
     channel: Channel = Channel.LIVE
     sender_id: int = 0
     token: int = field(default=0, repr=False)
@@ -467,6 +477,11 @@ def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
         push_str(w, key)
         w.push_uint64(value)
     w.push_uint64(m.token)
+    if m.stats is None:
+        w.push_uint8(0)
+    else:
+        w.push_uint8(1)
+        push_member_stats(w, m.stats)
 
 
 def _pull_heartbeat(r: Reader) -> Heartbeat:
@@ -476,7 +491,12 @@ def _pull_heartbeat(r: Reader) -> Heartbeat:
     for _ in range(r.pull_uint8()):
         key = pull_str(r)
         counters[key] = r.pull_uint64()
-    return Heartbeat(member_id, sender_id, pid, epoch, counters, r.pull_uint64())
+    token = r.pull_uint64()
+    has_stats = r.pull_uint8()
+    if has_stats > 1:
+        raise MalformedMessage(f"heartbeat stats flag {has_stats}")
+    stats = pull_member_stats(r) if has_stats else None
+    return Heartbeat(member_id, sender_id, pid, epoch, counters, token, stats)
 
 
 def _body_child_push(w: Writer, m: ChildPush) -> None:
@@ -527,20 +547,19 @@ def _body_hello(w: Writer, m: Hello) -> None:
     w.push_uint16(m.member_id)
     w.push_uint32(m.pid)
     push_str(w, m.host)
-    push_str(w, m.version)
     w.push_uint8(m.channel)
     w.push_uint16(m.sender_id)
     w.push_uint64(m.token)
 
 
 def _pull_hello(r: Reader) -> Hello:
-    member_id, pid, host, version = r.pull_uint16(), r.pull_uint32(), pull_str(r), pull_str(r)
+    member_id, pid, host = r.pull_uint16(), r.pull_uint32(), pull_str(r)
     channel = r.pull_uint8()
     try:
         kind = Channel(channel)
     except ValueError:
         raise MalformedMessage(f"HELLO for unknown channel {channel}") from None
-    return Hello(member_id, pid, host, version, kind, r.pull_uint16(), r.pull_uint64())
+    return Hello(member_id, pid, host, kind, r.pull_uint16(), r.pull_uint64())
 
 
 def _body_child_delete(w: Writer, m: ChildDelete) -> None:
