@@ -52,8 +52,9 @@ from common.cluster.wire import ChildPush, StreamSeq, Sync
 from common.errors import LocalProtocolError, MalformedMessage
 from common.esp.replay import ReplayState
 from common.esp.transforms import MAX_SEQ_32, MIN_SPI
-from common.ike.child import ChildState as ChildSaState
 from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
+from common.ike.context import ChildState as ChildSaState
+from common.ike.context import IkeState, Outgoing
 from common.ike.proposals import (
     _DH,
     _IKE_ENCR,
@@ -63,7 +64,7 @@ from common.ike.proposals import (
     ESP_TRANSFORMS,
     IkeSuite,
 )
-from common.ike.sa import IkeSa, IkeState, Outgoing
+from common.ike.sa import IkeSa
 from member.refusals import Refusals
 from member.worker import child_refusal, child_state_refusal, selectors_refusal
 

@@ -46,9 +46,9 @@ from common.cluster.wire import (
     encode,
 )
 from common.config import load_config
-from common.ike.child import ChildState as ChildSaState
 from common.ike.constants import TsType
-from common.ike.sa import IkeState
+from common.ike.context import ChildState as ChildSaState
+from common.ike.context import IkeState
 from common.ike.ts import TrafficSelector
 from member.process import MemberProcess
 from member.refusals import Refusals

@@ -15,12 +15,13 @@ import ipaddress
 
 from common.cluster.pools import Lease
 from common.cluster.sync import ChildRecord, IkeSaState
-from common.ike.child import ChildSa, ChildState
+from common.ike.child import ChildSa
 from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
+from common.ike.context import ChildState, IkeContext, IkeState
 from common.ike.keys import IkeKeys
 from common.ike.policy import IkePolicy
 from common.ike.proposals import ESP_TRANSFORMS, EspSuite, IkeSuite
-from common.ike.sa import IkeContext, IkeSa, IkeState
+from common.ike.sa import IkeSa
 
 
 def _rel(deadline: float | None, now: float) -> float:
@@ -62,7 +63,8 @@ def esp_suite_of(transform: str, esn: bool, dh: int) -> EspSuite:
     return EspSuite(transform, encr, bits, integ, DhId(dh), esn)
 
 
-def restore(ctx: IkeContext, st: IkeSaState, policy: IkePolicy | None, now: float) -> IkeSa:
+def restore(ctx: IkeContext[IkeSa], st: IkeSaState, policy: IkePolicy | None,
+            now: float) -> IkeSa:
     """A live IKE SA from a replica; the caller indexes it in its engine."""
     state = IkeState(st.state)
     if state not in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING):
