@@ -23,7 +23,6 @@ import heapq
 import logging
 from collections import Counter
 
-from common.cluster.sync import IkeSaState
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
 from common.ike.context import Address, IkeContext, IkeOptions, IkeState, Outgoing, SpiSource
@@ -477,15 +476,16 @@ class IkeEngine:
 
     # -- failover (RFC 6027 §3.2-3.6) ---------------------------------------------------
 
-    def adopt(self, state: IkeSaState, now: float, *, mid_sync: bool = False,
+    def adopt(self, sa: IkeSa, now: float, *, mid_sync: bool = False,
               margin: int = 0) -> IkeSa:
-        """Take over an IKE SA from its replica: answer retransmits from the
-        cached response, go on with DPD and rekeys. With ``mid_sync`` (the
-        replica may be stale) and a peer that supports it, start with an RFC
-        6311 IKEV2_MESSAGE_ID_SYNC exchange."""
-        from common.cluster.snapshot import restore
-
-        sa = restore(self.ctx, state, self.policies.get(state.policy), now)
+        """Take over an IKE SA restored from its replica (by
+        ``common.cluster.snapshot.restore``, in this engine's context): answer
+        retransmits from the cached response, go on with DPD and rekeys. An SA
+        of this SPI already held is replaced. With ``mid_sync`` (the replica
+        may be stale) and a peer that supports it, start with an RFC 6311
+        IKEV2_MESSAGE_ID_SYNC exchange."""
+        if sa.ctx is not self.ctx:
+            raise LocalProtocolError(f"IKE SA {sa.ike_id} was restored for another engine")
         old = self.sas.get(sa.spi_i if sa.initiator else sa.spi_r)
         if old is not None:
             self._unindex(old)
