@@ -1,5 +1,5 @@
-"""One IKE SA, either role: state, message IDs, keys, the task queue, and
-its lifecycle (established, rekeyed into a successor, gone) (RFC 7296).
+"""One IKE SA, either role (RFC 7296): state, message IDs, keys, the task
+queue, and its lifecycle: established, rekeyed into a successor, gone.
 
 Rules of this file:
 - Sans-I/O: bytes come in through ``receive_request``/``receive_response``
@@ -66,6 +66,7 @@ from common.ike.refusals import DropRequest, notify_for
 from common.ike.sk import SkCipher
 
 log = logging.getLogger("ipsec_cluster.ike")
+
 
 class IkeSa:
     """State of one IKE SA and its children."""
