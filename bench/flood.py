@@ -156,8 +156,8 @@ def _drain(s: socket.socket, template: bytes, gw: str, gw_port: int,
 
 def _initiator_engine(ike_port: int, natt_port: int, gw: str) -> Any:
     from common.cluster.spi import SpiAllocator
+    from common.ike.context import IkeOptions
     from common.ike.engine import IkeEngine
-    from common.ike.sa import IkeOptions
     from common.ike.spis import SegmentSpis
     from tests.ike_pair import child, policy
 

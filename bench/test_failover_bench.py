@@ -281,6 +281,7 @@ def test_b_bulk_transfer_100k(tmp_path: Path) -> None:
     import zmq
 
     from common.cluster.segments import SegmentTable
+    from common.cluster.snapshot import restore
     from common.cluster.wire import Sync, encode
     from common.ike.engine import IkeEngine
     from member.replication import Replicator
@@ -301,7 +302,8 @@ def test_b_bulk_transfer_100k(tmp_path: Path) -> None:
                     spis=SegmentSpis(SpiAllocator(deterministic_random(4)), seg))
     for i in range(n):
         spi_r = bytes([seg[i % len(seg)]]) + (i + 1).to_bytes(7, "big")
-        eng.adopt(replace(template, spi_r=spi_r, spi_i=(i + 7).to_bytes(8, "big")), 0.0)
+        copy = replace(template, spi_r=spi_r, spi_i=(i + 7).to_bytes(8, "big"))
+        eng.adopt(restore(eng, copy, 0.0), 0.0)
     member = SimpleNamespace(engine=eng, by_spi={})
     endpoint = f"ipc://{tmp_path}/bulk.ipc"
     mp = multiprocessing.get_context("fork")

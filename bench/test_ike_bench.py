@@ -31,10 +31,10 @@ import pytest
 
 from common.cluster.spi import SpiAllocator
 from common.ike.constants import IdType
+from common.ike.context import IkeState
 from common.ike.engine import IkeEngine
 from common.ike.policy import ChildPolicy, IkePolicy
 from common.ike.proposals import parse_esp_proposal, parse_ike_proposal
-from common.ike.sa import IkeState
 from common.ike.spis import SegmentSpis
 from common.ike.ts import ts_from_cidr
 

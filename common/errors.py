@@ -24,7 +24,7 @@ class RemoteProtocolError(IpsecClusterError):
     ``notify_type`` is the IKEv2 Notify Message Type (RFC 7296 §3.10.1) this
     error is reported with, or 0 when it is not reported to the peer; the
     other ``notify_*`` fields fill the rest of that Notify payload. Only
-    ``common.ike.exchanges.notify_for`` turns them into one.
+    ``common.ike.refusals.notify_for`` turns them into one.
     """
 
     notify_type: int = 0

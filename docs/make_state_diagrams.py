@@ -6,9 +6,9 @@
 
 Three tables, one section each, each as a Mermaid ``stateDiagram-v2`` and as a
 plain Markdown table:
-- ``common.ike.sa.IKE_TRANSITIONS``: (IkeState, IkeInput) -> IkeState
-- ``common.ike.child.CHILD_TRANSITIONS``: (ChildState, ChildInput) -> ChildState
-- ``common.ike.exchanges._table()``: (IKE state name, request kind) -> handler
+- ``common.ike.context.IKE_TRANSITIONS``: (IkeState, IkeInput) -> IkeState
+- ``common.ike.context.CHILD_TRANSITIONS``: (ChildState, ChildInput) -> ChildState
+- ``common.ike.exchanges.dispatch.REQUEST_HANDLERS``: (IkeState, RequestKind) -> handler
 
 Nothing here is written by hand except the entry points (where an SA starts
 life, which is code in the exchanges, not a table row) and one line of prose
@@ -37,9 +37,17 @@ OUTPUT = DOCS / "ike-states.md"
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from common.ike.child import CHILD_TRANSITIONS, ChildInput, ChildSa, ChildState  # noqa: E402
-from common.ike.exchanges import _table  # noqa: E402
-from common.ike.sa import IKE_TRANSITIONS, TERMINAL, IkeInput, IkeState  # noqa: E402
+from common.ike.child import ChildSa  # noqa: E402
+from common.ike.context import (  # noqa: E402
+    CHILD_TRANSITIONS,
+    IKE_TRANSITIONS,
+    TERMINAL,
+    ChildInput,
+    ChildState,
+    IkeInput,
+    IkeState,
+)
+from common.ike.exchanges.dispatch import REQUEST_HANDLERS  # noqa: E402
 
 #: (state, input) -> state; the key is invariant, so Any stands for each enum.
 Transitions = Mapping[tuple[Any, Any], Enum]
@@ -102,11 +110,7 @@ REFUSED = "refused"
 
 
 def _dispatch_machine() -> Machine:
-    table = _table()
-    known = {s.name for s in IkeState}
-    for state, _kind in table:
-        if state not in known:
-            raise SystemExit(f"dispatch table names an unknown IKE state {state!r}")
+    table = {(state.name, kind.value): h for (state, kind), h in REQUEST_HANDLERS.items()}
     kinds = list(dict.fromkeys(kind for _state, kind in table))
     rows = [(state, kind, _node_id(_handler_name(h))) for (state, kind), h in table.items()]
     labels = {_node_id(_handler_name(h)): _handler_name(h) for h in table.values()}
@@ -116,7 +120,7 @@ def _dispatch_machine() -> Machine:
              for s in IkeState if s not in TERMINAL]
     cells = {(state, kind): _handler_name(h) for (state, kind), h in table.items()}
     intro = ("Requests from the peer on an existing IKE SA, keyed by the SA's state and "
-             "the kind of request (`classify()` in `common/ike/exchanges/__init__.py`). "
+             "the kind of request (`classify()` in `common/ike/exchanges/dispatch.py`). "
              "A pair that is not in the table raises `UnexpectedExchange`, answered with "
              "N(INVALID_SYNTAX); so does the kind `other` (any exchange type that is not "
              "IKE_AUTH, CREATE_CHILD_SA or INFORMATIONAL). A first IKE_SA_INIT (responder "
@@ -132,13 +136,13 @@ def machines() -> list[Machine]:
     child_terminals = [s for s in ChildState if not any(k[0] is s for k in CHILD_TRANSITIONS)]
     return [
         _state_machine(
-            "IKE SA states", "ike", "`IKE_TRANSITIONS` in `common/ike/sa.py`. `IkeSa.apply()` "
+            "IKE SA states", "ike", "`IKE_TRANSITIONS` in `common/ike/context.py`. `IkeSa.apply()` "
             "looks the pair up; a pair that is not in the table moves the SA to FAILED and "
             "raises `LocalProtocolError` (a bug in the core, not a peer error).",
             IKE_TRANSITIONS, IkeState, IkeInput, IKE_ENTRIES,
             [s for s in IkeState if s in TERMINAL]),
         _state_machine(
-            "Child SA states", "child", "`CHILD_TRANSITIONS` in `common/ike/child.py`. "
+            "Child SA states", "child", "`CHILD_TRANSITIONS` in `common/ike/context.py`. "
             "`ChildSa.apply()` looks the pair up; a pair that is not in the table raises "
             "`LocalProtocolError` and leaves the state unchanged.",
             CHILD_TRANSITIONS, ChildState, ChildInput,

@@ -61,7 +61,7 @@ from common.config import MAX_MEMBERS, Config
 from common.errors import MalformedMessage, StartupError
 from common.esp.iv import MAX_SENDER_ID
 from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
-from common.ike.sa import Outgoing
+from common.ike.context import Outgoing
 from member.rawinside import RawInside
 from member.refusals import Refusals
 from member.replication import Replicator

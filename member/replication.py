@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.cluster.segments import SegmentTable, TableMode
-from common.cluster.snapshot import snapshot
+from common.cluster.snapshot import restore, snapshot
 from common.cluster.spi import segment_of_esp_spi, segment_of_ike_spi
 from common.cluster.sync import (
     Ack,
@@ -52,8 +52,9 @@ from common.cluster.wire import Channel, ChildPush, StreamSeq, Sync
 from common.errors import LocalProtocolError, MalformedMessage
 from common.esp.replay import ReplayState
 from common.esp.transforms import MAX_SEQ_32, MIN_SPI
-from common.ike.child import ChildState as ChildSaState
 from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
+from common.ike.context import ChildState as ChildSaState
+from common.ike.context import IkeState, Outgoing
 from common.ike.proposals import (
     _DH,
     _IKE_ENCR,
@@ -63,7 +64,7 @@ from common.ike.proposals import (
     ESP_TRANSFORMS,
     IkeSuite,
 )
-from common.ike.sa import IkeSa, IkeState, Outgoing
+from common.ike.sa import IkeSa
 from member.refusals import Refusals
 from member.worker import child_refusal, child_state_refusal, selectors_refusal
 
@@ -105,7 +106,7 @@ def _timer_refusal(rekey_in: float) -> bool:
 def ike_state_refusal(st: IkeSaState, policies: dict[str, IkePolicy],
                       ports: tuple[int, int]) -> str | None:
     """Why a replicated IKE SA is refused, or None: every field within what
-    ``IkeEngine.adopt`` can restore (a known policy, a suite we run, keys of
+    ``restore`` and ``IkeEngine.adopt`` can take (a known policy, a suite we run, keys of
     its lengths, message IDs < 2^32, finite timers, well-formed children)."""
     if st.spi_i == bytes(8) or st.spi_r == bytes(8):
         return "ike_bad_spi"
@@ -556,7 +557,7 @@ class Replicator:
                     self.refusals.refuse(f"takeover_{reason}", "replica", key.hex())
                     continue
                 try:   # the barrier: one replica must not stop the takeover of the rest
-                    engine.adopt(st, now, mid_sync=st.stale, margin=16)
+                    engine.adopt(restore(engine, st, now), now, mid_sync=st.stale, margin=16)
                 except Exception as exc:
                     self.refusals.failed("takeover_ike", exc, "replica")
                     continue

@@ -37,6 +37,7 @@ from common.esp.iv import COUNTER_LIMIT
 from common.esp.replay import MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, ReplayState
 from common.esp.selectors import Matcher, five_tuple, matcher
 from common.esp.transforms import MAX_SEQ_32, MAX_SEQ_64, MIN_SPI, TRANSFORMS, InboundSA, OutboundSA
+from common.ike.context import IkeOptions, Outgoing
 from common.ike.engine import IkeEngine
 from common.ike.events import (
     ChildSaDeleted,
@@ -48,7 +49,6 @@ from common.ike.events import (
     MessageIdsSynced,
 )
 from common.ike.policy import policies_from_config
-from common.ike.sa import IkeOptions, Outgoing
 from common.ike.spis import SegmentSpis
 from common.ike.ts import PORT_MAX, PORT_MIN, TrafficSelector
 from common.rand import RandomBytes

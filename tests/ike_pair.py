@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from common.cluster.spi import SpiAllocator
 from common.esp.transforms import InboundSA, OutboundSA
-from common.ike.child import ChildSa, ChildState
+from common.ike.child import ChildSa
 from common.ike.constants import IKE_HEADER_LEN, IdType, PayloadType
+from common.ike.context import ChildState, IkeOptions, IkeState, Outgoing
 from common.ike.engine import IkeEngine
 from common.ike.events import ChildSaInstalled, DpdSucceeded, IkeEvent
 from common.ike.message import HEADER, IkeMessage
@@ -22,7 +23,7 @@ from common.ike.msgid import RetransmitPolicy
 from common.ike.payloads import GENERIC_HEADER, Payload, encode_payloads
 from common.ike.policy import ChildPolicy, IkePolicy
 from common.ike.proposals import parse_esp_proposal, parse_ike_proposal
-from common.ike.sa import IkeOptions, IkeSa, IkeState, Outgoing
+from common.ike.sa import IkeSa
 from common.ike.spis import SegmentSpis
 from common.ike.ts import ts_from_cidr
 from common.rand import RandomBytes, deterministic_random

@@ -6,19 +6,24 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from common.ike.child import ChildInput, ChildState
-from common.ike.exchanges import _table
-from common.ike.sa import IkeInput, IkeState
+from common.ike.context import ChildInput, ChildState, IkeInput, IkeState
+from common.ike.exchanges.dispatch import REQUEST_HANDLERS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "docs" / "make_state_diagrams.py"
 DOC = ROOT / "docs" / "ike-states.md"
+
+
+def _table() -> dict[tuple[str, str], Callable[..., object]]:
+    """The dispatch table by state name and request kind, as the doc shows it."""
+    return {(state.name, kind.value): h for (state, kind), h in REQUEST_HANDLERS.items()}
 
 
 def _load_generator(monkeypatch: pytest.MonkeyPatch) -> ModuleType:

@@ -37,9 +37,10 @@ from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
 from common.cluster.wire import ChildDelete, ChildPush, RouteAdd, RouteDel, Sync
 from common.config import load_config
+from common.ike.context import IkeState, Outgoing
 from common.ike.engine import IkeEngine
 from common.ike.events import ChildSaInstalled, DpdSucceeded, IkeSaRekeyed
-from common.ike.sa import IkeSa, IkeState, Outgoing
+from common.ike.sa import IkeSa
 from common.rand import deterministic_random
 from member.replication import Replicator
 from member.worker import Member

@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.ike.constants import ExchangeType, PayloadType
+from common.ike.context import IkeState
 from common.ike.fragments import SKF_HEADER, SKF_HEADER_LEN
 from common.ike.message import IkeMessage, encode_header
-from common.ike.sa import IkeSa, IkeState
+from common.ike.sa import IkeSa
 from tests.fuzz import fuzz_settings
 from tests.ike_pair import Pair, make_pair
 

@@ -29,6 +29,7 @@ from common.ike.constants import (
     TransformType,
     TsType,
 )
+from common.ike.context import IkeState
 from common.ike.events import (
     ChildSaFailed,
     ChildSaInstalled,
@@ -56,7 +57,7 @@ from common.ike.payloads import (
     decode_payloads,
     encode_payloads,
 )
-from common.ike.sa import IkeSa, IkeState
+from common.ike.sa import IkeSa
 from common.ike.sk import SkCipher
 from common.ike.transforms import Proposal, Transform
 from common.ike.ts import TrafficSelector

@@ -21,7 +21,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.ike.child import ChildState
 from common.ike.constants import (
     IKE_HEADER_LEN,
     DhId,
@@ -31,6 +30,7 @@ from common.ike.constants import (
     TransformType,
     TsType,
 )
+from common.ike.context import ChildState, IkeState
 from common.ike.dh import dh_generate
 from common.ike.message import HEADER, MAX_MESSAGE_ID
 from common.ike.payloads import (
@@ -44,7 +44,7 @@ from common.ike.payloads import (
     TsrPayload,
     encode_payloads,
 )
-from common.ike.sa import IkeSa, IkeState
+from common.ike.sa import IkeSa
 from common.ike.transforms import Proposal, Transform
 from common.ike.ts import TrafficSelector
 from common.rand import deterministic_random

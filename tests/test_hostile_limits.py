@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from common.ike.constants import ExchangeType, NotifyType
+from common.ike.context import IkeState
 from common.ike.cookies import cookie_answer, packed_ip, peek_init
 from common.ike.events import ChildSaFailed, ChildSaInstalled, IkeSaEstablished
-from common.ike.exchanges import Refused
 from common.ike.exchanges.ike_init import error_answer
 from common.ike.limits import (
     CHILD_SA_MAX_PER_IKE_SA,
@@ -26,7 +26,7 @@ from common.ike.limits import (
 )
 from common.ike.message import IkeMessage, decode_header, decode_message, encode_message
 from common.ike.payloads import NoncePayload, NotifyPayload
-from common.ike.sa import IkeState
+from common.ike.refusals import Refused
 from tests.ike_pair import Pair, make_pair
 
 LOOSE = LimitSettings(init_rate_per_s=1000.0, init_burst=1000.0)

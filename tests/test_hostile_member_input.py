@@ -47,9 +47,10 @@ from common.cluster.wire import (
     encode,
 )
 from common.config import load_config
-from common.ike.child import ChildState as ChildSaState
 from common.ike.constants import TsType
-from common.ike.sa import IkeState
+from common.ike.context import ChildState as ChildSaState
+from common.ike.context import IkeState
+from common.ike.sa import IkeSa
 from common.ike.ts import TrafficSelector
 from member.process import MemberProcess
 from member.refusals import Refusals
@@ -396,10 +397,10 @@ def test_the_takeover_of_bad_replicas_refuses_them_and_adopts_the_rest() -> None
         rep.ike_replicas[raising_key] = ike_state(spi_r=raising_key)
         real_adopt = m.engine.adopt
 
-        def adopt(st: IkeSaState, now: float, **kw: Any) -> Any:
-            if st.spi_r == raising_key:
+        def adopt(sa: IkeSa, now: float, **kw: Any) -> Any:
+            if sa.spi_r == raising_key:
                 raise RuntimeError("nobody foresaw this")
-            return real_adopt(st, now, **kw)
+            return real_adopt(sa, now, **kw)
 
         m.engine.adopt = adopt  # type: ignore[method-assign]
         t = table()

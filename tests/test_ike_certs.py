@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from common.cluster.snapshot import restore, snapshot
 from common.cluster.sync import decode_sync, encode_sync
 from common.config import ConfigError, load_config
 from common.ike import certs
@@ -254,14 +255,13 @@ def test_intermediate_ca_chain() -> None:
 def test_certificate_sa_replicates(methods: list[tuple[AuthMethod, bytes]]) -> None:
     """A member that takes over a certificate-authenticated IKE SA needs only
     the same config: the replica carries the peer identity."""
-    from common.cluster.snapshot import snapshot
-
     p = cert_pair()
     p.establish("a")
     (sa,) = p.a.established()
     state = decode_sync(encode_sync(snapshot(sa, p.now)))
     new = engine(list(p.a.policies.values()), 99, 1)
-    new.adopt(state, p.now, mid_sync=False, margin=5)  # type: ignore[arg-type]
+    new.adopt(restore(new, state, p.now), p.now,  # type: ignore[arg-type]
+              mid_sync=False, margin=5)
     (restored,) = new.established()
     assert restored.peer_id == sa.peer_id and restored.policy is p.a.policies["conn"]
     q = Pair(new, p.b, now=p.now)

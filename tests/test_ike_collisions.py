@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.ike.child import ChildState
 from common.ike.constants import NotifyType
+from common.ike.context import ChildState, IkeState
 from common.ike.events import (
     ChildSaDeleted,
     ChildSaInstalled,
@@ -16,7 +16,6 @@ from common.ike.events import (
 )
 from common.ike.message import decode_header, decode_message
 from common.ike.payloads import NoncePayload
-from common.ike.sa import IkeState
 from tests.ike_pair import (
     Pair,
     assert_children_agree,

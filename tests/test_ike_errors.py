@@ -8,9 +8,9 @@ from pathlib import Path
 
 from common.errors import MalformedMessage, RemoteProtocolError
 from common.ike.constants import NotifyType, ProtocolId
-from common.ike.exchanges import ChildRefused, Refused, UnexpectedExchange, notify_for
 from common.ike.message import InvalidMajorVersion
 from common.ike.payloads import UnsupportedCriticalPayload
+from common.ike.refusals import ChildRefused, Refused, UnexpectedExchange, notify_for
 
 IKE = Path(__file__).resolve().parent.parent / "common" / "ike"
 

@@ -8,6 +8,7 @@ import ipaddress
 import pytest
 
 from common.ike.constants import DhId, ExchangeType, IdType, NotifyType, PayloadType
+from common.ike.context import IkeState
 from common.ike.events import (
     ChildSaDeleted,
     ChildSaFailed,
@@ -18,7 +19,6 @@ from common.ike.events import (
 )
 from common.ike.message import decode_header, decode_message
 from common.ike.payloads import KePayload, NoncePayload, NotifyPayload, SaPayload
-from common.ike.sa import IkeState
 from common.ike.ts import ts_from_cidr
 from tests.ike_pair import (
     assert_children_agree,

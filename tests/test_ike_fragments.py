@@ -11,6 +11,7 @@ from common.cluster.routing import PortKind, Route, RouteKind, route_datagram
 from common.cluster.segments import SegmentTable
 from common.config import ConfigError, load_config
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, NotifyType, PayloadType
+from common.ike.context import IkeState, Outgoing
 from common.ike.fragments import (
     DROP_FRAGMENT_DUPLICATE,
     DROP_FRAGMENT_FULL,
@@ -26,7 +27,6 @@ from common.ike.fragments import (
 from common.ike.message import IkeMessage, decode_header
 from common.ike.payloads import NotifyPayload
 from common.ike.policy import policies_from_config
-from common.ike.sa import IkeState, Outgoing
 from tests.ike_pair import Pair, assert_children_agree, child, make_pair
 from tests.test_config import BASE, to_toml, with_change
 

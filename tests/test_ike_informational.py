@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.ike.constants import ExchangeType, NotifyType
+from common.ike.context import IkeState
 from common.ike.events import (
     ChildSaDeleted,
     DpdSucceeded,
@@ -18,7 +19,7 @@ from common.ike.exchanges.informational import _MID_SYNC
 from common.ike.message import IkeMessage, decode_header, decode_message, encode_message
 from common.ike.msgid import RetransmitPolicy
 from common.ike.payloads import DeletePayload, NotifyPayload
-from common.ike.sa import IkeSa, IkeState
+from common.ike.sa import IkeSa
 from tests.ike_pair import Pair, assert_children_agree, make_pair, other
 
 ROLES = ["a", "b"]

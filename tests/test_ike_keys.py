@@ -24,11 +24,10 @@ from common.ike.keys import (
     derive_rekeyed_ike_keys,
     nat_detection_hash,
     prf,
-    prf_length,
     prf_plus,
     psk_auth,
 )
-from common.ike.proposals import EspSuite, IkeSuite
+from common.ike.proposals import EspSuite, IkeSuite, prf_length
 
 
 def h(text: str) -> bytes:

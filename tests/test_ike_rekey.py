@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId
+from common.ike.context import IkeState
 from common.ike.events import (
     ChildSaDeleted,
     ChildSaInstalled,
@@ -14,7 +15,6 @@ from common.ike.events import (
 )
 from common.ike.message import decode_header, decode_message
 from common.ike.payloads import DeletePayload, KePayload, NoncePayload, SaPayload
-from common.ike.sa import IkeState
 from tests.ike_pair import Pair, assert_children_agree, child, esp_carries, make_pair, other
 
 ROLES = ["a", "b"]

@@ -12,10 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.errors import IntegrityError, LocalProtocolError, MalformedMessage
-from common.ike.child import ChildState
+from common.ike.context import ChildState, IkeState
 from common.ike.message import decode_header, decode_message
 from common.ike.payloads import PayloadType
-from common.ike.sa import IkeState
 from tests.ike_pair import Pair, assert_children_agree, make_pair
 
 _LENGTH = struct.Struct("!I")

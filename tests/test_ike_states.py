@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 
 from common.errors import IpsecClusterError, LocalProtocolError, PeerTimeout
-from common.ike.child import ChildInput, ChildState
 from common.ike.constants import ExchangeType
+from common.ike.context import IKE_TRANSITIONS, ChildInput, ChildState, IkeInput, IkeState
 from common.ike.events import DpdSucceeded, IkeSaDeleted, IkeSaFailed
 from common.ike.message import decode_header
 from common.ike.msgid import MessageIds, RetransmitPolicy, RetransmitsExhausted
-from common.ike.sa import IKE_TRANSITIONS, IkeInput, IkeState
 from tests.ike_pair import Pair, assert_children_agree, make_pair
 
 

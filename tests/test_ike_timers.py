@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from common.cluster.snapshot import snapshot
+from common.cluster.snapshot import restore, snapshot
 from common.ike.events import DpdSucceeded
 from common.ike.sa import IkeSa
 from tests.ike_pair import Pair, make_pair
@@ -24,8 +24,9 @@ def _filled(n: int, dpd_delay: float = 10.0) -> Pair:
         base = snapshot(p.sa(side), p.now)
         for i in range(n - 1):
             spi = (i + 1).to_bytes(4, "big") * 2
-            e.adopt(dataclasses.replace(base, spi_i=spi, spi_r=spi[::-1], children=()),
-                    p.now + i * 0.01)
+            now = p.now + i * 0.01
+            copy = dataclasses.replace(base, spi_i=spi, spi_r=spi[::-1], children=())
+            e.adopt(restore(e, copy, now), now)
     p.drain()
     return p
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.cluster.pools import Lease, Pool, PoolSet
+from common.cluster.snapshot import restore, snapshot
 from common.cluster.sync import decode_sync, encode_sync
 from common.config import load_config
 from common.errors import MalformedMessage
@@ -289,8 +290,6 @@ def test_no_pools_ignores_the_cp_request(vip: None) -> None:
 
 
 def test_takeover_keeps_the_lease_and_never_hands_it_out_again(vip: None) -> None:
-    from common.cluster.snapshot import snapshot
-
     p = _road_warrior()
     _gateway_pools(p.b)
     p.a.initiate("conn", B_ADDR, 0.0)
@@ -300,7 +299,7 @@ def test_takeover_keeps_the_lease_and_never_hands_it_out_again(vip: None) -> Non
     assert state.leases == (("rw", gw.leases[0].address.packed),)  # type: ignore[union-attr]
     new = engine(list(p.b.policies.values()), 77, 2)
     new_pools = _gateway_pools(new)
-    adopted = new.adopt(state, p.now)  # type: ignore[arg-type]
+    adopted = new.adopt(restore(new, state, p.now), p.now)  # type: ignore[arg-type]
     assert adopted.leases == gw.leases
     held = gw.leases[0]
     assert new_pools.pools["rw"].index_of(held.address) in new_pools.pools["rw"].leased
@@ -390,8 +389,6 @@ def test_ipv4_and_ipv6_addresses_in_one_request(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_cut_lease_list_in_a_replica_is_malformed(vip: None) -> None:
-    from common.cluster.snapshot import snapshot
-
     p = _road_warrior()
     _gateway_pools(p.b)
     p.a.initiate("conn", B_ADDR, 0.0)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from common.cluster.snapshot import restore, snapshot
 from common.cluster.sync import decode_sync, encode_sync
+from common.errors import LocalProtocolError
 from common.ike.constants import ExchangeType
 from common.ike.events import ChildSaInstalled, DpdSucceeded, IkeSaRekeyed, MessageIdsSynced
 from common.ike.message import decode_header
@@ -17,13 +19,12 @@ from tests.ike_pair import B_ADDR, Pair, engine, make_pair
 def _takeover(pair: Pair, *, stale: bool = False) -> Pair:
     """Replicate a's IKE SA through the sync codec into a fresh engine that
     replaces a (same policies, different randomness and SPI slot)."""
-    from common.cluster.snapshot import snapshot
-
     (sa,) = pair.a.established()
     wire = encode_sync(snapshot(sa, pair.now, stale=stale))
     state = decode_sync(wire)
     new = engine(list(pair.a.policies.values()), 99, 1)
-    new.adopt(state, pair.now, mid_sync=stale, margin=5)  # type: ignore[arg-type]
+    new.adopt(restore(new, state, pair.now), pair.now,  # type: ignore[arg-type]
+              mid_sync=stale, margin=5)
     return Pair(new, pair.b, now=pair.now)
 
 
@@ -38,8 +39,6 @@ def established() -> Pair:
 
 
 def test_snapshot_round_trips_through_the_codec(established: Pair) -> None:
-    from common.cluster.snapshot import snapshot
-
     (sa,) = established.a.established()
     st = snapshot(sa, 0.0)
     assert decode_sync(encode_sync(st)) == st
@@ -89,15 +88,14 @@ def test_new_owner_continues_dpd_and_rekeys(established: Pair) -> None:
 def test_stale_replica_resyncs_message_ids_with_rfc_6311(established: Pair) -> None:
     p = established
     (a_sa,) = p.a.established()
-    from common.cluster.snapshot import snapshot
-
     stale_state = encode_sync(snapshot(a_sa, p.now, stale=True))
     # After the snapshot, a and b run two more exchanges the replica misses.
     for _ in range(2):
         p.a.dpd(a_sa.ike_id, p.now)
         p.flush()
     new = engine(list(p.a.policies.values()), 77, 1)
-    new.adopt(decode_sync(stale_state), p.now, mid_sync=True, margin=5)  # type: ignore[arg-type]
+    new.adopt(restore(new, decode_sync(stale_state), p.now),  # type: ignore[arg-type]
+              p.now, mid_sync=True, margin=5)
     q = Pair(new, p.b, now=p.now)
     out = q.a.datagrams_to_send()
     # HDR(mid 0), SK { N(IKEV2_MESSAGE_ID_SYNC) } -->
@@ -112,3 +110,18 @@ def test_stale_replica_resyncs_message_ids_with_rfc_6311(established: Pair) -> N
     q.a.dpd(sa.ike_id, q.now)
     q.flush()
     assert q.of("a", DpdSucceeded)
+
+
+def test_adopt_refuses_an_sa_restored_for_another_engine(established: Pair) -> None:
+    """``restore`` builds the SA in one engine's context (its ids, SPIs,
+    outbox, events): another engine must not index it."""
+    (sa,) = established.a.established()
+    state = decode_sync(encode_sync(snapshot(sa, established.now)))
+    one = engine(list(established.a.policies.values()), 99, 1)
+    other = engine(list(established.a.policies.values()), 98, 1)
+    restored = restore(one, state, established.now)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        other.adopt(restored, established.now)
+    assert not other.sas and not other.by_id and not one.sas
+    assert one.adopt(restored, established.now) is restored
+    assert one.established() == [restored]

@@ -3,7 +3,8 @@
 ``snapshot`` takes what a backup needs to continue an established IKE SA:
 keys, message IDs both ways, the last response (retransmits are answered byte
 for byte), the peer's identity, the children's records. ``restore`` builds a
-live ``IkeSa`` from it on the member that takes over. An exchange we had
+live ``IkeSa`` from it on the member that takes over, which then hands it to
+``IkeEngine.adopt`` (the IKE core knows nothing of this record). An exchange we had
 initiated and not yet seen answered is not carried (its DH secret stays with
 the dead owner): the new owner keeps the message IDs right and starts over.
 """
@@ -15,12 +16,13 @@ import ipaddress
 
 from common.cluster.pools import Lease
 from common.cluster.sync import ChildRecord, IkeSaState
-from common.ike.child import ChildSa, ChildState
+from common.ike.child import ChildSa
 from common.ike.constants import DhId, EncrId, IdType, IntegId, PrfId
+from common.ike.context import ChildState, IkeState
+from common.ike.engine import IkeEngine
 from common.ike.keys import IkeKeys
-from common.ike.policy import IkePolicy
 from common.ike.proposals import ESP_TRANSFORMS, EspSuite, IkeSuite
-from common.ike.sa import IkeContext, IkeSa, IkeState
+from common.ike.sa import IkeSa
 
 
 def _rel(deadline: float | None, now: float) -> float:
@@ -62,14 +64,15 @@ def esp_suite_of(transform: str, esn: bool, dh: int) -> EspSuite:
     return EspSuite(transform, encr, bits, integ, DhId(dh), esn)
 
 
-def restore(ctx: IkeContext, st: IkeSaState, policy: IkePolicy | None, now: float) -> IkeSa:
-    """A live IKE SA from a replica; the caller indexes it in its engine."""
+def restore(engine: IkeEngine, st: IkeSaState, now: float) -> IkeSa:
+    """A live IKE SA from a replica, in ``engine``'s context and with its
+    connection of that name; ``engine.adopt`` then takes it over."""
     state = IkeState(st.state)
     if state not in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING):
         state = IkeState.ESTABLISHED
-    sa = IkeSa(ctx, initiator=st.initiator, spi_i=st.spi_i, spi_r=st.spi_r,
+    sa = IkeSa(engine.ctx, initiator=st.initiator, spi_i=st.spi_i, spi_r=st.spi_r,
                remote=(str(ipaddress.ip_address(st.remote_ip)), st.remote_port),
-               local_port=st.local_port, state=state, policy=policy)
+               local_port=st.local_port, state=state, policy=engine.policies.get(st.policy))
     suite = IkeSuite(EncrId(st.encr), st.key_bits, PrfId(st.prf), IntegId(st.integ),
                      DhId(st.dh))
     sa.install_keys(suite, IkeKeys(st.sk_d, st.sk_ai, st.sk_ar, st.sk_ei, st.sk_er, st.sk_pi,

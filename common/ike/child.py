@@ -2,51 +2,17 @@
 
 The IKE core keeps what it needs to rekey and delete a child; the ESP
 state itself (sequence numbers, replay windows) lives in the data plane.
+The child's state machine (``CHILD_TRANSITIONS``) is in common/ike/context.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum, auto
 
 from common.errors import LocalProtocolError
+from common.ike.context import CHILD_TRANSITIONS, ChildInput, ChildState
 from common.ike.proposals import EspSuite
 from common.ike.ts import TrafficSelector
-
-
-class ChildState(Enum):
-    INSTALLED = auto()
-    REKEYING = auto()   # our rekey request is under way
-    REKEYED = auto()    # replaced by a newer child, waiting for its delete
-    DELETING = auto()   # our delete request is under way
-    DELETED = auto()    # terminal
-
-
-class ChildInput(Enum):
-    REKEY_STARTED = auto()
-    REKEY_ABORTED = auto()
-    REPLACED = auto()
-    DELETE_STARTED = auto()
-    DELETED = auto()
-
-
-#: (state, input) -> next state. Anything else is a bug in the core.
-CHILD_TRANSITIONS: dict[tuple[ChildState, ChildInput], ChildState] = {
-    (ChildState.INSTALLED, ChildInput.REKEY_STARTED): ChildState.REKEYING,
-    (ChildState.INSTALLED, ChildInput.REPLACED): ChildState.REKEYED,
-    (ChildState.INSTALLED, ChildInput.DELETE_STARTED): ChildState.DELETING,
-    (ChildState.INSTALLED, ChildInput.DELETED): ChildState.DELETED,
-    (ChildState.REKEYING, ChildInput.REKEY_ABORTED): ChildState.INSTALLED,
-    (ChildState.REKEYING, ChildInput.REPLACED): ChildState.REKEYED,
-    (ChildState.REKEYING, ChildInput.DELETE_STARTED): ChildState.DELETING,
-    (ChildState.REKEYING, ChildInput.DELETED): ChildState.DELETED,
-    (ChildState.REKEYED, ChildInput.REPLACED): ChildState.REKEYED,
-    (ChildState.REKEYED, ChildInput.DELETE_STARTED): ChildState.DELETING,
-    (ChildState.REKEYED, ChildInput.DELETED): ChildState.DELETED,
-    (ChildState.DELETING, ChildInput.DELETED): ChildState.DELETED,
-    (ChildState.DELETING, ChildInput.REPLACED): ChildState.DELETING,
-    (ChildState.DELETING, ChildInput.DELETE_STARTED): ChildState.DELETING,
-}
 
 
 @dataclass(slots=True)

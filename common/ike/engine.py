@@ -23,13 +23,14 @@ import heapq
 import logging
 from collections import Counter
 
-from common.cluster.sync import IkeSaState
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.constants import IKE_HEADER_LEN, ExchangeType, HeaderFlag, IdType
+from common.ike.context import Address, IkeContext, IkeOptions, IkeState, Outgoing, SpiSource
 from common.ike.cookies import CookieJar, cookie_answer, packed_ip, peek_init
 from common.ike.describe import describe
 from common.ike.events import IkeEvent
 from common.ike.exchanges.child_sa import ChildCreateTask, ChildRekeyTask
+from common.ike.exchanges.dispatch import EXCHANGES
 from common.ike.exchanges.ike_auth import IkeAuthTask
 from common.ike.exchanges.ike_init import (
     ZERO_SPI,
@@ -43,7 +44,6 @@ from common.ike.exchanges.informational import (
     DpdTask,
     IkeDeleteTask,
     MidSyncTask,
-    ike_gone,
 )
 from common.ike.limits import (
     DROP_NO_ADDITIONAL_SAS,
@@ -61,15 +61,7 @@ from common.ike.message import (
 from common.ike.msgid import RequestVerdict
 from common.ike.payloads import UnsupportedCriticalPayload
 from common.ike.policy import IkePolicy
-from common.ike.sa import (
-    Address,
-    IkeContext,
-    IkeOptions,
-    IkeSa,
-    IkeState,
-    Outgoing,
-    SpiSource,
-)
+from common.ike.sa import IkeSa
 from common.rand import RandomBytes
 
 log = logging.getLogger("ipsec_cluster.ike")
@@ -94,7 +86,8 @@ class IkeEngine:
                  options: IkeOptions | None = None,
                  limits: LimitSettings | None = None) -> None:
         self.policies = {p.name: p for p in policies}
-        self.ctx = IkeContext(random, spis, options or IkeOptions())
+        self.ctx: IkeContext[IkeSa] = IkeContext(random, spis, options or IkeOptions(),
+                                                 EXCHANGES)
         self.cookies = CookieJar(random)
         #: flood bounds: half-open caps, per-source and retransmit rates
         self.limits = EngineLimits(limits)
@@ -382,7 +375,7 @@ class IkeEngine:
                 continue
             log.info("IKE SA %d: INITIAL_CONTACT from %s on IKE SA %d, deleting this one",
                      other.ike_id, sa.remote[0], sa.ike_id)
-            ike_gone(other, "peer restarted (INITIAL_CONTACT)")
+            other.gone("peer restarted (INITIAL_CONTACT)")
 
     def half_open_count(self) -> int:
         return len(self.half_open)
@@ -464,7 +457,7 @@ class IkeEngine:
         if sa.terminal or sa.state is IkeState.DELETING:
             return
         if sa.state in _ACTION_STATES and sa.state is not IkeState.ESTABLISHED:
-            ike_gone(sa, "deleted before it was established")
+            sa.gone("deleted before it was established")
         else:
             sa.queue_task(IkeDeleteTask(), now)
         self._touch(sa)
@@ -483,15 +476,16 @@ class IkeEngine:
 
     # -- failover (RFC 6027 §3.2-3.6) ---------------------------------------------------
 
-    def adopt(self, state: IkeSaState, now: float, *, mid_sync: bool = False,
+    def adopt(self, sa: IkeSa, now: float, *, mid_sync: bool = False,
               margin: int = 0) -> IkeSa:
-        """Take over an IKE SA from its replica: answer retransmits from the
-        cached response, go on with DPD and rekeys. With ``mid_sync`` (the
-        replica may be stale) and a peer that supports it, start with an RFC
-        6311 IKEV2_MESSAGE_ID_SYNC exchange."""
-        from common.cluster.snapshot import restore
-
-        sa = restore(self.ctx, state, self.policies.get(state.policy), now)
+        """Take over an IKE SA restored from its replica (by
+        ``common.cluster.snapshot.restore``, in this engine's context): answer
+        retransmits from the cached response, go on with DPD and rekeys. An SA
+        of this SPI already held is replaced. With ``mid_sync`` (the replica
+        may be stale) and a peer that supports it, start with an RFC 6311
+        IKEV2_MESSAGE_ID_SYNC exchange."""
+        if sa.ctx is not self.ctx:
+            raise LocalProtocolError(f"IKE SA {sa.ike_id} was restored for another engine")
         old = self.sas.get(sa.spi_i if sa.initiator else sa.spi_r)
         if old is not None:
             self._unindex(old)

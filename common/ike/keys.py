@@ -14,21 +14,10 @@ import hashlib
 import hmac
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError
 from common.ike.constants import PrfId
-
-if TYPE_CHECKING:
-    from common.ike.proposals import EspSuite, IkeSuite
-
-#: PRF transform id -> hashlib digest name (RFC 7296 §3.3.2, RFC 4868).
-_PRF_DIGESTS: dict[PrfId, str] = {
-    PrfId.PRF_HMAC_SHA1: "sha1",
-    PrfId.PRF_HMAC_SHA2_256: "sha256",
-    PrfId.PRF_HMAC_SHA2_384: "sha384",
-    PrfId.PRF_HMAC_SHA2_512: "sha512",
-}
+from common.ike.proposals import EspSuite, IkeSuite, prf_digest
 
 #: RFC 7296 §2.13: prf+ stops after T255 (the counter is one octet).
 PRF_PLUS_MAX_ITERATIONS = 255
@@ -39,22 +28,9 @@ KEY_PAD = b"Key Pad for IKEv2"
 _PORT = struct.Struct("!H")
 
 
-def _digest(prf_id: PrfId) -> str:
-    try:
-        return _PRF_DIGESTS[prf_id]
-    except KeyError:
-        raise LocalProtocolError(f"unsupported PRF {prf_id!r}") from None
-
-
-def prf_length(prf_id: PrfId) -> int:
-    """Output length of the PRF in octets; also the preferred key length of
-    SK_d, SK_pi and SK_pr (RFC 7296 §2.13, §2.14)."""
-    return hashlib.new(_digest(prf_id)).digest_size
-
-
 def prf(prf_id: PrfId, key: bytes, data: bytes) -> bytes:
     """prf(K, S) of RFC 7296 §2.13: HMAC with the PRF's hash (RFC 2104, RFC 4868)."""
-    return hmac.digest(key, data, _digest(prf_id))
+    return hmac.digest(key, data, prf_digest(prf_id))
 
 
 def prf_plus(prf_id: PrfId, key: bytes, seed: bytes, length: int) -> bytes:
@@ -62,7 +38,7 @@ def prf_plus(prf_id: PrfId, key: bytes, seed: bytes, length: int) -> bytes:
 
     T1 = prf(K, S | 0x01), Tn = prf(K, Tn-1 | S | n); the output is T1 | T2 | ...
     """
-    digest = _digest(prf_id)
+    digest = prf_digest(prf_id)
     size = hashlib.new(digest).digest_size
     iterations = -(-length // size)
     if length < 0 or iterations > PRF_PLUS_MAX_ITERATIONS:

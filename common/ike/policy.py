@@ -5,17 +5,15 @@ TOML schema."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from common.config import ConnectionConfig
 from common.ike.certs import LocalCredential, TrustAnchors, dn_equal, format_dn
 from common.ike.constants import IdType
 from common.ike.transforms import Proposal
 from common.ike.ts import TrafficSelector
-
-if TYPE_CHECKING:
-    from common.config import ConnectionConfig
 
 
 @dataclass(slots=True)
@@ -73,8 +71,6 @@ class IkePolicy:
 
 def format_identity(id_type: IdType, data: bytes) -> str:
     """Human form of an IKE identity for logs and status."""
-    import ipaddress
-
     if id_type == IdType.ID_IPV4_ADDR and len(data) == 4:
         return str(ipaddress.IPv4Address(data))
     if id_type == IdType.ID_IPV6_ADDR and len(data) == 16:

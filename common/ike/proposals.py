@@ -21,13 +21,23 @@ Rules of this file:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+from common.errors import LocalProtocolError
 from common.ike.constants import DhId, EncrId, EsnId, IntegId, PrfId, ProtocolId, TransformType
-from common.ike.keys import prf_length
 from common.ike.transforms import Proposal, Transform
 
 _T = TransformType
+
+#: PRF transform id -> hashlib digest name (RFC 7296 §3.3.2, RFC 4868); the
+#: PRFs themselves are common/ike/keys.py's.
+_PRF_DIGESTS: dict[PrfId, str] = {
+    PrfId.PRF_HMAC_SHA1: "sha1",
+    PrfId.PRF_HMAC_SHA2_256: "sha256",
+    PrfId.PRF_HMAC_SHA2_384: "sha384",
+    PrfId.PRF_HMAC_SHA2_512: "sha512",
+}
 
 #: Combined-mode (AEAD) ciphers: no INTEG transform beside them (RFC 5282 §8).
 AEAD_ENCR = frozenset(
@@ -158,6 +168,20 @@ STRONGSWAN_DEFAULT_ESP: tuple[str, ...] = (
     "aes128gcm16-aes256gcm16-noesn",
 )
 _IKE_DH = frozenset(t.id for t in _DH.values())
+
+
+def prf_digest(prf_id: PrfId) -> str:
+    """The hashlib name of an HMAC PRF's hash."""
+    try:
+        return _PRF_DIGESTS[prf_id]
+    except KeyError:
+        raise LocalProtocolError(f"unsupported PRF {prf_id!r}") from None
+
+
+def prf_length(prf_id: PrfId) -> int:
+    """Output length of the PRF in octets; also the preferred key length of
+    SK_d, SK_pi and SK_pr (RFC 7296 §2.13, §2.14)."""
+    return hashlib.new(prf_digest(prf_id)).digest_size
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,15 +1,17 @@
-"""One IKE SA, either role: state table, message IDs, keys, and the exchange
-tasks (RFC 7296).
+"""One IKE SA, either role (RFC 7296): state, message IDs, keys, the task
+queue, and its lifecycle: established, rekeyed into a successor, gone.
 
 Rules of this file:
 - Sans-I/O: bytes come in through ``receive_request``/``receive_response``
   with the time; bytes leave through the context's outbox; facts leave as
   events. No clock, no sockets, randomness from ``ctx.random``.
-- The IKE SA state changes only through ``apply`` and ``IKE_TRANSITIONS``; an
-  unknown (state, input) pair is a bug and moves the SA to FAILED.
+- The IKE SA state changes only through ``apply`` and ``IKE_TRANSITIONS``
+  (common/ike/context.py); an unknown (state, input) pair is a bug and moves
+  the SA to FAILED.
 - Requests we initiate are tasks in a queue, one in flight (window size 1,
-  RFC 7296 §2.3); requests from the peer are handled by the exchange modules
-  and answered at once.
+  RFC 7296 §2.3); requests from the peer are answered at once by the
+  exchange modules, which sit above this file: it reaches them only through
+  ``ctx.exchanges`` (common/ike/exchanges/dispatch.py), never by import.
 """
 
 from __future__ import annotations
@@ -17,25 +19,35 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
-from enum import Enum, auto
-from typing import TYPE_CHECKING, Protocol
 
+from common.cluster.pools import Lease
 from common.errors import LocalProtocolError, RemoteProtocolError
-from common.ike.child import ChildInput, ChildSa, ChildState
-from common.ike.constants import ExchangeType, IdType, PayloadType, ProtocolId
-from common.ike.describe import describe
-from common.ike.events import IkeEvent, IkeSaFailed
-from common.ike.fragments import (
-    FRAGMENT_SIZE_DEFAULT,
-    Reassembly,
-    max_message_len,
-    open_fragment,
-    split_message,
+from common.ike.child import ChildSa
+from common.ike.constants import ExchangeType, IdType, NotifyType, PayloadType, ProtocolId
+from common.ike.context import (
+    IKE_TRANSITIONS,
+    TERMINAL,
+    Address,
+    ChildInput,
+    ChildState,
+    IkeContext,
+    IkeInput,
+    IkeState,
+    Outgoing,
+    Task,
 )
+from common.ike.describe import describe
+from common.ike.dh import DhKeyPair
+from common.ike.events import (
+    ChildSaDeleted,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+)
+from common.ike.fragments import max_message_len, open_fragment, split_message
 from common.ike.keys import IkeKeys
 from common.ike.message import (
     MAX_MESSAGE_ID,
@@ -46,161 +58,20 @@ from common.ike.message import (
     encode_message,
     message_from_plaintext,
 )
-from common.ike.msgid import MessageIds, RequestVerdict, RetransmitPolicy
+from common.ike.msgid import MessageIds, RequestVerdict, RetransmitsExhausted
 from common.ike.payloads import NotifyPayload, Payload, UnsupportedCriticalPayload
-from common.ike.policy import IkePolicy
-from common.ike.proposals import IkeSuite
+from common.ike.policy import IkePolicy, format_identity
+from common.ike.proposals import IkeSuite, format_ike_suite
+from common.ike.refusals import DropRequest, notify_for
 from common.ike.sk import SkCipher
-from common.rand import RandomBytes
-
-if TYPE_CHECKING:
-    from common.cluster.pools import Lease, PoolSet
-    from common.ike.dh import DhKeyPair
 
 log = logging.getLogger("ipsec_cluster.ike")
-
-Address = tuple[str, int]
-
-
-@dataclass(slots=True)
-class Outgoing:
-    """A datagram the shell must send: IKE bytes without the non-ESP marker
-    (the shell adds it on every port but 500, RFC 3948 §2.2)."""
-
-    data: bytes
-    remote: Address
-    local_port: int
-    #: the IKE SA it belongs to (0: none yet), so that a cluster member can
-    #: hold it until the backup has that SA's new state (RFC 6027 §3.6)
-    ike_id: int = 0
-
-
-class SpiSource(Protocol):
-    """Where SPIs come from: the member's segment-aware allocator."""
-
-    def allocate_ike(self, segment: int | None = None) -> bytes: ...
-
-    def allocate_esp(self) -> int: ...
-
-    def release_esp(self, spi: int) -> None: ...
-
-
-@dataclass(slots=True)
-class IkeOptions:
-    ike_port: int = 500
-    natt_port: int = 4500
-    retransmit: RetransmitPolicy = field(default_factory=RetransmitPolicy)
-    half_open_timeout_s: float = 30.0
-    cookie_threshold: int = 100
-    nonce_len: int = 32
-    #: IP datagram size of the RFC 7383 fragments we send (§2.5.1)
-    fragment_size: int = FRAGMENT_SIZE_DEFAULT
-    #: wall-clock UTC time for certificate validity (the shell passes
-    #: ``lambda: datetime.now(timezone.utc)``); None refuses certificates
-    utc_now: Callable[[], datetime] | None = None
-
-
-@dataclass(slots=True)
-class IkeContext:
-    """What every IKE SA of one engine shares."""
-
-    random: RandomBytes
-    spis: SpiSource
-    options: IkeOptions
-    outbox: list[Outgoing] = field(default_factory=list)
-    events: deque[IkeEvent] = field(default_factory=deque)
-    #: IKE SAs created by rekeys, for the engine to index by SPI
-    created: list[IkeSa] = field(default_factory=list)
-    #: IKE SAs whose timers or state may have changed in the current engine
-    #: call; the engine recomputes their deadlines (and nothing else's)
-    touched: set[IkeSa] = field(default_factory=set)
-    #: IKE SAs established with N(INITIAL_CONTACT) from the peer (RFC 7296
-    #: §2.4): the engine deletes the other IKE SAs of the same identities
-    initial_contact: list[IkeSa] = field(default_factory=list)
-    #: peer input refused, by stable reason (``RemoteProtocolError.drop_reason``);
-    #: the engine's ``drops``
-    drops: Counter[str] = field(default_factory=Counter)
-    #: RFC 7383 partial messages of every IKE SA, bounded (common/ike/fragments.py)
-    reassembly: Reassembly = field(default_factory=Reassembly)
-    #: virtual IP pools for CP requests (RFC 7296 §3.15); None: no pools
-    pools: PoolSet | None = None
-    next_id: int = 1
-
-    def new_id(self) -> int:
-        i = self.next_id
-        self.next_id += 1
-        return i
-
-
-class IkeState(Enum):
-    INIT_SENT = auto()      # initiator: IKE_SA_INIT request out
-    AUTH_SENT = auto()      # initiator: IKE_AUTH request out
-    HALF_OPEN = auto()      # responder: IKE_SA_INIT answered, waiting for IKE_AUTH
-    ESTABLISHED = auto()
-    REKEYED = auto()        # replaced by a new IKE SA, waiting for the delete
-    DELETING = auto()       # our delete request is out
-    DELETED = auto()        # terminal
-    FAILED = auto()         # terminal
-
-
-class IkeInput(Enum):
-    INIT_DONE = auto()
-    AUTH_DONE = auto()
-    REKEYED = auto()
-    DELETE_STARTED = auto()
-    DELETED = auto()
-    FAILED = auto()
-    RETRY_INIT = auto()
-
-
-IKE_TRANSITIONS: dict[tuple[IkeState, IkeInput], IkeState] = {
-    (IkeState.INIT_SENT, IkeInput.RETRY_INIT): IkeState.INIT_SENT,
-    (IkeState.INIT_SENT, IkeInput.INIT_DONE): IkeState.AUTH_SENT,
-    (IkeState.INIT_SENT, IkeInput.FAILED): IkeState.FAILED,
-    (IkeState.INIT_SENT, IkeInput.DELETED): IkeState.DELETED,
-    (IkeState.AUTH_SENT, IkeInput.AUTH_DONE): IkeState.ESTABLISHED,
-    (IkeState.AUTH_SENT, IkeInput.FAILED): IkeState.FAILED,
-    (IkeState.AUTH_SENT, IkeInput.DELETED): IkeState.DELETED,
-    (IkeState.HALF_OPEN, IkeInput.AUTH_DONE): IkeState.ESTABLISHED,
-    (IkeState.HALF_OPEN, IkeInput.FAILED): IkeState.FAILED,
-    (IkeState.HALF_OPEN, IkeInput.DELETED): IkeState.DELETED,
-    (IkeState.ESTABLISHED, IkeInput.REKEYED): IkeState.REKEYED,
-    (IkeState.ESTABLISHED, IkeInput.DELETE_STARTED): IkeState.DELETING,
-    (IkeState.ESTABLISHED, IkeInput.DELETED): IkeState.DELETED,
-    (IkeState.ESTABLISHED, IkeInput.FAILED): IkeState.FAILED,
-    (IkeState.REKEYED, IkeInput.REKEYED): IkeState.REKEYED,
-    (IkeState.REKEYED, IkeInput.DELETE_STARTED): IkeState.DELETING,
-    (IkeState.REKEYED, IkeInput.DELETED): IkeState.DELETED,
-    (IkeState.REKEYED, IkeInput.FAILED): IkeState.FAILED,
-    (IkeState.DELETING, IkeInput.DELETE_STARTED): IkeState.DELETING,
-    (IkeState.DELETING, IkeInput.REKEYED): IkeState.DELETING,
-    (IkeState.DELETING, IkeInput.DELETED): IkeState.DELETED,
-    (IkeState.DELETING, IkeInput.FAILED): IkeState.FAILED,
-}
-
-TERMINAL = frozenset({IkeState.DELETED, IkeState.FAILED})
-
-
-class Task(Protocol):
-    """An exchange we initiate (strongSwan's task_t, initiator half)."""
-
-    exchange: ExchangeType
-    name: str
-
-    def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
-        """Payloads of the request, or None when the task became moot."""
-
-    def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
-        """Handle the response."""
-
-    def failed(self, sa: IkeSa, now: float) -> None:
-        """The request was never answered (retransmits exhausted)."""
 
 
 class IkeSa:
     """State of one IKE SA and its children."""
 
-    def __init__(self, ctx: IkeContext, *, initiator: bool, spi_i: bytes, spi_r: bytes,
+    def __init__(self, ctx: IkeContext[IkeSa], *, initiator: bool, spi_i: bytes, spi_r: bytes,
                  remote: Address, local_port: int, state: IkeState,
                  policy: IkePolicy | None, candidates: list[IkePolicy] | None = None) -> None:
         self.ctx = ctx
@@ -241,8 +112,8 @@ class IkeSa:
         self.children: dict[int, ChildSa] = {}
         #: virtual IPs leased to the peer (CP reply, RFC 7296 §3.15)
         self.leases: tuple[Lease, ...] = ()
-        self.queue: deque[Task] = deque()
-        self.active: Task | None = None
+        self.queue: deque[Task[IkeSa]] = deque()
+        self.active: Task[IkeSa] | None = None
         self.created_at = 0.0
         self.established_at: float | None = None
         self.last_heard = 0.0
@@ -292,11 +163,69 @@ class IkeSa:
         self.ctx.events.append(IkeSaFailed(self.ike_id, self.name, self.remote, reason))
         self._drop_children(reason)
 
-    def _drop_children(self, reason: str) -> None:
-        from common.ike.exchanges.informational import child_gone
+    def gone(self, reason: str) -> None:
+        """This IKE SA is deleted (by either end, or without telling the peer):
+        its children go with it."""
+        if self.terminal:
+            return
+        self._drop_children(reason)
+        self.apply(IkeInput.DELETED)
+        self.ctx.events.append(IkeSaDeleted(self.ike_id, self.name, reason))
 
+    def _drop_children(self, reason: str) -> None:
         for child in list(self.children.values()):
-            child_gone(self, child, reason)
+            self.child_gone(child, reason)
+
+    def establish(self, now: float) -> None:
+        """IKE_AUTH succeeded (either role): the SA is up, its rekey timer runs."""
+        if self.policy is None or self.suite is None or self.peer_id is None:
+            raise LocalProtocolError("establishing an IKE SA without policy, suite or peer id")
+        self.apply(IkeInput.AUTH_DONE)
+        self.half_open_deadline = None
+        self.established_at = self.last_heard = now
+        if self.policy.rekey_time > 0:
+            self.rekey_at = now + self.policy.rekey_time
+        self.ctx.events.append(IkeSaEstablished(
+            self.ike_id, self.policy.name, self.spi_i, self.spi_r, self.remote, self.initiator,
+            format_ike_suite(self.suite), format_identity(*self.policy.local_id),
+            format_identity(*self.peer_id)))
+
+    # -- IKE rekey bookkeeping (RFC 7296 §2.18, collisions §2.8.2) ----------------
+
+    def move_children(self, new: IkeSa, now: float) -> None:
+        """The rekey into ``new`` is done: children, leases and queued child
+        exchanges move there, and this SA is REKEYED."""
+        new.children.update(self.children)
+        self.children.clear()
+        new.leases, self.leases = self.leases, ()  # the virtual IPs follow (RFC 7296 §2.18)
+        # Queued child exchanges follow their children (strongSwan adopts them
+        # too): left behind, they would find no child and be dropped as moot,
+        # e.g. the delete of a child we just rekeyed.
+        for task in [t for t in self.queue if t.name.startswith("child_")]:
+            self.queue.remove(task)
+            new.queue.append(task)
+        new.established_at = new.last_heard = now
+        if new.policy is not None and new.policy.rekey_time > 0:
+            new.rekey_at = now + new.policy.rekey_time
+        self.successor = new
+        self.apply(IkeInput.REKEYED)
+        self.ctx.events.append(IkeSaRekeyed(self.ike_id, new.ike_id, new.spi_i, new.spi_r))
+
+    def peer_rekey_won(self, now: float) -> None:
+        """RFC 7296 §2.8.2 collision where our request was lost or refused: the
+        peer's rekey completed without seeing ours, so its new SA is the one, and
+        the answer to ours will never come. The children go to the peer's new SA
+        instead of dying with the old one when the peer deletes it."""
+        if self.peer_rekey is None:
+            return
+        _, _, theirs = self.peer_rekey
+        self.peer_rekey = None
+        if theirs.terminal or self.state is not IkeState.ESTABLISHED:
+            return
+        log.info("IKE SA %d: the peer's rekey into %d completed first", self.ike_id,
+                 theirs.ike_id)
+        self.move_children(theirs, now)
+        theirs.kick(now)
 
     # -- keys -------------------------------------------------------------------
 
@@ -351,7 +280,7 @@ class IkeSa:
         for datagram in frags or [data]:
             self.send(datagram)
 
-    def queue_task(self, task: Task, now: float, *, first: bool = False) -> None:
+    def queue_task(self, task: Task[IkeSa], now: float, *, first: bool = False) -> None:
         if first:
             self.queue.appendleft(task)
         else:
@@ -383,7 +312,8 @@ class IkeSa:
             self.active = task
             self.send_all(data, frags)
 
-    def restart_request(self, task: Task, payloads: list[Payload], now: float, mid: int) -> None:
+    def restart_request(self, task: Task[IkeSa], payloads: list[Payload], now: float,
+                        mid: int) -> None:
         """Send a new request with a given message ID (IKE_SA_INIT retry after
         COOKIE or INVALID_KE_PAYLOAD, RFC 7296 §2.6/§1.2; MID sync uses 0)."""
         data, frags = self.encode_out(task.exchange, mid, False, payloads)
@@ -445,9 +375,6 @@ class IkeSa:
     def receive_request(self, header: IkeHeader, data: bytes, remote: Address,
                         local_port: int, now: float) -> None:
         self.ctx.touched.add(self)
-        from common.ike.exchanges import DropRequest, dispatch_request, notify_for
-        from common.ike.exchanges.informational import is_mid_sync_request
-
         verdict = self.mids.classify_request(header.message_id)
         # RFC 6311: a MID sync request always has message ID 0, outside the
         # sequence; only its decrypted content tells it from a retransmit.
@@ -497,7 +424,7 @@ class IkeSa:
         self.remote = remote
         self.local_port = local_port
         try:
-            payloads = dispatch_request(self, msg, now)
+            payloads = self.ctx.exchanges.handle_request(self, msg, now)
         except DropRequest as exc:
             self._drop(exc.drop_reason)
             log.info("IKE SA %d: request dropped: %s", self.ike_id, exc)
@@ -545,8 +472,6 @@ class IkeSa:
 
     def respond(self, msg: IkeMessage, payloads: list[Payload], now: float, *,
                 request: bytes = b"") -> None:
-        from common.ike.exchanges.informational import is_mid_sync_request
-
         data, frags = self.encode_out(msg.exchange, msg.message_id, True, payloads)
         # RFC 6311: a MID sync request is outside the message-ID sequence; its
         # message ID 0 must not count as the peer's request 0 (the handler has
@@ -567,9 +492,7 @@ class IkeSa:
             # RFC 7296 §2.2: the peer has used its last message ID; it can
             # send no request on this IKE SA again (not even a rekey), so
             # we close it while our own IDs still allow the delete.
-            from common.ike.exchanges.informational import IkeDeleteTask
-
-            self.queue_task(IkeDeleteTask("peer's message IDs exhausted"), now)
+            self.queue_task(self.ctx.exchanges.delete_ike("peer's message IDs exhausted"), now)
             return
         self.kick(now)
 
@@ -594,11 +517,6 @@ class IkeSa:
         return self.last_heard + self.policy.dpd_delay
 
     def handle_timer(self, now: float) -> None:
-        from common.ike.exchanges.child_sa import ChildRekeyTask
-        from common.ike.exchanges.ike_rekey import IkeRekeyTask
-        from common.ike.exchanges.informational import DpdTask
-        from common.ike.msgid import RetransmitsExhausted
-
         self.ctx.touched.add(self)
         if self.terminal:
             return
@@ -618,15 +536,15 @@ class IkeSa:
         if (self.rekey_at is not None and now >= self.rekey_at
                 and self.state is IkeState.ESTABLISHED):
             self.rekey_at = None
-            self.queue_task(IkeRekeyTask(), now)
+            self.queue_task(self.ctx.exchanges.rekey_ike(), now)
         for child in list(self.children.values()):
             if child.rekey_at is not None and now >= child.rekey_at and \
                     child.state is ChildState.INSTALLED:
                 child.rekey_at = None
-                self.queue_task(ChildRekeyTask(child.spi_in), now)
+                self.queue_task(self.ctx.exchanges.rekey_child(child.spi_in), now)
         dpd = self._dpd_at()
         if dpd is not None and now >= dpd:
-            self.queue_task(DpdTask(), now)
+            self.queue_task(self.ctx.exchanges.dpd(), now)
 
     # -- children ---------------------------------------------------------------
 
@@ -638,6 +556,21 @@ class IkeSa:
 
     def mark_child(self, child: ChildSa, event: ChildInput) -> None:
         child.apply(event)
+
+    def child_gone(self, child: ChildSa, reason: str) -> None:
+        """Forget a child SA and tell the shell to remove its ESP state."""
+        if self.children.pop(child.spi_in, None) is None:
+            return
+        if child.state is not ChildState.DELETED:
+            child.apply(ChildInput.DELETED)
+        self.ctx.spis.release_esp(child.spi_in)
+        self.ctx.events.append(ChildSaDeleted(self.ike_id, child.name, child.spi_in,
+                                              child.spi_out, reason))
+
+
+def is_mid_sync_request(msg: IkeMessage) -> bool:
+    """An RFC 6311 IKEV2_MESSAGE_ID_SYNC request (always message ID 0, §4)."""
+    return msg.message_id == 0 and msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
 
 
 def request_digest(data: bytes) -> bytes:

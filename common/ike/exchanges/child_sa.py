@@ -15,15 +15,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError, RemoteProtocolError
-from common.ike.child import ChildInput, ChildSa, ChildState
+from common.ike.child import ChildSa
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId, TransformType
+from common.ike.context import ChildInput, ChildState, IkeContext
 from common.ike.describe import format_proposals
 from common.ike.dh import DhKeyPair, dh_generate
 from common.ike.events import ChildSaFailed, ChildSaInstalled
-from common.ike.exchanges import ChildRefused, Refused
+from common.ike.exchanges.informational import ChildDeleteTask, RefusedChildDeleteTask
 from common.ike.keys import derive_child_keymat
 from common.ike.limits import CHILD_SA_MAX_PER_IKE_SA, DROP_NO_ADDITIONAL_SAS
 from common.ike.message import IkeMessage
@@ -39,11 +39,10 @@ from common.ike.payloads import (
 )
 from common.ike.policy import ChildPolicy
 from common.ike.proposals import EspSuite, choose_proposal, esp_suite, proposal_matches
+from common.ike.refusals import ChildRefused, Refused
+from common.ike.sa import IkeSa
 from common.ike.transforms import Proposal, Transform
 from common.ike.ts import TrafficSelector, narrow, ts_from_cidr, within
-
-if TYPE_CHECKING:
-    from common.ike.sa import IkeContext, IkeSa
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -90,7 +89,7 @@ def _pfs_group(proposals: list[Proposal]) -> DhId:
 class ChildOffer:
     """What we proposed for one child SA, kept until the answer comes."""
 
-    ctx: IkeContext
+    ctx: IkeContext[IkeSa]
     policy: ChildPolicy
     spi_in: int
     proposals: list[Proposal]
@@ -161,8 +160,6 @@ def finish_initiated_child(sa: IkeSa, offer: ChildOffer, msg: IkeMessage, now: f
     try:
         return _finish(sa, offer, msg, now, in_auth=in_auth)
     except ChildUnacceptable as exc:
-        from common.ike.exchanges.informational import RefusedChildDeleteTask
-
         # The SPI stays ours until the peer has deleted its half.
         sa.queue_task(RefusedChildDeleteTask(offer.spi_in), now)
         offer.released = True
@@ -387,8 +384,6 @@ class ChildRekeyTask:
         return self.offer.payloads
 
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
-        from common.ike.exchanges.informational import ChildDeleteTask
-
         old = sa.children.get(self.spi_in)
         if self.offer is None or old is None:
             if self.offer is not None:

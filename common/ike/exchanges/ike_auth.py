@@ -20,7 +20,6 @@ import hmac
 import ipaddress
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError
 from common.ike.certs import check_peer, sign_auth
@@ -33,8 +32,6 @@ from common.ike.constants import (
     IdType,
     NotifyType,
 )
-from common.ike.events import IkeSaEstablished
-from common.ike.exchanges import ChildRefused, Refused, notify_for
 from common.ike.exchanges.child_sa import (
     ChildOffer,
     finish_initiated_child,
@@ -55,10 +52,8 @@ from common.ike.payloads import (
     Payload,
 )
 from common.ike.policy import ChildPolicy, IkePolicy, format_identity
-from common.ike.proposals import format_ike_suite
-
-if TYPE_CHECKING:
-    from common.ike.sa import IkeSa
+from common.ike.refusals import ChildRefused, Refused, notify_for
+from common.ike.sa import IkeSa
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -131,22 +126,6 @@ def _check_peer(sa: IkeSa, policy: IkePolicy, msg: IkeMessage, ident: tuple[IdTy
                       auth.method, auth.data, octets)
 
 
-def became_established(sa: IkeSa, now: float) -> None:
-    from common.ike.sa import IkeInput
-
-    if sa.policy is None or sa.suite is None or sa.peer_id is None:
-        raise LocalProtocolError("establishing an IKE SA without policy, suite or peer id")
-    sa.apply(IkeInput.AUTH_DONE)
-    sa.half_open_deadline = None
-    sa.established_at = sa.last_heard = now
-    if sa.policy.rekey_time > 0:
-        sa.rekey_at = now + sa.policy.rekey_time
-    sa.ctx.events.append(IkeSaEstablished(
-        sa.ike_id, sa.policy.name, sa.spi_i, sa.spi_r, sa.remote, sa.initiator,
-        format_ike_suite(sa.suite), format_identity(*sa.policy.local_id),
-        format_identity(*sa.peer_id)))
-
-
 @dataclass(slots=True)
 class IkeAuthTask:
     exchange = ExchangeType.IKE_AUTH
@@ -202,7 +181,7 @@ class IkeAuthTask:
             return
         sa.peer_id = ident
         sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
-        became_established(sa, now)
+        sa.establish(now)
         if self.offer is not None:
             finish_initiated_child(sa, self.offer, msg, now, in_auth=True)
 
@@ -291,7 +270,7 @@ def handle_auth_request(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]
         raise Refused(NotifyType.AUTHENTICATION_FAILED)
     sa.peer_id = ident
     sa.peer_mid_sync = msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC_SUPPORTED)
-    became_established(sa, now)
+    sa.establish(now)
     if msg.has_notify(NotifyType.INITIAL_CONTACT):
         # RFC 7296 §2.4: the peer holds no other IKE SA with us (it restarted).
         sa.ctx.initial_contact.append(sa)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from common.errors import LocalProtocolError, RemoteProtocolError
 from common.ike.certs import hash_algorithms_data, parse_hash_algorithms
@@ -27,11 +26,12 @@ from common.ike.constants import (
     ProtocolId,
     TransformType,
 )
+from common.ike.context import Address, IkeContext, IkeInput, IkeState
 from common.ike.cookies import CookieJar
 from common.ike.describe import format_proposals
 from common.ike.dh import dh_generate
-from common.ike.exchanges import Refused, notify_for
 from common.ike.keys import derive_ike_keys, nat_detection_hash
+from common.ike.limits import EngineLimits
 from common.ike.message import IkeMessage, encode_message
 from common.ike.payloads import (
     CertReqPayload,
@@ -43,11 +43,9 @@ from common.ike.payloads import (
 )
 from common.ike.policy import IkePolicy
 from common.ike.proposals import choose_proposal, ike_suite, proposal_matches
+from common.ike.refusals import Refused, notify_for
+from common.ike.sa import IkeSa
 from common.ike.transforms import Proposal
-
-if TYPE_CHECKING:
-    from common.ike.limits import EngineLimits
-    from common.ike.sa import Address, IkeContext, IkeSa
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -69,7 +67,7 @@ def first_group(proposals: list[Proposal]) -> DhId:
     return DhId.NONE
 
 
-def nat_payloads(ctx: IkeContext, spi_i: bytes, spi_r: bytes, dst: Address) -> list[Payload]:
+def nat_payloads(ctx: IkeContext[IkeSa], spi_i: bytes, spi_r: bytes, dst: Address) -> list[Payload]:
     """NAT_DETECTION_SOURCE_IP with a random hash (forces NAT-T, like
     libipsec), NAT_DETECTION_DESTINATION_IP with the real hash."""
     dst_ip = ipaddress.ip_address(dst[0]).packed
@@ -120,8 +118,6 @@ class IkeInitTask:
         return payloads
 
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
-        from common.ike.sa import IkeInput
-
         if sa.policy is None:
             return
         cookie = msg.notify(NotifyType.COOKIE)
@@ -238,15 +234,13 @@ def _error_answer(msg: IkeMessage, notify: NotifyType, data: bytes = b"") -> byt
     return error_answer(msg.spi_i, ExchangeType.IKE_SA_INIT, 0, Refused(notify, data=data))
 
 
-def handle_init_request(ctx: IkeContext, policies: list[IkePolicy], cookies: CookieJar,
+def handle_init_request(ctx: IkeContext[IkeSa], policies: list[IkePolicy], cookies: CookieJar,
                         half_open: int, msg: IkeMessage, raw: bytes, remote: Address,
                         local_port: int, now: float,
                         limits: EngineLimits | None = None) -> InitResult:
     """Responder side of IKE_SA_INIT. ``limits``: the caps and per-source rate
     a new half-open SA must pass (RFC 8019 §4), checked before any state or
     Diffie-Hellman work."""
-    from common.ike.sa import IkeSa, IkeState
-
     candidates = [p for p in policies if p.matches_address(remote[0])]
     if not candidates:
         log.info("IKE_SA_INIT from %s: no connection for this address", remote[0])

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from common.errors import RemoteProtocolError
 from common.ike.constants import DhId, ExchangeType, NotifyType, ProtocolId
+from common.ike.context import ChildState, IkeState
 from common.ike.dh import DhKeyPair, dh_generate
-from common.ike.events import IkeSaRekeyed
-from common.ike.exchanges import Refused
 from common.ike.exchanges.ike_init import numbered, offered_group
+from common.ike.exchanges.informational import IkeDeleteTask
 from common.ike.keys import derive_rekeyed_ike_keys
 from common.ike.message import IkeMessage
 from common.ike.payloads import KePayload, NoncePayload, NotifyPayload, Payload, SaPayload
 from common.ike.proposals import choose_proposal, ike_suite, proposal_matches
+from common.ike.refusals import Refused
+from common.ike.sa import IkeSa
 from common.ike.transforms import Proposal
-
-if TYPE_CHECKING:
-    from common.ike.sa import IkeSa
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -37,8 +35,6 @@ RETRY_AFTER_S = 10.0
 
 def _successor(old: IkeSa, *, initiator: bool, spi_i: bytes, spi_r: bytes, chosen: Proposal,
                ni: bytes, nr: bytes, shared: bytes, now: float) -> IkeSa:
-    from common.ike.sa import IkeSa, IkeState
-
     if old.suite is None or old.keys is None:
         raise RemoteProtocolError("rekey of an IKE SA without keys")
     suite = ike_suite(chosen)
@@ -68,44 +64,6 @@ def lease_segment(sa: IkeSa) -> int | None:
     return pools.segment_of_spi(sa.spi_i if sa.initiator else sa.spi_r)
 
 
-def move_children(old: IkeSa, new: IkeSa, now: float) -> None:
-    from common.ike.sa import IkeInput
-
-    new.children.update(old.children)
-    old.children.clear()
-    new.leases, old.leases = old.leases, ()  # the virtual IPs follow (RFC 7296 §2.18)
-    # Queued child exchanges follow their children (strongSwan adopts them
-    # too): left behind, they would find no child and be dropped as moot,
-    # e.g. the delete of a child we just rekeyed.
-    for task in [t for t in old.queue if t.name.startswith("child_")]:
-        old.queue.remove(task)
-        new.queue.append(task)
-    new.established_at = new.last_heard = now
-    if new.policy is not None and new.policy.rekey_time > 0:
-        new.rekey_at = now + new.policy.rekey_time
-    old.successor = new
-    old.apply(IkeInput.REKEYED)
-    old.ctx.events.append(IkeSaRekeyed(old.ike_id, new.ike_id, new.spi_i, new.spi_r))
-
-
-def peer_rekey_won(sa: IkeSa, now: float) -> None:
-    """RFC 7296 §2.8.2 collision where our request was lost or refused: the
-    peer's rekey completed without seeing ours, so its new SA is the one, and
-    the answer to ours will never come. The children go to the peer's new SA
-    instead of dying with the old one when the peer deletes it."""
-    from common.ike.sa import IkeState
-
-    if sa.peer_rekey is None:
-        return
-    _, _, theirs = sa.peer_rekey
-    sa.peer_rekey = None
-    if theirs.terminal or sa.state is not IkeState.ESTABLISHED:
-        return
-    log.info("IKE SA %d: the peer's rekey into %d completed first", sa.ike_id, theirs.ike_id)
-    move_children(sa, theirs, now)
-    theirs.kick(now)
-
-
 @dataclass(slots=True)
 class IkeRekeyTask:
     exchange = ExchangeType.CREATE_CHILD_SA
@@ -116,8 +74,6 @@ class IkeRekeyTask:
     dh: DhKeyPair | None = None
 
     def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
-        from common.ike.sa import IkeState
-
         if sa.state is not IkeState.ESTABLISHED or sa.policy is None or sa.suite is None:
             return None
         self.spi = sa.ctx.spis.allocate_ike(lease_segment(sa))
@@ -128,8 +84,6 @@ class IkeRekeyTask:
                 KePayload(group, self.dh.public)]
 
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
-        from common.ike.exchanges.informational import IkeDeleteTask
-
         if sa.policy is None or self.dh is None:
             return
         invalid_ke = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
@@ -144,7 +98,7 @@ class IkeRekeyTask:
         errors = [n for n in msg.get_all(NotifyPayload) if n.notify_type.is_error]
         if errors and sa.peer_rekey is not None:
             # Refused because the peer's own rekey (which we answered) is done.
-            peer_rekey_won(sa, now)
+            sa.peer_rekey_won(now)
             return
         if errors:
             log.info("IKE SA %d: rekey refused (%s), retrying later", sa.ike_id,
@@ -165,12 +119,12 @@ class IkeRekeyTask:
             if lowest in ours:
                 # §2.8.2: our new SA is redundant; we delete it, the peer deletes the old.
                 log.info("IKE SA %d: IKE rekey collision, ours loses", sa.ike_id)
-                move_children(sa, theirs, now)
+                sa.move_children(theirs, now)
                 new.queue_task(IkeDeleteTask("redundant after rekey collision"), now)
                 theirs.kick(now)
                 return
             log.info("IKE SA %d: IKE rekey collision, ours wins", sa.ike_id)
-        move_children(sa, new, now)
+        sa.move_children(new, now)
         sa.queue_task(IkeDeleteTask("rekeyed"), now)
         new.kick(now)
 
@@ -205,7 +159,7 @@ def _wanted_group(n: NotifyPayload | None) -> int:
 def handle_ike_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     if sa.policy is None or sa.suite is None:
         raise Refused(NotifyType.NO_PROPOSAL_CHOSEN)
-    if (sa.children and any(c.state.name in ("REKEYING", "DELETING")
+    if (sa.children and any(c.state in (ChildState.REKEYING, ChildState.DELETING)
                             for c in sa.children.values())) or (
             sa.active is not None and sa.active.name == "child_create"):
         # RFC 7296 §2.25.2: finish the child exchanges first (a child created
@@ -232,6 +186,6 @@ def handle_ike_rekey(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
     if ours_in_flight:
         sa.peer_rekey = (nonce.data, nr, new)
     else:
-        move_children(sa, new, now)
+        sa.move_children(new, now)
     return [SaPayload([Proposal(chosen.number, ProtocolId.IKE, spi_r, list(chosen.transforms))]),
             NoncePayload(nr), KePayload(suite.dh, dh.public)]

@@ -12,17 +12,14 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from common.ike.child import ChildInput, ChildSa, ChildState
 from common.ike.constants import ExchangeType, NotifyType, ProtocolId
-from common.ike.events import ChildSaDeleted, DpdSucceeded, IkeSaDeleted, MessageIdsSynced
-from common.ike.exchanges import DropRequest, Refused
+from common.ike.context import ChildInput, IkeInput
+from common.ike.events import DpdSucceeded, MessageIdsSynced
 from common.ike.message import MAX_MESSAGE_ID, IkeMessage
 from common.ike.payloads import DeletePayload, NotifyPayload, Payload
-
-if TYPE_CHECKING:
-    from common.ike.sa import IkeSa
+from common.ike.refusals import DropRequest, Refused
+from common.ike.sa import IkeSa
 
 log = logging.getLogger("ipsec_cluster.ike")
 
@@ -34,28 +31,6 @@ class MessageIdsExhausted(DropRequest):
     wrap (RFC 7296 §2.2), so there is nothing to synchronise to."""
 
     drop_reason = "message_ids_exhausted"
-
-
-def child_gone(sa: IkeSa, child: ChildSa, reason: str) -> None:
-    """Forget a child SA and tell the shell to remove its ESP state."""
-    if sa.children.pop(child.spi_in, None) is None:
-        return
-    if child.state is not ChildState.DELETED:
-        child.apply(ChildInput.DELETED)
-    sa.ctx.spis.release_esp(child.spi_in)
-    sa.ctx.events.append(ChildSaDeleted(sa.ike_id, child.name, child.spi_in, child.spi_out,
-                                        reason))
-
-
-def ike_gone(sa: IkeSa, reason: str) -> None:
-    from common.ike.sa import IkeInput
-
-    if sa.terminal:
-        return
-    for child in list(sa.children.values()):
-        child_gone(sa, child, reason)
-    sa.apply(IkeInput.DELETED)
-    sa.ctx.events.append(IkeSaDeleted(sa.ike_id, sa.name, reason))
 
 
 # -- initiator tasks ---------------------------------------------------------
@@ -95,7 +70,7 @@ class ChildDeleteTask:
         for spi in self.sent:
             child = sa.children.get(spi)
             if child is not None:
-                child_gone(sa, child, "deleted")
+                sa.child_gone(child, "deleted")
 
     def failed(self, sa: IkeSa, now: float) -> None:
         self.process(sa, IkeMessage(sa.spi_i, sa.spi_r, self.exchange, 0, True, False, []), now)
@@ -128,18 +103,16 @@ class IkeDeleteTask:
     reason: str = "deleted"
 
     def build(self, sa: IkeSa, now: float) -> list[Payload] | None:
-        from common.ike.sa import IkeInput
-
         if sa.terminal:
             return None
         sa.apply(IkeInput.DELETE_STARTED)
         return [DeletePayload(ProtocolId.IKE, [])]
 
     def process(self, sa: IkeSa, msg: IkeMessage, now: float) -> None:
-        ike_gone(sa, self.reason)
+        sa.gone(self.reason)
 
     def failed(self, sa: IkeSa, now: float) -> None:
-        ike_gone(sa, self.reason + " (peer did not answer the delete)")
+        sa.gone(self.reason + " (peer did not answer the delete)")
 
 
 @dataclass(slots=True)
@@ -209,10 +182,6 @@ class MidSyncTask:
         sa.active = self
 
 
-def is_mid_sync_request(msg: IkeMessage) -> bool:
-    return msg.message_id == 0 and msg.has_notify(NotifyType.IKEV2_MESSAGE_ID_SYNC)
-
-
 # -- responder handlers --------------------------------------------------------
 
 
@@ -231,9 +200,8 @@ def handle_delete(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
         if d.protocol == ProtocolId.IKE:
             if sa.peer_rekey is not None:
                 # §2.8.2: the peer deletes the old SA only when its new one won.
-                from common.ike.exchanges.ike_rekey import peer_rekey_won
-                peer_rekey_won(sa, now)
-            ike_gone(sa, "deleted by peer")
+                sa.peer_rekey_won(now)
+            sa.gone("deleted by peer")
             return []
         if d.protocol != ProtocolId.ESP:
             continue
@@ -243,7 +211,7 @@ def handle_delete(sa: IkeSa, msg: IkeMessage, now: float) -> list[Payload]:
             if child is None:
                 continue
             answer.append(child.spi_in.to_bytes(4, "big"))
-            child_gone(sa, child, "deleted by peer")
+            sa.child_gone(child, "deleted by peer")
     return [DeletePayload(ProtocolId.ESP, answer)] if answer else []
 
 
