@@ -557,10 +557,16 @@ class Replicator:
                     self.refusals.refuse(f"takeover_{reason}", "replica", key.hex())
                     continue
                 try:   # the barrier: one replica must not stop the takeover of the rest
-                    engine.adopt(restore(engine, st, now), now, mid_sync=st.stale, margin=16)
+                    sa = engine.adopt(restore(engine, st, now), now, mid_sync=st.stale,
+                                      margin=16)
                 except Exception as exc:
                     self.refusals.failed("takeover_ike", exc, "replica")
                     continue
+                # the SA event log knows it from now on: its IKE_DOWN (and the
+                # leases it frees) name its SPIs even after the SA is gone
+                self.member.sa_log.remember(
+                    sa.ike_id, sa.name, sa.spi_i, sa.spi_r, sa.remote[0], bool(sa.initiator),
+                    tuple(str(lease.address) for lease in sa.leases))
                 self.member.spis.mark_used_ike(key)
                 adopted += 1
         children = 0
