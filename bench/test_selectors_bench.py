@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from bench.harness.packets import udp4_packet
 from common.cluster.routing import InsideRoutes, inner_addresses
 from common.cluster.wire import ChildPush
 from common.config import load_config
@@ -32,7 +33,6 @@ from common.errors import IntegrityError, MalformedMessage, ReplayError, Sequenc
 from common.esp.replay import ReplayState
 from common.esp.transforms import TRANSFORMS, OutboundSA
 from common.ike.ts import TrafficSelector, ts_from_cidr
-from dispatcher.peer import udp4_packet
 from member.worker import Address, Member
 
 BATCH = 256
