@@ -112,8 +112,6 @@ log = logging.getLogger("ipsec_cluster.demo")
 # "progress", ...} a few times a second, {"event": "done", ...} at the end.
 # Times are time.monotonic(), which is one clock for all processes on Linux.
 
-IPV4_UDP = 28
-MARK_LEN = 4
 SEQ = struct.Struct("!I")
 
 
@@ -154,7 +152,8 @@ def _silences(arrivals: list[list[float]], at_least: float) -> list[dict[str, An
 
 def _peer_main(argv: list[str]) -> int:
     from common.config import load_config
-    from dispatcher.peer import TRAFFIC_MARK, Peer, PeerOptions
+    from common.packets import IPV4_UDP_HEADERS, TRAFFIC_MARK
+    from dispatcher.peer import Peer, PeerOptions
 
     p = argparse.ArgumentParser(prog="python -m bench.demo peer")
     p.add_argument("--config", required=True)
@@ -180,8 +179,9 @@ def _peer_main(argv: list[str]) -> int:
             return getattr(self.inner, name)
 
         def write(self, packet: bytes | bytearray | memoryview) -> bool:
-            if bytes(packet[IPV4_UDP:IPV4_UDP + MARK_LEN]) == TRAFFIC_MARK:
-                seq = SEQ.unpack_from(packet, IPV4_UDP + MARK_LEN)[0]
+            mark = IPV4_UDP_HEADERS + len(TRAFFIC_MARK)
+            if bytes(packet[IPV4_UDP_HEADERS:mark]) == TRAFFIC_MARK:
+                seq = SEQ.unpack_from(packet, mark)[0]
                 if seq in self.echo_at:
                     self.duplicates += 1
                 else:

@@ -106,24 +106,29 @@ def _table(data: Mapping[str, Any], path: tuple[str, ...], lines: list[str]) -> 
 Selectors = str | Sequence[str]
 
 
-def _listed(x: Selectors) -> list[str]:
+def _listed(x: Selectors | None) -> list[str] | None:
+    """One or more as a list; None stays None (the key is left out: the default)."""
+    if x is None:
+        return None
     return [x] if isinstance(x, str) else list(x)
 
 
 @dataclass(frozen=True, slots=True)
 class Child:
-    """A child as the cluster sees it: ``local_ts`` is the cluster's side.
-    ``options`` are more keys of its table (``rekey_time``, ...)."""
+    """A child as the cluster sees it: ``local_ts`` is the cluster's side;
+    ``esp`` None: the default proposals. ``options`` are more keys of its
+    table (``rekey_time``, ...)."""
 
     name: str
     local_ts: Selectors
     remote_ts: Selectors
-    esp: Selectors = ESP_PROPOSAL
+    esp: Selectors | None = ESP_PROPOSAL
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def host_pair(self) -> tuple[str, str]:
         """(a host on the cluster's side, a host on the peer's side)."""
-        return first_host(_listed(self.local_ts)[0]), first_host(_listed(self.remote_ts)[0])
+        local, remote = _listed(self.local_ts) or [""], _listed(self.remote_ts) or [""]
+        return first_host(local[0]), first_host(remote[0])
 
     def mirrored(self) -> Child:
         return replace(self, local_ts=self.remote_ts, remote_ts=self.local_ts)
@@ -137,13 +142,14 @@ class Child:
 @dataclass(frozen=True, slots=True)
 class Conn:
     """A connection as the cluster sees it (``local_id`` = the cluster's
-    identity). ``options`` are more keys of its table (``dpd_delay``, ...)."""
+    identity); ``proposals`` None: the default ones. ``options`` are more
+    keys of its table (``dpd_delay``, ...)."""
 
     name: str
     local_id: str
     remote_id: str
     children: tuple[Child, ...]
-    proposals: Selectors = IKE_PROPOSAL
+    proposals: Selectors | None = IKE_PROPOSAL
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def mirrored(self) -> Conn:
@@ -227,6 +233,18 @@ def gateway_toml(*, address: str, inside: str, conns: Iterable[Conn], psk: str,
     if remote is None:
         return dumps(gateway_config(cluster, conns, psk=psk))
     return dumps(peer_config(cluster, conns, psk=psk, remote=remote))
+
+
+def single_child_config(*, psk: str, address: str = "127.0.0.1",
+                        inside: str = "udp:127.0.0.1:9", local_ts: str = "10.91.2.0/24",
+                        remote_ts: str = "10.91.1.0/24") -> str:
+    """A gateway with one connection ``a-b`` (gw-b.test, answering gw-a.test)
+    and one child ``net`` with the default proposals: the in-process
+    ``Member`` of the selector tests and benchmarks."""
+    conn = Conn("a-b", "gw-b.test", "gw-a.test", (Child("net", local_ts, remote_ts, None),),
+                proposals=None)
+    return dumps(gateway_config(cluster_table(address=address, inside=inside, log_level=None),
+                                [conn], psk=psk, start_action=None))
 
 
 #: the lab's gateway (tests/lab): namespace b, 198.18.0.2, TUN inside
