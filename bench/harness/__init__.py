@@ -8,5 +8,8 @@ run the product from outside. It sits on top: it imports the product
   strongSwan-facing gateway);
 - ``control``: the control-API client (requests, the event stream);
 - ``packets``: packet builders and parsers (on common/packets.py);
-- ``net``: free ports, sockets inside network namespaces.
+- ``net``: free ports, code and sockets inside network namespaces;
+- ``waits``: a condition polled with a deadline and a diagnostic.
+
+bench/conftest.py lets the benches run as plain tests (``--benchmark-disable``).
 """

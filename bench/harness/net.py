@@ -7,8 +7,12 @@ import ctypes
 import os
 import socket
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
 
 
 def free_udp_ports(count: int, hosts: tuple[str, ...]) -> list[int]:
@@ -39,15 +43,13 @@ def free_udp_ports(count: int, hosts: tuple[str, ...]) -> list[int]:
     return ports
 
 
-def socket_in_netns(ns: str | None, family: int = socket.AF_INET,
-                    kind: int = socket.SOCK_DGRAM) -> socket.socket:
-    """A socket living in network namespace ``ns`` (None: ours). setns(2) only
-    changes the calling thread, so a short-lived thread makes it."""
-    if ns is None:
-        return socket.socket(family, kind)
-    result: list[socket.socket | BaseException] = []
+def in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """``fn()`` run on a thread that entered network namespace ``ns``
+    (setns(2) changes only the calling thread): a socket it makes lives
+    there, a ZeroMQ context it makes starts its I/O threads there."""
+    result: list[T | BaseException] = []
 
-    def make() -> None:
+    def run() -> None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
@@ -57,13 +59,21 @@ def socket_in_netns(ns: str | None, family: int = socket.AF_INET,
                     raise OSError(err, f"setns({ns}): {os.strerror(err)}")
             finally:
                 os.close(fd)
-            result.append(socket.socket(family, kind))
+            result.append(fn())
         except BaseException as exc:  # handed to the caller
             result.append(exc)
 
-    t = threading.Thread(target=make)
+    t = threading.Thread(target=run)
     t.start()
     t.join()
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+def socket_in_netns(ns: str | None, family: int = socket.AF_INET,
+                    kind: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket living in network namespace ``ns`` (None: ours)."""
+    if ns is None:
+        return socket.socket(family, kind)
+    return in_netns(ns, lambda: socket.socket(family, kind))
