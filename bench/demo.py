@@ -25,6 +25,11 @@ summary; exit status 0 only when every check passed.
 
 Without a terminal (CI, tests) events print as lines and the table is printed
 at the moments that matter instead of live.
+
+The demo is a scenario (the acts above), a view (the table and the event
+lines) and a verdict (the summary and its checks) on top of the harness
+(bench/harness/): its processes, configs and control client are the ones
+the tests and the benchmarks use.
 """
 
 from __future__ import annotations
@@ -40,9 +45,7 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +55,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+
+from bench.harness import configs
+from bench.harness.control import ControlClient
+from bench.harness.net import free_udp_ports
+from bench.harness.procs import Proc, Procs, cli_argv, python_argv, run_main
 
 GW, PEER = "127.0.0.1", "127.0.0.2"
 PSK = "demo-psk-not-secret-0123456789abcdef"
@@ -88,6 +96,8 @@ RESTART_WITHIN_S = 10.0
 BALANCED_WITHIN_S = 15.0
 #: every child must have had an echo this close to the end of the traffic
 LAST_ECHO_S = 1.0
+#: how much of a log a failure shows
+TAIL_CHARS = 1500
 #: lost packets allowed outside the failover and autobalance windows (loopback
 #: does not lose, a very busy machine might)
 STRAY_LOSS = 0.01
@@ -102,8 +112,6 @@ log = logging.getLogger("ipsec_cluster.demo")
 # "progress", ...} a few times a second, {"event": "done", ...} at the end.
 # Times are time.monotonic(), which is one clock for all processes on Linux.
 
-IPV4_UDP = 28
-MARK_LEN = 4
 SEQ = struct.Struct("!I")
 
 
@@ -144,7 +152,8 @@ def _silences(arrivals: list[list[float]], at_least: float) -> list[dict[str, An
 
 def _peer_main(argv: list[str]) -> int:
     from common.config import load_config
-    from dispatcher.peer import TRAFFIC_MARK, Peer, PeerOptions
+    from common.packets import IPV4_UDP_HEADERS, TRAFFIC_MARK
+    from dispatcher.peer import Peer, PeerOptions
 
     p = argparse.ArgumentParser(prog="python -m bench.demo peer")
     p.add_argument("--config", required=True)
@@ -170,8 +179,9 @@ def _peer_main(argv: list[str]) -> int:
             return getattr(self.inner, name)
 
         def write(self, packet: bytes | bytearray | memoryview) -> bool:
-            if bytes(packet[IPV4_UDP:IPV4_UDP + MARK_LEN]) == TRAFFIC_MARK:
-                seq = SEQ.unpack_from(packet, IPV4_UDP + MARK_LEN)[0]
+            mark = IPV4_UDP_HEADERS + len(TRAFFIC_MARK)
+            if bytes(packet[IPV4_UDP_HEADERS:mark]) == TRAFFIC_MARK:
+                seq = SEQ.unpack_from(packet, mark)[0]
                 if seq in self.echo_at:
                     self.duplicates += 1
                 else:
@@ -267,14 +277,7 @@ def _peer_main(argv: list[str]) -> int:
                                                + self.member.engine.drops).items() if v}})
             return 0
 
-    peer = DemoPeer(config, PeerOptions(timeout_s=args.timeout))
-    codes: list[int] = []
-
-    async def main() -> None:
-        codes.append(await peer.demo())
-
-    asyncio.run(main())
-    return codes[0] if codes else 1
+    return run_main(DemoPeer(config, PeerOptions(timeout_s=args.timeout)).demo())
 
 
 # == the show ==================================================================================
@@ -288,151 +291,21 @@ class Interrupted(Exception):
     pass
 
 
-def _free_udp_ports(count: int, hosts: tuple[str, ...]) -> list[int]:
-    """``count`` distinct UDP ports that are free on every one of ``hosts``
-    right now (the kernel picks them; checked on all hosts)."""
-    ports: list[int] = []
-    holders: list[socket.socket] = []
-    try:
-        while len(ports) < count:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            holders.append(s)
-            s.bind((hosts[0], 0))
-            port = s.getsockname()[1]
-            ok = True
-            for h in hosts[1:]:
-                t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                holders.append(t)
-                try:
-                    t.bind((h, port))
-                except OSError:
-                    ok = False
-                    break
-            if ok and port not in ports:
-                ports.append(port)
-    finally:
-        for s in holders:
-            s.close()
-    return ports
-
-
-def _toml(*, address: str, ports: tuple[int, int], inside: str, inside_bind: str,
-          schedule: Schedule, members: int | None, remote: tuple[str, int] | None,
-          control: str = "") -> str:
-    """The cluster's config (``remote`` None) or our peer's (selectors and
-    identities mirrored, children started): ``ike_sas`` connections k0.. with
-    identities peerK.demo, ``children`` children each with their own /28s
-    (cluster side 10.200.K.C*16, peer side 10.100.K.C*16)."""
-    lines = ["[cluster]", f'address = "{address}"', f"ike_port = {ports[0]}",
-             f"natt_port = {ports[1]}", f'inside = "{inside}"', 'log_level = "info"']
-    if inside_bind:
-        lines.append(f'inside_bind = "{inside_bind}"')
-    if members is not None:
-        lines.append(f"members = {members}")
-    if control:
-        lines.append(f'control = "{control}"')
-    for k in range(schedule.ike_sas):
-        ours, theirs = "gw.demo", f"peer{k}.demo"
-        if remote is not None:
-            ours, theirs = theirs, ours
-        lines += ["", f"[connections.k{k}]",
-                  f'remote_addrs = ["{remote[0] if remote else "%any"}"]',
-                  'proposals = ["aes128gcm16-prfsha256-ecp256"]',
-                  f'local_id = "{ours}"', f'remote_id = "{theirs}"', f'psk = "{PSK}"']
-        if remote is not None:
-            lines.append(f"remote_port = {remote[1]}")
-        for c in range(schedule.children):
-            gw_net, peer_net = f"10.200.{k}.{c * 16}/28", f"10.100.{k}.{c * 16}/28"
-            local, rem = (peer_net, gw_net) if remote else (gw_net, peer_net)
-            lines += ["", f"[connections.k{k}.children.c{c}]", f'local_ts = ["{local}"]',
-                      f'remote_ts = ["{rem}"]',
-                      f'esp_proposals = ["{ESPS[(k + c) % len(ESPS)]}"]',
-                      f'start_action = "{"start" if remote else "none"}"']
-    return "\n".join(lines) + "\n"
-
-
-class Proc:
-    """A process we started, in its own session (its whole group is ours to
-    stop: the dispatcher's members are in the dispatcher's group)."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, *,
-                 stdout_pipe: bool = False) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE if stdout_pipe else self._log, stderr=self._log,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-        self.pid = self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def group_alive(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-
-    def tail(self, n: int = 1500) -> str:
-        with contextlib.suppress(OSError):
-            self._log.flush()
-            text = self.log_path.read_text(errors="replace")[-n:]
-            return f"--- {self.log_path.name} (last lines)\n{text}"
-        return ""
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._log.close()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL
-    (Linux PR_SET_PDEATHSIG; the dispatcher then stops its members)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-
-
-class Control:
-    """``status``/``sas`` straight from the cluster's control socket."""
-
-    def __init__(self, config_path: Path) -> None:
-        import zmq
-
-        from dispatcher.supervisor import control_endpoint
-        from member.config_file import read_config
-
-        self.zmq = zmq
-        self.ctx = zmq.Context()
-        self.endpoint = control_endpoint(read_config(str(config_path)), str(config_path))
-
-    def ask(self, request: bytes, timeout: float = 1.0) -> dict[str, Any] | None:
-        zmq = self.zmq
-        req = self.ctx.socket(zmq.REQ)
-        req.setsockopt(zmq.LINGER, 0)
-        req.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
-        req.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        try:
-            req.connect(self.endpoint)
-            req.send(request)
-            answer: dict[str, Any] = json.loads(req.recv())
-            return answer
-        except (zmq.ZMQError, ValueError):
-            return None
-        finally:
-            req.close(linger=0)
-
-    def close(self) -> None:
-        self.ctx.term()
+def _configs(schedule: Schedule, *, gw_ports: tuple[int, int], peer_ports: tuple[int, int],
+             echo_port: int, gw_bind: int, peer_inside: int, run: Path) -> tuple[str, str]:
+    """The cluster's config and our peer's (selectors and identities
+    mirrored, children started): ``ike_sas`` connections k0.. with identities
+    peerK.demo, ``children`` children each with their own /28s (cluster side
+    10.200.K.C*16, peer side 10.100.K.C*16), the ESP transforms alternating."""
+    conns = configs.grid_connections(schedule.ike_sas, schedule.children, esps=ESPS,
+                                     domain="demo")
+    cluster = configs.gateway_toml(
+        address=GW, ports=gw_ports, inside=f"udp:{GW}:{echo_port}", inside_bind=f"{GW}:{gw_bind}",
+        members=schedule.members, conns=conns, psk=PSK, extra={"control": str(run)})
+    peer = configs.gateway_toml(
+        address=PEER, ports=peer_ports, inside=f"udp:{GW}:{peer_inside}", conns=conns, psk=PSK,
+        remote=(GW, gw_ports[0]))
+    return cluster, peer
 
 
 @dataclass(slots=True)
@@ -562,8 +435,8 @@ class Demo:
         self.keep = keep
         self.t_start = time.monotonic()
         self.workdir = Path(tempfile.mkdtemp(prefix="ipsec-cluster-demo-"))
-        self.procs: list[Proc] = []
-        self.control: Control | None = None
+        self.procs = Procs(self.workdir)
+        self.control: ControlClient | None = None
         self.logwatch: LogWatch | None = None
         self.cluster: Proc | None = None
         #: members declared dead that we did not kill: (when, what)
@@ -589,7 +462,7 @@ class Demo:
         self.gw_ports: tuple[int, int] = (0, 0)
         self.stopped_ok = False
 
-    # -- output ---------------------------------------------------------------------------
+    # -- the view --------------------------------------------------------------------------
 
     def now(self) -> float:
         return time.monotonic() - self.t_start
@@ -642,64 +515,32 @@ class Demo:
             self.console.print(self.table())
             self.console.print(self.peer_line())
 
-    # -- processes ------------------------------------------------------------------------
+    # -- processes -------------------------------------------------------------------------
 
     def start(self, name: str, argv: list[str], *, stdout_pipe: bool = False) -> Proc:
-        proc = Proc(name, argv, self.workdir / f"{name}.log", stdout_pipe=stdout_pipe)
-        self.procs.append(proc)
-        return proc
+        return self.procs.start(name, argv, stdout_pipe=stdout_pipe)
 
     def cluster_tail(self) -> str:
-        return self.cluster.tail() if self.cluster is not None else ""
+        return self.cluster.tail(TAIL_CHARS) if self.cluster is not None else ""
 
-    def stop_all(self) -> list[str]:
-        """SIGTERM to every group we started, then SIGKILL to what is left;
-        returns the names of groups that were still there at the end."""
-        for proc in reversed(self.procs):
-            proc.signal_group(signal.SIGTERM)
-        end = time.monotonic() + 5.0
-        for proc in reversed(self.procs):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.proc.wait(max(0.1, end - time.monotonic()))
-        while time.monotonic() < end and any(p.group_alive() for p in self.procs):
-            time.sleep(0.05)
-        for proc in self.procs:
-            if proc.group_alive():
-                proc.signal_group(signal.SIGKILL)
-        end = time.monotonic() + 3.0
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.proc.wait(max(0.1, end - time.monotonic()))
-        while time.monotonic() < end and any(p.group_alive() for p in self.procs):
-            time.sleep(0.05)
-        left = [p.name for p in self.procs if p.group_alive()]
-        for proc in self.procs:
-            proc.close()
-        return left
-
-    # -- acts -----------------------------------------------------------------------------
+    # -- the scenario ----------------------------------------------------------------------
 
     def setup(self) -> None:
-        ports = _free_udp_ports(7, (GW, PEER))
+        ports = free_udp_ports(7, (GW, PEER))
         self.gw_ports = (ports[0], ports[1])
         peer_ports = (ports[2], ports[3])
         echo_port, gw_bind, peer_inside = ports[4], ports[5], ports[6]
-        run = self.workdir / "run"
-        self.config_path.write_text(_toml(
-            address=GW, ports=self.gw_ports, inside=f"udp:{GW}:{echo_port}",
-            inside_bind=f"{GW}:{gw_bind}", schedule=self.s, members=self.s.members,
-            remote=None, control=str(run)))
-        self.peer_path.write_text(_toml(
-            address=PEER, ports=peer_ports, inside=f"udp:{GW}:{peer_inside}", inside_bind="",
-            schedule=self.s, members=None, remote=(GW, self.gw_ports[0])))
+        cluster, peer = _configs(self.s, gw_ports=self.gw_ports, peer_ports=peer_ports,
+                                 echo_port=echo_port, gw_bind=gw_bind, peer_inside=peer_inside,
+                                 run=self.workdir / "run")
+        self.config_path.write_text(cluster)
+        self.peer_path.write_text(peer)
         self.event(f"work directory {self.workdir} (configs and logs); cluster at "
                    f"{GW} ports {self.gw_ports[0]}/{self.gw_ports[1]}, peer at {PEER} ports "
                    f"{peer_ports[0]}/{peer_ports[1]}, inner echo at {GW}:{echo_port}")
-        py = sys.executable
-        self.start("echo", [py, "-m", "dispatcher.peer", "echo", f"{GW}:{echo_port}"])
-        self.cluster = self.start("cluster", [py, "-m", "dispatcher.cli", "run", "--config",
-                                              str(self.config_path)])
-        self.control = Control(self.config_path)
+        self.start("echo", python_argv("dispatcher.peer", "echo", f"{GW}:{echo_port}"))
+        self.cluster = self.start("cluster", cli_argv("run", "--config", str(self.config_path)))
+        self.control = ControlClient(config=self.config_path)
         self.logwatch = LogWatch(self.cluster.log_path)
         self.event(f"started the cluster: dispatcher pid {self.cluster.pid} with "
                    f"{self.s.members} members")
@@ -721,11 +562,11 @@ class Demo:
                    f"({segs} segments of {SEGMENTS})", "green")
 
     def start_peer(self) -> Proc:
-        py = sys.executable
         n = self.s.ike_sas * self.s.children
-        peer = self.start("peer", [py, "-m", "bench.demo", "peer", "--config",
-                                   str(self.peer_path), "--pps", str(self.s.pps), "--seconds",
-                                   str(self.s.traffic), "--size", str(self.s.size)],
+        peer = self.start("peer", python_argv("bench.demo", "peer", "--config",
+                                              str(self.peer_path), "--pps", str(self.s.pps),
+                                              "--seconds", str(self.s.traffic), "--size",
+                                              str(self.s.size)),
                           stdout_pipe=True)
         self.event(f"started our peer (pid {peer.pid}): {self.s.ike_sas} IKE SAs with "
                    f"{self.s.children} children each ({n} child SAs, "
@@ -753,13 +594,13 @@ class Demo:
         while True:
             e = self.peer_event(end - time.monotonic())
             if e is None or e["event"] == "exit":
-                raise DemoFailed("our peer did not bring the SAs up\n" + peer.tail())
+                raise DemoFailed("our peer did not bring the SAs up\n" + peer.tail(TAIL_CHARS))
             if e["event"] == "up":
                 self.up = e
                 break
         want = self.s.ike_sas * self.s.children
         if not e["ok"] or e["children_up"] != want:
-            raise DemoFailed(f"our peer: {e.get('summary')}\n" + peer.tail() + "\n"
+            raise DemoFailed(f"our peer: {e.get('summary')}\n" + peer.tail(TAIL_CHARS) + "\n"
                              + self.cluster_tail())
         self.event(f"{e['ike_sas_up']} IKE SAs and {e['children_up']} child SAs up in "
                    f"{e['elapsed_s']:.2f} s", "green")
@@ -770,7 +611,7 @@ class Demo:
             if st and sum(m["child_sas"] for m in st["members"]) == want:
                 break
             time.sleep(0.1)
-        self.sas_before = self.control.ask(b"sas", 3.0) if self.control else None
+        self.sas_before = self.control.try_request("sas", timeout=3.0) if self.control else None
         ike = _ike_sas(self.sas_before)
         where = ", ".join(f"{name} on {sa['member']}" for name, sa in sorted(ike.items()))
         self.event(f"IKE SA owners: {where}")
@@ -779,7 +620,7 @@ class Demo:
         """One ``status``; updates the member views and notes what changed."""
         if self.control is None:
             return None
-        st = self.control.ask(b"status", 1.0)
+        st = self.control.try_request("status", timeout=1.0)
         if st is None:
             return None
         now = time.monotonic()
@@ -916,7 +757,7 @@ class Demo:
                    "autobalance starts", "yellow", at=at)
         self.phase = "rejoin: autobalance gives segments back"
         if self.sas_during is None and self.control is not None:
-            self.sas_during = self.control.ask(b"sas", 3.0)
+            self.sas_during = self.control.try_request("sas", timeout=3.0)
 
     def milestone_balanced(self, at: float, segments: int) -> None:
         fo = self.fo
@@ -975,7 +816,8 @@ class Demo:
                         self.done = e
                         self.peer_sent, self.peer_echoed = e["sent"], e["echoed"]
                     elif kind == "exit" and self.done is None:
-                        raise DemoFailed("our peer exited during the traffic\n" + peer.tail())
+                        raise DemoFailed("our peer exited during the traffic\n"
+                                         + peer.tail(TAIL_CHARS))
                     continue
                 next_tick = time.monotonic() + 1.0 / REFRESH_HZ
                 self.tick(refresh)
@@ -995,7 +837,7 @@ class Demo:
         else:
             run(lambda: None)
         # the SAs once more, after everything settled
-        self.sas_after = self.control.ask(b"sas", 3.0) if self.control else None
+        self.sas_after = self.control.try_request("sas", timeout=3.0) if self.control else None
         self.tick(lambda: None)
         self.phase = "the end"
         self.snapshot("at the end")
@@ -1015,7 +857,7 @@ class Demo:
             raise DemoFailed(f"autobalance did not give member {fo.member} its segments back "
                              f"within {BALANCED_WITHIN_S:g} s\n" + self.cluster_tail())
 
-    # -- the verdict ----------------------------------------------------------------------
+    # -- the verdict -----------------------------------------------------------------------
 
     def verdict(self) -> tuple[list[str], list[str]]:
         """(summary lines, failures)."""
@@ -1182,7 +1024,7 @@ class Demo:
             parts += [f"member {m['id']} {k}={v}" for k, v in sorted(m["drops"].items()) if v]
         return ", ".join(parts) or "none"
 
-    # -- all of it ------------------------------------------------------------------------
+    # -- all of it -------------------------------------------------------------------------
 
     def run(self) -> int:
         failure: str | None = None
@@ -1213,10 +1055,11 @@ class Demo:
             try:
                 if self.control is not None:
                     self.control.close()
-                left = self.stop_all()
+                started = len(self.procs)
+                left = self.procs.close()
             finally:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-        stopped = (f"stopped {len(self.procs)} process groups we started "
+        stopped = (f"stopped {started} process groups we started "
                    f"(echo, cluster with its members, peer)")
         if left:
             bad.append(f"still running after SIGKILL: {', '.join(left)}")

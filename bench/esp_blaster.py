@@ -31,8 +31,9 @@ import sys
 import time
 from typing import Any
 
+from bench.harness.packets import udp4_packet
+from bench.harness.procs import run_main
 from dispatcher.gateway import Gateway
-from dispatcher.peer import udp4_packet
 from member.config_file import read_config
 
 SINK_PORT = 9
@@ -197,4 +198,4 @@ async def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    sys.exit(run_main(main(sys.argv[1:])))

@@ -27,16 +27,20 @@ import selectors
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.cluster_util import PSK
+from bench.harness import configs
+from bench.harness.control import ControlError, ask
+from bench.harness.net import socket_in_netns
+from bench.harness.procs import Procs, cli_argv, python_argv, tail
+from bench.harness.waits import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+PSK = "flood-bench-psk-0123456789abcdef"
 GW, PEER = "198.18.0.2", "198.18.0.1"
 PREFIX_LEN = 16
 #: flood sources: 198.18.1.1 .. (on the peer's veth, in the same /16)
@@ -48,6 +52,8 @@ IKE_SA_INIT = 34
 HEADER = struct.Struct("!8s8sBBBBII")
 NOTIFY_HEAD = struct.Struct("!BBHBBH")
 TICK_S = 0.005
+#: a control answer of a cluster under the flood
+STATUS_TIMEOUT_S = 5.0
 BURST_MAX = 400
 
 
@@ -175,7 +181,6 @@ def handshake(ns: str | None, local: str, gw: str, timeout: float = 10.0,
     or None if it failed or timed out. The IKE SA is left to expire.
     ``trace`` gets a line per datagram and event."""
     from common.ike.events import IkeSaEstablished, IkeSaFailed
-    from tests.cluster_util import socket_in_netns
 
     s500, s4500 = socket_in_netns(ns), socket_in_netns(ns)
     try:
@@ -226,16 +231,19 @@ def handshake(ns: str | None, local: str, gw: str, timeout: float = 10.0,
 
 
 def cluster_toml(members: int, inside_port: int) -> str:
-    from tests.cluster_util import ChildSpec, ConnSpec, gateway_toml
+    conn = configs.Conn("flood", "gw.test", "peer.test",
+                        (configs.Child("c0", "10.201.0.0/24", "10.202.0.0/24"),))
+    return configs.gateway_toml(
+        address=GW, ports=(500, 4500), inside=f"udp:127.0.0.1:{inside_port}",
+        inside_bind=f"127.0.0.1:{inside_port + 1}", members=members, conns=[conn], psk=PSK,
+        log_level="warning",
+        # the shared test machine stalls processes for seconds under the
+        # flood: a member must not be declared dead
+        extra={"heartbeat_interval": 0.2, "dead_after": 25})
 
-    conn = ConnSpec("flood", "gw.test", "peer.test",
-                    (ChildSpec("c0", "10.201.0.0/24", "10.202.0.0/24"),))
-    return gateway_toml(address=GW, ports=(500, 4500), inside=f"udp:127.0.0.1:{inside_port}",
-                        inside_bind=f"127.0.0.1:{inside_port + 1}", members=members,
-                        conns=[conn], log_level="warning",
-                        # the shared test machine stalls processes for seconds
-                        # under the flood: a member must not be declared dead
-                        extra={"heartbeat_interval": 0.2, "dead_after": 25})
+
+def _status(config: Path) -> dict[str, Any]:
+    return ask(config, "status", timeout=STATUS_TIMEOUT_S)
 
 
 class FloodLab:
@@ -244,7 +252,6 @@ class FloodLab:
     ``members`` members. ``close()`` undoes everything."""
 
     def __init__(self, workdir: Path, members: int, n_sources: int) -> None:
-        from tests.cluster_util import Procs, alive_members, cli_argv, status, tail, wait_for
         from tests.lab.netns import Lab
 
         self.lab = Lab(workdir=workdir)
@@ -264,17 +271,15 @@ class FloodLab:
                                                                 str(self.config)),
                                             ns=self.gw_ns)
             wait_for(f"{members} members alive",
-                     lambda: len(alive_members(status(self.config))) == members
-                     and all(m["segments"] for m in status(self.config)["members"]),
+                     lambda: sum(m["alive"] for m in _status(self.config)["members"]) == members
+                     and all(m["segments"] for m in _status(self.config)["members"]),
                      timeout=30, diag=lambda: tail(self.cluster.log_path))
         except BaseException:
             self.close()
             raise
 
     def pids(self) -> dict[str, int]:
-        from tests.cluster_util import status
-
-        st = status(self.config)
+        st = _status(self.config)
         out = {"dispatcher": int(st["dispatcher"]["pid"])}
         out.update({f"member{m['id']}": int(m["pid"]) for m in st["members"]})
         return out
@@ -282,24 +287,20 @@ class FloodLab:
     def half_open(self) -> dict[int, int]:
         """Half-open IKE SAs per member (``ipsec-cluster status``, from the
         members' last heartbeats)."""
-        from tests.cluster_util import status
-
         return {int(m["id"]): int(m["half_open_ike_sas"])
-                for m in status(self.config)["members"]}
+                for m in _status(self.config)["members"]}
 
     def drops(self) -> dict[str, int]:
         """Every member's IKE drops, summed (``ipsec-cluster status``)."""
-        from tests.cluster_util import status
-
         total: dict[str, int] = {}
-        for m in status(self.config)["members"]:
+        for m in _status(self.config)["members"]:
             for k, v in m["drops"].items():
                 total[k] = total.get(k, 0) + v
         return total
 
     def start_flood(self, rate: float, seconds: float) -> subprocess.Popen[str]:
-        argv = [sys.executable, "-m", "bench.flood", "--gw", GW, "--sources",
-                str(len(self.sources)), "--rate", str(rate), "--seconds", str(seconds)]
+        argv = python_argv("bench.flood", "--gw", GW, "--sources", str(len(self.sources)),
+                           "--rate", str(rate), "--seconds", str(seconds))
         return self.lab.popen(self.peer_ns, argv, stdout=subprocess.PIPE,
                               stderr=(self.lab.workdir / "flood.log").open("wb"), text=True,
                               cwd=str(ROOT))
@@ -339,7 +340,7 @@ def run_flood(lab: FloodLab, rate: float, seconds: float, *, probe_every_s: floa
         while not stop.wait(0.5):
             for name, pid in pids.items():
                 run.peak_rss[name] = max(run.peak_rss.get(name, 0), rss_bytes(pid))
-            with contextlib.suppress(AssertionError):  # an overloaded cluster answers late
+            with contextlib.suppress(ControlError):  # an overloaded cluster answers late
                 for m, n in lab.half_open().items():
                     run.peak_half_open[m] = max(run.peak_half_open.get(m, 0), n)
             run.samples += 1

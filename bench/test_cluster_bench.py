@@ -39,7 +39,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.harness.configs import Child, Conn, cluster_table, dumps, gateway_config, peer_config
+from bench.harness.control import ask
+from bench.harness.net import socket_in_netns
+from bench.harness.procs import Proc, cli_argv, python_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 PSK = "bench-cluster-psk-0123456789abcdef"
@@ -60,13 +64,12 @@ GRACE_S = 0.3
 LOSS_OK = 0.01
 GW, PEER = "198.18.0.2", "198.18.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CLONE_NEWNET = 0x40000000
 SO_RCVBUFFORCE = 33  # Linux; the socket module does not export it
 MSG_WAITFORONE = 0x10000
 
 #: inside address of the cluster's TUN; heartbeats: with the default 50 ms x 3
 #: an overloaded dispatcher declares every member dead (see docs/performance.md)
-CLUSTER_EXTRA = 'inside_address = "10.199.0.1"\nheartbeat_interval = 0.2\ndead_after = 25\n'
+CLUSTER_EXTRA = {"inside_address": "10.199.0.1", "heartbeat_interval": 0.2, "dead_after": 25}
 TARGETS = ("strongswan", "cluster-1", "cluster-2", "cluster-3")
 #: (target, size) -> Result
 RESULTS: dict[tuple[str, int], Result] = {}
@@ -132,31 +135,6 @@ def lab(tmp_path: Path) -> Iterator[Any]:
         lb.close()
 
 
-def _socket_in_netns(ns: str) -> socket.socket:
-    """A UDP socket living in ``ns`` (setns(2) in a short-lived thread)."""
-    out: list[Any] = []
-
-    def make() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns({ns})")
-            finally:
-                os.close(fd)
-            out.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-        except BaseException as exc:
-            out.append(exc)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]  # type: ignore[no-any-return]
-
-
 class Sink:
     """Counts datagrams to UDP port 9 on every address of ns b (recvmmsg(2) in
     a thread, 256 at a time, so the count costs the shared CPUs little)."""
@@ -165,7 +143,7 @@ class Sink:
 
     def __init__(self, ns: str) -> None:
         from bench.esp_blaster import _Iovec, _Mmsghdr
-        self.sock = _socket_in_netns(ns)
+        self.sock = socket_in_netns(ns)
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
         self.sock.bind(("0.0.0.0", 9))
@@ -225,11 +203,10 @@ class Generator:
     """bench/esp_blaster.py in ns a, driven over its stdin/stdout."""
 
     def __init__(self, lab: Any, ns: str, config: Path, children: int) -> None:
-        self.proc = lab.popen(ns, [sys.executable, "-m", "bench.esp_blaster", "--config",
-                                   str(config), "--children", str(children)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=(config.parent / "blaster.log").open("wb"),
-                              text=True, cwd=str(ROOT))
+        self.proc = Proc(python_argv("bench.esp_blaster", "--config", str(config),
+                                     "--children", str(children)),
+                         config.parent / "blaster.log", stdin_pipe=True, stdout_pipe=True,
+                         text=True, popen=lambda argv, **kw: lab.popen(ns, argv, **kw)).proc
         ready = self._read(30)
         assert ready.get("ready"), f"generator not ready: {ready}"
         self.children = ready["children"]
@@ -308,32 +285,11 @@ def _children() -> list[tuple[str, str, str]]:
     return [(f"c{k}", f"10.200.{k}.0/24", f"10.100.{k}.0/24") for k in range(N_CHILDREN)]
 
 
-def _toml(*, address: str, remote: str, inside: str, initiator: bool,
-          extra: str = "") -> str:
-    local_id, remote_id = ("peer.test", "gw.test") if initiator else ("gw.test", "peer.test")
-    text = f"""[cluster]
-address = "{address}"
-inside = "{inside}"
-log_level = "warning"
-{extra}
-[connections.bench]
-remote_addrs = ["{remote}"]
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "{local_id}"
-remote_id = "{remote_id}"
-psk = "{PSK}"
-dpd_delay = 30
-"""
-    for name, gw_side, peer_side in _children():
-        local, rem = (peer_side, gw_side) if initiator else (gw_side, peer_side)
-        text += f"""
-[connections.bench.children.{name}]
-local_ts = ["{local}"]
-remote_ts = ["{rem}"]
-esp_proposals = ["aes128gcm16"]
-start_action = "{"start" if initiator else "none"}"
-"""
-    return text
+def _conn() -> Conn:
+    """The one connection, as the cluster (or charon) sees it."""
+    return Conn("bench", "gw.test", "peer.test",
+                tuple(Child(name, gw_side, peer_side) for name, gw_side, peer_side
+                      in _children()), options={"dpd_delay": 30})
 
 
 def _setup_pair(lab: Any) -> tuple[str, str]:
@@ -345,15 +301,14 @@ def _setup_pair(lab: Any) -> tuple[str, str]:
 
 def _peer_config(tmp_path: Path) -> Path:
     path = tmp_path / "peer.toml"
-    path.write_text(_toml(address=PEER, remote=GW, inside="udp:127.0.0.1:9", initiator=True))
+    path.write_text(dumps(peer_config(
+        cluster_table(address=PEER, inside="udp:127.0.0.1:9", log_level="warning"),
+        [_conn()], psk=PSK, remote=(GW, None))))
     return path
 
 
 def _cluster_status(config: Path) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "dispatcher.cli", "status", "--config",
-                           str(config), "--json", "--timeout", "3"], capture_output=True,
-                          text=True, timeout=15, cwd=ROOT, check=True)
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    return ask(config, "status", timeout=3)
 
 
 def _wait(what: str, pred: Any, timeout: float = 40.0) -> Any:
@@ -369,16 +324,16 @@ def _wait(what: str, pred: Any, timeout: float = 40.0) -> Any:
 
 def run_cluster(lab: Any, tmp_path: Path, members: int) -> None:
     ns_a, ns_b = _setup_pair(lab)
-    extra = f"members = {members}\n"
+    extra: dict[str, Any] = {"members": members}
     if members == 1:
         # a members endpoint: dispatcher + 1 member process, not the single-process gateway
-        extra += f'sync = "ipc://{tmp_path}/members.ipc"\n'
+        extra["sync"] = f"ipc://{tmp_path}/members.ipc"
     config = tmp_path / "cluster.toml"
-    config.write_text(_toml(address=GW, remote="%any", inside="tun:ipsb0", initiator=False,
-                            extra=extra + CLUSTER_EXTRA))
-    log = (tmp_path / "cluster.log").open("wb")
-    lab.popen(ns_b, [sys.executable, "-m", "dispatcher.cli", "run", "--config", str(config)],
-              stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    config.write_text(dumps(gateway_config(
+        cluster_table(address=GW, inside="tun:ipsb0", log_level="warning", **extra,
+                      **CLUSTER_EXTRA), [_conn()], psk=PSK)))
+    Proc(cli_argv("run", "--config", str(config)), tmp_path / "cluster.log",
+         popen=lambda argv, **kw: lab.popen(ns_b, argv, **kw))
     def ready() -> dict[str, Any] | None:
         s = _cluster_status(config)
         n = sum(m["alive"] and m["segments"] > 0 for m in s["members"])
@@ -407,11 +362,12 @@ def run_cluster(lab: Any, tmp_path: Path, members: int) -> None:
 
 
 def run_strongswan(lab: Any, tmp_path: Path) -> None:
-    from tests.lab.charon import Child, Conn, render_swanctl_conf
+    from tests.lab import charon as charon_conf
+    from tests.lab.charon import render_swanctl_conf
     ns_a, ns_b = _setup_pair(lab)
     charon = lab.charon(ns_b, "charon-b")
-    charon.load(render_swanctl_conf(Conn(
-        "bench", GW, PEER, [Child(n, gw_side, peer_side) for n, gw_side, peer_side
+    charon.load(render_swanctl_conf(charon_conf.Conn(
+        "bench", GW, PEER, [charon_conf.Child(n, gw_side, peer_side) for n, gw_side, peer_side
                             in _children()],
         local_id="gw.test", remote_id="peer.test", psk=PSK)))
     sink = Sink(ns_b)

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from bench.harness.configs import single_child_config
+from bench.harness.packets import udp4_packet
 from common.cluster.routing import InsideRoutes, inner_addresses
 from common.cluster.wire import ChildPush
 from common.config import load_config
@@ -32,7 +34,6 @@ from common.errors import IntegrityError, MalformedMessage, ReplayError, Sequenc
 from common.esp.replay import ReplayState
 from common.esp.transforms import TRANSFORMS, OutboundSA
 from common.ike.ts import TrafficSelector, ts_from_cidr
-from dispatcher.peer import udp4_packet
 from member.worker import Address, Member
 
 BATCH = 256
@@ -44,21 +45,7 @@ SPI_IN, SPI_OUT = 0x0101_0001, 0xC0C0_0001
 PEER = ("198.18.0.1", 4500)
 RESULTS: dict[tuple[int, str], float] = {}
 
-CONFIG = """
-[cluster]
-address = "127.0.0.1"
-inside = "udp:127.0.0.1:9"
-
-[connections.a-b]
-remote_addrs = ["%any"]
-local_id = "gw-b.test"
-remote_id = "gw-a.test"
-psk = "selectors-bench-psk-0123456789"
-
-[connections.a-b.children.net]
-local_ts = ["10.91.2.0/24"]
-remote_ts = ["10.91.1.0/24"]
-"""
+CONFIG = single_child_config(psk="selectors-bench-psk-0123456789")
 
 
 # -- the code before the checks (for the "before" figure) ------------------------------

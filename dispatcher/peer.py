@@ -35,7 +35,6 @@ import ipaddress
 import json
 import logging
 import signal
-import struct
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,6 +51,13 @@ from common.ike.events import (
     IkeSaRekeyed,
 )
 from common.ike.ts import TrafficSelector
+from common.packets import (
+    IPV4_UDP_HEADERS,
+    MIN_TRAFFIC_SIZE,
+    TRAFFIC_MARK,
+    TrafficTemplate,
+    swap_inner,
+)
 from dispatcher.gateway import Gateway
 from member.inside import Inside, OnPacket
 
@@ -61,79 +67,11 @@ DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_TIMEOUT_S = 30.0
 TRAFFIC_TICK_S = 0.001
 TRAFFIC_DRAIN_S = 1.0
-#: first bytes of the UDP payload of every packet we generate: mark, then a
-#: 32-bit sequence number
-TRAFFIC_MARK = b"IPCP"
-IPV4_UDP_HEADERS = 28
-MIN_TRAFFIC_SIZE = IPV4_UDP_HEADERS + len(TRAFFIC_MARK) + 4
 MAX_TRAFFIC_SIZE = 65535
 TRAFFIC_PORT = 9  # discard; used when the selector allows any port
 
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_UDP = struct.Struct("!HHHH")
-
 
 # -- inner packets -----------------------------------------------------------------
-
-
-def _fold(total: int) -> int:
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def ones_sum(data: bytes) -> int:
-    """The 16-bit ones' complement sum of ``data`` (RFC 1071), not inverted."""
-    if len(data) % 2:
-        data += b"\0"
-    return _fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))
-
-
-def inet_checksum(data: bytes) -> int:
-    return ~ones_sum(data) & 0xFFFF
-
-
-def udp4_packet(src: str, dst: str, sport: int, dport: int, payload: bytes,
-                ident: int = 0, ttl: int = 64) -> bytes:
-    """An IPv4/UDP packet with correct header and UDP checksums (RFC 791, 768)."""
-    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
-    udp_len = 8 + len(payload)
-    header = _IPV4.pack(0x45, 0, 20 + udp_len, ident, 0, ttl, 17, 0, s, d)
-    header = header[:10] + struct.pack("!H", inet_checksum(header)) + header[12:]
-    pseudo = s + d + struct.pack("!BBH", 0, 17, udp_len)
-    udp = _UDP.pack(sport, dport, udp_len, 0) + payload
-    csum = inet_checksum(pseudo + udp) or 0xFFFF  # RFC 768: 0 means "none"
-    return header + udp[:6] + struct.pack("!H", csum) + udp[8:]
-
-
-class TrafficTemplate:
-    """Packets of one child: fixed addresses, ports and size; the sequence number
-    in the payload changes, and the UDP checksum is updated incrementally
-    (RFC 1624: the ones' complement sum is linear in the 16-bit words)."""
-
-    def __init__(self, src: str, dst: str, sport: int, dport: int, size: int) -> None:
-        payload = TRAFFIC_MARK + bytes(4) + bytes(size - MIN_TRAFFIC_SIZE)
-        base = udp4_packet(src, dst, sport, dport, payload)
-        self.src, self.dst = src, dst
-        self._head = base[:26]
-        self._tail = base[IPV4_UDP_HEADERS + 8:]
-        # the ones' sum of pseudo header + UDP with checksum 0 and sequence 0
-        self._base_sum = _fold(~struct.unpack_from("!H", base, 26)[0] & 0xFFFF)
-
-    def packet(self, seq: int) -> bytes:
-        csum = ~_fold(self._base_sum + (seq >> 16) + (seq & 0xFFFF)) & 0xFFFF
-        return (self._head + struct.pack("!H", csum or 0xFFFF) + TRAFFIC_MARK
-                + struct.pack("!I", seq) + self._tail)
-
-
-def swap_inner(packet: bytes) -> bytes | None:
-    """The echo of an inner IPv4/UDP packet: addresses and ports swapped. Both
-    checksums stay valid (ones' complement sums do not depend on word order).
-    None for anything else."""
-    if len(packet) < IPV4_UDP_HEADERS or packet[0] != 0x45 or packet[9] != 17:
-        return None
-    return (packet[:12] + packet[16:20] + packet[12:16] + packet[22:24] + packet[20:22]
-            + packet[24:])
 
 
 def _pick(tss: tuple[TrafficSelector, ...]) -> tuple[str, int] | None:

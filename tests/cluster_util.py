@@ -1,167 +1,96 @@
-"""Helpers for the process-level cluster tests (tests/test_cluster*.py).
+"""Helpers for the process-level cluster tests (tests/test_cluster*.py), on
+the harness (bench/harness/):
 
-- configs: ``ChildSpec``/``ConnSpec`` and ``gateway_toml`` render the cluster's
-  and our peer's TOML (mirrored selectors, one identity per connection);
-- processes: ``Proc`` runs ``ipsec-cluster ...`` (optionally in a namespace) in
-  its own session with its log kept; ``stop()`` kills the whole process group
-  (the dispatcher's members are in it), also when the test failed;
-- ``status``/``sas`` ask the running cluster via ``ipsec-cluster status|sas --json``;
-  ``wait_for`` polls a condition with a deadline and a diagnostic;
-- inner packets: ``udp4_packet`` (IPv4/UDP with both checksums) and
-  ``parse_udp4`` (verifies them);
+- configs: ``ChildSpec``/``ConnSpec`` (the harness's ``Child``/``Conn``) and
+  ``gateway_toml`` render the cluster's and our peer's TOML (mirrored
+  selectors, one identity per connection) with this file's PSK and a
+  generous ``dead_after``;
+- processes: ``Proc`` (the harness's, plus ``wait_log``) runs
+  ``ipsec-cluster ...`` (optionally in a namespace) in its own session with
+  its log kept; ``stop()`` ends the whole process group (the dispatcher's
+  members are in it), also when the test failed;
+- ``status``/``sas`` ask the running cluster on its control socket (or via
+  ``ipsec-cluster status|sas --json``); ``wait_for`` polls a condition with a
+  deadline and a diagnostic;
+- inner packets: ``udp4_packet`` and ``parse_udp4`` (bench/harness/packets.py);
 - ``Endpoint``: the test's side of a ``udp:`` inside (a socket at the inside's
   HOST:PORT with a reader thread);
 - ``EspProxy``: a UDP relay between our peer and the cluster that records
   (SPI, seq, IV) of every ESP packet in both directions;
-- ``socket_in_netns``: a socket created inside a network namespace (a helper
-  thread joins the namespace with setns(2); the socket stays there).
+- ``socket_in_netns``: a socket created inside a network namespace.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ipaddress
 import json
-import os
 import selectors
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import configs
+from bench.harness import procs as harness_procs
+from bench.harness.control import ControlClient, ControlTimeout
+from bench.harness.net import socket_in_netns as socket_in_netns
+from bench.harness.packets import parse_udp4 as parse_udp4
+from bench.harness.packets import udp4_packet as udp4_packet
+from bench.harness.procs import KILL_GRACE_S as KILL_GRACE_S
+from bench.harness.procs import ROOT as ROOT
+from bench.harness.procs import cli_argv as cli_argv
+from bench.harness.procs import ns_argv
+from bench.harness.procs import pid_alive as pid_alive
+from bench.harness.procs import tail as tail
+from bench.harness.waits import wait_for as wait_for
+
 PSK = "cluster-test-psk-0123456789abcdef"
-KILL_GRACE_S = 5.0
 CLI_TIMEOUT_S = 15.0
-CLONE_NEWNET = 0x40000000
 #: heartbeats (50 ms) missed before a member is declared dead, in test clusters
 DEAD_AFTER = 40
 
-T = TypeVar("T")
+#: a child and a connection as the cluster sees them (the harness's builders)
+ChildSpec = configs.Child
+ConnSpec = configs.Conn
 
 
 # -- configs ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ChildSpec:
-    """A child as the cluster sees it: ``local_ts`` is the cluster's side."""
-
-    name: str
-    local_ts: str
-    remote_ts: str
-    esp: str = "aes128gcm16"
-
-    def host_pair(self) -> tuple[str, str]:
-        """(a host on the cluster's side, a host on the peer's side)."""
-        return _host1(self.local_ts), _host1(self.remote_ts)
-
-
-@dataclass(frozen=True, slots=True)
-class ConnSpec:
-    """A connection as the cluster sees it (``local_id`` = the cluster's id)."""
-
-    name: str
-    local_id: str
-    remote_id: str
-    children: tuple[ChildSpec, ...]
-    proposals: str = "aes128gcm16-prfsha256-ecp256"
-
-
-def _host1(cidr: str) -> str:
-    return str(ipaddress.ip_network(cidr).network_address + 1)
-
-
-def grid_connections(n_ike: int, n_child: int, *, esps: Sequence[str] = (
-        "aes128gcm16", "aes128ctr-sha256", "aes256gcm16")) -> list[ConnSpec]:
+def grid_connections(n_ike: int, n_child: int, *, esps: Sequence[str] = configs.GRID_ESPS
+                     ) -> list[ConnSpec]:
     """``n_ike`` connections (one identity each) with ``n_child`` children each,
     every child with its own selectors: cluster side 10.200.K.C*16/28, peer side
     10.100.K.C*16/28; ESP transforms alternate over ``esps``."""
-    conns = []
-    for k in range(n_ike):
-        children = tuple(
-            ChildSpec(f"c{c}", f"10.200.{k}.{c * 16}/28", f"10.100.{k}.{c * 16}/28",
-                      esps[(k + c) % len(esps)])
-            for c in range(n_child))
-        conns.append(ConnSpec(f"k{k}", "gw.test", f"peer{k}.test", children))
-    return conns
+    return configs.grid_connections(n_ike, n_child, esps=esps)
 
 
 def gateway_toml(*, address: str, ports: tuple[int, int], inside: str,
                  conns: Sequence[ConnSpec], inside_bind: str = "", members: int | None = None,
                  remote: tuple[str, int] | None = None, log_level: str = "info",
-                 extra: dict[str, Any] | None = None) -> str:
+                 extra: Mapping[str, Any] | None = None) -> str:
     """The cluster's config (``remote`` None), or our peer's (``remote`` = the
     address and port it initiates to; selectors and identities mirrored, every
     child started)."""
-    lines = ["[cluster]", f'address = "{address}"', f"ike_port = {ports[0]}",
-             f"natt_port = {ports[1]}", f'inside = "{inside}"', f'log_level = "{log_level}"']
-    if inside_bind:
-        lines.append(f'inside_bind = "{inside_bind}"')
-    if members is not None:
-        lines.append(f"members = {members}")
     # Not the failover tests: a member stalled by a loaded machine must not be
     # declared dead after the default 3 x 50 ms.
-    extra = {"dead_after": DEAD_AFTER, **(extra or {})}
-    for key, value in extra.items():
-        lines.append(f"{key} = {json.dumps(value)}")
-    for conn in conns:
-        local_id, remote_id = conn.local_id, conn.remote_id
-        if remote is not None:
-            local_id, remote_id = remote_id, local_id
-        lines += ["", f"[connections.{conn.name}]",
-                  f'remote_addrs = ["{remote[0] if remote else "%any"}"]',
-                  f'proposals = ["{conn.proposals}"]', f'local_id = "{local_id}"',
-                  f'remote_id = "{remote_id}"', f'psk = "{PSK}"']
-        if remote is not None:
-            lines.append(f"remote_port = {remote[1]}")
-        for ch in conn.children:
-            local, rem = (ch.remote_ts, ch.local_ts) if remote else (ch.local_ts, ch.remote_ts)
-            lines += ["", f"[connections.{conn.name}.children.{ch.name}]",
-                      f'local_ts = ["{local}"]', f'remote_ts = ["{rem}"]',
-                      f'esp_proposals = ["{ch.esp}"]',
-                      f'start_action = "{"start" if remote else "none"}"']
-    return "\n".join(lines) + "\n"
+    return configs.gateway_toml(address=address, ports=ports, inside=inside, conns=conns,
+                                psk=PSK, inside_bind=inside_bind, members=members,
+                                remote=remote, log_level=log_level,
+                                extra={"dead_after": DEAD_AFTER, **(extra or {})})
 
 
 # -- processes -------------------------------------------------------------------------
 
 
-def ns_prefix(ns: str | None) -> list[str]:
-    return ["ip", "netns", "exec", ns] if ns else []
-
-
-def cli_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dispatcher.cli", *args]
-
-
-class Proc:
-    """One ``ipsec-cluster`` command (or any argv) in its own session, logging
-    to ``log_path``; ``stop()`` ends its whole process group."""
-
-    def __init__(self, argv: Sequence[str], log_path: Path, *, ns: str | None = None) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen([*ns_prefix(ns), *argv], stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT,
-                                     start_new_session=True)
-        self.pid = self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
+class Proc(harness_procs.Proc):
+    """The harness's process (bench/harness/procs.py) and a wait for a line of its log."""
 
     def wait_log(self, needle: str, timeout: float = 10.0) -> str:
         end = time.monotonic() + timeout
@@ -175,57 +104,24 @@ class Proc:
         raise AssertionError(f"{needle!r} not in {self.log_path.name}:\n"
                              f"{self.log_text()[-4000:]}")
 
-    def stop(self, grace_s: float = KILL_GRACE_S) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(grace_s)
-        # members (and anything else in the group) may outlive the leader
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(grace_s)
-        self._log.close()
 
-
-class Procs:
+class Procs(harness_procs.Procs):
     """Everything a test starts; ``close()`` (in a finally/fixture) stops all."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[Proc] = []
+        super().__init__(workdir, proc_class=Proc)
 
-    def start(self, name: str, argv: Sequence[str], *, ns: str | None = None) -> Proc:
-        proc = Proc(argv, self.workdir / f"{name}.log", ns=ns)
-        self.procs.append(proc)
+    def start(self, name: str, argv: Sequence[str], **kw: Any) -> Proc:
+        proc = super().start(name, argv, **kw)
+        assert isinstance(proc, Proc)
         return proc
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
-        self.procs.clear()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (our own child, not yet reaped) is dead too
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return False
 
 
 def cli_json(command: str, config: Path, *, ns: str | None = None,
              timeout: float = CLI_TIMEOUT_S) -> dict[str, Any]:
     """``ipsec-cluster status|sas --config F --json`` as a dict."""
-    proc = subprocess.run([*ns_prefix(ns), *cli_argv(command, "--config", str(config),
-                                                     "--json", "--timeout", "3")],
+    proc = subprocess.run(ns_argv(ns, cli_argv(command, "--config", str(config), "--json",
+                                               "--timeout", "3")),
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise AssertionError(f"ipsec-cluster {command} failed ({proc.returncode}): "
@@ -238,25 +134,11 @@ def ask(config: Path, request: bytes, timeout: float = 5.0) -> dict[str, Any]:
     """What ``ipsec-cluster status|sas`` asks, in-process (polling with the
     CLI costs a Python start-up per call): the control socket is an ipc://
     path, reachable from every network namespace."""
-    import zmq
-
-    from common.config import load_config
-    from dispatcher.supervisor import control_endpoint
-
-    cfg = load_config(config.read_text(), str(config))
-    ctx: Any = zmq.Context.instance()
-    req = ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
     try:
-        req.connect(control_endpoint(cfg, str(config)))
-        req.send(request)
-        answer: dict[str, Any] = json.loads(req.recv())
-        return answer
-    except zmq.Again:
+        with ControlClient(config=config, timeout=timeout) as client:
+            return client.raw(request)
+    except ControlTimeout:
         raise AssertionError(f"no cluster answers on {config}") from None
-    finally:
-        req.close(linger=0)
 
 
 def status(config: Path, *, cli: bool = False) -> dict[str, Any]:
@@ -266,21 +148,6 @@ def status(config: Path, *, cli: bool = False) -> dict[str, Any]:
 
 def sas(config: Path, *, cli: bool = False) -> dict[str, Any]:
     return cli_json("sas", config) if cli else ask(config, b"sas")
-
-
-def wait_for(what: str, predicate: Callable[[], T | None], *, timeout: float = 20.0,
-             interval: float = 0.2, diag: Callable[[], str] = lambda: "") -> T:
-    """Poll ``predicate`` until it returns something truthy; AssertionError
-    with ``diag()`` on timeout."""
-    end = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{diag()}")
-        time.sleep(interval)
 
 
 def wait_status(config: Path, what: str, predicate: Callable[[dict[str, Any]], bool], *,
@@ -304,105 +171,6 @@ def esp_sas(sas_answer: dict[str, Any]) -> list[dict[str, Any]]:
         for ch in m.get("child_sas", []):
             out.append({**ch, "member": m["member"]})
     return out
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    with contextlib.suppress(OSError):
-        return f"--- {path.name}\n{path.read_text(errors='replace')[-n:]}"
-    return ""
-
-
-# -- inner packets -----------------------------------------------------------------------
-
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_UDP = struct.Struct("!HHHH")
-
-
-def _ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def inet_checksum(data: bytes) -> int:
-    """RFC 1071."""
-    return ~_ones_sum(data) & 0xFFFF
-
-
-def udp4_packet(src: str, dst: str, sport: int, dport: int, payload: bytes,
-                ident: int = 0) -> bytes:
-    """IPv4/UDP with correct header and UDP checksums (RFC 791, RFC 768)."""
-    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
-    udp_len = 8 + len(payload)
-    header = bytearray(_IPV4.pack(0x45, 0, 20 + udp_len, ident & 0xFFFF, 0, 64, 17, 0, s, d))
-    struct.pack_into("!H", header, 10, inet_checksum(bytes(header)))
-    pseudo = s + d + struct.pack("!BBH", 0, 17, udp_len)
-    udp = bytearray(_UDP.pack(sport, dport, udp_len, 0) + payload)
-    struct.pack_into("!H", udp, 6, inet_checksum(pseudo + bytes(udp)) or 0xFFFF)
-    return bytes(header) + bytes(udp)
-
-
-@dataclass(frozen=True, slots=True)
-class Udp4:
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    payload: bytes
-
-
-def parse_udp4(packet: bytes) -> Udp4 | None:
-    """The packet if it is IPv4/UDP with valid lengths and checksums, else None."""
-    if len(packet) < 28 or packet[0] != 0x45 or packet[9] != 17:
-        return None
-    total = struct.unpack_from("!H", packet, 2)[0]
-    if total != len(packet) or inet_checksum(packet[:20]) != 0:
-        return None
-    s, d = packet[12:16], packet[16:20]
-    sport, dport, udp_len, csum = _UDP.unpack_from(packet, 20)
-    if udp_len != total - 20:
-        return None
-    pseudo = s + d + struct.pack("!BBH", 0, 17, udp_len)
-    if csum and inet_checksum(pseudo + packet[20:]) != 0:
-        return None
-    return Udp4(str(ipaddress.IPv4Address(s)), str(ipaddress.IPv4Address(d)), sport, dport,
-                packet[28:])
-
-
-# -- namespaces ------------------------------------------------------------------------------
-
-
-def socket_in_netns(ns: str | None, family: int = socket.AF_INET,
-                    kind: int = socket.SOCK_DGRAM) -> socket.socket:
-    """A socket living in network namespace ``ns`` (None: ours). setns(2) only
-    changes the calling thread, so a short-lived thread makes it."""
-    if ns is None:
-        return socket.socket(family, kind)
-    result: list[socket.socket | BaseException] = []
-
-    def make() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(socket.socket(family, kind))
-        except BaseException as exc:  # handed to the caller
-            result.append(exc)
-
-    t = threading.Thread(target=make)
-    t.start()
-    t.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
 
 
 # -- the test's side of a udp: inside ---------------------------------------------------------

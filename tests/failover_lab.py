@@ -9,20 +9,23 @@ members. Each child has an inner pair 10.91.<k>.1 (a) <-> 10.91.<k+1>.1 (b)."""
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import subprocess
-import sys
 import time
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.harness import configs
+from bench.harness.control import ask
 from tests.interop_gw import PSK, OurProcess
 from tests.lab.charon import Charon, Child, Conn, render_swanctl_conf
 from tests.lab.netns import Lab
 
-ROOT = Path(__file__).resolve().parent.parent
+#: an answer of the cluster (its members report with the next heartbeats)
+STATUS_TIMEOUT_S = 15.0
 
 #: (connection, child, k): inner nets 10.91.k.0/24 (charon) <-> 10.91.k+1.0/24 (cluster)
 CHILDREN = [("a-b", "c1", 1), ("a-b", "c2", 11), ("a-b", "c3", 21),
@@ -30,40 +33,23 @@ CHILDREN = [("a-b", "c1", 1), ("a-b", "c2", 11), ("a-b", "c3", 21),
 IDS = {"a-b": ("gw-a.test", "gw-b.test"), "c-d": ("gw-c.test", "gw-b.test")}
 
 
-def cluster_toml(members: int = 3, mode: str = "load-sharing", extra: str = "") -> str:
-    text = f"""
-[cluster]
-address = "198.18.0.2"
-inside = "tun:ipsc0"
-inside_address = "10.91.2.1"
-members = {members}
-mode = "{mode}"
-log_level = "info"
-replay_after_failover = "rekey"
-{extra}
-"""
+def cluster_toml(members: int = 3, mode: str = "load-sharing",
+                 extra: str | Mapping[str, Any] = "") -> str:
+    """The cluster in namespace b: connections ``a-b`` and ``c-d`` with their
+    children of ``CHILDREN`` (``extra``: more ``[cluster]`` keys, a mapping
+    or TOML lines)."""
+    more = tomllib.loads(extra) if isinstance(extra, str) else dict(extra)
+    cluster = {"address": configs.LAB_GATEWAY, "inside": "tun:ipsc0",
+               "inside_address": "10.91.2.1", "members": members, "mode": mode,
+               "log_level": "info", "replay_after_failover": "rekey", **more}
+    conns = []
     for conn in ("a-b", "c-d"):
-        local_id, remote_id = IDS[conn][1], IDS[conn][0]
-        text += f"""
-[connections.{conn}]
-remote_addrs = ["%any"]
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "{local_id}"
-remote_id = "{remote_id}"
-psk = "{PSK}"
-dpd_delay = 0
-"""
-        for c, name, k in CHILDREN:
-            if c != conn:
-                continue
-            esp = "aes128ctr-sha256" if k in (11, 41) else "aes128gcm16"
-            text += f"""
-[connections.{conn}.children.{name}]
-local_ts = ["10.91.{k + 1}.0/24"]
-remote_ts = ["10.91.{k}.0/24"]
-esp_proposals = ["{esp}"]
-"""
-    return text
+        kids = tuple(configs.Child(name, f"10.91.{k + 1}.0/24", f"10.91.{k}.0/24",
+                                   "aes128ctr-sha256" if k in (11, 41) else "aes128gcm16")
+                     for c, name, k in CHILDREN if c == conn)
+        conns.append(configs.Conn(conn, IDS[conn][1], IDS[conn][0], kids,
+                                  options={"dpd_delay": 0}))
+    return configs.dumps(configs.gateway_config(cluster, conns, psk=PSK, start_action=None))
 
 
 def charon_conf() -> str:
@@ -102,17 +88,13 @@ def setup(lab: Lab, tmp_path: Path, **kw: Any) -> Setup:
 
 
 def status(config: Path) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "dispatcher.cli", "status", "--json",
-                          "--config", str(config)], capture_output=True, text=True,
-                         cwd=str(ROOT), timeout=15, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    """``ipsec-cluster status --json``, asked on the control socket."""
+    return ask(config, "status", timeout=STATUS_TIMEOUT_S)
 
 
 def sas(config: Path) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "dispatcher.cli", "sas", "--json",
-                          "--config", str(config)], capture_output=True, text=True,
-                         cwd=str(ROOT), timeout=15, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    """``ipsec-cluster sas --json``, asked on the control socket."""
+    return ask(config, "sas", timeout=STATUS_TIMEOUT_S)
 
 
 def owners(config: Path) -> tuple[dict[str, int], dict[str, int]]:

@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.harness.control import ControlClient
+from bench.harness.procs import python_argv
 from tests.cluster_util import (
     ConnSpec,
     Endpoint,
@@ -233,18 +234,9 @@ def start_rig(workdir: Path, base: int, *, n_ike: int, n_child: int,
         eps: list[Endpoint] = []
         echo_proc = None
         if echo and not endpoints:
-            echo_proc = procs.start("echo", [sys.executable, "-m", "dispatcher.peer", "echo",
-                                             f"{gw_inside[0]}:{gw_inside[1]}"])
-        saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})
-        try:
-            disp = procs.start("cluster", cli_argv("run", "--config", str(config)))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            echo_proc = procs.start("echo", python_argv("dispatcher.peer", "echo",
+                                                        f"{gw_inside[0]}:{gw_inside[1]}"))
+        disp = procs.start("cluster", cli_argv("run", "--config", str(config)), env=env)
         disp.wait_log("segment table epoch", timeout=15)
         def all_alive() -> bool:
             st = ask(config, b"status")
@@ -275,22 +267,8 @@ def ask(config: Path, request: bytes, timeout: float = 10.0) -> dict[str, Any]:
     """``status``/``sas`` straight from the control socket (what ``ipsec-cluster
     status --json`` prints), without starting a Python process per poll: this
     is a 2-CPU machine and the members' heartbeats must not starve."""
-    import zmq
-
-    from dispatcher.supervisor import control_endpoint
-    from member.config_file import read_config
-
-    ctx: Any = zmq.Context.instance()
-    req = ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
-    req.connect(control_endpoint(read_config(str(config)), str(config)))
-    try:
-        req.send(request)
-        answer: dict[str, Any] = json.loads(req.recv())
-    finally:
-        req.close(linger=0)
-    return answer
+    with ControlClient(config=config, timeout=timeout) as client:
+        return client.raw(request)
 
 
 def peer_json(peer: Proc, timeout: float = 60) -> dict[str, Any]:

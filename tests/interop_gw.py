@@ -1,85 +1,55 @@
-"""Helpers for tests that run our gateway against strongSwan in the lab."""
+"""Helpers for tests that run our gateway against strongSwan in the lab, on
+the harness (bench/harness/): its config builder for a gateway facing
+strongSwan, its process launcher (here through the lab, which runs the
+command in a namespace and stops it with the lab)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
+import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from bench.harness import configs
+from bench.harness.procs import ROOT as ROOT
+from bench.harness.procs import cli_argv
+from tests.cluster_util import Proc
 from tests.lab.netns import Lab
 
 PSK = "interop-test-psk-0123456789"
-ROOT = Path(__file__).resolve().parent.parent
+
+#: (name, local selectors, remote selectors, ESP proposal), as this gateway sees them
+ChildTuple = tuple[str, "str | Sequence[str]", "str | Sequence[str]", str]
 
 
-def gateway_toml(*, address: str = "198.18.0.2", remote: str = "%any",
+def gateway_toml(*, address: str = configs.LAB_GATEWAY, remote: str = "%any",
                  inside: str = "tun:ipsc0", inside_address: str = "10.91.2.1",
-                 psk: str = PSK, proposals: str = "aes128gcm16-prfsha256-ecp256",
+                 psk: str = PSK, proposals: str = configs.IKE_PROPOSAL,
                  local_id: str = "gw-b.test", remote_id: str = "gw-a.test",
-                 children: list[tuple[str, str, str, str]] | None = None,
+                 children: Sequence[ChildTuple] | None = None,
                  dpd_delay: int = 10, rekey_time: int = 14400, child_rekey: int = 3600,
-                 start_action: str = "none", remote_port: int = 500, extra: str = "") -> str:
-    """A config file for our gateway; ``children`` = (name, local, remote, esp)."""
-    children = children or [("net-gcm", "10.91.2.0/24", "10.91.1.0/24", "aes128gcm16"),
-                            ("net-ctr", "10.91.12.0/24", "10.91.11.0/24", "aes128ctr-sha256")]
-    remote_addrs = f'["{remote}"]'
-    text = f"""
-[cluster]
-address = "{address}"
-inside = "{inside}"
-inside_address = "{inside_address}"
-log_level = "debug"
-{extra}
-[connections.a-b]
-remote_addrs = {remote_addrs}
-remote_port = {remote_port}
-proposals = ["{proposals}"]
-local_id = "{local_id}"
-remote_id = "{remote_id}"
-psk = "{psk}"
-dpd_delay = {dpd_delay}
-rekey_time = {rekey_time}
-"""
-    for name, local, rem, esp in children:
-        text += f"""
-[connections.a-b.children.{name}]
-local_ts = ["{local}"]
-remote_ts = ["{rem}"]
-esp_proposals = ["{esp}"]
-rekey_time = {child_rekey}
-start_action = "{start_action}"
-"""
-    return text
+                 start_action: str = "none", remote_port: int = 500,
+                 extra: str | Mapping[str, Any] = "") -> str:
+    """A config file for our gateway; ``children`` = (name, local, remote,
+    esp); ``extra``: more ``[cluster]`` keys (a mapping, or TOML lines)."""
+    kids = configs.LAB_CHILDREN if children is None else tuple(
+        configs.Child(name, local, rem, esp) for name, local, rem, esp in children)
+    more = tomllib.loads(extra) if isinstance(extra, str) else dict(extra)
+    return configs.dumps(configs.strongswan_gateway(
+        psk=psk, address=address, remote=remote, inside=inside, inside_address=inside_address,
+        proposals=proposals, local_id=local_id, remote_id=remote_id, children=kids,
+        dpd_delay=dpd_delay, rekey_time=rekey_time, child_rekey=child_rekey,
+        start_action=start_action, remote_port=remote_port, extra=more))
 
 
-class OurProcess:
-    """``ipsec-cluster run|peer`` in a namespace, with its log kept."""
+class OurProcess(Proc):
+    """``ipsec-cluster run|peer`` in a namespace, with its log kept (the lab
+    stops it with the rest)."""
 
     def __init__(self, lab: Lab, ns: str, config_text: str, workdir: Path, *,
                  command: str = "run", name: str = "gw") -> None:
         self.config = workdir / f"{name}.toml"
         self.config.write_text(config_text)
-        self.log_path = workdir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = lab.popen(ns, [sys.executable, "-m", "dispatcher.cli", command,
-                                   "--config", str(self.config)],
-                              stdout=self._log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = self.log_text()
-            if needle in text:
-                return text
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in our log:\n{self.log_text()[-4000:]}")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        super().__init__(cli_argv(command, "--config", str(self.config)),
+                         workdir / f"{name}.log", name=name,
+                         popen=lambda argv, **kw: lab.popen(ns, argv, **kw))

@@ -14,8 +14,9 @@ import asyncio
 import logging
 import sys
 
+from bench.harness.packets import udp4_packet
+from bench.harness.procs import run_main
 from dispatcher.gateway import Gateway
-from dispatcher.peer import udp4_packet
 from member.config_file import read_config
 
 UP_TIMEOUT_S = 20.0
@@ -54,4 +55,4 @@ async def main(config_path: str, specs: list[str]) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    sys.exit(asyncio.run(main(sys.argv[1], sys.argv[2:])))
+    sys.exit(run_main(main(sys.argv[1], sys.argv[2:])))

@@ -34,12 +34,6 @@ OURS = ["10.91.2.0/24", *EXTRA_SELECTORS]
 THEIRS = "10.91.1.0/24"
 
 
-def _toml_list_body(items: list[str]) -> str:
-    """gateway_toml renders ``["{local}"]``: the items joined so that it
-    becomes a list of them."""
-    return '", "'.join(items)
-
-
 def _path_drops_ip_fragments(lab: Lab) -> tuple[str, str]:
     if shutil.which("nft") is None:
         reason = "nft (nftables) not installed: scripts/install-sysdeps.sh installs it"
@@ -93,7 +87,7 @@ def test_charon_initiator_over_a_path_dropping_ip_fragments(
     ns_a, ns_b = _path_drops_ip_fragments(lab)
     lab.add_lo_addr(ns_a, "10.91.1.1")
     gw = OurProcess(lab, ns_b, gateway_toml(children=[
-        ("net", _toml_list_body(OURS), THEIRS, "aes128gcm16")]), tmp_path)
+        ("net", OURS, THEIRS, "aes128gcm16")]), tmp_path)
     gw.wait_log("gateway listening")
     charon = lab.charon(ns_a, "charon-a")
     charon.load(render_swanctl_conf(_charon_conn(fragmentation)))
@@ -114,7 +108,7 @@ def test_our_peer_initiator_to_charon_over_a_path_dropping_ip_fragments(
     charon.load(render_swanctl_conf(_charon_conn("yes")))
     peer = OurProcess(lab, ns_b, gateway_toml(
         start_action="start", remote="198.18.0.1",
-        children=[("net", _toml_list_body(OURS), THEIRS, "aes128gcm16")]),
+        children=[("net", OURS, THEIRS, "aes128gcm16")]),
         tmp_path, command="peer", name="peer")
     charon.wait_for("the child up at the responder", lambda: len(charon.child_sas()) == 1,
                     timeout=20)

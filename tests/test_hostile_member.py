@@ -35,6 +35,7 @@ import zmq.auth
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.harness.net import in_netns
 from common.cluster.routing import init_segment
 from common.cluster.stats import MemberStats
 from common.cluster.wire import (
@@ -661,30 +662,7 @@ def _key_pair(keys: Path, name: str) -> tuple[bytes, bytes]:
 def _in_netns(ns: str, fn: Any) -> Any:
     """Run ``fn()`` on a thread that entered ``ns`` (setns(2) is per thread;
     the ZeroMQ context ``fn`` makes starts its I/O threads from there)."""
-    import ctypes
-    import threading
-
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, 0x40000000) != 0:   # CLONE_NEWNET
-                    raise OSError(ctypes.get_errno(), f"setns({ns})")
-            finally:
-                os.close(fd)
-            out.append(fn())
-        except BaseException as exc:  # handed to the caller
-            out.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if isinstance(out[0], BaseException):
-        raise out[0]
-    return out[0]
+    return in_netns(ns, fn)
 
 
 @pytest.mark.netns

@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import struct
 from itertools import pairwise
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.harness.configs import single_child_config
+from bench.harness.packets import (
+    GRE,
+    ICMP,
+    ICMP6,
+    SCTP,
+    TCP,
+    UDP,
+    frag6,
+    icmp,
+    ipv4,
+    ipv6,
+    ports,
+)
+from bench.harness.packets import ext6 as ext
 from common.cluster.routing import InsideRoutes
 from common.cluster.wire import ChildPush
 from common.config import load_config
@@ -33,62 +47,11 @@ from common.ike.ts import TrafficSelector, contains, ts_from_cidr, ts_from_range
 from member.worker import Member
 from tests.fuzz import fuzz_settings
 
-TCP, UDP, ICMP, ICMP6, SCTP, GRE = 6, 17, 1, 58, 132, 47
 TRANSFORM = "aes128gcm16"
 SPI_IN, SPI_OUT = 0x0101_0001, 0xC0C0_0001
 PEER = ("198.18.0.1", 4500)
 
-CONFIG = """
-[cluster]
-address = "127.0.0.1"
-inside = "udp:127.0.0.1:9"
-
-[connections.a-b]
-remote_addrs = ["%any"]
-local_id = "gw-b.test"
-remote_id = "gw-a.test"
-psk = "selectors-test-psk-0123456789"
-
-[connections.a-b.children.net]
-local_ts = ["10.91.2.0/24"]
-remote_ts = ["10.91.1.0/24"]
-"""
-
-
-# -- packets ----------------------------------------------------------------------------
-
-
-def ipv4(src: str, dst: str, proto: int, l4: bytes = b"", *, frag: int = 0,
-         ihl: int = 5) -> bytes:
-    options = bytes((ihl - 5) * 4)
-    head = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, ihl * 4 + len(l4), 7, frag, 64,
-                       proto, 0, ipaddress.IPv4Address(src).packed,
-                       ipaddress.IPv4Address(dst).packed)
-    return head + options + l4
-
-
-def ipv6(src: str, dst: str, nh: int, rest: bytes = b"") -> bytes:
-    return struct.pack("!IHBB16s16s", 0x6000_0000, len(rest), nh, 64,
-                       ipaddress.IPv6Address(src).packed,
-                       ipaddress.IPv6Address(dst).packed) + rest
-
-
-def ports(sport: int, dport: int, extra: bytes = bytes(4)) -> bytes:
-    return struct.pack("!HH", sport, dport) + extra
-
-
-def icmp(type_: int, code: int) -> bytes:
-    return bytes([type_, code]) + bytes(6)
-
-
-def ext(nh: int, body_len: int = 6) -> bytes:
-    """A Hop-by-Hop / Routing / Destination Options header of (len + 1) * 8 bytes."""
-    total = body_len + 2
-    return bytes([nh, total // 8 - 1]) + bytes(body_len)
-
-
-def frag6(nh: int, offset: int) -> bytes:
-    return struct.pack("!BBHI", nh, 0, offset << 3, 1)
+CONFIG = single_child_config(psk="selectors-test-psk-0123456789")
 
 
 # -- five_tuple ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ NS = f"klog{os.getpid()}"
 ECHO_PORT = 7777
 ECHO = f"""
 import socket
-from dispatcher.peer import swap_inner
+from common.packets import swap_inner
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("127.0.0.1", {ECHO_PORT}))
 while True:

@@ -29,18 +29,8 @@ from common.ike.constants import ExchangeType, NotifyType
 from common.ike.message import decode_header, decode_message
 from common.ike.payloads import NotifyPayload
 from common.ike.ts import ts_from_cidr
-from dispatcher.peer import (
-    TRAFFIC_MARK,
-    Peer,
-    PeerOptions,
-    TrafficTemplate,
-    _pick,
-    add_peer_arguments,
-    inet_checksum,
-    options_from_args,
-    swap_inner,
-    udp4_packet,
-)
+from common.packets import TRAFFIC_MARK, TrafficTemplate, inet_checksum, swap_inner, udp4_packet
+from dispatcher.peer import Peer, PeerOptions, _pick, add_peer_arguments, options_from_args
 from member.worker import Member
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,27 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NS_SCRIPT = r'''
 import asyncio, ipaddress, json, socket, struct, sys
+from common.packets import udp4_packet
 from member.tun import TunDevice
-
-def csum(data):
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-def udp4(src, dst, sport, dport, payload):
-    """IPv4 + UDP with correct header and UDP checksums (RFC 791, RFC 768)."""
-    s, d = socket.inet_aton(src), socket.inet_aton(dst)
-    ulen = 8 + len(payload)
-    pseudo = s + d + struct.pack("!BBH", 0, 17, ulen)
-    udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
-    c = csum(pseudo + udp) or 0xFFFF
-    udp = udp[:6] + struct.pack("!H", c) + udp[8:]
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0, 64, 17, 0, s, d)
-    hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
-    return hdr + udp
 
 async def main():
     out = {}
@@ -86,7 +67,7 @@ async def main():
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rx.bind(("10.91.2.1", 7777))
         rx.setblocking(False)
-        ok = tun.write(udp4("10.91.9.5", "10.91.2.1", 5555, 7777, b"from-tun"))
+        ok = tun.write(udp4_packet("10.91.9.5", "10.91.2.1", 5555, 7777, b"from-tun", ident=1))
         loop = asyncio.get_running_loop()
         data, addr = await asyncio.wait_for(loop.sock_recvfrom(rx, 100), 5)
         out["write"] = {"ok": ok, "data": data.decode(), "from": list(addr)}
