@@ -22,73 +22,46 @@ from typing import Any
 
 import pytest
 
+from bench.harness import configs
+from bench.harness.procs import run_coro
 from common.cluster.stats import ClusterStatus, DispatcherStatus, StatusReport
 from common.config import load_config
 from dispatcher.control import ControlRelay, answer, parse_request
 from dispatcher.supervisor import control_endpoint
 from tests.cluster_util import DEAD_AFTER, Proc, Procs, cli_argv, wait_for
-from tests.test_peer import _Echo, _free_port_pair, config_text
+from tests.test_peer import _Echo, _free_port_pair, gateway_config, peer_config
 
 ROOT = Path(__file__).resolve().parent.parent
 G, PEER, R = "127.0.0.1", "127.0.0.2", "127.0.0.3"
 
 
+OUT_PSK = "out-psk-0123456789abcdef0123"
+
+
+def _out(name: str, esp: configs.Selectors, net: int) -> configs.Conn:
+    """Connection ``name`` from G to R as G sees it: one child ``{name}1``."""
+    return configs.Conn(name, f"{name}.gw.test", "r.test", (
+        configs.Child(f"{name}1", f"10.{net}.1.0/24", f"10.{net}.2.0/24", esp),))
+
+
 def out_conn(ports: tuple[int, int], name: str = "out", esp: str = "aes128gcm16",
              net: int = 60) -> str:
-    return f"""
-[connections.{name}]
-remote_addrs = ["{R}"]
-remote_port = {ports[0]}
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "{name}.gw.test"
-remote_id = "r.test"
-psk = "out-psk-0123456789abcdef0123"
-
-[connections.{name}.children.{name}1]
-local_ts = ["10.{net}.1.0/24"]
-remote_ts = ["10.{net}.2.0/24"]
-esp_proposals = ["{esp}"]
-"""
+    """G's connection ``name`` to R, as TOML text to add to G's config."""
+    return configs.dumps({"connections": configs.connections(
+        [_out(name, esp, net)], psk=OUT_PSK, remote_addrs=R, remote_port=ports[0],
+        start_action=None)})
 
 
-def gw_config(ports: tuple[int, int], echo_port: int, members: int, extra: str = "") -> str:
-    text = config_text(address=G, ports=ports, inside=f"udp:127.0.0.1:{echo_port}",
-                       remote=None, local_id="gw.test", remote_id="branch.test")
-    if members > 1:
-        text = text.replace("[cluster]\n", f"[cluster]\nmembers = {members}\n"
-                                          f"dead_after = {DEAD_AFTER}\n", 1)
-    return text + out_conn(ports) + extra
+def gw_config(ports: tuple[int, int], echo_port: int, members: int) -> str:
+    cluster = {"members": members, "dead_after": DEAD_AFTER} if members > 1 else {}
+    return gateway_config(ports, echo_port, extra=cluster) + "\n" + out_conn(ports)
 
 
 def r_config(ports: tuple[int, int]) -> str:
-    text = f"""
-[cluster]
-address = "{R}"
-ike_port = {ports[0]}
-natt_port = {ports[1]}
-inside = "udp:127.0.0.1:9"
-"""
-    for name, net in (("out", 60), ("new", 61)):
-        text += f"""
-[connections.{name}]
-remote_addrs = ["%any"]
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "r.test"
-remote_id = "{name}.gw.test"
-psk = "out-psk-0123456789abcdef0123"
-
-[connections.{name}.children.{name}1]
-local_ts = ["10.{net}.2.0/24"]
-remote_ts = ["10.{net}.1.0/24"]
-esp_proposals = ["aes128gcm16", "aes128ctr-sha256"]
-"""
-    return text
-
-
-def peer_config(ports: tuple[int, int]) -> str:
-    return config_text(address=PEER, ports=ports, inside="udp:127.0.0.1:9", remote=G,
-                       local_id="branch.test", remote_id="gw.test", mirrored=True,
-                       log_level="warning")
+    conns = [_out(name, ["aes128gcm16", "aes128ctr-sha256"], net).mirrored()
+             for name, net in (("out", 60), ("new", 61))]
+    return configs.gateway_toml(address=R, ports=ports, inside="udp:127.0.0.1:9", conns=conns,
+                                psk=OUT_PSK, log_level=None)
 
 
 def ctl(config: Path, *args: str, ok: bool = True) -> dict[str, Any]:
@@ -195,9 +168,7 @@ class _NoBackend:
     (b'{"cmd": "terminate", "ike": "x"}', "no SA matches"),
     (b"x" * 5000, "at most")])
 def test_bad_requests_get_one_line_errors(data: bytes, error: str) -> None:
-    import asyncio
-
-    result = asyncio.run(answer(_NoBackend(), data))
+    result = run_coro(answer(_NoBackend(), data))
     assert result["ok"] is False and error in result["error"]
     assert "\n" not in result["error"]
 
@@ -225,7 +196,7 @@ def test_relay_takes_answers_only_from_members_it_asked() -> None:
         assert set(relay.close(req)) == {1, 2}
         assert relay.answer(1, req, b'{"ok": true}') == "control_unasked"
 
-    asyncio.run(go())
+    run_coro(go())
 
 
 def test_dispatcher_takes_control_answers_only_from_members_it_asked() -> None:
@@ -254,7 +225,7 @@ def test_dispatcher_takes_control_answers_only_from_members_it_asked() -> None:
         _say(d, 1, Control(req.req_id, b'{"ok": true}'))   # too late: closed
         assert d.drops["refused_control_unasked"] == 3
 
-    asyncio.run(go())
+    run_coro(go())
 
 
 # -- against running gateways ------------------------------------------------------------
@@ -415,16 +386,11 @@ def test_start_action_start_initiates_on_run(tmp_path: Path) -> None:
     try:
         r_cfg, gw_cfg = tmp_path / "r.toml", tmp_path / "gw.toml"
         r_cfg.write_text(r_config(ports))
-        gw_cfg.write_text(out_conn(ports).replace('esp_proposals = ["aes128gcm16"]',
-                                                  'esp_proposals = ["aes128gcm16"]\n'
-                                                  'start_action = "start"')
-                          .replace("[connections.out]", f"""[cluster]
-address = "{PEER}"
-ike_port = {ports[0]}
-natt_port = {ports[1]}
-inside = "udp:127.0.0.1:9"
-
-[connections.out]"""))
+        gw_cfg.write_text(configs.dumps(configs.gateway_config(
+            configs.cluster_table(address=PEER, ports=ports, inside="udp:127.0.0.1:9",
+                                  log_level=None),
+            [_out("out", "aes128gcm16", 60)], psk=OUT_PSK, remote_addrs=R,
+            remote_port=ports[0], start_action="start")))
         procs.start("r", cli_argv("run", "--config", str(r_cfg))).wait_log("gateway listening")
         procs.start("gw", cli_argv("run", "--config", str(gw_cfg)))
         wait_for("IKE SA out", lambda: ike_sas(ctl(r_cfg, "list-sas"), "out"), timeout=20)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from member.worker import Member
 from member.worker import control as member_control
 from tests.fuzz import fuzz_settings
 from tests.test_logs import PORTS, carry
-from tests.test_peer import gateway_config, peer_config
+from tests.test_peer import CONN, gateway_config, peer_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -481,10 +482,12 @@ def test_a_virtual_ip_is_released_once_when_its_ike_sa_goes(
     from tests.test_pools import _request_vip
 
     _request_vip(monkeypatch)
-    wide = '"10.91.0.0/16"'
-    gw_text = (gateway_config(PORTS, 9).replace("psk = ", 'pools = ["rw"]\npsk = ', 1)
-               .replace('"10.91.1.0/24"', wide) + '\n[pools.rw]\naddrs = "10.91.0.0/23"\n')
-    gw, peer, got = _pair(gw_text, peer_config(PORTS).replace('"10.91.1.0/24"', wide))
+    wide = replace(CONN, children=tuple(
+        replace(c, remote_ts="10.91.0.0/16") if c.remote_ts == "10.91.1.0/24" else c
+        for c in CONN.children))
+    gw_text = gateway_config(PORTS, 9, conn=replace(wide, options={"pools": ["rw"]}),
+                             pools={"rw": {"addrs": "10.91.0.0/23"}})
+    gw, peer, got = _pair(gw_text, peer_config(PORTS, conn=wide))
     ids = peer.start_connections(0.0, only_start_action=False)
     carry(gw, peer)
     ((lease,),) = (sa.leases for sa in gw.engine.by_id.values())

@@ -15,6 +15,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from common.ike.events import ChildSaInstalled
 from member import logs as logs_mod
 from member.keylog import ESP_TABLE, IKE_TABLE, append_line, esp_lines
 from member.worker import Member
-from tests.test_peer import GW_ADDR, PEER_ADDR, gateway_config, peer_config
+from tests.test_peer import CONN, GW_ADDR, PEER_ADDR, gateway_config, peer_config
 
 PORTS = (500, 4500)
 
@@ -150,18 +151,18 @@ def test_at_info_the_payload_list_is_never_built(monkeypatch: pytest.MonkeyPatch
     assert gw.counters["ike_established"] == 1
 
 
-def _with_proposals(text: str, ike: str | None = None, esp: str | None = None) -> str:
+def _with_proposals(ike: str | None = None, esp: str | None = None) -> str:
+    """The gateway's config with other IKE or ESP proposals than the peer's."""
+    conn = CONN
     if ike is not None:
-        text = text.replace('proposals = ["aes128gcm16-prfsha256-ecp256"]',
-                            f'proposals = ["{ike}"]')
+        conn = replace(conn, proposals=ike)
     if esp is not None:
-        text = text.replace('"aes128gcm16"', f'"{esp}"').replace('"aes128ctr-sha256"',
-                                                                 f'"{esp}"')
-    return text
+        conn = replace(conn, children=tuple(replace(c, esp=esp) for c in conn.children))
+    return gateway_config(PORTS, 9, conn=conn)
 
 
 def test_ike_proposal_mismatch_names_both_sides(records: io.StringIO) -> None:
-    gw_text = _with_proposals(gateway_config(PORTS, 9), ike="aes256-sha512-modp4096")
+    gw_text = _with_proposals(ike="aes256-sha512-modp4096")
     gw, peer = pair(gw_text=gw_text)
     peer.start_connections(0.0, only_start_action=False)
     carry(gw, peer)
@@ -173,7 +174,7 @@ def test_ike_proposal_mismatch_names_both_sides(records: io.StringIO) -> None:
 
 
 def test_esp_proposal_mismatch_names_both_sides(records: io.StringIO) -> None:
-    gw_text = _with_proposals(gateway_config(PORTS, 9), esp="aes256-sha384")
+    gw_text = _with_proposals(esp="aes256-sha384")
     gw, peer = pair(gw_text=gw_text)
     peer.start_connections(0.0, only_start_action=False)
     carry(gw, peer)
@@ -214,14 +215,13 @@ def test_text_and_json_lines_name_the_role() -> None:
 def test_config_keys() -> None:
     cfg = load_config(gateway_config(PORTS, 9), "gw.toml")
     assert (cfg.cluster.log_format, cfg.cluster.save_keys) == ("text", "")
-    text = gateway_config(PORTS, 9).replace('log_level = "info"',
-                                            'log_level = "info"\nlog_format = "json"\n'
-                                            'save_keys = "/tmp/k"')
+    text = gateway_config(PORTS, 9, extra={"log_format": "json", "save_keys": "/tmp/k"})
     cfg = load_config(text, "gw.toml")
     assert (cfg.cluster.log_format, cfg.cluster.save_keys) == ("json", "/tmp/k")
     from common.config import ConfigError
     with pytest.raises(ConfigError, match="log_format"):
-        load_config(text.replace('"json"', '"xml"'), "gw.toml")
+        load_config(gateway_config(PORTS, 9, extra={"log_format": "xml", "save_keys": "/tmp/k"}),
+                    "gw.toml")
 
 
 # -- key export ------------------------------------------------------------------------
@@ -230,8 +230,7 @@ def test_config_keys() -> None:
 def test_save_keys_writes_both_tables_0600(tmp_path: Path, records: io.StringIO) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
-    gw_text = gateway_config(PORTS, 9).replace('log_level = "info"',
-                                               f'log_level = "info"\nsave_keys = "{keys}"')
+    gw_text = gateway_config(PORTS, 9, extra={"save_keys": str(keys)})
     gw, peer = pair(gw_text=gw_text)
     assert any("save_keys" in r["message"] and r["level"] == "warning"
                for r in lines(records))

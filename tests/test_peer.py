@@ -15,15 +15,18 @@ import json
 import random
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, UDP
 
+from bench.harness import configs
+from bench.harness.procs import ROOT as ROOT
+from bench.harness.procs import Proc, cli_argv
 from common.config import load_config
 from common.ike.constants import ExchangeType, NotifyType
 from common.ike.message import decode_header, decode_message
@@ -33,56 +36,29 @@ from common.packets import TRAFFIC_MARK, TrafficTemplate, inet_checksum, swap_in
 from dispatcher.peer import Peer, PeerOptions, _pick, add_peer_arguments, options_from_args
 from member.worker import Member
 
-ROOT = Path(__file__).resolve().parent.parent
 PSK = "peer-test-psk-0123456789abcdef"
 GW_ADDR, PEER_ADDR = "127.0.0.1", "127.0.0.2"
-CHILDREN = (("gcm", "10.91.2.0/24", "10.91.1.0/24", "aes128gcm16"),
-            ("ctr", "10.91.12.0/24", "10.91.11.0/24", "aes128ctr-sha256"))
+#: connection ``c`` as the gateway sees it: two children (GCM, CTR)
+CONN = configs.Conn("c", "gw.test", "branch.test", (
+    configs.Child("gcm", "10.91.2.0/24", "10.91.1.0/24", "aes128gcm16"),
+    configs.Child("ctr", "10.91.12.0/24", "10.91.11.0/24", "aes128ctr-sha256")))
 
 
-def config_text(*, address: str, ports: tuple[int, int], inside: str, remote: str | None,
-                local_id: str, remote_id: str, psk: str = PSK, mirrored: bool = False,
-                log_level: str = "info") -> str:
-    remote_addrs = f'["{remote}"]' if remote else '["%any"]'
-    remote_port = f"remote_port = {ports[0]}" if remote else ""
-    text = f"""
-[cluster]
-address = "{address}"
-ike_port = {ports[0]}
-natt_port = {ports[1]}
-inside = "{inside}"
-log_level = "{log_level}"
-
-[connections.c]
-remote_addrs = {remote_addrs}
-{remote_port}
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "{local_id}"
-remote_id = "{remote_id}"
-psk = "{psk}"
-"""
-    for name, local, rem, esp in CHILDREN:
-        if mirrored:
-            local, rem = rem, local
-        text += f"""
-[connections.c.children.{name}]
-local_ts = ["{local}"]
-remote_ts = ["{rem}"]
-esp_proposals = ["{esp}"]
-start_action = "{'start' if remote else 'none'}"
-"""
-    return text
+def gateway_config(ports: tuple[int, int], echo_port: int, *, conn: configs.Conn = CONN,
+                   extra: Mapping[str, Any] | None = None,
+                   pools: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """Our gateway at GW_ADDR answering ``conn`` (``extra``: more ``[cluster]``
+    keys; ``pools``: ``[pools.NAME]`` tables)."""
+    cluster = configs.cluster_table(address=GW_ADDR, ports=ports,
+                                    inside=f"udp:127.0.0.1:{echo_port}", **(extra or {}))
+    return configs.dumps(configs.gateway_config(cluster, [conn], psk=PSK, pools=pools))
 
 
-def gateway_config(ports: tuple[int, int], echo_port: int) -> str:
-    return config_text(address=GW_ADDR, ports=ports, inside=f"udp:127.0.0.1:{echo_port}",
-                       remote=None, local_id="gw.test", remote_id="branch.test")
-
-
-def peer_config(ports: tuple[int, int], psk: str = PSK) -> str:
-    return config_text(address=PEER_ADDR, ports=ports, inside="udp:127.0.0.1:9",
-                       remote=GW_ADDR, local_id="branch.test", remote_id="gw.test", psk=psk,
-                       mirrored=True, log_level="warning")
+def peer_config(ports: tuple[int, int], psk: str = PSK, *, conn: configs.Conn = CONN) -> str:
+    """Our peer at PEER_ADDR initiating ``conn`` (mirrored) to GW_ADDR."""
+    return configs.gateway_toml(address=PEER_ADDR, ports=ports, inside="udp:127.0.0.1:9",
+                                conns=[conn], psk=psk, remote=(GW_ADDR, ports[0]),
+                                log_level="warning")
 
 
 # -- inner packets ------------------------------------------------------------------------
@@ -237,22 +213,15 @@ def gateway(tmp_path: Path) -> Iterator[tuple[tuple[int, int], _Echo, Path]]:
     cfg = tmp_path / "gw.toml"
     cfg.write_text(gateway_config(ports, echo.port))
     log = tmp_path / "gw.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run", "--config",
-                                 str(cfg)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    gw = Proc(cli_argv("run", "--config", str(cfg)), log)
     try:
         end = time.monotonic() + 10
         while "gateway listening" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < end, log.read_text()
+            assert gw.alive() and time.monotonic() < end, log.read_text()
             time.sleep(0.05)
         yield ports, echo, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        gw.stop()
         echo.stop()
 
 
@@ -260,9 +229,8 @@ def run_peer(tmp_path: Path, ports: tuple[int, int], *args: str,
              psk: str = PSK) -> tuple[int, dict, str]:  # type: ignore[type-arg]
     cfg = tmp_path / "peer.toml"
     cfg.write_text(peer_config(ports, psk))
-    proc = subprocess.run([sys.executable, "-m", "dispatcher.cli", "peer", "--config", str(cfg),
-                           "--json", *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    proc = subprocess.run(cli_argv("peer", "--config", str(cfg), "--json", *args),
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"no JSON line; rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.returncode, json.loads(lines[-1]), proc.stderr

@@ -203,13 +203,27 @@ def cluster_table(*, address: str, inside: str, ports: tuple[int, int] | None = 
             "members": members, **extra}
 
 
+def connections(conns: Iterable[Conn], *, psk: str | None, remote_addrs: Selectors = "%any",
+                remote_port: int | None = None,
+                start_action: str | None = "none") -> dict[str, Any]:
+    """The ``[connections]`` table of ``conns`` as this gateway sees them
+    (alone: a fragment to add to a config's text)."""
+    return {c.name: c.table(psk=psk, remote_addrs=remote_addrs, remote_port=remote_port,
+                            start_action=start_action) for c in conns}
+
+
 def gateway_config(cluster: Mapping[str, Any], conns: Iterable[Conn], *, psk: str | None,
                    remote_addrs: Selectors = "%any", remote_port: int | None = None,
-                   start_action: str | None = "none") -> dict[str, Any]:
-    """A gateway's whole config, ``conns`` as this gateway sees them."""
-    return {"cluster": dict(cluster), "connections": {
-        c.name: c.table(psk=psk, remote_addrs=remote_addrs, remote_port=remote_port,
-                        start_action=start_action) for c in conns}}
+                   start_action: str | None = "none",
+                   pools: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """A gateway's whole config, ``conns`` as this gateway sees them;
+    ``pools``: the ``[pools.NAME]`` tables (virtual IPs)."""
+    out: dict[str, Any] = {"cluster": dict(cluster)}
+    if pools:
+        out["pools"] = dict(pools)
+    out["connections"] = connections(conns, psk=psk, remote_addrs=remote_addrs,
+                                     remote_port=remote_port, start_action=start_action)
+    return out
 
 
 def peer_config(cluster: Mapping[str, Any], conns: Iterable[Conn], *, psk: str | None,
@@ -220,7 +234,7 @@ def peer_config(cluster: Mapping[str, Any], conns: Iterable[Conn], *, psk: str |
                           remote_addrs=remote[0], remote_port=remote[1], start_action="start")
 
 
-def gateway_toml(*, address: str, inside: str, conns: Iterable[Conn], psk: str,
+def gateway_toml(*, address: str, inside: str, conns: Iterable[Conn], psk: str | None,
                  ports: tuple[int, int] | None = None, inside_bind: str | None = None,
                  members: int | None = None, remote: tuple[str, int | None] | None = None,
                  log_level: str | None = "info", extra: Mapping[str, Any] | None = None) -> str:

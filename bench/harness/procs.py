@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 #: SIGTERM to SIGKILL
@@ -31,6 +31,7 @@ REAP_S = 3.0
 _PR_SET_PDEATHSIG = 1
 
 Popen = Callable[..., "subprocess.Popen[Any]"]
+T = TypeVar("T")
 
 # resolved here, not in the child between fork and exec
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -160,8 +161,7 @@ class Proc:
 
     def signal_group(self, sig: int) -> None:
         """``sig`` to the whole group (nothing if it is gone)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
+        signal_group(self.pid, sig)
 
     def stop(self, grace_s: float = KILL_GRACE_S) -> bool:
         """SIGTERM to the group, up to ``grace_s`` for it to end, then
@@ -175,27 +175,42 @@ class Proc:
 
 
 def stop_all(procs: Sequence[Proc], grace_s: float = KILL_GRACE_S) -> list[str]:
-    """Stop ``procs`` together: SIGTERM to every group (last started first),
-    up to ``grace_s`` for all to end, then SIGKILL to every group still
-    there. Returns the names of those whose group outlived SIGKILL too."""
-    for p in reversed(procs):
-        if p.alive() or p.group_alive():
-            p.signal_group(signal.SIGTERM)
-    _wait_gone(procs, time.monotonic() + grace_s)
-    for p in procs:
-        if p.group_alive():
-            p.signal_group(signal.SIGKILL)
-    _wait_gone(procs, time.monotonic() + REAP_S)
-    left = [p.name for p in procs if p.group_alive()]
+    """Stop ``procs`` together (``stop_groups``) and close their logs.
+    Returns the names of those whose group outlived SIGKILL too."""
+    left = set(stop_groups([p.proc for p in procs], grace_s))
     for p in procs:
         p.close()
-    return left
+    return [p.name for p in procs if p.pid in left]
 
 
-def _wait_gone(procs: Sequence[Proc], end: float) -> None:
-    for p in procs:
-        p.wait(max(0.05, end - time.monotonic()))
-    while time.monotonic() < end and any(p.group_alive() for p in procs):
+def stop_groups(popens: Sequence[subprocess.Popen[Any]],
+                grace_s: float = KILL_GRACE_S) -> list[int]:
+    """Stop the process groups these processes lead (each started in its own
+    session) together: SIGTERM to every group (last started first), up to
+    ``grace_s`` for all to end, then SIGKILL to every group still there.
+    Returns the pids whose group outlived SIGKILL too."""
+    for p in reversed(popens):
+        if p.poll() is None or group_alive(p.pid):
+            signal_group(p.pid, signal.SIGTERM)
+    _wait_gone(popens, time.monotonic() + grace_s)
+    for p in popens:
+        if group_alive(p.pid):
+            signal_group(p.pid, signal.SIGKILL)
+    _wait_gone(popens, time.monotonic() + REAP_S)
+    return [p.pid for p in popens if group_alive(p.pid)]
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """``sig`` to process group ``pgid`` (nothing if it is gone)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_gone(popens: Sequence[subprocess.Popen[Any]], end: float) -> None:
+    for p in popens:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.05, end - time.monotonic()))
+    while time.monotonic() < end and any(group_alive(p.pid) for p in popens):
         time.sleep(0.05)
 
 
@@ -233,15 +248,23 @@ class Procs:
         self.close()
 
 
-def run_main(main: Coroutine[Any, Any, int]) -> int:
-    """The exit status ``main`` returns, run on the product's one event-loop
-    runner (``member.main.run_loop``: uvloop); 1 if it returned nothing."""
+def run_coro(coro: Coroutine[Any, Any, T]) -> T:
+    """What ``coro`` returns, run on the product's one event-loop runner
+    (``member.main.run_loop``: uvloop)."""
     from member.main import run_loop
 
-    codes: list[int] = []
+    results: list[T] = []
 
     async def wrapper() -> None:
-        codes.append(await main)
+        results.append(await coro)
 
     run_loop(wrapper())
-    return codes[0] if codes else 1
+    if not results:
+        raise RuntimeError("the event loop stopped before the coroutine returned")
+    return results[0]
+
+
+def run_main(main: Coroutine[Any, Any, int]) -> int:
+    """The exit status ``main`` returns, run on ``run_coro``; 1 if it returned nothing."""
+    code = run_coro(main)
+    return code if code is not None else 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench.harness.procs import Proc
 from tests.lab import netns
 
 T = TypeVar("T")
@@ -301,7 +302,7 @@ class Charon:
         self.log_path = self.run_dir / "charon.log"
         self.swanctl_dir = self.run_dir / "swanctl"
         self.port, self.port_nat_t = port, port_nat_t
-        self.proc: subprocess.Popen[Any] | None = None
+        self.proc: Proc | None = None
         opts = "".join(f"    {k} = {v}\n" for k, v in (charon_options or {}).items())
         self.conf_text = STRONGSWAN_CONF.format(
             ns=ns, plugins=plugins, port=port, port_nat_t=port_nat_t,
@@ -321,13 +322,11 @@ class Charon:
             f"mount --bind '{self.run_dir}' /run && "
             f"exec env STRONGSWAN_CONF='{self.conf_path}' {netns.CHARON_PATH}"
         )
-        self._stdout = open(self.run_dir / "charon.stdout", "wb")
-        self.proc = netns.popen(
-            self.ns, ["sh", "-c", script], stdout=self._stdout, stderr=subprocess.STDOUT
-        )
+        self.proc = Proc(["sh", "-c", script], self.run_dir / "charon.stdout", name="charon",
+                         ns=self.ns, cwd=None)
         deadline = time.monotonic() + timeout
         while True:
-            if self.proc.poll() is not None:
+            if not self.proc.alive():
                 err = self._error(f"charon exited with {self.proc.returncode} at start")
                 self.stop()
                 raise err
@@ -341,13 +340,12 @@ class Charon:
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM charon's process group, SIGKILL after ``grace_s``."""
         if self.proc is not None:
-            netns.kill_process_group(self.proc, grace_s)
+            self.proc.stop(grace_s)
             self.proc = None
-            self._stdout.close()
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.alive()
 
     def __enter__(self) -> Charon:
         return self if self.running else self.start()

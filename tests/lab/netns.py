@@ -6,7 +6,8 @@ Rules of this file:
 - Interfaces are created directly inside their namespaces, never in the root
   namespace, so parallel runs cannot collide on interface names.
 - Everything a ``Lab`` starts or creates is undone by ``Lab.close()``, also when
-  the test failed: process groups are killed, then namespaces are deleted.
+  the test failed: its process groups are stopped (the harness's
+  ``stop_groups``, bench/harness/procs.py), then namespaces are deleted.
 - 198.18.0.0/15 (RFC 2544 benchmarking) and 10.91.0.0/16 are used only inside
   namespaces created here.
 """
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.harness.procs import KILL_GRACE_S, ns_argv, pid_alive, stop_groups
+
 if TYPE_CHECKING:
     from tests.lab.charon import Charon
 
@@ -35,7 +38,6 @@ DEFAULT_ADDR_A = "198.18.0.1/24"
 DEFAULT_ADDR_B = "198.18.0.2/24"
 CHARON_PATH = "/usr/lib/ipsec/charon"
 CMD_TIMEOUT_S = 30.0
-KILL_GRACE_S = 5.0
 
 _counter = itertools.count(1)
 
@@ -92,30 +94,16 @@ def delete_netns(name: str) -> None:
     _ip("netns", "delete", name, check=False)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_stale(prefix: str = DEFAULT_PREFIX) -> list[str]:
     """Delete namespaces ``{prefix}-{pid}-{n}`` left behind by dead processes."""
     pattern = re.compile(rf"^{re.escape(prefix)}-(\d+)-\d+$")
     removed = []
     for name in list_netns():
         m = pattern.match(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             delete_netns(name)
             removed.append(name)
     return removed
-
-
-def ns_argv(ns: str, argv: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", ns, *argv]
 
 
 def run(
@@ -143,22 +131,6 @@ def popen(ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     """Start ``argv`` inside ``ns`` in its own session (so its group can be killed)."""
     kwargs.setdefault("start_new_session", True)
     return subprocess.Popen(ns_argv(ns, argv), **kwargs)
-
-
-def kill_process_group(proc: subprocess.Popen[Any], grace_s: float = KILL_GRACE_S) -> None:
-    """SIGTERM the process group, wait ``grace_s``, then SIGKILL it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    # Children may outlive the leader; the group id is the leader's pid.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace_s)
 
 
 def lab_unavailable_reason(*, need_charon: bool = True) -> str | None:
@@ -298,8 +270,7 @@ class Lab:
                 ch.stop()
             except Exception as exc:  # keep tearing down
                 errors.append(exc)
-        for proc in reversed(self.processes):
-            kill_process_group(proc)
+        stop_groups(self.processes)
         for ns in reversed(self.namespaces):
             delete_netns(ns)
         self.charons.clear()

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from bench.harness.procs import stop_groups
 from tests.lab import netns
 
 MAX_COUNT = 1_000_000
@@ -180,7 +181,7 @@ class UdpServer:
         ready, _, _ = select.select([self.proc.stdout], [], [], READY_TIMEOUT_S)
         line = self.proc.stdout.readline() if ready else ""
         if line.strip() != "ready":
-            netns.kill_process_group(self.proc, 1.0)
+            stop_groups([self.proc], 1.0)
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise netns.LabError(f"UDP server in {self.ns} did not start: {line}{err}")
 
@@ -191,7 +192,7 @@ class UdpServer:
             try:
                 out, err = self.proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                netns.kill_process_group(self.proc, 1.0)
+                stop_groups([self.proc], 1.0)
                 out, err = self.proc.communicate()
             lines = out.strip().splitlines()
             if not lines:
@@ -206,7 +207,7 @@ class UdpServer:
         try:
             self.stop()
         finally:
-            netns.kill_process_group(self.proc, 1.0)
+            stop_groups([self.proc], 1.0)
 
 
 def udp_send(
