@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.harness.configs import dumps
 from common.config import (
     ConfigError,
     decode_psk,
@@ -39,35 +38,6 @@ BASE: dict[str, Any] = {
 }
 
 
-def _value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    return repr(v)
-
-
-def _key(k: str) -> str:
-    return k if re.match(r"^[A-Za-z0-9_-]+$", k) else json.dumps(k)
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Just enough of a TOML writer for these tests."""
-    lines = [f"[{prefix}]"] if prefix else []
-    tables = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        else:
-            lines.append(f"{_key(k)} = {_value(v)}")
-    out = "\n".join(lines) + "\n"
-    for k, v in tables:
-        out += to_toml(v, f"{prefix}.{_key(k)}" if prefix else _key(k))
-    return out
-
-
 def with_change(path: str, value: Any) -> str:
     data = copy.deepcopy(BASE)
     *parents, last = path.split(".")
@@ -78,11 +48,11 @@ def with_change(path: str, value: Any) -> str:
         del node[last]
     else:
         node[last] = value
-    return to_toml(data)
+    return dumps(data)
 
 
 def test_base_config_is_valid() -> None:
-    cfg = load_config(to_toml(BASE), "gw.toml")
+    cfg = load_config(dumps(BASE), "gw.toml")
     assert cfg.source == "gw.toml"
     assert cfg.cluster.address == ipaddress.ip_address("198.18.0.2")
     assert cfg.cluster.replay_after_failover == "rekey"
@@ -247,7 +217,7 @@ def test_bad_proposals_are_rejected() -> None:
 
 
 def test_proposals_are_parsed() -> None:
-    conn = load_config(to_toml(BASE), "gw.toml").connections["branch"]
+    conn = load_config(dumps(BASE), "gw.toml").connections["branch"]
     assert conn.proposals[0].proposal is not None
     assert conn.children["net"].esp_proposals[0].proposal is not None
 
@@ -355,7 +325,7 @@ def test_udp_inside_and_ipv6() -> None:
     child = data["connections"]["branch"]["children"]["net"]
     child.update(local_ts=["fd00:1::/64", "0.0.0.0/0"], remote_ts=["::/0"])
     data["connections"]["branch"]["remote_addrs"] = ["2001:db8::1"]
-    cfg = load_config(to_toml(data), "gw.toml")
+    cfg = load_config(dumps(data), "gw.toml")
     inside = cfg.cluster.inside
     assert inside.kind == "udp"
     assert (inside.host, inside.port) == (ipaddress.ip_address("::1"), 9000)
@@ -384,6 +354,6 @@ def test_durations_accept_swanctl_units() -> None:
 
 
 def test_config_is_frozen() -> None:
-    cfg = load_config(to_toml(BASE), "gw.toml")
+    cfg = load_config(dumps(BASE), "gw.toml")
     with pytest.raises(AttributeError):
         cfg.cluster.ike_port = 1  # type: ignore[misc]

@@ -11,13 +11,10 @@ ends ``ipsec-cluster`` with exit status 2 and exactly one stderr line starting
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import socket
 import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +24,14 @@ import zmq.auth
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.harness.configs import dumps
+from bench.harness.procs import ROOT, cli_argv
 from common.config import Config, ConfigError, load_config
 from dispatcher.supervisor import run_dir
 from member.config_file import read_config
 from tests.fuzz import fuzz_settings
-from tests.test_config import BASE, DELETE, PSK, to_toml, with_change
+from tests.test_config import BASE, DELETE, PSK, with_change
 
-ROOT = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT_S = 30.0
 C = "cluster."
 B = "connections.branch."
@@ -54,11 +52,11 @@ def _edit(base: str, *lines: str, table: str = "[cluster]") -> str:
 def _no_children() -> str:
     data = copy.deepcopy(BASE)
     del data["connections"]["branch"]["children"]
-    return to_toml(data)
+    return dumps(data)
 
 
 def _renamed(old: str, new: str) -> str:
-    return to_toml(BASE).replace(old, new)
+    return dumps(BASE).replace(old, new)
 
 
 @dataclass
@@ -82,7 +80,7 @@ def _secret(tmp: Path) -> bytes:
 
 
 TCP = ['sync = "tcp://127.0.0.1:7000"', 'curve_secret_key = "k.key_secret"']
-BASE_TEXT = to_toml(BASE)
+BASE_TEXT = dumps(BASE)
 
 BAD: list[Bad] = [
     # -- the attacker's findings ----------------------------------------------------
@@ -311,26 +309,27 @@ def _free_port() -> int:
         return port
 
 
-def _cluster_toml(tmp: Path, *extra: str, control: bool = True) -> Path:
-    """A cluster that would start (udp inside, 2 members) but for ``extra``;
-    its control folder in ``tmp`` unless ``control`` is False."""
-    ike, natt, inside = _free_port(), _free_port(), _free_port()
+def _cluster_toml(tmp: Path, extra: Mapping[str, Any] | None = None, *,
+                  control: bool = True) -> Path:
+    """A cluster that would start (udp inside, 2 members) but for the
+    ``extra`` ``[cluster]`` keys; its control folder in ``tmp`` unless
+    ``control`` is False."""
+    data = copy.deepcopy(BASE)
+    data["cluster"].update(address="127.0.0.1", inside=f"udp:127.0.0.1:{_free_port()}",
+                           ike_port=_free_port(), natt_port=_free_port(), members=2)
     if control:
-        extra = (*extra, f'control = "{tmp}/run"')
-    text = _edit(to_toml(BASE).replace('inside = "tun:ipsc0"',
-                                       f'inside = "udp:127.0.0.1:{inside}"'),
-                 'address = "127.0.0.1"', f"ike_port = {ike}", f"natt_port = {natt}",
-                 "members = 2", *extra).replace('address = "198.18.0.2"\n', "", 1)
-    text = text.replace('remote_addrs = ["198.18.0.1"]', 'remote_addrs = ["127.0.0.1"]')
+        data["cluster"]["control"] = f"{tmp}/run"
+    data["cluster"].update(extra or {})
+    data["connections"]["branch"]["remote_addrs"] = ["127.0.0.1"]
     path = tmp / "gw.toml"
-    path.write_text(text)
+    path.write_text(dumps(data))
     return path
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "dispatcher.cli", *args], capture_output=True,
-                          text=True, timeout=CLI_TIMEOUT_S, cwd=ROOT, env=env, check=False)
+    proc = subprocess.run(cli_argv(*args), capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=env, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -361,27 +360,28 @@ def test_run_connection_without_children(tmp_path: Path) -> None:
 
 
 def test_run_curve_key_file_missing(tmp_path: Path) -> None:
-    config = _cluster_toml(tmp_path, f'sync = "tcp://127.0.0.1:{_free_port()}"',
-                           'curve_secret_key = "keys/dispatcher.key_secret"')
+    config = _cluster_toml(tmp_path, {"sync": f"tcp://127.0.0.1:{_free_port()}",
+                                      "curve_secret_key": "keys/dispatcher.key_secret"})
     _run(config, "cluster.curve_secret_key", "keys/dispatcher.key_secret",
          "No such file or directory")
 
 
 def test_run_curve_authorized_missing(tmp_path: Path) -> None:
     _keys(tmp_path)
-    config = _cluster_toml(tmp_path, f'sync = "tcp://127.0.0.1:{_free_port()}"',
-                           'curve_secret_key = "k.key_secret"', 'curve_authorized = "nope"')
+    config = _cluster_toml(tmp_path, {"sync": f"tcp://127.0.0.1:{_free_port()}",
+                                      "curve_secret_key": "k.key_secret",
+                                      "curve_authorized": "nope"})
     _run(config, "cluster.curve_authorized", "a folder of member public keys")
 
 
 def test_run_ipc_path_in_a_missing_folder(tmp_path: Path) -> None:
-    config = _cluster_toml(tmp_path, f'sync = "ipc://{tmp_path}/missing/members.ipc"')
+    config = _cluster_toml(tmp_path, {"sync": f"ipc://{tmp_path}/missing/members.ipc"})
     _run(config, "cluster.sync", f"the folder {tmp_path}/missing does not exist")
 
 
 def test_run_control_folder_not_creatable(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    config = _cluster_toml(tmp_path, f'control = "{tmp_path}/file/run"', control=False)
+    config = _cluster_toml(tmp_path, {"control": f"{tmp_path}/file/run"}, control=False)
     _run(config, "cluster.control", f"cannot create the folder {tmp_path}/file/run")
 
 
@@ -394,7 +394,7 @@ def test_run_control_folder_not_writable(tmp_path: Path) -> None:
     else:  # pragma: no cover - a writable /sys
         os.unlink("/sys/.ipsec-cluster-probe")
         pytest.skip("/sys is writable here")
-    config = _cluster_toml(tmp_path, 'control = "/sys"', control=False)
+    config = _cluster_toml(tmp_path, {"control": "/sys"}, control=False)
     _run(config, "cluster.control", "cannot write in the folder /sys")
 
 
@@ -403,7 +403,7 @@ def test_run_metrics_port_in_use(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        config = _cluster_toml(tmp_path, f"metrics_port = {port}", control=False)
+        config = _cluster_toml(tmp_path, {"metrics_port": port}, control=False)
         _run(config, f"cluster.metrics_port: port {port} on 127.0.0.1 is in use",
              f"by pid {os.getpid()}")
     # the run folder made for it is gone again
@@ -417,9 +417,9 @@ def test_run_sync_port_in_use(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        config = _cluster_toml(tmp_path, f'sync = "tcp://127.0.0.1:{port}"',
-                               'curve_secret_key = "k.key_secret"',
-                               'curve_authorized = "authorized"')
+        config = _cluster_toml(tmp_path, {"sync": f"tcp://127.0.0.1:{port}",
+                                          "curve_secret_key": "k.key_secret",
+                                          "curve_authorized": "authorized"})
         _run(config, "cluster.sync", f"cannot bind tcp://127.0.0.1:{port}",
              "Address already in use")
 
@@ -450,25 +450,6 @@ def test_status_without_a_cluster(tmp_path: Path) -> None:
 
 
 # -- Hypothesis: nothing but ConfigError -------------------------------------------------
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) \
-            else repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
-def _inline(data: dict[str, Any]) -> str:
-    return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in data.items())
 
 
 KEYS = [
@@ -531,7 +512,7 @@ def test_random_toml_documents_raise_only_config_error(
             node.pop(last, None)
         else:
             node[last] = value
-    _only_config_error(_inline(data), _read_file(file_content))
+    _only_config_error(dumps(data), _read_file(file_content))
 
 
 @pytest.mark.fuzz

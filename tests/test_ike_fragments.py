@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from bench.harness.configs import dumps
 from common.cluster.routing import PortKind, Route, RouteKind, route_datagram
 from common.cluster.segments import SegmentTable
 from common.config import ConfigError, load_config
@@ -28,7 +29,7 @@ from common.ike.message import IkeMessage, decode_header
 from common.ike.payloads import NotifyPayload
 from common.ike.policy import policies_from_config
 from tests.ike_pair import Pair, assert_children_agree, child, make_pair
-from tests.test_config import BASE, to_toml, with_change
+from tests.test_config import BASE, with_change
 
 #: 4500 after the NAT-T float: the datagram carries a non-ESP marker too.
 LIMIT = max_message_len(1280, "198.18.0.1", natt=True)
@@ -264,7 +265,7 @@ def test_config_fragmentation_reaches_the_policy(value: str) -> None:
 
 
 def test_config_fragmentation_default_and_bad_value() -> None:
-    assert load_config(to_toml(BASE), "gw.toml").connections["branch"].fragmentation == "yes"
+    assert load_config(dumps(BASE), "gw.toml").connections["branch"].fragmentation == "yes"
     with pytest.raises(ConfigError, match=r"fragmentation: expected one of .*\"force\""):
         load_config(with_change("connections.branch.fragmentation", "maybe"), "gw.toml")
 

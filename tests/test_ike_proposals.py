@@ -525,8 +525,9 @@ def test_default_keyword_meets_strongswan_default_offers() -> None:
 
 
 def test_config_accepts_the_new_names() -> None:
+    from bench.harness.configs import dumps
     from common.config import load_config
-    from tests.test_config import BASE, to_toml
+    from tests.test_config import BASE
     data = copy.deepcopy(BASE)
     conn = data["connections"]["branch"]
     conn["proposals"] = ["aes256-sha512-ecp521", "aes128-sha1-modp4096",
@@ -534,7 +535,7 @@ def test_config_accepts_the_new_names() -> None:
     conn["children"]["net"]["esp_proposals"] = [
         "aes128-sha1", "aes256-sha512", "aes128-sha256-modp4096", "chacha20poly1305-ecp521",
         "default"]
-    cfg = load_config(to_toml(data), "gw.toml").connections["branch"]
+    cfg = load_config(dumps(data), "gw.toml").connections["branch"]
     assert [p.proposal.number for p in cfg.proposals] == [1, 2, 3, 4, 5]
     assert [p.text for p in cfg.proposals][-2:] == ["default", "default"]
     esp = cfg.children["net"].esp_proposals

@@ -22,17 +22,18 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.procs import ROOT, Proc, Procs, cli_argv, ns_argv
 from member.keylog import ESP_TABLE, IKE_TABLE
 from tests.interop_gw import OurProcess
 from tests.interop_gw import gateway_toml as interop_gateway_toml
+from tests.lab import netns as lab_netns
 from tests.lab import traffic
 from tests.lab.charon import Child, Conn, render_swanctl_conf
 from tests.lab.netns import Lab
-from tests.test_peer import ROOT, gateway_config, peer_config
+from tests.test_peer import gateway_config, peer_config
 
 pytestmark = [pytest.mark.slow]
 
-NS = f"klog{os.getpid()}"
 ECHO_PORT = 7777
 ECHO = f"""
 import socket
@@ -61,16 +62,11 @@ def netns() -> Iterator[str]:
     why = _usable()
     if why:
         pytest.skip(why)
-    subprocess.run(["ip", "netns", "add", NS], check=True)
+    ns = lab_netns.create_netns(lab_netns.unique_name("klog"))
     try:
-        subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True)
-        yield NS
+        yield ns
     finally:
-        subprocess.run(["ip", "netns", "del", NS], check=False)
-
-
-def _in_ns(ns: str, *argv: str) -> list[str]:
-    return ["ip", "netns", "exec", ns, *argv]
+        lab_netns.delete_netns(ns)
 
 
 def _tcpdump(interface: str, cap: Path) -> list[str]:
@@ -78,15 +74,6 @@ def _tcpdump(interface: str, cap: Path) -> list[str]:
     # and the last block is lost when tcpdump is stopped.
     return ["tcpdump", "-i", interface, "-U", "--immediate-mode", "-w", str(cap),
             "udp port 500 or udp port 4500"]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _tshark(cap: Path, conf: Path, fields: list[str], filt: str) -> list[str]:
@@ -104,37 +91,31 @@ def test_tshark_decrypts_ike_auth_and_esp_with_our_key_files(netns: str,
     keys = tmp_path / "keys"
     keys.mkdir(mode=0o700)
     gw_cfg = tmp_path / "gw.toml"
-    gw_cfg.write_text(gateway_config((500, 4500), ECHO_PORT).replace(
-        'log_level = "info"', f'log_level = "info"\nsave_keys = "{keys}"'))
+    gw_cfg.write_text(gateway_config((500, 4500), ECHO_PORT, extra={"save_keys": str(keys)}))
     peer_cfg = tmp_path / "peer.toml"
     peer_cfg.write_text(peer_config((500, 4500)))
     cap = tmp_path / "ike.pcap"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    dump = subprocess.Popen(_in_ns(netns, *_tcpdump("lo", cap)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    echo = subprocess.Popen(_in_ns(netns, sys.executable, "-c", ECHO), env=env, cwd=ROOT)
-    log = tmp_path / "gw.log"
-    with log.open("wb") as out:
-        gw = subprocess.Popen(_in_ns(netns, sys.executable, "-m", "dispatcher.cli", "run",
-                                     "--config", str(gw_cfg)),
-                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    env = {"PYTHONPATH": str(ROOT)}
+    procs = Procs(tmp_path)
+    procs.start("tcpdump", _tcpdump("lo", cap), ns=netns)
+    procs.start("echo", [sys.executable, "-c", ECHO], ns=netns, env=env)
+    gw = procs.start("gw", cli_argv("run", "--config", str(gw_cfg)), ns=netns, env=env)
+    log = gw.log_path
     try:
         end = time.monotonic() + 15
         while "gateway listening" not in log.read_text():
-            assert gw.poll() is None and time.monotonic() < end, log.read_text()
+            assert gw.alive() and time.monotonic() < end, log.read_text()
             time.sleep(0.05)
         time.sleep(0.5)   # tcpdump is listening by now
-        peer = subprocess.run(_in_ns(netns, sys.executable, "-m", "dispatcher.cli", "peer",
-                                     "--config", str(peer_cfg), "--json", "--ike-sas", "1",
-                                     "--traffic", "50", "--seconds", "2", "--size", "100"),
-                              capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+        peer = subprocess.run(ns_argv(netns, cli_argv(
+            "peer", "--config", str(peer_cfg), "--json", "--ike-sas", "1", "--traffic", "50",
+            "--seconds", "2", "--size", "100")), capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env}, cwd=ROOT)
         res = json.loads([ln for ln in peer.stdout.splitlines() if ln.startswith("{")][-1])
         assert res["ok"] and res["traffic"]["echoed"] > 0, peer.stderr
         time.sleep(0.5)
     finally:
-        _stop(gw)
-        _stop(echo)
-        _stop(dump)
+        procs.close()
     text = log.read_text()
     assert "save_keys" in text and "WARNING" in text   # the secrets warning at start
 
@@ -176,12 +157,9 @@ def test_tshark_decrypts_strongswan_session_with_our_key_files(lab: Lab,
         lab.add_lo_addr(ns_a, addr)
     lab.add_lo_addr(ns_b, "10.91.12.1")
     cap = tmp_path / "charon.pcap"
-    dump_log = tmp_path / "tcpdump.log"
-    with dump_log.open("wb") as err:
-        dump = subprocess.Popen(_in_ns(ns_b, *_tcpdump("any", cap)),
-                                stdout=subprocess.DEVNULL, stderr=err)
+    dump = Proc(_tcpdump("any", cap), tmp_path / "tcpdump.log", ns=ns_b)
     try:
-        gw = OurProcess(lab, ns_b, interop_gateway_toml(extra=f'save_keys = "{keys}"'),
+        gw = OurProcess(lab, ns_b, interop_gateway_toml(extra={"save_keys": str(keys)}),
                         tmp_path)
         gw.wait_log("gateway listening")
         charon = lab.charon(ns_a, "charon-a")
@@ -196,7 +174,7 @@ def test_tshark_decrypts_strongswan_session_with_our_key_files(lab: Lab,
             assert res.ok, f"ping {src} -> {dst}: {res.output}\n{gw.log_text()[-3000:]}"
         time.sleep(0.5)
     finally:
-        _stop(dump)
+        dump.stop()
     conf = tmp_path / "wireshark"
     conf.mkdir()
     for name in (IKE_TABLE, ESP_TABLE):
