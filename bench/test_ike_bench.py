@@ -21,14 +21,16 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.harness import configs
+from bench.harness.procs import Proc, cli_argv
 from common.cluster.spi import SpiAllocator
 from common.ike.constants import IdType
 from common.ike.context import IkeState
@@ -150,45 +152,31 @@ def test_memory_handshake_certificates(benchmark: Any, kind: str) -> None:
 # -- configs for (b) and (c) ----------------------------------------------------------------
 
 
+#: connection ``c`` as the responder (b.test) sees it
+CONN = configs.Conn("c", "b.test", "a.test",
+                    (configs.Child("net", "10.91.2.0/24", "10.91.1.0/24", "aes128gcm16"),))
+
+
 def config(*, address: str, ports: tuple[int, int], inside: str, remote: str | None,
-           local_id: str, remote_id: str, local_ts: str, remote_ts: str,
-           auth: str = f'psk = "{PSK}"') -> str:
-    conn_remote = (f'remote_addrs = ["{remote}"]\nremote_port = {ports[0]}' if remote
-                   else 'remote_addrs = ["%any"]')
-    return f"""
-[cluster]
-address = "{address}"
-ike_port = {ports[0]}
-natt_port = {ports[1]}
-inside = "{inside}"
-log_level = "warning"
-cookie_threshold = 1000
-
-[connections.c]
-{conn_remote}
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "{local_id}"
-remote_id = "{remote_id}"
-{auth}
-
-[connections.c.children.net]
-local_ts = ["{local_ts}"]
-remote_ts = ["{remote_ts}"]
-esp_proposals = ["aes128gcm16"]
-start_action = "{'start' if remote else 'none'}"
-"""
+           auth: Mapping[str, Any] | None = None) -> str:
+    """The responder's config (``remote`` None), or the initiator's (the
+    connection mirrored, initiated to ``remote``); ``auth``: the
+    connection's authentication keys (default: the PSK)."""
+    conn = replace(CONN, options=auth or {"psk": PSK})
+    return configs.gateway_toml(address=address, ports=ports, inside=inside, conns=[conn],
+                                psk=None, remote=(remote, ports[0]) if remote else None,
+                                log_level="warning", extra={"cookie_threshold": 1000})
 
 
 def peer_config(address: str, remote: str, ports: tuple[int, int],
-                auth: str = f'psk = "{PSK}"') -> str:
+                auth: Mapping[str, Any] | None = None) -> str:
     return config(address=address, ports=ports, inside="udp:127.0.0.1:9", remote=remote,
-                  local_id="a.test", remote_id="b.test", local_ts="10.91.1.0/24",
-                  remote_ts="10.91.2.0/24", auth=auth)
+                  auth=auth)
 
 
 def peer_argv(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dispatcher.cli", "peer", "--config", str(cfg),
-            "--ike-sas", str(N_SAS), "--exit-when-up", "--json", "--timeout", "60", *extra]
+    return cli_argv("peer", "--config", str(cfg), "--ike-sas", str(N_SAS), "--exit-when-up",
+                    "--json", "--timeout", "60", *extra)
 
 
 def parse_result(stdout: str, stderr: str) -> dict:  # type: ignore[type-arg]
@@ -215,11 +203,11 @@ def _free_ports() -> tuple[int, int]:
     raise RuntimeError("no free UDP port pair")
 
 
-def _wait_bound(addr: str, port: int, proc: subprocess.Popen[bytes]) -> None:
+def _wait_bound(addr: str, port: int, proc: Proc) -> None:
     """Until ``proc`` has bound ``addr:port`` (UDP)."""
     end = time.monotonic() + 10
     while time.monotonic() < end:
-        assert proc.poll() is None, "gateway exited"
+        assert proc.alive(), "gateway exited"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
                 s.bind((addr, port))
@@ -233,19 +221,16 @@ def _loopback_round(tmp: Path) -> dict:  # type: ignore[type-arg]
     ports = _free_ports()
     gw_cfg, peer_cfg = tmp / "gw.toml", tmp / "peer.toml"
     gw_cfg.write_text(config(address="127.0.0.1", ports=ports, inside="udp:127.0.0.1:9",
-                             remote=None, local_id="b.test", remote_id="a.test",
-                             local_ts="10.91.2.0/24", remote_ts="10.91.1.0/24"))
+                             remote=None))
     peer_cfg.write_text(peer_config("127.0.0.2", "127.0.0.1", ports))
-    gw = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "run", "--config",
-                           str(gw_cfg)], stderr=(tmp / "gw.log").open("wb"), cwd=ROOT)
+    gw = Proc(cli_argv("run", "--config", str(gw_cfg)), tmp / "gw.log")
     try:
         _wait_bound("127.0.0.1", ports[0], gw)
         proc = subprocess.run(peer_argv(peer_cfg), capture_output=True, text=True,
                               timeout=120, cwd=ROOT)
         return parse_result(proc.stdout, proc.stderr)
     finally:
-        gw.terminate()
-        gw.wait(5)
+        gw.stop()
 
 
 def test_loopback_our_peer_vs_our_gateway(benchmark: Any,
@@ -281,9 +266,9 @@ CHARON_OPTIONS = {"block_threshold": "1000", "cookie_threshold": "1000",
                   "cookie_threshold_ip": "1000", "init_limit_half_open": "0"}
 
 
-def _certificates(tmp: Path, kind: str) -> tuple[str, Path]:
+def _certificates(tmp: Path, kind: str) -> tuple[dict[str, Any], Path]:
     """CA and certificates for a.test (ours) and b.test (charon's) in ``tmp``;
-    returns our config's auth lines and the folder."""
+    returns our connection's authentication keys and the folder."""
     from tests.pki import make_ca, make_cert
 
     ca = make_ca("C=CH, O=Bench, CN=Bench CA", kind)
@@ -291,8 +276,8 @@ def _certificates(tmp: Path, kind: str) -> tuple[str, Path]:
     for name in ("a", "b"):
         make_cert(ca, f"C=CH, O=Bench, CN={name}.test", kind,
                   sans=(f"@{name}.test",)).write(tmp, name)
-    auth = (f'local_auth = "pubkey"\nremote_auth = "pubkey"\nlocal_cert = "{tmp / "a.crt"}"\n'
-            f'local_key = "{tmp / "a.key"}"\nremote_cacerts = ["{tmp / "ca.crt"}"]')
+    auth = {"local_auth": "pubkey", "remote_auth": "pubkey", "local_cert": tmp / "a.crt",
+            "local_key": tmp / "a.key", "remote_cacerts": [tmp / "ca.crt"]}
     return auth, tmp
 
 
@@ -313,7 +298,7 @@ def _charon_round(lab: object, tmp: Path, n: int, *extra: str,  # type: ignore[t
     conn = Conn("c", "198.18.0.1", "198.18.0.2",
                 [Child("net", "10.91.1.0/24", "10.91.2.0/24")],
                 local_id="a.test", remote_id="b.test", psk=PSK).mirrored()
-    auth = f'psk = "{PSK}"'
+    auth = None
     if kind:
         auth, folder = _certificates(tmp, kind)
         conn.local_auth = conn.remote_auth = "pubkey"

@@ -14,9 +14,11 @@ owner of the IKE SA. The certificates are made here with ``cryptography``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench.harness import configs
 from tests.interop_gw import PSK, OurProcess
 from tests.lab.charon import (
     DEFAULT_PLUGINS,
@@ -54,39 +56,32 @@ def _nets(k: int) -> tuple[str, str]:
     return f"10.91.{40 + 2 * k}.0/24", f"10.91.{41 + 2 * k}.0/24"
 
 
+def _auth(lauth: str, rauth: str, cert: Path, ca: Path) -> dict[str, Any]:
+    """A connection's authentication keys: our certificate unless we use the
+    PSK, the CA unless they do, the PSK if either does."""
+    out: dict[str, Any] = {"local_auth": lauth, "remote_auth": rauth}
+    if lauth != "psk":
+        out.update(local_cert=f"{cert}.crt", local_key=f"{cert}.key")
+    if rauth != "psk":
+        out["remote_cacerts"] = [str(ca)]
+    if "psk" in (lauth, rauth):
+        out["psk"] = PSK
+    return out
+
+
 def _our_toml(address: str, remote: str, conns: list[tuple[str, str, str, str, str, str]],
               start: bool, tmp: Path) -> str:
     """conns: (name, local_id, remote_id, local_auth, remote_auth, cert basename)."""
-    text = f"""
-[cluster]
-address = "{address}"
-inside = "tun:ipsc{'p' if start else 'g'}0"
-inside_address = "10.91.250.{1 if start else 2}"
-log_level = "debug"
-"""
+    cluster = {"address": address, "inside": f"tun:ipsc{'p' if start else 'g'}0",
+               "inside_address": f"10.91.250.{1 if start else 2}", "log_level": "debug"}
+    ours = []
     for k, (name, lid, rid, lauth, rauth, cert) in enumerate(conns):
-        theirs, ours = _nets(k)
-        text += f"""
-[connections.{name}]
-remote_addrs = ["{remote}"]
-local_id = "{lid}"
-remote_id = "{rid}"
-local_auth = "{lauth}"
-remote_auth = "{rauth}"
-"""
-        if lauth != "psk":
-            text += f'local_cert = "{tmp / cert}.crt"\nlocal_key = "{tmp / cert}.key"\n'
-        if rauth != "psk":
-            text += f'remote_cacerts = ["{tmp / "ca.crt"}"]\n'
-        if "psk" in (lauth, rauth):
-            text += f'psk = "{PSK}"\n'
-        text += f"""
-[connections.{name}.children.c{k}]
-local_ts = ["{ours}"]
-remote_ts = ["{theirs}"]
-start_action = "{'start' if start else 'none'}"
-"""
-    return text
+        theirs, mine = _nets(k)
+        ours.append(configs.Conn(name, lid, rid, (configs.Child(f"c{k}", mine, theirs, None),),
+                                 proposals=None,
+                                 options=_auth(lauth, rauth, tmp / cert, tmp / "ca.crt")))
+    return configs.dumps(configs.gateway_config(cluster, ours, psk=None, remote_addrs=remote,
+                                                start_action="start" if start else "none"))
 
 
 def _setup(tmp: Path, we: str, they: str, good: Table = GOOD) -> tuple[Issued, Issued]:
@@ -241,30 +236,15 @@ def test_cluster_member_takes_over_a_certificate_ike_sa(lab: Lab, tmp_path: Path
     lab.add_lo_addr(ns_a, "10.91.60.1")
     lab.add_lo_addr(ns_b, "10.91.61.1")
     cert = tmp_path / "gw-b-ha"
-    cluster = OurProcess(lab, ns_b, f"""
-[cluster]
-address = "198.18.0.2"
-inside = "tun:ipsc0"
-inside_address = "10.91.2.1"
-members = 2
-log_level = "info"
-replay_after_failover = "rekey"
-
-[connections.ha]
-remote_addrs = ["%any"]
-remote_id = "gw-a-ha.test"
-local_id = "gw-b-ha.test"
-local_auth = "pubkey"
-local_cert = "{cert}.crt"
-local_key = "{cert}.key"
-remote_auth = "pubkey"
-remote_cacerts = ["{tmp_path / 'ca.crt'}"]
-dpd_delay = 0
-
-[connections.ha.children.h1]
-local_ts = ["10.91.61.0/24"]
-remote_ts = ["10.91.60.0/24"]
-""", tmp_path, name="cluster")
+    ha = configs.Conn("ha", "gw-b-ha.test", "gw-a-ha.test",
+                      (configs.Child("h1", "10.91.61.0/24", "10.91.60.0/24", None),),
+                      proposals=None, options={
+                          **_auth("pubkey", "pubkey", cert, tmp_path / "ca.crt"),
+                          "dpd_delay": 0})
+    cluster = OurProcess(lab, ns_b, configs.dumps(configs.gateway_config(
+        {"address": configs.LAB_GATEWAY, "inside": "tun:ipsc0", "inside_address": "10.91.2.1",
+         "members": 2, "log_level": "info", "replay_after_failover": "rekey"},
+        [ha], psk=None, start_action=None)), tmp_path, name="cluster")
     cluster.wait_log("segment table epoch", timeout=30)
     charon = lab.charon(ns_a, "charon-a", plugins=PLUGINS, charon_options={"uniqueids": "no"})
     _install(charon, tmp_path, "gw-a")

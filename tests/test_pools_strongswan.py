@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench.harness import configs
 from tests.failover_lab import sas, status
 from tests.interop_gw import PSK, OurProcess
 from tests.lab import traffic
@@ -31,33 +32,16 @@ INSIDE = "10.91.2.1"
 
 
 def _toml(members: int = 0) -> str:
-    cluster = (f'members = {members}\nmode = "load-sharing"\n'
-               'replay_after_failover = "rekey"\n') if members else ""
-    return f"""
-[cluster]
-address = "198.18.0.2"
-inside = "tun:ipsc0"
-inside_address = "{INSIDE}"
-log_level = "info"
-{cluster}
-[pools.rw]
-addrs = "{POOL}"
-dns = ["10.91.2.53"]
-
-[connections.rw]
-remote_addrs = ["%any"]
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "gw-b.test"
-remote_id = "%any"
-psk = "{PSK}"
-dpd_delay = 0
-pools = ["rw"]
-
-[connections.rw.children.net]
-local_ts = ["10.91.2.0/24"]
-remote_ts = ["{POOL}"]
-esp_proposals = ["aes128gcm16"]
-"""
+    cluster = {"members": members, "mode": "load-sharing",
+               "replay_after_failover": "rekey"} if members else {}
+    conn = configs.Conn("rw", "gw-b.test", "%any",
+                        (configs.Child("net", "10.91.2.0/24", POOL, "aes128gcm16"),),
+                        options={"dpd_delay": 0, "pools": ["rw"]})
+    return configs.dumps(configs.gateway_config(
+        {"address": configs.LAB_GATEWAY, "inside": "tun:ipsc0", "inside_address": INSIDE,
+         "log_level": "info", **cluster},
+        [conn], psk=PSK, start_action=None,
+        pools={"rw": {"addrs": POOL, "dns": ["10.91.2.53"]}}))
 
 
 def _road_warrior(lab: Lab, ns: str, name: str, local: str) -> Charon:
