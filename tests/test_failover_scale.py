@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bench.harness import configs
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
 from common.cluster.wire import ChildDelete, ChildPush, RouteAdd, RouteDel, Sync
@@ -52,32 +53,17 @@ CLUSTER_PORT = 4500
 #: keeps each peer engine small).
 PER_PEER = 500
 
-CLUSTER_TOML = """
-[cluster]
-address = "198.18.0.2"
-inside = "udp:127.0.0.1:9"
-members = 2
-log_level = "warning"
-replay_after_failover = "{policy}"
+#: connection ``c`` as the cluster sees it (the peer engines mirror it)
+CONN = configs.Conn("c", "gw.test", "peer.test", (
+    configs.Child("net", "10.91.2.0/24", "10.91.1.0/24", "aes128gcm16"),
+    configs.Child("ctr", "10.91.12.0/24", "10.91.11.0/24", "aes128ctr-sha256")),
+    proposals="aes128gcm16-prfsha256-x25519", options={"dpd_delay": 0})
 
-[connections.c]
-remote_addrs = ["%any"]
-proposals = ["aes128gcm16-prfsha256-x25519"]
-local_id = "gw.test"
-remote_id = "peer.test"
-psk = "{psk}"
-dpd_delay = 0
 
-[connections.c.children.net]
-local_ts = ["10.91.2.0/24"]
-remote_ts = ["10.91.1.0/24"]
-esp_proposals = ["aes128gcm16"]
-
-[connections.c.children.ctr]
-local_ts = ["10.91.12.0/24"]
-remote_ts = ["10.91.11.0/24"]
-esp_proposals = ["aes128ctr-sha256"]
-"""
+def cluster_toml(replay_policy: str) -> str:
+    cluster = {"address": "198.18.0.2", "inside": "udp:127.0.0.1:9", "members": 2,
+               "log_level": "warning", "replay_after_failover": replay_policy}
+    return configs.dumps(configs.gateway_config(cluster, [CONN], psk=PSK, start_action=None))
 
 
 def peer_engine(seed: int) -> IkeEngine:
@@ -114,7 +100,7 @@ class ScaleCluster:
 
     @classmethod
     def build(cls, segment_bits: int = 8, replay_policy: str = "rekey") -> ScaleCluster:
-        config = load_config(CLUSTER_TOML.format(policy=replay_policy, psk=PSK), "scale.toml")
+        config = load_config(cluster_toml(replay_policy), "scale.toml")
         table = SegmentTable(segment_bits)
         table.assign([1, 2])
         c = cls({}, {}, table)

@@ -146,14 +146,15 @@ def _try_scrape(port: int) -> str | None:
 def test_metrics_address_is_a_config_key_with_a_one_line_error() -> None:
     from common.config import ConfigError, load_config
 
-    base = gateway_toml(address=GW, ports=(500, 4500), inside="udp:127.0.0.1:9000",
-                        conns=CONNS)
-    assert load_config(base, "gw.toml").cluster.metrics_address == "127.0.0.1"
-    opened = base.replace("[cluster]\n", '[cluster]\nmetrics_address = "0.0.0.0"\n', 1)
+    def config(**extra: str) -> str:
+        return gateway_toml(address=GW, ports=(500, 4500), inside="udp:127.0.0.1:9000",
+                            conns=CONNS, extra=extra)
+
+    assert load_config(config(), "gw.toml").cluster.metrics_address == "127.0.0.1"
+    opened = config(metrics_address="0.0.0.0")
     assert load_config(opened, "gw.toml").cluster.metrics_address == "0.0.0.0"
     with pytest.raises(ConfigError, match=r"gw.toml: cluster.metrics_address: expected"):
-        load_config(base.replace("[cluster]\n", '[cluster]\nmetrics_address = "lo"\n', 1),
-                    "gw.toml")
+        load_config(config(metrics_address="lo"), "gw.toml")
 
 
 def test_the_metrics_are_read_from_the_status_report() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness import configs
 from tests.interop_gw import ROOT, OurProcess, gateway_toml
 from tests.lab import traffic
 from tests.lab.charon import Charon, Child, Conn, render_swanctl_conf
@@ -35,19 +36,11 @@ SPOOFED = (("10.91.11.1", 7101), ("10.99.99.99", 7102))
 CONTROL = ("10.91.3.1", 7103)
 COUNT = 20
 
-HOSTILE_CONN = f"""
-[connections.h]
-remote_addrs = ["%any"]
-proposals = ["aes128gcm16-prfsha256-ecp256"]
-local_id = "gw-b.test"
-remote_id = "hostile.test"
-psk = "{HOSTILE_PSK}"
-
-[connections.h.children.net-h]
-local_ts = ["10.91.2.0/24"]
-remote_ts = ["10.91.3.0/24"]
-esp_proposals = ["aes128gcm16"]
-"""
+#: the hostile (but authenticated) peer's connection, as TOML to add to the gateway's
+HOSTILE_CONN = configs.dumps({"connections": configs.connections(
+    [configs.Conn("h", "gw-b.test", "hostile.test",
+                  (configs.Child("net-h", "10.91.2.0/24", "10.91.3.0/24", "aes128gcm16"),))],
+    psk=HOSTILE_PSK, start_action=None)})
 
 
 def _drops(gw: OurProcess) -> dict[str, int]:
