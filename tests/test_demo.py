@@ -5,24 +5,23 @@ there, and the loss accounting on its own."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from bench.demo import _loss_runs, _silences
+from bench.harness.procs import Proc, python_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TIMEOUT_S = 150
 
 
 def demo_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bench.demo", *args]
+    return python_argv("bench.demo", *args)
 
 
 def markers_of(output: str) -> list[str]:
@@ -93,23 +92,21 @@ def test_quick_demo_runs_the_failover_and_exits_0() -> None:
 @pytest.mark.slow
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     log = tmp_path / "demo.out"
-    with log.open("w") as out:
-        proc = subprocess.Popen(demo_argv("--quick"), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT, start_new_session=True)
+    proc = Proc(demo_argv("--quick"), log)
     try:
         end = time.monotonic() + 60
         while "traffic: " not in log.read_text():
-            assert proc.poll() is None, log.read_text()
+            assert proc.alive(), log.read_text()
             assert time.monotonic() < end, log.read_text()
             time.sleep(0.1)
         markers = markers_of(log.read_text())
         assert len(processes_mentioning(markers)) >= 6   # echo, cluster, 3 members, peer
-        proc.send_signal(signal.SIGINT)
+        proc.proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130, log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.alive():   # only a demo that did not stop: what it left is checked below
+            proc.stop(grace_s=0)
+        proc.close()
     text = log.read_text()
     assert "INTERRUPTED" in text and "nothing left running" in text, text[-3000:]
     assert_nothing_left(markers)

@@ -6,7 +6,6 @@ real processes: a single gateway and a 3-member cluster against strongSwan."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from dataclasses import replace
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.harness.procs import run_coro
 from common.cluster.events import (
     MAX_LIMIT,
     MEMBER_EVENTS,
@@ -314,7 +314,7 @@ def test_dispatcher_publishes_a_members_own_sa_events_only() -> None:
         assert d.events.since(before)[0][-1].event.type is EventType.IKE_UP
         assert not sent.udp
 
-    asyncio.run(go())
+    run_coro(go())
 
 
 def test_member_process_sends_its_events_in_batches() -> None:
@@ -339,7 +339,7 @@ def test_member_process_sends_its_events_in_batches() -> None:
             mp.sock.close(linger=0)
             mp.bulk.close(linger=0)
 
-    asyncio.run(go())
+    run_coro(go())
 
 
 # -- the control command ----------------------------------------------------------------------
@@ -366,7 +366,7 @@ class _Backend:
 
 def _ask(backend: _Backend, req: Any) -> dict[str, Any]:
     data = req if isinstance(req, bytes) else json.dumps(req).encode()
-    return asyncio.run(answer(backend, data))  # type: ignore[arg-type]
+    return run_coro(answer(backend, data))  # type: ignore[arg-type]
 
 
 def test_events_command_answers_from_since_with_next_and_dropped() -> None:

@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
+from bench.harness.procs import run_coro
 from common.cluster.segments import SegmentMove, SegmentTable
 from common.cluster.stats import MemberStats, StatusReport
 from common.cluster.sync import (
@@ -161,7 +162,7 @@ def run_in_loop(body: Callable[[Rig], None]) -> Rig:
             mp.sock.close(linger=0)
             mp.bulk.close(linger=0)
         return rig
-    return asyncio.run(go())
+    return run_coro(go())
 
 
 def push(segment: int = OWN_SEGMENT, **kw: Any) -> ChildPush:
@@ -558,7 +559,7 @@ def test_the_heartbeat_task_outlives_a_failing_tick() -> None:
         assert alive
         return mp.refusals.counts["bug.heartbeat.RuntimeError"]
 
-    assert asyncio.run(go()) >= 3   # three ticks failed, the task went on
+    assert run_coro(go()) >= 3   # three ticks failed, the task went on
 
 
 # -- the rate limit ----------------------------------------------------------------------------
@@ -665,7 +666,7 @@ def test_the_dispatcher_counts_a_failing_member_message_in_status_and_metrics() 
         finally:
             d.router.close(linger=0)
 
-    st = asyncio.run(go())
+    st = run_coro(go())
     assert st["dispatcher"]["refused"] == {"bug.heartbeat.RuntimeError": 5,
                                            "wire_malformed": 1, "wire_frames": 1}
     assert st["samples"][("dispatcher", "bug.heartbeat.RuntimeError")] == 5.0

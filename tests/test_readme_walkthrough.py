@@ -6,18 +6,16 @@ command succeeds."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.cluster_util import ROOT
+from tests.lab import netns
 
 BEGIN, END = "<!-- walkthrough:begin -->", "<!-- walkthrough:end -->"
 
@@ -55,20 +53,14 @@ def test_the_walkthrough_runs_verbatim_in_a_network_namespace(tmp_path: Path) ->
     shutil.copytree(ROOT / "examples", work / "examples")
     script = "\n".join(["set -e", "ip link set lo up",
                         *walkthrough_commands((ROOT / "README.md").read_text())])
-    ns = f"walk{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
+    ns = netns.create_netns(netns.unique_name("walk"))
     try:
         # this tree's code wins over the venv's installed copy
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", script], cwd=work,
-                              env=env, capture_output=True, text=True, timeout=120,
-                              check=False)
+        proc = netns.run(ns, ["bash", "-c", script], check=False, timeout=120, cwd=work,
+                         env=env)
     finally:
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                  text=True, check=False).stdout.split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), 9)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+        netns.delete_netns(ns)
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in work.glob("*.log"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     assert "1/1 IKE SAs up" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

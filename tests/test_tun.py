@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import uuid
-from pathlib import Path
 
 import pytest
 
+from bench.harness.procs import ROOT, run_coro
 from common.config import InsideConfig, load_config
 from member.inside import Inside, UdpInside, make_inside
 from member.tun import TunDevice
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.lab import netns
 
 NS_SCRIPT = r'''
 import asyncio, ipaddress, json, socket, struct, sys
@@ -78,7 +75,7 @@ async def main():
                                          text=True).stdout
     print(json.dumps(out))
 
-asyncio.run(main())
+asyncio.run(main())   # not uvloop: it has no loop.sock_recvfrom
 '''
 
 
@@ -95,19 +92,14 @@ def test_tun_in_netns() -> None:
     reason = _netns_unavailable()
     if reason:
         pytest.skip(reason)
-    ns = f"ipsctun-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+    ns = netns.create_netns(netns.unique_name("ipsctun"))
     try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        proc = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", NS_SCRIPT],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        proc = netns.run(ns, [sys.executable, "-c", NS_SCRIPT], check=False, timeout=60,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
     finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=False, capture_output=True)
+        netns.delete_netns(ns)
     assert out["name"].startswith("ipsct")
     assert "10.91.9.0/24" in out["routes"]
     assert out["v4"] == {"dst": "10.91.9.7", "src": "10.91.2.1", "dport": 4000,
@@ -176,4 +168,4 @@ def test_udp_inside_roundtrip() -> None:
         assert not inside.write(b"late")
         assert inside.drops == 2
 
-    asyncio.run(run())
+    run_coro(run())
