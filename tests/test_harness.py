@@ -5,10 +5,12 @@ and the control client against a fake control socket."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +28,7 @@ from scapy.layers.inet6 import IPv6
 
 from bench.harness import configs, packets
 from bench.harness.control import ControlClient, ControlError, ControlTimeout
-from bench.harness.procs import Proc, Procs, pid_alive, python_argv
+from bench.harness.procs import Proc, Procs, pid_alive, python_argv, run_coro, stop_groups
 from common.cluster.events import Event, EventType
 from common.config import load_config
 from common.packets import TrafficTemplate
@@ -115,6 +117,31 @@ def test_strongswan_gateway_and_single_child() -> None:
     one = load_config(configs.single_child_config(psk="p-0123456789abcdef"), "one.toml")
     assert list(one.connections["a-b"].children) == ["net"]
     assert "esp_proposals" not in configs.single_child_config(psk="x")
+
+
+def test_pools_and_a_connections_fragment() -> None:
+    rw = configs.Conn("rw", "gw.test", "%any", (configs.Child("net", "10.91.2.0/24",
+                                                               "10.3.0.0/16"),),
+                      options={"pools": ["rw"], "dpd_delay": 0})
+    doc = configs.dumps(configs.gateway_config(
+        {"address": "198.18.0.2", "inside": "tun:ipsc0"}, [rw], psk="p-0123456789abcdef",
+        pools={"rw": {"addrs": "10.3.0.0/16", "dns": ["10.91.2.53"]}}))
+    cfg = load_config(doc, "gw.toml")
+    assert str(cfg.pools["rw"].addrs) == "10.3.0.0/16"
+    assert cfg.connections["rw"].pools == ("rw",) and cfg.connections["rw"].dpd_delay == 0
+    assert "pools" not in tomllib.loads(configs.dumps(configs.gateway_config(
+        {"address": "198.18.0.2"}, [rw], psk="x")))
+    # a second connection as text added to a whole config: its own psk and peer
+    out = configs.Conn("out", "gw.test", "r.test",
+                       (configs.Child("o1", "10.60.1.0/24", "10.60.2.0/24"),))
+    fragment = configs.dumps({"connections": configs.connections(
+        [out], psk="other-psk-0123456789", remote_addrs="127.0.0.3", remote_port=5000,
+        start_action=None)})
+    assert fragment.startswith("[connections.out]\n") and "start_action" not in fragment
+    both = load_config(doc + fragment, "gw.toml").connections
+    assert sorted(both) == ["out", "rw"]
+    assert both["out"].psk == b"other-psk-0123456789" and both["out"].remote_port == 5000
+    assert [str(a) for a in both["out"].remote_addrs] == ["127.0.0.3"]
 
 
 def test_child_host_pair() -> None:
@@ -257,6 +284,32 @@ def test_a_proc_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         _wait(lambda: not pid_alive(child), timeout=5)
     finally:
         parent.stop(0.5)
+
+
+def test_stop_groups_stops_popens_started_elsewhere(tmp_path: Path) -> None:
+    """The lab's processes are plain Popens in their own sessions: the same
+    stop (SIGTERM, the grace, SIGKILL to the group) ends them and their children."""
+    meek = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    with (tmp_path / "stubborn.log").open("wb") as log:
+        stubborn = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    _wait(lambda: "to stderr" in (tmp_path / "stubborn.log").read_text())
+    child = int((tmp_path / "stubborn.log").read_text().split("child ")[1].split()[0])
+    t0 = time.monotonic()
+    assert stop_groups([meek, stubborn], grace_s=0.5) == []
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert meek.returncode == -signal.SIGTERM and stubborn.returncode == -signal.SIGKILL
+    assert not pid_alive(child)
+    assert stop_groups([meek]) == []           # already gone: nothing to do
+
+
+def test_run_coro_returns_the_value_on_the_products_loop() -> None:
+    async def go() -> tuple[str, int]:
+        await asyncio.sleep(0)
+        return type(asyncio.get_running_loop()).__module__, 7
+
+    module, value = run_coro(go())
+    assert value == 7 and module.startswith("uvloop")
 
 
 # -- the control client ------------------------------------------------------------------------

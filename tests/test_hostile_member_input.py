@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
+from bench.harness import configs
 from bench.harness.procs import run_coro
 from common.cluster.segments import SegmentMove, SegmentTable
 from common.cluster.stats import MemberStats, StatusReport
@@ -57,25 +58,12 @@ from member.process import MemberProcess
 from member.refusals import Refusals
 from tests.fuzz import fuzz_settings
 
-CONFIG = """
-[cluster]
-address = "198.18.0.2"
-inside = "udp:127.0.0.1:9"
-members = 3
-log_level = "warning"
-
-[connections.c]
-remote_addrs = ["%any"]
-proposals = ["aes128gcm16-prfsha256-x25519"]
-local_id = "gw.test"
-remote_id = "peer.test"
-psk = "hostile-member-input-psk-0123456789"
-
-[connections.c.children.net]
-local_ts = ["10.91.2.0/24"]
-remote_ts = ["10.91.1.0/24"]
-esp_proposals = ["aes128gcm16"]
-"""
+CONFIG = configs.dumps(configs.gateway_config(
+    {"address": "198.18.0.2", "inside": "udp:127.0.0.1:9", "members": 3, "log_level": "warning"},
+    [configs.Conn("c", "gw.test", "peer.test",
+                  (configs.Child("net", "10.91.2.0/24", "10.91.1.0/24", "aes128gcm16"),),
+                  proposals="aes128gcm16-prfsha256-x25519")],
+    psk="hostile-member-input-psk-0123456789", start_action=None))
 ME, OTHER, THIRD = 1, 2, 3
 BITS = 8
 #: with assign([1, 2, 3]): segment s is owned by member s % 3 + 1, backed up by the next

@@ -7,7 +7,9 @@ the process that started it (Linux ``PR_SET_PDEATHSIG``: SIGTERM when the
 starting thread ends, even by SIGKILL; the dispatcher then stops its
 members). ``stop()`` ends the group cleanly: SIGTERM, a grace period, then
 SIGKILL to whatever is left. ``Procs`` holds everything a test or the demo
-started and stops it all at once.
+started and stops it all at once. ``stop_groups`` is that stop for any
+``subprocess.Popen`` started in its own session (the lab's processes,
+tests/lab). ``run_coro`` runs a coroutine on the product's event-loop runner.
 """
 
 from __future__ import annotations
