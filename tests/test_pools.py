@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.harness.configs import dumps
 from common.cluster.pools import Lease, Pool, PoolSet
 from common.cluster.snapshot import restore, snapshot
 from common.cluster.sync import decode_sync, encode_sync
@@ -312,29 +313,22 @@ def test_takeover_keeps_the_lease_and_never_hands_it_out_again(vip: None) -> Non
 
 
 def test_config_pools_and_their_limits() -> None:
-    base = """
-[cluster]
-address = "198.18.0.2"
-segment_bits = 4
-[pools.rw]
-addrs = "%s"
-dns = ["10.3.0.53"]
-[connections.rw]
-psk_file = "x"
-pools = %s
-[connections.rw.children.net]
-local_ts = ["10.91.2.0/24"]
-remote_ts = ["10.3.0.0/16"]
-"""
-    cfg = load_config(base % ("10.3.0.0/16", '["rw"]'), "gw.toml")
+    def base(addrs: str, pools: list[str]) -> str:
+        return dumps({
+            "cluster": {"address": "198.18.0.2", "segment_bits": 4},
+            "pools": {"rw": {"addrs": addrs, "dns": ["10.3.0.53"]}},
+            "connections": {"rw": {"psk_file": "x", "pools": pools, "children": {
+                "net": {"local_ts": ["10.91.2.0/24"], "remote_ts": ["10.3.0.0/16"]}}}}})
+
+    cfg = load_config(base("10.3.0.0/16", ["rw"]), "gw.toml")
     assert cfg.pools["rw"].addrs == ipaddress.ip_network("10.3.0.0/16")
     assert cfg.pools["rw"].dns == (V4("10.3.0.53"),)
     assert cfg.connections["rw"].pools == ("rw",)
     with pytest.raises(ValueError, match=r"pools\[0\]"):
-        load_config(base % ("10.3.0.0/16", '["nope"]'), "gw.toml")
+        load_config(base("10.3.0.0/16", ["nope"]), "gw.toml")
     # 8 usable addresses for 16 segments: some segments would have none
     with pytest.raises(ValueError, match="at least 16 usable addresses"):
-        load_config(base % ("10.3.0.0/28", '["rw"]'), "gw.toml")
+        load_config(base("10.3.0.0/28", ["rw"]), "gw.toml")
 
 
 @pytest.mark.parametrize("ini", ["a", "b"])
