@@ -255,14 +255,15 @@ class Membership:
         self.start(now)
         limit = self.interval * self.dead_after
         loads = self._loads(children)
-        for inc in list(self.members.values()):
-            if not inc.alive:
-                continue
-            if now - inc.last_seen > limit:
-                self._dead(inc, out, f"no heartbeat for {self.dead_after} intervals")
-                continue
-            out.sends.append(Send(inc.member_id, Heartbeat(0, inc.sender_id, self.pid,
-                                                           self.table.epoch, loads=loads)))
+        dead = [i for i in self.members.values() if i.alive and now - i.last_seen > limit]
+        for inc in dead:      # (all of them first: no table goes to one about to die)
+            inc.alive = False
+        for inc in dead:
+            self._dead(inc, out, f"no heartbeat for {self.dead_after} intervals")
+        for inc in self.members.values():
+            if inc.alive:
+                out.sends.append(Send(inc.member_id, Heartbeat(0, inc.sender_id, self.pid,
+                                                               self.table.epoch, loads=loads)))
         started = self._started if self._started is not None else now
         alive = self.alive()
         if not self.table.members and alive and now - started > STARTUP_WAIT_S:
