@@ -13,8 +13,8 @@ Rules of this file:
   in (``tick(now)`` once per heartbeat interval, ``hello(..., now)``,
   ``heartbeat(..., now)``), makes the incarnation's secret (``token``), and
   carries out what every input returns (``Outputs``): the messages to send
-  to which member, the table moves made, the events to publish and the lines
-  to log, in that order of importance.
+  to which member, the table moves made (the cleartext routes follow them),
+  the events to publish and the lines to log.
 - Only this machine changes ``table``; every change bumps its epoch once and
   is broadcast to the live members as a copy of the table as it was then.
 - A dead incarnation stays dead: its heartbeats never make it alive or give
