@@ -409,6 +409,28 @@ def test_autobalance_gives_segments_carrying_children_first() -> None:
     assert len(set(prepared) & carrying) == 2 and len(prepared) == t.segments // 4
 
 
+def test_a_death_while_a_joining_members_segments_are_handed_over() -> None:
+    """Its share grows in the very step its prepared segments are handed over:
+    those are not picked again as donor segments (a stale move that stopped
+    the dispatcher's monitor, found by the interleavings below)."""
+    c = started(expect=2, bits=4)
+    c.tick(1.0)
+    c.hello(3)
+    c.tick(AUTOBALANCE_STEP_S)
+    first = {s for s, (m, _) in c.m.prepared.items() if m == 3}
+    assert len(first) == 16 // 3
+    c.now += PREPARE_S
+    c.beat(1, 3)                              # 2 is silent: dead in this tick
+    out = c.m.tick(c.now, c.children)
+    assert not c.m.members[2].alive
+    assert first <= set(c.m.table.segments_of(3))       # handed over
+    assert {s for s, (m, _) in c.m.prepared.items() if m == 3}.isdisjoint(first)
+    assert [e.reason for e in events(out, EventType.SEGMENTS_MOVED)][-1] == "autobalance"
+    while 3 in c.m.balancing:
+        c.tick()
+    assert len(c.m.table.segments_of(3)) == 16 // 2
+
+
 def test_a_member_dying_while_it_joins_leaves_nothing_prepared() -> None:
     c = started(expect=3, bits=6)
     c.tick(1.0)
@@ -577,6 +599,10 @@ class Interleavings(RuleBasedStateMachine):
         healed = bool(self.m.table.members) and self.now - self.last_balance >= AUTOBALANCE_STEP_S
         if healed:
             self.last_balance = self.now
+        if healed and not self.m.hot_standby:
+            # what is prepared for a joining member has it as its backup
+            for s, (m, _since) in self.m.prepared.items():
+                assert self.m.table.backup(s) == m
         if healed and len(in_table & set(alive)) >= 2:
             # backups healed: every segment has one, never its owner
             for s in range(self.m.table.segments):

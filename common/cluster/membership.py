@@ -366,6 +366,11 @@ class Membership:
             if inc is None or not inc.alive:
                 self.balancing.discard(member)
                 continue
+            # (a prepared segment it owns already, its owner having died, or
+            # whose backup it is no longer, is not on its way any more)
+            for s in [s for s, (m, _) in self.prepared.items()
+                      if m == member and self.table.backup(s) != member]:
+                del self.prepared[s]
             share = fair_share(self.table, len(self.alive()))
             have = len(self.table.segments_of(member))
             if have >= share or self.hot_standby:
@@ -374,9 +379,10 @@ class Membership:
             moves: list[SegmentMove] = []
             ready = [s for s, (m, t) in self.prepared.items()
                      if m == member and now - t >= PREPARE_S and self.table.backup(s) == member]
+            handed: dict[int, tuple[int, float]] = {}
             for s in ready[:share - have]:
                 owner = self.table.owner(s)
-                del self.prepared[s]
+                handed[s] = self.prepared.pop(s)
                 if owner is not None and owner != member:
                     moves.append(SegmentMove(s, owner, member, owner))
             pending = sum(1 for m, _ in self.prepared.values() if m == member)
@@ -384,8 +390,10 @@ class Membership:
             if want > 0:
                 if per_segment is None:
                     per_segment = segment_loads(children, self.table.segment_bits)
+                # (the segments handed over in this step are on their way too:
+                # not donors again before the table has them)
                 for s in donor_segments(self.table, member, min(want, JOIN_BATCH), per_segment,
-                                        self.alive(), self.prepared):
+                                        self.alive(), {**self.prepared, **handed}):
                     owner = self.table.owner(s)
                     moves.append(SegmentMove(s, owner, owner, member))
                     self.prepared[s] = (member, now)
