@@ -599,7 +599,12 @@ class Dispatcher:
                 self._drain_members()
                 self.counters["monitor_stalls"] += 1
             last = now
-            self._carry(self.membership.tick(now, self.route_info))
+            try:
+                self._carry(self.membership.tick(now, self.route_info))
+            except Exception as exc:
+                # the barrier: failure detection must outlive one bad tick
+                # (counted as bug.tick.<type> in status, logged with a traceback once)
+                self._refusals().failed("tick", exc, "monitor")
 
     def _carry(self, out: Outputs) -> None:
         """Carry out what the membership machine says: log, send, re-point

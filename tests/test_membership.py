@@ -648,3 +648,31 @@ def test_log_levels_match_pythons() -> None:
     import logging
 
     assert (Level.INFO, Level.WARNING) == (logging.INFO, logging.WARNING)
+
+
+def test_the_dispatchers_monitor_outlives_a_failing_tick() -> None:
+    """The shell's barrier: a tick that raises is counted (bug.tick.<type>)
+    and the next tick comes all the same."""
+    import asyncio
+
+    from tests.test_hostile_member import _rig
+
+    async def go() -> None:
+        d, _sent = _rig()
+        calls: list[float] = []
+
+        def failing(now: float, children: object) -> Outputs:
+            calls.append(now)
+            raise RuntimeError("a bug")
+
+        d.membership.tick = failing  # type: ignore[assignment,method-assign]
+        task = asyncio.ensure_future(d._monitor())
+        try:
+            await asyncio.sleep(d.config.cluster.heartbeat_interval * 6)
+        finally:
+            task.cancel()
+            d.close()
+        assert len(calls) >= 2
+        assert d._refusals().counts["bug.tick.RuntimeError"] == len(calls)
+
+    asyncio.run(go())
