@@ -5,7 +5,8 @@ and routes it with the one routing function (common/cluster/routing.py) to the m
 that owns the segment, in batches over ZeroMQ; it sends what members hand back
 from the cluster address, so IKE and ESP always share one address (RFC 6027
 §3.8). It is the membership authority: HELLO, heartbeats, the segment table
-with its epoch, failure detection.
+with its epoch, failure detection, decided by the membership machine
+(common/cluster/membership.py) that it holds, feeds and carries out.
 
 Rules of this file: the socket callbacks do no protocol work (peek, route,
 append to a bounded batch, drop and count when full); batches leave once per
@@ -30,8 +31,8 @@ import zmq
 import zmq.asyncio
 
 from common.cluster.events import MEMBER_EVENTS, Event, EventLog, EventType
+from common.cluster.membership import Level, Membership, Outputs
 from common.cluster.routing import InsideRoutes, PortKind, RouteKind, route_datagram
-from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
 from common.cluster.stats import (
     ClusterStatus,
@@ -69,7 +70,7 @@ from common.config import Config
 from common.errors import MalformedMessage
 from common.ike.ts import TrafficSelector
 from dispatcher.control import ControlRelay
-from dispatcher.membership import MemberInfo, Membership, RouteInfo
+from dispatcher.membership import MemberInfo, RouteInfo
 from dispatcher.trust import (
     HANDSHAKE_FAILED_EVENTS,
     ZAP_DOMAIN,
@@ -107,7 +108,7 @@ class Conn:
     channel: Channel
 
 
-class Dispatcher(Membership):
+class Dispatcher:
     def __init__(self, config: Config, endpoint: str, *,
                  curve: tuple[bytes, bytes] | None = None, keys: KeyRing | None = None,
                  expect_members: int | None = None) -> None:
@@ -120,11 +121,17 @@ class Dispatcher(Membership):
         self.curve = curve if curve is not None else zmq.curve_keypair()
         self.keys = keys if keys is not None else KeyRing()
         c = config.cluster
-        self.table = SegmentTable(c.segment_bits)
         self.expect = expect_members if expect_members is not None else c.expect_members
+        #: who is in, alive, owning which segment (the machine; we carry out
+        #: what it says)
+        self.membership = Membership(c.segment_bits, expect=self.expect,
+                                     heartbeat_interval=c.heartbeat_interval,
+                                     dead_after=c.dead_after,
+                                     hot_standby=c.mode == "hot-standby", pid=os.getpid())
+        self.table = self.membership.table
+        #: each member's current incarnation's connection (by member id)
         self.members: dict[int, MemberInfo] = {}
         self.by_identity: dict[bytes, int] = {}
-        self.next_sender_id = 1
         self.routes = InsideRoutes()
         self.route_info: dict[int, RouteInfo] = {}
         self.drops: Counter[str] = Counter()
@@ -153,13 +160,8 @@ class Dispatcher(Membership):
         self._shadow: zmq.Socket[bytes] | None = zmq.Socket.shadow(self.router.underlying)
         self.auth: Any = None
         self._handshakes: Any = None
-        #: members getting their share of segments, and segments whose future
-        #: owner is already their backup (segment -> (member, since))
-        self.balancing: set[int] = set()
         #: each member's second connection, for bulk state transfers
         self.bulk_identity: dict[int, bytes] = {}
-        self.prepared: dict[int, tuple[int, float]] = {}
-        self._last_balance = 0.0
 
     # -- network in -----------------------------------------------------------------
 
@@ -194,7 +196,7 @@ class Dispatcher(Membership):
                 self.counters["keepalive"] += 1
                 continue
             info = members.get(route.owner) if route.owner is not None else None
-            if info is None or not info.alive:
+            if info is None or not info.incarnation.alive:
                 self.drops["no_owner"] += 1
                 continue
             if len(info.datagrams) >= MAX_BATCH * 4:
@@ -214,7 +216,7 @@ class Dispatcher(Membership):
             self.drops["no_child"] += 1
             return
         info = self.members.get(member)
-        if info is None or not info.alive:
+        if info is None or not info.incarnation.alive:
             self.drops["inner_no_route"] += 1
             return
         if len(info.inner) >= MAX_BATCH * 4:
@@ -388,12 +390,9 @@ class Dispatcher(Membership):
             if msg.member_id != member_id or msg.sender_id != info.sender_id:
                 self._refuse("heartbeat_not_own", identity, msg)
                 return
-            info.last_seen = time.monotonic()
             info.stats = msg.stats if msg.stats is not None else MemberStats()
-            if not info.alive and not info.back_logged:
-                info.back_logged = True
-                log.warning("member %d (pid %d) is back after being declared dead; its "
-                            "output is ignored until it rejoins", info.member_id, info.pid)
+            self._carry(self.membership.heartbeat(member_id, msg.sender_id, self._now(),
+                                                  Channel.LIVE))
         else:
             self._control(msg, info, identity)
 
@@ -494,9 +493,7 @@ class Dispatcher(Membership):
             if info is not None and info.alive:
                 if info.identity == identity and info.pid == hello.pid:
                     # the same incarnation asking again: the same answer
-                    self._send(info, Heartbeat(0, info.sender_id, os.getpid(),
-                                               self.table.epoch, self._loads(), info.token))
-                    self._send(info, TableUpdate(self.table))
+                    self._carry(self.membership.answer(member_id, self.route_info))
                 else:
                     self._refuse("hello_member_alive", identity, hello)
                 return
@@ -536,9 +533,7 @@ class Dispatcher(Membership):
         if not isinstance(msg, Heartbeat) or msg.member_id != member_id:
             self._refuse("heartbeat_channel", identity, msg)
             return
-        info = self.members.get(member_id)
-        if info is not None and info.alive and info.sender_id == msg.sender_id:
-            info.last_seen = time.monotonic()
+        self._carry(self.membership.heartbeat(member_id, msg.sender_id, self._now()))
 
     def _relay_bulk(self, msg: Sync) -> None:
         info = self.members.get(msg.dst)
@@ -562,6 +557,91 @@ class Dispatcher(Membership):
         self.counters["sync_relayed"] += 1
         self._send(info, msg)
 
+    # -- membership: the machine's inputs and outputs ----------------------------------
+
+    def _now(self) -> float:
+        """The membership machine's clock: the loop's (monotonic)."""
+        loop = self.loop
+        return loop.time() if loop is not None else time.monotonic()
+
+    def _hello(self, identity: bytes, hello: Hello) -> None:
+        """A new incarnation: the machine gives it its sender id (our answer
+        carries its token, a secret: os.urandom, made here)."""
+        token = int.from_bytes(os.urandom(8), "big") | 1
+        out = self.membership.hello(hello.member_id, hello.pid, hello.host, token, self._now(),
+                                    self.route_info)
+        if out.refused is not None:
+            self._refuse(out.refused, identity, hello)
+            return
+        self.members[hello.member_id] = MemberInfo(self.membership.members[hello.member_id],
+                                                   identity)
+        self.by_identity[identity] = hello.member_id
+        self._carry(out)
+
+    def fence(self, member_id: int, pid: int) -> None:
+        """The supervisor saw this incarnation's process end: it is dead now,
+        not after ``dead_after`` heartbeats, so that its successor's HELLO is
+        taken (a HELLO for a live member id is refused)."""
+        self._carry(self.membership.exited(member_id, pid))
+
+    async def _monitor(self) -> None:
+        """The machine's clock: one tick per heartbeat interval."""
+        interval = self.config.cluster.heartbeat_interval
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        self.membership.start(last)
+        while not self._stop.is_set():
+            await asyncio.sleep(interval)
+            now = loop.time()
+            if now - last > 2 * interval:
+                # We were stalled ourselves: heartbeats may be waiting unread in
+                # the socket. Read them before judging anyone.
+                self._drain_members()
+                self.counters["monitor_stalls"] += 1
+            last = now
+            try:
+                self._carry(self.membership.tick(now, self.route_info))
+            except Exception as exc:
+                # the barrier: failure detection must outlive one bad tick
+                # (counted as bug.tick.<type> in status, logged with a traceback once)
+                self._refusals().failed("tick", exc, "monitor")
+
+    def _carry(self, out: Outputs) -> None:
+        """Carry out what the membership machine says: log, send, re-point
+        the cleartext routes when the table changed, publish its events."""
+        for line in out.logs:
+            if line.level >= Level.WARNING:
+                log.warning("%s", line.text)
+            else:
+                log.info("%s", line.text)
+        died = sum(1 for e in out.events if e.type is EventType.MEMBER_DEAD)
+        if died:
+            self.counters["members_died"] += died
+        for send in out.sends:
+            info = self.members.get(send.member)
+            if info is not None:
+                self._send(info, send.message)
+        if out.table_changed:
+            self._repoint_routes()
+        for event in out.events:
+            self.publish(event)
+
+    def _repoint_routes(self) -> None:
+        """Cleartext traffic follows the segment table at once: a child's
+        packets go to whoever owns its inbound SPI's segment now (the member
+        that takes over announces the route again when it has installed it)."""
+        bits = self.table.segment_bits
+        for child_id, r in list(self.route_info.items()):
+            owner = self.table.owner(segment_of_esp_spi(child_id, bits))
+            if owner is not None and owner != r.member:
+                r.member = owner
+                self.routes.add(child_id, r.local_ts, r.remote_ts, owner)
+
+    def _backup_missing(self, member: int) -> bool:
+        """True when some segment of ``member`` has no live backup: its SAs go on
+        unreplicated (a death would lose them)."""
+        return self.membership.backup_missing(member)
+
     def status(self) -> dict[str, Any]:
         """``status_report()`` as the JSON of ``status --json``."""
         return self.status_report().to_json()
@@ -569,7 +649,7 @@ class Dispatcher(Membership):
     def status_report(self) -> StatusReport:
         """``ipsec-cluster status``: every member known (a dead one with its
         last heartbeat's figures), the dispatcher's counters and the pools."""
-        now = time.monotonic()
+        now = self._now()
         members = tuple(
             MemberStatus.of(m, info.stats, pid=info.pid, host=info.host, alive=info.alive,
                             sender_id=info.sender_id,

@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from common.cluster.events import Event
+from common.cluster.placement import least_loaded, read_loads
 from common.cluster.routing import init_segment
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
@@ -88,7 +89,7 @@ def heartbeat_refusal(hb: Heartbeat, sender_id: int) -> str | None:
     """Why a HEARTBEAT from the dispatcher is refused, or None. Ours carry
     member id 0, our incarnation's IV sender id (fixed once given: changing
     it under live SAs would reuse IVs, RFC 6027 §3.7.1) and the loads of
-    real members (``load.<member id>``)."""
+    members (``Heartbeat.loads``, read by ``placement.read_loads``)."""
     if hb.member_id != 0:
         return "not_from_dispatcher"
     if not 1 <= hb.sender_id <= MAX_SENDER_ID:
@@ -96,21 +97,6 @@ def heartbeat_refusal(hb: Heartbeat, sender_id: int) -> str | None:
     if sender_id and hb.sender_id != sender_id:
         return "sender_id_changed"
     return None
-
-
-def heartbeat_loads(hb: Heartbeat) -> tuple[dict[int, int], int]:
-    """(member id -> children it carries, how many ``load.`` keys were not a
-    member id 1..MAX_MEMBERS and were left out)."""
-    loads: dict[int, int] = {}
-    bad = 0
-    for key, value in hb.counters.items():
-        if key.startswith("load."):
-            member = key[5:]
-            if member.isascii() and member.isdigit() and 1 <= int(member) <= MAX_MEMBERS:
-                loads[int(member)] = value
-            else:
-                bad += 1
-    return loads, bad
 
 
 def table_refusal(old: SegmentTable | None, new: SegmentTable, segment_bits: int) -> str | None:
@@ -328,10 +314,9 @@ class MemberProcess:
         """Least loaded member (children it carries, as the dispatcher last told
         us, plus what we placed since), then one of its segments."""
         table = self.table
-        if table is None or not table.members:
+        target = least_loaded(table, self.loads, self.member_id) if table is not None else None
+        if table is None or target is None:
             return self.member.spis.segments[0] if self.member else 0
-        members = [m for m in table.members if table.segments_of(m)]
-        target = min(members, key=lambda m: (self.loads.get(m, 0), m != self.member_id))
         self.loads[target] = self.loads.get(target, 0) + 1
         segs = table.segments_of(target)
         self._placed += 1
@@ -449,7 +434,7 @@ class MemberProcess:
             log.info("member %d: sender id %d", self.member_id, hb.sender_id)
             # the bulk channel is this incarnation's (docs/design.md "Trust model")
             self.send_bulk(self._hello(Channel.BULK))
-        self.loads, bad = heartbeat_loads(hb)
+        self.loads, bad = read_loads(hb.loads, MAX_MEMBERS)
         if bad:
             self.refusals.refuse("heartbeat_bad_load", DISPATCHER, f"{bad} load counters")
 

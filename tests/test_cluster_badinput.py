@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import zmq
 
+from common.cluster.stats import MemberStats
 from common.cluster.wire import Datagram, DatagramOut, Heartbeat, encode
 from common.config import load_config
 from dispatcher.supervisor import members_endpoint
@@ -220,7 +221,8 @@ def test_junk_on_the_members_endpoint_is_dropped(cluster: Cluster, tmp_path: Pat
         dealer.send(b"")                                     # empty
         dealer.send(bytes(range(256)) * 4)                   # random-ish
         dealer.send_multipart([b"two", b"frames"])           # wrong frame count
-        dealer.send(encode(Heartbeat(2, 1, 1, 0, {"ike_sas": 99}), 1))  # decodes, unknown
+        # decodes, unknown
+        dealer.send(encode(Heartbeat(2, 1, 1, 0, stats=MemberStats(ike_sas=99)), 1))
         # decodes and would make the cluster send UDP: must not, from a stranger
         trap_ip = socket.inet_aton(GW)
         dealer.send(encode(DatagramOut([Datagram(GW_PORTS[1], trap_ip,

@@ -294,7 +294,7 @@ def test_dispatcher_publishes_a_members_own_sa_events_only() -> None:
         _say(d, 2, Events((ev(member=2),)), channel="bulk")
         assert d.drops["refused_bulk_not_sync"] == 1
         # a dead member's events are not published
-        d.members[3].alive = False
+        d.members[3].incarnation.alive = False
         _say(d, 3, Events((ev(member=3),)))
         assert d.drops["dead_member"] == 1
         # nor are those of an unauthenticated sender

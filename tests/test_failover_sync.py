@@ -138,7 +138,7 @@ def test_a_restarted_member_gets_state_then_segments_while_traffic_flows(
         # Not asserted: which children come back. Segments are balanced, not
         # SAs: children sit in the first segments of their carrier
         # (MemberProcess.esp_segment) while the autobalance hands over the
-        # last ones (Dispatcher._donor_segments), so the rejoined member often
+        # last ones (common/cluster/placement.py donor_segments), so the rejoined member often
         # carries no child until new children or rekeys are placed on it.
         carried = rig.member(victim)["child_sas"]
         assert abs(rig.member(victim, st)["segments"] - SEGMENTS // 3) <= 3, st["members"]

@@ -415,15 +415,18 @@ def _rig() -> tuple[Dispatcher, Sent]:
     sent = Sent()
     d.udp = {500: sent, 4500: sent}   # type: ignore[dict-item]
     d._send = lambda info, msg: sent.to.append((info.member_id, msg))  # type: ignore[method-assign]
+    # (HELLOs straight to the membership machine: sender ids 1..4; the third
+    # assigns the table to 1, 2, 3 with spread backups; what it says is not sent)
     for m in (1, 2, 3, 4):   # 4: alive, but owns no segment (not yet balanced)
         identity = f"live{m}".encode()
-        d.members[m] = MemberInfo(m, identity, m, pid=100 + m, last_seen=time.monotonic())
+        d.membership.hello(m, 100 + m, "", 0, time.monotonic())
+        d.members[m] = MemberInfo(d.membership.members[m], identity)
         d.by_identity[identity] = m
         d.conns[identity] = Conn(m, Channel.LIVE)
         d.conns[f"bulk{m}".encode()] = Conn(m, Channel.BULK)
         d.bulk_identity[m] = f"bulk{m}".encode()
-    d.table.assign([1, 2, 3])
-    d._spread_backups()
+    assert [d.members[m].sender_id for m in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    assert d.table.members == (1, 2, 3) and not d.table.segments_of(4)
     return d, sent
 
 
@@ -528,7 +531,7 @@ def test_role_checks_refuse_and_count(tmp_path: Path) -> None:
     bulk = Hello(1, 1, "x", Channel.BULK, d.members[1].sender_id, 0x5EC2E7)
     _say(d, 1, bulk, channel="new")
     assert d.drops["refused_hello_no_incarnation"] == 1 and b"new1" not in d.conns
-    d.members[1].token = 0x5EC2E7
+    d.members[1].incarnation.token = 0x5EC2E7
     _say(d, 1, bulk, channel="new")
     assert d.conns[b"new1"].channel is Channel.BULK and d.bulk_identity[1] == b"new1"
     # what only the dispatcher says

@@ -458,8 +458,7 @@ def test_a_heartbeat_cannot_change_our_sender_id_and_bad_loads_are_left_out() ->
         before = rig.state()
         rig.frame(Heartbeat(0, SENDER_ID + 1, 1, 0, {}))
         rig.frame(Heartbeat(3, SENDER_ID, 1, 0, {}))
-        rig.frame(Heartbeat(0, SENDER_ID, 1, 0, {"load.2": 4, "load.x": 1, "load.99": 1,
-                                                 "load.": 1}))
+        rig.frame(Heartbeat(0, SENDER_ID, 1, 0, {2: 4, 65: 1, 99: 1, 0xFFFF: 1}))
         assert rig.state() == before
         assert rig.mp.loads == {2: 4}
 

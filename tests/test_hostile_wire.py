@@ -93,7 +93,7 @@ WIRE: list[Message] = [
     DatagramOut([Datagram(4500, bytes(16), 1, b"x" * 10)]),
     InnerIn([b"\x45" * 20, b""]),
     InnerOut([b"a", b"bb"]),
-    Heartbeat(1, 2, 3, 4, {"a": 1, "load.2": 3}),
+    Heartbeat(1, 2, 3, 4, {2: 3, 0xFFFF: 2**32 - 1}),
     TableUpdate(_table()),
     ChildPush(1, 2, "c", 0x1234, 0x5678, "aes128gcm16", True, b"k" * 20, b"l" * 20, (TS4,),
               (TS6, TS4), b"\1\2\3\4", 4500, b"s" * 8),
@@ -220,6 +220,37 @@ def test_an_empty_selector_range_is_malformed() -> None:
         decode_sync(encode_sync(ChildState(0x1000, 0x2000, "c", "aes128gcm16", False, b"k" * 20,
                                            b"l" * 20, (TS4,), (empty,), bytes(4), 4500, b"",
                                            1, 64, 0, 0)))
+
+
+def test_heartbeat_loads_of_member_0_or_twice_the_same_member_are_malformed() -> None:
+    raw = encode(Heartbeat(0, 1, 2, 3, loads={5: 1, 6: 2}), 0)
+    # after the frame head (10 bytes), member id, sender id, pid and epoch (16):
+    # u8 count, then (u16 member, u32 load) each
+    first, second = 10 + 16 + 1, 10 + 16 + 1 + 6
+    assert decode(raw)[1] == Heartbeat(0, 1, 2, 3, loads={5: 1, 6: 2})
+    zero = bytearray(raw)
+    zero[first:first + 2] = b"\0\0"
+    with pytest.raises(MalformedMessage, match="member id 0"):
+        decode(bytes(zero))
+    twice = bytearray(raw)
+    twice[second:second + 2] = b"\0\5"
+    with pytest.raises(MalformedMessage, match="two loads of member 5"):
+        decode(bytes(twice))
+    more = bytearray(raw)
+    more[first - 1] = 0xFF                       # a count the bytes do not hold
+    with pytest.raises(MalformedMessage):
+        decode(bytes(more))
+
+
+@fuzz_settings(200)
+@given(loads=st.dictionaries(st.integers(1, 0xFFFF), st.integers(0, 2**32 - 1), max_size=64),
+       edits=_EDITS)
+def test_heartbeat_loads_round_trip_and_mutations_only_raise_malformed(
+        loads: dict[int, int], edits: list[tuple[int, int]]) -> None:
+    hb = Heartbeat(0, 1, 2, 3, token=4, loads=loads)
+    raw = encode(hb, 0)
+    assert decode(raw) == (0, hb)
+    _only_malformed(decode, _mutate(raw, edits))
 
 
 def test_an_opaque_port_range_is_kept() -> None:

@@ -220,7 +220,7 @@ def test_the_dispatchers_status_has_the_keys_of_status_json() -> None:
                   "takeovers": 9, "sync_gaps": 1},
             pools={"rw": 3}, connections=ConnectionCounts({"c": 4}, {"net": 5}))
         d.members[1].gaps = 3
-        d.members[2].alive = False
+        d.members[2].incarnation.alive = False
         st = d.status()
     finally:
         d.close()

@@ -56,7 +56,7 @@ SAMPLES: list[Message] = [
     DatagramOut([Datagram(4500, V6, 61000, bytes(1400))]),
     InnerIn([b"\x45" + bytes(19), b"", b"\x60" + bytes(39)]),
     InnerOut([bytes(range(256)) * 4]),
-    Heartbeat(3, 0x1234, 4242, 17, {"esp_in": 10, "drops": 0, "ünï": 2**64 - 1}),
+    Heartbeat(3, 0x1234, 4242, 17, {1: 10, 2: 0, 0xFFFF: 2**32 - 1}),
     Heartbeat(1, 1, 1, 0),
     Heartbeat(2, 7, 4242, 3, stats=MemberStats(
         ike_sas=3, half_open_ike_sas=1, child_sas=6, esp=EspTraffic(10, 1400, 9, 1300),
@@ -65,6 +65,7 @@ SAMPLES: list[Message] = [
         sync={"sync_out": 5, "takeovers": 1}, pools={"rw": 2},
         connections=ConnectionCounts({"branch": 2, "ünï": 1}, {"net": 6}))),
     Heartbeat(2, 7, 4242, 3, stats=MemberStats()),
+    Heartbeat(0, 7, 99, 3, token=0x5EC2E7, loads={1: 0, 2: 17, 64: 2**32 - 1}),
     TableUpdate(SegmentTable(4).assign([1, 2, 3])),
     ChildPush(child_id=9, ike_id=5, name="net-net", spi_in=0xC0000100, spi_out=0x1234,
               transform="aes256gcm16", esn=True, keymat_in=bytes(36), keymat_out=b"k" * 36,
@@ -161,7 +162,10 @@ def test_encode_rejects_values_that_do_not_fit() -> None:
     with pytest.raises(ValueError):
         encode(Hello(1, 2, "h" * 300), 0)
     with pytest.raises(ValueError):
-        encode(Heartbeat(1, 1, 1, 1, {"x": -1}), 0)
+        encode(Heartbeat(1, 1, 1, 1, {1: -1}), 0)
+    for loads in ({0: 1}, {70000: 1}, {1: 2**32}, dict.fromkeys(range(1, 257), 0)):
+        with pytest.raises(ValueError):
+            encode(Heartbeat(0, 1, 1, 1, loads=loads), 0)
     with pytest.raises(ValueError):
         encode(StatusReq(), -1)
 

@@ -2,4 +2,6 @@
 (``spi``), the segment table (``segments``), the one routing function
 (``routing``), the dispatcher <-> member wire codec (``wire``), the state-sync
 messages (``sync``) and their restoration (``snapshot``), address pools by
-segment (``pools``)."""
+segment (``pools``), the membership state machine (``membership``) and the
+placement policy it and the members use (``placement``), the event stream
+(``events``)."""

@@ -49,6 +49,8 @@ _SYNC_HEAD = struct.Struct("!HHQ")   # Sync: dst, src, stream seq
 _DGRAM = struct.Struct("!HHBH")
 _COUNT = struct.Struct("!I")
 _LEN16 = struct.Struct("!H")
+#: the most loads a Heartbeat carries (a u8 count)
+MAX_LOADS = 0xFF
 
 
 class MsgType(enum.IntEnum):
@@ -134,8 +136,9 @@ class Heartbeat:
     sender_id: int  # the incarnation (the IV sender id, docs/failover.md)
     pid: int
     epoch_seen: int
-    #: the dispatcher's: children each member carries (``load.<member id>``)
-    counters: dict[str, int] = field(default_factory=dict)
+    #: the dispatcher's: member id -> child SAs it carries (where a member
+    #: places a new child, common/cluster/placement.py); at most MAX_LOADS
+    loads: dict[int, int] = field(default_factory=dict)
     #: the dispatcher's answer to a LIVE HELLO: the incarnation's secret, which
     #: its HEARTBEAT and BULK HELLOs must show (0 otherwise)
     token: int = field(default=0, repr=False)
@@ -470,12 +473,7 @@ def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
     w.push_uint16(m.sender_id)
     w.push_uint32(m.pid)
     w.push_uint64(m.epoch_seen)
-    if len(m.counters) > 0xFF:
-        raise ValueError(f"{len(m.counters)} counters do not fit a u8 count")
-    w.push_uint8(len(m.counters))
-    for key, value in m.counters.items():
-        push_str(w, key)
-        w.push_uint64(value)
+    push_loads(w, m.loads)
     w.push_uint64(m.token)
     if m.stats is None:
         w.push_uint8(0)
@@ -486,17 +484,36 @@ def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
 
 def _pull_heartbeat(r: Reader) -> Heartbeat:
     member_id, sender_id, pid = r.pull_uint16(), r.pull_uint16(), r.pull_uint32()
-    epoch = r.pull_uint64()
-    counters: dict[str, int] = {}
-    for _ in range(r.pull_uint8()):
-        key = pull_str(r)
-        counters[key] = r.pull_uint64()
-    token = r.pull_uint64()
+    epoch, loads, token = r.pull_uint64(), pull_loads(r), r.pull_uint64()
     has_stats = r.pull_uint8()
     if has_stats > 1:
         raise MalformedMessage(f"heartbeat stats flag {has_stats}")
     stats = pull_member_stats(r) if has_stats else None
-    return Heartbeat(member_id, sender_id, pid, epoch, counters, token, stats)
+    return Heartbeat(member_id, sender_id, pid, epoch, loads, token, stats)
+
+
+def push_loads(w: Writer, loads: dict[int, int]) -> None:
+    """u8 count, then per member: u16 member id (1..65535), u32 child SAs."""
+    if len(loads) > MAX_LOADS:
+        raise ValueError(f"{len(loads)} loads do not fit a u8 count")
+    w.push_uint8(len(loads))
+    for member, n in loads.items():
+        if not 1 <= member <= 0xFFFF:
+            raise ValueError(f"load of member id {member}, not in 1..65535")
+        w.push_uint16(member)
+        w.push_uint32(n)
+
+
+def pull_loads(r: Reader) -> dict[int, int]:
+    loads: dict[int, int] = {}
+    for _ in range(r.pull_uint8()):
+        member, n = r.pull_uint16(), r.pull_uint32()
+        if member == 0:
+            raise MalformedMessage("load of member id 0")
+        if member in loads:
+            raise MalformedMessage(f"two loads of member {member}")
+        loads[member] = n
+    return loads
 
 
 def _body_child_push(w: Writer, m: ChildPush) -> None:

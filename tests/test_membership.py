@@ -1,0 +1,678 @@
+"""The membership machine (common/cluster/membership.py) in-process, with a
+fake clock: failure detection, takeover planning, autobalance, fencing, and
+Hypothesis over interleavings of HELLO, heartbeats, ticks and exits; the
+placement functions (common/cluster/placement.py) it and the members use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from common.cluster.events import Event, EventType
+from common.cluster.membership import (
+    STARTUP_WAIT_S,
+    Level,
+    Membership,
+    Outputs,
+)
+from common.cluster.placement import (
+    AUTOBALANCE_STEP_S,
+    JOIN_BATCH,
+    PREPARE_S,
+    donor_segments,
+    heal_backups,
+    least_loaded,
+    member_loads,
+    read_loads,
+    segment_loads,
+    spread_backups,
+)
+from common.cluster.segments import SegmentTable
+from common.cluster.spi import segment_of_esp_spi
+from common.cluster.wire import Channel, Heartbeat, TableUpdate, decode, encode
+from common.esp.iv import MAX_SENDER_ID
+from tests.fuzz import fuzz_settings
+
+#: exact in binary, so "dead after N missed heartbeats, not before" is exact too
+INTERVAL = 0.125
+DEAD_AFTER = 3
+LIMIT = INTERVAL * DEAD_AFTER
+DISPATCHER_PID = 4242
+
+
+@dataclass
+class Route:
+    """What the dispatcher routes a child SA to (its ``RouteInfo``)."""
+
+    member: int
+
+
+def machine(expect: int = 3, bits: int = 4, hot_standby: bool = False) -> Membership:
+    return Membership(bits, expect=expect, heartbeat_interval=INTERVAL, dead_after=DEAD_AFTER,
+                      hot_standby=hot_standby, pid=DISPATCHER_PID)
+
+
+class Cluster:
+    """A machine, a fake clock and members that heartbeat when told."""
+
+    def __init__(self, expect: int = 3, bits: int = 4, hot_standby: bool = False) -> None:
+        self.m = machine(expect, bits, hot_standby)
+        self.now = 0.0
+        self.m.start(self.now)
+        self.children: dict[int, Route] = {}
+
+    def hello(self, member: int, pid: int | None = None) -> Outputs:
+        return self.m.hello(member, pid if pid is not None else 100 + member, "host",
+                            0xC0FFEE + member, self.now, self.children)
+
+    def beat(self, *members: int) -> None:
+        for member in members or self.m.alive():
+            inc = self.m.members[member]
+            self.m.heartbeat(member, inc.sender_id, self.now)
+
+    def tick(self, dt: float = INTERVAL, beat: bool = True) -> Outputs:
+        """``dt`` later; the live members heartbeat just before (``beat``)."""
+        self.now += dt
+        if beat:
+            self.beat()
+        return self.m.tick(self.now, self.children)
+
+    def owners(self) -> dict[int, int | None]:
+        return {s: self.m.table.owner(s) for s in range(self.m.table.segments)}
+
+
+def events(out: Outputs, kind: EventType) -> list[Event]:
+    return [e for e in out.events if e.type is kind]
+
+
+def texts(out: Outputs) -> list[str]:
+    return [line.text for line in out.logs]
+
+
+def started(expect: int = 3, bits: int = 4) -> Cluster:
+    c = Cluster(expect, bits)
+    for m in range(1, expect + 1):
+        c.hello(m)
+    assert c.m.table.members == tuple(range(1, expect + 1))
+    return c
+
+
+# -- HELLO -------------------------------------------------------------------------------
+
+
+def test_hello_answers_the_sender_id_and_token_then_the_table() -> None:
+    c = Cluster(expect=2)
+    c.children[0x1000] = Route(1)
+    out = c.hello(1)
+    assert [s.member for s in out.sends] == [1, 1]
+    hb, table = out.sends[0].message, out.sends[1].message
+    assert hb == Heartbeat(0, 1, DISPATCHER_PID, 0, token=0xC0FFEE + 1, loads={1: 1})
+    assert isinstance(table, TableUpdate) and table.table.epoch == 0
+    assert events(out, EventType.MEMBER_JOINED) == [
+        Event(EventType.MEMBER_JOINED, member=1, sender_id=1)]
+    assert texts(out) == ["member 1 joined (pid 101 on host), sender id 1"]
+    assert not out.table_changed and not c.m.table.members
+
+
+def test_the_table_is_assigned_when_the_expected_members_came() -> None:
+    c = Cluster(expect=3, bits=4)
+    c.hello(1)
+    c.hello(2)
+    out = c.hello(3)
+    t = c.m.table
+    assert t.members == (1, 2, 3)
+    assert sorted(len(t.segments_of(m)) for m in (1, 2, 3)) == [5, 5, 6]
+    # each member's segments are backed up by both others in turn
+    for m in (1, 2, 3):
+        assert {t.backup(s) for s in t.segments_of(m)} == {1, 2, 3} - {m}
+    assert out.table_changed and len(out.moves) == 16
+    assert texts(out)[-1] == f"segment table epoch {t.epoch}: {{1: 6, 2: 5, 3: 5}}"
+    [moved] = events(out, EventType.SEGMENTS_MOVED)
+    assert moved.reason == "assign" and moved.epoch == t.epoch and len(moved.segments) == 16
+    updates = [s for s in out.sends if isinstance(s.message, TableUpdate)]
+    assert sorted(s.member for s in updates) == [1, 2, 3]
+    assert all(s.message.table == t for s in updates if isinstance(s.message, TableUpdate))
+
+
+def test_hot_standby_gives_every_segment_to_the_first_member() -> None:
+    c = Cluster(expect=2, hot_standby=True)
+    c.hello(1)
+    c.hello(2)
+    t = c.m.table
+    assert t.segments_of(1) == list(range(16)) and t.backups_of(2) == list(range(16))
+    c.m.exited(1, 101)
+    assert t.segments_of(2) == list(range(16))
+    c.hello(1, pid=201)
+    for _ in range(40):              # a returning member gets nothing back in hot standby
+        c.tick()
+    assert not t.segments_of(1) and 1 not in c.m.balancing
+
+
+def test_the_startup_wait_starts_with_whoever_came() -> None:
+    c = Cluster(expect=3)
+    c.hello(1)
+    c.hello(2)
+    while c.now + INTERVAL <= STARTUP_WAIT_S:
+        assert not c.tick().table_changed
+    assert not c.m.table.members
+    out = c.tick()
+    assert out.table_changed and c.m.table.members == (1, 2)
+
+
+def test_a_hello_for_a_live_member_is_refused_and_changes_nothing() -> None:
+    c = started()
+    before = (c.m.table.copy(), dict(c.m.members), c.m.next_sender_id)
+    out = c.hello(2, pid=999)
+    assert out.refused == "hello_member_alive" and not out.sends and not out.events
+    assert (c.m.table, c.m.members, c.m.next_sender_id) == before
+    again = c.m.answer(2, c.children)        # the same incarnation asking again
+    hb = again.sends[0].message
+    assert isinstance(hb, Heartbeat) and hb.sender_id == 2 and hb.token == 0xC0FFEE + 2
+    assert isinstance(again.sends[1].message, TableUpdate)
+
+
+# -- failure detection ------------------------------------------------------------------
+
+
+def test_dead_after_dead_after_missed_heartbeats_not_before() -> None:
+    c = started()
+    c.tick()
+    silent_since = c.now
+    c.beat()
+    for _ in range(DEAD_AFTER):       # 3 intervals without a heartbeat of member 2
+        c.now += INTERVAL
+        c.beat(1, 3)
+        out = c.m.tick(c.now, c.children)
+        assert c.m.members[2].alive and not events(out, EventType.MEMBER_DEAD)
+        assert 2 in [s.member for s in out.sends]       # it still gets our heartbeat
+    assert c.now - silent_since == LIMIT
+    c.now += INTERVAL
+    c.beat(1, 3)
+    out = c.m.tick(c.now, c.children)
+    assert not c.m.members[2].alive
+    assert events(out, EventType.MEMBER_DEAD) == [
+        Event(EventType.MEMBER_DEAD, member=2, reason=f"no heartbeat for {DEAD_AFTER} intervals")]
+    assert f"member 2 declared dead (no heartbeat for {DEAD_AFTER} intervals)" in texts(out)
+    assert c.m.members[1].alive and c.m.members[3].alive
+
+
+def test_heartbeats_keep_a_member_alive_for_ever() -> None:
+    c = started()
+    for _ in range(1000):
+        out = c.tick()
+        assert not events(out, EventType.MEMBER_DEAD)
+    assert c.m.alive() == [1, 2, 3]
+
+
+def test_only_the_current_incarnations_heartbeat_counts() -> None:
+    c = started()
+    sender = c.m.members[2].sender_id
+    for _ in range(DEAD_AFTER + 1):
+        c.now += INTERVAL
+        c.beat(1, 3)
+        c.m.heartbeat(2, sender + 100, c.now)            # not its sender id
+        c.m.heartbeat(2, sender, c.now - 10 * LIMIT)      # (last_seen: as given)
+        c.m.tick(c.now, c.children)
+    assert not c.m.members[2].alive
+
+
+def test_our_heartbeats_carry_each_members_load() -> None:
+    c = started()
+    c.children.update({0x1000_0000: Route(1), 0x2000_0000: Route(1), 0x3000_0000: Route(3)})
+    out = c.tick()
+    beats = [s for s in out.sends if isinstance(s.message, Heartbeat)]
+    assert sorted(s.member for s in beats) == [1, 2, 3]
+    for s in beats:
+        assert isinstance(s.message, Heartbeat)
+        assert s.message.loads == {1: 2, 2: 0, 3: 1}
+        assert s.message.sender_id == c.m.members[s.member].sender_id
+        assert s.message.epoch_seen == c.m.table.epoch and s.message.token == 0
+
+
+# -- takeover ----------------------------------------------------------------------------
+
+
+def test_a_dead_members_segments_go_to_their_backups_and_get_new_backups() -> None:
+    c = started(expect=3, bits=5)
+    t = c.m.table
+    before = t.copy()
+    theirs = {s: before.backup(s) for s in before.segments_of(2)}
+    out = c.m.exited(2, 102)
+    assert texts(out)[:2] == ["member 2 (pid 102) exited: fenced",
+                              f"member 2 declared dead (no heartbeat for {DEAD_AFTER} intervals)"]
+    assert t.epoch == before.epoch + 1
+    assert texts(out)[2] == f"segment table epoch {t.epoch}: {len(out.moves)} segments moved"
+    for s, backup in theirs.items():
+        assert t.owner(s) == backup                      # its backup has its replicas
+    for s in range(t.segments):
+        assert t.owner(s) in (1, 3) and t.backup(s) in (1, 3) and t.backup(s) != t.owner(s)
+    # split among the survivors (spread backups), not dumped on one
+    assert {s for s in theirs if t.owner(s) == 1} and {s for s in theirs if t.owner(s) == 3}
+    takeovers = events(out, EventType.TAKEOVER)
+    assert {e.member for e in takeovers} == {1, 3}
+    for e in takeovers:
+        assert e.dead == 2 and e.epoch == t.epoch
+        assert set(e.segments) == {s for s, b in theirs.items() if b == e.member}
+    [moved] = events(out, EventType.SEGMENTS_MOVED)
+    assert moved.reason == "failover" and set(moved.segments) == {mv.segment for mv in out.moves}
+    assert events(out, EventType.MEMBER_DEAD)[0].reason == "process 102 exited"
+    updates = [s for s in out.sends if isinstance(s.message, TableUpdate)]
+    assert sorted(s.member for s in updates) == [1, 3]
+
+
+def test_a_sent_table_is_the_table_as_it_was_then() -> None:
+    c = started(expect=3, bits=4)
+    out = c.m.exited(2, 102)
+    sent = next(s.message for s in out.sends if isinstance(s.message, TableUpdate))
+    epoch = c.m.table.epoch
+    c.hello(4)
+    for _ in range(20):
+        c.tick()
+    assert c.m.table.epoch > epoch and sent.table.epoch == epoch
+
+
+def test_the_last_member_dying_leaves_no_owner_and_its_return_restarts_the_table() -> None:
+    c = started(expect=2)
+    c.m.exited(1, 101)
+    c.m.exited(2, 102)
+    assert not c.m.table.members and set(c.owners().values()) == {None}
+    c.now = STARTUP_WAIT_S + 1        # nobody alive after the startup wait: nothing to do
+    assert not c.tick().table_changed
+    c.hello(2, pid=202)
+    out = c.tick()
+    assert out.table_changed and set(c.owners().values()) == {2}
+
+
+# -- fencing -------------------------------------------------------------------------------
+
+
+def test_an_exit_fences_only_that_incarnation() -> None:
+    c = started()
+    assert not c.m.exited(2, 999).events and c.m.members[2].alive   # not its pid
+    c.m.exited(2, 102)
+    assert not c.m.members[2].alive
+    assert not c.m.exited(2, 102).events                            # once
+
+
+def test_a_dead_incarnations_heartbeats_never_give_it_segments() -> None:
+    c = started()
+    old = c.m.members[2]
+    c.m.exited(2, 102)
+    logged = []
+    for _ in range(200):
+        c.now += INTERVAL
+        c.beat(1, 3)
+        c.m.heartbeat(2, old.sender_id, c.now)
+        logged += texts(c.m.heartbeat(2, old.sender_id, c.now, Channel.LIVE))
+        c.m.tick(c.now, c.children)
+        assert not old.alive and not c.m.table.segments_of(2)
+        assert not c.m.table.backups_of(2) and 2 not in c.m.table.members
+    assert logged == ["member 2 (pid 102) is back after being declared dead; its output is "
+                      "ignored until it rejoins"]
+
+
+def test_a_new_incarnation_gets_a_new_sender_id() -> None:
+    c = started()
+    old = c.m.members[2].sender_id
+    c.m.exited(2, 102)
+    c.m.next_sender_id = old                  # even when its turn comes round again
+    out = c.hello(2, pid=202)
+    new = c.m.members[2].sender_id
+    assert new != old and new not in {c.m.members[m].sender_id for m in (1, 3)}
+    assert "(restarted)" in texts(out)[0]
+    hb = out.sends[0].message
+    assert isinstance(hb, Heartbeat) and hb.sender_id == new
+
+
+def test_sender_ids_wrap_but_skip_every_id_a_live_incarnation_holds() -> None:
+    c = Cluster(expect=1)
+    c.m.next_sender_id = MAX_SENDER_ID - 1
+    for m in (1, 2, 3):
+        c.hello(m)
+    ids = [c.m.members[m].sender_id for m in (1, 2, 3)]
+    assert ids == [MAX_SENDER_ID - 1, MAX_SENDER_ID, 1]
+    c.m.next_sender_id = MAX_SENDER_ID - 1    # held by 1, 2 (and 3 holds 1)
+    c.hello(4)
+    assert c.m.members[4].sender_id == 2
+    assert len({i.sender_id for i in c.m.members.values()}) == 4
+
+
+# -- autobalance ---------------------------------------------------------------------------
+
+
+def test_a_joining_member_gets_its_share_gradually_after_being_a_backup_for_prepare_s() -> None:
+    c = started(expect=3, bits=8)
+    t = c.m.table
+    share = t.segments // 4
+    c.tick(1.0)
+    out = c.hello(4)
+    assert 4 in c.m.balancing and not t.segments_of(4) and not out.table_changed
+    backup_since: dict[int, float] = {}
+    owned = 0
+    steps = 0
+    balanced: list[Event] = []
+    while 4 in c.m.balancing:
+        steps += 1
+        assert steps < 200
+        before = t.copy()
+        was_prepared = set(c.m.prepared)
+        out = c.tick()
+        for s in range(t.segments):
+            if t.backup(s) == 4 and before.backup(s) != 4:
+                backup_since[s] = c.now
+            if t.owner(s) == 4 and before.owner(s) != 4:
+                # handed over only after it had been the backup PREPARE_S
+                assert before.backup(s) == 4 and c.now - backup_since[s] >= PREPARE_S
+                assert t.backup(s) == before.owner(s)    # the old owner keeps a replica
+        new = len(t.segments_of(4))
+        assert owned <= new <= share
+        # a batch at a time: at most JOIN_BATCH more segments prepared per step
+        assert len(set(c.m.prepared) - was_prepared) <= JOIN_BATCH
+        if new > owned:
+            assert f"autobalance: member 4 now owns {new} segments (epoch {t.epoch})" \
+                in texts(out)
+            moved = events(out, EventType.SEGMENTS_MOVED)
+            assert moved and moved[-1].reason == "autobalance" and moved[-1].member == 4
+        owned = new
+        balanced += [e for e in events(out, EventType.SEGMENTS_MOVED) if e.reason == "balanced"]
+    assert len(t.segments_of(4)) == share
+    assert balanced == [Event(EventType.SEGMENTS_MOVED, member=4, reason="balanced",
+                              epoch=t.epoch)]
+    assert c.now >= 1.0 + PREPARE_S + (share // JOIN_BATCH - 1) * AUTOBALANCE_STEP_S
+    for m in (1, 2, 3):                       # (the donors: the members owning most)
+        assert share - 2 <= len(t.segments_of(m)) <= share + 1
+
+
+def test_autobalance_gives_segments_carrying_children_first() -> None:
+    c = started(expect=3, bits=6)
+    t = c.m.table
+    # member 1 carries 24 children, in 6 of its segments; 2 and 3 none
+    for s in t.segments_of(1)[:6]:
+        for k in range(4):
+            c.children[(s << 26) | k] = Route(1)
+    c.tick(1.0)
+    c.hello(4)
+    c.tick(AUTOBALANCE_STEP_S)
+    prepared = [s for s, (m, _) in c.m.prepared.items() if m == 4]
+    carrying = {segment_of_esp_spi(spi, 6) for spi in c.children}
+    # its fair share of children is 24 // 4 = 6: two segments of member 1 with 4 each, then
+    # empty segments (by count) from whoever owns most
+    assert len(set(prepared) & carrying) == 2 and len(prepared) == t.segments // 4
+
+
+def test_a_death_while_a_joining_members_segments_are_handed_over() -> None:
+    """Its share grows in the very step its prepared segments are handed over:
+    those are not picked again as donor segments (a stale move that stopped
+    the dispatcher's monitor, found by the interleavings below)."""
+    c = started(expect=2, bits=4)
+    c.tick(1.0)
+    c.hello(3)
+    c.tick(AUTOBALANCE_STEP_S)
+    first = {s for s, (m, _) in c.m.prepared.items() if m == 3}
+    assert len(first) == 16 // 3
+    c.now += PREPARE_S
+    c.beat(1, 3)                              # 2 is silent: dead in this tick
+    out = c.m.tick(c.now, c.children)
+    assert not c.m.members[2].alive
+    assert first <= set(c.m.table.segments_of(3))       # handed over
+    assert {s for s, (m, _) in c.m.prepared.items() if m == 3}.isdisjoint(first)
+    assert [e.reason for e in events(out, EventType.SEGMENTS_MOVED)][-1] == "autobalance"
+    while 3 in c.m.balancing:
+        c.tick()
+    assert len(c.m.table.segments_of(3)) == 16 // 2
+
+
+def test_a_member_dying_while_it_joins_leaves_nothing_prepared() -> None:
+    c = started(expect=3, bits=6)
+    c.tick(1.0)
+    c.hello(4)
+    c.tick(AUTOBALANCE_STEP_S)
+    assert c.m.prepared
+    c.m.exited(4, 104)
+    assert not c.m.prepared and 4 not in c.m.balancing
+    assert 4 not in c.m.table.members
+
+
+# -- placement -----------------------------------------------------------------------------
+
+
+def test_read_loads_leaves_out_members_that_cannot_be() -> None:
+    assert read_loads({1: 3, 64: 0, 65: 9, 0: 1}, 64) == ({1: 3, 64: 0}, 2)
+
+
+def test_least_loaded_prefers_fewest_children_then_ourselves() -> None:
+    t = SegmentTable(4).assign([1, 2, 3])
+    assert least_loaded(t, {1: 5, 2: 1, 3: 1}, 3) == 3
+    assert least_loaded(t, {1: 5, 2: 1, 3: 1}, 1) == 2
+    assert least_loaded(t, {}, 2) == 2
+    assert least_loaded(SegmentTable(4), {}, 1) is None
+
+
+def test_member_and_segment_loads() -> None:
+    assert member_loads([1, 1, 3], [1, 2, 3]) == {1: 2, 2: 0, 3: 1}
+    assert segment_loads([0x0000_0001, 0x1000_0000, 0x1000_0001], 4) == {0: 1, 1: 2}
+
+
+def test_heal_backups_gives_every_segment_a_live_backup() -> None:
+    t = SegmentTable(4).assign([1, 2, 3])
+    t.apply(spread_backups(t))
+    assert heal_backups(t, {1, 2, 3}) == []
+    moves = heal_backups(t, {1, 3})        # 2 is dead (not yet failed over)
+    t.apply(moves)
+    assert all(t.backup(s) in (1, 3) and t.backup(s) != t.owner(s)
+               for s in range(16) if t.owner(s) != 2)
+
+
+def test_donor_segments_skip_the_prepared_ones() -> None:
+    t = SegmentTable(4).assign([1, 2])
+    first = donor_segments(t, 3, 3, {}, {1, 2, 3}, {})
+    again = donor_segments(t, 3, 3, {}, {1, 2, 3}, {s: (3, 0.0) for s in first})
+    assert len(first) == 3 and not set(first) & set(again)
+
+
+def test_loads_survive_the_wire() -> None:
+    hb = Heartbeat(0, 1, 2, 3, loads={1: 2, 64: 0})
+    assert decode(encode(hb, 5)) == (5, hb)
+
+
+# -- interleavings -----------------------------------------------------------------------
+
+MEMBERS = (1, 2, 3, 4)
+DTS = (INTERVAL / 2, INTERVAL, AUTOBALANCE_STEP_S, 0.5, PREPARE_S, STARTUP_WAIT_S + 1)
+
+
+class Interleavings(RuleBasedStateMachine):
+    """HELLO, heartbeats (current and stale incarnations, both channels),
+    ticks and exits in any order, with the machine's invariants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = machine()
+        self.now = 0.0
+        self.next_pid = 1000
+        self.children: dict[int, Route] = {}
+        self.epoch = 0
+        self.last_balance = float("-inf")
+        #: every incarnation ever: (member, sender id, pid)
+        self.incarnations: list[tuple[int, int, int]] = []
+
+    @initialize(expect=st.integers(1, 3), hot=st.booleans(), bits=st.sampled_from([2, 4, 6]))
+    def setup(self, expect: int, hot: bool, bits: int) -> None:
+        self.m = machine(expect, bits, hot)
+        self.m.start(self.now)
+
+    def _sent(self, out: Outputs) -> None:
+        """What the machine says goes to live incarnations only, and the
+        last table each one gets is the table as it is now."""
+        last: dict[int, TableUpdate] = {}
+        for send in out.sends:
+            assert self.m.is_alive(send.member)
+            if isinstance(send.message, TableUpdate):
+                last[send.member] = send.message
+            else:
+                assert send.message.sender_id == self.m.members[send.member].sender_id
+        if out.table_changed:
+            assert set(last) == set(self.m.alive())
+        for update in last.values():
+            assert update.table == self.m.table
+
+    @rule(member=st.sampled_from(MEMBERS))
+    def hello(self, member: int) -> None:
+        old = self.m.members.get(member)
+        was_alive = old is not None and old.alive
+        others = {i.sender_id for m, i in self.m.members.items() if i.alive and m != member}
+        self.next_pid += 1
+        out = self.m.hello(member, self.next_pid, "h", self.next_pid, self.now, self.children)
+        if was_alive:
+            assert out.refused == "hello_member_alive" and self.m.members[member] is old
+            return
+        new = self.m.members[member]
+        assert new.alive and new.sender_id not in others
+        assert old is None or new.sender_id != old.sender_id
+        self.incarnations.append((member, new.sender_id, new.pid))
+        self._sent(out)
+
+    @rule(data=st.data(), live=st.booleans())
+    def heartbeat(self, data: st.DataObject, live: bool) -> None:
+        if not self.incarnations:
+            return
+        member, sender_id, _pid = data.draw(st.sampled_from(self.incarnations))
+        inc = self.m.members[member]
+        was = inc.alive
+        out = self.m.heartbeat(member, sender_id, self.now, Channel.LIVE if live else
+                               Channel.HEARTBEAT)
+        assert inc.alive == was and self.m.members[member] is inc
+        assert not out.sends and not out.table_changed
+
+    @rule()
+    def everyone_beats(self) -> None:
+        for member in self.m.alive():
+            self.m.heartbeat(member, self.m.members[member].sender_id, self.now)
+
+    @rule(data=st.data())
+    def exited(self, data: st.DataObject) -> None:
+        if not self.incarnations:
+            return
+        member, sender_id, pid = data.draw(st.sampled_from(self.incarnations))
+        inc = self.m.members[member]
+        current = inc.sender_id == sender_id and inc.alive
+        out = self.m.exited(member, pid)
+        if current:
+            assert not inc.alive and events(out, EventType.MEMBER_DEAD)
+        else:                           # an older incarnation's pid, or fenced already
+            assert not out.events and not out.sends and not out.table_changed
+        self._sent(out)
+
+    @rule(spi=st.integers(0, 2**32 - 1))
+    def child(self, spi: int) -> None:
+        """A child SA routed to its segment's owner (as members announce them)."""
+        owner = self.m.table.owner(segment_of_esp_spi(spi, self.m.table.segment_bits))
+        if owner is not None:
+            self.children[spi] = Route(owner)
+
+    @rule(dt=st.sampled_from(DTS), beat=st.booleans())
+    def tick(self, dt: float, beat: bool) -> None:
+        """``dt`` later; the live members heartbeat just before (``beat``)."""
+        self.now += dt
+        if beat:
+            self.everyone_beats()
+        before = {m: i.last_seen for m, i in self.m.members.items() if i.alive}
+        in_table = set(self.m.table.members)
+        out = self.m.tick(self.now, self.children)
+        for member, seen in before.items():
+            # dead after dead_after missed heartbeats, not before
+            assert self.m.members[member].alive == (self.now - seen <= LIMIT)
+        self._sent(out)
+        alive = self.m.alive()
+        if alive and self.now > STARTUP_WAIT_S:
+            assert self.m.table.members
+        # (the machine heals backups every AUTOBALANCE_STEP_S while it has a table)
+        healed = bool(self.m.table.members) and self.now - self.last_balance >= AUTOBALANCE_STEP_S
+        if healed:
+            self.last_balance = self.now
+        if healed and not self.m.hot_standby:
+            # what is prepared for a joining member has it as its backup
+            for s, (m, _since) in self.m.prepared.items():
+                assert self.m.table.backup(s) == m
+        if healed and len(in_table & set(alive)) >= 2:
+            # backups healed: every segment has one, never its owner
+            for s in range(self.m.table.segments):
+                assert self.m.table.backup(s) is not None
+
+    @invariant()
+    def epochs_never_go_back(self) -> None:
+        assert self.m.table.epoch >= self.epoch
+        self.epoch = self.m.table.epoch
+
+    @invariant()
+    def only_live_members_own_or_back_up(self) -> None:
+        t, alive = self.m.table, set(self.m.alive())
+        assert set(t.members) <= alive
+        for s in range(t.segments):
+            owner, backup = t.owner(s), t.backup(s)
+            if t.members:
+                # exactly one owner, alive, whenever the table has a live member
+                assert owner in alive
+            assert backup is None or (backup in alive and backup != owner)
+            if len(t.members) >= 2 and not self.m.hot_standby and owner is not None:
+                assert backup != owner
+
+    @invariant()
+    def live_incarnations_have_distinct_sender_ids(self) -> None:
+        ids = [i.sender_id for i in self.m.members.values() if i.alive]
+        assert len(ids) == len(set(ids))
+        assert all(1 <= i <= MAX_SENDER_ID for i in ids)
+
+    @invariant()
+    def only_live_members_are_balanced(self) -> None:
+        alive = set(self.m.alive())
+        assert self.m.balancing <= alive
+        assert {m for m, _ in self.m.prepared.values()} <= alive
+
+
+@pytest.mark.fuzz
+def test_interleavings_of_hello_heartbeat_tick_and_exit() -> None:
+    run_state_machine_as_test(Interleavings, settings=fuzz_settings(300, stateful_step_count=40))
+
+
+def test_log_levels_match_pythons() -> None:
+    import logging
+
+    assert (Level.INFO, Level.WARNING) == (logging.INFO, logging.WARNING)
+
+
+def test_the_dispatchers_monitor_outlives_a_failing_tick() -> None:
+    """The shell's barrier: a tick that raises is counted (bug.tick.<type>)
+    and the next tick comes all the same."""
+    import asyncio
+
+    from tests.test_hostile_member import _rig
+
+    async def go() -> None:
+        d, _sent = _rig()
+        calls: list[float] = []
+
+        def failing(now: float, children: object) -> Outputs:
+            calls.append(now)
+            raise RuntimeError("a bug")
+
+        d.membership.tick = failing  # type: ignore[assignment,method-assign]
+        task = asyncio.ensure_future(d._monitor())
+        try:
+            await asyncio.sleep(d.config.cluster.heartbeat_interval * 6)
+        finally:
+            task.cancel()
+            d.close()
+        assert len(calls) >= 2
+        assert d._refusals().counts["bug.tick.RuntimeError"] == len(calls)
+
+    asyncio.run(go())
