@@ -770,7 +770,7 @@ def _curve_files(filename: str, cluster: ClusterConfig, config_dir: PurePosixPat
 
 
 #: a pool smaller than this per segment is refused: some segments would have
-#: no address at all to lease (docs/config.md "Address pools")
+#: no address at all to lease (docs/config.md "[pools.NAME]")
 MIN_POOL_ADDRS_PER_SEGMENT = 1
 
 

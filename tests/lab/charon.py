@@ -1,6 +1,6 @@
 """strongSwan's charon as a real peer, one instance per network namespace.
 
-Rules of this file (see /work/shared/interop/STRONGSWAN.md):
+Rules of this file (see docs/testing.md "Things to know about charon here"):
 - The kernel has no ESP: charon uses ``kernel-libipsec`` (TUN ``ipsec0``), listed
   BEFORE ``kernel-netlink``; the explicit plugin list must contain ``kdf``.
 - Each charon gets its own run dir, bind-mounted over ``/run`` inside
