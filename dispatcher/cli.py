@@ -1,4 +1,9 @@
-"""The ``ipsec-cluster`` command."""
+"""The ``ipsec-cluster`` command: the one entry point of the command line.
+It parses the arguments and hands each subcommand to its role, never the
+other way round: ``run`` to the supervisor (dispatcher/supervisor.py) or the
+single gateway (dispatcher/gateway.py), ``member`` to member/main.py,
+``peer`` to dispatcher/peer.py, ``status``/``sas``/``events`` and the control
+verbs to dispatcher/operator.py; ``keygen`` is here."""
 
 from __future__ import annotations
 
@@ -6,15 +11,19 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any
 
 from common.config import MAX_MEMBERS
 from common.errors import StartupError
+from dispatcher.operator import (
+    CONTROL_VERBS,
+    cmd_control,
+    cmd_events,
+    cmd_sas,
+    cmd_status,
+    control_parsers,
+)
 from member.config_file import read_config
 from member.main import run_loop
-
-#: the control API's verbs (docs/operations.md "Control API")
-CONTROL_VERBS = ("list-conns", "list-sas", "initiate", "terminate", "rekey", "stats", "reload")
 
 
 def _setup_logging(level: str, fmt: str = "text", role: str = "gateway") -> None:
@@ -72,197 +81,6 @@ def cmd_member(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level or config.cluster.log_level, config.cluster.log_format,
                    f"member {args.id}")
     return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin)
-
-
-def _ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    import zmq
-
-    from dispatcher.supervisor import control_endpoint
-
-    config = read_config(args.config)
-    ctx: Any = zmq.Context.instance()
-    req = ctx.socket(zmq.REQ)
-    req.setsockopt(zmq.LINGER, 0)
-    req.setsockopt(zmq.RCVTIMEO, int(args.timeout * 1000))
-    endpoint = control_endpoint(config, args.config)
-    try:
-        req.connect(endpoint)
-        req.send(json.dumps(request).encode())
-        answer: dict[str, Any] = json.loads(req.recv())
-        if not isinstance(answer, dict):
-            raise ValueError("not an object")
-    except zmq.Again:
-        raise StartupError(f"no cluster answers for {args.config} "
-                           "(is `ipsec-cluster run` running with this config?)") from None
-    except zmq.ZMQError as exc:
-        reason = zmq.strerror(exc.errno or 0)
-        raise StartupError(f"cannot reach the cluster at {endpoint}: {reason} "
-                           "(check cluster.control)") from None
-    except ValueError:  # not JSON: something else listens there
-        raise StartupError(f"{endpoint} answered with something that is not JSON "
-                           "(is another program using cluster.control?)") from None
-    finally:
-        req.close(linger=0)
-    if answer.get("ok") is False:
-        raise StartupError(str(answer.get("error", "refused")).splitlines()[0])
-    return answer
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from common.cluster.stats import StatusReport
-    from dispatcher.views import print_status
-
-    answer = _ask(args, {"cmd": "status"})
-    if args.json:
-        import json
-
-        print(json.dumps(answer, indent=2))
-    else:
-        try:
-            report = StatusReport.from_json(answer)
-        except ValueError as exc:
-            raise StartupError(f"the status answer is not one this version reads: {exc}"
-                               ) from None
-        print_status(report)
-        if sys.stdout.isatty():   # (piped: the plain table only, for scripts)
-            _recent_events(args)
-    return 0
-
-
-#: events ``status`` shows, and ``events --follow`` before the new ones
-RECENT_EVENTS = 5
-#: how often ``events --follow`` asks
-FOLLOW_INTERVAL_S = 0.2
-
-
-def event_line(e: dict[str, Any]) -> str:
-    """One event as a line: sequence number, local time, type, then its fields."""
-    import time
-
-    when = e.get("time")
-    stamp = (time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when * 1000) % 1000:03d}"
-             if isinstance(when, int | float) else "?")
-    rest = " ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in e.items() if k not in ("seq", "time", "type"))
-    return f"{e.get('seq', '?'):>6} {stamp} {e.get('type', '?'):<15} {rest}".rstrip()
-
-
-def _recent_events(args: argparse.Namespace) -> None:
-    """The last few events under ``status`` (nothing from a gateway without them)."""
-    try:
-        end = int(_ask(args, {"cmd": "events"})["next"])
-        answer = _ask(args, {"cmd": "events", "since": max(1, end - RECENT_EVENTS)})
-    except (StartupError, KeyError, TypeError, ValueError):
-        return
-    if answer.get("events"):
-        print("recent events:")
-        for e in answer["events"]:
-            print(event_line(e))
-
-
-def cmd_events(args: argparse.Namespace) -> int:
-    """The event stream (docs/operations.md "Control API"): the events held
-    (or from ``--since``); ``--follow`` then asks for new ones every
-    FOLLOW_INTERVAL_S until Ctrl-C."""
-    import json
-    import time
-
-    if args.since is not None:
-        since = args.since
-    elif args.follow:
-        since = max(1, int(_ask(args, {"cmd": "events"})["next"]) - RECENT_EVENTS)
-    else:
-        since = 1
-    try:
-        while True:
-            answer = _ask(args, {"cmd": "events", "since": since})
-            nxt = int(answer["next"])
-            if nxt < since:   # the gateway started anew: its stream from the start
-                print(f"(event stream started anew at {nxt})", file=sys.stderr)
-                since = 1
-                continue
-            if answer.get("dropped"):
-                print(f"({answer['dropped']} events lost: the ring moved past them)",
-                      file=sys.stderr)
-            for e in answer["events"]:
-                print(json.dumps(e, separators=(",", ":")) if args.json else event_line(e))
-            sys.stdout.flush()
-            since = nxt
-            if answer["events"]:
-                continue   # more may be waiting
-            if not args.follow:
-                return 0
-            time.sleep(FOLLOW_INTERVAL_S)
-    except KeyboardInterrupt:
-        return 0
-
-
-def cmd_sas(args: argparse.Namespace) -> int:
-    from dispatcher.views import print_sas
-
-    answer = _ask(args, {"cmd": "sas"})
-    if args.json:
-        import json
-
-        print(json.dumps(answer, indent=2))
-    else:
-        print_sas(answer)
-    return 0
-
-
-def cmd_control(args: argparse.Namespace) -> int:
-    """The control verbs (docs/operations.md "Control API")."""
-    import json
-
-    request: dict[str, Any] = {"cmd": args.command}
-    for key in ("ike", "child"):
-        if getattr(args, key, None) is not None:
-            request[key] = getattr(args, key)
-    answer = _ask(args, request)
-    if getattr(args, "json", False):
-        print(json.dumps(answer, indent=2))
-    elif args.command == "list-sas":
-        from dispatcher.views import print_sas
-
-        print_sas(answer)
-    elif args.command == "list-conns":
-        for conn in answer["connections"]:
-            print(f"{conn['name']}: {', '.join(conn['remote_addrs'])}, "
-                  f"{conn['local_id']} - {conn['remote_id']}")
-            for ch in conn["children"]:
-                print(f"  {ch['name']}: start_action {ch['start_action']}, "
-                      f"{', '.join(ch['local_ts'])} === {', '.join(ch['remote_ts'])}")
-    elif args.command in ("initiate", "terminate", "rekey"):
-        print(f"{args.command}: {answer['done']} SA(s)")
-    elif args.command == "reload":
-        print("reloaded: " + "; ".join(f"{k} {', '.join(answer[k]) or '-'}"
-                                       for k in ("added", "changed", "removed")))
-    else:
-        print(json.dumps(answer, indent=2))
-    return 0
-
-
-def _control_parsers(sub: Any) -> None:
-    verbs = (("list-conns", "the loaded connections and their children"),
-             ("list-sas", "IKE and child SAs: owner member, ages, rekey timers, traffic"),
-             ("initiate", "bring up a connection (--ike NAME) or a child (--child NAME)"),
-             ("terminate", "delete IKE SAs (--ike NAME|ID) or child SAs (--child NAME|ID) "
-                           "with the peer"),
-             ("rekey", "rekey an IKE SA (--ike ID) or a child SA (--child ID)"),
-             ("stats", "counters and drops of every member"),
-             ("reload", "re-read the config file: connections added, changed, removed"))
-    for name, text in verbs:
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--config", required=True, help="the config the gateway runs with")
-        p.add_argument("--json", action="store_true", help="print the answer as JSON")
-        p.add_argument("--timeout", type=float, default=5.0,
-                       help="seconds to wait for the gateway's answer (default 5)")
-        if name in ("initiate", "terminate", "rekey"):
-            group = p.add_mutually_exclusive_group(required=True)
-            group.add_argument("--ike", help="a connection name, an IKE SA id or its SPI (hex)")
-            group.add_argument("--child", help="a child name or its inbound SPI (hex)")
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -352,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the answer as JSON")
         p.add_argument("--timeout", type=float, default=5.0,
                        help="seconds to wait for the cluster's answer (default 5)")
-    _control_parsers(sub)
+    control_parsers(sub)
     events = sub.add_parser("events", help="the event stream: SAs up, down and rekeyed, "
                             "members joined and dead, takeovers (one line each)")
     events.add_argument("--config", required=True, help="the config the gateway runs with")
