@@ -1,6 +1,8 @@
-"""The member process's entry point (``ipsec-cluster member``) and what every
-process of the command line shares: reading the config file, the CURVE keys
-of a member, and the one event-loop runner (uvloop when present)."""
+"""The member process's entry point (``ipsec-cluster member``: ``run_member``),
+its CURVE keys (from the config's key files, or the line the supervisor
+writes to its stdin), and the one event-loop runner every process of the
+command line uses (``run_loop``, uvloop when present). Reading the config
+file is member/config_file.py."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """A member's work without its I/O: the IKE engine for the IKE SAs it owns and
-the ESP transforms of the child SAs it owns.
+the ESP transforms of the child SAs it carries.
 
 The single-process gateway (dispatcher/gateway.py) drives one ``Member``
-directly; the cluster (later) drives one per process behind the dispatcher.
+directly; in the cluster each member process (member/process.py) drives one
+behind the dispatcher.
 Inputs: IKE datagrams, ESP datagrams, inner packets, the time. Outputs: IKE
 datagrams (``Outgoing``), ESP datagrams, inner packets.
 """
