@@ -23,8 +23,10 @@ class EventType(StrEnum):
     READY = "ready"                    # the dispatcher/gateway listens (peer: its address)
     MEMBER_JOINED = "member_joined"    # member, sender_id
     MEMBER_DEAD = "member_dead"        # member, reason
-    TAKEOVER = "takeover"              # member (the new owner), dead (the old), segments
-    SEGMENTS_MOVED = "segments_moved"  # epoch, segments (the moved ones)
+    TAKEOVER = "takeover"              # member (the new owner), dead (the old), epoch, segments
+    # reason (assign, failover, backups, autobalance, balanced), epoch, segments
+    # (the moved ones), member (the joining one, for autobalance and balanced)
+    SEGMENTS_MOVED = "segments_moved"
     IKE_UP = "ike_up"                  # member, conn, ike_spi, peer
     IKE_DOWN = "ike_down"              # member, conn, ike_spi, reason
     IKE_REKEYED = "ike_rekeyed"        # member, conn, ike_spi (old), new_spi
