@@ -369,7 +369,10 @@ EVENTS = [Event(EventType.MEMBER_JOINED, member=1, sender_id=7),
 
 def _events_answer(req: dict[str, Any], log: list[Event], first: int = 1,
                    limit: int = 2) -> dict[str, Any]:
-    since = max(int(req["since"]), first)
+    if "since" not in req:   # (the product: only where the next event goes)
+        return {"ok": True, "events": [], "next": first + len(log), "dropped": 0}
+    # (past the end: from the end, as the product does; ``next`` then is below ``since``)
+    since = min(max(int(req["since"]), first), first + len(log))
     out = [{"seq": first + i, "time": 100.0 + i, **e.to_json()}
            for i, e in enumerate(log) if first + i >= since][:limit]
     nxt = out[-1]["seq"] + 1 if out else max(since, first + len(log))
@@ -457,6 +460,109 @@ def test_events_are_parsed_and_waited_for(endpoint: str,
         # from the start again: the earlier one is found
         assert client.wait_event(lambda e: e.type is EventType.MEMBER_DEAD, timeout=1,
                                  since=0).seq == 2
+
+
+def test_a_wait_outlasts_unanswered_requests_and_a_restarted_stream(
+        endpoint: str, fake: Callable[..., FakeControl]) -> None:
+    log: list[Event] = [EVENTS[0]]
+    calls = {"n": 0}
+    restarted = {"at": 0}
+
+    def answer(req: dict[str, Any]) -> dict[str, Any] | None:
+        calls["n"] += 1
+        if calls["n"] <= 2:          # starting: nothing answers yet
+            return None
+        if restarted["at"] and calls["n"] >= restarted["at"]:
+            return _events_answer(req, log[:1] if calls["n"] == restarted["at"] else log)
+        return _events_answer(req, log)
+
+    fake(answer)
+    with ControlClient(endpoint, timeout=0.2) as client:
+        joined = client.wait_event(lambda e: e.type is EventType.MEMBER_JOINED, timeout=5)
+        assert joined.seq == 1 and calls["n"] >= 3
+        log.extend(EVENTS[1:3])
+        assert client.wait_event(lambda e: e.type is EventType.TAKEOVER, timeout=2).seq == 3
+        assert client.cursor == 4
+        # the gateway starts anew: one event so far (next 2, below our 4): from 1 again
+        log[:] = [EVENTS[3], EVENTS[1]]
+        restarted["at"] = calls["n"] + 1
+        moved = client.wait_event(lambda e: e.type is EventType.SEGMENTS_MOVED, timeout=2)
+        assert moved.seq == 1
+        assert client.wait_event(lambda e: e.type is EventType.MEMBER_DEAD, timeout=2).seq == 2
+        with pytest.raises(TimeoutError, match="exited"):
+            client.wait_event(lambda e: False, timeout=5, alive=lambda: False)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="no matching event"):
+            client.wait_event(lambda e: False, timeout=0.3)
+        assert time.monotonic() - t0 < 2
+
+
+def test_a_wait_with_nobody_answering_times_out_saying_so(endpoint: str) -> None:
+    with ControlClient(endpoint, timeout=0.1) as client:
+        with pytest.raises(TimeoutError, match="requests not answered"):
+            client.wait_event(lambda e: True, timeout=0.5)
+
+
+def test_the_event_stream_of_a_real_gateway(tmp_path: Path) -> None:
+    """The client against the product, root-less on loopback: a single
+    gateway started after the client began to wait (requests unanswered
+    until it listens), our peer bringing up an SA, a rekey and a terminate
+    through the control API, a wait on a gateway that exited, and the same
+    client reading the stream of the gateway started anew from its start."""
+    from bench.harness.net import free_udp_ports
+    from bench.harness.procs import cli_argv
+
+    ports = free_udp_ports(4, ("127.0.0.1", "127.0.0.2"))
+    conns = configs.grid_connections(1, 1)
+    psk = "harness-events-psk-0123456789abcdef"
+    gw_cfg, peer_cfg = tmp_path / "gw.toml", tmp_path / "peer.toml"
+    gw_cfg.write_text(configs.gateway_toml(
+        address="127.0.0.1", ports=(ports[0], ports[1]), inside="udp:127.0.0.1:9", conns=conns,
+        psk=psk, extra={"control": str(tmp_path / "run")}))
+    peer_cfg.write_text(configs.gateway_toml(
+        address="127.0.0.2", ports=(ports[2], ports[3]), inside="udp:127.0.0.1:9", conns=conns,
+        psk=psk, remote=("127.0.0.1", ports[0])))
+    run_gw = ["sh", "-c", 'sleep 1; exec "$@"', "sh", *cli_argv("run", "--config", str(gw_cfg))]
+    with Procs(tmp_path) as procs, ControlClient(config=gw_cfg, timeout=0.3) as client:
+        gw = procs.start("gw", run_gw)
+        ready = client.wait_event(lambda e: e.type is EventType.READY, timeout=30,
+                                  alive=gw.alive)
+        assert (ready.seq, ready.event.peer, ready.event.member) == (1, "127.0.0.1", 0)
+        assert abs(ready.time - time.time()) < 30
+        before = client.mark()
+        assert before == 2
+        procs.start("peer", cli_argv("peer", "--config", str(peer_cfg), "--seconds", "60"))
+        client.timeout = 5.0
+        up = client.wait_event(lambda e: e.type is EventType.CHILD_UP, timeout=30).event
+        ike_up = client.wait_event(lambda e: e.type is EventType.IKE_UP, timeout=1, since=before)
+        assert ike_up.event.ike_spi == up.ike_spi and len(up.ike_spi) == 16
+        assert (up.member, up.conn, up.child, up.peer) == (1, "k0", "c0", "127.0.0.2")
+        (m,) = client.sas()["members"]
+        (ike,) = m["ike_sas"]
+        (child,) = ike["children"]
+        assert int(child["spi_in"], 16) == int(up.child_spi, 16)
+        assert int(ike["spi"].replace(":", ""), 16) == int(up.ike_spi, 16)
+
+        client.request("rekey", child="c0")
+        rekeyed = client.wait_event(lambda e: e.type is EventType.CHILD_REKEYED, timeout=20)
+        assert rekeyed.event.child_spi == up.child_spi and rekeyed.event.new_spi
+        client.request("terminate", ike="k0")
+        down = client.wait_event(lambda e: e.type is EventType.IKE_DOWN, timeout=20).event
+        assert down.ike_spi == up.ike_spi and down.reason
+        with pytest.raises(TimeoutError, match="no matching event"):
+            client.wait_event(lambda e: e.type is EventType.IKE_DOWN, timeout=0.5)
+        seen = client.cursor
+        assert seen > 5
+
+        assert gw.stop()
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="exited"):
+            client.wait_event(lambda e: True, timeout=30, alive=gw.alive)
+        assert time.monotonic() - t0 < 10
+        again = procs.start("gw2", cli_argv("run", "--config", str(gw_cfg)))
+        ready = client.wait_event(lambda e: e.type is EventType.READY, timeout=30,
+                                  alive=again.alive)
+        assert ready.seq == 1 and client.cursor == 2
 
 
 def test_bad_events_answers_are_errors(endpoint: str,

@@ -11,7 +11,12 @@ The event stream: ``events(since)`` reads the cluster's events from sequence
 number ``since`` on (``{"cmd": "events", "since": N}`` -> ``{"ok": true,
 "events": [...], "next": M, "dropped": K}``), each parsed with
 ``common.cluster.events.Event.from_json``; ``wait_event(predicate, timeout)``
-reads on until an event matches.
+reads on until an event matches. ``mark()`` is the stream's position now: a
+test takes it before the action whose event it then waits for, so an event
+that comes before the wait starts is not missed (or it waits from ``since=1``,
+every event the run kept). A wait outlasts a gateway that does not answer
+yet (still starting: its socket is not there) and one that was started anew
+(its stream numbered from 1 again: read from there).
 
 Not thread-safe (a ZeroMQ socket is not): one client per thread.
 """
@@ -65,6 +70,8 @@ class Events:
 class _Waited:
     seen: list[Logged] = field(default_factory=list)
     dropped: int = 0
+    unanswered: int = 0
+    restarts: int = 0
 
 
 class ControlClient:
@@ -168,35 +175,53 @@ class ControlClient:
                 raise ControlError(f"events: a bad event {str(obj)[:200]}: {exc}") from None
         return Events(out, nxt, dropped)
 
-    def mark(self) -> int:
-        """Read past every event there is now; the sequence number of the
-        next one (``wait_event`` goes on from there)."""
-        while True:
-            got = self.events(self.cursor)
-            self.cursor = got.next
-            if not got.events:
-                return self.cursor
+    def mark(self, *, timeout: float | None = None) -> int:
+        """The sequence number the next event will have (``wait_event`` goes
+        on from there: what happened before is not waited for)."""
+        answer = self.request("events", timeout=timeout)
+        nxt = answer.get("next")
+        if type(nxt) is not int:
+            raise ControlError(f"events: not an events answer: {str(answer)[:200]}")
+        self.cursor = nxt
+        return nxt
 
     def wait_event(self, predicate: Callable[[Event], bool], timeout: float, *,
-                   since: int | None = None) -> Logged:
+                   since: int | None = None, alive: Callable[[], bool] | None = None
+                   ) -> Logged:
         """The first event from ``since`` (default: where the last wait or
         ``mark`` stopped; 0 at first, every event kept) that ``predicate``
         accepts; ``TimeoutError`` naming the events seen if none does within
-        ``timeout`` seconds. Later waits go on after the event returned."""
+        ``timeout`` seconds. Later waits go on after the event returned.
+
+        No answer (the gateway is not listening yet, or busy) is waited out
+        until the deadline; ``alive`` (the gateway's process still runs)
+        ends the wait early when it says False. A stream that starts anew
+        (the gateway restarted: ``next`` below what was asked for) is read
+        from its first event."""
         cursor = self.cursor if since is None else since
         end = time.monotonic() + timeout
         waited = _Waited()
         while True:
             left = end - time.monotonic()
-            got = self.events(cursor, timeout=max(0.1, min(self.timeout, left)))
+            try:
+                got = self.events(cursor, timeout=max(0.1, min(self.timeout, left)))
+            except ControlTimeout:
+                waited.unanswered += 1
+                got = Events([], cursor)
             waited.dropped += got.dropped
             for logged in got.events:
                 waited.seen.append(logged)
                 if predicate(logged.event):
                     self.cursor = logged.seq + 1
                     return logged
-            cursor = got.next
+            if got.next < cursor and not got.events:
+                waited.restarts += 1
+                cursor = 1
+            else:
+                cursor = got.next
             self.cursor = cursor
+            if alive is not None and not alive():
+                raise TimeoutError("the gateway exited; " + self._waited_text(timeout, waited))
             if time.monotonic() >= end:
                 raise TimeoutError(self._waited_text(timeout, waited))
             if not got.events:
@@ -206,6 +231,10 @@ class ControlClient:
     def _waited_text(timeout: float, waited: _Waited) -> str:
         last = [f"{e.seq} {e.event.type.value} {e.event.to_json()}" for e in waited.seen[-10:]]
         lost = f" ({waited.dropped} lost: the ring moved on)" if waited.dropped else ""
+        if waited.unanswered:
+            lost += f"; {waited.unanswered} requests not answered"
+        if waited.restarts:
+            lost += f"; the stream started anew {waited.restarts} times"
         return (f"no matching event within {timeout:g} s; {len(waited.seen)} seen{lost}"
                 + ("; the last:\n  " + "\n  ".join(last) if last else ""))
 
