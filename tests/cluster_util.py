@@ -5,10 +5,15 @@ the harness (bench/harness/):
   ``gateway_toml`` render the cluster's and our peer's TOML (mirrored
   selectors, one identity per connection) with this file's PSK and a
   generous ``dead_after``;
-- processes: ``Proc`` (the harness's, plus ``wait_log``) runs
-  ``ipsec-cluster ...`` (optionally in a namespace) in its own session with
-  its log kept; ``stop()`` ends the whole process group (the dispatcher's
-  members are in it), also when the test failed;
+- processes: ``Proc`` (the harness's) runs ``ipsec-cluster ...``
+  (optionally in a namespace) in its own session with its log kept;
+  ``stop()`` ends the whole process group (the dispatcher's members are in
+  it), also when the test failed;
+- events: ``Proc.wait_event(predicate)`` waits for an event of the gateway
+  or cluster the process runs (its ``--config``) on the control socket's
+  event stream, never for a log line; ``Proc.mark()`` before an action, and
+  a wait ``since`` that mark, does not miss what the action caused;
+  ``event_is(kind, **fields)`` builds the predicate (SPIs as numbers);
 - ``status``/``sas`` ask the running cluster on its control socket (or via
   ``ipsec-cluster status|sas --json``); ``wait_for`` polls a condition with a
   deadline and a diagnostic;
@@ -49,6 +54,7 @@ from bench.harness.procs import ns_argv
 from bench.harness.procs import pid_alive as pid_alive
 from bench.harness.procs import tail as tail
 from bench.harness.waits import wait_for as wait_for
+from common.cluster.events import Event, EventType
 
 PSK = "cluster-test-psk-0123456789abcdef"
 CLI_TIMEOUT_S = 15.0
@@ -89,20 +95,90 @@ def gateway_toml(*, address: str, ports: tuple[int, int], inside: str,
 # -- processes -------------------------------------------------------------------------
 
 
-class Proc(harness_procs.Proc):
-    """The harness's process (bench/harness/procs.py) and a wait for a line of its log."""
+#: the event fields that hold an SPI (hex digits): ``event_is`` takes them as numbers too
+SPI_FIELDS = ("ike_spi", "child_spi", "new_spi")
 
-    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = self.log_text()
-            if needle in text:
-                return text
-            if not self.alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in {self.log_path.name}:\n"
-                             f"{self.log_text()[-4000:]}")
+
+def spi_of(text: str) -> int:
+    """An SPI as hex digits (with or without colons, ours or strongSwan's) as a number."""
+    return int(text.replace(":", ""), 16) if text else -1
+
+
+def event_is(kind: EventType, **fields: object) -> Callable[[Event], bool]:
+    """A predicate: an event of ``kind`` whose ``fields`` have these values
+    (an SPI field given as an int is compared as a number)."""
+    for name in fields:
+        if name not in Event.__dataclass_fields__:
+            raise TypeError(f"events have no field {name!r}")
+
+    def match(e: Event) -> bool:
+        if e.type is not kind:
+            return False
+        for name, want in fields.items():
+            have = getattr(e, name)
+            if name in SPI_FIELDS and isinstance(want, int):
+                have = spi_of(have)
+            if have != want:
+                return False
+        return True
+    return match
+
+
+class Proc(harness_procs.Proc):
+    """The harness's process, and the event stream of the gateway or cluster
+    it runs (the ``--config`` of its command line) through the harness's
+    control client (made on first use, closed with the process's log)."""
+
+    _control: ControlClient | None = None
+
+    @property
+    def config_path(self) -> Path:
+        try:
+            return Path(self.argv[self.argv.index("--config") + 1])
+        except (ValueError, IndexError):
+            raise AssertionError(f"{self.name} was started without --config") from None
+
+    def control(self) -> ControlClient:
+        if self._control is None:
+            self._control = ControlClient(config=self.config_path)
+        return self._control
+
+    def mark(self) -> int:
+        """The stream's position now: a later ``wait_event(since=mark)`` sees
+        every event from here on (what an action after the mark caused)."""
+        return self.control().mark()
+
+    def wait_event(self, predicate: Callable[[Event], bool], timeout: float = 10.0, *,
+                   since: int | None = None, what: str = "the event") -> Event:
+        """The first event from ``since`` (default: after the last one
+        waited for, or from the start) that ``predicate`` accepts; an
+        AssertionError naming ``what`` with the events seen and the log's
+        tail if none comes within ``timeout`` s or the process exits."""
+        try:
+            return self.control().wait_event(predicate, timeout, since=since,
+                                             alive=self.alive).event
+        except TimeoutError as exc:
+            raise AssertionError(f"{what} from {self.name}: {exc}\n{self.tail(4000)}") from None
+
+    def wait_ready(self, timeout: float = 20.0) -> Event:
+        """READY: the gateway or the cluster's dispatcher listens on its ports."""
+        return self.wait_event(event_is(EventType.READY), timeout, since=1, what="READY")
+
+    def events(self, since: int = 1) -> list[Event]:
+        """Every event the stream holds from ``since`` on."""
+        out: list[Event] = []
+        while True:
+            got = self.control().events(since)
+            out += [e.event for e in got.events]
+            if not got.events:
+                return out
+            since = got.next
+
+    def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        super().close()
 
 
 class Procs(harness_procs.Procs):

@@ -477,6 +477,22 @@ def test_failed_ike_sa_is_an_ike_failed_event_with_the_reason() -> None:
     assert "auth" in failed.reason.lower() and failed.member == 7
 
 
+def test_an_ike_sa_init_with_no_common_proposal_is_an_ike_failed_event() -> None:
+    """The responder keeps no SA for it (ike_id 0, no SPI), yet the attempt
+    failed: IKE_FAILED names the connection, the peer and both proposals."""
+    theirs = "aes256gcm16-prfsha384-ecp384"
+    gw, peer, got = _pair(peer_text=peer_config(PORTS).replace(
+        "aes128gcm16-prfsha256-ecp256", theirs))
+    peer.start_connections(0.0, only_start_action=False)
+    carry(gw, peer)
+    (failed,) = got
+    assert failed.type is EventType.IKE_FAILED and failed.ike_spi == ""
+    assert (failed.member, failed.conn, failed.peer) == (7, "c", "127.0.0.2")
+    assert failed.reason.startswith("no common proposal (NO_PROPOSAL_CHOSEN)")
+    assert theirs in failed.reason and "aes128gcm16-prfsha256-ecp256" in failed.reason
+    assert not gw.engine.by_id
+
+
 def test_a_virtual_ip_is_released_once_when_its_ike_sa_goes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_pools import _request_vip

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from common.cluster.events import EventType
+from tests.cluster_util import event_is, spi_of, wait_for
 from tests.interop_gw import OurProcess, gateway_toml
 from tests.lab import traffic
 from tests.lab.charon import Charon, CharonError, Child, Conn, render_swanctl_conf
@@ -30,11 +32,17 @@ def _setup(lab: Lab, tmp_path: Path, conn: Conn | None = None,
         lab.add_lo_addr(ns_a, addr)
     lab.add_lo_addr(ns_b, "10.91.12.1")
     gw = OurProcess(lab, ns_b, gateway_toml(**gw_kw), tmp_path)  # type: ignore[arg-type]
-    gw.wait_log("gateway listening")
+    gw.wait_ready()
     charon = lab.charon(ns_a, "charon-a")
     charon.load(render_swanctl_conf(conn or Conn("a-b", "198.18.0.1", "198.18.0.2",
                                                  [GCM, CTR])))
     return ns_a, ns_b, charon, gw
+
+
+def dpd_answered(gw: OurProcess) -> int:
+    """DPD exchanges of ours the peer answered (the members' ``dpd_ok`` counters)."""
+    stats = gw.control().request("stats")
+    return sum(m["counters"].get("dpd_ok", 0) for m in stats["members"])
 
 
 def _up(charon: Charon) -> dict[str, dict]:  # type: ignore[type-arg]
@@ -74,14 +82,23 @@ def test_rekeys_initiated_by_strongswan(lab: Lab, tmp_path: Path) -> None:
     ns_a, ns_b, charon, gw = _setup(lab, tmp_path)
     kids = _up(charon)
     for name in ("net-gcm", "net-ctr"):
+        since = gw.mark()
         new = charon.rekey_child(name)
         assert new["spi-in"] != kids[name]["spi-in"]
-        gw.wait_log(f"rekeys {int(kids[name]['spi-out'], 16):08x}")
+        # (charon's outbound SPIs are our inbound ones)
+        gw.wait_event(event_is(EventType.CHILD_REKEYED, child=name,
+                               child_spi=spi_of(kids[name]["spi-out"]),
+                               new_spi=spi_of(new["spi-out"])), since=since,
+                      what=f"CHILD_REKEYED of {name}")
     _traffic(ns_a, ns_b, lab, gw, 7002)
     old = charon.ike_sa("a-b")
+    since = gw.mark()
     new_ike = charon.rekey_ike("a-b")
     assert old is not None and new_ike["initiator-spi"] != old["initiator-spi"]
-    gw.wait_log("rekeyed into")
+    gw.wait_event(event_is(EventType.IKE_REKEYED, conn="a-b",
+                           ike_spi=spi_of(old["responder-spi"]),
+                           new_spi=spi_of(new_ike["responder-spi"])), since=since,
+                  what="IKE_REKEYED")
     _traffic(ns_a, ns_b, lab, gw, 7003)
     # children can still be rekeyed under the new IKE SA
     charon.rekey_child("net-gcm")
@@ -111,7 +128,8 @@ def test_dpd_initiated_by_us(lab: Lab, tmp_path: Path) -> None:
     conn = Conn("a-b", "198.18.0.1", "198.18.0.2", [GCM, CTR], dpd_delay="0s")
     ns_a, ns_b, charon, gw = _setup(lab, tmp_path, conn, dpd_delay=1)
     _up(charon)
-    gw.wait_log("DPD answered", timeout=8)
+    # (not an SA state change: the member's counter of DPD exchanges answered)
+    wait_for("a DPD answered", lambda: dpd_answered(gw) > 0, timeout=8, diag=gw.tail)
     _traffic(ns_a, ns_b, lab, gw, 7006)
     assert charon.ike_sa("a-b") is not None
 
@@ -129,11 +147,20 @@ def test_dpd_initiated_by_strongswan(lab: Lab, tmp_path: Path) -> None:
 def test_delete_child_and_ike_by_strongswan(lab: Lab, tmp_path: Path) -> None:
     ns_a, _ns_b, charon, gw = _setup(lab, tmp_path)
     kids = _up(charon)
+    ike = charon.ike_sa("a-b")
+    assert ike is not None
+    since = gw.mark()
     charon.swanctl("--terminate", "--child", "net-ctr")
-    gw.wait_log(f"{int(kids['net-ctr']['spi-out'], 16):08x}_i deleted")
+    down = gw.wait_event(event_is(EventType.CHILD_DOWN, child="net-ctr",
+                                  child_spi=spi_of(kids["net-ctr"]["spi-out"])), since=since,
+                         what="CHILD_DOWN of net-ctr")
+    assert down.reason == "deleted by peer", down
     assert traffic.ping(ns_a, "10.91.2.1", src="10.91.1.1", count=2, interval=0.05).ok
+    since = gw.mark()
     charon.terminate_ike("a-b")
-    gw.wait_log("deleted: deleted by peer")
+    down = gw.wait_event(event_is(EventType.IKE_DOWN, ike_spi=spi_of(ike["responder-spi"])),
+                         since=since, what="IKE_DOWN")
+    assert down.reason == "deleted by peer", down
     assert not traffic.ping(ns_a, "10.91.2.1", src="10.91.1.1", count=1,
                             deadline_s=1).received
 
@@ -142,8 +169,10 @@ def test_wrong_psk_is_refused_with_a_reason(lab: Lab, tmp_path: Path) -> None:
     _ns_a, _ns_b, charon, gw = _setup(lab, tmp_path, psk="not-the-same-psk-at-all")
     with pytest.raises(CharonError):
         charon.initiate(child="net-gcm", ike="a-b", timeout=5)
-    log = gw.wait_log("failed PSK authentication")
-    assert "gw-a.test" in log and "wrong pre-shared key" in log
+    failed = gw.wait_event(event_is(EventType.IKE_FAILED, conn="a-b"), what="IKE_FAILED")
+    assert "failed PSK authentication" in failed.reason, failed
+    assert "gw-a.test" in failed.reason and "wrong pre-shared key" in failed.reason, failed
+    assert failed.peer == "198.18.0.1"
     assert "AUTHENTICATION_FAILED" in charon.log_text()
     assert charon.ike_sa("a-b") is None
     assert gw.alive()
@@ -156,7 +185,9 @@ def test_no_common_proposal(lab: Lab, tmp_path: Path) -> None:
     with pytest.raises(CharonError):
         charon.initiate(child="net-gcm", ike="a-b", timeout=5)
     assert "NO_PROPOSAL_CHOSEN" in charon.log_text()
-    gw.wait_log("no common proposal")
+    failed = gw.wait_event(event_is(EventType.IKE_FAILED, peer="198.18.0.1"),
+                           what="IKE_FAILED")
+    assert "no common proposal" in failed.reason and failed.conn == "a-b", failed
     assert gw.alive()
 
 

@@ -30,6 +30,7 @@ from common.ike.context import Address, IkeContext, IkeInput, IkeState
 from common.ike.cookies import CookieJar
 from common.ike.describe import format_proposals
 from common.ike.dh import dh_generate
+from common.ike.events import IkeSaFailed
 from common.ike.keys import derive_ike_keys, nat_detection_hash
 from common.ike.limits import EngineLimits
 from common.ike.message import IkeMessage, encode_message
@@ -260,9 +261,11 @@ def handle_init_request(ctx: IkeContext[IkeSa], policies: list[IkePolicy], cooki
     theirs = [p for p in sa_p.proposals if p.protocol == ProtocolId.IKE]
     chosen = choose_proposal(numbered(ours), theirs)
     if chosen is None:
-        log.info("IKE_SA_INIT from %s: no common proposal (NO_PROPOSAL_CHOSEN): received "
-                 "proposals: %s; configured proposals: %s", remote[0],
-                 format_proposals(theirs), format_proposals(ours))
+        reason = (f"no common proposal (NO_PROPOSAL_CHOSEN): received proposals: "
+                  f"{format_proposals(theirs)}; configured proposals: {format_proposals(ours)}")
+        log.info("IKE_SA_INIT from %s: %s", remote[0], reason)
+        # no SA is kept (ike_id 0), yet the attempt failed: an event (IKE_FAILED)
+        ctx.events.append(IkeSaFailed(0, candidates[0].name, remote, reason))
         return InitResult(None, _error_answer(msg, NotifyType.NO_PROPOSAL_CHOSEN))
     suite = ike_suite(chosen)
     if ke.group != suite.dh:
