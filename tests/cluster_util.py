@@ -174,11 +174,46 @@ class Proc(harness_procs.Proc):
                 return out
             since = got.next
 
+    # TEMPORARY until the membership events are on main
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.log_text()
+            if needle in text:
+                return text
+            if not self.alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in {self.log_path.name}:\n"
+                             f"{self.log_text()[-4000:]}")
+
     def close(self) -> None:
         if self._control is not None:
             self._control.close()
             self._control = None
         super().close()
+
+
+def wait_assigned(proc: Proc, members: int, timeout: float = 15.0) -> None:
+    """The cluster's segment table is out to its ``members`` members."""
+    proc.wait_log("segment table epoch", timeout=timeout)   # TEMPORARY until membership events
+
+
+def peer_result(proc: harness_procs.Proc) -> dict[str, Any] | None:
+    """The last result ``ipsec-cluster peer --json`` printed (one JSON object
+    on a line of its own: the command's output, not a log line; our peer
+    serves no event stream), None before it printed one."""
+    lines = [ln for ln in proc.log_text().splitlines() if ln.startswith("{")]
+    if not lines:
+        return None
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def wait_peer_result(proc: harness_procs.Proc, timeout: float = 20.0) -> dict[str, Any]:
+    """``peer_result`` once there is one."""
+    return wait_for(f"the result of {proc.name}", lambda: peer_result(proc), timeout=timeout,
+                    diag=proc.tail)
 
 
 class Procs(harness_procs.Procs):

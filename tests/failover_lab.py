@@ -20,6 +20,7 @@ from typing import Any
 
 from bench.harness import configs
 from bench.harness.control import ask
+from tests.cluster_util import wait_assigned as wait_assigned
 from tests.interop_gw import PSK, OurProcess
 from tests.lab.charon import Charon, Child, Conn, render_swanctl_conf
 from tests.lab.netns import Lab

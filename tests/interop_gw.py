@@ -1,7 +1,8 @@
 """Helpers for tests that run our gateway against strongSwan in the lab, on
 the harness (bench/harness/): its config builder for a gateway facing
 strongSwan, its process launcher (here through the lab, which runs the
-command in a namespace and stops it with the lab)."""
+command in a namespace and stops it with the lab), and the waits for the
+gateway's events (tests/cluster_util.py's ``Proc``)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,13 @@ def gateway_toml(*, address: str = configs.LAB_GATEWAY, remote: str = "%any",
 
 class OurProcess(Proc):
     """``ipsec-cluster run|peer`` in a namespace, with its log kept (the lab
-    stops it with the rest)."""
+    stops it with the rest); ``wait_event``/``wait_ready``/``mark`` (the
+    cluster_util ``Proc``'s) read its event stream (``run``: ``peer`` serves none)."""
 
     def __init__(self, lab: Lab, ns: str, config_text: str, workdir: Path, *,
-                 command: str = "run", name: str = "gw") -> None:
+                 command: str = "run", name: str = "gw", args: Sequence[str] = ()) -> None:
         self.config = workdir / f"{name}.toml"
         self.config.write_text(config_text)
-        super().__init__(cli_argv(command, "--config", str(self.config)),
+        super().__init__(cli_argv(command, "--config", str(self.config), *args),
                          workdir / f"{name}.log", name=name,
                          popen=lambda argv, **kw: lab.popen(ns, argv, **kw))

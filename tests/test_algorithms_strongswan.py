@@ -130,7 +130,7 @@ def test_proposal_handshake_and_ping_both_ways(lab: Lab, tmp_path: Path, name: s
         charon_kids.append(Child(f"c{k}", net_a, net_b, esp_proposals=kid.esp))
         our_kids.append((f"c{k}", net_b, net_a, kid.esp))
     gw = OurProcess(lab, ns_b, gateway_toml(proposals=case.ike, children=our_kids), tmp_path)
-    gw.wait_log("gateway listening")
+    gw.wait_ready()
     charon = lab.charon(ns_a, "charon-a")
     charon.load(render_swanctl_conf(Conn("a-b", "198.18.0.1", "198.18.0.2", charon_kids,
                                          proposals=case.ike)))

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from bench.harness import configs
+from common.cluster.events import EventType
+from tests.cluster_util import event_is, wait_peer_result
 from tests.interop_gw import PSK, OurProcess
 from tests.lab.charon import (
     DEFAULT_PLUGINS,
@@ -147,7 +149,7 @@ def test_charon_initiates_with_certificates(lab: Lab, tmp_path: Path) -> None:
     _setup(tmp_path, "gw-b", "gw-a")
     gw = OurProcess(lab, ns_b, _our_toml("198.18.0.2", "198.18.0.1",
                                          _our_conns("gw-b", "gw-a"), False, tmp_path), tmp_path)
-    gw.wait_log("gateway listening")
+    gw.wait_ready()
     charon = lab.charon(ns_a, "charon-a", plugins=PLUGINS)
     _install(charon, tmp_path, "gw-a")
     charon.load(render_swanctl_conf(*_charon_conns(tmp_path, "gw-b", "gw-a", "198.18.0.2",
@@ -158,8 +160,10 @@ def test_charon_initiates_with_certificates(lab: Lab, tmp_path: Path) -> None:
         assert ike is not None and ike.get("state") == "ESTABLISHED", name
     with pytest.raises(CharonError):
         charon.initiate(child=f"c{len(GOOD)}", ike="rogue")
-    log = gw.log_text()
-    assert "gw-a-rogue.test" in log and "is not issued by a trusted CA" in log
+    failed = gw.wait_event(event_is(EventType.IKE_FAILED, peer="198.18.0.1"),
+                           what="IKE_FAILED of the rogue")
+    assert "gw-a-rogue.test" in failed.reason, failed
+    assert "is not issued by a trusted CA" in failed.reason, failed
     theirs = charon.log_text()
     assert "received AUTHENTICATION_FAILED" in theirs
     # what charon verified of ours (RFC 7427 method 14 each time)
@@ -182,13 +186,15 @@ def test_our_peer_initiates_to_charon_with_certificates(lab: Lab, tmp_path: Path
                                                    "198.18.0.2")))
     peer = OurProcess(lab, ns_a, _our_toml("198.18.0.1", "198.18.0.2",
                                            _our_conns("gw-a", "gw-b"), True, tmp_path),
-                      tmp_path, command="peer", name="peer")
+                      tmp_path, command="peer", name="peer", args=["--json"])
     charon.wait_for("the children up at the responder",
                     lambda: len(charon.child_sas()) == len(GOOD) or None, timeout=30)
     up = {sa.get("name") for sa in charon.list_sas()}
     assert up >= set(GOOD), up
-    log = peer.wait_log("is not issued by a trusted CA", timeout=15)
-    assert "gw-b-rogue.test" in log
+    # (our peer serves no event stream: its --json result names why the rogue failed)
+    result = wait_peer_result(peer, timeout=15)
+    (reason,) = [r for r in result["reasons"] if "is not issued by a trusted CA" in r]
+    assert "gw-b-rogue.test" in reason, result
     assert peer.alive()
 
 
@@ -201,7 +207,7 @@ def test_classic_methods_with_charon_without_rfc7427(lab: Lab, tmp_path: Path) -
     gw = OurProcess(lab, ns_b, _our_toml("198.18.0.2", "198.18.0.1",
                                          _our_conns("gw-b", "gw-a", CLASSIC), False, tmp_path),
                     tmp_path)
-    gw.wait_log("gateway listening")
+    gw.wait_ready()
     charon = lab.charon(ns_a, "charon-a", plugins=PLUGINS,
                         charon_options={"signature_authentication": "no"})
     _install(charon, tmp_path, "gw-a")
@@ -217,7 +223,9 @@ def test_classic_methods_with_charon_without_rfc7427(lab: Lab, tmp_path: Path) -
                         ("p521", "ECDSA-521 signature")):
         assert f"authentication of 'gw-b-{who}.test' with {scheme}" in theirs, [
             ln for ln in theirs.splitlines() if "authentication of" in ln]
-    assert "is not issued by a trusted CA" in gw.log_text()
+    failed = gw.wait_event(event_is(EventType.IKE_FAILED, peer="198.18.0.1"),
+                           what="IKE_FAILED of the rogue")
+    assert "is not issued by a trusted CA" in failed.reason, failed
 
 
 def test_cluster_member_takes_over_a_certificate_ike_sa(lab: Lab, tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def test_members_on_other_hosts_over_curve(lab: Lab, tmp_path: Path) -> None:
                    "curve_secret_key": "keys/dispatcher.key_secret",
                    "curve_authorized": "authorized"}))
         disp = procs.start("dispatcher", cli_argv("run", "--config", str(config)), ns=ns_d)
-        disp.wait_log("members at tcp://", timeout=15)
+        disp.wait_ready(timeout=15)
 
         def member_config(key: str) -> Path:
             path = tmp_path / f"member-{key}.toml"

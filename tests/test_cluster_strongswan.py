@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster_util import DEAD_AFTER, esp_sas, sas, status, wait_for
+from common.cluster.events import EventType
+from tests.cluster_util import DEAD_AFTER, esp_sas, event_is, sas, spi_of, status, wait_for
 from tests.interop_gw import OurProcess, gateway_toml
 from tests.lab import traffic
 from tests.lab.charon import Charon, Child, Conn, render_swanctl_conf
@@ -110,9 +111,13 @@ def test_three_children_on_different_members_with_rekeys(lab: Lab, tmp_path: Pat
 
     # IKE rekey initiated by charon; then the children still pass and rekey
     old = charon.ike_sa("a-b")
+    since = gw.mark()
     new_ike = charon.rekey_ike("a-b")
     assert old is not None and new_ike["initiator-spi"] != old["initiator-spi"]
-    gw.wait_log("rekeyed into")
+    gw.wait_event(event_is(EventType.IKE_REKEYED, conn="a-b",
+                           ike_spi=spi_of(old["responder-spi"]),
+                           new_spi=spi_of(new_ike["responder-spi"])), since=since,
+                  what="IKE_REKEYED")
     _pings(ns_a, ns_b, gw)
     _wait_installed(config, "net-ctr", charon.rekey_child("net-ctr"), gw)
     _pings(ns_a, ns_b, gw)

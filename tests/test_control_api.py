@@ -129,7 +129,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         r_cfg.write_text(r_config(ports))
         peer_cfg.write_text(peer_config(ports))
         r = procs.start("r", cli_argv("run", "--config", str(r_cfg)))
-        r.wait_log("gateway listening")
+        r.wait_ready()
         gw = procs.start("gw", cli_argv("run", "--config", str(gw_cfg)))
         wait_for("the gateway's members", lambda: len(
             [m for m in ctl(gw_cfg, "status")["members"] if m["alive"]]) == members,
@@ -391,7 +391,7 @@ def test_start_action_start_initiates_on_run(tmp_path: Path) -> None:
                                   log_level=None),
             [_out("out", "aes128gcm16", 60)], psk=OUT_PSK, remote_addrs=R,
             remote_port=ports[0], start_action="start")))
-        procs.start("r", cli_argv("run", "--config", str(r_cfg))).wait_log("gateway listening")
+        procs.start("r", cli_argv("run", "--config", str(r_cfg))).wait_ready()
         procs.start("gw", cli_argv("run", "--config", str(gw_cfg)))
         wait_for("IKE SA out", lambda: ike_sas(ctl(r_cfg, "list-sas"), "out"), timeout=20)
     finally:

@@ -37,7 +37,7 @@ def test_sigterm_is_a_delete_strongswan_sees_at_once(lab: Lab, tmp_path: Path) -
         lab.add_lo_addr(ns_a, addr)
     lab.add_lo_addr(ns_b, "10.91.12.1")
     gw = OurProcess(lab, ns_b, gateway_toml(), tmp_path)
-    gw.wait_log("gateway listening")
+    gw.wait_ready()
     charon = lab.charon(ns_a, "charon-a")
     charon.load(render_swanctl_conf(Conn("a-b", "198.18.0.1", "198.18.0.2", [GCM, CTR])))
     charon.initiate(child="net-gcm", ike="a-b")
@@ -67,7 +67,7 @@ def test_initiate_ike_to_a_strongswan_responder(lab: Lab, tmp_path: Path) -> Non
         children=[("net-gcm", "10.91.1.0/24", "10.91.2.0/24", "aes128gcm16"),
                   ("net-ctr", "10.91.11.0/24", "10.91.12.0/24", "aes128ctr-sha256")]),
         tmp_path)
-    gw.wait_log("gateway listening")
+    gw.wait_ready()
     lab.add_lo_addr(ns_a, "10.91.11.1")
     time.sleep(0.5)
     assert not charon.list_sas()   # start_action none: nothing until asked

@@ -88,7 +88,7 @@ def test_charon_initiator_over_a_path_dropping_ip_fragments(
     lab.add_lo_addr(ns_a, "10.91.1.1")
     gw = OurProcess(lab, ns_b, gateway_toml(children=[
         ("net", OURS, THEIRS, "aes128gcm16")]), tmp_path)
-    gw.wait_log("gateway listening")
+    gw.wait_ready()
     charon = lab.charon(ns_a, "charon-a")
     charon.load(render_swanctl_conf(_charon_conn(fragmentation)))
     charon.initiate(child="net", ike="a-b")

@@ -52,7 +52,7 @@ def test_full_tunnel_to_strongswan(lab: Lab, tmp_path: Path, mode: str) -> None:
 
     extra = "members = 2\n" if mode == "cluster" else ""
     gw = OurProcess(lab, ns_b, gateway_toml(children=OURS, extra=extra), tmp_path)
-    gw.wait_log("dispatcher on" if extra else "gateway listening", timeout=20)
+    gw.wait_ready(timeout=20)
     main = lab.run(ns_b, ["ip", "route", "show", "table", "main"]).stdout
     assert "default via 198.18.0.1" in main and "ipsc0" not in main, main
 
@@ -110,7 +110,7 @@ def test_host_to_host_child_with_strongswan(lab: Lab, tmp_path: Path) -> None:
     gw = OurProcess(lab, ns_b, gateway_toml(
         inside_address="", children=[("host", "198.18.0.2/32", "198.18.0.1/32",
                                       "aes128gcm16")]), tmp_path)
-    gw.wait_log("gateway listening", timeout=20)
+    gw.wait_ready(timeout=20)
     charon = Charon(ns_a, lab.workdir / "charon-a")
     charon.conf_text = charon.conf_text.replace("    plugins {\n",
                                                 CHARON_PEER_TS + "    plugins {\n", 1)

@@ -78,7 +78,7 @@ def _config(mode: str, **kw: object) -> str:
 
 def _start(lab: Lab, ns: str, text: str, tmp_path: Path, name: str = "gw") -> OurProcess:
     gw = OurProcess(lab, ns, text, tmp_path, name=name)
-    gw.wait_log("listening on" if "members" not in text else "dispatcher on", timeout=20)
+    gw.wait_ready(timeout=20)
     return gw
 
 

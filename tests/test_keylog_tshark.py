@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.control import ControlClient
 from bench.harness.procs import ROOT, Proc, Procs, cli_argv, ns_argv
+from common.cluster.events import EventType
 from member.keylog import ESP_TABLE, IKE_TABLE
+from tests.cluster_util import event_is
 from tests.interop_gw import OurProcess
 from tests.interop_gw import gateway_toml as interop_gateway_toml
 from tests.lab import netns as lab_netns
@@ -102,10 +105,11 @@ def test_tshark_decrypts_ike_auth_and_esp_with_our_key_files(netns: str,
     gw = procs.start("gw", cli_argv("run", "--config", str(gw_cfg)), ns=netns, env=env)
     log = gw.log_path
     try:
-        end = time.monotonic() + 15
-        while "gateway listening" not in log.read_text():
-            assert gw.alive() and time.monotonic() < end, log.read_text()
-            time.sleep(0.05)
+        with ControlClient(config=gw_cfg) as control:
+            try:
+                control.wait_event(event_is(EventType.READY), 15, alive=gw.alive)
+            except TimeoutError as exc:
+                raise AssertionError(f"READY: {exc}\n{gw.tail()}") from None
         time.sleep(0.5)   # tcpdump is listening by now
         peer = subprocess.run(ns_argv(netns, cli_argv(
             "peer", "--config", str(peer_cfg), "--json", "--ike-sas", "1", "--traffic", "50",
@@ -161,7 +165,7 @@ def test_tshark_decrypts_strongswan_session_with_our_key_files(lab: Lab,
     try:
         gw = OurProcess(lab, ns_b, interop_gateway_toml(extra={"save_keys": str(keys)}),
                         tmp_path)
-        gw.wait_log("gateway listening")
+        gw.wait_ready()
         charon = lab.charon(ns_a, "charon-a")
         charon.load(render_swanctl_conf(Conn("a-b", "198.18.0.1", "198.18.0.2", [
             Child("net-gcm", "10.91.1.0/24", "10.91.2.0/24", esp_proposals="aes128gcm16"),

@@ -16,7 +16,6 @@ import random
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from scapy.layers.inet import IP, UDP
 
 from bench.harness import configs
 from bench.harness.procs import ROOT as ROOT
-from bench.harness.procs import Proc, cli_argv
+from common.cluster.events import EventType
 from common.config import load_config
 from common.ike.constants import ExchangeType, NotifyType
 from common.ike.message import decode_header, decode_message
@@ -35,6 +34,7 @@ from common.ike.ts import ts_from_cidr
 from common.packets import TRAFFIC_MARK, TrafficTemplate, inet_checksum, swap_inner, udp4_packet
 from dispatcher.peer import Peer, PeerOptions, _pick, add_peer_arguments, options_from_args
 from member.worker import Member
+from tests.cluster_util import Proc, Procs, cli_argv, event_is
 
 PSK = "peer-test-psk-0123456789abcdef"
 GW_ADDR, PEER_ADDR = "127.0.0.1", "127.0.0.2"
@@ -205,23 +205,20 @@ class _Echo(threading.Thread):
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[tuple[tuple[int, int], _Echo, Path]]:
+def gateway(tmp_path: Path) -> Iterator[tuple[tuple[int, int], _Echo, Proc]]:
     """Our gateway (``ipsec-cluster run``) on 127.0.0.1 with an echo inside."""
     ports = _free_port_pair()
     echo = _Echo()
     echo.start()
     cfg = tmp_path / "gw.toml"
     cfg.write_text(gateway_config(ports, echo.port))
-    log = tmp_path / "gw.log"
-    gw = Proc(cli_argv("run", "--config", str(cfg)), log)
+    procs = Procs(tmp_path)
     try:
-        end = time.monotonic() + 10
-        while "gateway listening" not in log.read_text():
-            assert gw.alive() and time.monotonic() < end, log.read_text()
-            time.sleep(0.05)
-        yield ports, echo, log
+        gw = procs.start("gw", cli_argv("run", "--config", str(cfg)))
+        gw.wait_ready(timeout=10)
+        yield ports, echo, gw
     finally:
-        gw.stop()
+        procs.close()
         echo.stop()
 
 
@@ -236,9 +233,9 @@ def run_peer(tmp_path: Path, ports: tuple[int, int], *args: str,
     return proc.returncode, json.loads(lines[-1]), proc.stderr
 
 
-def test_twenty_ike_sas_come_up(gateway: tuple[tuple[int, int], _Echo, Path],
+def test_twenty_ike_sas_come_up(gateway: tuple[tuple[int, int], _Echo, Proc],
                                 tmp_path: Path) -> None:
-    ports, _echo, log = gateway
+    ports, _echo, gw = gateway
     rc, res, err = run_peer(tmp_path, ports, "--ike-sas", "20", "--exit-when-up",
                             "--timeout", "30")
     assert rc == 0, err
@@ -247,14 +244,16 @@ def test_twenty_ike_sas_come_up(gateway: tuple[tuple[int, int], _Echo, Path],
     assert (res["failed"], res["children_failed"], res["timed_out"]) == (0, 0, False)
     assert res["elapsed_s"] > 0 and res["handshakes_per_s"] > 0
     # the gateway saw 20 distinct IKE SAs (distinct SPIs), none replaced another
-    text = log.read_text()
-    assert text.count(" established with ") == 20, text[-3000:]
-    assert "deleted" not in text
+    events = gw.events()
+    ups = {e.ike_spi for e in events if e.type is EventType.IKE_UP}
+    assert len(ups) == 20 and len([e for e in events if e.type is EventType.IKE_UP]) == 20, \
+        events
+    assert not [e for e in events if e.type in (EventType.IKE_DOWN, EventType.CHILD_DOWN)]
 
 
 def test_wrong_psk_exits_non_zero_with_the_reason(
-        gateway: tuple[tuple[int, int], _Echo, Path], tmp_path: Path) -> None:
-    ports, _echo, log = gateway
+        gateway: tuple[tuple[int, int], _Echo, Proc], tmp_path: Path) -> None:
+    ports, _echo, gw = gateway
     rc, res, err = run_peer(tmp_path, ports, "--ike-sas", "2", "--exit-when-up",
                             psk="not-the-same-psk-at-all-0123")
     assert rc == 1
@@ -262,12 +261,13 @@ def test_wrong_psk_exits_non_zero_with_the_reason(
     assert "AUTHENTICATION_FAILED" in err and "2 failed" in err
     assert list(res["reasons"]) == ["peer answered AUTHENTICATION_FAILED "
                                     "(wrong PSK or identity?)"]
-    assert "wrong pre-shared key" in log.read_text()
+    failed = gw.wait_event(event_is(EventType.IKE_FAILED), what="IKE_FAILED")
+    assert "wrong pre-shared key" in failed.reason, failed
 
 
 def test_traffic_through_every_child_comes_back_from_the_echo(
-        gateway: tuple[tuple[int, int], _Echo, Path], tmp_path: Path) -> None:
-    ports, echo, _log = gateway
+        gateway: tuple[tuple[int, int], _Echo, Proc], tmp_path: Path) -> None:
+    ports, echo, _gw = gateway
     rc, res, err = run_peer(tmp_path, ports, "--ike-sas", "2", "--traffic", "400",
                             "--seconds", "1", "--size", "300")
     assert rc == 0, err

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 
 from bench.harness import configs
-from tests.failover_lab import sas, status
+from common.cluster.events import EventType
+from tests.cluster_util import event_is
+from tests.failover_lab import sas, status, wait_assigned
 from tests.interop_gw import PSK, OurProcess
 from tests.lab import traffic
 from tests.lab.charon import Charon, Child, Conn, render_swanctl_conf
@@ -69,7 +71,10 @@ def _lab(lab: Lab, tmp_path: Path, members: int) -> tuple[str, str, str, OurProc
     lab.veth(ns2, gw_ns, "198.18.1.1/24", "198.18.1.2/24")
     lab.add_route(ns2, "198.18.0.0/24", via="198.18.1.2")
     gw = OurProcess(lab, gw_ns, _toml(members), tmp_path, name="gw")
-    gw.wait_log("segment table epoch" if members else "gateway listening", timeout=30)
+    if members:
+        wait_assigned(gw, members, timeout=30)
+    else:
+        gw.wait_ready(timeout=30)
     return ns1, ns2, gw_ns, gw
 
 
@@ -103,13 +108,17 @@ def test_two_road_warriors_get_different_addresses_and_ping(lab: Lab,
     # the inside answers from behind the gateway, to each road warrior's address
     res = traffic.ping(gw_ns, vip2, src=INSIDE, count=2, interval=0.05)
     assert res.ok, res.output
-    log = gw.log_text()
-    assert f"leased {vip1} from pool rw to rw1.test" in log
-    assert f"leased {vip2} from pool rw to rw2.test" in log
+    held = {sa["remote_id"]: sa.get("virtual_ips") for m in sas(gw.config)["members"]
+            for sa in m.get("ike_sas", [])}
+    assert held == {"rw1.test": [vip1], "rw2.test": [vip2]}, held
     # deleting the IKE SA returns the address
+    since = gw.mark()
     rw1.terminate_ike("rw")
-    gw.wait_log(f"{vip1} returned to pool rw")
-    assert f"{vip2} returned" not in gw.log_text()
+    released = gw.wait_event(event_is(EventType.LEASE_RELEASED, address=vip1), since=since,
+                             what=f"LEASE_RELEASED of {vip1}")
+    assert released.conn == "rw", released
+    assert not [e for e in gw.events() if e.type is EventType.LEASE_RELEASED
+                and e.address == vip2]
 
 
 @pytest.mark.slow
