@@ -452,6 +452,7 @@ class Replicator:
         elif isinstance(msg, RekeyChild):
             self.rekey_child(msg.ike_spi, msg.spi_in, now)
         elif isinstance(msg, BulkDone):
+            self.counters["bulk_received"] += msg.count   # (as its sender counted them)
             log.info("member %d: bulk transfer from member %d done (%d SAs)", self.member_id,
                      env.src, msg.count)
 

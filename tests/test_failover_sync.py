@@ -7,19 +7,21 @@ inner echo inside, our peer behind an ESP-recording relay).
 
 from __future__ import annotations
 
-import re
+import json
 import socket
 import time
 from pathlib import Path
 
+from common.cluster.events import EventType
 from common.esp.natt import NON_ESP_MARKER
 from member.config_file import read_config
 from member.worker import Member
-from tests.cluster_util import wait_for
+from tests.cluster_util import event_is, spi_of, wait_for
 from tests.failover_util import (
     GW,
     SEGMENTS,
     Rig,
+    ask,
     ike_spis,
     peer_json,
     repeats,
@@ -127,14 +129,15 @@ def test_a_restarted_member_gets_state_then_segments_while_traffic_flows(
         t_balanced = time.monotonic() - joined
         # While it is being prepared (before each handover) the member is the
         # backup of the segments it will own: their owners send it their state
-        # (bulk) and it holds replicas; at the handover it carries them.
-        log = rig.dispatcher.log_text()
-        bulks = [int(n) for n in re.findall(
-            rf"member {victim}: bulk transfer from member \d+ done \((\d+) SAs\)", log)]
-        adopted = [(int(a), int(b)) for a, b in re.findall(
-            rf"member {victim} took over \d+ segments: (\d+) IKE SAs, (\d+) child SAs", log)]
-        assert sum(bulks) > 0, f"no bulk transfer to member {victim}\n{rig.diag()}"
-        assert sum(a + b for a, b in adopted) > 0, adopted
+        # (bulk) and it holds replicas; at the handover it carries them. (The
+        # counters of its new incarnation: from zero at the restart.)
+        sync = wait_for("the rejoined member's counters", lambda: (
+            m["sync"] if (m := rig.member(victim))["sync"].get("ike_sas_adopted", 0)
+            + m["sync"].get("child_sas_adopted", 0) > 0 else None), timeout=5, diag=rig.diag)
+        bulks = sync.get("bulk_received", 0)
+        adopted = (sync.get("ike_sas_adopted", 0), sync.get("child_sas_adopted", 0))
+        assert bulks > 0, f"no bulk transfer to member {victim}\n{rig.diag()}"
+        assert sum(adopted) > 0, adopted
         # Not asserted: which children come back. Segments are balanced, not
         # SAs: children sit in the first segments of their carrier
         # (MemberProcess.esp_segment) while the autobalance hands over the
@@ -150,8 +153,9 @@ def test_a_restarted_member_gets_state_then_segments_while_traffic_flows(
         loss = 1 - t["echoed"] / t["sent"]
         window = rig.proxy.longest_silence(killed, time.monotonic() - 2)
         print(f"\nrejoin: back {joined - killed:.2f} s after the kill, bulk transfers "
-              f"{bulks}, (IKE SAs, children) adopted at handovers {adopted}, it carries {carried} "
-              f"children; its share of segments {t_balanced:.2f} s after joining; "
+              f"{bulks} SAs, (IKE SAs, children) adopted at handovers {adopted}, it "
+              f"carries {carried} children; its share of segments {t_balanced:.2f} s after "
+              f"joining; "
               f"loss over the run {loss:.2%}; longest silence towards the peer "
               f"{window * 1000:.0f} ms")
         assert loss <= 0.10, t
@@ -202,5 +206,48 @@ def test_ike_sa_init_flood_is_not_replicated(tmp_path: Path) -> None:
         assert peer_json(peer, timeout=20)["ike_sas_up"] == 1
         wait_for("the established IKE SA replicated", lambda: _sum(
             rig.status(), "sync_out", "replication") > after, timeout=5, diag=rig.diag)
+    finally:
+        rig.close()
+
+
+def test_the_new_owner_names_the_spis_of_an_adopted_ike_sa_when_it_goes(
+        tmp_path: Path) -> None:
+    """After a takeover the new owner's IKE_DOWN of an adopted IKE SA names
+    its SPIs like that of an SA it set up itself: adoption makes the SA known
+    to the member's SA event log (``sa_log.remember``), so the event of its
+    end says which SA ended. (``replay_after_failover = "learn"``: no child
+    rekey after the takeover, so the SA's end is the first event of it the
+    new owner has, drained after the IKE core let go of the SA.)"""
+    rig = start_rig(tmp_path, 33400, n_ike=2, n_child=1,
+                    cluster_extra={"replay_after_failover": "learn"})
+    try:
+        rig.start_peer()
+        rig.wait_children(2, 1)
+        before = {s["name"]: (s["spi"], m["member"]) for m in rig.sas()["members"]
+                  for s in m["ike_sas"] if s["state"] == "ESTABLISHED"}
+        spi, victim = before["k0"]
+        up = rig.dispatcher.wait_event(event_is(EventType.IKE_UP, conn="k0"), since=1,
+                                       what="IKE_UP of k0")
+        assert (spi_of(up.ike_spi), up.member) == (int(spi, 16), victim)
+        old = rig.kill(victim)
+
+        def adopted() -> int | None:
+            """The member now holding k0, unless it is the killed incarnation."""
+            owner = [m["member"] for m in rig.sas()["members"] for s in m["ike_sas"]
+                     if s["name"] == "k0" and s["state"] == "ESTABLISHED" and s["spi"] == spi]
+            if not owner:
+                return None
+            # (the victim restarted may have been handed k0's segment back: a new incarnation)
+            return owner[0] if rig.member(owner[0])["pid"] not in (0, old["pid"]) else None
+        new_owner = wait_for("k0 adopted by a live incarnation", adopted, timeout=20,
+                             diag=rig.diag)
+        since = rig.dispatcher.mark()
+        done = ask(rig.config, json.dumps({"cmd": "terminate", "ike": "k0"}).encode())
+        assert done.get("ok") is True, done
+        down = rig.dispatcher.wait_event(event_is(EventType.IKE_DOWN, conn="k0"), since=since,
+                                         timeout=15, what="IKE_DOWN of k0")
+        assert spi_of(down.ike_spi) == int(spi, 16), down
+        assert down.reason and down.peer, down
+        assert down.member == new_owner, (down, new_owner)
     finally:
         rig.close()
