@@ -15,7 +15,10 @@ start, it runs (each in its own session, all stopped at the end or on Ctrl-C):
   carry ESP).
 
 A live table (rich) of per-member load is refreshed from the control socket
-(``status``) a few times a second. After ``kill_after`` seconds of traffic the
+(``status``) a few times a second; what happens in the cluster (members joined
+and declared dead, takeovers, segments moved, SAs up and rekeyed) comes from
+its event stream on the same socket (``events``), never from its log. After
+``kill_after`` seconds of traffic the
 demo sends SIGKILL to the member owning the most IKE SAs: the dispatcher
 declares it dead and its segments fail over to their backups, the supervisor
 restarts it (new IV sender id), and autobalance gives it segments back, while
@@ -42,7 +45,6 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
 import signal
 import struct
@@ -52,14 +54,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from bench.harness import configs
-from bench.harness.control import ControlClient
+from bench.harness.control import ControlClient, ControlError
 from bench.harness.net import free_udp_ports
 from bench.harness.procs import Proc, Procs, cli_argv, python_argv, run_main
+from common.cluster.events import EventType, Logged
 
 GW, PEER = "127.0.0.1", "127.0.0.2"
 PSK = "demo-psk-not-secret-0123456789abcdef"
@@ -334,7 +336,7 @@ class MemberView:
 @dataclass(slots=True)
 class Failover:
     """The failover act, its moments in time.monotonic() (from the cluster's
-    log when it says, else from the status polls)."""
+    events when they say, else from the status polls)."""
 
     member: int = 0
     pid: int = 0
@@ -345,9 +347,14 @@ class Failover:
     killed_at: float | None = None
     dead_at: float | None = None
     dead_epoch: int = 0
+    #: member -> segments it took over from the dead one (TAKEOVER events)
     moved_to: dict[int, int] = field(default_factory=dict)
-    takeovers: list[str] = field(default_factory=list)
-    spawned_at: float | None = None
+    #: (member, segments, when) of every TAKEOVER of the dead member's segments
+    takeovers: list[tuple[int, int, float]] = field(default_factory=list)
+    #: every member's (IKE SAs, child SAs) adopted so far, at the kill (its sync counters)
+    adopted_before: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: child SAs rekeyed after the kill (CHILD_REKEYED: replay_after_failover = rekey), per member
+    rekeyed: dict[int, int] = field(default_factory=dict)
     rejoined_at: float | None = None
     new_pid: int = 0
     new_sender_id: int = 0
@@ -355,47 +362,6 @@ class Failover:
     balanced_segments: int = 0
     #: segments, IKE SAs, child SAs the rejoined member took back
     taken_back: list[int] = field(default_factory=lambda: [0, 0, 0])
-
-
-class LogWatch:
-    """New lines of the cluster's log, with their time (``asctime``, local)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pos = 0
-        self.rest = b""
-        #: time.monotonic() - time.time()
-        self.offset = time.monotonic() - time.time()
-
-    def lines(self) -> list[tuple[float, str]]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.pos)
-                data = f.read()
-        except OSError:
-            return []
-        self.pos += len(data)
-        *whole, self.rest = (self.rest + data).split(b"\n")
-        out = []
-        for raw in whole:
-            line = raw.decode(errors="replace")
-            try:
-                wall = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            except ValueError:
-                continue
-            out.append((wall + self.offset, line[24:]))
-        return out
-
-
-_LOG = {name: re.compile(rx) for name, rx in {
-    "exited": r"member (\d+) \(pid (\d+)\) exited with (-?\d+)",
-    "dead": r"member (\d+) declared dead",
-    "moved": r"segment table epoch (\d+): (\d+) segments moved",
-    "took": r"member (\d+) took over (\d+) segments: (\d+) IKE SAs, (\d+) child SAs",
-    "started": r"started member (\d+) \(pid (\d+)\)",
-    "joined": r"member (\d+) joined \(pid (\d+) .*sender id (\d+) \(restarted\)",
-    "share": r"autobalance: member (\d+) has its share \((\d+) segments\)",
-}.items()}
 
 
 def _ike_sas(sas: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -437,7 +403,10 @@ class Demo:
         self.workdir = Path(tempfile.mkdtemp(prefix="ipsec-cluster-demo-"))
         self.procs = Procs(self.workdir)
         self.control: ControlClient | None = None
-        self.logwatch: LogWatch | None = None
+        #: time.monotonic() - time.time(): an event's time (Unix) on our clock
+        self.offset = time.monotonic() - time.time()
+        #: what the event stream said so far, by type
+        self.seen: dict[EventType, int] = {}
         self.cluster: Proc | None = None
         #: members declared dead that we did not kill: (when, what)
         self.others_dead: list[tuple[float, str]] = []
@@ -454,6 +423,8 @@ class Demo:
         self.sas_during: dict[str, Any] | None = None
         self.sas_after: dict[str, Any] | None = None
         self.up: dict[str, Any] = {}
+        #: IKE_UP events per member
+        self.ike_up: dict[int, int] = {}
         self.done: dict[str, Any] | None = None
         self.phase = "starting"
         self.live: Any = None
@@ -541,7 +512,6 @@ class Demo:
         self.start("echo", python_argv("dispatcher.peer", "echo", f"{GW}:{echo_port}"))
         self.cluster = self.start("cluster", cli_argv("run", "--config", str(self.config_path)))
         self.control = ControlClient(config=self.config_path)
-        self.logwatch = LogWatch(self.cluster.log_path)
         self.event(f"started the cluster: dispatcher pid {self.cluster.pid} with "
                    f"{self.s.members} members")
         end = time.monotonic() + CLUSTER_UP_S
@@ -557,6 +527,7 @@ class Demo:
                 raise DemoFailed(f"the cluster's {self.s.members} members did not come up "
                                  f"within {CLUSTER_UP_S:g} s\n" + self.cluster_tail())
             time.sleep(0.2)
+        self.read_events()
         segs = ", ".join(f"member {v.id}: {v.segments}" for v in self.views.values())
         self.event(f"{self.s.members} members joined, segment table epoch {self.epoch} "
                    f"({segs} segments of {SEGMENTS})", "green")
@@ -604,6 +575,14 @@ class Demo:
                              + self.cluster_tail())
         self.event(f"{e['ike_sas_up']} IKE SAs and {e['children_up']} child SAs up in "
                    f"{e['elapsed_s']:.2f} s", "green")
+        # the cluster's side of it: its events, per member that owns the IKE SAs
+        end = time.monotonic() + 5
+        while time.monotonic() < end and self.seen.get(EventType.CHILD_UP, 0) < want:
+            self.read_events()
+            time.sleep(0.1)
+        per = ", ".join(f"member {m}: {n}" for m, n in sorted(self.ike_up.items()))
+        self.event(f"the cluster's events: {self.seen.get(EventType.IKE_UP, 0)} IKE SAs up "
+                   f"({per}), {self.seen.get(EventType.CHILD_UP, 0)} child SAs up")
         # the members report their SAs with the next heartbeats
         end = time.monotonic() + 5
         while time.monotonic() < end:
@@ -648,9 +627,7 @@ class Demo:
 
     def tick(self, live_refresh: Callable[[], None]) -> None:
         fo = self.fo
-        if self.logwatch is not None:
-            for at, line in self.logwatch.lines():
-                self.log_line(at, line)
+        self.read_events()
         st = self.poll()
         if st is not None and fo.killed_at is not None:
             v = self.views[fo.member]
@@ -677,55 +654,74 @@ class Demo:
         span = f"{abs(ms):.0f} ms" if abs(ms) < 2000 else f"{abs(ms) / 1000:.1f} s"
         return f"{span} {'after' if ms >= 0 else 'before'} the kill"
 
-    def log_line(self, at: float, line: str) -> None:
-        """Events of the failover act as the cluster logs them."""
+    def read_events(self) -> None:
+        """What the cluster's event stream holds since the last read."""
+        if self.control is None:
+            return
+        while True:
+            try:
+                got = self.control.events(self.control.cursor, timeout=1.0)
+            except ControlError:
+                return
+            self.control.cursor = got.next
+            for logged in got.events:
+                self.on_event(logged)
+            if not got.events:
+                return
+
+    def on_event(self, logged: Logged) -> None:
+        """One fact of the cluster: the view and the failover act take it in."""
+        e, at = logged.event, logged.time + self.offset
+        self.seen[e.type] = self.seen.get(e.type, 0) + 1
+        if e.type is EventType.IKE_UP:
+            self.ike_up[e.member] = self.ike_up.get(e.member, 0) + 1
+        elif e.type in (EventType.IKE_FAILED, EventType.CHILD_FAILED):
+            self.event(f"member {e.member}: {e.type.value} {e.conn} {e.child} {e.reason}",
+                       "red", at=at)
         fo = self.fo
         if fo.killed_at is None or at < fo.killed_at - 1.0:
-            hit = _LOG["dead"].search(line)
-            if hit is not None:
-                self.unplanned(at, f"member {hit.group(1)} was declared dead before the "
-                                   "kill, though not killed (missed heartbeats)")
-            return
-        m = str(fo.member)
-        for name, rx in _LOG.items():
-            hit = rx.search(line)
-            if hit is None:
-                continue
-            g = hit.groups()
-            if name == "dead" and g[0] != m:
-                self.unplanned(at, f"member {g[0]} was declared dead {self._since_kill(at)}, "
+            if e.type is EventType.MEMBER_DEAD:
+                self.unplanned(at, f"member {e.member} was declared dead before the kill, "
                                    "though not killed (missed heartbeats)")
-            elif name == "exited" and g[0] == m:
-                self.event(f"supervisor: member {m} (pid {g[1]}) exited with {g[2]}, "
-                           f"{self._since_kill(at)}; starting it again", at=at)
-            elif name == "dead" and g[0] == m and fo.dead_at is None:
+            return
+        m = fo.member
+        if e.type is EventType.MEMBER_DEAD:
+            if e.member != m:
+                self.unplanned(at, f"member {e.member} was declared dead "
+                                   f"{self._since_kill(at)}, though not killed (missed "
+                                   "heartbeats)")
+            elif fo.dead_at is None:
                 self.milestone_dead(at)
-            elif name == "took" and fo.dead_at is not None:
-                text = (f"member {g[0]} took over {g[1]} segments: {g[2]} IKE SAs, "
-                        f"{g[3]} child SAs")
-                if g[0] != m:
-                    fo.takeovers.append(f"{text} ({self._since_kill(at)})")
-                else:
-                    fo.taken_back[0] += int(g[1])
-                    fo.taken_back[1] += int(g[2])
-                    fo.taken_back[2] += int(g[3])
-                if g[0] != m:
-                    self.event(text + " (its backup replicas are live now)", "bold yellow",
-                               at=at)
-                else:
-                    self.event(f"autobalance: member {m} took back {g[1]} segments with "
-                               f"{g[2]} IKE SAs, {g[3]} child SAs", at=at)
-            elif name == "started" and g[0] == m and int(g[1]) != fo.pid \
-                    and fo.spawned_at is None:
-                fo.spawned_at = at
-                self.event(f"supervisor: started member {m} again, pid {g[1]} "
-                           f"({self._since_kill(at)})", "yellow", at=at)
-            elif name == "joined" and g[0] == m and fo.rejoined_at is None:
-                self.milestone_rejoined(at, int(g[1]), int(g[2]))
-            elif name == "share" and g[0] == m and fo.balanced_at is None \
-                    and fo.rejoined_at is not None:
-                self.milestone_balanced(at, int(g[1]))
-            break
+        elif e.type is EventType.TAKEOVER and e.dead == m:
+            fo.moved_to[e.member] = fo.moved_to.get(e.member, 0) + len(e.segments)
+            fo.takeovers.append((e.member, len(e.segments), at))
+            self.event(f"member {e.member} took over {len(e.segments)} segments of member {m} "
+                       "(its backup replicas are live now)", "bold yellow", at=at)
+        elif e.type is EventType.SEGMENTS_MOVED:
+            if e.reason == "failover" and not fo.dead_epoch and fo.dead_at is not None:
+                fo.dead_epoch = e.epoch
+                took = ", ".join(f"member {k}: {n}" for k, n in sorted(fo.moved_to.items())) \
+                    or "no member alive to take them"
+                self.event(f"dispatcher: table epoch {e.epoch} moves the dead member's "
+                           f"segments to their backups ({took})", at=at)
+            elif e.reason == "autobalance" and e.member == m and fo.rejoined_at is not None:
+                self.event(f"autobalance: epoch {e.epoch}, {len(e.segments)} segments on their "
+                           f"way back to member {m}", at=at)
+            elif e.reason == "balanced" and e.member == m and fo.rejoined_at is not None \
+                    and fo.balanced_at is None:
+                self.poll()
+                self.milestone_balanced(at, self.views[m].segments)
+        elif e.type is EventType.MEMBER_JOINED and e.member == m and fo.rejoined_at is None:
+            self.poll()
+            v = self.views.get(m)
+            self.milestone_rejoined(at, v.pid if v is not None else 0, e.sender_id)
+        elif e.type is EventType.CHILD_REKEYED:
+            first = not fo.rekeyed
+            fo.rekeyed[e.member] = fo.rekeyed.get(e.member, 0) + 1
+            if first:
+                self.event(f"member {e.member} rekeys a child SA it took over "
+                           f"({e.conn}/{e.child} {e.child_spi} -> {e.new_spi}: "
+                           "replay_after_failover = rekey)", at=at)
 
     def unplanned(self, at: float, text: str) -> None:
         self.others_dead.append((at, text))
@@ -735,13 +731,8 @@ class Demo:
         fo = self.fo
         fo.dead_at = at
         self.poll()
-        fo.dead_epoch = self.epoch
-        fo.moved_to = {m.id: m.segments for m in self.views.values() if m.alive}
-        took = ", ".join(f"member {k}: {n}" for k, n in sorted(fo.moved_to.items())) \
-            or "no member alive to take them"
         self.event(f"dispatcher: member {fo.member} declared DEAD "
-                   f"{self._since_kill(at)}; table epoch {fo.dead_epoch} "
-                   f"moves its {fo.segments} segments to their backups ({took})",
+                   f"{self._since_kill(at)}; its {fo.segments} segments go to their backups",
                    "bold red", at=at)
         self.phase = "failover: the backups own the dead member's segments"
         self.snapshot("member dead, its backups took over")
@@ -762,7 +753,11 @@ class Demo:
     def milestone_balanced(self, at: float, segments: int) -> None:
         fo = self.fo
         fo.balanced_at, fo.balanced_segments = at, segments
-        self.poll()
+        st = self.poll()
+        sync: dict[str, int] = next(
+            (x["sync"] for x in (st or {}).get("members", []) if x["id"] == fo.member), {})
+        fo.taken_back = [segments, sync.get("ike_sas_adopted", 0),
+                         sync.get("child_sas_adopted", 0)]
         self.views[fo.member].note = ""
         segs = ", ".join(f"member {m.id}: {m.segments}"
                          for m in sorted(self.views.values(), key=lambda m: m.id))
@@ -770,6 +765,14 @@ class Demo:
                    f"epoch {self.epoch})", "green", at=at)
         self.phase = "balanced again; traffic goes on"
         self.snapshot("balanced again")
+
+    def adopted(self) -> dict[int, tuple[int, int]]:
+        """Every member's (IKE SAs, child SAs) adopted so far (its sync counters:
+        what it took over, at a failover or a handover)."""
+        st = self.status or {}
+        return {m["id"]: (m["sync"].get("ike_sas_adopted", 0),
+                          m["sync"].get("child_sas_adopted", 0))
+                for m in st.get("members", [])}
 
     def kill(self) -> None:
         """SIGKILL to the member owning the most IKE SAs."""
@@ -780,6 +783,7 @@ class Demo:
         fo = self.fo
         fo.member, fo.pid, fo.sender_id = victim.id, victim.pid, victim.sender_id
         fo.ike_sas, fo.child_sas, fo.segments = victim.ike_sas, victim.child_sas, victim.segments
+        fo.adopted_before = self.adopted()
         self.snapshot("before the kill")
         try:
             os.kill(victim.pid, signal.SIGKILL)
@@ -898,12 +902,18 @@ class Demo:
                          f"backups (epoch {fo.dead_epoch}; segments {took})")
         else:
             bad.append(f"member {fo.member} was not declared dead")
-        for text in fo.takeovers:
-            lines.append(f"               {text}")
+        now = self.adopted()
+        for member, segments, at in fo.takeovers:
+            ike0, child0 = fo.adopted_before.get(member, (0, 0))
+            ike1, child1 = now.get(member, (ike0, child0))
+            lines.append(f"               member {member} took over {segments} segments: "
+                         f"{ike1 - ike0} IKE SAs, {child1 - child0} child SAs "
+                         f"({self._since_kill(at)})")
+        if fo.rekeyed:
+            per = ", ".join(f"member {m}: {n}" for m, n in sorted(fo.rekeyed.items()))
+            lines.append(f"               child SAs rekeyed after the kill ({per})")
         if fo.rejoined_at is not None:
-            spawned = (f"started again after {fo.spawned_at - fo.killed_at:.1f} s, "
-                       if fo.spawned_at is not None else "")
-            lines.append(f"               {spawned}rejoined after "
+            lines.append(f"               rejoined after "
                          f"{fo.rejoined_at - fo.killed_at:.1f} s (pid {fo.new_pid}, IV sender "
                          f"id {fo.sender_id} -> {fo.new_sender_id})")
         else:
