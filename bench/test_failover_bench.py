@@ -5,8 +5,10 @@ Run: .venv/bin/pytest bench/test_failover_bench.py -q -s      (root for part a)
 (a) failover gap: strongSwan + a 3-member cluster in namespaces
     (tests/failover_lab.py), 200 pings/s through each of 6 children, kill -9
     the owner of IKE SA a-b; per child the gap (last reply before the kill to
-    first reply after), replies lost, detection (dispatcher "declared dead"
-    minus kill), takeover (member "took over" minus kill); IKE SAs lost
+    first reply after), replies lost, detection (the cluster's MEMBER_DEAD
+    event minus kill), takeover (its first TAKEOVER event of the dead
+    member's segments minus kill: the table that hands them to their
+    backups, which adopt on receipt); IKE SAs lost
     (charon's SPIs before/after), and from a capture of the ESP on the wire,
     sequence numbers and IVs the cluster sent twice on one SA. 3 runs; the
     timeline of one run goes to docs/failover_timeline.png.
@@ -33,14 +35,16 @@ import struct
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from bench.harness.control import ControlClient
+from common.cluster.events import Event, EventType
 from common.cluster.routing import InsideRoutes
 from tests.test_failover_scale import ScaleCluster
 
@@ -52,18 +56,20 @@ INNER = bytes([0x45, 0, 0, 28]) + bytes(24)
 # -- (a) failover gap with strongSwan ---------------------------------------------------
 
 
-def _log_time(text: str, needle: str, after: float) -> float | None:
-    """Wall-clock time of the first log line containing ``needle`` at or after
-    ``after`` (dispatcher/cli.py logs ``%(asctime)s``: local time, ms)."""
-    for line in text.splitlines():
-        if needle in line:
-            try:
-                t = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            except ValueError:
-                continue
-            if t >= after - 0.002:
-                return t
-    return None
+def _event_time(config: Path, match: Callable[[Event], bool], after: float) -> float | None:
+    """Unix time of the first event of the cluster at ``config`` that ``match``
+    accepts at or after ``after`` (the dispatcher stamps its events with its
+    clock: the same as ours)."""
+    with ControlClient(config=config) as control:
+        since = 1
+        while True:
+            got = control.events(since)
+            for logged in got.events:
+                if logged.time >= after - 0.002 and match(logged.event):
+                    return logged.time
+            if not got.events:
+                return None
+            since = got.next
 
 
 def _esp_from_pcap(path: Path, src: str) -> list[tuple[float, int, int, bytes]]:
@@ -120,9 +126,10 @@ def _one_failover(lab: Any, tmp: Path) -> dict[str, Any]:
     time.sleep(0.3)
     dump.send_signal(signal.SIGINT)
     dump.wait(timeout=5)
-    log = s.cluster.log_text()
-    detected = _log_time(log, f"member {victim} declared dead", killed_at)
-    took_over = _log_time(log, "took over", killed_at)
+    detected = _event_time(s.config, lambda e: e.type is EventType.MEMBER_DEAD
+                           and e.member == victim, killed_at)
+    took_over = _event_time(s.config, lambda e: e.type is EventType.TAKEOVER
+                            and e.dead == victim, killed_at)
     spis_after = {x["name"]: (x["initiator-spi"], x["responder-spi"])
                   for x in s.charon.list_sas() if x["state"] == "ESTABLISHED"}
     replies = streams.replies()

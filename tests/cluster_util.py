@@ -174,19 +174,6 @@ class Proc(harness_procs.Proc):
                 return out
             since = got.next
 
-    # TEMPORARY until the membership events are on main
-    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = self.log_text()
-            if needle in text:
-                return text
-            if not self.alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in {self.log_path.name}:\n"
-                             f"{self.log_text()[-4000:]}")
-
     def close(self) -> None:
         if self._control is not None:
             self._control.close()
@@ -194,9 +181,16 @@ class Proc(harness_procs.Proc):
         super().close()
 
 
-def wait_assigned(proc: Proc, members: int, timeout: float = 15.0) -> None:
-    """The cluster's segment table is out to its ``members`` members."""
-    proc.wait_log("segment table epoch", timeout=timeout)   # TEMPORARY until membership events
+def wait_assigned(proc: Proc, members: int, timeout: float = 15.0) -> Event:
+    """The cluster's segment table is out: every one of its ``members``
+    members joined (MEMBER_JOINED) and the table was assigned to them
+    (SEGMENTS_MOVED, reason "assign"); returns that event (its ``epoch``)."""
+    assigned = proc.wait_event(
+        lambda e: e.type is EventType.SEGMENTS_MOVED and e.reason == "assign", timeout,
+        since=1, what="the segment table assigned")
+    joined = {e.member for e in proc.events() if e.type is EventType.MEMBER_JOINED}
+    assert joined >= set(range(1, members + 1)), (joined, proc.tail())
+    return assigned
 
 
 def peer_result(proc: harness_procs.Proc) -> dict[str, Any] | None:

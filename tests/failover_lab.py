@@ -80,7 +80,7 @@ def setup(lab: Lab, tmp_path: Path, **kw: Any) -> Setup:
         if k + 1 != 2:
             lab.add_lo_addr(ns_b, f"10.91.{k + 1}.1")
     cluster = OurProcess(lab, ns_b, cluster_toml(**kw), tmp_path, name="cluster")
-    cluster.wait_log("segment table epoch", timeout=30)
+    wait_assigned(cluster, int(kw.get("members", 3)), timeout=30)
     charon = lab.charon(ns_a, "charon-a", charon_options={"uniqueids": "no"})
     charon.load(charon_conf())
     for c, name, _k in CHILDREN:

@@ -41,6 +41,7 @@ from tests.cluster_util import (
     grid_connections,
     pid_alive,
     tail,
+    wait_assigned,
     wait_for,
 )
 
@@ -237,7 +238,7 @@ def start_rig(workdir: Path, base: int, *, n_ike: int, n_child: int,
             echo_proc = procs.start("echo", python_argv("dispatcher.peer", "echo",
                                                         f"{gw_inside[0]}:{gw_inside[1]}"))
         disp = procs.start("cluster", cli_argv("run", "--config", str(config)), env=env)
-        disp.wait_log("segment table epoch", timeout=15)
+        wait_assigned(disp, N_MEMBERS, timeout=15)
         def all_alive() -> bool:
             st = ask(config, b"status")
             return len(alive_members(st)) == N_MEMBERS and all(m["segments"]

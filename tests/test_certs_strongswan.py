@@ -20,7 +20,7 @@ import pytest
 
 from bench.harness import configs
 from common.cluster.events import EventType
-from tests.cluster_util import event_is, wait_peer_result
+from tests.cluster_util import event_is, wait_assigned, wait_peer_result
 from tests.interop_gw import PSK, OurProcess
 from tests.lab.charon import (
     DEFAULT_PLUGINS,
@@ -253,7 +253,7 @@ def test_cluster_member_takes_over_a_certificate_ike_sa(lab: Lab, tmp_path: Path
         {"address": configs.LAB_GATEWAY, "inside": "tun:ipsc0", "inside_address": "10.91.2.1",
          "members": 2, "log_level": "info", "replay_after_failover": "rekey"},
         [ha], psk=None, start_action=None)), tmp_path, name="cluster")
-    cluster.wait_log("segment table epoch", timeout=30)
+    wait_assigned(cluster, 2, timeout=30)
     charon = lab.charon(ns_a, "charon-a", plugins=PLUGINS, charon_options={"uniqueids": "no"})
     _install(charon, tmp_path, "gw-a")
     charon.load(render_swanctl_conf(Conn(

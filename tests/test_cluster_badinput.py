@@ -39,6 +39,7 @@ from tests.cluster_util import (
     sas,
     status,
     tail,
+    wait_assigned,
     wait_for,
     wait_status,
 )
@@ -90,7 +91,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             address=GW, ports=GW_PORTS, inside=f"udp:{GW_INSIDE[0]}:{GW_INSIDE[1]}",
             inside_bind=f"{GW_BIND[0]}:{GW_BIND[1]}", members=N_MEMBERS, conns=conns))
         disp = procs.start("cluster", cli_argv("run", "--config", str(config)))
-        disp.wait_log("segment table epoch", timeout=15)
+        wait_assigned(disp, N_MEMBERS, timeout=15)
         gw_ep, peer_ep = Endpoint(GW_INSIDE, GW_BIND), Endpoint(PEER_INSIDE, PEER_BIND)
         endpoints += [gw_ep, peer_ep]
         peer_cfg = tmp_path / "peer.toml"

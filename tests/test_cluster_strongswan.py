@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 
 from common.cluster.events import EventType
-from tests.cluster_util import DEAD_AFTER, esp_sas, event_is, sas, spi_of, status, wait_for
+from tests.cluster_util import (
+    DEAD_AFTER,
+    esp_sas,
+    event_is,
+    sas,
+    spi_of,
+    status,
+    wait_assigned,
+    wait_for,
+)
 from tests.interop_gw import OurProcess, gateway_toml
 from tests.lab import traffic
 from tests.lab.charon import Charon, Child, Conn, render_swanctl_conf
@@ -41,7 +50,7 @@ def _setup(lab: Lab, tmp_path: Path) -> tuple[str, str, Charon, OurProcess, Path
     children = [(c.name, c.remote_ts, c.local_ts, c.esp_proposals) for c in CHILDREN]
     extra = f"members = {N_MEMBERS}\ndead_after = {DEAD_AFTER}"
     gw = OurProcess(lab, ns_b, gateway_toml(children=children, extra=extra), tmp_path)
-    gw.wait_log("segment table epoch", timeout=15)
+    wait_assigned(gw, N_MEMBERS, timeout=15)
     config = gw.config
     wait_for("3 members alive", lambda: sum(
         m["alive"] and m["segments"] > 0 for m in status(config)["members"]) == N_MEMBERS,

@@ -32,7 +32,6 @@ the invariants are per SPI and direction.
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from common.cluster.events import EventType
 from tests.cluster_util import parse_udp4, udp4_packet, wait_for
 from tests.failover_util import (
     GW,
@@ -165,11 +165,12 @@ def test_three_kills_keep_every_invariant(rig: Rig) -> None:
     ivs = [(sender_id_of(r.iv), t) for r, t in zip(rig.proxy.to_peer, rig.proxy.t_to_peer,
                                                     strict=False)]
     seen = {s for s, _ in ivs}
-    incarnations = {int(x) for x in re.findall(r"joined \(pid \d+ on [^)]*\), sender id (\d+)",
-                                                rig.dispatcher.log_text())}
+    joined = [e.sender_id for e in rig.dispatcher.events()
+              if e.type is EventType.MEMBER_JOINED]
+    incarnations = set(joined)
     assert sender_ids_seen <= incarnations
     assert seen <= incarnations, (seen, incarnations)
-    assert len(incarnations) == len(set(incarnations))
+    assert len(joined) == len(incarnations), joined
     for victim, at, old_id, new_id in kills:
         assert new_id in seen, f"member {victim}'s new sender id {new_id} never seen in IVs"
         late = [t for s, t in ivs if s == old_id and t > at + 0.5]

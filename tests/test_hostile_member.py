@@ -79,6 +79,7 @@ from tests.cluster_util import (
     sas,
     status,
     tail,
+    wait_assigned,
     wait_for,
     wait_status,
 )
@@ -156,7 +157,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
             address=GW, ports=ports, inside=f"udp:{inside[0]}:{inside[1]}",
             inside_bind=f"{bind[0]}:{bind[1]}", members=N_MEMBERS, conns=conns, extra=extra))
         disp = procs.start("cluster", cli_argv("run", "--config", str(config)))
-        disp.wait_log("segment table epoch", timeout=20)
+        wait_assigned(disp, N_MEMBERS, timeout=20)
         gw_ep, peer_ep = Endpoint(inside, bind), Endpoint(peer_inside, peer_bind)
         endpoints += [gw_ep, peer_ep]
         peer_cfg = tmp_path / "peer.toml"

@@ -83,6 +83,10 @@ ALLOWED: dict[tuple[str, str], str] = {
         "the stop report (as above); charon's side is checked by its state",
     ("tests/test_cluster.py", "test_sigterm_to_the_dispatcher_stops_every_member"):
         "the stop report of the dispatcher: its stream ends with it",
+    ("tests/test_cluster.py",
+     "test_a_stalled_member_is_declared_dead_and_rejoins_as_a_new_incarnation"):
+        "the log's own manners: a stale incarnation's return is logged once, not once "
+        "per heartbeat (its death is learnt from MEMBER_DEAD)",
     ("tests/test_cluster_multihost.py", "test_members_on_other_hosts_over_curve"):
         "the refusal's log line itself (logger ipsec_cluster.zap, level WARNING) after the "
         "refusal was learnt from its counter",
