@@ -59,6 +59,8 @@ ALLOWED: dict[tuple[str, str], str] = {
         "the harness's process launcher: the output of a test's own script",
     ("tests/test_harness.py", "test_procs_close_reports_and_logs"):
         "the harness's process launcher: a Python error of a test's own command",
+    ("tests/test_harness.py", "test_stop_groups_stops_popens_started_elsewhere"):
+        "the harness's process launcher: the output of a test's own script",
     ("tests/test_demo.py", "*"):
         "the demo's own output (what it shows the user), not a log of the cluster",
     ("tests/cluster_util.py", "peer_result"):
