@@ -58,16 +58,20 @@ class ControlClient:
             self._sock.close(linger=0)
             self._sock = None
 
-    def ask(self, request: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """The answer to ``request``; ``{"ok": false}`` is returned as it is
-        (``ControlError`` only for what is not a JSON object)."""
-        sock = self._socket()
+    def ask(self, request: dict[str, Any] | bytes, *, timeout: float | None = None
+            ) -> dict[str, Any]:
+        """The JSON object answered to ``request`` (a dict, or bytes sent as
+        they are), whatever its ``ok``; ``ControlError`` only for an answer
+        that is not a JSON object. A ZeroMQ failure is raised as it is."""
+        data = request if isinstance(request, bytes) else json.dumps(request).encode()
         wait_ms = int((self.timeout if timeout is None else timeout) * 1000)
+        sock = self._socket()
         try:
-            sock.send(json.dumps(request).encode())
+            sock.setsockopt(zmq.SNDTIMEO, wait_ms)
+            sock.send(data)
             if not sock.poll(wait_ms, zmq.POLLIN):
                 self._reset()
-                raise ControlTimeout(f"no answer from {self.endpoint} in {wait_ms} ms")
+                raise ControlTimeout(f"no answer on {self.endpoint} within {wait_ms} ms")
             raw = sock.recv()
         except zmq.ZMQError:
             self._reset()
@@ -75,11 +79,9 @@ class ControlClient:
         try:
             answer = json.loads(raw)
         except ValueError:
-            raise ControlError(f"{self.endpoint} answered with something that is not "
-                               "JSON") from None
+            raise ControlError(f"{self.endpoint}: an answer that is not JSON") from None
         if not isinstance(answer, dict):
-            raise ControlError(f"{self.endpoint} answered with a JSON {type(answer).__name__},"
-                               " not an object")
+            raise ControlError(f"{self.endpoint}: an answer that is not a JSON object")
         return answer
 
     def close(self) -> None:

@@ -1,4 +1,6 @@
-"""The one control-API client of the demo, the tests and the benchmarks.
+"""The control-API client of the demo, the tests and the benchmarks: the
+product's one client (``dispatcher.operator.ControlClient``, which the
+command line uses) with the harness's conveniences on top.
 
 ZeroMQ REQ to the control socket of a running gateway or cluster (the
 ``ipc://`` endpoint ``ipsec-cluster status --config F`` finds, reachable from
@@ -23,7 +25,6 @@ Not thread-safe (a ZeroMQ socket is not): one client per thread.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,18 +35,12 @@ import zmq
 
 from common.cluster.events import Event, Logged
 from common.errors import MalformedMessage
+from dispatcher.operator import ControlClient as _OneClient
+from dispatcher.operator import ControlError, ControlTimeout
 
 DEFAULT_TIMEOUT_S = 5.0
 #: how often ``wait_event`` asks again when nothing new came
 EVENT_POLL_S = 0.05
-
-
-class ControlError(Exception):
-    """The gateway answered ``{"ok": false, "error": ...}``, or not in JSON."""
-
-
-class ControlTimeout(ControlError, TimeoutError):
-    """No answer within the timeout (nothing runs there, or it is stuck)."""
 
 
 def endpoint_of(config: Path | str) -> str:
@@ -74,7 +69,7 @@ class _Waited:
     restarts: int = 0
 
 
-class ControlClient:
+class ControlClient(_OneClient):
     """Requests to one control socket (``endpoint`` or the one of ``config``)."""
 
     def __init__(self, endpoint: str | None = None, *, config: Path | str | None = None,
@@ -82,27 +77,12 @@ class ControlClient:
                  ) -> None:
         if (endpoint is None) == (config is None):
             raise ValueError("give an endpoint or a config, one of them")
-        self.endpoint = endpoint if endpoint is not None else endpoint_of(config or "")
-        self.timeout = timeout
-        self.ctx: zmq.Context[Any] = context or zmq.Context.instance()
-        self._sock: zmq.Socket[Any] | None = None
+        super().__init__(endpoint if endpoint is not None else endpoint_of(config or ""),
+                         timeout=timeout, context=context)
         #: where ``wait_event`` goes on from (the ``next`` of its last read)
         self.cursor = 0
 
     # -- requests --------------------------------------------------------------------
-
-    def _socket(self) -> zmq.Socket[Any]:
-        if self._sock is None:
-            sock = self.ctx.socket(zmq.REQ)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
-            self._sock = sock
-        return self._sock
-
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
 
     def request(self, cmd: str, *, timeout: float | None = None, **args: Any) -> dict[str, Any]:
         """The answer to ``{"cmd": cmd, **args}``; ``ControlError`` when it
@@ -116,28 +96,10 @@ class ControlClient:
             ) -> dict[str, Any]:
         """The JSON object answered to ``req`` (a dict, or bytes as they are),
         whatever its ``ok``."""
-        data = req if isinstance(req, bytes) else json.dumps(req).encode()
-        ms = int(1000 * (self.timeout if timeout is None else timeout))
-        sock = self._socket()
         try:
-            sock.setsockopt(zmq.SNDTIMEO, ms)
-            sock.send(data)
-            if not sock.poll(ms, zmq.POLLIN):
-                raise ControlTimeout(f"no answer on {self.endpoint} within {ms} ms")
-            reply = sock.recv()
-        except ControlTimeout:
-            self._reset()
-            raise
+            return self.ask(req, timeout=timeout)
         except zmq.ZMQError as exc:
-            self._reset()
             raise ControlTimeout(f"{self.endpoint}: {exc}") from exc
-        try:
-            answer = json.loads(reply)
-        except ValueError:
-            raise ControlError(f"{self.endpoint}: an answer that is not JSON") from None
-        if not isinstance(answer, dict):
-            raise ControlError(f"{self.endpoint}: an answer that is not a JSON object")
-        return answer
 
     def try_request(self, cmd: str, *, timeout: float | None = None,
                     **args: Any) -> dict[str, Any] | None:
