@@ -348,7 +348,8 @@ class TrafficResult:
 
 def exchange_traffic(flows: Sequence[tuple[str, str]], peer: Endpoint, cluster: Endpoint, *,
                      per_flow: int = 10, size: int = 200, burst: int = 50,
-                     pause_s: float = 0.005, drain_s: float = 3.0) -> TrafficResult:
+                     pause_s: float = 0.005, drain_s: float = 3.0,
+                     window: int = 200) -> TrafficResult:
     """Inner IPv4/UDP packets through every flow ``(cluster host, peer host)``
     both ways: into the peer's inside, out of the cluster's, and back."""
     res = TrafficResult()
@@ -363,14 +364,22 @@ def exchange_traffic(flows: Sequence[tuple[str, str]], peer: Endpoint, cluster: 
                 body = _TRAFFIC.pack(TRAFFIC_MARK, i, direction, seq) + pad
                 work.append((ep, udp4_packet(src, dst, 40000 + direction, 7000 + i % 1000, body,
                                              ident=seq), (i, direction)))
+    got: list[bytes] = []
     for n, (ep, pkt, key) in enumerate(work):
         ep.send(pkt)
         res.sent[key] += 1
         if n % burst == burst - 1:
             time.sleep(pause_s)
+            # paced by what came back (at most ``window`` packets in flight, or
+            # a pause of up to 1 s): a loaded machine gets the traffic slower,
+            # not dropped at a full socket buffer, so loss still means loss
+            got += peer.take() + cluster.take()
+            wait_until = time.monotonic() + 1.0
+            while n + 1 - len(got) > window and time.monotonic() < wait_until:
+                time.sleep(0.002)
+                got += peer.take() + cluster.take()
     want = len(work)
     end = time.monotonic() + drain_s
-    got: list[bytes] = []
     while time.monotonic() < end:
         got += peer.take() + cluster.take()
         if len(got) >= want:
