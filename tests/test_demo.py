@@ -1,4 +1,4 @@
-"""`make demo` (`python -m bench.demo`, bench/demo.py): the whole show with the shortened
+"""`make demo` (`python -m bench.demo`, bench/demo/): the whole show with the shortened
 schedule as a subprocess (exit 0, the summary's key lines, nothing left
 running), Ctrl-C in the middle (everything stopped), the ``--esp`` demo still
 there, and the loss accounting on its own."""
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.demo import _loss_runs, _silences
+from bench.demo.verdict import _loss_runs, _silences
 from bench.harness.procs import Proc, python_argv
 
 ROOT = Path(__file__).resolve().parent.parent

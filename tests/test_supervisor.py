@@ -163,7 +163,7 @@ def test_every_option_of_every_command_has_a_help_text_and_version_works() -> No
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) >= {"run", "peer", "member", "status", "sas", "keygen"}
-    assert "demo" not in sub.choices  # the demo is bench/demo.py, outside the product
+    assert "demo" not in sub.choices  # the demo is bench/demo/, outside the product
     for name, p in sub.choices.items():
         assert "--config" in p.format_help() or name == "keygen", name
         for action in p._actions:
