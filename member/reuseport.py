@@ -22,7 +22,6 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Mapping
 
 from common.cluster.segments import SegmentTable
 from common.cluster.steering import Program, build_program

@@ -204,18 +204,19 @@ class _Asm:
     def ja(self, target: str) -> None:
         self.code.append((JMP_JA, 0, 0, target))
 
+    def _rel(self, pc: int, target: int | str) -> int:
+        if isinstance(target, int):
+            return target
+        off = self.labels[target] - pc - 1
+        if off < 0:
+            raise ValueError(f"backward jump to {target}")
+        return off
+
     def resolve(self) -> list[Insn]:
         out: list[Insn] = []
         for pc, (code, jt, jf, k) in enumerate(self.code):
-            def rel(t: int | str) -> int:
-                if isinstance(t, int):
-                    return t
-                off = self.labels[t] - pc - 1
-                if off < 0:
-                    raise ValueError(f"backward jump to {t}")
-                return off
-            rk = rel(k) if code == JMP_JA else k
-            rt, rf = rel(jt), rel(jf)
+            rk = self._rel(pc, k) if code == JMP_JA else k
+            rt, rf = self._rel(pc, jt), self._rel(pc, jf)
             if not isinstance(rk, int) or rt > _MAX_JUMP or rf > _MAX_JUMP:
                 raise ValueError(f"jump out of reach at {pc}")
             out.append((code, rt, rf, rk))
