@@ -269,42 +269,29 @@ static int cipher_start(SaCipher *self, EVP_CIPHER_CTX *ctx, int enc, const unsi
 
 /* ---- protect ------------------------------------------------------------ */
 
-static PyObject *SaCipher_seal(SaCipher *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!ready(self))
-        return NULL;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "seal(seq, iv, inner) takes 3 arguments");
-        return NULL;
-    }
-    unsigned long long seq = PyLong_AsUnsignedLongLong(args[0]);
-    if (seq == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    unsigned long long iv = PyLong_AsUnsignedLongLong(args[1]);
-    if (iv == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer in;
-    if (PyObject_GetBuffer(args[2], &in, PyBUF_SIMPLE) < 0)
-        return NULL;
+/* One ESP packet for the inner packet ``inner`` of ``len`` bytes; NULL with
+ * MalformedMessage (not IPv4/IPv6, empty, too large) or RuntimeError set. */
+static PyObject *seal_one(SaCipher *self, unsigned long long seq, unsigned long long iv,
+                          const unsigned char *inner, Py_ssize_t len) {
     PyObject *result = NULL;
-    const unsigned char *inner = in.buf;
-    int nh = in.len > 0 ? next_header_of(inner[0]) : -1;
-    if (in.len == 0) {
+    int nh = len > 0 ? next_header_of(inner[0]) : -1;
+    if (len == 0) {
         PyErr_SetString(MalformedMessage, "inner packet is empty");
-        goto done;
+        return NULL;
     }
     if (nh < 0) {
         PyErr_Format(MalformedMessage, "inner packet is not IPv4/IPv6 (version %d)",
                      inner[0] >> 4);
-        goto done;
+        return NULL;
     }
-    if (in.len > MAX_PACKET) {
+    if (len > MAX_PACKET) {
         PyErr_SetString(MalformedMessage, "inner packet too large");
-        goto done;
+        return NULL;
     }
     /* RFC 4303 §2.4: padding 1, 2, 3, ... so that Pad Length and Next Header
      * end on a 4-byte boundary (block size 1: GCM, ChaCha20, CTR) or on a
      * 16-byte one (CBC). */
-    int n = (int)in.len, al = self->align, pad = (al - (n + 2) % al) % al, payload = n + pad + 2;
+    int n = (int)len, al = self->align, pad = (al - (n + 2) % al) % al, payload = n + pad + 2;
     int header = SPI_SEQ_SIZE + self->iv_size, aead = self->mac == NULL;
     unsigned char trailer[BLOCK + 2];
     for (int i = 0; i < pad; i++)
@@ -313,7 +300,7 @@ static PyObject *SaCipher_seal(SaCipher *self, PyObject *const *args, Py_ssize_t
     trailer[pad + 1] = (unsigned char)nh;
     result = PyBytes_FromStringAndSize(NULL, header + payload + self->icv_size);
     if (result == NULL)
-        goto done;
+        return NULL;
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
     unsigned char block[16], *ct = out + header, *icv = ct + payload, *ivp = block;
     put32(out, self->spi);                       /* RFC 4303 §2.1, §2.2: low 32 bits sent */
@@ -346,9 +333,88 @@ static PyObject *SaCipher_seal(SaCipher *self, PyObject *const *args, Py_ssize_t
         Py_CLEAR(result);
         openssl_failed("encryption");
     }
-done:
+    return result;
+}
+
+static PyObject *SaCipher_seal(SaCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!ready(self))
+        return NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "seal(seq, iv, inner) takes 3 arguments");
+        return NULL;
+    }
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[0]);
+    if (seq == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long iv = PyLong_AsUnsignedLongLong(args[1]);
+    if (iv == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer in;
+    if (PyObject_GetBuffer(args[2], &in, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = seal_one(self, seq, iv, in.buf, in.len);
     PyBuffer_Release(&in);
     return result;
+}
+
+/* If the error set is an instance of ``cls``, clear it and return the
+ * exception object (a new reference); else leave it set and return NULL. */
+static PyObject *take_error(PyObject *cls) {
+    if (!PyErr_ExceptionMatches(cls))
+        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+/* seal_batch(first_seq, first_iv, inners) -> list: per inner packet, in order,
+ * what seal(seq, iv, inner) gives, with seq and iv starting at first_seq and
+ * first_iv and advancing by one per packet sealed; a refused inner packet
+ * (MalformedMessage) takes no number and stands in the list as the exception
+ * object.  The caller keeps the whole batch inside one IV block and below the
+ * SA's next checkpoint (common/esp/transforms.py OutboundSA.seal_batch). */
+static PyObject *SaCipher_seal_batch(SaCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!ready(self))
+        return NULL;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "seal_batch(first_seq, first_iv, inners) takes 3 arguments");
+        return NULL;
+    }
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[0]);
+    if (seq == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long iv = PyLong_AsUnsignedLongLong(args[1]);
+    if (iv == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *seqobj = PySequence_Fast(args[2], "seal_batch needs a sequence of inner packets");
+    if (seqobj == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seqobj);
+    PyObject **items = PySequence_Fast_ITEMS(seqobj);
+    PyObject *out = PyList_New(count);
+    for (Py_ssize_t i = 0; out != NULL && i < count; i++) {
+        Py_buffer in;
+        if (PyObject_GetBuffer(items[i], &in, PyBUF_SIMPLE) < 0) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyObject *esp = seal_one(self, seq, iv, in.buf, in.len);
+        PyBuffer_Release(&in);
+        if (esp != NULL) {
+            seq++;
+            iv++;
+        } else if ((esp = take_error(MalformedMessage)) == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, esp);   /* steals the reference */
+    }
+    Py_DECREF(seqobj);
+    return out;
 }
 
 /* ---- unprotect ---------------------------------------------------------- */
@@ -404,23 +470,8 @@ static Py_ssize_t inner_length(const unsigned char *plain, Py_ssize_t n) {
 /* open(packet, seq_high) -> inner | None: authenticate, decrypt, check the
  * trailer.  IntegrityError when the ICV fails; None when the packet is
  * authentic but its trailer is not (the caller records it, then refuses it). */
-static PyObject *SaCipher_open(SaCipher *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!ready(self))
-        return NULL;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "open(packet, seq_high) takes 2 arguments");
-        return NULL;
-    }
-    unsigned long seq_high = PyLong_AsUnsignedLong(args[1]);
-    if (seq_high == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (seq_high > 0xFFFFFFFFUL) {
-        PyErr_SetString(PyExc_OverflowError, "seq_high is 32 bits");
-        return NULL;
-    }
-    Py_buffer in;
-    if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
-        return NULL;
+static PyObject *open_one(SaCipher *self, const Py_buffer *pin, unsigned long seq_high) {
+    const Py_buffer in = *pin;
     PyObject *result = NULL;
     if (!check_size(self, in.len))
         goto done;
@@ -482,8 +533,112 @@ static PyObject *SaCipher_open(SaCipher *self, PyObject *const *args, Py_ssize_t
         result = NULL;
     }
 done:
+    return result;
+}
+
+static int seq_high_of(PyObject *obj, unsigned long *out) {
+    *out = PyLong_AsUnsignedLong(obj);
+    if (*out == (unsigned long)-1 && PyErr_Occurred())
+        return 0;
+    if (*out > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_OverflowError, "seq_high is 32 bits");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *SaCipher_open(SaCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!ready(self))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "open(packet, seq_high) takes 2 arguments");
+        return NULL;
+    }
+    unsigned long seq_high;
+    if (!seq_high_of(args[1], &seq_high))
+        return NULL;
+    Py_buffer in;
+    if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *result = open_one(self, &in, seq_high);
     PyBuffer_Release(&in);
     return result;
+}
+
+/* open_batch(packets, seq_highs) -> list of (seq_low, result), one per packet
+ * in order: what peek then open(packet, seq_high) give.  ``seq_highs`` is a
+ * sequence as long as ``packets``, or None for all 0 (no ESN).  A packet of
+ * impossible size or foreign SPI is (-1, MalformedMessage object); else
+ * seq_low is the 32-bit number on the wire and result the inner bytes, None
+ * (authentic, malformed trailer) or the IntegrityError object.  No state is
+ * kept: the replay window and counters are the caller's (InboundSA.open_batch). */
+static PyObject *SaCipher_open_batch(SaCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!ready(self))
+        return NULL;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "open_batch(packets, seq_highs) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *pkts = PySequence_Fast(args[0], "open_batch needs a sequence of packets");
+    if (pkts == NULL)
+        return NULL;
+    PyObject *highs = NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(pkts);
+    if (args[1] != Py_None) {
+        highs = PySequence_Fast(args[1], "open_batch needs seq_highs as a sequence or None");
+        if (highs == NULL) {
+            Py_DECREF(pkts);
+            return NULL;
+        }
+        if (PySequence_Fast_GET_SIZE(highs) != count) {
+            PyErr_SetString(PyExc_ValueError, "open_batch: seq_highs and packets differ in length");
+            Py_DECREF(pkts);
+            Py_DECREF(highs);
+            return NULL;
+        }
+    }
+    PyObject *out = PyList_New(count);
+    for (Py_ssize_t i = 0; out != NULL && i < count; i++) {
+        unsigned long seq_high = 0;
+        PyObject *res = NULL, *seq = NULL;
+        Py_buffer in;
+        if (highs != NULL && !seq_high_of(PySequence_Fast_GET_ITEM(highs, i), &seq_high)) {
+            Py_CLEAR(out);
+            break;
+        }
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(pkts, i), &in, PyBUF_SIMPLE) < 0) {
+            Py_CLEAR(out);
+            break;
+        }
+        if (!check_size(self, in.len)) {
+            res = take_error(MalformedMessage);
+            seq = PyLong_FromLong(-1);
+        } else if (get32(in.buf) != self->spi) {
+            PyErr_Format(MalformedMessage, "ESP packet for SPI 0x%08lx reached SA 0x%08lx",
+                         (unsigned long)get32(in.buf), (unsigned long)self->spi);
+            res = take_error(MalformedMessage);
+            seq = PyLong_FromLong(-1);
+        } else {
+            res = open_one(self, &in, seq_high);
+            if (res == NULL)
+                res = take_error(IntegrityError);
+            if (res == NULL)
+                res = take_error(MalformedMessage);
+            seq = PyLong_FromUnsignedLong(get32((unsigned char *)in.buf + 4));
+        }
+        PyBuffer_Release(&in);
+        PyObject *pair = res != NULL && seq != NULL ? PyTuple_Pack(2, seq, res) : NULL;
+        Py_XDECREF(res);
+        Py_XDECREF(seq);
+        if (pair == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, pair);   /* steals the reference */
+    }
+    Py_DECREF(pkts);
+    Py_XDECREF(highs);
+    return out;
 }
 
 /* ---- type and module ---------------------------------------------------- */
@@ -495,6 +650,10 @@ static PyMethodDef SaCipher_methods[] = {
      "peek(packet) -> the 32-bit sequence number, after the size and SPI checks"},
     {"open", (PyCFunction)(void (*)(void))SaCipher_open, METH_FASTCALL,
      "open(packet, seq_high) -> the inner packet, or None if authentic but malformed"},
+    {"seal_batch", (PyCFunction)(void (*)(void))SaCipher_seal_batch, METH_FASTCALL,
+     "seal_batch(first_seq, first_iv, inners) -> [ESP bytes | MalformedMessage]"},
+    {"open_batch", (PyCFunction)(void (*)(void))SaCipher_open_batch, METH_FASTCALL,
+     "open_batch(packets, seq_highs | None) -> [(seq_low, inner | None | error)]"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -81,15 +81,17 @@ class ReplayWindow:
         elif -diff < self._size:
             self._bitmap |= 1 << -diff
 
-    def infer_esn(self, seq_low32: int) -> int:
+    def infer_esn(self, seq_low32: int, highest: int | None = None) -> int:
         """The 64-bit sequence number for the low 32 bits seen on the wire.
 
         RFC 4303 Appendix A2.2: the high half is guessed from the window's top
         ``T = Th:Tl`` and size ``W``; the guess is confirmed by the ICV, which
-        covers the high half (RFC 4303 §2.2.1, RFC 4106 §5).
+        covers the high half (RFC 4303 §2.2.1, RFC 4106 §5).  ``highest``
+        stands in for the window's top (a batch guesses ahead with it).
         """
-        th = self.highest >> 32
-        tl = self.highest & _LOW32
+        top = self.highest if highest is None else highest
+        th = top >> 32
+        tl = top & _LOW32
         bottom = tl - self._size + 1
         if bottom >= 0:
             # Case A: the window lies within one subspace.
