@@ -266,7 +266,7 @@ def test_no_key_material_leaks() -> None:
     sa = compiled()("gcm", key, b"SALT", b"", "", SPI, False)
     assert key.hex() not in repr(sa) and "SALT" not in repr(sa)
     assert not [name for name in dir(sa) if not name.startswith("__")
-                and name not in ("seal", "peek", "open")]
+                and name not in ("seal", "peek", "open", "seal_batch", "open_batch")]
     with pytest.raises(TypeError):
         pickle.dumps(sa)
     for sa_obj in (*outs("aes256gcm16", km), *ins("aes256gcm16", km)):
