@@ -241,3 +241,22 @@ def test_fuzz_open_batch_equals_unprotect(transform: str, esn: bool,
         expected = per_packet_unprotect(ref, burst)
         assert [outcome(x) for x in bat.open_batch(burst)] == expected
         assert in_state(bat) == in_state(ref)
+
+
+def test_compiled_batch_arguments(esp_impl: str) -> None:
+    if esp_impl != "fast":
+        pytest.skip("the compiled primitive's own argument checks")
+    sa = OutboundSA(SPI, "aes128gcm16", bytes(20), 1)._fast
+    assert sa is not None
+    packet = sa.seal(1, 1, v4(4))
+    with pytest.raises(ValueError, match="differ in length"):
+        sa.open_batch([packet], [0, 0])
+    with pytest.raises(OverflowError):
+        sa.open_batch([packet], [1 << 32])
+    with pytest.raises(TypeError):
+        sa.open_batch([packet, 5], None)
+    with pytest.raises(TypeError):
+        sa.seal_batch(1, 1, [v4(1), "text"])
+    assert sa.seal_batch(1, 1, []) == [] and sa.open_batch((), None) == []
+    [(seq, inner)] = sa.open_batch([packet], None)
+    assert (seq, inner) == (1, sa.open(packet, 0))
