@@ -543,3 +543,19 @@ def test_memoryview_and_bytearray_input() -> None:
     out, inb = pair("aes128ctr-sha256")
     esp = out.protect(bytearray(ipv4()))
     assert inb.unprotect(bytearray(esp)) == ipv4()
+
+
+def test_refusals_name_the_spis_in_hex() -> None:
+    """The compiled path formatted its SPIs with a conversion CPython 3.11
+    does not know, and printed a literal ``%08lx`` instead."""
+    out, inb = pair("aes128gcm16")
+    other = InboundSA(SPI + 1, "aes128gcm16", keymat("aes128gcm16"))
+    with pytest.raises(MalformedMessage) as wrong:
+        other.unprotect(out.protect(ipv4()))
+    assert "%" not in str(wrong.value)
+    assert f"{SPI:08x}" in str(wrong.value) and f"{SPI + 1:08x}" in str(wrong.value)
+    bad = bytearray(out.protect(ipv4()))
+    bad[-1] ^= 1
+    with pytest.raises(IntegrityError) as forged:
+        inb.unprotect(bytes(bad))
+    assert "%" not in str(forged.value) and f"{SPI:08x}" in str(forged.value)

@@ -445,8 +445,8 @@ static PyObject *SaCipher_peek(SaCipher *self, PyObject *arg) {
     if (check_size(self, in.len)) {
         uint32_t spi = get32(in.buf);
         if (spi != self->spi)
-            PyErr_Format(MalformedMessage, "ESP packet for SPI 0x%08lx reached SA 0x%08lx",
-                         (unsigned long)spi, (unsigned long)self->spi);
+            PyErr_Format(MalformedMessage, "ESP packet for SPI 0x%08x reached SA 0x%08x",
+                         (unsigned int)spi, (unsigned int)self->spi);
         else
             result = PyLong_FromUnsignedLong(get32((unsigned char *)in.buf + 4));
     }
@@ -519,8 +519,8 @@ static PyObject *open_one(SaCipher *self, const Py_buffer *pin, unsigned long se
         OPENSSL_cleanse(plain, (size_t)ctlen);   /* unauthenticated plaintext */
         Py_CLEAR(result);
         if (aead)
-            PyErr_Format(IntegrityError, "ESP ICV check failed (SPI 0x%08lx)",
-                         (unsigned long)self->spi);
+            PyErr_Format(IntegrityError, "ESP ICV check failed (SPI 0x%08x)",
+                         (unsigned int)self->spi);
         else
             openssl_failed("decryption");
         goto done;
@@ -614,8 +614,8 @@ static PyObject *SaCipher_open_batch(SaCipher *self, PyObject *const *args, Py_s
             res = take_error(MalformedMessage);
             seq = PyLong_FromLong(-1);
         } else if (get32(in.buf) != self->spi) {
-            PyErr_Format(MalformedMessage, "ESP packet for SPI 0x%08lx reached SA 0x%08lx",
-                         (unsigned long)get32(in.buf), (unsigned long)self->spi);
+            PyErr_Format(MalformedMessage, "ESP packet for SPI 0x%08x reached SA 0x%08x",
+                         (unsigned int)get32(in.buf), (unsigned int)self->spi);
             res = take_error(MalformedMessage);
             seq = PyLong_FromLong(-1);
         } else {
