@@ -414,18 +414,8 @@ class Peer(Gateway):
                 c.remote_addrs for c in self.config.connections.values()):
             raise SystemExit("ipsec-cluster peer: no connection has remote_addrs")
         await self.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop)
         try:
-            launch = asyncio.ensure_future(self._launch())
-            stopped = asyncio.ensure_future(self._stopped.wait())
-            done, _ = await asyncio.wait({launch, stopped}, timeout=opts.timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            launch.cancel()
-            if launch in done and launch.exception() is not None:
-                raise launch.exception()  # type: ignore[misc]
-            result = self.result(timed_out=launch not in done)
+            result = await self.bring_up(opts.timeout_s)
             if opts.traffic_pps is not None and result.ike_sas_up:
                 result.traffic = await self._traffic()
                 after = self.result(False)
@@ -434,10 +424,26 @@ class Peer(Gateway):
             if not (opts.exit_when_up or opts.traffic_pps is not None):
                 await self._stopped.wait()   # today's peer: keep the tunnels up, exit 0
                 return 0
-            stopped.cancel()
             return 0 if result.ok else 1
         finally:
             self.close()
+
+    async def bring_up(self, timeout_s: float) -> PeerResult:
+        """After ``start``: SIGINT/SIGTERM call ``stop``; launch the configured
+        IKE SAs and wait until they are up, ``timeout_s`` passed or ``stop``
+        was called; what came up."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        launch = asyncio.ensure_future(self._launch())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        done, _ = await asyncio.wait({launch, stopped}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        launch.cancel()
+        stopped.cancel()
+        if launch in done and launch.exception() is not None:
+            raise launch.exception()  # type: ignore[misc]
+        return self.result(timed_out=launch not in done)
 
     def _report(self, result: PeerResult) -> None:
         if self.options.json:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import struct
 import sys
 import time
@@ -77,17 +76,8 @@ def _peer_main(argv: list[str]) -> int:
     class DemoPeer(Peer):
         async def demo(self) -> int:
             await self.start()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.stop)
             try:
-                launch = asyncio.ensure_future(self._launch())
-                stopped = asyncio.ensure_future(self._stopped.wait())
-                done, _ = await asyncio.wait({launch, stopped}, timeout=args.timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                launch.cancel()
-                stopped.cancel()
-                result = self.result(timed_out=launch not in done)
+                result = await self.bring_up(args.timeout)
                 _emit({"event": "up", **result.as_dict(), "summary": result.summary()})
                 if not result.ok or self._stopped.is_set():
                     return 1
