@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.hmac import HMAC
 
 from bench.harness.packets import UDP, ipv4
+from bench.harness.timing import best_us_per_packet
 from common.esp import transforms as esp
 from common.esp.replay import ReplayState
 from common.esp.transforms import TRANSFORMS, InboundSA, OutboundSA
@@ -61,16 +62,8 @@ def inner_packet(size: int) -> bytes:
 
 def run(benchmark: pytest.FixtureRequest, size: int, name: str, fn: Callable[[], object],
         setup: Callable[[], None] | None = None) -> None:
-    def target() -> None:
-        fn()
-    if setup is None:
-        benchmark.pedantic(target, rounds=ROUNDS, iterations=1, warmup_rounds=5)
-    else:
-        def with_setup() -> tuple[tuple[object, ...], dict[str, object]]:
-            setup()
-            return (), {}
-        benchmark.pedantic(target, setup=with_setup, rounds=ROUNDS, warmup_rounds=5)
-    RESULTS[(size, name)] = benchmark.stats.stats.min / BATCH * 1e6
+    RESULTS[(size, name)] = best_us_per_packet(benchmark, fn, rounds=ROUNDS, per_call=BATCH,
+                                               setup=setup)
 
 
 def baseline(transform: str) -> str:

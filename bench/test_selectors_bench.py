@@ -27,6 +27,7 @@ import pytest
 
 from bench.harness.configs import single_child_config
 from bench.harness.packets import udp4_packet
+from bench.harness.timing import best_us_per_packet
 from common.cluster.routing import InsideRoutes, inner_addresses
 from common.cluster.wire import ChildPush
 from common.config import load_config
@@ -141,16 +142,8 @@ def packet(size: int, src: str = "10.91.1.1", dst: str = "10.91.2.1") -> bytes:
 
 def run(benchmark: pytest.FixtureRequest, size: int, name: str, fn: Callable[[], object],
         setup: Callable[[], None] | None = None) -> None:
-    def target() -> None:
-        fn()
-    if setup is None:
-        benchmark.pedantic(target, rounds=ROUNDS, iterations=1, warmup_rounds=5)
-    else:
-        def with_setup() -> tuple[tuple[object, ...], dict[str, object]]:
-            setup()
-            return (), {}
-        benchmark.pedantic(target, setup=with_setup, rounds=ROUNDS, warmup_rounds=5)
-    RESULTS[(size, name)] = benchmark.stats.stats.min / BATCH * 1e6
+    RESULTS[(size, name)] = best_us_per_packet(benchmark, fn, rounds=ROUNDS, per_call=BATCH,
+                                               setup=setup)
 
 
 # -- the figures ---------------------------------------------------------------------------
