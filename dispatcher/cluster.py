@@ -727,8 +727,6 @@ class Dispatcher:
                 group.close()
             raise
         self.groups = groups
-        log.info("kernel data path: UDP %s steered by SPI to members %s",
-                 sorted(groups), list(self.local_members))
 
     def _steer(self) -> None:
         """Re-attach the programs when the table's epoch or the set of alive
@@ -908,8 +906,10 @@ class Dispatcher:
                   for ch in conn.children.values() for n in ch.remote_nets]
         self.inside = make_inside(c.inside, address=address, routes=routes)
         await self.inside.start(self._inner)
-        log.info("dispatcher on %s ports %s, members at %s", c.address, sorted(self.udp),
-                 self.endpoint)
+        log.info("dispatcher on %s ports %s, members at %s, %s", c.address, sorted(self.udp),
+                 self.endpoint,
+                 f"kernel data path (UDP steered by SPI to members {list(self.local_members)})"
+                 if self.groups else "relay data path")
         self.publish(Event(EventType.READY, peer=str(c.address)))
 
     async def run(self) -> None:

@@ -1,6 +1,6 @@
 """A UDP ``SO_REUSEPORT`` group steered by a classic BPF program.
 
-Rules of this file (docs/routing.md "Kernel steering (building block)"):
+Rules of this file (docs/routing.md "Kernel steering: the building blocks"):
 - ``SteeringGroup.open`` binds one UDP socket per slot to the same address
   and port with ``SO_REUSEPORT``, in slot order: the kernel numbers the
   sockets of a group in bind order, so slot i is the index the program
