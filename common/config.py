@@ -210,6 +210,10 @@ class ClusterConfig:
     save_keys: str = ""
     #: where the Prometheus metrics listen (with metrics_port)
     metrics_address: str = "127.0.0.1"
+    #: "kernel": members on the dispatcher's host receive and send their own
+    #: ESP and IKE (an SO_REUSEPORT group steered by SPI, docs/routing.md);
+    #: "relay": every datagram through the dispatcher over ZeroMQ
+    data_path: Literal["kernel", "relay"] = "kernel"
 
 
 @dataclass(slots=True, frozen=True)
@@ -652,6 +656,7 @@ def _cluster(t: _Table) -> ClusterConfig:
         log_level=t.choice("log_level", "info", ("debug", "info", "warning", "error")),
         log_format=t.choice("log_format", "text", ("text", "json")),
         save_keys=t.filepath("save_keys"),
+        data_path=t.choice("data_path", "kernel", ("kernel", "relay")),
     )
     t.done()
     return cluster

@@ -80,7 +80,14 @@ def cmd_member(args: argparse.Namespace) -> int:
         raise StartupError(f"--id: expected a member id in 1..{MAX_MEMBERS}, got {args.id}")
     _setup_logging(args.log_level or config.cluster.log_level, config.cluster.log_format,
                    f"member {args.id}")
-    return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin)
+    udp_fds = {}
+    for item in args.udp_fd or []:
+        port, _, fd = item.partition("=")
+        if not (port.isdigit() and fd.isdigit() and 1 <= int(port) <= 65535):
+            raise StartupError(f"--udp-fd {item}: expected PORT=FD (given by `ipsec-cluster run`)")
+        udp_fds[int(port)] = int(fd)
+    return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin,
+                      udp_fds=udp_fds)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -160,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the dispatcher's endpoint (cluster.sync, e.g. tcp://HOST:PORT)")
     member.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                         help="log level (default: cluster.log_level of the config)")
+    member.add_argument("--udp-fd", action="append", metavar="PORT=FD",
+                        help="our socket of the cluster's steered UDP PORT, inherited "
+                             "as FD (set by `ipsec-cluster run`)")
     member.add_argument("--key-stdin", action="store_true",
                         help="read this incarnation's CURVE keys from stdin (how "
                         "`ipsec-cluster run` starts its members)")

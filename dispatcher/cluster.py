@@ -81,6 +81,7 @@ from dispatcher.trust import (
 )
 from member.inside import Inside, make_inside
 from member.refusals import Refusals
+from member.reuseport import SteeringGroup, SteeringUnavailable
 from member.routes import bind_udp, mark_for_tun
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
@@ -111,12 +112,25 @@ class Conn:
 class Dispatcher:
     def __init__(self, config: Config, endpoint: str, *,
                  curve: tuple[bytes, bytes] | None = None, keys: KeyRing | None = None,
-                 expect_members: int | None = None) -> None:
+                 expect_members: int | None = None, local_members: tuple[int, ...] = ()
+                 ) -> None:
         """``curve`` = our CURVE key pair (z85; made fresh when None: members
         we start learn it from us); ``keys``: each member's public key bound
         to its member id (docs/design.md "Trust model"). Every endpoint, ipc://
-        too, is CURVE: no key, no member."""
+        too, is CURVE: no key, no member. ``local_members``: the members the
+        supervisor starts on this host; with ``data_path = "kernel"`` each gets
+        its own socket in a steered SO_REUSEPORT group per UDP port
+        (``member_fds``), docs/routing.md "The data path on one host"."""
         self.config = config
+        self.local_members = local_members
+        #: UDP port -> its steered group (empty: the relay path)
+        self.groups: dict[int, SteeringGroup] = {}
+        #: why the kernel path is off ("" when it is on or was never asked for)
+        self.steering_off = ""
+        #: (epoch, alive members) the attached programs were built for
+        self._steered: tuple[int, frozenset[int]] | None = None
+        #: (port, member) sockets we read ourselves: their member is not alive
+        self._draining: set[tuple[int, int]] = set()
         self.endpoint = endpoint
         self.curve = curve if curve is not None else zmq.curve_keypair()
         self.keys = keys if keys is not None else KeyRing()
@@ -169,13 +183,12 @@ class Dispatcher:
         """One fact for the event stream (docs/operations.md "Control API")."""
         self.events.add(event, time.time())
 
-    def _readable(self, port: int) -> None:
-        sock = self.udp[port]
+    def _readable(self, sock: socket.socket, port: int) -> None:
         kind = PortKind.of_port(port)
         table = self.table
         members = self.members
         family = sock.family
-        received = 0
+        received = esp = 0
         for _ in range(READ_BURST):
             try:
                 data, addr = sock.recvfrom(65535)
@@ -202,8 +215,12 @@ class Dispatcher:
             if len(info.datagrams) >= MAX_BATCH * 4:
                 self.drops["member_queue_full"] += 1
                 continue
+            if route.kind is RouteKind.ESP:
+                esp += 1
             info.datagrams.append(Datagram(port, peer_ip, addr[1], data))
         self.counters["udp_in"] += received
+        if esp:
+            self.counters["esp_relayed"] += esp
         self._flush()
 
     def _inner(self, packet: bytes) -> None:
@@ -474,6 +491,8 @@ class Dispatcher:
                 sock.sendto(d.payload, (socket.inet_ntop(
                     socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip), d.peer_port))
                 sent += 1
+                if d.local_port != 500 and d.payload[:4] != b"\0\0\0\0":
+                    self.counters["esp_relayed"] += 1
             except BlockingIOError:
                 self.drops["udp_send_full"] += 1
             except OSError:
@@ -607,8 +626,11 @@ class Dispatcher:
                 self._refusals().failed("tick", exc, "monitor")
 
     def _carry(self, out: Outputs) -> None:
-        """Carry out what the membership machine says: log, send, re-point
-        the cleartext routes when the table changed, publish its events."""
+        """Carry out what the membership machine says: steer the kernel to
+        the new table first (before any member hears of it), then log, send,
+        re-point the cleartext routes when the table changed, publish its
+        events."""
+        self._steer()
         for line in out.logs:
             if line.level >= Level.WARNING:
                 log.warning("%s", line.text)
@@ -637,6 +659,109 @@ class Dispatcher:
                 r.member = owner
                 self.routes.add(child_id, r.local_ts, r.remote_ts, owner)
 
+    # -- the kernel's data path: steered sockets -----------------------------------
+
+    def member_fds(self, member_id: int) -> dict[int, int]:
+        """UDP port -> the file descriptor of ``member_id``'s socket in the
+        steered group (empty on the relay path): the supervisor hands them to
+        every incarnation of the member at spawn (they stay ours: the member's
+        death loses nothing queued on them)."""
+        out = {}
+        for port, group in self.groups.items():
+            if member_id in group.members:
+                out[port] = group.socket_of(member_id).fileno()
+        return out
+
+    def _open_ports(self) -> None:
+        """UDP 500 and 4500: steered groups (a socket per local member) when
+        asked for and the kernel takes the program, else one socket each."""
+        c = self.config.cluster
+        ports = sorted({c.ike_port, c.natt_port})
+        mark = mark_for_tun(c.inside.kind, c.inside.route_mark)
+        if self.local_members and c.data_path == "kernel":
+            try:
+                self._open_groups(ports, mark)
+            except SteeringUnavailable as exc:
+                self.steering_off = str(exc)
+                log.warning("%s: ESP goes through the dispatcher (the relay path)", exc)
+        elif self.local_members:
+            self.steering_off = "data_path = \"relay\""
+        for port in ports:
+            if port in self.groups:
+                sock = self.groups[port].sockets[0]
+            else:
+                # No SO_REUSEADDR: a socket of another user (or a second
+                # cluster) bound beside ours would take our datagrams; the
+                # bind fails instead, with one line naming the holder. With
+                # a TUN inside the socket carries SO_MARK so our own IKE/ESP
+                # bypass the tunnel's table.
+                sock = bind_udp(str(c.address), port, mark=mark, bufsize=UDP_RCVBUF)
+            self.udp[port] = sock
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock, port)
+
+    def _open_groups(self, ports: list[int], mark: int | None) -> None:
+        """One steered group per port, all or none. A plain bind first: a
+        port in use (a second cluster, another program) fails with the same
+        line as on the relay path, before any SO_REUSEPORT socket could join
+        someone else's group. ``SteeringUnavailable`` when the kernel refuses."""
+        c = self.config.cluster
+        address = str(c.address)
+        for port in ports:
+            bind_udp(address, port, mark=mark).close()
+        groups: dict[int, SteeringGroup] = {}
+        try:
+            for port in ports:
+                try:
+                    group = SteeringGroup.open(address, port, self.local_members,
+                                               natt=PortKind.of_port(port) is PortKind.NATT,
+                                               mark=mark,
+                                               bufsize=UDP_RCVBUF)
+                except OSError as exc:
+                    raise SteeringUnavailable(
+                        exc.errno, f"cannot open the steered sockets of UDP port {port}: "
+                                   f"{exc.strerror}") from exc
+                groups[port] = group
+                group.steer(self.table, alive=())   # until members join: all ours
+        except BaseException:
+            for group in groups.values():
+                group.close()
+            raise
+        self.groups = groups
+
+    def _steer(self) -> None:
+        """Re-attach the programs when the table's epoch or the set of alive
+        members changed (segments of a member that is not alive go to our own
+        socket), and read the sockets of members that are not alive ourselves:
+        what was queued for a dead member reaches the segment's new owner."""
+        if not self.groups:
+            return
+        alive = frozenset(m for m, i in self.members.items() if i.alive)
+        key = (self.table.epoch, alive)
+        if key == self._steered:
+            return
+        self._steered = key
+        for group in self.groups.values():
+            try:
+                group.steer(self.table, alive)
+            except (SteeringUnavailable, ValueError) as exc:
+                # (the old program stays: a dead member's socket is still read below)
+                self.drops["steer_failed"] += 1
+                self._refusals().refuse("steer_failed", "kernel", exc, what="steering")
+        self.counters["steered"] += 1
+        loop = self.loop
+        if loop is None:
+            return
+        for port, group in self.groups.items():
+            for member in group.members:
+                sock = group.socket_of(member)
+                if member not in alive and (port, member) not in self._draining:
+                    self._draining.add((port, member))
+                    loop.add_reader(sock.fileno(), self._readable, sock, port)
+                    self._readable(sock, port)
+                elif member in alive and (port, member) in self._draining:
+                    self._draining.discard((port, member))
+                    loop.remove_reader(sock.fileno())
+
     def _backup_missing(self, member: int) -> bool:
         """True when some segment of ``member`` has no live backup: its SAs go on
         unreplicated (a death would lose them)."""
@@ -663,7 +788,9 @@ class Dispatcher:
             ClusterStatus(str(c.address), c.mode, self.table.epoch,
                           round(time.time() - self.started, 1), self.endpoint),
             DispatcherStatus(os.getpid(), dict(self.counters), dict(self.drops),
-                             len(self.routes), dict(self._refusals().counts)),
+                             len(self.routes), dict(self._refusals().counts),
+                             self.counters["esp_relayed"],
+                             "kernel" if self.groups else "relay", self.steering_off),
             members, self._pools_status())
 
     def _pools_status(self) -> tuple[PoolStatus, ...]:
@@ -741,17 +868,6 @@ class Dispatcher:
 
     # -- life ---------------------------------------------------------------------------
 
-    def _open_udp(self, port: int) -> None:
-        # No SO_REUSEADDR: a socket of another user (or a second cluster) bound
-        # beside ours would take our datagrams; the bind fails instead, with
-        # one line naming the holder (StartupError). With a TUN inside the
-        # socket carries SO_MARK so our own IKE/ESP bypass the tunnel's table.
-        c = self.config.cluster
-        sock = bind_udp(str(c.address), port, mark=mark_for_tun(c.inside.kind, c.inside.route_mark),
-                        bufsize=UDP_RCVBUF)
-        self.udp[port] = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, port)
-
     def _start_auth(self) -> None:
         public, secret = self.curve
         self.auth = authenticator(self.keys, self.drops, zmq.asyncio.Context.instance())
@@ -782,8 +898,7 @@ class Dispatcher:
         c = self.config.cluster
         # The ports first: a second cluster with the same config fails here,
         # before its bind replaces the first one's members socket.
-        for port in sorted({c.ike_port, c.natt_port}):
-            self._open_udp(port)
+        self._open_ports()
         self._start_auth()
         self.router.bind(self.endpoint)
         address = str(c.inside_address) if c.inside_address is not None else None
@@ -791,8 +906,10 @@ class Dispatcher:
                   for ch in conn.children.values() for n in ch.remote_nets]
         self.inside = make_inside(c.inside, address=address, routes=routes)
         await self.inside.start(self._inner)
-        log.info("dispatcher on %s ports %s, members at %s", c.address, sorted(self.udp),
-                 self.endpoint)
+        log.info("dispatcher on %s ports %s, members at %s, %s", c.address, sorted(self.udp),
+                 self.endpoint,
+                 f"kernel data path (UDP steered by SPI to members {list(self.local_members)})"
+                 if self.groups else "relay data path")
         self.publish(Event(EventType.READY, peer=str(c.address)))
 
     async def run(self) -> None:
@@ -816,6 +933,11 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     self.loop.remove_reader(sock.fileno())
                 sock.close()
+            for port, member in self._draining:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(self.groups[port].socket_of(member).fileno())
+        for group in self.groups.values():
+            group.close()
         if self.inside is not None:
             self.inside.close()
         self._shadow = None

@@ -104,7 +104,8 @@ class Gateway:
         return StatusReport(
             ClusterStatus(str(c.address), "single-process", 0,
                           round(time.time() - self.started, 1), endpoint),
-            DispatcherStatus(os.getpid(), refused=dict(self.refusals.counts)),
+            DispatcherStatus(os.getpid(), refused=dict(self.refusals.counts),
+                             data_path="single-process"),
             (member,))
 
     # -- I/O in -------------------------------------------------------------------

@@ -126,7 +126,12 @@ class Supervisor:
             public, secret, allowed = load_server_curve(config, config_path)
             curve = (public, secret)
             self.keys.load_authorized(Path(allowed))
-        self.dispatcher = Dispatcher(config, endpoint, curve=curve, keys=self.keys)
+        # Members we start on this host get their own steered sockets
+        # (cluster.data_path, docs/routing.md "The data path on one host").
+        local = tuple(range(1, config.cluster.members + 1)) \
+            if endpoint.startswith("ipc://") else ()
+        self.dispatcher = Dispatcher(config, endpoint, curve=curve, keys=self.keys,
+                                     local_members=local)
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.incarnations: dict[int, _Member] = {}
         self.backoff: dict[int, Backoff] = {}
@@ -152,6 +157,10 @@ class Supervisor:
             endpoint = endpoint.replace("tcp://0.0.0.0", "tcp://127.0.0.1")
         argv = [*self.member_command, "--config", self.config_path,
                 "--id", str(member_id), "--connect", endpoint, "--key-stdin"]
+        # its sockets of the steered groups (the same for every incarnation)
+        fds = self.dispatcher.member_fds(member_id)
+        for port, fd in sorted(fds.items()):
+            argv += ["--udp-fd", f"{port}={fd}"]
         # A key pair for this incarnation only: the secret goes down a pipe
         # (never argv or the environment, which other local users can read).
         public, secret = zmq.curve_keypair()
@@ -164,7 +173,8 @@ class Supervisor:
         # stderr through us (its last line names why it failed), unless the
         # member is to outlive us: then a pipe to nobody would break its logs
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env,
-                                stderr=None if keep else subprocess.PIPE)
+                                stderr=None if keep else subprocess.PIPE,
+                                pass_fds=tuple(fds.values()))
         if proc.stdin is not None:
             # a member that exited at once: its exit is handled by _watch
             with contextlib.suppress(BrokenPipeError):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -57,7 +58,7 @@ def read_key_line(line: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def run_member(config: Config, config_path: str, member_id: int, endpoint: str, *,
-               key_stdin: bool = False) -> int:
+               key_stdin: bool = False, udp_fds: dict[int, int] | None = None) -> int:
     from member.process import MemberProcess
 
     if not endpoint.startswith(("ipc://", "tcp://")):
@@ -72,7 +73,8 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
                            "dispatcher's host are started by `ipsec-cluster run` (which "
                            "hands each its key), others need cluster.curve_secret_key "
                            "and cluster.curve_server_key")
-    proc = MemberProcess(config, member_id, endpoint, curve=curve)
+    proc = MemberProcess(config, member_id, endpoint, curve=curve,
+                         udp=own_sockets(udp_fds or {}))
     proc.config_path = config_path
 
     async def main() -> None:
@@ -84,6 +86,27 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(main())
     return 0
+
+
+def own_sockets(fds: dict[int, int]) -> dict[int, socket.socket]:
+    """The sockets of the steered groups our supervisor handed us (port ->
+    inherited fd): each must be a UDP socket bound to that port, else the
+    start fails with one line."""
+    out: dict[int, socket.socket] = {}
+    for port, fd in fds.items():
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise StartupError(f"--udp-fd {port}={fd}: not an open socket "
+                               f"({exc.strerror})") from None
+        bound = sock.getsockname()
+        if sock.type != socket.SOCK_DGRAM or not isinstance(bound, tuple) \
+                or bound[1] != port:
+            sock.detach()
+            raise StartupError(f"--udp-fd {port}={fd}: not a UDP socket bound to port {port}")
+        sock.setblocking(False)
+        out[port] = sock
+    return out
 
 
 def run_loop(coro: Coroutine[Any, Any, Any]) -> None:

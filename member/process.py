@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -121,6 +122,24 @@ def _routing_id() -> bytes:
     return b"m" + os.urandom(ROUTING_ID_BYTES - 1)
 
 
+#: datagrams read from a steered socket per wake-up
+UDP_BURST = 256
+
+
+def _recv_burst(sock: socket.socket, port: int) -> list[Datagram]:
+    """Up to UDP_BURST datagrams queued on ``sock`` (the cluster's ``port``)."""
+    out: list[Datagram] = []
+    family = sock.family
+    for _ in range(UDP_BURST):
+        try:
+            data, addr = sock.recvfrom(65535)
+        except (BlockingIOError, InterruptedError):
+            break
+        out.append(Datagram(port, socket.inet_pton(family, addr[0].split("%", 1)[0]),
+                            addr[1], data))
+    return out
+
+
 def _ip(packed: bytes) -> str:
     return str(ipaddress.ip_address(packed))
 
@@ -163,9 +182,14 @@ def die_with_supervisor() -> None:
 
 class MemberProcess:
     def __init__(self, config: Config, member_id: int, endpoint: str, *,
-                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
-        """``curve`` = (our public key, our secret key, the dispatcher's public key)."""
+                 curve: tuple[bytes, bytes, bytes] | None = None,
+                 udp: dict[int, socket.socket] | None = None) -> None:
+        """``curve`` = (our public key, our secret key, the dispatcher's public
+        key); ``udp``: port -> our socket of the cluster's steered group on
+        that port (the kernel data path: we receive our own IKE and ESP on it
+        and send from the cluster's address with it; empty: the relay)."""
         self.config = config
+        self.udp = udp if udp is not None else {}
         #: the file ``reload`` re-reads (set by ``run_member``)
         self.config_path: str | None = None
         self.member_id = member_id
@@ -296,10 +320,37 @@ class MemberProcess:
         out = []
         for o in outs:
             data = o.data if o.local_port == 500 else NON_ESP_MARKER + o.data
+            sock = self.udp.get(o.local_port)
+            if sock is not None:
+                self._sendto(sock, data, o.remote)
+                continue
             out.append(Datagram(o.local_port, ipaddress.ip_address(o.remote[0]).packed,
                                 o.remote[1], data))
         if out:
             self.send(DatagramOut(out))
+
+    def send_esp(self, datagrams: list[Datagram]) -> None:
+        """ESP to peers: from our own socket of the cluster's NAT-T port on
+        the kernel data path, else through the dispatcher."""
+        sock = self.udp.get(self.config.cluster.natt_port)
+        if sock is None:
+            self.send(DatagramOut(datagrams))
+            return
+        for d in datagrams:
+            self._sendto(sock, d.payload, (_ip_cached(d.peer_ip), d.peer_port))
+
+    def _sendto(self, sock: socket.socket, data: bytes | bytearray | memoryview,
+                remote: tuple[str, int]) -> None:
+        try:
+            sock.sendto(data, remote)
+        except BlockingIOError:
+            self._drop("udp_send_full")
+        except OSError:
+            self._drop("udp_send_error")
+
+    def _drop(self, reason: str) -> None:
+        if self.member is not None:
+            self.member.drops[reason] += 1
 
     # -- placement ------------------------------------------------------------------
 
@@ -451,7 +502,27 @@ class MemberProcess:
                      len(mine))
             self.replicator.on_table(old, table, self.loop.time())
 
+    def _udp_readable(self, sock: socket.socket, port: int) -> None:
+        """Our steered socket is readable: a burst of our own IKE and ESP
+        (the barrier: whatever fails is counted, the loop goes on)."""
+        self.progress = time.monotonic()
+        try:
+            burst = _recv_burst(sock, port)
+        except OSError:
+            self._drop("udp_error")
+            return
+        if not burst:
+            return
+        try:
+            self._datagram_list(burst)
+            self.flush()
+        except Exception as exc:
+            self.refusals.failed("udp", exc, "udp")
+
     def _datagrams(self, msg: DatagramIn) -> None:
+        self._datagram_list(msg.datagrams)
+
+    def _datagram_list(self, datagrams: Sequence[Datagram]) -> None:
         m = self.member
         if m is None or self.loop is None:
             return
@@ -459,7 +530,7 @@ class MemberProcess:
         inner: list[bytes] = []
         n_bytes = 0
         handle_esp = m.handle_esp
-        for d in msg.datagrams:
+        for d in datagrams:
             remote = (_ip_cached(d.peer_ip), d.peer_port)
             payload = bytes(d.payload)
             if d.local_port == 500:
@@ -537,7 +608,7 @@ class MemberProcess:
         if out:
             m.counters["esp_out"] += len(out)
             m.counters["esp_out_bytes"] += n_bytes
-            self.send(DatagramOut(out))
+            self.send_esp(out)
             if self.replicator is not None and self.loop is not None:
                 self.replicator.esp_tick(self.loop.time(), len(out))
 
@@ -668,6 +739,8 @@ class MemberProcess:
     async def run(self) -> None:
         die_with_supervisor()
         self.loop = asyncio.get_running_loop()
+        for port, sock in self.udp.items():
+            self.loop.add_reader(sock.fileno(), self._udp_readable, sock, port)
         try:
             self.sock.connect(self.endpoint)
         except zmq.ZMQError as exc:

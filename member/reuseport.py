@@ -1,6 +1,6 @@
 """A UDP ``SO_REUSEPORT`` group steered by a classic BPF program.
 
-Rules of this file (docs/routing.md "Kernel steering (building block)"):
+Rules of this file (docs/routing.md "Kernel steering: the building blocks"):
 - ``SteeringGroup.open`` binds one UDP socket per slot to the same address
   and port with ``SO_REUSEPORT``, in slot order: the kernel numbers the
   sockets of a group in bind order, so slot i is the index the program
@@ -12,22 +12,28 @@ Rules of this file (docs/routing.md "Kernel steering (building block)"):
   reason, once, so the caller can fall back to the relay.
 - Closing a socket of the group detaches it: the last socket takes its index
   and the packets queued on it are lost. The group is closed as a whole.
-- Not wired into the data path yet: nothing outside the tests uses it.
+- The dispatcher (dispatcher/cluster.py) opens one group per UDP port
+  when ``cluster.data_path`` is "kernel" and hands each member its socket at
+  spawn; it holds every socket for its whole life, so a member's death or
+  restart never changes the indexes or loses what is queued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import socket
 import struct
+from collections.abc import Collection
 
 from common.cluster.segments import SegmentTable
 from common.cluster.steering import Program, build_program
 
 #: linux/asm-generic/socket.h; Python's socket module may lack it
 SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)
+SO_MARK = getattr(socket, "SO_MARK", 36)
 DISPATCHER_SLOT = 0
 
 _FPROG = struct.Struct("@HP")  # struct sock_fprog: unsigned short len; struct sock_filter *
@@ -54,9 +60,12 @@ class SteeringGroup:
 
     @classmethod
     def open(cls, host: str, port: int, members: tuple[int, ...] | list[int], *,
-             natt: bool | None = None) -> SteeringGroup:
+             natt: bool | None = None, mark: int | None = None,
+             bufsize: int = 0) -> SteeringGroup:
         """Bind the group (``port`` 0: the first bind picks a free port, the
-        others join it). ``natt``: RFC 3948 framing, default unless port 500."""
+        others join it). ``natt``: RFC 3948 framing, default unless port 500;
+        ``mark``: SO_MARK on every socket (our own IKE/ESP bypass the tunnel's
+        table, member/routes.py); ``bufsize``: SO_RCVBUF and SO_SNDBUF."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         socks: list[socket.socket] = []
         try:
@@ -64,6 +73,12 @@ class SteeringGroup:
                 s = socket.socket(family, socket.SOCK_DGRAM)
                 socks.append(s)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if bufsize:
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
+                if mark is not None:
+                    s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
                 s.setblocking(False)
                 s.bind((host, port))
                 port = s.getsockname()[1]
@@ -95,9 +110,14 @@ class SteeringGroup:
         """A member's socket; None: the dispatcher's."""
         return self.sockets[DISPATCHER_SLOT if member is None else self.slots()[member]]
 
-    def steer(self, table: SegmentTable) -> Program:
-        """Build and attach the program for ``table`` (call again at each epoch)."""
-        program = build_program(table, self.slots(), DISPATCHER_SLOT, natt=self.natt)
+    def steer(self, table: SegmentTable, alive: Collection[int] | None = None) -> Program:
+        """Build and attach the program for ``table`` (call again at each
+        epoch); ``alive``: the members whose sockets are read (others'
+        segments go to the dispatcher's socket; None: every member)."""
+        slots = self.slots()
+        if alive is not None:
+            slots = {m: i for m, i in slots.items() if m in alive}
+        program = build_program(table, slots, DISPATCHER_SLOT, natt=self.natt)
         self.attach(program)
         self._epoch = table.epoch
         return program

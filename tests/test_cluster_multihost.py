@@ -160,6 +160,9 @@ def test_members_on_other_hosts_over_curve(lab: Lab, tmp_path: Path) -> None:
             assert m["alive"] and m["packets_in"] > 0 and m["packets_out"] > 0, m
             assert m["sync_gaps"] == 0
         assert st["dispatcher"]["drops"].get("member_refused", 0) >= 1
+        # members on other hosts: the relay carries every ESP packet both ways
+        assert st["dispatcher"]["data_path"] == "relay"
+        assert st["dispatcher"]["esp_relayed"] >= res.total(UP) + res.total(DOWN)
         esp = esp_sas(answer)
         assert len(esp) == N_IKE * N_CHILD
         assert set(Counter(e["member"] for e in esp)) == {1, 2, 3}

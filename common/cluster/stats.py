@@ -248,6 +248,13 @@ class DispatcherStatus:
     drops: Mapping[str, int] = field(default_factory=dict)
     inside_routes: int = 0
     refused: Mapping[str, int] = field(default_factory=dict)
+    #: ESP packets that went through this process (both directions): 0 on
+    #: the kernel data path while traffic flows (docs/routing.md)
+    esp_relayed: int = 0
+    #: "kernel" (members receive and send their own ESP) or "relay"
+    data_path: str = "relay"
+    #: why the kernel data path is off ("" when it is on)
+    data_path_off: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -385,7 +392,9 @@ class StatusReport:
                           _int(cluster, "epoch"), _float(cluster, "uptime_s"),
                           _str(cluster, "endpoint")),
             DispatcherStatus(_int(disp, "pid"), _counts(disp, "counters"), _counts(disp, "drops"),
-                             _int(disp, "inside_routes"), _counts(disp, "refused")),
+                             _int(disp, "inside_routes"), _counts(disp, "refused"),
+                             _int(disp, "esp_relayed"), _str(disp, "data_path") or "relay",
+                             _str(disp, "data_path_off")),
             tuple(_member_of_json(_obj(m, "member")) for m in members),
             None if pools is None else tuple(_pool_of_json(_obj(p, "pool"))
                                              for p in _list(pools, "pools")))

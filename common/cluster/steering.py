@@ -1,6 +1,6 @@
 """The routing rule as a classic BPF program for an ``SO_REUSEPORT`` group.
 
-Rules of this file (docs/routing.md "Kernel steering (building block)"):
+Rules of this file (docs/routing.md "Kernel steering: the building blocks"):
 - ``build_program`` turns a segment table, a map member -> socket index and
   the dispatcher's socket index into a classic BPF program for
   ``SO_ATTACH_REUSEPORT_CBPF``. For a UDP socket Linux runs the program on
