@@ -1,5 +1,5 @@
 """How fast a 3-member cluster on one host learns that a member died
-(docs/failover.md "Detection"), with the supervisor watching its members'
+(docs/failover.md "Timings"), with the supervisor watching its members'
 exits through pidfds (the default) and with the 0.2 s poll only
 (``Supervisor.use_pidfd`` False: what it did before, and what it does where
 pidfd_open(2) is missing), both with the default heartbeats (50 ms,
