@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit bench fuzz sysdeps clean
 
-$(STAMP): pyproject.toml setup.py common/esp/_esp_fast.c
+$(STAMP): pyproject.toml setup.py common/esp/_esp_fast.c member/_batch_io.c
 	@command -v $(PY) >/dev/null 2>&1 || { echo "make: $(PY) not found (set PY=...)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
