@@ -64,6 +64,7 @@ from common.errors import MalformedMessage, StartupError
 from common.esp.iv import MAX_SENDER_ID
 from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
 from common.ike.context import Outgoing
+from member.batch_io import recv_batch, send_batch
 from member.rawinside import RawInside
 from member.refusals import Refusals
 from member.replication import Replicator
@@ -126,18 +127,11 @@ def _routing_id() -> bytes:
 UDP_BURST = 256
 
 
-def _recv_burst(sock: socket.socket, port: int) -> list[Datagram]:
-    """Up to UDP_BURST datagrams queued on ``sock`` (the cluster's ``port``)."""
-    out: list[Datagram] = []
-    family = sock.family
-    for _ in range(UDP_BURST):
-        try:
-            data, addr = sock.recvfrom(65535)
-        except (BlockingIOError, InterruptedError):
-            break
-        out.append(Datagram(port, socket.inet_pton(family, addr[0].split("%", 1)[0]),
-                            addr[1], data))
-    return out
+def _recv_burst(sock: socket.socket, port: int) -> tuple[list[Datagram], int]:
+    """Up to UDP_BURST datagrams queued on ``sock`` (the cluster's ``port``),
+    one ``recvmmsg`` (member/batch_io.py), and how many were too long."""
+    items, truncated = recv_batch(sock.fileno(), UDP_BURST)
+    return [Datagram(port, ip, peer_port, data) for data, ip, peer_port in items], truncated
 
 
 def _ip(packed: bytes) -> str:
@@ -336,8 +330,15 @@ class MemberProcess:
         if sock is None:
             self.send(DatagramOut(datagrams))
             return
-        for d in datagrams:
-            self._sendto(sock, d.payload, (_ip_cached(d.peer_ip), d.peer_port))
+        try:
+            sent = send_batch(sock.fileno(), [(d.payload, d.peer_ip, d.peer_port)
+                                              for d in datagrams])
+        except (OSError, ValueError):
+            sent = 0
+            self._drop("udp_send_error", len(datagrams))
+            return
+        if sent < len(datagrams):
+            self._drop("udp_send_full", len(datagrams) - sent)
 
     def _sendto(self, sock: socket.socket, data: bytes | bytearray | memoryview,
                 remote: tuple[str, int]) -> None:
@@ -348,9 +349,9 @@ class MemberProcess:
         except OSError:
             self._drop("udp_send_error")
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, n: int = 1) -> None:
         if self.member is not None:
-            self.member.drops[reason] += 1
+            self.member.drops[reason] += n
 
     # -- placement ------------------------------------------------------------------
 
@@ -507,10 +508,12 @@ class MemberProcess:
         (the barrier: whatever fails is counted, the loop goes on)."""
         self.progress = time.monotonic()
         try:
-            burst = _recv_burst(sock, port)
+            burst, truncated = _recv_burst(sock, port)
         except OSError:
             self._drop("udp_error")
             return
+        if truncated:
+            self._drop("udp_truncated", truncated)
         if not burst:
             return
         try:
@@ -558,7 +561,7 @@ class MemberProcess:
             raw = self.raw_inside
             if raw is not None:
                 # Straight into the kernel: the dispatcher handles the packet once.
-                back = [p for p in inner if not raw.write(p)]
+                back = raw.write_batch(inner)
                 if back:
                     self.send(InnerOut(back))
             else:

@@ -21,6 +21,8 @@ import logging
 import os
 import socket
 
+from member.batch_io import write_raw_batch
+
 log = logging.getLogger("ipsec_cluster.member")
 
 #: IPSEC_CLUSTER_INSIDE_RAW=0 turns it off (packets go back to the dispatcher)
@@ -85,6 +87,24 @@ class RawInside:
             return True
         self.sent += 1
         return True
+
+    def write_batch(self, packets: list[bytes]) -> list[bytes]:
+        """A burst in one ``sendmmsg`` per family (member/batch_io.py); the
+        packets this path cannot carry (IPv6 without an IPv6 socket, not IP)
+        are returned for the caller to hand back another way; what the
+        kernel did not take (a full buffer) is a counted drop."""
+        unsent = write_raw_batch(self.v4.fileno(),
+                                 self.v6.fileno() if self.v6 is not None else -1, packets)
+        back = []
+        for i in unsent:
+            p = packets[i]
+            version = p[0] >> 4 if p else 0
+            if version == 4 or (version == 6 and self.v6 is not None and len(p) >= 40):
+                self.drops += 1
+            else:
+                back.append(p)
+        self.sent += len(packets) - len(unsent)
+        return back
 
     def close(self) -> None:
         self.v4.close()
