@@ -127,6 +127,9 @@ class Supervisor:
             curve = (public, secret)
             self.keys.load_authorized(Path(allowed))
         self.dispatcher = Dispatcher(config, endpoint, curve=curve, keys=self.keys)
+        # We start the members on this host: each may get its own TUN device
+        # (cleartext through the kernel; the dispatcher decides, member/tuns.py)
+        self.dispatcher.want_member_tuns = True
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.incarnations: dict[int, _Member] = {}
         self.backoff: dict[int, Backoff] = {}
@@ -152,6 +155,11 @@ class Supervisor:
             endpoint = endpoint.replace("tcp://0.0.0.0", "tcp://127.0.0.1")
         argv = [*self.member_command, "--config", self.config_path,
                 "--id", str(member_id), "--connect", endpoint, "--key-stdin"]
+        # Its TUN device: the same one for every incarnation of this id, held
+        # by the dispatcher (docs/routing.md "Host routes")
+        tun_fd = self.dispatcher.member_tun_fd(member_id)
+        if tun_fd is not None:
+            argv += ["--tun-fd", str(tun_fd)]
         # A key pair for this incarnation only: the secret goes down a pipe
         # (never argv or the environment, which other local users can read).
         public, secret = zmq.curve_keypair()
@@ -164,7 +172,8 @@ class Supervisor:
         # stderr through us (its last line names why it failed), unless the
         # member is to outlive us: then a pipe to nobody would break its logs
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env,
-                                stderr=None if keep else subprocess.PIPE)
+                                stderr=None if keep else subprocess.PIPE,
+                                pass_fds=() if tun_fd is None else (tun_fd,))
         if proc.stdin is not None:
             # a member that exited at once: its exit is handled by _watch
             with contextlib.suppress(BrokenPipeError):

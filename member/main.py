@@ -57,7 +57,9 @@ def read_key_line(line: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def run_member(config: Config, config_path: str, member_id: int, endpoint: str, *,
-               key_stdin: bool = False) -> int:
+               key_stdin: bool = False, tun_fd: int | None = None) -> int:
+    """``tun_fd``: this member's TUN device, handed down by the supervisor
+    (member/tuns.py): the cleartext of the children it carries."""
     from member.process import MemberProcess
 
     if not endpoint.startswith(("ipc://", "tcp://")):
@@ -72,7 +74,9 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
                            "dispatcher's host are started by `ipsec-cluster run` (which "
                            "hands each its key), others need cluster.curve_secret_key "
                            "and cluster.curve_server_key")
-    proc = MemberProcess(config, member_id, endpoint, curve=curve)
+    if tun_fd is not None:
+        check_tun_fd(tun_fd)
+    proc = MemberProcess(config, member_id, endpoint, curve=curve, tun_fd=tun_fd)
     proc.config_path = config_path
 
     async def main() -> None:
@@ -84,6 +88,16 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(main())
     return 0
+
+
+def check_tun_fd(fd: int) -> None:
+    """``--tun-fd N``: N must be an open fd of ours (the supervisor's pass_fds)."""
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        raise StartupError(f"--tun-fd {fd}: not an open file descriptor ({exc.strerror}); "
+                           "the supervisor hands it to the members it starts") from None
+    os.set_blocking(fd, False)
 
 
 def run_loop(coro: Coroutine[Any, Any, Any]) -> None:

@@ -1,0 +1,195 @@
+"""Cleartext reaches the member that carries its child through the kernel, not
+through the dispatcher (member/tuns.py, docs/routing.md "Host routes").
+
+A 2-member cluster in namespace b (198.18.0.2, ``inside = tun:ipsc0``) and our
+own peer in namespace a (198.18.0.1, a ``udp:`` inside the test reads) with
+one IKE SA of four children, spread over both members. Cleartext sent in
+namespace b to each child's remote network must come out of the peer
+decrypted; the dispatcher relays none of it (``inner_relayed``), the
+cluster's table routes each child's prefix to its member's TUN device.
+After ``kill -9`` of a member its children's routes point to their new
+carrier's device and traffic flows again; after SIGTERM table 220 is empty
+and our rules are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.harness import configs
+from tests.cluster_util import (
+    Endpoint,
+    Proc,
+    cli_argv,
+    gateway_toml,
+    parse_udp4,
+    sas,
+    socket_in_netns,
+    status,
+    tail,
+    wait_assigned,
+    wait_for,
+)
+from tests.lab.netns import Lab
+
+GW, PEER = "198.18.0.2", "198.18.0.1"
+PEER_INSIDE, PEER_BIND = ("127.0.0.1", 9100), ("127.0.0.1", 9101)
+#: the cluster's side 10.91.2.0/24 (its TUN's address 10.91.2.1); child k's
+#: remote network 10.91.k.0/24
+KS = (1, 11, 21, 31)
+CHILDREN = tuple(configs.Child(f"c{k}", "10.91.2.0/24", f"10.91.{k}.0/24") for k in KS)
+CONN = configs.Conn("a-b", "gw-b.test", "gw-a.test", CHILDREN)
+PER_CHILD = 20
+STOP_TIMEOUT_S = 15.0
+
+
+def _table(lab: Lab, ns: str) -> str:
+    return "".join(lab.run(ns, ["ip", fam, "route", "show", "table", "220"]).stdout
+                   for fam in ("-4", "-6"))
+
+
+def _carriers(config: Path) -> dict[int, int]:
+    """child k -> the member carrying it (from ``sas``)."""
+    out = {}
+    for m in sas(config)["members"]:
+        for ch in m.get("child_sas", []):
+            out[int(ch["name"][1:])] = m["member"]
+    return out
+
+
+def _routed_to_carriers(lab: Lab, ns: str, config: Path) -> dict[int, int] | None:
+    carriers = _carriers(config)
+    if set(carriers) != set(KS):
+        return None
+    table = _table(lab, ns)
+    ok = all(f"10.91.{k}.0/24 dev ipsc0m{m} " in table for k, m in carriers.items())
+    return carriers if ok else None
+
+
+def _send_and_receive(lab: Lab, ns: str, peer_ep: Endpoint, tag: int) -> dict[int, int]:
+    """PER_CHILD datagrams from 10.91.2.1 (ns b) to 10.91.k.1 for each child;
+    k -> how many came out of the peer decrypted (within a few seconds)."""
+    sock = socket_in_netns(ns)
+    try:
+        sock.bind(("10.91.2.1", 0))
+        for i in range(PER_CHILD):
+            for k in KS:
+                sock.sendto(b"OUTB" + bytes([tag, k, i]), (f"10.91.{k}.1", 9))
+            time.sleep(0.002)
+    finally:
+        sock.close()
+    got: dict[int, int] = dict.fromkeys(KS, 0)
+    end = time.monotonic() + 5
+    while time.monotonic() < end and min(got.values()) < PER_CHILD:
+        for packet in peer_ep.take():
+            udp = parse_udp4(packet)
+            if udp is None or not udp.payload.startswith(b"OUTB") or udp.payload[4] != tag:
+                continue
+            k = udp.payload[5]
+            if k in got and udp.dst == f"10.91.{k}.1":
+                got[k] += 1
+        time.sleep(0.05)
+    return got
+
+
+def _dispatcher(config: Path) -> dict[str, Any]:
+    d: dict[str, Any] = status(config)["dispatcher"]
+    return d
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_cleartext_reaches_each_carrier_through_its_own_tun(lab: Lab, tmp_path: Path) -> None:
+    ns_a, ns_b, _veth = lab.pair()
+    config = tmp_path / "cluster.toml"
+    config.write_text(gateway_toml(address=GW, ports=(500, 4500), inside="tun:ipsc0",
+                                   members=2, conns=[CONN],
+                                   extra={"inside_address": "10.91.2.1"}))
+    cluster = Proc(cli_argv("run", "--config", str(config)), tmp_path / "cluster.log",
+                   name="cluster", popen=lambda argv, **kw: lab.popen(ns_b, argv, **kw))
+    wait_assigned(cluster, 2, timeout=30)
+    links = lab.run(ns_b, ["ip", "-o", "link", "show"]).stdout
+    assert "ipsc0m1:" in links and "ipsc0m2:" in links, links
+    peer_ep = Endpoint(PEER_INSIDE, PEER_BIND, ns=ns_a)
+    try:
+        peer_cfg = tmp_path / "peer.toml"
+        peer_cfg.write_text(gateway_toml(
+            address=PEER, ports=(500, 4500), inside=f"udp:{PEER_INSIDE[0]}:{PEER_INSIDE[1]}",
+            inside_bind=f"{PEER_BIND[0]}:{PEER_BIND[1]}", conns=[CONN], remote=(GW, 500)))
+        peer = Proc(cli_argv("peer", "--config", str(peer_cfg)), tmp_path / "peer.log",
+                    name="peer", popen=lambda argv, **kw: lab.popen(ns_a, argv, **kw))
+
+        def diag() -> str:
+            return (tail(cluster.log_path) + "\n" + tail(peer.log_path) + "\n"
+                    + _table(lab, ns_b))
+
+        carriers = wait_for("every child routed to its carrier's TUN",
+                            lambda: _routed_to_carriers(lab, ns_b, config), timeout=40,
+                            diag=diag)
+        assert set(carriers.values()) == {1, 2}, f"children not spread: {carriers}"
+        table = _table(lab, ns_b)
+        assert "10.91.0.0/16" not in table   # (only the configured nets are the base)
+        for k in KS:   # the configured net of each child is still the fallback underneath
+            assert f"10.91.{k}.0/24 dev ipsc0 " not in table, table
+
+        got = _send_and_receive(lab, ns_b, peer_ep, tag=1)
+        assert got == dict.fromkeys(KS, PER_CHILD), f"{got}\n{diag()}"
+        d = _dispatcher(config)
+        assert d["counters"].get("inner_relayed", 0) == 0, d
+        assert not d["drops"].get("kernel_route_error"), d
+
+        # kill -9 the carrier of the first child: its children move to the
+        # survivor, and so do their routes (until the restarted member, on the
+        # same TUN device, takes its share back: a table poller sees both)
+        victim = carriers[KS[0]]
+        survivor = 3 - victim
+        pid = next(m["pid"] for m in status(config)["members"] if m["id"] == victim)
+        moved = [k for k, m in carriers.items() if m == victim]
+        seen: list[str] = []
+        polling = threading.Event()
+        polling.set()
+
+        def poll() -> None:
+            while polling.is_set():
+                seen.append(_table(lab, ns_b))
+                time.sleep(0.02)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            os.kill(pid, signal.SIGKILL)
+
+            def moved_to_survivor() -> bool:
+                return any(all(f"10.91.{k}.0/24 dev ipsc0m{survivor} " in t for k in moved)
+                           for t in list(seen))
+
+            wait_for(f"routes of {moved} on member {survivor}'s TUN", moved_to_survivor,
+                     timeout=30, diag=diag)
+        finally:
+            polling.clear()
+            poller.join(5)
+
+        def flowing() -> dict[int, int] | None:
+            got = _send_and_receive(lab, ns_b, peer_ep, tag=2)
+            return got if all(got[k] >= PER_CHILD * 0.9 for k in KS) else None
+
+        wait_for("traffic on every child again", flowing, timeout=30, diag=diag)
+        wait_for("routes follow the carriers", lambda: _routed_to_carriers(lab, ns_b, config),
+                 timeout=15, diag=diag)
+        peer.close()
+    finally:
+        peer_ep.close()
+    cluster.proc.send_signal(signal.SIGTERM)
+    cluster.proc.wait(STOP_TIMEOUT_S)
+    assert _table(lab, ns_b) == ""
+    for fam in ("-4", "-6"):
+        rules = lab.run(ns_b, ["ip", fam, "rule"]).stdout
+        assert "lookup 220" not in rules and "suppress_prefixlength" not in rules, rules
+    assert "ipsc0m" not in lab.run(ns_b, ["ip", "-o", "link", "show"]).stdout
