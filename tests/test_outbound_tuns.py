@@ -14,10 +14,14 @@ and our rules are gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ import pytest
 
 from bench.harness import configs
 from tests.cluster_util import (
+    ROOT,
     Endpoint,
     Proc,
     cli_argv,
@@ -104,10 +109,29 @@ def _dispatcher(config: Path) -> dict[str, Any]:
     return d
 
 
-@pytest.mark.netns
-@pytest.mark.slow
-def test_cleartext_reaches_each_carrier_through_its_own_tun(lab: Lab, tmp_path: Path) -> None:
+@dataclass
+class Up:
+    ns_a: str
+    ns_b: str
+    config: Path
+    cluster: Proc
+    peer: Proc
+    peer_ep: Endpoint
+
+    def diag(self) -> str:
+        return (tail(self.cluster.log_path) + "\n" + tail(self.peer.log_path) + "\n"
+                + self.table)
+
+    table = ""
+
+
+@contextlib.contextmanager
+def cluster_and_peer(lab: Lab, tmp_path: Path, *, taken: str = "") -> Iterator[Up]:
+    """The cluster (ns b) with its members joined, our peer (ns a) started;
+    ``taken``: a TUN device of that name made in ns b first (not ours)."""
     ns_a, ns_b, _veth = lab.pair()
+    if taken:
+        lab.run(ns_b, ["ip", "tuntap", "add", "dev", taken, "mode", "tun"])
     config = tmp_path / "cluster.toml"
     config.write_text(gateway_toml(address=GW, ports=(500, 4500), inside="tun:ipsc0",
                                    members=2, conns=[CONN],
@@ -115,8 +139,6 @@ def test_cleartext_reaches_each_carrier_through_its_own_tun(lab: Lab, tmp_path: 
     cluster = Proc(cli_argv("run", "--config", str(config)), tmp_path / "cluster.log",
                    name="cluster", popen=lambda argv, **kw: lab.popen(ns_b, argv, **kw))
     wait_assigned(cluster, 2, timeout=30)
-    links = lab.run(ns_b, ["ip", "-o", "link", "show"]).stdout
-    assert "ipsc0m1:" in links and "ipsc0m2:" in links, links
     peer_ep = Endpoint(PEER_INSIDE, PEER_BIND, ns=ns_a)
     try:
         peer_cfg = tmp_path / "peer.toml"
@@ -125,18 +147,35 @@ def test_cleartext_reaches_each_carrier_through_its_own_tun(lab: Lab, tmp_path: 
             inside_bind=f"{PEER_BIND[0]}:{PEER_BIND[1]}", conns=[CONN], remote=(GW, 500)))
         peer = Proc(cli_argv("peer", "--config", str(peer_cfg)), tmp_path / "peer.log",
                     name="peer", popen=lambda argv, **kw: lab.popen(ns_a, argv, **kw))
+        yield Up(ns_a, ns_b, config, cluster, peer, peer_ep)
+    finally:
+        peer_ep.close()
+
+
+def _stop(up: Up) -> None:
+    up.peer.close()
+    up.cluster.proc.send_signal(signal.SIGTERM)
+    up.cluster.proc.wait(STOP_TIMEOUT_S)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_cleartext_reaches_each_carrier_through_its_own_tun(lab: Lab, tmp_path: Path) -> None:
+    with cluster_and_peer(lab, tmp_path) as up:
+        ns_b, config, peer_ep = up.ns_b, up.config, up.peer_ep
+        links = lab.run(ns_b, ["ip", "-o", "link", "show"]).stdout
+        assert "ipsc0m1:" in links and "ipsc0m2:" in links, links
 
         def diag() -> str:
-            return (tail(cluster.log_path) + "\n" + tail(peer.log_path) + "\n"
-                    + _table(lab, ns_b))
+            up.table = _table(lab, ns_b)
+            return up.diag()
 
         carriers = wait_for("every child routed to its carrier's TUN",
                             lambda: _routed_to_carriers(lab, ns_b, config), timeout=40,
                             diag=diag)
         assert set(carriers.values()) == {1, 2}, f"children not spread: {carriers}"
         table = _table(lab, ns_b)
-        assert "10.91.0.0/16" not in table   # (only the configured nets are the base)
-        for k in KS:   # the configured net of each child is still the fallback underneath
+        for k in KS:   # a child's prefix equal to a configured net replaced its base route
             assert f"10.91.{k}.0/24 dev ipsc0 " not in table, table
 
         got = _send_and_receive(lab, ns_b, peer_ep, tag=1)
@@ -183,13 +222,84 @@ def test_cleartext_reaches_each_carrier_through_its_own_tun(lab: Lab, tmp_path: 
         wait_for("traffic on every child again", flowing, timeout=30, diag=diag)
         wait_for("routes follow the carriers", lambda: _routed_to_carriers(lab, ns_b, config),
                  timeout=15, diag=diag)
-        peer.close()
-    finally:
-        peer_ep.close()
-    cluster.proc.send_signal(signal.SIGTERM)
-    cluster.proc.wait(STOP_TIMEOUT_S)
+        _stop(up)
     assert _table(lab, ns_b) == ""
     for fam in ("-4", "-6"):
         rules = lab.run(ns_b, ["ip", fam, "rule"]).stdout
         assert "lookup 220" not in rules and "suppress_prefixlength" not in rules, rules
     assert "ipsc0m" not in lab.run(ns_b, ["ip", "-o", "link", "show"]).stdout
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_a_tun_that_cannot_be_made_leaves_the_dispatcher_path(lab: Lab,
+                                                               tmp_path: Path) -> None:
+    """Member 2's device name is taken (by a device of someone else): no
+    per-member devices, one line why, and cleartext flows as before, through
+    the dispatcher; the other device is left alone."""
+    with cluster_and_peer(lab, tmp_path, taken="ipsc0m2") as up:
+        def diag() -> str:
+            up.table = _table(lab, up.ns_b)
+            return up.diag()
+
+        wait_for("4 children up", lambda: set(_carriers(up.config)) == set(KS), timeout=40,
+                 diag=diag)
+        got = _send_and_receive(lab, up.ns_b, up.peer_ep, tag=3)
+        assert got == dict.fromkeys(KS, PER_CHILD), f"{got}\n{diag()}"
+        d = _dispatcher(up.config)
+        assert d["counters"].get("inner_relayed", 0) >= PER_CHILD * len(KS), d
+        log = up.cluster.log_path.read_text()
+        assert log.count("cleartext to members through the dispatcher: cannot create "
+                         "the per-member TUN devices") == 1, log[-3000:]
+        assert "ipsc0m" not in _table(lab, up.ns_b)
+        _stop(up)
+    assert "ipsc0m1" not in lab.run(up.ns_b, ["ip", "-o", "link", "show"]).stdout
+    assert "ipsc0m2" in lab.run(up.ns_b, ["ip", "-o", "link", "show"]).stdout
+
+
+# -- when the dispatcher keeps the path (each case one line why) -----------------------
+
+_PROBE = """
+import asyncio, logging, sys
+from member.config_file import read_config
+from dispatcher.cluster import Dispatcher
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+d = Dispatcher(read_config(sys.argv[1]), sys.argv[2])
+d.want_member_tuns = sys.argv[3] == "1"
+async def main():
+    await d.start()
+    print("fds", [d.member_tun_fd(m) is not None for m in (1, 2)])
+    d.close()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(("inside", "endpoint", "ours", "line"), [
+    ("tun:ipsc0", "ipc://{tmp}/m.ipc", True,
+     "cleartext to members through the kernel: TUN devices ipsc0m1, ipsc0m2"),
+    ("udp:127.0.0.1:9000", "ipc://{tmp}/m.ipc", True,
+     "cleartext to members through the dispatcher: the inside is udp, not a TUN device"),
+    ("tun:ipsc0", "tcp://127.0.0.1:7700", True,
+     "cleartext to members through the dispatcher: members may join from other hosts "
+     "(tcp://127.0.0.1:7700)"),
+    ("tun:ipsc0", "ipc://{tmp}/m.ipc", False,
+     "cleartext to members through the dispatcher: the members are not started by this "
+     "process"),
+])
+def test_which_path_and_why(lab: Lab, tmp_path: Path, inside: str, endpoint: str,
+                            ours: bool, line: str) -> None:
+    ns = lab.netns()
+    config = tmp_path / "cluster.toml"
+    config.write_text(gateway_toml(address="127.0.0.1", ports=(500, 4500), inside=inside,
+                                   members=2, conns=[CONN],
+                                   extra={"inside_address": "10.91.2.1"}
+                                   if inside.startswith("tun") else {}))
+    res = lab.run(ns, [sys.executable, "-c", _PROBE, str(config),
+                       endpoint.format(tmp=tmp_path), "1" if ours else "0"],
+                  cwd=str(ROOT), check=False, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count(line) == 1, res.stderr
+    kernel = "through the kernel" in line
+    assert f"fds [{kernel}, {kernel}]" in res.stdout, res.stdout
+    assert lab.run(ns, ["ip", "-o", "link", "show"]).stdout.count("ipsc0") == 0
