@@ -303,3 +303,51 @@ def test_which_path_and_why(lab: Lab, tmp_path: Path, inside: str, endpoint: str
     kernel = "through the kernel" in line
     assert f"fds [{kernel}, {kernel}]" in res.stdout, res.stdout
     assert lab.run(ns, ["ip", "-o", "link", "show"]).stdout.count("ipsc0") == 0
+
+
+_HANDOVER = """
+import asyncio, os, socket, subprocess
+from member.tuns import MemberTuns, read_packets
+tuns = MemberTuns("ipsx0", 2, 1400)
+tuns.open()
+subprocess.run(["ip", "route", "add", "10.9.1.0/24", "dev", "ipsx0m1"], check=True)
+subprocess.run(["ip", "addr", "add", "10.9.0.1/32", "dev", "lo"], check=True)
+alive = {1: False, 2: False}
+got = []
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("10.9.0.1", 0))
+async def main():
+    loop = asyncio.get_running_loop()
+    tuns.read_while_dead(alive.get, loop, got.extend)   # member 1 dead: we read
+    sock.sendto(b"while-dead", ("10.9.1.7", 9))
+    await asyncio.sleep(0.2)
+    alive[1] = True
+    tuns.read_while_dead(alive.get, loop, got.extend)   # alive again: it reads
+    sock.sendto(b"queued", ("10.9.1.7", 9))
+    await asyncio.sleep(0.2)
+    mine = read_packets(tuns.fd(1), 256)
+    print("dispatcher", [p[28:] for p in got if p[0] >> 4 == 4 and p[9] == 17])
+    print("member", [p[28:] for p in mine if p[0] >> 4 == 4 and p[9] == 17])
+    print("readers", sorted(m for m, r in tuns.readers.items() if r.reading))
+    tuns.close()
+asyncio.run(main())
+links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+print("left", links.count("ipsx0m"))
+"""
+
+
+@pytest.mark.netns
+def test_a_dead_members_tun_is_read_by_the_dispatcher_until_it_is_back(
+        lab: Lab, tmp_path: Path) -> None:
+    """member/tuns.py on real devices: while member 1 has no live incarnation
+    the dispatcher reads its device; once it is back the packets wait on the
+    device for the member (nothing read twice, nothing lost); closing removes
+    the devices."""
+    ns = lab.netns()
+    res = lab.run(ns, [sys.executable, "-c", _HANDOVER], cwd=str(ROOT), check=False,
+                  timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "dispatcher [b'while-dead']" in res.stdout, res.stdout
+    assert "member [b'queued']" in res.stdout, res.stdout
+    assert "readers [2]" in res.stdout, res.stdout
+    assert "left 0" in res.stdout, res.stdout
