@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -180,6 +181,8 @@ class Dispatcher:
         #: what the cluster's table holds (prefix -> device) on the kernel path
         self._kernel_state: dict[IPNetwork, str] = {}
         self._kernel_scheduled = False
+        #: a change set failed: the next one replaces every route (idempotent)
+        self._kernel_resync = False
 
     # -- network in -----------------------------------------------------------------
 
@@ -679,7 +682,7 @@ class Dispatcher:
             tuns = MemberTuns(inside.name, c.members, inside.mtu)
             try:
                 tuns.open()
-            except (TunError, OSError) as exc:
+            except (TunError, OSError, subprocess.SubprocessError) as exc:
                 why = f"cannot create the per-member TUN devices: {exc}"
             else:
                 self.member_tuns = tuns
@@ -733,8 +736,10 @@ class Dispatcher:
                 children.append((r.remote_ts, device))
         new = kernel_routes(self._kernel_base(), children)
         replace, delete = route_changes(self._kernel_state, new)
+        if self._kernel_resync:
+            replace = route_changes({}, new)[0]
         errors = kernel.errors
-        kernel.apply(replace, delete)
+        self._kernel_resync = not kernel.apply(replace, delete)
         self._kernel_state = new
         self.counters["kernel_route_changes"] = kernel.changes
         if kernel.errors != errors:

@@ -351,3 +351,39 @@ def test_a_dead_members_tun_is_read_by_the_dispatcher_until_it_is_back(
     assert "member [b'queued']" in res.stdout, res.stdout
     assert "readers [2]" in res.stdout, res.stdout
     assert "left 0" in res.stdout, res.stdout
+
+
+_APPLIER = """
+import ipaddress, subprocess
+from member.routes import KernelRoutes
+from member.tun import open_tun, configure
+net = ipaddress.ip_network
+fd, _ = open_tun("d0")   # (no dummy devices on every kernel)
+configure("d0", None)
+def table():
+    return "".join(subprocess.run(["ip", f, "route", "show", "table", "1220"],
+                                  capture_output=True, text=True).stdout for f in ("-4", "-6"))
+kr = KernelRoutes(1220)
+print("ok1", kr.apply({net("10.9.0.0/24"): "d0", net("fd00:9::/64"): "d0",
+                       net("0.0.0.0/0"): "d0"}, []))
+print("t1", table().replace(chr(10), ";"))
+print("ok2", kr.apply({}, [net("10.9.0.0/24"), net("fd00:9::/64"), net("0.0.0.0/0")]))
+print("t2", repr(table()))
+print("ok3", kr.apply({net("10.8.0.0/24"): "nodev0", net("10.7.0.0/24"): "d0"}, []))
+print("errors", kr.errors, "t3", table().strip())
+"""
+
+
+@pytest.mark.netns
+def test_the_applier_changes_our_table_in_one_batch_and_counts_failures(lab: Lab) -> None:
+    ns = lab.netns()
+    res = lab.run(ns, [sys.executable, "-c", _APPLIER], cwd=str(ROOT), check=False, timeout=30)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "ok1 True" in out and "ok2 True" in out and "ok3 False" in out, out
+    t1 = next(line for line in out.splitlines() if line.startswith("t1"))
+    for route in ("default dev d0", "10.9.0.0/24 dev d0", "fd00:9::/64 dev d0"):
+        assert route in t1, t1
+    assert "t2 ''" in out, out
+    # the bad line is counted; the good one after it still went in (-force)
+    assert "errors 1 t3 10.7.0.0/24 dev d0" in out, out
