@@ -87,7 +87,7 @@ def cmd_member(args: argparse.Namespace) -> int:
             raise StartupError(f"--udp-fd {item}: expected PORT=FD (given by `ipsec-cluster run`)")
         udp_fds[int(port)] = int(fd)
     return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin,
-                      udp_fds=udp_fds)
+                      udp_fds=udp_fds, tun_fd=args.tun_fd)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     member.add_argument("--key-stdin", action="store_true",
                         help="read this incarnation's CURVE keys from stdin (how "
                         "`ipsec-cluster run` starts its members)")
+    member.add_argument("--tun-fd", type=int, metavar="N",
+                        help="read the cleartext of our children from TUN fd N (handed "
+                        "down by `ipsec-cluster run`, docs/routing.md)")
     for name, text in (("status", "members, segments, SA counts, traffic and drops"),
                        ("sas", "every IKE SA and child SA, like swanctl --list-sas")):
         p = sub.add_parser(name, help=text)

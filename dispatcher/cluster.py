@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,7 +33,15 @@ import zmq.asyncio
 
 from common.cluster.events import MEMBER_EVENTS, Event, EventLog, EventType
 from common.cluster.membership import Level, Membership, Outputs
-from common.cluster.routing import InsideRoutes, PortKind, RouteKind, route_datagram
+from common.cluster.routing import (
+    InsideRoutes,
+    IPNetwork,
+    PortKind,
+    RouteKind,
+    kernel_routes,
+    route_changes,
+    route_datagram,
+)
 from common.cluster.spi import segment_of_esp_spi
 from common.cluster.stats import (
     ClusterStatus,
@@ -82,7 +91,9 @@ from dispatcher.trust import (
 from member.inside import Inside, make_inside
 from member.refusals import Refusals
 from member.reuseport import SteeringGroup, SteeringUnavailable
-from member.routes import bind_udp, mark_for_tun
+from member.routes import KernelRoutes, bind_udp, mark_for_tun
+from member.tun import TunDevice, TunError
+from member.tuns import MemberTuns
 
 log = logging.getLogger("ipsec_cluster.dispatcher")
 
@@ -176,6 +187,16 @@ class Dispatcher:
         self._handshakes: Any = None
         #: each member's second connection, for bulk state transfers
         self.bulk_identity: dict[int, bytes] = {}
+        #: set by the supervisor before ``start`` when it starts the members
+        #: on this host: then each gets its own TUN device (member/tuns.py)
+        self.want_member_tuns = False
+        self.member_tuns: MemberTuns | None = None
+        self.kernel: KernelRoutes | None = None
+        #: what the cluster's table holds (prefix -> device) on the kernel path
+        self._kernel_state: dict[IPNetwork, str] = {}
+        self._kernel_scheduled = False
+        #: a change set failed: the next one replaces every route (idempotent)
+        self._kernel_resync = False
 
     # -- network in -----------------------------------------------------------------
 
@@ -240,6 +261,7 @@ class Dispatcher:
             self.drops["member_queue_full"] += 1
             return
         info.inner.append(packet)
+        self.counters["inner_relayed"] += 1
         if not self._flush_scheduled and self.loop is not None:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -426,6 +448,7 @@ class Dispatcher:
                 return
             self.routes.remove(msg.child_id)
             del self.route_info[msg.child_id]
+            self._kernel_routes_changed()
         elif isinstance(msg, ChildPush | ChildDelete):
             reason = (self.guard.child_push(msg, member_id) if isinstance(msg, ChildPush)
                       else self.guard.child_delete(msg, member_id))
@@ -474,6 +497,7 @@ class Dispatcher:
             return
         self.routes.add(msg.child_id, msg.local_ts, msg.remote_ts, msg.member)
         self.route_info[msg.child_id] = RouteInfo(msg.member, msg.local_ts, msg.remote_ts)
+        self._kernel_routes_changed()
 
     def _datagram_out(self, msg: DatagramOut, member_id: int, identity: bytes) -> None:
         sent = 0
@@ -645,6 +669,8 @@ class Dispatcher:
                 self._send(info, send.message)
         if out.table_changed:
             self._repoint_routes()
+        if self.member_tuns is not None and self.loop is not None:
+            self.member_tuns.read_while_dead(self._member_alive, self.loop, self._dead_tun)
         for event in out.events:
             self.publish(event)
 
@@ -658,6 +684,101 @@ class Dispatcher:
             if owner is not None and owner != r.member:
                 r.member = owner
                 self.routes.add(child_id, r.local_ts, r.remote_ts, owner)
+        self._kernel_routes_changed()
+
+    # -- the kernel path: per-member TUN devices (member/tuns.py) ----------------------
+
+    def _open_member_tuns(self) -> None:
+        """Cleartext to the members through the kernel, when the members are
+        ours on this host and the inside is a TUN; otherwise (logged once, with
+        the reason) everything goes through ``_inner`` as before."""
+        inside = self.inside
+        c = self.config.cluster
+        if not isinstance(inside, TunDevice):
+            why = f"the inside is {c.inside.kind}, not a TUN device"
+        elif not self.want_member_tuns:
+            why = "the members are not started by this process"
+        elif not self.endpoint.startswith("ipc://"):
+            why = f"members may join from other hosts ({self.endpoint})"
+        else:
+            tuns = MemberTuns(inside.name, c.members, inside.mtu)
+            try:
+                tuns.open()
+            except (TunError, OSError, subprocess.SubprocessError) as exc:
+                why = f"cannot create the per-member TUN devices: {exc}"
+            else:
+                self.member_tuns = tuns
+                self.kernel = KernelRoutes(inside.table)
+                self._kernel_state = self._kernel_base()
+                log.info("cleartext to members through the kernel: TUN devices %s",
+                         ", ".join(sorted(tuns.device_names())))
+                if self.loop is not None:
+                    tuns.read_while_dead(self._member_alive, self.loop, self._dead_tun)
+                return
+        log.info("cleartext to members through the dispatcher: %s", why)
+
+    def member_tun_fd(self, member_id: int) -> int | None:
+        """The fd of member ``member_id``'s TUN device (for its spawn), or None."""
+        return self.member_tuns.fd(member_id) if self.member_tuns is not None else None
+
+    def _member_alive(self, member_id: int) -> bool:
+        info = self.members.get(member_id)
+        return info is not None and info.alive
+
+    def _dead_tun(self, packets: list[bytes]) -> None:
+        """What a dead member's TUN device holds: relayed to whoever carries
+        each packet's child now (the userspace path)."""
+        for p in packets:
+            self._inner(p)
+
+    def _kernel_base(self) -> dict[IPNetwork, str]:
+        inside = self.inside
+        if not isinstance(inside, TunDevice):
+            return {}
+        return dict.fromkeys(inside.routes, inside.name)
+
+    def _kernel_routes_changed(self) -> None:
+        """The routed children changed: the table follows once per loop turn
+        (a burst of ROUTE_ADDs is one ``ip -batch``)."""
+        if self.kernel is None or self._kernel_scheduled or self.loop is None:
+            return
+        self._kernel_scheduled = True
+        self.loop.call_soon(self._apply_kernel_routes)
+
+    def _apply_kernel_routes(self) -> None:
+        self._kernel_scheduled = False
+        kernel, tuns = self.kernel, self.member_tuns
+        if kernel is None or tuns is None:
+            return
+        children = []
+        for child_id in reversed(self.routes.child_ids()):   # oldest first
+            r = self.route_info.get(child_id)
+            device = tuns.device(r.member) if r is not None else None
+            if r is not None and device is not None:
+                children.append((r.remote_ts, device))
+        new = kernel_routes(self._kernel_base(), children)
+        replace, delete = route_changes(self._kernel_state, new)
+        if self._kernel_resync:
+            replace = route_changes({}, new)[0]
+        errors = kernel.errors
+        self._kernel_resync = not kernel.apply(replace, delete)
+        self._kernel_state = new
+        self.counters["kernel_route_changes"] = kernel.changes
+        if kernel.errors != errors:
+            self.drops["kernel_route_error"] = kernel.errors
+
+    def _close_member_tuns(self) -> None:
+        """Our per-child routes out of the table (the base routes are the
+        inside's to remove), then the devices closed."""
+        kernel, tuns = self.kernel, self.member_tuns
+        if kernel is not None and tuns is not None:
+            ours = tuns.device_names()
+            kernel.apply({}, [n for n, dev in self._kernel_state.items() if dev in ours])
+            self._kernel_state = {}
+        if tuns is not None:
+            tuns.close()
+        self.member_tuns = None
+        self.kernel = None
 
     # -- the kernel's data path: steered sockets -----------------------------------
 
@@ -906,6 +1027,7 @@ class Dispatcher:
                   for ch in conn.children.values() for n in ch.remote_nets]
         self.inside = make_inside(c.inside, address=address, routes=routes)
         await self.inside.start(self._inner)
+        self._open_member_tuns()
         log.info("dispatcher on %s ports %s, members at %s, %s", c.address, sorted(self.udp),
                  self.endpoint,
                  f"kernel data path (UDP steered by SPI to members {list(self.local_members)})"
@@ -938,6 +1060,7 @@ class Dispatcher:
                     self.loop.remove_reader(self.groups[port].socket_of(member).fileno())
         for group in self.groups.values():
             group.close()
+        self._close_member_tuns()
         if self.inside is not None:
             self.inside.close()
         self._shadow = None

@@ -139,6 +139,9 @@ class Supervisor:
             if endpoint.startswith("ipc://") else ()
         self.dispatcher = Dispatcher(config, endpoint, curve=curve, keys=self.keys,
                                      local_members=local)
+        # We start the members on this host: each may get its own TUN device
+        # (cleartext through the kernel; the dispatcher decides, member/tuns.py)
+        self.dispatcher.want_member_tuns = True
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.incarnations: dict[int, _Member] = {}
         self.backoff: dict[int, Backoff] = {}
@@ -172,6 +175,11 @@ class Supervisor:
         fds = self.dispatcher.member_fds(member_id)
         for port, fd in sorted(fds.items()):
             argv += ["--udp-fd", f"{port}={fd}"]
+        # Its TUN device: the same one for every incarnation of this id, held
+        # by the dispatcher (docs/routing.md "Host routes")
+        tun_fd = self.dispatcher.member_tun_fd(member_id)
+        if tun_fd is not None:
+            argv += ["--tun-fd", str(tun_fd)]
         # A key pair for this incarnation only: the secret goes down a pipe
         # (never argv or the environment, which other local users can read).
         public, secret = zmq.curve_keypair()
@@ -185,7 +193,7 @@ class Supervisor:
         # member is to outlive us: then a pipe to nobody would break its logs
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env,
                                 stderr=None if keep else subprocess.PIPE,
-                                pass_fds=tuple(fds.values()))
+                                pass_fds=(*fds.values(), *(() if tun_fd is None else (tun_fd,))))
         if proc.stdin is not None:
             # a member that exited at once: its exit is handled by _watch
             with contextlib.suppress(BrokenPipeError):

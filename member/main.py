@@ -58,7 +58,12 @@ def read_key_line(line: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def run_member(config: Config, config_path: str, member_id: int, endpoint: str, *,
-               key_stdin: bool = False, udp_fds: dict[int, int] | None = None) -> int:
+               key_stdin: bool = False, udp_fds: dict[int, int] | None = None,
+               tun_fd: int | None = None) -> int:
+    """``udp_fds``: port -> our socket of the cluster's steered group on that
+    port; ``tun_fd``: this member's TUN device (member/tuns.py), the
+    cleartext of the children it carries; both handed down by the
+    supervisor (docs/routing.md "The data path on one host")."""
     from member.process import MemberProcess
 
     if not endpoint.startswith(("ipc://", "tcp://")):
@@ -73,8 +78,10 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
                            "dispatcher's host are started by `ipsec-cluster run` (which "
                            "hands each its key), others need cluster.curve_secret_key "
                            "and cluster.curve_server_key")
+    if tun_fd is not None:
+        check_tun_fd(tun_fd)
     proc = MemberProcess(config, member_id, endpoint, curve=curve,
-                         udp=own_sockets(udp_fds or {}))
+                         udp=own_sockets(udp_fds or {}), tun_fd=tun_fd)
     proc.config_path = config_path
 
     async def main() -> None:
@@ -107,6 +114,16 @@ def own_sockets(fds: dict[int, int]) -> dict[int, socket.socket]:
         sock.setblocking(False)
         out[port] = sock
     return out
+
+
+def check_tun_fd(fd: int) -> None:
+    """``--tun-fd N``: N must be an open fd of ours (the supervisor's pass_fds)."""
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        raise StartupError(f"--tun-fd {fd}: not an open file descriptor ({exc.strerror}); "
+                           "the supervisor hands it to the members it starts") from None
+    os.set_blocking(fd, False)
 
 
 def run_loop(coro: Coroutine[Any, Any, Any]) -> None:

@@ -62,13 +62,14 @@ from common.cluster.wire import (
 from common.config import MAX_MEMBERS, Config
 from common.errors import MalformedMessage, StartupError
 from common.esp.iv import MAX_SENDER_ID
-from common.esp.natt import NON_ESP_MARKER, Kind, classify_4500
+from common.esp.natt import NON_ESP_MARKER, Bytes, Kind, classify_4500
 from common.ike.context import Outgoing
 from member.batch_io import recv_batch, send_batch
 from member.rawinside import RawInside
 from member.refusals import Refusals
 from member.replication import Replicator
 from member.timer import CoreTimer
+from member.tuns import TunReader
 from member.worker import Member, child_refusal
 from member.worker import control as member_control
 from member.worker import reload as reload_member
@@ -177,11 +178,13 @@ def die_with_supervisor() -> None:
 class MemberProcess:
     def __init__(self, config: Config, member_id: int, endpoint: str, *,
                  curve: tuple[bytes, bytes, bytes] | None = None,
-                 udp: dict[int, socket.socket] | None = None) -> None:
+                 udp: dict[int, socket.socket] | None = None,
+                 tun_fd: int | None = None) -> None:
         """``curve`` = (our public key, our secret key, the dispatcher's public
         key); ``udp``: port -> our socket of the cluster's steered group on
         that port (the kernel data path: we receive our own IKE and ESP on it
-        and send from the cluster's address with it; empty: the relay)."""
+        and send from the cluster's address with it; empty: the relay);
+        ``tun_fd``: our own TUN device (member/tuns.py), read once we joined."""
         self.config = config
         self.udp = udp if udp is not None else {}
         #: the file ``reload`` re-reads (set by ``run_member``)
@@ -208,6 +211,9 @@ class MemberProcess:
         inside = config.cluster.inside
         self.raw_inside = RawInside.open_if_possible(inside.kind, inside.route_mark) \
             if not endpoint.startswith("tcp://") else None
+        #: the cleartext of our children, routed to us by the kernel
+        self.tun = TunReader(tun_fd, self._tun_packets, name=f"member {member_id}'s TUN") \
+            if tun_fd is not None else None
         self.progress = 0.0
         self._hb_stop = threading.Event()
         self.refusals = Refusals(log, name=f"member {member_id}")
@@ -484,6 +490,9 @@ class MemberProcess:
                 replay_policy=c.replay_after_failover, drop_rate=self.sync_drop_rate,
                 refusals=self.refusals)
             log.info("member %d: sender id %d", self.member_id, hb.sender_id)
+            if self.tun is not None and self.loop is not None:
+                # (until now the dispatcher read it: our id had no live incarnation)
+                self.tun.start(self.loop)
             # the bulk channel is this incarnation's (docs/design.md "Trust model")
             self.send_bulk(self._hello(Channel.BULK))
         self.loads, bad = read_loads(hb.loads, MAX_MEMBERS)
@@ -589,6 +598,22 @@ class MemberProcess:
             m.spis.next_ike_segment = None
 
     def _inner(self, msg: InnerIn) -> None:
+        """Cleartext the dispatcher relayed (its userspace path)."""
+        self._inner_packets(msg.packets)
+
+    def _tun_packets(self, packets: list[bytes]) -> None:
+        """Cleartext from our own TUN device (the kernel's path): the barrier
+        of that reader, as ``_frame`` is of the live loop."""
+        try:
+            self._inner_packets(packets)
+            self.flush()
+        except Exception as exc:
+            self.refusals.failed("tun", exc, "inside")
+
+    def _inner_packets(self, packets: Sequence[Bytes]) -> None:
+        """Encrypt cleartext packets for the children whose selectors hold
+        them (a packet no child of ours holds: the ``no_child`` drop), and
+        send the ESP."""
         m = self.member
         if m is None:
             return
@@ -596,7 +621,7 @@ class MemberProcess:
         natt = self.config.cluster.natt_port
         n_bytes = 0
         handle_inner = m.handle_inner
-        for p in msg.packets:
+        for p in packets:
             try:   # the barrier, per packet
                 res = handle_inner(bytes(p))
             except Exception as exc:
@@ -658,6 +683,10 @@ class MemberProcess:
         if self.raw_inside is not None:
             counters["inner_raw"] = self.raw_inside.sent
             drops["inner_raw"] = self.raw_inside.drops
+        if self.tun is not None:
+            counters["inner_tun"] = self.tun.rx_packets
+            if self.tun.rx_errors:
+                drops["inner_tun_error"] = self.tun.rx_errors
         rep = self.replicator
         return dataclasses.replace(
             s, sync_gaps=self.gaps, counters=counters, drops=drops,
@@ -774,6 +803,8 @@ class MemberProcess:
                 # (the watchdog then stops heartbeats: declared dead).
                 await asyncio.sleep(0)
         finally:
+            if self.tun is not None:
+                self.tun.stop()
             self._hb_stop.set()
             hb.cancel()
             bulk.cancel()

@@ -46,7 +46,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from common.errors import StartupError
@@ -170,6 +170,51 @@ class PolicyRoutes:
             elif " ".join(words) in ours:
                 found.append((*words, "pref", pref.strip()))
         return found
+
+
+class KernelRoutes:
+    """Applies route changes to the cluster's table: one ``ip -force -batch -``
+    per change set, IPv4 and IPv6 alike (``ip`` tells the family from the
+    prefix). Failures are logged and counted (``errors``), never raised: the
+    caller is an event loop, and the userspace path still carries what a
+    missing route sends to the dispatcher's TUN."""
+
+    def __init__(self, table: int = DEFAULT_TABLE) -> None:
+        self.table = table
+        self.applied = 0   # change sets run
+        self.changes = 0   # routes replaced or deleted
+        self.errors = 0    # commands (or whole runs) that failed
+
+    def commands(self, replace: Mapping[IPNetwork, str],
+                 delete: Iterable[IPNetwork]) -> list[str]:
+        table = str(self.table)
+        lines = [f"route del {net} table {table}" for net in delete]
+        lines += [f"route replace {net} dev {dev} table {table}"
+                  for net, dev in replace.items()]
+        return lines
+
+    def apply(self, replace: Mapping[IPNetwork, str], delete: Iterable[IPNetwork]) -> bool:
+        """Run the changes; False when any of them failed (counted, logged)."""
+        lines = self.commands(replace, delete)
+        if not lines:
+            return True
+        self.applied += 1
+        self.changes += len(lines)
+        try:
+            proc = subprocess.run(["ip", "-force", "-batch", "-"], input="\n".join(lines) + "\n",
+                                  capture_output=True, text=True, timeout=IP_TIMEOUT_S,
+                                  check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.errors += len(lines)
+            log.warning("cannot change the routes of table %d: %s", self.table, exc)
+            return False
+        if proc.returncode == 0:
+            return True
+        failed = max(1, proc.stderr.count("Command failed"))
+        self.errors += failed
+        log.warning("%d of %d route changes in table %d failed: %s", failed, len(lines),
+                    self.table, proc.stderr.strip()[:500])
+        return False
 
 
 def _warn_strict_rp_filter() -> None:

@@ -22,9 +22,10 @@ Rules of this file (docs/routing.md):
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -35,7 +36,7 @@ from common.cluster.spi import ESP_SPI_BITS, IKE_SPI_BITS
 from common.errors import MalformedMessage
 from common.esp.natt import Bytes, Kind, classify_4500
 from common.esp.selectors import CompiledTs, Matcher, compile_ts, five_tuple, matcher
-from common.ike.ts import TrafficSelector
+from common.ike.ts import TrafficSelector, to_cidrs
 
 IKE_PORT = 500
 NATT_PORT = 4500
@@ -285,3 +286,42 @@ def inner_addresses(packet: Bytes) -> tuple[int, int, int]:
 
 _V4_ADDRS = struct.Struct("!II")
 _V6_ADDRS = struct.Struct("!QQQQ")
+
+
+# -- kernel routes (the per-member TUN devices, docs/routing.md "Host routes") ----------
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: a child as the kernel routes see it: its remote selectors and the device of
+#: the member that carries it
+KernelChild = tuple[Sequence[TrafficSelector], str]
+
+
+def kernel_routes(base: Mapping[IPNetwork, str],
+                  children: Iterable[KernelChild]) -> dict[IPNetwork, str]:
+    """The routes the cluster's table should hold: ``base`` (the configured
+    remote networks -> the dispatcher's TUN, the fallback) overlaid with each
+    child's remote selectors, as prefixes, -> its member's TUN. ``children``
+    come oldest first, so on an equal prefix the newest child wins (as in
+    ``InsideRoutes``); a narrower prefix wins by the kernel's longest match.
+    Only addresses: ports and protocols are the member's check."""
+    out = dict(base)
+    for remote_ts, device in children:
+        for ts in remote_ts:
+            for net in to_cidrs(ts):
+                out[net] = device
+    return out
+
+
+def route_changes(old: Mapping[IPNetwork, str], new: Mapping[IPNetwork, str]
+                  ) -> tuple[dict[IPNetwork, str], list[IPNetwork]]:
+    """What turns the table ``old`` into ``new``: the routes to replace (new,
+    or on another device) and the prefixes to delete, each in a stable order
+    (IPv4 first, then by prefix)."""
+    replace = {net: dev for net, dev in sorted(new.items(), key=lambda e: _net_key(e[0]))
+               if old.get(net) != dev}
+    delete = sorted((net for net in old if net not in new), key=_net_key)
+    return replace, delete
+
+
+def _net_key(net: IPNetwork) -> tuple[int, int, int]:
+    return net.version, int(net.network_address), net.prefixlen
