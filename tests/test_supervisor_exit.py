@@ -125,8 +125,11 @@ def test_kill_9_is_seen_at_once_and_no_pidfd_is_left_over(tmp_path: Path) -> Non
             assert sum(1 for f in now if f == PIDFD) == 3, now
             counts.append(len(now))
         assert len(senders) == 5, senders
-        # (the first cycle may open what the supervisor opens once)
-        assert counts[-1] <= counts[1], counts
+        # (the first cycle may open what the supervisor opens once; a pipe of
+        # the ended incarnation's stderr closes when its reader thread sees
+        # EOF, which may come a moment later: one fd of slack, never growth)
+        assert counts[-1] <= counts[1] + 1 and counts[-1] <= max(counts[:2]) + 1, counts
+        assert not all(b > a for a, b in zip(counts[1:], counts[2:])), counts
         assert "Traceback" not in disp.log_text()
     finally:
         procs.close()
