@@ -25,6 +25,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +143,10 @@ class Dispatcher:
         self._steered: tuple[int, frozenset[int]] | None = None
         #: (port, member) sockets we read ourselves: their member is not alive
         self._draining: set[tuple[int, int]] = set()
+        #: called with a member id the machine declared dead (the supervisor
+        #: ends a process that still runs at once: on the kernel path it
+        #: holds sockets it could still send from, RFC 6027 §3.7)
+        self.on_member_dead: Callable[[int], None] | None = None
         self.endpoint = endpoint
         self.curve = curve if curve is not None else zmq.curve_keypair()
         self.keys = keys if keys is not None else KeyRing()
@@ -673,6 +678,8 @@ class Dispatcher:
             self.member_tuns.read_while_dead(self._member_alive, self.loop, self._dead_tun)
         for event in out.events:
             self.publish(event)
+            if event.type is EventType.MEMBER_DEAD and self.on_member_dead is not None:
+                self.on_member_dead(event.member)
 
     def _repoint_routes(self) -> None:
         """Cleartext traffic follows the segment table at once: a child's

@@ -142,6 +142,7 @@ class Supervisor:
         # We start the members on this host: each may get its own TUN device
         # (cleartext through the kernel; the dispatcher decides, member/tuns.py)
         self.dispatcher.want_member_tuns = True
+        self.dispatcher.on_member_dead = self._declared_dead
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.incarnations: dict[int, _Member] = {}
         self.backoff: dict[int, Backoff] = {}
@@ -263,6 +264,15 @@ class Supervisor:
         if (not self.stopping and self.procs.get(member_id) is proc
                 and member_id not in self.restart_at):
             self._exited(member_id, proc, time.monotonic())
+
+    def _declared_dead(self, member_id: int) -> None:
+        """The dispatcher declared a member dead: a process that still runs
+        (stalled: heartbeats missed) ends now, not at the next poll: its
+        segments have new owners, and it holds sockets of the cluster's
+        address it could still send from once it wakes."""
+        proc = self.procs.get(member_id)
+        if proc is not None and member_id not in self.restart_at:
+            self._end_if_declared_dead(member_id, proc)
 
     def _end_if_declared_dead(self, member_id: int, proc: subprocess.Popen[bytes]) -> None:
         info = self.dispatcher.members.get(member_id)

@@ -264,3 +264,20 @@ def test_a_refused_program_names_the_reason() -> None:
         with pytest.raises(SteeringUnavailable, match="rejected the classic BPF program"):
             group.attach(bad)
         assert group.program is None
+
+
+def test_segments_of_a_member_not_alive_go_to_the_dispatcher(sender: socket.socket) -> None:
+    """Between a member's death and the table that moves its segments (or a
+    member whose socket nobody reads yet), its datagrams reach the
+    dispatcher's socket, which relays them by the table."""
+    bits = 2
+    table = SegmentTable(bits).assign([1, 2])
+    with SteeringGroup.open("127.0.0.1", 0, [1, 2]) as group:
+        group.steer(table, alive={1})
+        for seg in range(1 << bits):
+            sender.sendto(esp(esp_spi(seg, bits, seg)), group.address)
+        got = _drain(group)
+        slots = group.slots()
+        assert len(got[slots[1]]) == len(table.segments_of(1))
+        assert not got.get(slots[2])
+        assert len(got[DISPATCHER_SLOT]) == len(table.segments_of(2))
