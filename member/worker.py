@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,7 +37,16 @@ from common.errors import (
 from common.esp.iv import COUNTER_LIMIT
 from common.esp.replay import MAX_WINDOW_SIZE, MIN_WINDOW_SIZE, ReplayState
 from common.esp.selectors import Matcher, five_tuple, matcher
-from common.esp.transforms import MAX_SEQ_32, MAX_SEQ_64, MIN_SPI, TRANSFORMS, InboundSA, OutboundSA
+from common.esp.transforms import (
+    MAX_SEQ_32,
+    MAX_SEQ_64,
+    MIN_SPI,
+    TRANSFORMS,
+    InboundRefusal,
+    InboundSA,
+    OutboundRefusal,
+    OutboundSA,
+)
 from common.ike.context import IkeOptions, Outgoing
 from common.ike.engine import IkeEngine
 from common.ike.events import (
@@ -89,6 +98,9 @@ class ChildRoute:
     def __post_init__(self) -> None:
         self.in_match = matcher(self.remote_ts, self.local_ts)
 
+
+#: ``Member._lookup_or_none``: a packet whose headers ``lookup_child`` refused
+_MALFORMED = (-1, -1)
 
 #: bits of the member slot in every SPI (common/cluster/spi.py): up to 64 members
 SLOT_BITS = 6
@@ -478,6 +490,207 @@ class Member:
         except MalformedMessage:
             self.drops["inner_malformed"] += 1
             return None
+
+    # -- ESP in bursts -------------------------------------------------------------
+
+    def handle_esp_batch(self, items: Sequence[tuple[bytes, int, Address]],
+                         now: float) -> list[bytes]:
+        """``handle_esp`` over a burst of ESP packets ``(payload, spi, remote)``:
+        the inner packets that pass, in arrival order, with the drops, replay
+        windows, counters, DPD liveness, deferred activations and selector
+        checks exactly as ``handle_esp`` called on each item in order.
+
+        The packets of one SPI go through one ``InboundSA.open_batch`` (one
+        compiled call), in their order; SAs share no state, so opening SA by
+        SA is the same as opening packet by packet. What follows is in
+        arrival order: liveness once per IKE SA (one ``now``), a deferred
+        child activated by its first authentic packet, the selector check
+        per packet."""
+        n = len(items)
+        if not n:
+            return []
+        spi = items[0][1]
+        if all(item[1] == spi for item in items):
+            return self._esp_burst_one_spi(spi, [item[0] for item in items], now)
+        by_spi = self.by_spi
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            group = groups.get(item[1])
+            if group is None:
+                groups[item[1]] = [i]
+            else:
+                group.append(i)
+        results: list[bytes | InboundRefusal | None] = [None] * n
+        for spi, idx in groups.items():
+            route = by_spi.get(spi)
+            if route is None:
+                self.drops["esp_unknown_spi"] += len(idx)
+                continue
+            opened = route.inbound.open_batch([items[i][0] for i in idx])
+            for i, result in zip(idx, opened, strict=True):
+                results[i] = result
+        out: list[bytes] = []
+        noted: set[int] = set()
+        deferred = self.deferred
+        refused: list[InboundRefusal] = []
+        inner_malformed = 0
+        for item, inner in zip(items, results, strict=True):
+            if inner is None:                       # unknown SPI, counted above
+                continue
+            if not isinstance(inner, bytes):
+                refused.append(inner)
+                continue
+            spi = item[1]
+            route = by_spi[spi]
+            # Authentic: the peer is alive and has this SA, whatever it carries.
+            if route.ike_id not in noted:
+                noted.add(route.ike_id)
+                self.engine.note_activity(route.ike_id, now)
+            if deferred and spi in deferred:
+                self._activate(spi, deferred.pop(spi))
+            try:
+                if route.in_match(inner):
+                    out.append(inner)
+                    continue
+            except MalformedMessage:
+                inner_malformed += 1
+                continue
+            self.drops["selector_mismatch"] += 1
+            self._selector_drop(route, spi, inner)
+        self._count_refused(refused, inner_malformed)
+        return out
+
+    def _esp_burst_one_spi(self, spi: int, packets: list[bytes], now: float) -> list[bytes]:
+        """``handle_esp_batch`` when every packet names the same SPI (the usual
+        burst): one child, so liveness and a deferred activation happen at
+        most once and may come before the selector checks."""
+        route = self.by_spi.get(spi)
+        if route is None:
+            self.drops["esp_unknown_spi"] += len(packets)
+            return []
+        results = route.inbound.open_batch(packets)
+        inners: list[bytes] = [x for x in results if x.__class__ is bytes]
+        if len(inners) != len(results):
+            self._count_refused([x for x in results if x.__class__ is not bytes], 0)
+        if not inners:
+            return []
+        self.engine.note_activity(route.ike_id, now)
+        if self.deferred and spi in self.deferred:
+            self._activate(spi, self.deferred.pop(spi))
+        try:
+            if all(map(route.in_match, inners)):
+                return inners
+        except MalformedMessage:
+            pass
+        out: list[bytes] = []
+        inner_malformed = 0
+        for inner in inners:
+            try:
+                if route.in_match(inner):
+                    out.append(inner)
+                    continue
+            except MalformedMessage:
+                inner_malformed += 1
+                continue
+            self.drops["selector_mismatch"] += 1
+            self._selector_drop(route, spi, inner)
+        if inner_malformed:
+            self.drops["inner_malformed"] += inner_malformed
+        return out
+
+    def _count_refused(self, refused: Sequence[object], inner_malformed: int) -> None:
+        """The drops of ``handle_esp``'s refusals, counted as there."""
+        replay = sum(1 for x in refused if isinstance(x, ReplayError))
+        integrity = sum(1 for x in refused if isinstance(x, IntegrityError))
+        for name, count in (("esp_replay", replay), ("esp_integrity", integrity),
+                            ("esp_malformed", len(refused) - replay - integrity),
+                            ("inner_malformed", inner_malformed)):
+            if count:
+                self.drops[name] += count
+
+    def handle_inner_batch(self, packets: Sequence[bytes]) -> list[tuple[bytes, Address]]:
+        """``handle_inner`` over a burst of inner packets: the ESP packets and
+        where they go, in arrival order (dropped packets leave no gap), with
+        the same sequence numbers, IVs, counters, rekey events and drops as
+        ``handle_inner`` called on each packet in order.
+
+        The child of each packet is looked up as there; then each child seals
+        its packets, in their order, with one ``OutboundSA.seal_batch`` (one
+        compiled call per run between the SA's checkpoints); SAs share no
+        state, so sealing child by child is the same as packet by packet."""
+        n = len(packets)
+        if not n:
+            return []
+        lookup, by_spi = self.routes.lookup_child, self.by_spi
+        try:
+            found = [lookup(packet) for packet in packets]
+        except MalformedMessage:
+            found = [self._lookup_or_none(packet) for packet in packets]
+        first = found[0]
+        if first is not None and found.count(first) == n:   # one child: the usual burst
+            route = by_spi.get(first[0])
+            if route is not None:
+                remote = route.remote
+                sealed = route.outbound.seal_batch(packets)
+                out = [(esp, remote) for esp in sealed
+                       if esp.__class__ is bytes]
+                if len(out) != n:
+                    self._count_unsealed([x for x in sealed if x.__class__ is not bytes])
+                return out
+        chosen: list[ChildRoute | None] = [None] * n
+        groups: dict[int, list[int]] = {}
+        no_child = malformed = 0
+        for i, f in enumerate(found):
+            if f is _MALFORMED:
+                malformed += 1
+                continue
+            route = by_spi.get(f[0]) if f is not None else None
+            if route is None:
+                no_child += 1
+                continue
+            chosen[i] = route
+            group = groups.get(id(route))
+            if group is None:
+                groups[id(route)] = [i]
+            else:
+                group.append(i)
+        results: list[bytes | OutboundRefusal | None] = [None] * n
+        for idx in groups.values():
+            route = chosen[idx[0]]
+            if route is None:   # unreachable: a group holds found packets only
+                continue
+            batch = route.outbound.seal_batch([packets[i] for i in idx])
+            for i, result in zip(idx, batch, strict=True):
+                results[i] = result
+        out = []
+        unsealed: list[OutboundRefusal] = []
+        for route, esp in zip(chosen, results, strict=True):
+            if route is None or esp is None:
+                continue
+            if isinstance(esp, bytes):
+                out.append((esp, route.remote))
+            else:
+                unsealed.append(esp)
+        for name, count in (("no_child", no_child), ("inner_malformed", malformed)):
+            if count:
+                self.drops[name] += count
+        self._count_unsealed(unsealed)
+        return out
+
+    def _lookup_or_none(self, packet: bytes) -> tuple[int, int] | None:
+        """``lookup_child``, with ``_MALFORMED`` for a packet it refuses."""
+        try:
+            return self.routes.lookup_child(packet)
+        except MalformedMessage:
+            return _MALFORMED
+
+    def _count_unsealed(self, refused: Sequence[object]) -> None:
+        """The drops of ``handle_inner``'s refused packets, counted as there."""
+        exhausted = sum(1 for x in refused if isinstance(x, SequenceExhausted))
+        if exhausted:
+            self.drops["esp_seq_exhausted"] += exhausted
+        if len(refused) > exhausted:
+            self.drops["inner_malformed"] += len(refused) - exhausted
 
     # -- seeing it ----------------------------------------------------------------
 
