@@ -135,6 +135,10 @@ def _recv_burst(sock: socket.socket, port: int) -> tuple[list[Datagram], int]:
     return [Datagram(port, ip, peer_port, data) for data, ip, peer_port in items], truncated
 
 
+def _packed_ip(host: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+
+
 def _ip(packed: bytes) -> str:
     return str(ipaddress.ip_address(packed))
 
@@ -539,9 +543,7 @@ class MemberProcess:
         if m is None or self.loop is None:
             return
         now = self.loop.time()
-        inner: list[bytes] = []
-        n_bytes = 0
-        handle_esp = m.handle_esp
+        esp: list[tuple[bytes, int, tuple[str, int]]] = []
         for d in datagrams:
             remote = (_ip_cached(d.peer_ip), d.peer_port)
             payload = bytes(d.payload)
@@ -554,16 +556,17 @@ class MemberProcess:
                 m.drops["udp_malformed"] += 1
                 continue
             if kind is Kind.ESP:
-                try:   # the barrier, per datagram (try costs nothing until it raises)
-                    packet = handle_esp(payload, spi, remote, now)
-                except Exception as exc:
-                    self.refusals.failed("esp", exc, remote[0])
-                    continue
-                if packet is not None:
-                    n_bytes += len(packet)
-                    inner.append(packet)
+                esp.append((payload, spi, remote))
             elif kind is Kind.IKE:
                 self._ike(payload[4:], d, remote, now)
+        if not esp:
+            return
+        try:   # the barrier, per burst: one compiled call per SA
+            inner = m.handle_esp_batch(esp, now)
+        except Exception as exc:
+            self.refusals.failed("esp", exc, esp[0][2][0])
+            return
+        n_bytes = sum(len(p) for p in inner)
         if inner:
             m.counters["esp_in"] += len(inner)
             m.counters["esp_in_bytes"] += n_bytes
@@ -617,22 +620,14 @@ class MemberProcess:
         m = self.member
         if m is None:
             return
-        out = []
         natt = self.config.cluster.natt_port
-        n_bytes = 0
-        handle_inner = m.handle_inner
-        for p in packets:
-            try:   # the barrier, per packet
-                res = handle_inner(bytes(p))
-            except Exception as exc:
-                self.refusals.failed("inner", exc, "inside")
-                continue
-            if res is not None:
-                esp, remote = res
-                n_bytes += len(p)
-                host = remote[0]
-                out.append(Datagram(natt, socket.inet_pton(
-                    socket.AF_INET6 if ":" in host else socket.AF_INET, host), remote[1], esp))
+        try:   # the barrier, per burst: one compiled call per child SA
+            sealed = m.handle_inner_batch([bytes(p) for p in packets])
+        except Exception as exc:
+            self.refusals.failed("inner", exc, "inside")
+            return
+        n_bytes = m.sealed_bytes
+        out = [Datagram(natt, _packed_ip(remote[0]), remote[1], esp) for esp, remote in sealed]
         if out:
             m.counters["esp_out"] += len(out)
             m.counters["esp_out_bytes"] += n_bytes

@@ -213,6 +213,8 @@ class Member:
         #: so a rekeyed child takes over its predecessor's traffic)
         self.routes = InsideRoutes()
         self.drops: Counter[str] = Counter()
+        #: the inner bytes the last ``handle_inner_batch`` sealed (the shell's counters)
+        self.sealed_bytes = 0
         self.counters: Counter[str] = Counter()
         self.esp_out: list[tuple[bytes, Address]] = []
         self.sa_log = SaEventLog(member_id, engine_lookup(self.engine), publish)
@@ -619,6 +621,7 @@ class Member:
         compiled call per run between the SA's checkpoints); SAs share no
         state, so sealing child by child is the same as packet by packet."""
         n = len(packets)
+        self.sealed_bytes = 0
         if not n:
             return []
         lookup, by_spi = self.routes.lookup_child, self.by_spi
@@ -636,6 +639,10 @@ class Member:
                        if esp.__class__ is bytes]
                 if len(out) != n:
                     self._count_unsealed([x for x in sealed if x.__class__ is not bytes])
+                    self.sealed_bytes = sum(len(p) for p, x in zip(packets, sealed, strict=True)
+                                            if x.__class__ is bytes)
+                else:
+                    self.sealed_bytes = sum(len(p) for p in packets)
                 return out
         chosen: list[ChildRoute | None] = [None] * n
         groups: dict[int, list[int]] = {}
@@ -664,13 +671,16 @@ class Member:
                 results[i] = result
         out = []
         unsealed: list[OutboundRefusal] = []
-        for route, esp in zip(chosen, results, strict=True):
+        n_bytes = 0
+        for route, esp, packet in zip(chosen, results, packets, strict=True):
             if route is None or esp is None:
                 continue
             if isinstance(esp, bytes):
                 out.append((esp, route.remote))
+                n_bytes += len(packet)
             else:
                 unsealed.append(esp)
+        self.sealed_bytes = n_bytes
         for name, count in (("no_child", no_child), ("inner_malformed", malformed)):
             if count:
                 self.drops[name] += count
