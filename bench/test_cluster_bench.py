@@ -2,7 +2,7 @@
 members) and through strongSwan's charon (kernel-libipsec), in both
 directions, with the same generators for every target, in one run.
 
-Run (root, strongSwan installed; ~8-10 minutes; never part of ``make test``;
+Run (root, strongSwan installed; ~6 minutes; never part of ``make test``;
 IPSEC_CLUSTER_SKIP_BENCH=1 skips it, e.g. in ``make bench``):
 
     .venv/bin/pytest bench/test_cluster_bench.py -q -s
@@ -285,6 +285,14 @@ def settled(count: Callable[[], int], quiet_s: float = 0.3, timeout: float = 10.
     return last
 
 
+def _load() -> str:
+    """The 1-minute load average (the machine is shared: the log says how
+    quiet it was)."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/loadavg").read_text().split()[0]
+    return "?"
+
+
 def _cpu(pid: int) -> float:
     with contextlib.suppress(OSError):
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -362,7 +370,7 @@ def search(target: str, direction: str, gen: Generator, count: Callable[[], int]
            tun_dropped: Callable[[], int] | None = None) -> list[Result]:
     out = []
     for size in SIZES:
-        print(f"\n  {target} {direction} {size} B", flush=True)
+        print(f"\n  {target} {direction} {size} B (load average {_load()})", flush=True)
         probe = measure(gen, count, pids, 0, PROBE_S, size, relayed, tun_dropped)
         gen_max = probe.sent / probe.seconds
         d = probe.pps
@@ -650,8 +658,7 @@ def test_report() -> None:
                 if r is not None:
                     lines.append(_row(r, base))
     print("\n" + "\n".join(lines))
-    with contextlib.suppress(OSError):
-        print(f"load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}")
+    print(f"load average at the end: {_load()}")
     _plot()
     print(summary(), flush=True)
 
