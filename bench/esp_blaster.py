@@ -12,7 +12,13 @@ machinery as ``ipsec-cluster peer``) until N child SAs are installed, prints
   UDP-encapsulated ESP from our NAT-T socket with sendmmsg(2), paced in 1 ms batches (``rate``
   0 = as fast as the loop goes); print the result (sent, send errors, the
   seconds it took).
+- ``{"op": "stats"}``: print the initiator's ESP figures (``esp_in``: ESP
+  it decrypted; ``drops``): the sample check of the outbound direction.
 - ``{"op": "quit"}``.
+
+``ready`` lists the children with both SPIs (``spi_in``: what the target
+sends to us, which the bench's ESP counter in this namespace matches).
+``paced`` and ``sendmmsg_all`` are shared with bench/clear_blaster.py.
 
 The IKE side keeps running between blasts (the asyncio loop reads stdin in a
 thread); during a blast the loop is busy, which the peers' retransmits cover.
@@ -29,6 +35,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.harness.packets import udp4_packet
@@ -119,16 +126,8 @@ class Blaster:
 
     def _send(self, msgs: Any, i: int, count: int) -> tuple[int, int]:
         """sendmmsg from message i; (sent, errors)."""
-        base = ctypes.addressof(msgs) + i * ctypes.sizeof(_Mmsghdr)
-        sent = errors = 0
-        while sent + errors < count:
-            r = _sendmmsg(self.fd, base + (sent + errors) * ctypes.sizeof(_Mmsghdr),
-                          count - sent - errors, 0)
-            if r < 0:
-                errors += 1   # EAGAIN/ENOBUFS: this message is lost
-            else:
-                sent += r
-        return sent, errors
+        return sendmmsg_all(self.fd, ctypes.addressof(msgs) + i * ctypes.sizeof(_Mmsghdr),
+                            count)
 
     def blast(self, rate: float, seconds: float, size: int) -> dict[str, Any]:
         n = int(rate * seconds) if rate > 0 else int(MAX_RATE * seconds)
@@ -136,34 +135,64 @@ class Blaster:
         msgs, _keep, _packets, _remote = self.prepare(n, size)
         t_enc = time.perf_counter() - t_enc
         _say({"go": True, "packets": n, "encrypt_s": round(t_enc, 3)})
-        sent = errors = 0
-        t0 = time.perf_counter()
-        if rate <= 0:
-            end = t0 + seconds
-            for i in range(0, n, 64):
-                s, e = self._send(msgs, i, min(64, n - i))
-                sent += s
-                errors += e
-                if time.perf_counter() >= end:
-                    break
+        return paced(lambda i, count: self._send(msgs, i, count), n, rate, seconds)
+
+    def stats(self) -> dict[str, Any]:
+        """The initiator's ESP figures: packets it decrypted (``esp_in``) and
+        its drops (the outbound direction's validity sample)."""
+        m = self.gw.member
+        return {"esp_in": m.counters.get("esp_in", 0), "drops": dict(m.drops)}
+
+
+def paced(send: Callable[[int, int], tuple[int, int]], n: int, rate: float,
+          seconds: float) -> dict[str, Any]:
+    """Send messages 0..n-1 with ``send(first, count) -> (sent, errors)``:
+    paced in ``BATCH_S`` batches at ``rate``/s, or (``rate`` 0) in chunks of
+    64 as fast as the loop goes until ``seconds`` passed. The one pacing loop
+    of both generators (this one and bench/clear_blaster.py); the result is
+    what a blast prints."""
+    sent = errors = 0
+    t0 = time.perf_counter()
+    if rate <= 0:
+        end = t0 + seconds
+        for i in range(0, n, 64):
+            s, e = send(i, min(64, n - i))
+            sent += s
+            errors += e
+            if time.perf_counter() >= end:
+                break
+    else:
+        batch = max(1, round(rate * BATCH_S))
+        step = batch / rate
+        due = t0
+        for i in range(0, n, batch):
+            now = time.perf_counter()
+            if due > now:
+                if due - now > 0.0003:
+                    time.sleep(due - now - 0.0002)
+                while time.perf_counter() < due:
+                    pass
+            s, e = send(i, min(batch, n - i))
+            sent += s
+            errors += e
+            due += step
+    took = time.perf_counter() - t0
+    return {"sent": sent, "errors": errors, "seconds": round(took, 4),
+            "rate": round(sent / took, 1)}
+
+
+def sendmmsg_all(fd: int, base: int, count: int) -> tuple[int, int]:
+    """sendmmsg(2) of ``count`` consecutive ``_Mmsghdr`` at address ``base``
+    until each is sent or refused; (sent, errors: one per refused message)."""
+    sent = errors = 0
+    size = ctypes.sizeof(_Mmsghdr)
+    while sent + errors < count:
+        r = _sendmmsg(fd, base + (sent + errors) * size, count - sent - errors, 0)
+        if r < 0:
+            errors += 1   # EAGAIN/ENOBUFS: this message is lost
         else:
-            batch = max(1, round(rate * BATCH_S))
-            step = batch / rate
-            due = t0
-            for i in range(0, n, batch):
-                now = time.perf_counter()
-                if due > now:
-                    if due - now > 0.0003:
-                        time.sleep(due - now - 0.0002)
-                    while time.perf_counter() < due:
-                        pass
-                s, e = self._send(msgs, i, min(batch, n - i))
-                sent += s
-                errors += e
-                due += step
-        took = time.perf_counter() - t0
-        return {"sent": sent, "errors": errors, "seconds": round(took, 4),
-                "rate": round(sent / took, 1)}
+            sent += r
+    return sent, errors
 
 
 async def main(argv: list[str]) -> int:
@@ -181,7 +210,8 @@ async def main(argv: list[str]) -> int:
             return 1
         await asyncio.sleep(0.05)
     _say({"ready": True, "children": [
-        {"name": r.name, "spi_out": f"{r.outbound.spi:08x}"} for r in gw.member.carried()]})
+        {"name": r.name, "spi_out": f"{r.outbound.spi:08x}", "spi_in": f"{r.inbound.spi:08x}"}
+        for r in gw.member.carried()]})
     blaster = Blaster(gw)
     loop = asyncio.get_running_loop()
     while True:
@@ -193,6 +223,8 @@ async def main(argv: list[str]) -> int:
             break
         if cmd["op"] == "blast":
             _say(blaster.blast(float(cmd["rate"]), float(cmd["seconds"]), int(cmd["size"])))
+        elif cmd["op"] == "stats":
+            _say(blaster.stats())
     gw.close()
     return 0
 
