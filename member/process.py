@@ -135,8 +135,18 @@ def _recv_burst(sock: socket.socket, port: int) -> tuple[list[Datagram], int]:
     return [Datagram(port, ip, peer_port, data) for data, ip, peer_port in items], truncated
 
 
+#: peer IP text -> packed (inet_pton per ESP packet out: ~0.3 us)
+_IP_PACKED: dict[str, bytes] = {}
+
+
 def _packed_ip(host: str) -> bytes:
-    return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    packed = _IP_PACKED.get(host)
+    if packed is None:
+        if len(_IP_PACKED) >= _IP_TEXT_MAX:
+            _IP_PACKED.clear()
+        packed = _IP_PACKED[host] = socket.inet_pton(
+            socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    return packed
 
 
 def _ip(packed: bytes) -> str:
