@@ -119,7 +119,7 @@ def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool)
         dispatcher = st["dispatcher"]["pid"]
         assert st["dispatcher"]["supervisor_pid"] == disp.pid, st["dispatcher"]
         assert dispatcher not in (disp.pid, *members)
-        assert sorted(members + [dispatcher]) == sorted(_children(disp.pid))
+        assert sorted([*members, dispatcher]) == sorted(_children(disp.pid))
         members.append(dispatcher)
         if not keep:
             # `ipsec-cluster status | cat`: plain tab-separated lines, a totals row
