@@ -619,4 +619,5 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        log.info("all members stopped")
+        if self.procs:
+            log.info("all members stopped")

@@ -25,6 +25,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,13 +48,13 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 STREAM_S = 0.005
 
 
-def _ready(lab: Lab, up: Up) -> dict[str, object]:
+def _ready(lab: Lab, up: Up) -> dict[str, Any]:
     wait_for("children routed to their carriers' devices",
              lambda: _routed_to_carriers(lab, up.ns_b, up.config) is not None,
              timeout=40, diag=up.diag)
     got = _send_and_receive(lab, up.ns_b, up.peer_ep, tag=1)
     assert got == dict.fromkeys(KS, 20), f"{got}\n{up.diag()}"
-    st: dict[str, object] = status(up.config)
+    st: dict[str, Any] = status(up.config)
     return st
 
 
@@ -91,7 +92,7 @@ def _received(up: Up, tag: int, wait_s: float = 2.0) -> set[int]:
     return seen
 
 
-def _kill_dispatcher_under_traffic(lab: Lab, up: Up) -> tuple[dict[str, object], dict[str, object]]:
+def _kill_dispatcher_under_traffic(lab: Lab, up: Up) -> tuple[dict[str, Any], dict[str, Any]]:
     """kill -9 the dispatcher while a stream runs; the status before, the
     first status of the next dispatcher."""
     before = status(up.config)
