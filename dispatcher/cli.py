@@ -1,7 +1,8 @@
 """The ``ipsec-cluster`` command: the one entry point of the command line.
 It parses the arguments and hands each subcommand to its role, never the
 other way round: ``run`` to the supervisor (dispatcher/supervisor.py) or the
-single gateway (dispatcher/gateway.py), ``member`` to member/main.py,
+single gateway (dispatcher/gateway.py), ``dispatcher`` to
+dispatcher/process.py (the supervisor starts it), ``member`` to member/main.py,
 ``peer`` to dispatcher/peer.py, ``status``/``sas``/``events`` and the control
 verbs to dispatcher/operator.py; ``keygen`` is here."""
 
@@ -39,7 +40,7 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
     c = config.cluster
     cluster = not initiate and (c.members > 1 or bool(c.sync))
     _setup_logging(args.log_level or c.log_level, c.log_format,
-                   "dispatcher" if cluster else "peer" if initiate else "gateway")
+                   "supervisor" if cluster else "peer" if initiate else "gateway")
     from member.keylog import check_folder
 
     check_folder(c.save_keys)   # before any member starts: one line, not a restart loop
@@ -70,6 +71,16 @@ def cmd_run(args: argparse.Namespace, *, initiate: bool = False) -> int:
     gw.read_config = read_config
     run_loop(gw.run_forever())
     return 0
+
+
+def cmd_dispatcher(args: argparse.Namespace) -> int:
+    """The dispatcher process of a cluster, started by ``run``'s supervisor."""
+    from dispatcher.process import run_dispatcher
+
+    config = read_config(args.config)
+    c = config.cluster
+    _setup_logging(args.log_level or c.log_level, c.log_format, "dispatcher")
+    return run_dispatcher(config, args.config, args.channel_fd, read_config)
 
 
 def cmd_member(args: argparse.Namespace) -> int:
@@ -158,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     from dispatcher.peer import add_peer_arguments
 
     add_peer_arguments(peer)
+    disp = sub.add_parser("dispatcher", help="run the dispatcher process of a cluster "
+                          "(started and restarted by `ipsec-cluster run`, not by hand)")
+    disp.add_argument("--config", required=True, help="TOML config file (the run's)")
+    disp.add_argument("--channel-fd", type=int, required=True, metavar="N",
+                      help="the supervisor's channel, inherited as fd N: what it holds "
+                      "for the dispatcher arrives on it (set by `ipsec-cluster run`)")
+    disp.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                      help="log level (default: cluster.log_level of the config)")
     member = sub.add_parser("member", help="run one member process and connect it to a "
                             "dispatcher (other hosts: tcp:// with CURVE keys)")
     member.add_argument("--config", required=True,
@@ -220,8 +239,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_run(args)
     if args.command == "peer":
         return cmd_peer(args)
-    handlers = {"member": cmd_member, "status": cmd_status, "sas": cmd_sas,
-                "keygen": cmd_keygen, "events": cmd_events}
+    handlers = {"member": cmd_member, "dispatcher": cmd_dispatcher, "status": cmd_status,
+                "sas": cmd_sas, "keygen": cmd_keygen, "events": cmd_events}
     handlers.update({verb: cmd_control for verb in CONTROL_VERBS})
     return handlers[args.command](args)
 

@@ -43,6 +43,7 @@ from common.cluster.routing import (
     route_changes,
     route_datagram,
 )
+from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
 from common.cluster.stats import (
     ClusterStatus,
@@ -80,6 +81,7 @@ from common.config import Config
 from common.errors import MalformedMessage
 from common.ike.ts import TrafficSelector
 from dispatcher.control import ControlRelay
+from dispatcher.handoff import Handed
 from dispatcher.membership import MemberInfo, RouteInfo
 from dispatcher.trust import (
     HANDSHAKE_FAILED_EVENTS,
@@ -92,7 +94,7 @@ from dispatcher.trust import (
 from member.inside import Inside, make_inside
 from member.refusals import Refusals
 from member.reuseport import SteeringGroup, SteeringUnavailable
-from member.routes import KernelRoutes, bind_udp, mark_for_tun
+from member.routes import KernelRoutes, adopted_routes, bind_udp, mark_for_tun
 from member.tun import TunDevice, TunError
 from member.tuns import MemberTuns
 
@@ -202,6 +204,17 @@ class Dispatcher:
         self._kernel_scheduled = False
         #: a change set failed: the next one replaces every route (idempotent)
         self._kernel_resync = False
+        #: under a supervisor (dispatcher/process.py): what it holds for us,
+        #: handed over at our start, and its pid (status)
+        self.handed: Handed | None = None
+        self.supervisor_pid = 0
+        #: a restarted dispatcher adopts running members: until they are all
+        #: back (or ``adopt_deadline``), the kernel's program, the members'
+        #: sockets and TUN devices and the routes stay as they are
+        self.adopting = False
+        self.adopt_deadline = 0.0
+        #: routes found in our table at adoption, kept until it ends
+        self._kernel_adopted: dict[IPNetwork, str] = {}
 
     # -- network in -----------------------------------------------------------------
 
@@ -659,6 +672,8 @@ class Dispatcher:
         the new table first (before any member hears of it), then log, send,
         re-point the cleartext routes when the table changed, publish its
         events."""
+        if self.adopting:
+            self._check_adopted()
         self._steer()
         for line in out.logs:
             if line.level >= Level.WARNING:
@@ -674,8 +689,7 @@ class Dispatcher:
                 self._send(info, send.message)
         if out.table_changed:
             self._repoint_routes()
-        if self.member_tuns is not None and self.loop is not None:
-            self.member_tuns.read_while_dead(self._member_alive, self.loop, self._dead_tun)
+        self._read_dead_tuns()
         for event in out.events:
             self.publish(event)
             if event.type is EventType.MEMBER_DEAD and self.on_member_dead is not None:
@@ -701,6 +715,22 @@ class Dispatcher:
         the reason) everything goes through ``_inner`` as before."""
         inside = self.inside
         c = self.config.cluster
+        handed = self.handed
+        if handed is not None:
+            if handed.tuns is None:
+                log.info("cleartext to members through the dispatcher: %s", handed.tuns_off)
+                return
+            self.member_tuns = handed.tuns
+            self.kernel = KernelRoutes(c.inside.route_table)
+            self._kernel_state = self._kernel_base()
+            if self.adopting:
+                self._kernel_adopted = adopted_routes(c.inside.route_table,
+                                                      handed.tuns.device_names())
+                self._kernel_state.update(self._kernel_adopted)
+            log.info("cleartext to members through the kernel: TUN devices %s (held by the "
+                     "supervisor)", ", ".join(sorted(handed.tuns.device_names())))
+            self._read_dead_tuns()
+            return
         if not isinstance(inside, TunDevice):
             why = f"the inside is {c.inside.kind}, not a TUN device"
         elif not self.want_member_tuns:
@@ -723,6 +753,26 @@ class Dispatcher:
                     tuns.read_while_dead(self._member_alive, self.loop, self._dead_tun)
                 return
         log.info("cleartext to members through the dispatcher: %s", why)
+
+    def _read_dead_tuns(self) -> None:
+        if self.member_tuns is not None and self.loop is not None and not self.adopting:
+            self.member_tuns.read_while_dead(self._member_alive, self.loop, self._dead_tun)
+
+    def _check_adopted(self) -> None:
+        """Adoption ends when every member the supervisor runs is alive here
+        again, or at its deadline (those not back are dead: their segments
+        go to the rest, their sockets and devices are read by us)."""
+        running = self.handed.running if self.handed is not None else {}
+        back = all(self._member_alive(m) for m in running)
+        if not back and self._now() < self.adopt_deadline:
+            return
+        self.adopting = False
+        missing = sorted(m for m in running if not self._member_alive(m))
+        log.info("adoption over: %s", f"members {missing} did not come back"
+                 if missing else "every running member is back")
+        self._steered = None
+        self._kernel_adopted = {}
+        self._kernel_routes_changed()
 
     def member_tun_fd(self, member_id: int) -> int | None:
         """The fd of member ``member_id``'s TUN device (for its spawn), or None."""
@@ -764,6 +814,8 @@ class Dispatcher:
             if r is not None and device is not None:
                 children.append((r.remote_ts, device))
         new = kernel_routes(self._kernel_base(), children)
+        for net, dev in self._kernel_adopted.items():
+            new.setdefault(net, dev)   # (kept until the adoption is over)
         replace, delete = route_changes(self._kernel_state, new)
         if self._kernel_resync:
             replace = route_changes({}, new)[0]
@@ -778,6 +830,14 @@ class Dispatcher:
         """Our per-child routes out of the table (the base routes are the
         inside's to remove), then the devices closed."""
         kernel, tuns = self.kernel, self.member_tuns
+        if self.handed is not None:
+            # the supervisor's: routes and devices outlive us (a clean stop
+            # removes them there, when it closes the devices)
+            if tuns is not None:
+                tuns.close()
+            self.member_tuns = None
+            self.kernel = None
+            return
         if kernel is not None and tuns is not None:
             ours = tuns.device_names()
             kernel.apply({}, [n for n, dev in self._kernel_state.items() if dev in ours])
@@ -802,66 +862,25 @@ class Dispatcher:
 
     def _open_ports(self) -> None:
         """UDP 500 and 4500: steered groups (a socket per local member) when
-        asked for and the kernel takes the program, else one socket each."""
-        c = self.config.cluster
-        ports = sorted({c.ike_port, c.natt_port})
-        mark = mark_for_tun(c.inside.kind, c.inside.route_mark)
-        if self.local_members and c.data_path == "kernel":
-            try:
-                self._open_groups(ports, mark)
-            except SteeringUnavailable as exc:
-                self.steering_off = str(exc)
-                log.warning("%s: ESP goes through the dispatcher (the relay path)", exc)
-        elif self.local_members:
-            self.steering_off = "data_path = \"relay\""
-        for port in ports:
-            if port in self.groups:
-                sock = self.groups[port].sockets[0]
-            else:
-                # No SO_REUSEADDR: a socket of another user (or a second
-                # cluster) bound beside ours would take our datagrams; the
-                # bind fails instead, with one line naming the holder. With
-                # a TUN inside the socket carries SO_MARK so our own IKE/ESP
-                # bypass the tunnel's table.
-                sock = bind_udp(str(c.address), port, mark=mark, bufsize=UDP_RCVBUF)
+        asked for and the kernel takes the program, else one socket each;
+        under a supervisor, the ones it holds for us."""
+        if self.handed is not None:
+            self.groups, plain = self.handed.groups, self.handed.plain
+            self.steering_off = self.handed.steering_off
+        else:
+            self.groups, plain, self.steering_off = open_ports(self.config, self.local_members,
+                                                               self.table)
+        for port in sorted(set(self.groups) | set(plain)):
+            sock = self.groups[port].sockets[0] if port in self.groups else plain[port]
             self.udp[port] = sock
             asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock, port)
-
-    def _open_groups(self, ports: list[int], mark: int | None) -> None:
-        """One steered group per port, all or none. A plain bind first: a
-        port in use (a second cluster, another program) fails with the same
-        line as on the relay path, before any SO_REUSEPORT socket could join
-        someone else's group. ``SteeringUnavailable`` when the kernel refuses."""
-        c = self.config.cluster
-        address = str(c.address)
-        for port in ports:
-            bind_udp(address, port, mark=mark).close()
-        groups: dict[int, SteeringGroup] = {}
-        try:
-            for port in ports:
-                try:
-                    group = SteeringGroup.open(address, port, self.local_members,
-                                               natt=PortKind.of_port(port) is PortKind.NATT,
-                                               mark=mark,
-                                               bufsize=UDP_RCVBUF)
-                except OSError as exc:
-                    raise SteeringUnavailable(
-                        exc.errno, f"cannot open the steered sockets of UDP port {port}: "
-                                   f"{exc.strerror}") from exc
-                groups[port] = group
-                group.steer(self.table, alive=())   # until members join: all ours
-        except BaseException:
-            for group in groups.values():
-                group.close()
-            raise
-        self.groups = groups
 
     def _steer(self) -> None:
         """Re-attach the programs when the table's epoch or the set of alive
         members changed (segments of a member that is not alive go to our own
         socket), and read the sockets of members that are not alive ourselves:
         what was queued for a dead member reaches the segment's new owner."""
-        if not self.groups:
+        if not self.groups or self.adopting:
             return
         alive = frozenset(m for m, i in self.members.items() if i.alive)
         key = (self.table.epoch, alive)
@@ -918,7 +937,8 @@ class Dispatcher:
             DispatcherStatus(os.getpid(), dict(self.counters), dict(self.drops),
                              len(self.routes), dict(self._refusals().counts),
                              self.counters["esp_relayed"],
-                             "kernel" if self.groups else "relay", self.steering_off),
+                             "kernel" if self.groups else "relay", self.steering_off,
+                             self.supervisor_pid, self.adopting),
             members, self._pools_status())
 
     def _pools_status(self) -> tuple[PoolStatus, ...]:
@@ -1032,7 +1052,10 @@ class Dispatcher:
         address = str(c.inside_address) if c.inside_address is not None else None
         routes = [n for conn in self.config.connections.values()
                   for ch in conn.children.values() for n in ch.remote_nets]
-        self.inside = make_inside(c.inside, address=address, routes=routes)
+        if self.handed is not None and self.handed.inside is not None:
+            self.inside = self.handed.inside
+        else:
+            self.inside = make_inside(c.inside, address=address, routes=routes)
         await self.inside.start(self._inner)
         self._open_member_tuns()
         log.info("dispatcher on %s ports %s, members at %s, %s", c.address, sorted(self.udp),
@@ -1078,6 +1101,74 @@ class Dispatcher:
         self.router.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
+
+
+def open_ports(config: Config, local_members: tuple[int, ...], table: SegmentTable
+               ) -> tuple[dict[int, SteeringGroup], dict[int, socket.socket], str]:
+    """The cluster's UDP ports: steered groups (slot 0 ours, a socket per
+    local member, every segment to slot 0 until members join) when the
+    members are local and ``data_path`` is "kernel" and the kernel takes the
+    program, else one plain socket per port; and why the kernel path is off
+    ("" when on). A port in use is a StartupError naming its holder."""
+    c = config.cluster
+    ports = sorted({c.ike_port, c.natt_port})
+    mark = mark_for_tun(c.inside.kind, c.inside.route_mark)
+    groups: dict[int, SteeringGroup] = {}
+    off = ""
+    if local_members and c.data_path == "kernel":
+        try:
+            groups = _open_groups(config, ports, local_members, mark, table)
+        except SteeringUnavailable as exc:
+            off = str(exc)
+            log.warning("%s: ESP goes through the dispatcher (the relay path)", exc)
+    elif local_members:
+        off = "data_path = \"relay\""
+    plain: dict[int, socket.socket] = {}
+    try:
+        for port in ports:
+            if port not in groups:
+                # No SO_REUSEADDR: a socket of another user (or a second
+                # cluster) bound beside ours would take our datagrams; the
+                # bind fails instead, with one line naming the holder. With
+                # a TUN inside the socket carries SO_MARK so our own IKE/ESP
+                # bypass the tunnel's table.
+                plain[port] = bind_udp(str(c.address), port, mark=mark, bufsize=UDP_RCVBUF)
+    except BaseException:
+        for sock in plain.values():
+            sock.close()
+        for group in groups.values():
+            group.close()
+        raise
+    return groups, plain, off
+
+
+def _open_groups(config: Config, ports: list[int], members: tuple[int, ...], mark: int | None,
+                 table: SegmentTable) -> dict[int, SteeringGroup]:
+    """One steered group per port, all or none. A plain bind first: a
+    port in use (a second cluster, another program) fails with the same
+    line as on the relay path, before any SO_REUSEPORT socket could join
+    someone else's group. ``SteeringUnavailable`` when the kernel refuses."""
+    address = str(config.cluster.address)
+    for port in ports:
+        bind_udp(address, port, mark=mark).close()
+    groups: dict[int, SteeringGroup] = {}
+    try:
+        for port in ports:
+            try:
+                group = SteeringGroup.open(address, port, members,
+                                           natt=PortKind.of_port(port) is PortKind.NATT,
+                                           mark=mark, bufsize=UDP_RCVBUF)
+            except OSError as exc:
+                raise SteeringUnavailable(
+                    exc.errno, f"cannot open the steered sockets of UDP port {port}: "
+                               f"{exc.strerror}") from exc
+            groups[port] = group
+            group.steer(table, alive=())   # until members join: all ours
+    except BaseException:
+        for group in groups.values():
+            group.close()
+        raise
+    return groups
 
 
 def _configured_remote(config: Config) -> tuple[TrafficSelector, ...] | None:

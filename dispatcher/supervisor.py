@@ -1,9 +1,24 @@
-"""``ipsec-cluster run`` with ``members > 1`` (or a ``sync`` endpoint): the
-dispatcher process starts the member processes, supervises them (a member
-that exits is started again, with a new IV sender id), serves the control API
-(dispatcher/control.py) by relaying to the members, exports Prometheus
-metrics, reloads the connections on SIGHUP, and stops everything cleanly on
-SIGINT/SIGTERM (every IKE SA deleted with its peer first)."""
+"""``ipsec-cluster run`` with ``members > 1`` (or a ``sync`` endpoint): a
+small supervisor process that is not the dispatcher.
+
+It holds what must outlive a dispatcher (docs/design.md "Processes"): the
+cluster's UDP sockets (every socket of the steered SO_REUSEPORT groups, slot
+0 included: the kernel keeps steering while they are open, and first
+IKE_SA_INITs queue on slot 0 while no dispatcher reads it), the inside TUN
+device with its policy rules, the members' TUN devices (and so the routes
+through them), the dispatcher's CURVE key pair and the run directory. It
+starts the dispatcher (``ipsec-cluster dispatcher``, dispatcher/process.py)
+and the members as its own children, hands the dispatcher what it holds
+(dispatcher/handoff.py) and every member's key, restarts either when it
+exits (with a backoff), tells the dispatcher of every member's exit at once
+(its pidfd: the fence) and ends a member the dispatcher declared dead.
+A dispatcher's death (kill -9) ends no member and no SA: the members are
+not its children, and the next dispatcher adopts them.
+
+SIGINT/SIGTERM stop everything cleanly: the dispatcher has the members
+delete every IKE SA with its peer first, then the members, the dispatcher,
+and last what the supervisor holds (sockets, devices, routes, rules). SIGHUP
+is passed to the dispatcher (it reloads the connections)."""
 
 from __future__ import annotations
 
@@ -12,29 +27,31 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
-from common.cluster.events import EventLog
-from common.cluster.stats import StatusReport
+from common.cluster.segments import SegmentTable
 from common.config import Config
 from common.errors import StartupError
-from dispatcher.cluster import Dispatcher
-from dispatcher.control import connections_view, serve
+from dispatcher.cluster import CONTROL_TIMEOUT_S, open_ports
 from dispatcher.control import control_endpoint as control_endpoint  # (cli, tests, demo)
 from dispatcher.control import run_dir as run_dir
-from dispatcher.startup import bind_error
-from dispatcher.trust import KeyRing, secure_run_dir
-from member.main import load_certificate
+from dispatcher.handoff import OPS_TO_SUPERVISOR, Channel, GroupFds, Handoff
+from dispatcher.process import STOP_GRACE_S, load_server_curve
+from dispatcher.process import members_endpoint as members_endpoint  # (tests)
+from dispatcher.trust import secure_run_dir
+from member.inside import make_inside
+from member.reuseport import SteeringGroup
+from member.tun import TunDevice, TunError
+from member.tuns import MemberTuns
 
 log = logging.getLogger("ipsec_cluster.supervisor")
 
@@ -51,21 +68,19 @@ GIVE_UP_AFTER = 8
 KEEP_MEMBERS_ENV = "IPSEC_CLUSTER_KEEP_MEMBERS"
 #: the supervisor's pid, handed to the members it starts
 PARENT_ENV = "IPSEC_CLUSTER_SUPERVISOR_PID"
-#: a clean stop: how long the members' Deletes (and the peers' answers) get
-STOP_GRACE_S = 1.0
-#: start_action = "start": how long we wait for the members to join first
-START_WAIT_S = 10.0
+#: a dispatcher that exits is started again after DISPATCHER_RESTART_S (at
+#: once: established SAs do not need it, new IKE SAs do), doubling on quick
+#: failures in a row like a member's
+DISPATCHER_RESTART_S = 0.05
+#: how long a started member's key may take to reach the dispatcher
+KEY_ACK_S = 2.0
+#: a clean stop: how long the dispatcher may take for the Deletes, then SIGKILL
+DISPATCHER_STOP_S = STOP_GRACE_S + CONTROL_TIMEOUT_S + 3.0
 SOCKETS = ("control.ipc", "members.ipc")
 #: how often the supervisor looks at its members' processes (the exit of a
 #: member is seen at once through its pidfd; this poll is the fallback where
 #: pidfd_open(2) is missing, Linux < 5.3, and starts the restarts)
 POLL_S = 0.2
-
-
-def members_endpoint(config: Config, config_path: str) -> str:
-    if config.cluster.sync:
-        return config.cluster.sync
-    return f"ipc://{run_dir(config, config_path) / 'members.ipc'}"
 
 
 @dataclass(slots=True)
@@ -96,9 +111,18 @@ class _Member:
         self.proc = proc
         self.started = time.monotonic()
         self.last_line = ""
+        self.copier: threading.Thread | None = None
         if proc.stderr is not None:
-            threading.Thread(target=self._copy, args=(proc.stderr,), daemon=True,
-                             name=f"stderr-{proc.pid}").start()
+            self.copier = threading.Thread(target=self._copy, args=(proc.stderr,), daemon=True,
+                                           name=f"stderr-{proc.pid}")
+            self.copier.start()
+
+    def last(self) -> str:
+        """Its last stderr line, once the copy has read all of it (the exit
+        may be seen before the pipe's end)."""
+        if self.copier is not None:
+            self.copier.join(timeout=1.0)
+        return self.last_line
 
     def _copy(self, stream: Any) -> None:
         for line in iter(stream.readline, b""):
@@ -110,9 +134,29 @@ class _Member:
                 sys.stderr.flush()
 
 
+class _DispatcherInc:
+    """One dispatcher incarnation: its process, our end of its channel,
+    whether it said ``ready`` (or why it failed)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], channel: Channel) -> None:
+        self.proc = proc
+        self.channel = channel
+        self.started = time.monotonic()
+        self.ready = False
+        self.error = ""
+        #: set when it is ready or gone (the first start waits on it)
+        self.settled = asyncio.Event()
+        self.key_waiters: dict[int, asyncio.Future[None]] = {}
+        self.task: asyncio.Future[None] | None = None
+        #: the run's first: its failure to start is the run's (a StartupError)
+        self.first = False
+
+
 class Supervisor:
     #: the command of a member (tests replace it)
     member_command: tuple[str, ...] = (sys.executable, "-m", "dispatcher.cli", "member")
+    #: the command of the dispatcher (tests replace it)
+    dispatcher_command: tuple[str, ...] = (sys.executable, "-m", "dispatcher.cli", "dispatcher")
     #: learn of a member's exit through its pidfd, at once (False: only the
     #: POLL_S poll, as where pidfd_open(2) is missing; the benches compare)
     use_pidfd: bool = True
@@ -122,42 +166,47 @@ class Supervisor:
         self.config_path = config_path
         self.dir = run_dir(config, config_path)
         secure_run_dir(self.dir, SOCKETS)
-        endpoint = members_endpoint(config, config_path)
+        self.endpoint = members_endpoint(config, config_path)
         # CURVE on every transport (docs/design.md "Trust model"): without
-        # configured keys (ipc://) a key pair of this run; the members we
-        # start get a key pair each; members started by hand use their key
-        # files, authorized one member id each (memberN.key).
-        self.keys = KeyRing()
-        curve = None
-        if endpoint.startswith("tcp://") or config.cluster.curve_secret_key:
-            public, secret, allowed = load_server_curve(config, config_path)
-            curve = (public, secret)
-            self.keys.load_authorized(Path(allowed))
-        # Members we start on this host get their own steered sockets
-        # (cluster.data_path, docs/routing.md "The data path on one host").
-        local = tuple(range(1, config.cluster.members + 1)) \
-            if endpoint.startswith("ipc://") else ()
-        self.dispatcher = Dispatcher(config, endpoint, curve=curve, keys=self.keys,
-                                     local_members=local)
-        # We start the members on this host: each may get its own TUN device
-        # (cleartext through the kernel; the dispatcher decides, member/tuns.py)
-        self.dispatcher.want_member_tuns = True
-        self.dispatcher.on_member_dead = self._declared_dead
+        # configured keys (ipc://) a key pair of this run, the same for every
+        # dispatcher incarnation (members keep it across a restart); the
+        # members we start get a key pair each.
+        if self.endpoint.startswith("tcp://") or config.cluster.curve_secret_key:
+            public, secret, _ = load_server_curve(config, config_path)
+            self.curve = (public, secret)
+        else:
+            self.curve = zmq.curve_keypair()
+        #: the members we start on this host (their own steered sockets)
+        self.local = tuple(range(1, config.cluster.members + 1)) \
+            if self.endpoint.startswith("ipc://") else ()
+        # what outlives a dispatcher (opened in ``run``)
+        self.groups: dict[int, SteeringGroup] = {}
+        self.plain: dict[int, socket.socket] = {}
+        self.steering_off = ""
+        self.inside: TunDevice | None = None
+        self.tuns: MemberTuns | None = None
+        self.tuns_off = ""
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.incarnations: dict[int, _Member] = {}
+        #: member id -> the public key of its current incarnation
+        self.member_keys: dict[int, bytes] = {}
         self.backoff: dict[int, Backoff] = {}
         #: member id -> when (monotonic) it is to be started again
         self.restart_at: dict[int, float] = {}
         #: pids we ended because they stalled: not a failure of the member's
         #: start (a loaded machine must not make us give up)
         self.stalled: set[int] = set()
+        self.dispatcher: _DispatcherInc | None = None
+        self.dispatcher_backoff = Backoff(initial_s=DISPATCHER_RESTART_S)
+        self.dispatcher_restart_at: float | None = None
+        #: dispatcher incarnations started so far
+        self.dispatchers = 0
         self.stopping = False
-        #: the one line why we stopped on our own (a member that keeps failing)
+        #: the one line why we stopped on our own (a process that keeps failing)
         self.gave_up: str | None = None
         self._stop_requested = asyncio.Event()
-        #: how reload reads the file (the CLI's, set by it: one StartupError line)
+        #: how reload reads the file (the dispatcher's now; kept for the CLI)
         self.read_config: Callable[[str], Config] = lambda path: config
-        self._reloading: asyncio.Future[None] | None = None
         #: pid -> the pidfd of a member process we watch (closed once it exited)
         self.pidfds: dict[int, int] = {}
         #: why exits are polled instead (logged once), None while pidfds work
@@ -166,39 +215,208 @@ class Supervisor:
     def new_backoff(self) -> Backoff:
         return Backoff()
 
-    def _spawn(self, member_id: int) -> None:
-        endpoint = members_endpoint(self.config, self.config_path)
+    # -- what outlives a dispatcher ----------------------------------------------------
+
+    def _open(self) -> None:
+        """The ports, the inside TUN and the members' TUN devices; a
+        StartupError (one line) for what cannot be had."""
+        c = self.config.cluster
+        self.groups, self.plain, self.steering_off = open_ports(
+            self.config, self.local, SegmentTable(c.segment_bits))
+        if c.inside.kind == "tun":
+            address = str(c.inside_address) if c.inside_address is not None else None
+            routes = [n for conn in self.config.connections.values()
+                      for ch in conn.children.values() for n in ch.remote_nets]
+            made = make_inside(c.inside, address=address, routes=routes)
+            if isinstance(made, TunDevice):
+                made.open()
+                self.inside = made
+        inside = self.inside
+        if inside is None:
+            self.tuns_off = f"the inside is {c.inside.kind}, not a TUN device"
+        elif not self.endpoint.startswith("ipc://"):
+            self.tuns_off = f"members may join from other hosts ({self.endpoint})"
+        else:
+            tuns = MemberTuns(inside.name, c.members, inside.mtu)
+            try:
+                tuns.open()
+            except (TunError, OSError, subprocess.SubprocessError) as exc:
+                self.tuns_off = f"cannot create the per-member TUN devices: {exc}"
+            else:
+                self.tuns = tuns
+
+    def _close(self) -> None:
+        """A clean stop, last: the sockets (the groups go), the members' TUN
+        devices (the kernel removes them with every route through them), the
+        inside TUN with its routes and rules."""
+        for group in self.groups.values():
+            group.close()
+        for sock in self.plain.values():
+            sock.close()
+        self.groups, self.plain = {}, {}
+        if self.tuns is not None:
+            self.tuns.close()
+            self.tuns = None
+        if self.inside is not None:
+            self.inside.close()
+            self.inside = None
+
+    def _handoff(self) -> Handoff:
+        running = {m: p.pid for m, p in self.procs.items()
+                   if m not in self.restart_at and p.poll() is None}
+        tuns = dict(self.tuns.devices) if self.tuns is not None else {}
+        return Handoff(
+            supervisor_pid=os.getpid(), curve_public=self.curve[0].decode(),
+            curve_secret=self.curve[1].decode(),
+            member_keys={m: k.decode() for m, k in self.member_keys.items()},
+            running=running, first=self.dispatchers == 1,
+            groups=[GroupFds(port, g.address[0], g.natt, [s.fileno() for s in g.sockets],
+                             list(g.members)) for port, g in sorted(self.groups.items())],
+            plain={port: s.fileno() for port, s in self.plain.items()},
+            steering_off=self.steering_off,
+            inside_fd=self.inside.fd if self.inside is not None else None,
+            inside_name=self.inside.name if self.inside is not None else "",
+            tuns=tuns, tuns_base=self.tuns.base if self.tuns is not None else "",
+            tuns_mtu=self.tuns.mtu if self.tuns is not None else 0, tuns_off=self.tuns_off)
+
+    # -- the dispatcher ------------------------------------------------------------------
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop(PARENT_ENV, None)
+        if not os.environ.get(KEEP_MEMBERS_ENV):
+            env[PARENT_ENV] = str(os.getpid())  # the child dies with us
+        return env
+
+    async def _start_dispatcher(self) -> _DispatcherInc:
+        """A dispatcher incarnation, handed what we hold over a socketpair."""
+        self.dispatchers += 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        handoff = self._handoff()
+        argv = [*self.dispatcher_command, "--config", self.config_path,
+                "--channel-fd", str(theirs.fileno())]
+        try:
+            proc = subprocess.Popen(argv, env=self._child_env(),
+                                    pass_fds=(theirs.fileno(), *handoff.fds()))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        channel = Channel(ours, OPS_TO_SUPERVISOR)
+        await channel.open()
+        channel.send(handoff.to_json())
+        inc = _DispatcherInc(proc, channel)
+        inc.first = self.dispatchers == 1
+        self.dispatcher = inc
+        inc.task = asyncio.ensure_future(self._dispatcher_loop(inc))
+        log.info("started the dispatcher (pid %d)%s", proc.pid,
+                 f", adopting members {sorted(handoff.running)}" if handoff.running else "")
+        return inc
+
+    async def _dispatcher_loop(self, inc: _DispatcherInc) -> None:
+        """The dispatcher's messages until its channel closes (it ended)."""
+        while True:
+            msg = await inc.channel.read()
+            if msg is None:
+                break
+            try:
+                self._from_dispatcher(inc, msg)
+            except (TypeError, ValueError):
+                inc.channel.refused += 1
+        inc.channel.close()
+        while inc.proc.poll() is None:   # (its channel closes as it exits)
+            await asyncio.sleep(0.01)
+        inc.settled.set()
+        for fut in inc.key_waiters.values():
+            if not fut.done():
+                fut.set_result(None)
+        if self.dispatcher is inc:
+            self.dispatcher = None
+        if not self.stopping and (inc.ready or not inc.first):
+            self._dispatcher_exited(inc)
+
+    def _from_dispatcher(self, inc: _DispatcherInc, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op == "ready":
+            inc.ready = True
+            inc.settled.set()
+        elif op == "failed":
+            inc.error = str(msg.get("error", ""))[:1000]
+        elif op == "key_ok":
+            fut = inc.key_waiters.pop(int(msg.get("member", 0)), None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif op == "dead":
+            self._declared_dead(int(msg.get("member", 0)), int(msg.get("pid", 0)))
+
+    def _dispatcher_exited(self, inc: _DispatcherInc) -> None:
+        now = time.monotonic()
+        ran_s = now - inc.started
+        code = inc.proc.returncode
+        delay = self.dispatcher_backoff.exited(ran_s)
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        if delay is None:
+            self.gave_up = (f"the dispatcher failed {self.dispatcher_backoff.failures} times in "
+                            f"a row, last {how}: {inc.error or 'no output'}")
+            self.stop()
+            return
+        log.warning("the dispatcher (pid %d) ended (%s) after %.1f s; the members and their "
+                    "SAs go on; starting it again in %.2f s", inc.proc.pid, how, ran_s, delay)
+        self.dispatcher_restart_at = now + delay
+
+    async def _tell_key(self, member_id: int, public: bytes) -> None:
+        """The dispatcher learns a member's key before the member connects
+        (a dispatcher started later has it in its handoff)."""
+        inc = self.dispatcher
+        if inc is None or not inc.ready:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        inc.key_waiters[member_id] = fut
+        if inc.channel.send({"op": "key", "member": member_id, "public": public.decode()}):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(fut, KEY_ACK_S)
+
+    def _fence(self, member_id: int, pid: int) -> None:
+        inc = self.dispatcher
+        if inc is not None:
+            inc.channel.send({"op": "exited", "member": member_id, "pid": pid})
+
+    # -- members ----------------------------------------------------------------------------
+
+    async def _spawn(self, member_id: int) -> None:
+        endpoint = self.endpoint
         if endpoint.startswith("tcp://"):
             endpoint = endpoint.replace("tcp://0.0.0.0", "tcp://127.0.0.1")
         argv = [*self.member_command, "--config", self.config_path,
                 "--id", str(member_id), "--connect", endpoint, "--key-stdin"]
         # its sockets of the steered groups (the same for every incarnation)
-        fds = self.dispatcher.member_fds(member_id)
+        fds = {port: g.socket_of(member_id).fileno() for port, g in self.groups.items()
+               if member_id in g.members}
         for port, fd in sorted(fds.items()):
             argv += ["--udp-fd", f"{port}={fd}"]
         # Its TUN device: the same one for every incarnation of this id, held
-        # by the dispatcher (docs/routing.md "Host routes")
-        tun_fd = self.dispatcher.member_tun_fd(member_id)
+        # by us (docs/routing.md "Host routes")
+        tun_fd = self.tuns.fd(member_id) if self.tuns is not None else None
         if tun_fd is not None:
             argv += ["--tun-fd", str(tun_fd)]
         # A key pair for this incarnation only: the secret goes down a pipe
         # (never argv or the environment, which other local users can read).
         public, secret = zmq.curve_keypair()
-        self.keys.register_local(member_id, public)
-        env = dict(os.environ)
-        env.pop(PARENT_ENV, None)
+        self.member_keys[member_id] = public
+        await self._tell_key(member_id, public)
+        if self.stopping:
+            return
         keep = bool(os.environ.get(KEEP_MEMBERS_ENV))
-        if not keep:
-            env[PARENT_ENV] = str(os.getpid())  # the member dies with us
         # stderr through us (its last line names why it failed), unless the
         # member is to outlive us: then a pipe to nobody would break its logs
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env,
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=self._child_env(),
                                 stderr=None if keep else subprocess.PIPE,
                                 pass_fds=(*fds.values(), *(() if tun_fd is None else (tun_fd,))))
         if proc.stdin is not None:
             # a member that exited at once: its exit is handled by _watch
             with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(b" ".join((public, secret, self.dispatcher.curve[0])) + b"\n")
+                proc.stdin.write(b" ".join((public, secret, self.curve[0])) + b"\n")
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.close()
         self.procs[member_id] = proc
@@ -207,20 +425,23 @@ class Supervisor:
         log.info("started member %d (pid %d)", member_id, proc.pid)
 
     async def _watch(self) -> None:
-        """Every POLL_S: start the members whose restart delay is over, end
-        the ones declared dead that still run, and catch any exit the
-        pidfds did not report (without pidfds: every exit, up to POLL_S late)."""
+        """Every POLL_S: start the members (and the dispatcher) whose restart
+        delay is over, and catch any member exit the pidfds did not report
+        (without pidfds: every exit, up to POLL_S late)."""
         try:
             while not self.stopping:
                 await asyncio.sleep(POLL_S)
                 now = time.monotonic()
+                at = self.dispatcher_restart_at
+                if at is not None and now >= at and not self.stopping:
+                    self.dispatcher_restart_at = None
+                    await self._start_dispatcher()
                 for member_id, proc in list(self.procs.items()):
                     if member_id in self.restart_at:
                         if now >= self.restart_at[member_id] and not self.stopping:
                             del self.restart_at[member_id]
-                            self._spawn(member_id)
+                            await self._spawn(member_id)
                         continue
-                    self._end_if_declared_dead(member_id, proc)
                     if proc.poll() is not None and not self.stopping:
                         self._exited(member_id, proc, now)
         finally:
@@ -265,33 +486,30 @@ class Supervisor:
                 and member_id not in self.restart_at):
             self._exited(member_id, proc, time.monotonic())
 
-    def _declared_dead(self, member_id: int) -> None:
+    def _declared_dead(self, member_id: int, pid: int) -> None:
         """The dispatcher declared a member dead: a process that still runs
-        (stalled: heartbeats missed) ends now, not at the next poll: its
-        segments have new owners, and it holds sockets of the cluster's
-        address it could still send from once it wakes."""
+        (stalled: heartbeats missed) ends now: its segments have new owners,
+        and it holds sockets of the cluster's address it could still send
+        from once it wakes. Its exit then fences it and starts the next."""
         proc = self.procs.get(member_id)
-        if proc is not None and member_id not in self.restart_at:
-            self._end_if_declared_dead(member_id, proc)
-
-    def _end_if_declared_dead(self, member_id: int, proc: subprocess.Popen[bytes]) -> None:
-        info = self.dispatcher.members.get(member_id)
-        if (info is not None and not info.alive and info.pid == proc.pid
-                and proc.poll() is None):
-            # Declared dead but still running (stalled, not crashed): its
-            # segments moved on; end this incarnation so that it rejoins as
-            # a new one (new IV sender id, docs/failover.md).
-            log.warning("member %d (pid %d) was declared dead but still runs; "
-                        "restarting it", member_id, proc.pid)
-            proc.kill()
-            proc.wait()
-            self.stalled.add(proc.pid)
+        if (proc is None or proc.pid != pid or member_id in self.restart_at
+                or proc.poll() is not None):
+            return
+        # Declared dead but still running (stalled, not crashed): its
+        # segments moved on; end this incarnation so that it rejoins as a
+        # new one (new IV sender id, docs/failover.md).
+        log.warning("member %d (pid %d) was declared dead but still runs; "
+                    "restarting it", member_id, proc.pid)
+        proc.kill()
+        proc.wait()
+        self.stalled.add(proc.pid)
+        self._pidfd_ready(member_id, proc)
 
     def _exited(self, member_id: int, proc: subprocess.Popen[bytes], now: float) -> None:
         """A member exited: fence it, and start it again after its backoff
         delay, or give up (the whole supervisor stops: one StartupError line,
         exit status 2)."""
-        self.dispatcher.fence(member_id, proc.pid)
+        self._fence(member_id, proc.pid)
         inc = self.incarnations.get(member_id)
         ran_s = now - inc.started if inc is not None else 0.0
         backoff = self.backoff.setdefault(member_id, self.new_backoff())
@@ -301,7 +519,7 @@ class Supervisor:
         else:
             delay = backoff.exited(ran_s)
         if delay is None:
-            last = inc.last_line if inc is not None and inc.last_line else "no output"
+            last = (inc.last() if inc is not None else "") or "no output"
             code = proc.returncode
             how = f"killed by signal {-code}" if code < 0 else f"last exit status {code}"
             self.gave_up = (f"member {member_id} failed {backoff.failures} times in a row, "
@@ -312,135 +530,68 @@ class Supervisor:
                     "in %.1f s", member_id, proc.pid, proc.returncode, ran_s, delay)
         self.restart_at[member_id] = now + delay
 
-    async def _control(self) -> None:
-        """The control API (dispatcher/control.py), relayed to the members."""
-        await serve(self, control_endpoint(self.config, self.config_path),
-                    lambda: self.stopping)
-
-    # -- Backend (dispatcher/control.py) --------------------------------------------
-
-    def status_report(self) -> StatusReport:
-        return self.dispatcher.status_report()
-
-    def connections(self) -> list[dict[str, Any]]:
-        return connections_view(self.config)
-
-    @property
-    def events(self) -> EventLog:
-        return self.dispatcher.events
-
-    async def ask(self, req: dict[str, Any], *, one: bool = False) -> list[dict[str, Any]]:
-        return await self.dispatcher.control(req, one=one)
-
-    async def reload(self) -> dict[str, Any]:
-        """The file checked here first (a bad one changes nothing), then every
-        member re-reads it (the same path: members run with our --config)."""
-        try:
-            new = self.read_config(self.config_path)
-        except StartupError as exc:
-            return {"ok": False, "error": str(exc)}
-        if new.cluster != self.config.cluster:
-            return {"ok": False, "error": f"{self.config_path}: [cluster] changed: reload "
-                                          "takes connections only (restart for the rest)"}
-        self.config = new
-        self.dispatcher.reconfigure(new)
-        answers = await self.dispatcher.control({"cmd": "reload"})
-        failed = [a for a in answers if not a.get("ok")]
-        if failed:
-            return {"ok": False, "error": f"member {failed[0].get('member')}: "
-                                          f"{failed[0].get('error')}"}
-        first = answers[0]
-        log.info("reloaded %s: %s", self.config_path,
-                 {k: first.get(k) for k in ("added", "changed", "removed")})
-        return {"ok": True, "added": first.get("added", []), "changed": first.get("changed", []),
-                "removed": first.get("removed", []), "members": answers}
+    # -- life ---------------------------------------------------------------------------
 
     def _sighup(self) -> None:
-        self._reloading = asyncio.ensure_future(self._sighup_reload())
-
-    async def _sighup_reload(self) -> None:
-        result = await self.reload()
-        log.info("SIGHUP: reload: %s", result.get("error") or "done")
-
-    async def _start_connections(self) -> None:
-        """``start_action = "start"``: once the members are in, one of them
-        initiates (its SPIs route the answers to it)."""
-        if not any(ch.start_action == "start" and conn.remote_addrs
-                   for conn in self.config.connections.values()
-                   for ch in conn.children.values()):
-            return
-        for _ in range(int(START_WAIT_S / 0.1)):
-            alive = [i for i in self.dispatcher.members.values() if i.alive]
-            if len(alive) >= self.config.cluster.members:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.3)   # the table reaches every member
-        answers = await self.dispatcher.control({"cmd": "start"}, one=True)
-        log.info("start_action: %s", answers)
-
-    async def _delete_all(self) -> None:
-        """A clean stop: every member deletes its IKE SAs with the peers (a
-        member killed for a handover does not: that path is os._exit)."""
-        answers = await self.dispatcher.control({"cmd": "shutdown"}, timeout=STOP_GRACE_S)
-        n = sum(int(a.get("done", 0)) for a in answers)
-        if n:
-            log.info("stopping: %d IKE SA(s) deleted with their peers", n)
-            await asyncio.sleep(STOP_GRACE_S)   # their Deletes out, the answers in
-
-    def _metrics(self) -> None:
-        port = self.config.cluster.metrics_port
-        if port:
-            from dispatcher.metrics import start_metrics
-
-            start_metrics(self.dispatcher.status_report, port,
-                          self.config.cluster.metrics_address)
+        inc = self.dispatcher
+        if inc is not None and inc.proc.poll() is None:
+            inc.proc.send_signal(signal.SIGHUP)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
-        self._metrics()  # first: a port in use stops us before anything else started
+        tasks: list[asyncio.Future[Any]] = []
         try:
             try:
-                await self.dispatcher.start()
-            except zmq.ZMQError as exc:  # the members' endpoint (cluster.sync)
-                raise bind_error(self.dispatcher.endpoint, f"{self.config_path}: cluster.sync",
-                                 exc) from None
-        except BaseException:
-            # e.g. a TUN without CAP_NET_ADMIN after the members' socket was
-            # bound: leave no socket and no run folder behind
-            self.dispatcher.close()
-            self._remove_run_dir()
-            raise
-        _private(self.dispatcher.endpoint)
-        for member_id in range(1, self.config.cluster.members + 1):
-            self._spawn(member_id)
-        tasks = [asyncio.ensure_future(self.dispatcher._members_loop()),
-                 asyncio.ensure_future(self.dispatcher._monitor()),
-                 asyncio.ensure_future(self.dispatcher._watch_handshakes()),
-                 asyncio.ensure_future(self._watch()),
-                 asyncio.ensure_future(self._control()),
-                 asyncio.ensure_future(self._start_connections())]
-        try:
-            waits = [asyncio.ensure_future(self._stop_requested.wait()),
-                     asyncio.ensure_future(self.dispatcher._stop.wait())]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
-            if self._stop_requested.is_set():
-                await self._delete_all()
+                self._open()
+                inc = await self._start_dispatcher()
+                await inc.settled.wait()
+                if not inc.ready:
+                    code = inc.proc.returncode
+                    raise StartupError(inc.error or f"the dispatcher exited with {code} "
+                                                    "before it was ready")
+            except BaseException:
+                # leave no socket, device and no run folder behind
+                await self._stop_dispatcher()
+                self._close()
+                self._remove_run_dir()
+                raise
+            for member_id in range(1, self.config.cluster.members + 1):
+                await self._spawn(member_id)
+            tasks.append(asyncio.ensure_future(self._watch()))
+            await self._stop_requested.wait()
         finally:
-            self.dispatcher.stop()
             self.stopping = True
             for t in tasks:
                 t.cancel()
+            await self._stop_dispatcher()
             self._stop_members()
-            self.dispatcher.close()
+            self._close()
             self._remove_run_dir()
         if self.gave_up is not None:
             raise StartupError(self.gave_up)
         return 0
+
+    async def _stop_dispatcher(self) -> None:
+        """A ready dispatcher has the members delete their IKE SAs first (the
+        ``stop`` message); one that is not ready gets SIGTERM. SIGKILL if it
+        takes too long."""
+        inc = self.dispatcher
+        if inc is None or inc.proc.poll() is not None:
+            return
+        if inc.ready and inc.channel.send({"op": "stop"}):
+            wait_s = DISPATCHER_STOP_S
+        else:
+            inc.proc.send_signal(signal.SIGTERM)
+            wait_s = 3.0
+        end = time.monotonic() + wait_s
+        while inc.proc.poll() is None and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        if inc.proc.poll() is None:
+            inc.proc.kill()
+            inc.proc.wait()
 
     def _remove_run_dir(self) -> None:
         """Our sockets go with us (not a configured ``control`` folder)."""
@@ -468,31 +619,5 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        log.info("all members stopped")
-
-
-def _private(endpoint: str) -> None:
-    """An ipc:// socket file only we can connect to (besides its 0700 folder)."""
-    if endpoint.startswith("ipc://"):
-        with contextlib.suppress(OSError):
-            os.chmod(endpoint[len("ipc://"):], 0o600)
-
-
-def load_server_curve(config: Config, config_path: str) -> tuple[bytes, bytes, str]:
-    """The dispatcher's CURVE keys and the folder of members' public keys."""
-
-    c = config.cluster
-    base = Path(config_path).parent
-    if not c.curve_secret_key:
-        raise StartupError(f"{config_path}: cluster.sync is tcp:// but "
-                           "cluster.curve_secret_key is not set (make keys with "
-                           "`ipsec-cluster keygen`)")
-    public, secret = load_certificate(config_path, "curve_secret_key", base / c.curve_secret_key)
-    if secret is None:
-        raise StartupError(f"{config_path}: cluster.curve_secret_key: {c.curve_secret_key} "
-                           "holds no secret key (use NAME.key_secret from keygen)")
-    allowed = base / (c.curve_authorized or "authorized")
-    if not allowed.is_dir():
-        raise StartupError(f"{config_path}: cluster.curve_authorized: "
-                           f"expected a folder of member public keys, got {allowed}")
-    return public, secret, str(allowed)
+        if self.procs:
+            log.info("all members stopped")

@@ -217,6 +217,35 @@ class KernelRoutes:
         return False
 
 
+def adopted_routes(table: int, devices: Iterable[str]) -> dict[IPNetwork, str]:
+    """What ``table`` routes through ``devices`` now (prefix -> device): the
+    routes a restarted dispatcher finds from its predecessor and keeps until
+    the members it adopts have announced theirs again (dispatcher/cluster.py).
+    Unreadable output is an empty answer (the next change set then replaces
+    what it needs; nothing is deleted that we do not know of)."""
+    import json
+
+    wanted = set(devices)
+    out: dict[IPNetwork, str] = {}
+    for family in ("-4", "-6"):
+        try:
+            text = ip("-j", family, "route", "show", "table", str(table), check=False)
+            rows = json.loads(text) if text.strip() else []
+        except (OSError, subprocess.SubprocessError, ValueError):
+            continue
+        for row in rows if isinstance(rows, list) else []:
+            if not isinstance(row, dict) or row.get("dev") not in wanted:
+                continue
+            dst = row.get("dst")
+            if dst == "default":
+                dst = "0.0.0.0/0" if family == "-4" else "::/0"
+            try:
+                out[ipaddress.ip_network(str(dst))] = str(row["dev"])
+            except ValueError:
+                continue
+    return out
+
+
 def _warn_strict_rp_filter() -> None:
     """Strict reverse-path filtering looks the peer's address up like our own
     cleartext (mark 0), finds the tunnel and drops the peer's IKE and ESP when

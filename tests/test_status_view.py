@@ -147,7 +147,7 @@ def test_totals_after_a_live_failover_count_each_sa_once(tmp_path: Path) -> None
 STATUS_KEYS = ["cluster", "dispatcher", "members", "pools"]
 CLUSTER_KEYS = ["address", "mode", "epoch", "uptime_s", "endpoint"]
 DISPATCHER_KEYS = ["pid", "counters", "drops", "inside_routes", "refused", "esp_relayed",
-                   "data_path", "data_path_off"]
+                   "data_path", "data_path_off", "supervisor_pid", "adopting"]
 MEMBER_KEYS = ["id", "pid", "host", "alive", "sender_id", "last_heartbeat_ms", "segments",
                "backup_segments", "ike_sas", "half_open_ike_sas", "child_sas", "packets_in",
                "bytes_in", "packets_out", "bytes_out", "drops", "refused", "sync_gaps",
@@ -172,7 +172,7 @@ CLUSTER_STATUS = {
                 "endpoint": "ipc:///x"},
     "dispatcher": {"pid": 9, "counters": {"udp_in": 1}, "drops": {}, "inside_routes": 2,
                    "refused": {"wire_frames": 1}, "esp_relayed": 5, "data_path": "kernel",
-                   "data_path_off": ""},
+                   "data_path_off": "", "supervisor_pid": 4321, "adopting": False},
     "members": [_full_member(1), _full_member(2)],
     "pools": [{"name": "rw", "addrs": "10.9.0.0/24", "dns": ["10.9.0.1"], "size": 254,
                "per_segment": 15, "leased": 3, "by_member": {1: 2, 3: 1}}]}
@@ -181,7 +181,8 @@ SINGLE_STATUS = {
                 "uptime_s": 0.2, "endpoint": "ipc:///y"},
     "dispatcher": {"pid": 9, "counters": {}, "drops": {}, "inside_routes": 0,
                    "refused": {"bug.ike.KeyError": 2}, "esp_relayed": 0,
-                   "data_path": "single-process", "data_path_off": ""},
+                   "data_path": "single-process", "data_path_off": "",
+                   "supervisor_pid": 0, "adopting": False},
     "members": [{**_full_member(1), "replication": {}, "sync": {}}]}
 
 

@@ -1,7 +1,8 @@
 """The supervisor's restarts (dispatcher/supervisor.py): a failing member is
 started again after growing delays, and after too many quick failures the
 supervisor stops with one line naming the member, its exit status and its
-last stderr line; members die with their supervisor (also on kill -9)."""
+last stderr line; members and the dispatcher die with their supervisor
+(also on kill -9)."""
 
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", [False, True])
 def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool) -> None:
-    """Unless IPSEC_CLUSTER_KEEP_MEMBERS=1 leaves them running on purpose."""
+    """The members and the dispatcher; unless IPSEC_CLUSTER_KEEP_MEMBERS=1
+    leaves them running on purpose."""
     config = _config(tmp_path, BASE + (20 if keep else 10), members=2)
     procs = Procs(tmp_path)
     members: list[int] = []
@@ -110,8 +112,15 @@ def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool)
         disp = procs.start("cluster", cli_argv("run", "--config", str(config)))
         wait_for("2 members alive", lambda: len(alive_members(status(config))) == 2,
                  timeout=20, diag=lambda: tail(disp.log_path))
-        members = [m["pid"] for m in status(config)["members"]]
-        assert sorted(members) == sorted(_children(disp.pid))
+        st = status(config)
+        members = [m["pid"] for m in st["members"]]
+        # the supervisor's children: the members and the dispatcher, a
+        # process of its own (dispatcher/process.py)
+        dispatcher = st["dispatcher"]["pid"]
+        assert st["dispatcher"]["supervisor_pid"] == disp.pid, st["dispatcher"]
+        assert dispatcher not in (disp.pid, *members)
+        assert sorted([*members, dispatcher]) == sorted(_children(disp.pid))
+        members.append(dispatcher)
         if not keep:
             # `ipsec-cluster status | cat`: plain tab-separated lines, a totals row
             piped = subprocess.run(cli_argv("status", "--config", str(config)), cwd=ROOT,

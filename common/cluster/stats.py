@@ -255,6 +255,12 @@ class DispatcherStatus:
     data_path: str = "relay"
     #: why the kernel data path is off ("" when it is on)
     data_path_off: str = ""
+    #: the supervisor that holds the cluster's sockets and devices and
+    #: restarts this dispatcher (0: none, the dispatcher runs alone)
+    supervisor_pid: int = 0
+    #: a restarted dispatcher waiting for the running members to come back
+    #: (the kernel's steering and routes stay as they were meanwhile)
+    adopting: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -394,7 +400,8 @@ class StatusReport:
             DispatcherStatus(_int(disp, "pid"), _counts(disp, "counters"), _counts(disp, "drops"),
                              _int(disp, "inside_routes"), _counts(disp, "refused"),
                              _int(disp, "esp_relayed"), _str(disp, "data_path") or "relay",
-                             _str(disp, "data_path_off")),
+                             _str(disp, "data_path_off"), _int(disp, "supervisor_pid"),
+                             _bool(disp, "adopting", False)),
             tuple(_member_of_json(_obj(m, "member")) for m in members),
             None if pools is None else tuple(_pool_of_json(_obj(p, "pool"))
                                              for p in _list(pools, "pools")))
