@@ -11,6 +11,7 @@ False, as on Linux < 5.3) the poll sees the same exits."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -129,7 +130,7 @@ def test_kill_9_is_seen_at_once_and_no_pidfd_is_left_over(tmp_path: Path) -> Non
         # the ended incarnation's stderr closes when its reader thread sees
         # EOF, which may come a moment later: one fd of slack, never growth)
         assert counts[-1] <= counts[1] + 1 and counts[-1] <= max(counts[:2]) + 1, counts
-        assert not all(b > a for a, b in zip(counts[1:], counts[2:])), counts
+        assert not all(b > a for a, b in itertools.pairwise(counts[1:])), counts
         assert "Traceback" not in disp.log_text()
     finally:
         procs.close()
