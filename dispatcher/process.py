@@ -360,5 +360,8 @@ def run_dispatcher(config: Config, config_path: str, channel_fd: int,
 
     with contextlib.suppress(KeyboardInterrupt):
         run_loop(main())
-    log.info("dispatcher (pid %d) ends after %.1f s", os.getpid(), time.monotonic() - started)
+    ran = time.monotonic() - started
+    # (a start that failed: the supervisor prints its one line)
+    log.log(logging.INFO if codes and codes[0] == 0 else logging.DEBUG,
+            "dispatcher (pid %d) ends after %.1f s", os.getpid(), ran)
     return codes[0] if codes else 1

@@ -310,7 +310,9 @@ class Supervisor:
         inc.first = self.dispatchers == 1
         self.dispatcher = inc
         inc.task = asyncio.ensure_future(self._dispatcher_loop(inc))
-        log.info("started the dispatcher (pid %d)%s", proc.pid,
+        # (the first start is the run's own: an error at start stays one line)
+        log.log(logging.DEBUG if inc.first else logging.INFO,
+                "started the dispatcher (pid %d)%s", proc.pid,
                  f", adopting members {sorted(handoff.running)}" if handoff.running else "")
         return inc
 

@@ -163,8 +163,8 @@ def test_kill_9_of_the_dispatcher_costs_established_children_nothing(
         _ready(lab, up)
         before, _after = _kill_dispatcher_under_traffic(lab, up)
         members = [m["pid"] for m in before["members"]]
-        log = up.cluster.log_text()
-        assert "the dispatcher (pid" in log and "starting it again" in log, log[-3000:]
+        # (the new dispatcher's pid under the same supervisor is checked by
+        # status in _kill_dispatcher_under_traffic)
         _stop_and_check_clean(lab, up, members)
 
 
