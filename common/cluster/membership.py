@@ -25,9 +25,10 @@ Rules of this file:
 - Sender ids are handed out 1..MAX_SENDER_ID in turn, skipping every id an
   incarnation we hold (alive or dead) has: no two live incarnations ever
   share one, and a new incarnation never gets its predecessor's.
-- A dispatcher that starts (``reattach_wait`` > 0) may be the successor of
+- A dispatcher that starts (``expect_reattach``) may be the successor of
   one that died with members still running: for ``reattach_wait`` (or until
-  ``expect`` members reattached, or came new with none reattaching) it only collects reattach claims (sender id,
+  every member the newest claimed table names reattached, or ``expect`` new
+  ones came and none reattached) it only collects reattach claims (sender id,
   token, the table each holds) and holds new HELLOs back; then it rebuilds
   the table from the claims at an epoch above every claimed one, keeps the
   claimed sender ids, and only then takes new members (docs/failover.md
@@ -247,6 +248,15 @@ class Membership:
                       f"{inc.host or '?'}, sender id {inc.sender_id})")
 
     # -- inputs -------------------------------------------------------------------------
+
+    def expect_reattach(self, wait: float, now: float) -> None:
+        """From ``now`` on, for ``wait``: the window in which the members of
+        a previous dispatcher reattach (before any member came)."""
+        if self.members or self.table.members or wait <= 0:
+            return
+        self.reattach_wait = wait
+        self.rebuilding = True
+        self._started = now
 
     def start(self, now: float) -> None:
         """The monitor starts: the startup wait for ``expect`` counts from now."""
