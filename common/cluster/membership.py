@@ -524,10 +524,11 @@ class Membership:
         started = self._started if self._started is not None else now
         if now - started >= self.reattach_wait:
             return True
-        if self.claims:
-            newest = max(self.claimed.values(), key=lambda t: t.epoch)
+        held = [t for t in self.claimed.values() if t.members]
+        if held:
+            newest = max(held, key=lambda t: t.epoch)
             return set(newest.members) <= self.claims.keys()
-        return len(self.waiting) >= self.expect
+        return len(self.claims.keys() | self.waiting) >= self.expect
 
     def _rebuild(self, now: float, out: Outputs) -> None:
         """The window is over: keep the claims that do not conflict (a sender
