@@ -153,7 +153,8 @@ class Rig:
         assert res.flows_seen(UP) == every and res.flows_seen(DOWN) == every, (
             res, self.diag("peer", "member3"))
 
-    def back(self, member_id: int, old_pid: int, what: str) -> dict[str, Any]:
+    def back(self, member_id: int, old_pid: int, what: str,
+             since: float | None = None) -> dict[str, Any]:
         """Member ``member_id`` is alive again in another process than
         ``old_pid`` (0: any), a backup of some segments, and no member is left
         without a live backup."""
@@ -163,8 +164,8 @@ class Rig:
                     and m["backup_segments"] > 0
                     and not any(x["replication"].get("degraded") for x in alive_members(s))
                     and len(alive_members(s)) == 3)
-        t0 = time.monotonic()
-        st = wait_status(self.config, what, check, timeout=BACK_S,
+        t0 = time.monotonic() if since is None else since
+        st = wait_status(self.config, what, check, timeout=BACK_S - (time.monotonic() - t0),
                          diag=lambda: self.diag(f"member{member_id}"))
         print(f"{what}: back in {time.monotonic() - t0:.2f} s")
         return next(m for m in st["members"] if m["id"] == member_id)
@@ -246,9 +247,10 @@ def test_remote_members_come_back_after_link_loss_kill_and_replacement(
             link(rig, "host2", up=False)
             time.sleep(down_s)
             link(rig, "host2", up=True)
+            t0 = time.monotonic()
             # (after 0.3 s it may or may not have been declared dead: either way)
             time.sleep(0.5)
-            m3 = rig.back(3, 0, f"member 3 after its link was down {down_s} s")
+            m3 = rig.back(3, 0, f"member 3 after its link was down {down_s} s", t0)
             rig.no_sa_lost(ike0)
             rig.traffic()
             assert m3["sender_id"] != 0
@@ -259,8 +261,9 @@ def test_remote_members_come_back_after_link_loss_kill_and_replacement(
 
         # kill -9: the restart loop starts it again
         pid = rig.member(3)["pid"]
+        t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        rig.back(3, pid, "member 3 after kill -9")
+        rig.back(3, pid, "member 3 after kill -9", t0)
         rig.no_sa_lost(ike0)
         rig.traffic()
 
@@ -269,8 +272,9 @@ def test_remote_members_come_back_after_link_loss_kill_and_replacement(
         # it was replaced and stops for good (exit status 3: not restarted)
         old = rig.member(3)
         os.kill(old["pid"], signal.SIGSTOP)
+        t0 = time.monotonic()
         replacement = rig.start_loop(3, "member3-replacement")
-        m3 = rig.back(3, old["pid"], "the replacement of member 3")
+        m3 = rig.back(3, old["pid"], "the replacement of member 3", t0)
         assert m3["sender_id"] != old["sender_id"]
         os.kill(old["pid"], signal.SIGCONT)
         assert rig.loops[3].wait(10) == 3, tail(tmp_path / "member3.log")

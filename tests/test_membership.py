@@ -19,6 +19,7 @@ from hypothesis.stateful import (
 
 from common.cluster.events import Event, EventType
 from common.cluster.membership import (
+    MAX_CLAIMED_EPOCH,
     STARTUP_WAIT_S,
     Claim,
     Level,
@@ -639,6 +640,8 @@ def test_a_member_reporting_an_old_epoch_gets_the_newest_table() -> None:
     c = successor(expect=2)
     claim(c, 1, old.m.members[1].sender_id, stale)
     claim(c, 2, old.m.members[2].sender_id, newest)
+    assert c.m.rebuilding            # (the stale table names member 3: it may still come)
+    c.tick(WAIT, beat=False)
     t = c.m.table
     assert t.epoch == newest.epoch + 1 and t.members == newest.members
     assert [t.owner(s) for s in range(16)] == [newest.owner(s) for s in range(16)]
@@ -680,10 +683,28 @@ def test_two_claims_for_one_member_id_the_newer_table_wins() -> None:
     assert c.m.members[1].sender_id == 5 and c.m.members[1].pid == 501
 
 
+def test_one_forged_table_cannot_outvote_the_others() -> None:
+    old = old_cluster()
+    real = old.m.table.copy()
+    forged = SegmentTable(4)
+    for _ in range(real.epoch + 100):
+        forged.advance()
+    forged.assign([3])                        # every segment to the stolen key's member
+    c = successor()
+    claim(c, 1, old.m.members[1].sender_id, real)
+    claim(c, 3, old.m.members[3].sender_id, forged)
+    claim(c, 2, old.m.members[2].sender_id, real)
+    t = c.m.table
+    assert [t.owner(s) for s in range(16)] == [real.owner(s) for s in range(16)]
+    assert t.epoch > forged.epoch             # (the epoch still never goes back for anyone)
+
+
 def test_a_bad_claim_is_refused_and_the_member_told_to_rejoin() -> None:
     c = successor()
+    huge = SegmentTable(4)
+    huge.restore(SegmentTable(4), MAX_CLAIMED_EPOCH + 1)
     for bad in (Claim(0, 1, SegmentTable(4)), Claim(5, 0, SegmentTable(4)),
-                Claim(5, 1, SegmentTable(6))):
+                Claim(5, 1, SegmentTable(6)), Claim(5, 1, huge)):
         out = c.m.hello(1, 1, "h", 0, 0.0, claim=bad)
         assert out.refused == "reattach_bad_claim" and out.reply is not None
         assert out.reply.kind is NoticeKind.DEAD

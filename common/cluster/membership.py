@@ -27,7 +27,7 @@ Rules of this file:
   share one, and a new incarnation never gets its predecessor's.
 - A dispatcher that starts (``expect_reattach``) may be the successor of
   one that died with members still running: for ``reattach_wait`` (or until
-  every member the newest claimed table names reattached, or ``expect`` new
+  every member any claimed table names reattached, or ``expect`` new
   ones came and none reattached) it only collects reattach claims (sender id,
   token, the table each holds) and holds new HELLOs back; then it rebuilds
   the table from the claims at an epoch above every claimed one, keeps the
@@ -69,6 +69,9 @@ STARTUP_WAIT_S = 20.0
 #: the shortest reattach window a dispatcher gives the members of its
 #: predecessor (the shell's ``reattach_wait``: ``reattach_wait()``)
 REATTACH_WAIT_MIN_S = 2.0
+#: the highest table epoch a reattach claim may hold (far above any real
+#: one; the epoch must still grow after it without leaving its u64)
+MAX_CLAIMED_EPOCH = 1 << 48
 #: an event lists the segments it moved up to this many (the event stream
 #: refuses longer lists); beyond, the list is left empty
 MAX_EVENT_SEGMENTS = 1024
@@ -156,9 +159,9 @@ class Claim:
 
 def reattach_wait(heartbeat_interval: float, dead_after: int) -> float:
     """How long a starting dispatcher collects reattach claims: a member
-    notices a new dispatcher within an interval (our notice) or after
-    ``dead_after`` silent ones, and asks again every interval."""
-    return max(REATTACH_WAIT_MIN_S, 4 * dead_after * heartbeat_interval)
+    notices a new dispatcher after ``dead_after`` silent intervals, then asks
+    every interval (twice that, and a second for a slow start)."""
+    return max(REATTACH_WAIT_MIN_S, 2 * dead_after * heartbeat_interval + 1.0)
 
 
 def timing_refusal(ours: Timing, theirs: Timing, member_id: int) -> str | None:
@@ -169,6 +172,17 @@ def timing_refusal(ours: Timing, theirs: Timing, member_id: int) -> str | None:
     key, member, dispatcher = diff
     return (f"{key} is {member} at member {member_id} but {dispatcher} at the dispatcher: "
             "every member needs the dispatcher's value")
+
+
+def _chosen(members: list[int], tables: Mapping[int, SegmentTable]) -> int:
+    """The member whose claimed table the rebuild takes: the table most
+    claimants hold (one forged claim cannot outvote the others), then the
+    newest, then the lowest member id."""
+    count: dict[bytes, int] = {}
+    for m in members:
+        key = tables[m].encode()
+        count[key] = count.get(key, 0) + 1
+    return min(members, key=lambda m: (-count[tables[m].encode()], -tables[m].epoch, m))
 
 
 def _event_segments(segments: list[int]) -> tuple[int, ...]:
@@ -316,7 +330,8 @@ class Membership:
         that sender id and token gets the same answer as a repeated HELLO;
         any other is told it is dead (rejoin as new) or replaced (stop)."""
         if not 1 <= claim.sender_id <= MAX_SENDER_ID or claim.token == 0 \
-                or claim.table.segment_bits != self.table.segment_bits:
+                or claim.table.segment_bits != self.table.segment_bits \
+                or claim.table.epoch > MAX_CLAIMED_EPOCH:
             return Outputs(refused="reattach_bad_claim",
                            reply=Notice(NoticeKind.DEAD, claim.sender_id,
                                         "a reattach claim we cannot keep"))
@@ -518,23 +533,23 @@ class Membership:
     # -- reattach: the rebuild ---------------------------------------------------------------
 
     def _rebuild_due(self, now: float) -> bool:
-        """The window ends early when every member the newest claimed table
-        names reattached, or when ``expect`` new ones came and none
+        """The window ends early when every member any claimed table names
+        reattached, or when ``expect`` new ones came and none
         reattached (a cold start); else it runs out."""
         started = self._started if self._started is not None else now
         if now - started >= self.reattach_wait:
             return True
-        held = [t for t in self.claimed.values() if t.members]
-        if held:
-            newest = max(held, key=lambda t: t.epoch)
-            return set(newest.members) <= self.claims.keys()
+        named = {m for t in self.claimed.values() for m in t.members}
+        if named:
+            return named <= self.claims.keys()
         return len(self.claims.keys() | self.waiting) >= self.expect
 
     def _rebuild(self, now: float, out: Outputs) -> None:
         """The window is over: keep the claims that do not conflict (a sender
         id claimed twice goes to the claim with the newer table, then the
         lower member id; the other is dead: told so, it rejoins as new), take
-        the newest claimed table at an epoch above every claimed one, fail
+        the claimed table most claimants hold (then the newest) at an epoch
+        above every claimed one, fail
         over the members it names that did not reattach, and hand the table
         out. No claim: a new cluster (the table stays empty)."""
         self.rebuilding = False
@@ -555,7 +570,7 @@ class Membership:
                                        f"member {ids[0]}: dead, it rejoins as new")
         kept.sort()
         top = max(t.epoch for t in tables.values())
-        newest = max(kept, key=lambda m: (tables[m].epoch, -m))
+        newest = _chosen(kept, tables)
         for m, inc in claims.items():
             inc.alive = m in kept
             inc.last_seen = now
