@@ -258,6 +258,10 @@ def test_remote_members_come_back_after_link_loss_kill_and_replacement(
         # the old incarnation learnt it was declared dead and ended itself
         assert "declared dead by the dispatcher" in log and "exit status 75" in log, tail(
             tmp_path / "member3.log")
+        # the new one gets its share of segments back (autobalance)
+        wait_status(rig.config, "member 3 owns its share again", lambda s: next(
+            m for m in s["members"] if m["id"] == 3)["segments"] >= 256 // 3 - 1, timeout=20,
+            diag=lambda: rig.diag("member3"))
 
         # kill -9: the restart loop starts it again
         pid = rig.member(3)["pid"]
