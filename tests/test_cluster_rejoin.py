@@ -12,8 +12,9 @@ on any exit but 2 (refused) and 3 (replaced).
   replacement of member 3 started while the old one hangs (SIGSTOP): each
   time member 3 is back as a live backup within 10 s, no SA lost, traffic
   through every child; the old one, woken, is told it was replaced and stops
-  (exit 3); a member with another heartbeat interval exits 2 with one line
-  naming the key and both values;
+  (exit 3); a second process with the key of a healthy member waits and
+  joins once that one is killed; a member with another heartbeat interval
+  exits 2 with one line naming the key and both values;
 - the dispatcher killed -9 and started again with the same command: the
   members reattach with their SAs (the same IKE and ESP SPIs), the epoch goes
   on upwards, traffic flows, and a new IKE SA is accepted.
@@ -297,12 +298,26 @@ def test_remote_members_come_back_after_link_loss_kill_and_replacement(
         rig.no_sa_lost(ike0)
         rig.traffic()
 
+        # a second process with member 3's key while the first is healthy: it
+        # does not displace it (a stolen key could not either), it waits; once
+        # the first is killed for good (its loop too), the waiting one joins
+        second = rig.start_loop(3, "member3-second")
+        wait_status(rig.config, "the second one refused while member 3 is alive",
+                    lambda s: s["dispatcher"]["drops"].get("refused_hello_member_alive", 0) > 0,
+                    timeout=10)
+        assert rig.member(3)["pid"] == m3["pid"]
+        t0 = time.monotonic()
+        replacement.signal_group(signal.SIGKILL)
+        m3 = rig.back(3, m3["pid"], "the waiting second process of member 3", t0)
+        assert second.alive()
+        rig.no_sa_lost(ike0)
+
         # timing keys other than the dispatcher's: refused at join, exit 2
         wrong = procs.start("member3-wrong", rig.member_argv(3, heartbeat_interval=0.1),
                             ns=rig.host_ns["host2"])
         assert wrong.wait(20) == 2, wrong.tail()
         assert rig.counters().get("notice_refused", 0) >= 1
-        assert rig.member(3)["pid"] == m3["pid"]
+        assert rig.member(3)["pid"] == m3["pid"] and second.alive()
     finally:
         close(rig, procs)
 
