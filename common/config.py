@@ -214,6 +214,10 @@ class ClusterConfig:
     #: ESP and IKE (an SO_REUSEPORT group steered by SPI, docs/routing.md);
     #: "relay": every datagram through the dispatcher over ZeroMQ
     data_path: Literal["kernel", "relay"] = "kernel"
+    #: a member that hears no dispatcher this long (seconds) stops, to be
+    #: started anew by its supervisor (0 = it keeps trying to reattach forever;
+    #: docs/failover.md "Reattach")
+    orphan_after: float = 60.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -657,6 +661,7 @@ def _cluster(t: _Table) -> ClusterConfig:
         log_format=t.choice("log_format", "text", ("text", "json")),
         save_keys=t.filepath("save_keys"),
         data_path=t.choice("data_path", "kernel", ("kernel", "relay")),
+        orphan_after=t.number("orphan_after", 60.0, 0.0, 86400.0),
     )
     t.done()
     return cluster

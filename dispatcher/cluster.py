@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from common.cluster.events import MEMBER_EVENTS, Event, EventLog, EventType
-from common.cluster.membership import Level, Membership, Outputs
+from common.cluster.membership import Claim, Level, Membership, Outputs, reattach_wait
 from common.cluster.routing import (
     InsideRoutes,
     IPNetwork,
@@ -55,6 +55,7 @@ from common.cluster.stats import (
 )
 from common.cluster.wire import (
     Channel,
+    ChildClaim,
     ChildDelete,
     ChildPush,
     Control,
@@ -68,12 +69,14 @@ from common.cluster.wire import (
     InnerIn,
     InnerOut,
     Message,
+    Notice,
     RouteAdd,
     RouteDel,
     Status,
     StatusReq,
     Sync,
     TableUpdate,
+    Timing,
     decode,
     encode,
 )
@@ -111,7 +114,7 @@ UDP_RCVBUF = 8 << 20
 #: how long a control request waits for the members' answers
 CONTROL_TIMEOUT_S = 3.0
 #: what members must not send us: the dispatcher's own messages
-_TO_MEMBERS = (DatagramIn, InnerIn, TableUpdate, StatusReq, ControlReq)
+_TO_MEMBERS = (DatagramIn, InnerIn, TableUpdate, StatusReq, ControlReq, Notice)
 
 
 @dataclass(slots=True)
@@ -155,11 +158,15 @@ class Dispatcher:
         c = config.cluster
         self.expect = expect_members if expect_members is not None else c.expect_members
         #: who is in, alive, owning which segment (the machine; we carry out
-        #: what it says)
+        #: what it says). We may be the successor of a dispatcher whose members
+        #: still run: from ``start`` on they get ``reattach_wait`` to reattach
+        #: before anyone new joins (docs/failover.md "Reattach").
         self.membership = Membership(c.segment_bits, expect=self.expect,
                                      heartbeat_interval=c.heartbeat_interval,
                                      dead_after=c.dead_after,
-                                     hot_standby=c.mode == "hot-standby", pid=os.getpid())
+                                     hot_standby=c.mode == "hot-standby", pid=os.getpid(),
+                                     timing=Timing.of(c.heartbeat_interval, c.dead_after,
+                                                      c.segment_bits, c.mode))
         self.table = self.membership.table
         #: each member's current incarnation's connection (by member id)
         self.members: dict[int, MemberInfo] = {}
@@ -448,8 +455,11 @@ class Dispatcher:
                 self._refuse("heartbeat_not_own", identity, msg)
                 return
             info.stats = msg.stats if msg.stats is not None else MemberStats()
-            self._carry(self.membership.heartbeat(member_id, msg.sender_id, self._now(),
-                                                  Channel.LIVE))
+            out = self.membership.heartbeat(member_id, msg.sender_id, self._now(), Channel.LIVE)
+            if out.reply is not None:
+                # (a dead incarnation, or one replaced: it learns what to do)
+                self._notify(identity, out.reply)
+            self._carry(out)
         else:
             self._control(msg, info, identity)
 
@@ -491,6 +501,20 @@ class Dispatcher:
                 self._refuse(reason, identity, msg)
         elif isinstance(msg, Events):
             self._member_events(msg, member_id, identity)
+        elif isinstance(msg, ChildClaim):
+            self._child_claim(msg, member_id, identity)
+
+    def _child_claim(self, msg: ChildClaim, member_id: int, identity: bytes) -> None:
+        """After a reattach: a child the member carries, which we (a new
+        dispatcher) never saw pushed. Taken when the member owns its segment
+        and the child conflicts with none we know; its cleartext is routed."""
+        if (reason := self.guard.child_claim(msg, member_id)) is not None:
+            self._refuse(reason, identity, msg)
+            return
+        self.counters["children_claimed"] += 1
+        self.routes.add(msg.spi_in, msg.local_ts, msg.remote_ts, member_id)
+        self.route_info[msg.spi_in] = RouteInfo(member_id, msg.local_ts, msg.remote_ts)
+        self._kernel_routes_changed()
 
     def _member_events(self, msg: Events, member_id: int, identity: bytes) -> None:
         """A member's SA events, published when they are its own: an event
@@ -551,17 +575,11 @@ class Dispatcher:
             return
         info = self.members.get(member_id)
         if hello.channel is Channel.LIVE:
-            if info is not None and info.alive:
-                if info.identity == identity and info.pid == hello.pid:
-                    # the same incarnation asking again: the same answer
-                    self._carry(self.membership.answer(member_id, self.route_info))
-                else:
-                    self._refuse("hello_member_alive", identity, hello)
+            if info is not None and info.alive and info.identity == identity \
+                    and info.pid == hello.pid and hello.table is None:
+                # the same incarnation asking again: the same answer
+                self._carry(self.membership.answer(member_id, self.route_info))
                 return
-            for old in [i for i, c in self.conns.items() if c.member_id == member_id]:
-                del self.conns[old]
-            self.bulk_identity.pop(member_id, None)
-            self.conns[identity] = Conn(member_id, Channel.LIVE)
             self._hello(identity, hello)
             return
         if (info is None or not info.alive or hello.sender_id != info.sender_id
@@ -626,18 +644,56 @@ class Dispatcher:
         return loop.time() if loop is not None else time.monotonic()
 
     def _hello(self, identity: bytes, hello: Hello) -> None:
-        """A new incarnation: the machine gives it its sender id (our answer
-        carries its token, a secret: os.urandom, made here)."""
+        """A LIVE HELLO, as the machine decides: a new incarnation (it gets its
+        sender id; our answer carries its token, a secret: os.urandom, made
+        here) or a reattach (a claim: its sender id, token and table). What
+        the machine tells the sender (a refusal for good, a notice) goes
+        back on this connection; a new incarnation's connections replace
+        its predecessor's."""
+        member_id = hello.member_id
+        claim = Claim(hello.sender_id, hello.token, hello.table) \
+            if hello.table is not None else None
         token = int.from_bytes(os.urandom(8), "big") | 1
-        out = self.membership.hello(hello.member_id, hello.pid, hello.host, token, self._now(),
-                                    self.route_info)
+        before = self.membership.incarnation(member_id)
+        out = self.membership.hello(member_id, hello.pid, hello.host, token, self._now(),
+                                    self.route_info, timing=hello.timing, claim=claim)
+        if out.reply is not None:
+            self._notify(identity, out.reply)
         if out.refused is not None:
-            self._refuse(out.refused, identity, hello)
+            if out.refused == "hello_rebuilding":
+                self.counters["hello_held"] += 1     # (it asks again; not a refusal)
+            else:
+                self._refuse(out.refused, identity, hello)
+            self._carry(out)
             return
-        self.members[hello.member_id] = MemberInfo(self.membership.members[hello.member_id],
-                                                   identity)
-        self.by_identity[identity] = hello.member_id
+        inc = self.membership.incarnation(member_id)
+        info = self.members.get(member_id)
+        if inc is not None and (inc is not before or info is None
+                                or info.incarnation is not inc):
+            # a new incarnation (or claim): only its connections are bound
+            for old in [i for i, c in self.conns.items() if c.member_id == member_id]:
+                del self.conns[old]
+            self.bulk_identity.pop(member_id, None)
+            self.members[member_id] = MemberInfo(inc, identity)
+        elif info is not None and info.identity != identity:
+            # (the same incarnation on a new live connection)
+            self.conns.pop(info.identity, None)
+            info.identity = identity
+        self.conns[identity] = Conn(member_id, Channel.LIVE)
+        self.by_identity[identity] = member_id
         self._carry(out)
+
+    def _notify(self, identity: bytes, notice: Notice) -> None:
+        """Tell the connection ``identity`` why we do not take its output."""
+        self.counters[f"notice_{notice.kind.name.lower()}"] += 1
+        if self.loop is None:
+            self.drops["notice_undeliverable"] += 1
+            return
+        info = next((i for i in self.members.values() if i.identity == identity), None)
+        seq = info.tx.next() if info is not None else 0
+        fut = asyncio.ensure_future(self.router.send_multipart(
+            [identity, encode(notice, seq)], flags=zmq.NOBLOCK))
+        fut.add_done_callback(self._sent)
 
     def fence(self, member_id: int, pid: int) -> None:
         """The supervisor saw this incarnation's process end: it is dead now,
@@ -1044,6 +1100,8 @@ class Dispatcher:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         c = self.config.cluster
+        self.membership.expect_reattach(reattach_wait(c.heartbeat_interval, c.dead_after),
+                                        self._now())
         # The ports first: a second cluster with the same config fails here,
         # before its bind replaces the first one's members socket.
         self._open_ports()

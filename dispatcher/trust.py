@@ -34,7 +34,7 @@ from typing import Any
 from common.cluster.routing import FLAG_INITIATOR, IKE_HEADER_LEN, NON_ESP_MARKER_LEN, init_segment
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi, segment_of_ike_spi
-from common.cluster.wire import ChildDelete, ChildPush, Datagram, RouteAdd, Sync
+from common.cluster.wire import ChildClaim, ChildDelete, ChildPush, Datagram, RouteAdd, Sync
 from common.errors import MalformedMessage, StartupError
 from common.esp.natt import Kind, classify_4500
 from common.ike.ts import TrafficSelector
@@ -301,6 +301,29 @@ class Guard:
         if self.allowed_remote is not None and not ts_within(msg.remote_ts,
                                                              self.allowed_remote):
             return "child_push_outside_config"
+        self.children[msg.spi_in] = ChildRecord(msg.spi_in, msg.spi_out, bytes(msg.ike_spi),
+                                                msg.local_ts, msg.remote_ts)
+        self.esp_out[msg.spi_out] = msg.spi_in
+        return None
+
+    def child_claim(self, msg: ChildClaim, sender: int) -> str | None:
+        """A child a member carries, announced after its reattach to a
+        dispatcher that never saw its CHILD_PUSH: only by the owner of its
+        inbound SPI's segment, never over a child we know with another
+        outbound SPI nor over another child's outbound SPI (the same claim
+        again is fine), never wider than the configuration."""
+        if len(msg.ike_spi) != 8:
+            return "child_claim_no_ike_sa"
+        if not self.owns(sender, segment_of_esp_spi(msg.spi_in, self.table.segment_bits)):
+            return "child_claim_not_carrier"
+        old = self.children.get(msg.spi_in)
+        if old is not None:
+            return None if old.spi_out == msg.spi_out else "child_claim_conflict"
+        if msg.spi_out in self.esp_out:
+            return "child_claim_conflict"
+        if self.allowed_remote is not None and not ts_within(msg.remote_ts,
+                                                             self.allowed_remote):
+            return "child_claim_outside_config"
         self.children[msg.spi_in] = ChildRecord(msg.spi_in, msg.spi_out, bytes(msg.ike_spi),
                                                 msg.local_ts, msg.remote_ts)
         self.esp_out[msg.spi_out] = msg.spi_in

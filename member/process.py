@@ -36,6 +36,7 @@ from common.cluster.stats import MemberStats, Replicas
 from common.cluster.wire import (
     MAX_EVENTS,
     Channel,
+    ChildClaim,
     ChildDelete,
     ChildPush,
     Control,
@@ -49,6 +50,8 @@ from common.cluster.wire import (
     InnerIn,
     InnerOut,
     Message,
+    Notice,
+    NoticeKind,
     RouteAdd,
     RouteDel,
     Status,
@@ -56,6 +59,7 @@ from common.cluster.wire import (
     StreamSeq,
     Sync,
     TableUpdate,
+    Timing,
     decode,
     encode,
 )
@@ -86,6 +90,14 @@ DISPATCHER = "dispatcher"
 TIMER_RETRY_S = 0.1
 #: SA events held for the dispatcher at most (between two flushes)
 MAX_EVENTS_QUEUED = 4096
+#: exit statuses (docs/operations.md "Members on other hosts"): our HELLO
+#: was refused for good (timing keys, like a bad config: do not restart us);
+#: a newer incarnation of our member id took our place (do not restart us:
+#: it would fight the newer one); we must rejoin as a new incarnation
+#: (declared dead, or no dispatcher for ``orphan_after``: restart us)
+EXIT_REFUSED = 2
+EXIT_REPLACED = 3
+EXIT_REJOIN = 75
 
 
 def heartbeat_refusal(hb: Heartbeat, sender_id: int) -> str | None:
@@ -212,6 +224,15 @@ class MemberProcess:
         self.sender_id = 0
         #: our incarnation's secret (from the dispatcher), for our other channels
         self.token = 0
+        #: when we last heard a dispatcher heartbeat (loop time; a reattach
+        #: follows ``dead_after`` silent intervals, a clean stop ``orphan_after``)
+        self.heard = 0.0
+        #: bumped when we (re)attached: the heartbeat thread opens its channel anew
+        self.attached = 0
+        #: when our last reattach HELLO left (loop time; 0: not reattaching)
+        self.reattaching = 0.0
+        #: the pid in the dispatcher's heartbeats (another one: a new dispatcher)
+        self.dispatcher_pid = 0
         self.seq = StreamSeq()
         self.rx_seq = StreamSeq()
         self.gaps = 0
@@ -425,6 +446,9 @@ class MemberProcess:
             self.send(Status(json.dumps(self.status()).encode()))
         elif isinstance(msg, ControlReq):
             self.send(Control(msg.req_id, json.dumps(self._control(msg)).encode()))
+        elif isinstance(msg, Notice):
+            self._notice(msg)
+            return
         else:
             # DATAGRAM_OUT, INNER_OUT, ROUTE_*, HELLO, STATUS: member -> dispatcher only
             self.refusals.refuse("wire_wrong_direction", DISPATCHER, type(msg).__name__)
@@ -487,6 +511,12 @@ class MemberProcess:
             self.refusals.refuse(f"heartbeat_{reason}", DISPATCHER,
                                  f"sender id {hb.sender_id}")
             return
+        if self.loop is not None:
+            self.heard = self.loop.time()
+        new_dispatcher = hb.pid != self.dispatcher_pid
+        self.dispatcher_pid = hb.pid
+        if self.member is not None and hb.token and hb.token == self.token:
+            self._reattached(hb, new_dispatcher)
         if self.member is None:
             # The dispatcher's answer to HELLO: our incarnation's sender id.
             # (the token first: the heartbeat thread starts on the sender id)
@@ -512,6 +542,71 @@ class MemberProcess:
         self.loads, bad = read_loads(hb.loads, MAX_MEMBERS)
         if bad:
             self.refusals.refuse("heartbeat_bad_load", DISPATCHER, f"{bad} load counters")
+
+    def _reattached(self, hb: Heartbeat, new_dispatcher: bool) -> None:
+        """The dispatcher answered our reattach HELLO (or a repeated one):
+        our heartbeat and bulk channels open anew, and, for a new dispatcher,
+        every child we carry is claimed again (it never saw them pushed: it
+        routes their cleartext and lets their ESP out from now on)."""
+        if self.reattaching:
+            log.warning("member %d: reattached to the dispatcher (pid %d) with sender id %d",
+                        self.member_id, hb.pid, self.sender_id)
+        self.reattaching = 0.0
+        self.attached += 1
+        self.send_bulk(self._hello(Channel.BULK))
+        m = self.member
+        if m is None or not new_dispatcher:
+            return
+        self.rx_seq = StreamSeq()       # (its stream starts anew)
+        for spi_in, route in list(m.by_spi.items()):
+            if len(route.ike_spi) == 8:
+                self.send(ChildClaim(spi_in, route.outbound.spi, route.ike_spi, route.local_ts,
+                                     route.remote_ts))
+
+    def _reattach(self, why: str) -> None:
+        """Ask the dispatcher to keep this incarnation (a reattach HELLO: our
+        sender id, token and table), at most once per heartbeat interval."""
+        loop = self.loop
+        if loop is None or not self.sender_id:
+            return
+        now = loop.time()
+        if now - self.reattaching < self.config.cluster.heartbeat_interval:
+            return
+        if not self.reattaching:
+            log.warning("member %d: %s: reattaching (sender id %d, table epoch %d)",
+                        self.member_id, why, self.sender_id,
+                        self.table.epoch if self.table else 0)
+        self.reattaching = now
+        self.send(self._hello(Channel.LIVE, reattach=True))
+
+    def _notice(self, notice: Notice) -> None:
+        """The dispatcher does not take our output: reattach, or end this
+        incarnation (nothing more is sent: our SAs were taken over by others
+        or are about to be, RFC 6027 §3.7) with the status that tells our
+        supervisor whether to start us again."""
+        if notice.kind is NoticeKind.REFUSED:
+            self._exit(EXIT_REFUSED, f"member {self.member_id}: refused by the dispatcher: "
+                                     f"{notice.text}")
+        if notice.sender_id != self.sender_id or not self.sender_id:
+            self.refusals.refuse("notice_not_ours", DISPATCHER, f"sender id {notice.sender_id}")
+            return
+        if notice.kind is NoticeKind.UNKNOWN:
+            self._reattach("the dispatcher does not know us")
+        elif notice.kind is NoticeKind.DEAD:
+            self._exit(EXIT_REJOIN, f"member {self.member_id}: declared dead by the dispatcher "
+                                    f"({notice.text}): our SAs were taken over; ending this "
+                                    "incarnation to rejoin as a new one")
+        elif notice.kind is NoticeKind.REPLACED:
+            self._exit(EXIT_REPLACED, f"member {self.member_id}: replaced: {notice.text}; "
+                                      "stopping (not to be restarted)")
+
+    def _exit(self, status: int, line: str) -> None:
+        """End the process at once: nothing queued is sent, nothing runs on."""
+        log.error("%s (exit status %d)", line, status)
+        for handler in logging.getLogger().handlers + log.handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(status)
 
     def _table(self, table: SegmentTable) -> None:
         reason = table_refusal(self.table, table, self.config.cluster.segment_bits)
@@ -723,15 +818,16 @@ class MemberProcess:
         sock.connect(self.endpoint)
         interval = self.config.cluster.heartbeat_interval
         seq = StreamSeq()
-        opened = 0
+        opened: tuple[int, int] = (0, 0)
         try:
             while not self._hb_stop.wait(interval):
                 if time.monotonic() - self.progress > WATCHDOG_S or not self.sender_id:
                     continue
                 epoch = self.table.epoch if self.table else 0
-                if opened != self.sender_id:
-                    # this channel belongs to the incarnation (its sender id)
-                    opened = self.sender_id
+                if opened != (self.sender_id, self.attached):
+                    # this channel belongs to the incarnation (its sender id),
+                    # opened anew on each (re)attach
+                    opened = (self.sender_id, self.attached)
                     with contextlib.suppress(zmq.ZMQError):
                         sock.send(encode(self._hello(Channel.HEARTBEAT), seq.next()),
                                   zmq.NOBLOCK)
@@ -742,9 +838,19 @@ class MemberProcess:
         finally:
             sock.close(linger=0)
 
-    def _hello(self, channel: Channel) -> Hello:
+    def _hello(self, channel: Channel, *, reattach: bool = False) -> Hello:
+        """A LIVE HELLO carries our timing keys (refused at join if they are
+        not the dispatcher's); a reattach one our sender id, token and table."""
         if channel is Channel.LIVE:
-            return Hello(self.member_id, os.getpid(), socket.gethostname(), channel)
+            c = self.config.cluster
+            timing = Timing.of(c.heartbeat_interval, c.dead_after, c.segment_bits, c.mode)
+            if reattach:
+                # (no table yet: an empty one, epoch 0, claims nothing)
+                table = self.table if self.table is not None else SegmentTable(c.segment_bits)
+                return Hello(self.member_id, os.getpid(), socket.gethostname(), channel,
+                             self.sender_id, self.token, timing, table)
+            return Hello(self.member_id, os.getpid(), socket.gethostname(), channel,
+                         timing=timing)
         return Hello(self.member_id, os.getpid(), socket.gethostname(), channel,
                      self.sender_id, self.token)
 
@@ -764,6 +870,19 @@ class MemberProcess:
             # previous incarnation of our id is alive; ask again.
             self.send(self._hello(Channel.LIVE))
             return
+        loop = self.loop
+        if loop is not None:
+            c = self.config.cluster
+            if not self.heard:
+                self.heard = loop.time()
+            silent = loop.time() - self.heard
+            if c.orphan_after and silent > c.orphan_after:
+                self._exit(EXIT_REJOIN, f"member {self.member_id}: no dispatcher for "
+                                        f"{silent:.1f} s (cluster.orphan_after = "
+                                        f"{c.orphan_after:g}): stopping, to join anew")
+            if silent > c.dead_after * c.heartbeat_interval:
+                # the dispatcher died, restarted or lost us: ask to be kept
+                self._reattach(f"no dispatcher heartbeat for {silent:.2f} s")
         epoch = self.table.epoch if self.table else 0
         self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
                             stats=self.stats()))
@@ -785,6 +904,7 @@ class MemberProcess:
                                "(expected the dispatcher's ipc://PATH or tcp://HOST:PORT)"
                                ) from None
         self.bulk.connect(self.endpoint)
+        self.heard = self.loop.time()
         hb = asyncio.ensure_future(self.heartbeats())
         bulk = asyncio.ensure_future(self._bulk_loop())
         self.progress = time.monotonic()

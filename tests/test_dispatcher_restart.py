@@ -13,9 +13,9 @@ pid, the same supervisor), the members run on (the same pids), ``status``
 answers again; SIGTERM to the supervisor then stops everything and leaves
 table 220, our rules and the devices as before the start.
 
-The full rebuild (the members reattach with their sender ids and segments,
-the epoch goes on, the peer's SAs are known again) needs the reattach
-protocol of the members: marked xfail until it lands.
+The full rebuild: the members reattach with their sender ids and segments,
+the epoch goes on, the peer's SAs are known again (docs/failover.md
+"Reattach: members outlive their dispatcher").
 """
 
 from __future__ import annotations
@@ -168,7 +168,6 @@ def test_kill_9_of_the_dispatcher_costs_established_children_nothing(
         _stop_and_check_clean(lab, up, members)
 
 
-@pytest.mark.xfail(strict=False, reason="needs the reattach protocol (branch rejoin)")
 def test_a_restarted_dispatcher_rebuilds_the_table_from_the_members(
         lab: Lab, tmp_path: Path) -> None:
     with cluster_and_peer(lab, tmp_path) as up:

@@ -40,6 +40,7 @@ from common.cluster.routing import init_segment
 from common.cluster.stats import MemberStats
 from common.cluster.wire import (
     Channel,
+    ChildClaim,
     ChildDelete,
     ChildPush,
     Datagram,
@@ -49,6 +50,8 @@ from common.cluster.wire import (
     Hello,
     InnerOut,
     Message,
+    Notice,
+    NoticeKind,
     RouteAdd,
     RouteDel,
     Status,
@@ -564,6 +567,75 @@ def test_a_dead_member_is_fenced_and_its_successor_joins() -> None:
     assert d.members[2].alive and d.members[2].identity == b"new2"
     assert any(m == 2 and isinstance(msg, Heartbeat) for m, msg in sent.to)
     assert b"live2" not in d.conns and b"bulk2" not in d.conns
+    d.close()
+
+
+def _notices(d: Dispatcher) -> list[tuple[bytes, Notice]]:
+    told: list[tuple[bytes, Notice]] = []
+    d._notify = lambda identity, notice: told.append((identity, notice))  # type: ignore[method-assign]
+    return told
+
+
+def test_a_dead_incarnation_is_told_to_rejoin_and_a_replaced_one_to_stop() -> None:
+    d, _sent = _rig()
+    told = _notices(d)
+    old_sid = d.members[2].sender_id
+    d.fence(2, 102)
+    _say(d, 2, Heartbeat(2, old_sid, 102, 1, stats=MemberStats()))
+    assert told == [(b"live2", Notice(NoticeKind.DEAD, old_sid,
+                                       f"member 2 sender id {old_sid} was declared dead"))]
+    # its other output stays ignored, and it is told nothing more for it
+    _say(d, 2, RouteDel(1))
+    assert d.drops["dead_member"] == 1 and len(told) == 1
+    # its successor joins; the old connection is gone: it hears nothing there
+    d._peer = 2
+    d._from_member(b"new2", 0, Hello(2, 999, "x"))
+    d._peer = None
+    told.clear()
+    _say(d, 2, Heartbeat(2, old_sid, 102, 1, stats=MemberStats()))
+    assert told == [] and d.drops["refused_no_hello"] == 1
+    d.close()
+
+
+def test_a_hello_with_other_timing_keys_is_refused_with_the_line() -> None:
+    from common.cluster.wire import Timing
+
+    d, _sent = _rig()
+    told = _notices(d)
+    d.fence(2, 102)
+    d._peer = 2
+    d._from_member(b"new2", 0, Hello(2, 999, "x", timing=Timing.of(0.5, 3, 8, "load-sharing")))
+    d._peer = None
+    assert d.drops["refused_hello_timing"] == 1 and not d.members[2].alive
+    assert told and told[0][0] == b"new2" and told[0][1].kind is NoticeKind.REFUSED
+    assert told[0][1].text.startswith("cluster.heartbeat_interval is 0.5 at member 2 but ")
+    d.close()
+
+
+def test_a_child_is_claimed_only_by_the_carrier_of_its_segment() -> None:
+    d, _sent = _rig()
+    spi_in = _segment_spi(d, 1, 32)
+    ike_spi = _segment_spi(d, 2, 64).to_bytes(8, "big")
+    claim = ChildClaim(spi_in, 0xC0DE0001, ike_spi, (_selector("10.200.0.0/28"),),
+                       (_selector("10.100.0.0/28"),))
+    _say(d, 2, claim)                                    # not the carrier
+    assert d.drops["refused_child_claim_not_carrier"] == 1 and spi_in not in d.route_info
+    _say(d, 1, dataclasses.replace(claim, ike_spi=b"x"))
+    assert d.drops["refused_child_claim_no_ike_sa"] == 1
+    _say(d, 1, dataclasses.replace(claim, remote_ts=(V4_ANY,)))
+    assert d.drops["refused_child_claim_outside_config"] == 1
+    _say(d, 1, claim)
+    assert d.route_info[spi_in].member == 1 and d.counters["children_claimed"] == 1
+    _say(d, 1, claim)                                    # the same claim again: fine
+    assert d.counters["children_claimed"] == 2
+    # another outbound SPI for a known child, another child over a known outbound SPI
+    _say(d, 1, dataclasses.replace(claim, spi_out=0xC0DE0002))
+    other = _segment_spi(d, 1, 32) ^ 0x10
+    _say(d, 1, dataclasses.replace(claim, spi_in=other))
+    assert d.drops["refused_child_claim_conflict"] == 2 and other not in d.route_info
+    # its ESP may leave now (the guard knows the child)
+    esp = struct.pack("!II", 0xC0DE0001, 1) + bytes(32)
+    assert d.guard.datagram(Datagram(4500, socket.inet_aton(PEER), 4500, esp), 1) is None
     d.close()
 
 

@@ -38,12 +38,16 @@ from common.cluster.sync import (
     encode_sync,
 )
 from common.cluster.wire import (
+    Channel,
     ChildPush,
     Datagram,
     DatagramIn,
     Heartbeat,
+    Hello,
     InnerIn,
     Message,
+    Notice,
+    NoticeKind,
     Sync,
     TableUpdate,
     encode,
@@ -54,7 +58,7 @@ from common.ike.context import ChildState as ChildSaState
 from common.ike.context import IkeState
 from common.ike.sa import IkeSa
 from common.ike.ts import TrafficSelector
-from member.process import MemberProcess
+from member.process import EXIT_REFUSED, EXIT_REJOIN, EXIT_REPLACED, MemberProcess
 from member.refusals import Refusals
 from tests.fuzz import fuzz_settings
 
@@ -549,6 +553,81 @@ def test_the_heartbeat_task_outlives_a_failing_tick() -> None:
         return mp.refusals.counts["bug.heartbeat.RuntimeError"]
 
     assert run_coro(go()) >= 3   # three ticks failed, the task went on
+
+
+# -- notices, reattach, the orphan bound ------------------------------------------------------
+
+
+class Exited(Exception):
+    pass
+
+
+def _exits(rig: Rig) -> list[tuple[int, str]]:
+    """``_exit`` recorded (and the handling stopped) instead of the process ended."""
+    calls: list[tuple[int, str]] = []
+
+    def fake(status: int, line: str) -> None:
+        calls.append((status, line))
+        raise Exited
+
+    rig.mp._exit = fake  # type: ignore[method-assign]
+    return calls
+
+
+def test_notices_end_the_incarnation_with_the_status_its_supervisor_reads() -> None:
+    def body(rig: Rig) -> None:
+        calls = _exits(rig)
+        # not ours (another incarnation's sender id): counted, nothing else
+        rig.frame(Notice(NoticeKind.DEAD, SENDER_ID + 1, "x"))
+        assert rig.refused.get("notice_not_ours") == 1 and not calls
+        for kind, status in ((NoticeKind.DEAD, EXIT_REJOIN),
+                             (NoticeKind.REPLACED, EXIT_REPLACED),
+                             (NoticeKind.REFUSED, EXIT_REFUSED)):
+            rig.mp._frame(encode(Notice(kind, SENDER_ID if kind is not NoticeKind.REFUSED
+                                        else 0, "why"), 0))
+            assert calls[-1][0] == status and "why" in calls[-1][1]
+        assert not rig.bugs() or set(rig.bugs()) == {"bug.notice.Exited"}
+        # UNKNOWN: ask to be kept (a reattach HELLO: sender id, token, table)
+        rig.sent.clear()
+        rig.frame(Notice(NoticeKind.UNKNOWN, SENDER_ID, ""))
+        hellos = [m for m in rig.sent if isinstance(m, Hello)]
+        assert len(hellos) == 1
+        h = hellos[0]
+        assert (h.channel, h.sender_id, h.table) == (Channel.LIVE, SENDER_ID, table())
+        assert h.timing is not None and h.timing.dead_after == rig.mp.config.cluster.dead_after
+        rig.frame(Notice(NoticeKind.UNKNOWN, SENDER_ID, ""))   # at most once an interval
+        assert len([m for m in rig.sent if isinstance(m, Hello)]) == 1
+    run_in_loop(body)
+
+
+def test_silence_makes_a_member_reattach_then_stop_after_orphan_after() -> None:
+    def body(rig: Rig) -> None:
+        calls = _exits(rig)
+        mp = rig.mp
+        assert mp.loop is not None
+        c = mp.config.cluster
+        rig.sent.clear()
+        mp._heartbeat_tick()                    # just heard the dispatcher: a heartbeat
+        assert not any(isinstance(m, Hello) for m in rig.sent)
+        mp.heard = mp.loop.time() - (c.dead_after + 1) * c.heartbeat_interval
+        mp._heartbeat_tick()
+        assert [m.sender_id for m in rig.sent if isinstance(m, Hello)] == [SENDER_ID]
+        # the answer (our token): the channels open anew; the same dispatcher
+        # (its pid): no child claimed again
+        rig.sent.clear()
+        mp.token = 0x70CE
+        attached = mp.attached
+        rig.frame(Heartbeat(0, SENDER_ID, 1, 0, {}, token=0x70CE))
+        assert mp.reattaching == 0.0 and mp.attached == attached + 1
+        assert [m.channel for m in rig.sent if isinstance(m, Hello)] == [Channel.BULK]
+        # another's token: not an answer to us
+        rig.frame(Heartbeat(0, SENDER_ID, 1, 0, {}, token=0xBAD))
+        assert mp.attached == attached + 1
+        mp.heard = mp.loop.time() - c.orphan_after - 1
+        with pytest.raises(Exited):
+            mp._heartbeat_tick()
+        assert calls[-1][0] == EXIT_REJOIN and "cluster.orphan_after" in calls[-1][1]
+    run_in_loop(body)
 
 
 # -- the rate limit ----------------------------------------------------------------------------

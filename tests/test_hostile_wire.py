@@ -46,6 +46,7 @@ from common.cluster.sync import (
 )
 from common.cluster.wire import (
     WIRE_VERSION,
+    ChildClaim,
     ChildDelete,
     ChildPush,
     Control,
@@ -60,12 +61,15 @@ from common.cluster.wire import (
     InnerOut,
     Message,
     MsgType,
+    Notice,
+    NoticeKind,
     RouteAdd,
     RouteDel,
     Status,
     StatusReq,
     Sync,
     TableUpdate,
+    Timing,
     decode,
     encode,
 )
@@ -107,6 +111,11 @@ WIRE: list[Message] = [
     Control(1, b"{}"),
     Sync(1, 2, 3, b"xyz"),
     Events((Event(EventType.IKE_UP, member=1, conn="c"),)),
+    Notice(NoticeKind.DEAD, 7, "member 1 sender id 7 was declared dead"),
+    ChildClaim(0x1234, 0x5678, b"s" * 8, (TS4,), (TS6, TS4)),
+    # (a reattach HELLO: timing keys and the table the member holds)
+    Hello(1, 2, "host", sender_id=7, token=9, timing=Timing.of(0.05, 3, 2, "hot-standby"),
+          table=_table()),
 ]
 
 _CHILD = ChildRecord("c", 0x1000, 0x2000, "aes128gcm16", False, 0, 1, 5.0, (TS4,), (TS6,))
@@ -140,8 +149,8 @@ def test_every_message_type_is_covered_and_round_trips() -> None:
     assert {type(m).__name__ for m in WIRE} == {
         "DatagramIn", "DatagramOut", "InnerIn", "InnerOut", "Heartbeat", "TableUpdate",
         "ChildPush", "ChildDelete", "RouteAdd", "RouteDel", "Hello", "StatusReq", "Status",
-        "Sync", "ControlReq", "Control", "Events"}
-    assert len(WIRE) == len(MsgType)
+        "Sync", "ControlReq", "Control", "Events", "Notice", "ChildClaim"}
+    assert len({type(m) for m in WIRE}) == len(MsgType)
     assert len(SYNC) == len(SyncKind)
     for raw in WIRE_RAW:
         seq, back = decode(raw)

@@ -19,7 +19,9 @@ from hypothesis.stateful import (
 
 from common.cluster.events import Event, EventType
 from common.cluster.membership import (
+    MAX_CLAIMED_EPOCH,
     STARTUP_WAIT_S,
+    Claim,
     Level,
     Membership,
     Outputs,
@@ -38,7 +40,16 @@ from common.cluster.placement import (
 )
 from common.cluster.segments import SegmentTable
 from common.cluster.spi import segment_of_esp_spi
-from common.cluster.wire import Channel, Heartbeat, TableUpdate, decode, encode
+from common.cluster.wire import (
+    Channel,
+    Heartbeat,
+    Notice,
+    NoticeKind,
+    TableUpdate,
+    Timing,
+    decode,
+    encode,
+)
 from common.esp.iv import MAX_SENDER_ID
 from tests.fuzz import fuzz_settings
 
@@ -248,7 +259,7 @@ def test_a_dead_members_segments_go_to_their_backups_and_get_new_backups() -> No
     theirs = {s: before.backup(s) for s in before.segments_of(2)}
     out = c.m.exited(2, 102)
     assert texts(out)[:2] == ["member 2 (pid 102) exited: fenced",
-                              f"member 2 declared dead (no heartbeat for {DEAD_AFTER} intervals)"]
+                              "member 2 declared dead (process 102 exited)"]
     assert t.epoch == before.epoch + 1
     assert texts(out)[2] == f"segment table epoch {t.epoch}: {len(out.moves)} segments moved"
     for s, backup in theirs.items():
@@ -317,7 +328,7 @@ def test_a_dead_incarnations_heartbeats_never_give_it_segments() -> None:
         assert not old.alive and not c.m.table.segments_of(2)
         assert not c.m.table.backups_of(2) and 2 not in c.m.table.members
     assert logged == ["member 2 (pid 102) is back after being declared dead; its output is "
-                      "ignored until it rejoins"]
+                      "ignored, and it is told to rejoin as a new incarnation"]
 
 
 def test_a_new_incarnation_gets_a_new_sender_id() -> None:
@@ -484,6 +495,222 @@ def test_loads_survive_the_wire() -> None:
     assert decode(encode(hb, 5)) == (5, hb)
 
 
+# -- timing keys, notices ----------------------------------------------------------------
+
+TIMING = Timing.of(INTERVAL, DEAD_AFTER, 4, "load-sharing")
+
+
+def test_a_member_with_other_timing_keys_is_refused_with_one_line() -> None:
+    m = Membership(4, expect=1, heartbeat_interval=INTERVAL, dead_after=DEAD_AFTER,
+                   timing=TIMING)
+    for theirs, line in [
+            (Timing.of(0.25, DEAD_AFTER, 4, "load-sharing"),
+             "cluster.heartbeat_interval is 0.25 at member 1 but 0.125 at the dispatcher"),
+            (Timing.of(INTERVAL, 5, 4, "load-sharing"),
+             "cluster.dead_after is 5 at member 1 but 3 at the dispatcher"),
+            (Timing.of(INTERVAL, DEAD_AFTER, 8, "load-sharing"),
+             "cluster.segment_bits is 8 at member 1 but 4 at the dispatcher"),
+            (Timing.of(INTERVAL, DEAD_AFTER, 4, "hot-standby"),
+             "cluster.mode is hot-standby at member 1 but load-sharing at the dispatcher")]:
+        out = m.hello(1, 101, "h", 7, 0.0, timing=theirs)
+        assert out.refused == "hello_timing" and not out.sends and not m.members
+        assert out.reply is not None and out.reply.kind is NoticeKind.REFUSED
+        assert out.reply.text.startswith(line + ":"), out.reply.text
+    out = m.hello(1, 101, "h", 7, 0.0, timing=TIMING)
+    assert out.refused is None and m.is_alive(1)
+
+
+def test_a_dead_incarnation_that_writes_is_told_to_rejoin_and_an_older_one_to_stop() -> None:
+    c = started()
+    old = c.m.members[2]
+    c.m.exited(2, 102)
+    out = c.m.heartbeat(2, old.sender_id, c.now, Channel.LIVE)
+    assert out.reply == Notice(NoticeKind.DEAD, old.sender_id,
+                               f"member 2 sender id {old.sender_id} was declared dead")
+    # (on its heartbeat thread's connection: nothing, that thread does not listen)
+    assert c.m.heartbeat(2, old.sender_id, c.now).reply is None
+    c.hello(2, pid=202)
+    new = c.m.members[2]
+    out = c.m.heartbeat(2, old.sender_id, c.now, Channel.LIVE)
+    assert out.reply is not None and out.reply.kind is NoticeKind.REPLACED
+    assert f"pid 202 on host, sender id {new.sender_id}" in out.reply.text
+    assert c.m.heartbeat(2, new.sender_id, c.now, Channel.LIVE).reply is None
+    assert c.m.standing(4, 9) == Notice(NoticeKind.UNKNOWN, 9,
+                                        "no incarnation of this member here")
+
+
+# -- reattach: a new dispatcher rebuilds from what its members hold ---------------------------
+
+WAIT = 2.0
+
+
+def successor(expect: int = 3, bits: int = 4) -> Cluster:
+    """A dispatcher started after one that died: it waits for reattach claims."""
+    c = Cluster(expect, bits)
+    c.m = Membership(bits, expect=expect, heartbeat_interval=INTERVAL, dead_after=DEAD_AFTER,
+                     pid=DISPATCHER_PID + 1, reattach_wait=WAIT)
+    c.m.start(c.now)
+    return c
+
+
+def claim(c: Cluster, member: int, sender_id: int, table: SegmentTable,
+          token: int | None = None, pid: int | None = None) -> Outputs:
+    return c.m.hello(member, pid or 100 + member, "host", 0, c.now, c.children,
+                     claim=Claim(sender_id, token or 0xC0FFEE + member, table))
+
+
+def old_cluster(bits: int = 4) -> Cluster:
+    """The predecessor: three members, a few epochs of history."""
+    old = started(bits=bits)
+    old.tick(AUTOBALANCE_STEP_S)
+    return old
+
+
+def test_reattached_members_keep_their_sender_ids_and_segments_at_a_higher_epoch() -> None:
+    old = old_cluster()
+    table = old.m.table.copy()
+    ids = {m: old.m.members[m].sender_id for m in (1, 2, 3)}
+    c = successor()
+    assert claim(c, 1, ids[1], table).sends == []          # held until the rebuild
+    assert claim(c, 2, ids[2], table).sends == []
+    out = claim(c, 3, ids[3], table)                       # expect reached: rebuilt now
+    t = c.m.table
+    assert not c.m.rebuilding and t.epoch == table.epoch + 1
+    assert [t.owner(s) for s in range(16)] == [table.owner(s) for s in range(16)]
+    assert [t.backup(s) for s in range(16)] == [table.backup(s) for s in range(16)]
+    assert {m: c.m.members[m].sender_id for m in (1, 2, 3)} == ids
+    assert c.m.alive() == [1, 2, 3]
+    hbs = {s.member: s.message for s in out.sends if isinstance(s.message, Heartbeat)}
+    assert {m: (hb.sender_id, hb.token) for m, hb in hbs.items()} == {
+        m: (ids[m], 0xC0FFEE + m) for m in (1, 2, 3)}
+    tables = [s.message for s in out.sends if isinstance(s.message, TableUpdate)]
+    assert len(tables) == 3 and all(u.table == t for u in tables)
+    assert "segment table rebuilt from 3 reattached members" in " ".join(texts(out))
+    # a new member after the rebuild never gets a claimed sender id
+    c.hello(4)
+    assert c.m.members[4].sender_id not in ids.values()
+    # the same incarnation reattaching again (its answer lost): the same answer
+    again = claim(c, 1, ids[1], table)
+    assert again.refused is None and [type(s.message) for s in again.sends] == [
+        Heartbeat, TableUpdate]
+
+
+def test_new_members_wait_for_the_rebuild_then_join_a_new_cluster() -> None:
+    c = successor(expect=2)
+    assert c.hello(1).refused == "hello_rebuilding" and not c.m.members
+    out = c.hello(2)            # both expected members spoke: no reattach, a new cluster
+    assert "no member reattached: a new cluster" in texts(out)
+    assert c.m.alive() == [2] and not c.m.rebuilding
+    c.hello(1)
+    assert c.m.table.members == (2, 1) or c.m.table.members == (1, 2)
+
+
+def test_the_window_ends_after_reattach_wait_without_the_expected_members() -> None:
+    old = old_cluster()
+    table = old.m.table.copy()
+    c = successor(expect=3)
+    claim(c, 1, old.m.members[1].sender_id, table)
+    claim(c, 2, old.m.members[2].sender_id, table)
+    assert c.hello(4).refused == "hello_rebuilding"
+    while c.now + INTERVAL < WAIT:
+        assert not c.tick(beat=False).table_changed and c.m.rebuilding
+    out = c.tick(beat=False)
+    # member 3 did not reattach: its segments went to their backups
+    t = c.m.table
+    assert not c.m.rebuilding and 3 not in t.members and t.epoch > table.epoch
+    for s in table.segments_of(3):
+        assert t.owner(s) == table.backup(s)
+    assert events(out, EventType.MEMBER_DEAD) == [
+        Event(EventType.MEMBER_DEAD, member=3, reason="did not reattach")]
+    # its late claim: told it is dead, it rejoins as a new incarnation
+    late = claim(c, 3, old.m.members[3].sender_id, table)
+    assert late.refused == "reattach_late" and late.reply is not None
+    assert late.reply.kind is NoticeKind.DEAD
+    c.hello(3)
+    assert c.m.members[3].sender_id not in {old.m.members[m].sender_id for m in (1, 2, 3)}
+    assert 3 in c.m.balancing                  # its segments come back by autobalance
+    assert c.hello(4).refused is None
+
+
+def test_a_member_reporting_an_old_epoch_gets_the_newest_table() -> None:
+    old = old_cluster()
+    stale = old.m.table.copy()
+    old.m.exited(3, 103)                       # the newest table: 3 failed over
+    newest = old.m.table.copy()
+    c = successor(expect=2)
+    claim(c, 1, old.m.members[1].sender_id, stale)
+    claim(c, 2, old.m.members[2].sender_id, newest)
+    assert c.m.rebuilding            # (the stale table names member 3: it may still come)
+    c.tick(WAIT, beat=False)
+    t = c.m.table
+    assert t.epoch == newest.epoch + 1 and t.members == newest.members
+    assert [t.owner(s) for s in range(16)] == [newest.owner(s) for s in range(16)]
+
+
+def test_a_sender_id_claimed_twice_goes_to_the_newer_table() -> None:
+    old = old_cluster()
+    stale = old.m.table.copy()
+    old.m.exited(3, 103)
+    newest = old.m.table.copy()
+    c = successor(expect=3)
+    sid = old.m.members[1].sender_id
+    claim(c, 1, sid, stale)
+    claim(c, 2, sid, newest)                 # the same sender id, a newer table
+    claim(c, 3, old.m.members[3].sender_id, stale)
+    assert c.m.members[2].alive and c.m.members[2].sender_id == sid
+    assert not c.m.members[1].alive
+    notice = c.m.heartbeat(1, sid, c.now, Channel.LIVE).reply
+    assert notice is not None and notice.kind is NoticeKind.DEAD
+    assert c.m.table.epoch > newest.epoch
+    c.hello(1)                               # it rejoins as new: another sender id
+    assert c.m.members[1].sender_id != sid
+    ids = [i.sender_id for i in c.m.members.values() if i.alive]
+    assert len(ids) == len(set(ids))
+
+
+def test_two_claims_for_one_member_id_the_newer_table_wins() -> None:
+    old = old_cluster()
+    stale = old.m.table.copy()
+    old.m.exited(3, 103)
+    newest = old.m.table.copy()
+    c = successor(expect=2)
+    claim(c, 1, 5, newest, pid=501)
+    out = claim(c, 1, 6, stale, token=77, pid=502)       # older table: refused, told to stop
+    assert out.refused == "reattach_replaced" and out.reply is not None
+    assert out.reply.kind is NoticeKind.REPLACED
+    assert c.m.standing(1, 6) is not None and c.m.standing(1, 5) is None
+    claim(c, 2, old.m.members[2].sender_id, newest)
+    assert c.m.members[1].sender_id == 5 and c.m.members[1].pid == 501
+
+
+def test_one_forged_table_cannot_outvote_the_others() -> None:
+    old = old_cluster()
+    real = old.m.table.copy()
+    forged = SegmentTable(4)
+    for _ in range(real.epoch + 100):
+        forged.advance()
+    forged.assign([3])                        # every segment to the stolen key's member
+    c = successor()
+    claim(c, 1, old.m.members[1].sender_id, real)
+    claim(c, 3, old.m.members[3].sender_id, forged)
+    claim(c, 2, old.m.members[2].sender_id, real)
+    t = c.m.table
+    assert [t.owner(s) for s in range(16)] == [real.owner(s) for s in range(16)]
+    assert t.epoch > forged.epoch             # (the epoch still never goes back for anyone)
+
+
+def test_a_bad_claim_is_refused_and_the_member_told_to_rejoin() -> None:
+    c = successor()
+    huge = SegmentTable(4)
+    huge.restore(SegmentTable(4), MAX_CLAIMED_EPOCH + 1)
+    for bad in (Claim(0, 1, SegmentTable(4)), Claim(5, 0, SegmentTable(4)),
+                Claim(5, 1, SegmentTable(6)), Claim(5, 1, huge)):
+        out = c.m.hello(1, 1, "h", 0, 0.0, claim=bad)
+        assert out.refused == "reattach_bad_claim" and out.reply is not None
+        assert out.reply.kind is NoticeKind.DEAD
+    assert not c.m.claims
+
+
 # -- interleavings -----------------------------------------------------------------------
 
 MEMBERS = (1, 2, 3, 4)
@@ -502,6 +729,8 @@ class Interleavings(RuleBasedStateMachine):
         self.children: dict[int, Route] = {}
         self.epoch = 0
         self.last_balance = float("-inf")
+        #: when the machine started (a restarted dispatcher's startup wait)
+        self.started = 0.0
         #: every incarnation ever: (member, sender id, pid)
         self.incarnations: list[tuple[int, int, int]] = []
 
@@ -572,6 +801,54 @@ class Interleavings(RuleBasedStateMachine):
             assert not out.events and not out.sends and not out.table_changed
         self._sent(out)
 
+    @rule(data=st.data())
+    def dispatcher_restarts(self, data: st.DataObject) -> None:
+        """The dispatcher dies; a new one (empty) collects the claims of the
+        live members that reattach (each with the last table it got, which
+        is the table as it is now) and rebuilds. Their sender ids are kept,
+        the epoch goes up, the others are dead to it."""
+        old = self.m
+        comers = [m for m in old.alive() if data.draw(st.booleans())]
+        new = Membership(old.table.segment_bits, expect=old.expect,
+                         heartbeat_interval=INTERVAL, dead_after=DEAD_AFTER,
+                         hot_standby=old.hot_standby, pid=DISPATCHER_PID + 1, reattach_wait=WAIT)
+        new.start(self.now)
+        self.m = new
+        self.started = self.now
+        late = []
+        for member in comers:
+            inc = old.members[member]
+            was_rebuilding = new.rebuilding
+            out = new.hello(member, inc.pid, "h", 0, self.now, self.children,
+                            claim=Claim(inc.sender_id, inc.token, old.table.copy()))
+            if not was_rebuilding:
+                # the window closed when every member the table names came:
+                # one it does not name is late, told it is dead (rejoin as new)
+                assert member not in old.table.members
+                assert out.refused == "reattach_late" and out.reply is not None
+                assert out.reply.kind is NoticeKind.DEAD
+                late.append(member)
+                continue
+            assert out.refused is None
+            if not new.rebuilding:
+                self._sent(out)
+        if new.rebuilding:
+            self.now += WAIT
+            self._sent(new.tick(self.now, self.children))
+        assert not new.rebuilding
+        comers = [m for m in comers if m not in late]
+        if comers:
+            assert new.table.epoch > old.table.epoch
+        else:
+            self.epoch = 0              # nobody holds a table: a new cluster
+        for member in comers:
+            assert new.members[member].alive
+            assert new.members[member].sender_id == old.members[member].sender_id
+        assert new.alive() == sorted(comers)
+        self.last_balance = new._last_balance
+        self.children = {spi: r for spi, r in self.children.items() if r.member in comers}
+        self.incarnations = [i for i in self.incarnations if i[0] in comers]
+
     @rule(spi=st.integers(0, 2**32 - 1))
     def child(self, spi: int) -> None:
         """A child SA routed to its segment's owner (as members announce them)."""
@@ -593,7 +870,7 @@ class Interleavings(RuleBasedStateMachine):
             assert self.m.members[member].alive == (self.now - seen <= LIMIT)
         self._sent(out)
         alive = self.m.alive()
-        if alive and self.now > STARTUP_WAIT_S:
+        if alive and self.now - self.started > STARTUP_WAIT_S:
             assert self.m.table.members
         # (the machine heals backups every AUTOBALANCE_STEP_S while it has a table)
         healed = bool(self.m.table.members) and self.now - self.last_balance >= AUTOBALANCE_STEP_S

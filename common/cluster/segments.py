@@ -198,6 +198,27 @@ class SegmentTable:
         for s in changed:
             self._row_epoch[s] = self._epoch
 
+    def restore(self, other: SegmentTable, epoch: int) -> None:
+        """Become ``other`` (a table a member reported to a dispatcher that
+        lost its own: docs/failover.md "Reattach") at ``epoch``, which is never
+        below ``other``'s or our own (an epoch never goes back), in place:
+        whoever holds this table sees the new rows."""
+        if other.segment_bits != self._segment_bits:
+            raise ValueError(f"a table of {other.segment_bits} segment bits, "
+                             f"ours has {self._segment_bits}")
+        if epoch < max(other.epoch, self._epoch):
+            raise ValueError(f"epoch {epoch} is below {max(other.epoch, self._epoch)}")
+        self._owner = list(other._owner)
+        self._backup = list(other._backup)
+        self._row_epoch = list(other._row_epoch)
+        self._members = list(other._members)
+        self._mode = other._mode
+        self._epoch = epoch
+
+    def advance(self) -> None:
+        """One epoch bump without a row change (a table handed out anew)."""
+        self._bump(())
+
     # -- moves -------------------------------------------------------------------
 
     def apply(self, moves: Sequence[SegmentMove]) -> None:

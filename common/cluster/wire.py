@@ -71,6 +71,8 @@ class MsgType(enum.IntEnum):
     CONTROL_REQ = 15
     CONTROL = 16
     EVENTS = 17
+    NOTICE = 18
+    CHILD_CLAIM = 19
 
 
 class Channel(enum.IntEnum):
@@ -82,6 +84,55 @@ class Channel(enum.IntEnum):
     LIVE = 1
     HEARTBEAT = 2
     BULK = 3
+
+
+#: the cluster modes a Timing names (its u8 on the wire is the index)
+MODES = ("load-sharing", "hot-standby")
+
+
+@dataclass(slots=True, frozen=True)
+class Timing:
+    """The keys a member and its dispatcher must agree on (a LIVE HELLO
+    carries the member's): with another heartbeat interval or ``dead_after``
+    one of them declares the other dead at once, with other ``segment_bits``
+    every SPI lands in the wrong segment, with another mode the table means
+    something else."""
+
+    heartbeat_interval_us: int
+    dead_after: int
+    segment_bits: int
+    mode: str = "load-sharing"
+
+    @classmethod
+    def of(cls, heartbeat_interval: float, dead_after: int, segment_bits: int,
+           mode: str) -> Timing:
+        return cls(round(heartbeat_interval * 1_000_000), dead_after, segment_bits, mode)
+
+    def mismatch(self, other: Timing) -> tuple[str, str, str] | None:
+        """The first key that differs: (its config name, ours, ``other``'s)."""
+        if self.heartbeat_interval_us != other.heartbeat_interval_us:
+            return ("cluster.heartbeat_interval", f"{self.heartbeat_interval_us / 1e6:g}",
+                    f"{other.heartbeat_interval_us / 1e6:g}")
+        for name in ("dead_after", "segment_bits", "mode"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                return f"cluster.{name}", str(a), str(b)
+        return None
+
+
+class NoticeKind(enum.IntEnum):
+    """What the dispatcher tells an incarnation it does not take output from
+    (docs/failover.md "Rejoin, fencing and reattach")."""
+
+    #: we hold no incarnation of yours (a restarted or new dispatcher): reattach
+    UNKNOWN = 1
+    #: your incarnation was declared dead (its SAs were taken over): drop
+    #: everything and rejoin as a new incarnation
+    DEAD = 2
+    #: a newer incarnation of your member id took your place: stop
+    REPLACED = 3
+    #: your HELLO is refused for good (``text`` says why): stop, fix, start
+    REFUSED = 4
 
 
 # -- messages ------------------------------------------------------------------------
@@ -204,6 +255,35 @@ class Hello:
     channel: Channel = Channel.LIVE
     sender_id: int = 0
     token: int = field(default=0, repr=False)
+    #: a LIVE HELLO's: the member's timing keys (refused at join if they differ)
+    timing: Timing | None = None
+    #: a LIVE HELLO with ``sender_id`` and ``token`` set and this table is a
+    #: reattach: the incarnation of a previous dispatcher asks to be kept,
+    #: with the segment table it holds (docs/failover.md "Reattach")
+    table: SegmentTable | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Notice:
+    """dispatcher -> member: why it does not take this incarnation's output,
+    and what the incarnation must do (``NoticeKind``)."""
+
+    kind: NoticeKind
+    sender_id: int
+    text: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class ChildClaim:
+    """member -> dispatcher, after a reattach: a child SA this member carries,
+    so that a dispatcher that never saw its CHILD_PUSH routes its cleartext
+    and lets its ESP out (dispatcher/trust.py ``Guard.child_claim``)."""
+
+    spi_in: int
+    spi_out: int
+    ike_spi: bytes
+    local_ts: tuple[TrafficSelector, ...]
+    remote_ts: tuple[TrafficSelector, ...]
 
 
 @dataclass(slots=True, frozen=True)
@@ -234,6 +314,8 @@ class Control:
     json: bytes
 
 
+#: the longest text a NOTICE carries (UTF-8 bytes)
+MAX_NOTICE_TEXT = 512
 #: the most events one EVENTS message carries, and the longest one (JSON bytes)
 MAX_EVENTS = 64
 MAX_EVENT_BYTES = 16384
@@ -261,7 +343,7 @@ class Sync:
 
 Message = (DatagramIn | DatagramOut | InnerIn | InnerOut | Heartbeat | TableUpdate
            | ChildPush | ChildDelete | RouteAdd | RouteDel | Hello | StatusReq | Status | Sync
-           | ControlReq | Control | Events)
+           | ControlReq | Control | Events | Notice | ChildClaim)
 
 
 class StreamSeq:
@@ -567,6 +649,29 @@ def _body_hello(w: Writer, m: Hello) -> None:
     w.push_uint8(m.channel)
     w.push_uint16(m.sender_id)
     w.push_uint64(m.token)
+    if m.timing is None:
+        w.push_uint8(0)
+    else:
+        t = m.timing
+        w.push_uint8(1)
+        w.push_uint32(t.heartbeat_interval_us)
+        w.push_uint16(t.dead_after)
+        w.push_uint8(t.segment_bits)
+        w.push_uint8(MODES.index(t.mode))
+    if m.table is None:
+        w.push_uint8(0)
+    else:
+        w.push_uint8(1)
+        data = m.table.encode()
+        w.push_uint32(len(data))
+        w.push_bytes(data)
+
+
+def _flag(r: Reader, what: str) -> bool:
+    flag = r.pull_uint8()
+    if flag > 1:
+        raise MalformedMessage(f"HELLO {what} flag {flag}")
+    return flag == 1
 
 
 def _pull_hello(r: Reader) -> Hello:
@@ -576,7 +681,54 @@ def _pull_hello(r: Reader) -> Hello:
         kind = Channel(channel)
     except ValueError:
         raise MalformedMessage(f"HELLO for unknown channel {channel}") from None
-    return Hello(member_id, pid, host, kind, r.pull_uint16(), r.pull_uint64())
+    sender_id, token = r.pull_uint16(), r.pull_uint64()
+    timing = table = None
+    if _flag(r, "timing"):
+        interval, dead_after, bits, mode = (r.pull_uint32(), r.pull_uint16(), r.pull_uint8(),
+                                            r.pull_uint8())
+        if mode >= len(MODES):
+            raise MalformedMessage(f"HELLO timing mode {mode}")
+        timing = Timing(interval, dead_after, bits, MODES[mode])
+    if _flag(r, "table"):
+        table = SegmentTable.decode(r.pull_view(r.pull_uint32()))
+    return Hello(member_id, pid, host, kind, sender_id, token, timing, table)
+
+
+def _body_notice(w: Writer, m: Notice) -> None:
+    w.push_uint8(m.kind)
+    w.push_uint16(m.sender_id)
+    push_blob(w, m.text.encode()[:MAX_NOTICE_TEXT])
+
+
+def _pull_notice(r: Reader) -> Notice:
+    kind = r.pull_uint8()
+    try:
+        what = NoticeKind(kind)
+    except ValueError:
+        raise MalformedMessage(f"NOTICE of unknown kind {kind}") from None
+    sender_id, raw = r.pull_uint16(), pull_blob(r)
+    if len(raw) > MAX_NOTICE_TEXT:
+        raise MalformedMessage(f"NOTICE text of {len(raw)} bytes")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise MalformedMessage("NOTICE text is not UTF-8") from None
+    return Notice(what, sender_id, text)
+
+
+def _body_child_claim(w: Writer, m: ChildClaim) -> None:
+    w.push_uint32(m.spi_in)
+    w.push_uint32(m.spi_out)
+    push_blob(w, m.ike_spi)
+    push_selectors(w, m.local_ts)
+    push_selectors(w, m.remote_ts)
+
+
+def _pull_child_claim(r: Reader) -> ChildClaim:
+    spi_in, spi_out, ike_spi = r.pull_uint32(), r.pull_uint32(), pull_blob(r)
+    if len(ike_spi) != 8:
+        raise MalformedMessage(f"IKE SPI of {len(ike_spi)} bytes")   # RFC 7296 §3.1
+    return ChildClaim(spi_in, spi_out, ike_spi, pull_selectors(r), pull_selectors(r))
 
 
 def _body_child_delete(w: Writer, m: ChildDelete) -> None:
@@ -634,6 +786,8 @@ _PULL: dict[MsgType, Callable[[Reader], Message]] = {
     MsgType.CONTROL_REQ: lambda r: ControlReq(r.pull_uint64(), r.pull_bytes(r.remaining)),
     MsgType.CONTROL: lambda r: Control(r.pull_uint64(), r.pull_bytes(r.remaining)),
     MsgType.EVENTS: _pull_events,
+    MsgType.NOTICE: _pull_notice,
+    MsgType.CHILD_CLAIM: _pull_child_claim,
     MsgType.SYNC: lambda r: Sync(r.pull_uint16(), r.pull_uint16(), r.pull_uint64(),
                                  r.pull_bytes(r.remaining)),
 }
@@ -695,6 +849,12 @@ def encode(msg: Message, seq: int) -> bytes:
         elif isinstance(msg, Events):
             kind = MsgType.EVENTS
             _body_events(w, msg)
+        elif isinstance(msg, Notice):
+            kind = MsgType.NOTICE
+            _body_notice(w, msg)
+        elif isinstance(msg, ChildClaim):
+            kind = MsgType.CHILD_CLAIM
+            _body_child_claim(w, msg)
         else:
             raise TypeError(f"not a wire message: {msg!r}")
     except struct.error as e:
