@@ -17,6 +17,8 @@ from common.cluster.stats import (
     Replicas,
 )
 from common.cluster.wire import (
+    WIRE_VERSION,
+    ChildClaim,
     ChildDelete,
     ChildPush,
     Control,
@@ -31,6 +33,8 @@ from common.cluster.wire import (
     InnerOut,
     Message,
     MsgType,
+    Notice,
+    NoticeKind,
     RouteAdd,
     RouteDel,
     Status,
@@ -38,6 +42,7 @@ from common.cluster.wire import (
     StreamSeq,
     Sync,
     TableUpdate,
+    Timing,
     decode,
     encode,
 )
@@ -75,6 +80,11 @@ SAMPLES: list[Message] = [
     RouteAdd(9, 2, LOCAL, REMOTE),
     RouteDel(9),
     Hello(2, 31337, "gw-a.example"),
+    Hello(2, 31337, "gw-a.example", sender_id=7, token=0x5EC2E7,
+          timing=Timing(50_000, 3, 4), table=SegmentTable(4).assign([1, 2])),
+    Notice(NoticeKind.REFUSED, 7, "heartbeat_interval: ours 0.05 s, yours 0.1 s"),
+    Notice(NoticeKind.DEAD, 0),
+    ChildClaim(0xC0000100, 0x1234, bytes(8), LOCAL, REMOTE),
     StatusReq(),
     ControlReq(3, b'{"cmd": "list-sas"}'),
     Control(3, b'{"ok": true}'),
@@ -92,7 +102,7 @@ def _id(m: Message) -> str:
 @pytest.mark.parametrize("msg", SAMPLES, ids=_id)
 def test_round_trip(msg: Message) -> None:
     frame = encode(msg, 41)
-    assert frame[0] == 1                                 # version
+    assert frame[0] == WIRE_VERSION
     seq, back = decode(frame)
     assert seq == 41
     assert back == msg
@@ -129,10 +139,10 @@ def test_trailing_bytes_are_malformed(msg: Message) -> None:
 
 def test_bad_version_and_type() -> None:
     frame = bytearray(encode(StatusReq(), 1))
-    frame[0] = 2
+    frame[0] = WIRE_VERSION + 1
     with pytest.raises(MalformedMessage, match="version"):
         decode(bytes(frame))
-    frame[0], frame[1] = 1, 200
+    frame[0], frame[1] = WIRE_VERSION, 200
     with pytest.raises(MalformedMessage, match="type"):
         decode(bytes(frame))
 

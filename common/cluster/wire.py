@@ -40,7 +40,7 @@ from common.esp.natt import Bytes
 from common.ike.constants import TsType
 from common.ike.ts import TrafficSelector
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: HELLO carries timing keys and reattach claims; NOTICE, CHILD_CLAIM
 MAX_SEQ = (1 << 64) - 1
 
 _HEAD = struct.Struct("!BBQ")
