@@ -20,6 +20,15 @@ Run: .venv/bin/pytest bench/test_failover_bench.py -q -s      (root for part a)
 (c) memory per IKE SA with 2 children in a member (tracemalloc), and per replica.
 (d) sync messages and bytes per second at 1,000 and 10,000 packets/s over 6
     children with the default seq_sync_packets / seq_sync_interval.
+(e) the dispatcher killed on one host (root): strongSwan and a 3-member
+    cluster in namespaces (tests/test_dispatcher_failover_strongswan.py),
+    200 pings/s through each of 6 children, kill -9 of the dispatcher
+    process; per child the longest gap (and the longest one in the 1.5 s
+    before the kill: the baseline), replies lost; the time until a new IKE
+    SA charon starts right after the kill is up; IKE SAs lost, (SPI, seq)
+    and (SPI, IV) pairs sent twice, charon's replay drops; the restart's
+    steps from the cluster's log; then a child rekey, an IKE rekey and DPD.
+    3 runs (FAILOVER_BENCH_RUNS).
 """
 
 from __future__ import annotations
@@ -465,3 +474,108 @@ def test_d_sync_cost(pps: int, idle: int) -> None:
         "bytes_per_msg": nbytes / max(1, msgs),
         "seq_sync_packets": rep1.seq_sync_packets, "seq_sync_interval": rep1.seq_sync_interval}
     print(f"\n(d) {pps} pps, {len(m1.by_spi)} children:", RESULTS["d"][(pps, idle)])
+
+
+# -- (e) the dispatcher killed on one host, with strongSwan ---------------------------------
+
+
+def _log_times(log_text: str, needles: dict[str, str]) -> dict[str, float | None]:
+    """Unix time of the last line of the cluster's log holding each needle
+    (its stamp is local time, to the millisecond)."""
+    out: dict[str, float | None] = dict.fromkeys(needles)
+    for line in log_text.splitlines():
+        for key, needle in needles.items():
+            if needle in line:
+                try:
+                    stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+                    out[key] = stamp + int(line[20:23]) / 1000
+                except ValueError:
+                    continue
+    return out
+
+
+def _one_dispatcher_kill(lab: Any, tmp: Path) -> dict[str, Any]:
+    from tests import test_dispatcher_failover_strongswan as t
+
+    k = t.kill_the_dispatcher(lab, tmp)
+    s = k.setup
+    steps = _log_times(s.cluster.log_text(), {
+        "restarted": "started the dispatcher (pid",
+        "listening": "dispatcher on ",
+        "adopted": "adoption over",
+        "rebuilt": "segment table rebuilt",
+    })
+    after_kill = {key: None if at is None or at < k.killed_at else (at - k.killed_at) * 1000
+                  for key, at in steps.items()}
+    rekeys: dict[str, Any] = {}
+    try:
+        t.rekeys_and_dpd(s, k.spis_before)
+        rekeys["ok"] = True
+    except Exception as exc:  # reported in the figures, and the run fails below
+        rekeys["ok"], rekeys["error"] = False, str(exc)[-2000:]
+    children = k.children()
+    return {
+        "children": children,
+        "new_ike_ms": None if k.new_ike_s is None else k.new_ike_s * 1000,
+        "new_ike_error": k.new_ike_error[-500:],
+        "restart_ms": after_kill,
+        "ike_sas_lost": sum(1 for n, v in k.spis_before.items() if k.spis_after.get(n) != v),
+        "initiations": k.inits_after - k.inits_before,
+        "esp_packets_seen": len(k.esp), "seq_repeats": k.seq_repeats(),
+        "iv_repeats": k.iv_repeats(), "replay_failures": k.replay_failures,
+        "same_members": ({m["id"]: m["pid"] for m in k.after["members"]}
+                         == {m["id"]: m["pid"] for m in k.before["members"]}),
+        "rekeys_and_dpd": rekeys,
+    }
+
+
+def test_e_dispatcher_kill_with_strongswan(tmp_path: Path) -> None:
+    from tests.lab.netns import Lab, lab_unavailable_reason
+
+    reason = lab_unavailable_reason(need_charon=True)
+    if reason is not None:
+        pytest.skip(reason)
+    runs = []
+    for i in range(int(os.environ.get("FAILOVER_BENCH_RUNS", "3"))):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        lab = Lab(workdir=d)
+        try:
+            runs.append(_one_dispatcher_kill(lab, d))
+        finally:
+            lab.close()
+        r = runs[-1]
+        print(f"\n(e) run {i}: gap ms / at ms / baseline ms / lost / carrier per child: "
+              + ", ".join(f"{n} {c['gap_ms']:.0f}/{c['gap_at_ms']:.0f}/"
+                          f"{c['baseline_gap_ms']:.0f}/{c['lost']}/m{c['carrier']}"
+                          for n, c in sorted(r["children"].items()))
+              + f"; new IKE SA {r['new_ike_ms']} ms; restart steps (ms after the kill) "
+              f"{ {k: None if v is None else round(v) for k, v in r['restart_ms'].items()} }; "
+              f"IKE SAs lost {r['ike_sas_lost']}, seq/IV repeats {r['seq_repeats']}/"
+              f"{r['iv_repeats']} of {r['esp_packets_seen']}, charon replay drops "
+              f"{r['replay_failures']}; rekeys and DPD {r['rekeys_and_dpd']}")
+    gaps_all = [c["gap_ms"] for r in runs for c in r["children"].values()]
+    RESULTS["e"] = {
+        "runs": len(runs),
+        "gap_ms_median": statistics.median(gaps_all), "gap_ms_max": max(gaps_all),
+        "per_run_max_gap_ms": [round(max(c["gap_ms"] for c in r["children"].values()))
+                               for r in runs],
+        "per_run_max_baseline_gap_ms": [round(max(c["baseline_gap_ms"]
+                                                  for c in r["children"].values()))
+                                        for r in runs],
+        "lost_max": max(c["lost"] for r in runs for c in r["children"].values()),
+        "new_ike_ms": [None if r["new_ike_ms"] is None else round(r["new_ike_ms"])
+                       for r in runs],
+        "restart_ms": [{k: None if v is None else round(v) for k, v in r["restart_ms"].items()}
+                       for r in runs],
+        "ike_sas_lost": sum(r["ike_sas_lost"] for r in runs),
+        "seq_repeats": sum(r["seq_repeats"] for r in runs),
+        "iv_repeats": sum(r["iv_repeats"] for r in runs),
+        "replay_failures": sum(r["replay_failures"] for r in runs),
+        "esp_packets_checked": sum(r["esp_packets_seen"] for r in runs),
+        "rekeys_and_dpd_ok": [r["rekeys_and_dpd"]["ok"] for r in runs],
+    }
+    print("\n(e)", RESULTS["e"])
+    assert RESULTS["e"]["ike_sas_lost"] == 0
+    assert RESULTS["e"]["seq_repeats"] == 0 and RESULTS["e"]["iv_repeats"] == 0
+    assert all(r["rekeys_and_dpd"]["ok"] for r in runs), [r["rekeys_and_dpd"] for r in runs]
