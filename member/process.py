@@ -617,8 +617,10 @@ class MemberProcess:
         if self.member is not None and self.replicator is not None and self.loop is not None:
             mine = table.segments_of(self.member_id)
             self.member.spis.set_segments(mine)
-            log.info("member %d: table epoch %d, %d segments", self.member_id, table.epoch,
-                     len(mine))
+            if old is None or old.epoch != table.epoch:
+                # (the same table again, e.g. answers while we reattach: said once)
+                log.info("member %d: table epoch %d, %d segments", self.member_id,
+                         table.epoch, len(mine))
             self.replicator.on_table(old, table, self.loop.time())
 
     def _udp_readable(self, sock: socket.socket, port: int) -> None:
