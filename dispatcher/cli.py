@@ -80,7 +80,7 @@ def cmd_dispatcher(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     c = config.cluster
     _setup_logging(args.log_level or c.log_level, c.log_format, "dispatcher")
-    return run_dispatcher(config, args.config, args.channel_fd, read_config)
+    return run_dispatcher(config, args.config, args.channel_fd, read_config, spare=args.spare)
 
 
 def cmd_member(args: argparse.Namespace) -> int:
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     disp.add_argument("--channel-fd", type=int, required=True, metavar="N",
                       help="the supervisor's channel, inherited as fd N: what it holds "
                       "for the dispatcher arrives on it (set by `ipsec-cluster run`)")
+    disp.add_argument("--spare", action="store_true",
+                      help="a warm spare: wait for the handoff as long as it takes (the "
+                           "supervisor hands it over when the dispatcher before dies)")
     disp.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                       help="log level (default: cluster.log_level of the config)")
     member = sub.add_parser("member", help="run one member process and connect it to a "

@@ -71,8 +71,11 @@ class DispatcherProcess:
     built on what the supervisor hands over, its control API and metrics, and
     its end of the channel."""
 
-    def __init__(self, config: Config, config_path: str, channel: Channel) -> None:
+    def __init__(self, config: Config, config_path: str, channel: Channel, *,
+                 spare: bool = False) -> None:
         self.config = config
+        #: a warm spare: the handoff comes when the dispatcher before us dies
+        self.spare = spare
         self.config_path = config_path
         self.channel = channel
         self.dispatcher: Dispatcher | None = None
@@ -89,7 +92,8 @@ class DispatcherProcess:
 
     async def _handoff(self) -> Handoff:
         try:
-            msg = await asyncio.wait_for(self.channel.read(), HANDOFF_TIMEOUT_S)
+            msg = await asyncio.wait_for(self.channel.read(),
+                                         None if self.spare else HANDOFF_TIMEOUT_S)
         except TimeoutError:
             msg = None
         if msg is None or msg.get("op") != "handoff":
@@ -335,7 +339,7 @@ def _private(endpoint: str) -> None:
 
 
 def run_dispatcher(config: Config, config_path: str, channel_fd: int,
-                   read_config: Callable[[str], Config]) -> int:
+                   read_config: Callable[[str], Config], *, spare: bool = False) -> int:
     """``ipsec-cluster dispatcher``: one incarnation, until SIGTERM, the
     supervisor's ``stop``, or the supervisor's death (PR_SET_PDEATHSIG)."""
     from member.main import run_loop
@@ -350,7 +354,8 @@ def run_dispatcher(config: Config, config_path: str, channel_fd: int,
     if sock.family != socket.AF_UNIX:
         sock.detach()
         raise StartupError(f"--channel-fd {channel_fd}: not the supervisor's channel")
-    proc = DispatcherProcess(config, config_path, Channel(sock, OPS_TO_DISPATCHER))
+    proc = DispatcherProcess(config, config_path, Channel(sock, OPS_TO_DISPATCHER),
+                             spare=spare)
     proc.read_config = read_config
     codes: list[int] = []
     started = time.monotonic()

@@ -153,6 +153,8 @@ class _DispatcherInc:
 
 
 class Supervisor:
+    #: keep a warm spare dispatcher (tests turn it off to measure without)
+    use_spare = True
     #: the command of a member (tests replace it)
     member_command: tuple[str, ...] = (sys.executable, "-m", "dispatcher.cli", "member")
     #: the command of the dispatcher (tests replace it)
@@ -199,6 +201,9 @@ class Supervisor:
         self.dispatcher: _DispatcherInc | None = None
         self.dispatcher_backoff = Backoff(initial_s=DISPATCHER_RESTART_S)
         self.dispatcher_restart_at: float | None = None
+        #: the warm spare dispatcher: started, waiting for a handoff
+        self.spare: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+        self._restarting: asyncio.Future[Any] | None = None
         #: dispatcher incarnations started so far
         self.dispatchers = 0
         self.stopping = False
@@ -288,21 +293,56 @@ class Supervisor:
             env[PARENT_ENV] = str(os.getpid())  # the child dies with us
         return env
 
-    async def _start_dispatcher(self) -> _DispatcherInc:
-        """A dispatcher incarnation, handed what we hold over a socketpair."""
-        self.dispatchers += 1
+    def _spawn_dispatcher(self, *, spare: bool) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        """A dispatcher process and our end of its channel. ``spare``: it
+        starts, imports and reads the config, then waits for its handoff
+        as long as it takes (the warm spare)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        handoff = self._handoff()
         argv = [*self.dispatcher_command, "--config", self.config_path,
-                "--channel-fd", str(theirs.fileno())]
+                "--channel-fd", str(theirs.fileno()), *(["--spare"] if spare else [])]
         try:
             proc = subprocess.Popen(argv, env=self._child_env(),
-                                    pass_fds=(theirs.fileno(), *handoff.fds()))
+                                    pass_fds=(theirs.fileno(), *self._handoff().fds()))
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
+        return proc, ours
+
+    def _make_spare(self) -> None:
+        """Keep one dispatcher process started and waiting (its Python
+        start-up, 0.6 s on an idle machine and several seconds on a loaded
+        one, is then paid before a dispatcher dies, not after)."""
+        if self.spare is not None or self.stopping or not self.use_spare:
+            return
+        try:
+            self.spare = self._spawn_dispatcher(spare=True)
+        except OSError as exc:
+            log.warning("no warm spare dispatcher: %s", exc)
+
+    def _drop_spare(self) -> None:
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        proc, ours = spare
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    async def _start_dispatcher(self) -> _DispatcherInc:
+        """A dispatcher incarnation, handed what we hold over a socketpair:
+        the warm spare when one waits, else a new process."""
+        self.dispatchers += 1
+        spare, self.spare = self.spare, None
+        if spare is not None and spare[0].poll() is None:
+            proc, ours = spare
+        else:
+            if spare is not None:
+                spare[1].close()
+            proc, ours = self._spawn_dispatcher(spare=False)
+        handoff = self._handoff()
         channel = Channel(ours, OPS_TO_SUPERVISOR)
         await channel.open()
         channel.send(handoff.to_json())
@@ -343,6 +383,7 @@ class Supervisor:
         if op == "ready":
             inc.ready = True
             inc.settled.set()
+            self._make_spare()
         elif op == "failed":
             inc.error = str(msg.get("error", ""))[:1000]
         elif op == "key_ok":
@@ -362,6 +403,13 @@ class Supervisor:
             self.gave_up = (f"the dispatcher failed {self.dispatcher_backoff.failures} times in "
                             f"a row, last {how}: {inc.error or 'no output'}")
             self.stop()
+            return
+        if self.spare is not None and delay <= self.dispatcher_backoff.initial_s:
+            # the warm spare takes over now (not at the next poll)
+            log.warning("the dispatcher (pid %d) ended (%s) after %.1f s; the members and "
+                        "their SAs go on; the spare (pid %d) takes over", inc.proc.pid, how,
+                        ran_s, self.spare[0].pid)
+            self._restarting = asyncio.ensure_future(self._start_dispatcher())
             return
         log.warning("the dispatcher (pid %d) ended (%s) after %.1f s; the members and their "
                     "SAs go on; starting it again in %.2f s", inc.proc.pid, how, ran_s, delay)
@@ -579,7 +627,8 @@ class Supervisor:
     async def _stop_dispatcher(self) -> None:
         """A ready dispatcher has the members delete their IKE SAs first (the
         ``stop`` message); one that is not ready gets SIGTERM. SIGKILL if it
-        takes too long."""
+        takes too long. The spare goes at once."""
+        self._drop_spare()
         inc = self.dispatcher
         if inc is None or inc.proc.poll() is not None:
             return

@@ -43,7 +43,7 @@ from typing import Any
 
 from bench.harness import configs
 from bench.harness import procs as harness_procs
-from bench.harness.control import ControlClient, ControlTimeout
+from bench.harness.control import ControlClient
 from bench.harness.net import socket_in_netns as socket_in_netns
 from bench.harness.packets import parse_udp4 as parse_udp4
 from bench.harness.packets import udp4_packet as udp4_packet
@@ -55,6 +55,7 @@ from bench.harness.procs import pid_alive as pid_alive
 from bench.harness.procs import tail as tail
 from bench.harness.waits import wait_for as wait_for
 from common.cluster.events import Event, EventType
+from dispatcher.operator import ControlTimeout
 
 PSK = "cluster-test-psk-0123456789abcdef"
 CLI_TIMEOUT_S = 15.0

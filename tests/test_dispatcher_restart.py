@@ -40,7 +40,7 @@ from tests.test_outbound_tuns import (
     _table,
     cluster_and_peer,
 )
-from tests.test_supervisor import _children
+from tests.test_supervisor import _members_of
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -100,7 +100,7 @@ def _kill_dispatcher_under_traffic(lab: Lab, up: Up) -> tuple[dict[str, Any], di
     assert isinstance(disp, dict)
     old_pid, supervisor = disp["pid"], disp["supervisor_pid"]
     assert supervisor == up.cluster.pid and old_pid != supervisor, disp
-    members = sorted(p for p in _children(supervisor) if p != old_pid)
+    members = _members_of(supervisor, old_pid)
     assert len(members) == 2, members
     marks: dict[str, float] = {}
     result: list[list[float]] = []
@@ -132,7 +132,7 @@ def _kill_dispatcher_under_traffic(lab: Lab, up: Up) -> tuple[dict[str, Any], di
                         diag=up.diag)
     assert after["dispatcher"]["supervisor_pid"] == supervisor, after["dispatcher"]
     new_pid = after["dispatcher"]["pid"]
-    assert sorted(p for p in _children(supervisor) if p != new_pid) == members
+    assert _members_of(supervisor, new_pid) == members
     assert all(pid_alive(p) for p in members)
     # still flowing once the next dispatcher runs
     got = _send_and_receive(lab, up.ns_b, up.peer_ep, tag=3)

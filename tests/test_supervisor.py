@@ -97,6 +97,20 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _spare(pid: int) -> bool:
+    """A warm spare dispatcher (``ipsec-cluster dispatcher --spare``, waiting
+    for its handoff; the supervisor keeps one, dispatcher/supervisor.py)."""
+    try:
+        return b"--spare" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _members_of(supervisor: int, dispatcher: int) -> list[int]:
+    """The supervisor's children but its dispatcher and its warm spare."""
+    return sorted(p for p in _children(supervisor) if p != dispatcher and not _spare(p))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", [False, True])
 def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool) -> None:
@@ -105,6 +119,7 @@ def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool)
     config = _config(tmp_path, BASE + (20 if keep else 10), members=2)
     procs = Procs(tmp_path)
     members: list[int] = []
+    spares: list[int] = []
     old = os.environ.pop("IPSEC_CLUSTER_KEEP_MEMBERS", None)
     if keep:
         os.environ["IPSEC_CLUSTER_KEEP_MEMBERS"] = "1"
@@ -114,12 +129,16 @@ def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool)
                  timeout=20, diag=lambda: tail(disp.log_path))
         st = status(config)
         members = [m["pid"] for m in st["members"]]
-        # the supervisor's children: the members and the dispatcher, a
-        # process of its own (dispatcher/process.py)
+        # the supervisor's children: the members, the dispatcher (a process
+        # of its own, dispatcher/process.py) and the warm spare dispatcher
         dispatcher = st["dispatcher"]["pid"]
         assert st["dispatcher"]["supervisor_pid"] == disp.pid, st["dispatcher"]
         assert dispatcher not in (disp.pid, *members)
-        assert sorted([*members, dispatcher]) == sorted(_children(disp.pid))
+        spares = wait_for("the warm spare", lambda: [
+            p for p in _children(disp.pid) if p != dispatcher and _spare(p)] or None,
+            timeout=10)
+        assert len(spares) == 1, spares
+        assert sorted([*members, dispatcher, *spares]) == sorted(_children(disp.pid))
         members.append(dispatcher)
         if not keep:
             # `ipsec-cluster status | cat`: plain tab-separated lines, a totals row
@@ -137,11 +156,14 @@ def test_members_die_with_their_supervisor_on_kill_9(tmp_path: Path, keep: bool)
             assert all(pid_alive(p) for p in members), members
         else:
             assert not any(pid_alive(p) for p in members), members
+        # the spare ends either way: its handoff can never come (its channel
+        # closed with the supervisor)
+        wait_for("the spare gone", lambda: not any(pid_alive(p) for p in spares), timeout=5)
     finally:
         os.environ.pop("IPSEC_CLUSTER_KEEP_MEMBERS", None)
         if old is not None:
             os.environ["IPSEC_CLUSTER_KEEP_MEMBERS"] = old
-        for pid in members:
+        for pid in [*members, *spares]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         procs.close()
