@@ -224,7 +224,7 @@ class Supervisor:
         self._no_pidfd: str | None = None
         #: two dispatcher hosts: the role our dispatcher has (a restarted one
         #: gets it in its handoff)
-        self.role = config.cluster.role
+        self.role: str = config.cluster.role
 
     def new_backoff(self) -> Backoff:
         return Backoff()
