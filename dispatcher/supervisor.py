@@ -367,7 +367,7 @@ class Supervisor:
         elif op == "dead":
             self._declared_dead(int(msg.get("member", 0)), int(msg.get("pid", 0)))
         elif op == "deposed":
-            self.set_role("standby", "a member reported a newer dispatcher term")
+            self._restart_deposed(inc)
 
     def set_role(self, role: str, why: str) -> None:
         """Two dispatcher hosts: become active (the dispatcher starts
@@ -386,6 +386,18 @@ class Supervisor:
             return
         inc.deposed = True
         inc.proc.kill()
+
+    def _restart_deposed(self, inc: _DispatcherInc) -> None:
+        """Our dispatcher learnt from a member that another one was activated
+        after it: it ends (nothing deleted), and the next one starts in our
+        role: a standby, or, while keepalived says we hold the address, a new
+        activation (its rebuild takes a term above every one the members
+        report)."""
+        if inc.proc.poll() is None and not self.stopping:
+            log.warning("the dispatcher (pid %d) was deposed (a member reported a newer "
+                        "term); starting a new %s one", inc.proc.pid, self.role)
+            inc.deposed = True
+            inc.proc.kill()
 
     def _dispatcher_exited(self, inc: _DispatcherInc) -> None:
         now = time.monotonic()
