@@ -235,8 +235,10 @@ class MemberProcess:
         if standby is not None:
             self.endpoints.append(standby)
         self.current = 0
-        #: when we last turned to another dispatcher (loop time)
+        #: when we last turned to another dispatcher, and when one last told
+        #: us it is the standby (loop time)
         self.switched = 0.0
+        self.standby_heard = 0.0
         #: the highest dispatcher term we saw: anything of a lower term (a
         #: deposed dispatcher's heartbeat, table or notice) is refused
         self.term = 0
@@ -649,8 +651,11 @@ class MemberProcess:
             self._exit(EXIT_REFUSED, f"member {self.member_id}: refused by the dispatcher: "
                                      f"{notice.text}")
         if notice.kind is NoticeKind.STANDBY:
-            # (we turn to the other one when this one stays silent)
+            # (we stay twice as long as with a silent one: the standby is
+            # alive, and about to be activated when ours died)
             self.refusals.refuse("notice_standby", DISPATCHER, notice.text)
+            if self.loop is not None:
+                self.standby_heard = self.loop.time()
             return
         if notice.term < self.term:
             # a deposed dispatcher cannot end us
@@ -973,7 +978,10 @@ class MemberProcess:
                                         f"{c.orphan_after:g}): stopping, to join anew")
             limit = c.dead_after * c.heartbeat_interval
             if silent > limit:
-                if loop.time() - max(self.heard, self.switched) > limit:
+                # (a standby that answers is given twice as long as a silent
+                # one: VRRP takes a few advert intervals to activate it)
+                patience = limit * (2 if self.standby_heard > self.switched else 1)
+                if loop.time() - max(self.heard, self.switched) > patience:
                     # two dispatchers: ours is silent (so is the other, if we
                     # tried it last): the other one
                     self._switch(f"no dispatcher heartbeat for {silent:.2f} s")
