@@ -100,7 +100,7 @@ def write(directory: Path, v: Vrrp, run_dir: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     notify = directory / "notify.sh"
     notify.write_text(NOTIFY_SCRIPT.format(pidfile=run_dir / "supervisor.pid"))
-    os.chmod(notify, 0o755)
+    os.chmod(notify, 0o700)   # (keepalived runs it as root: no one else needs it)
     conf = directory / "keepalived.conf"
     conf.write_text(keepalived_config(v, notify))
     return conf, notify

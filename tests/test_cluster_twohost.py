@@ -279,7 +279,7 @@ def test_the_standby_host_takes_over_with_the_same_sas_and_the_old_one_stays_fen
         ike0 = pair.ike("a")
         assert len(ike0) == N_IKE
 
-        stop, sent = threading.Event(), []
+        stop, sent = threading.Event(), list[float]()
         sender = threading.Thread(target=_sender, args=(pair, stop, sent), daemon=True)
         sender.start()
         wait_for("traffic through disp-a", lambda: len(_arrivals(pair)) > 50, timeout=10,
