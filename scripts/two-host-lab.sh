@@ -139,11 +139,13 @@ status() {
   export PYTHONPATH=$ROOT
   for s in a b; do
     echo "== dispatcher host $s"
-    (cd "$ROOT" && $CLI status --config "$LAB/dispatcher-$s.toml" --json) | "$PY" -c '
+    (cd "$ROOT" && $CLI status --config "$LAB/dispatcher-$s.toml" --json 2>/dev/null) | "$PY" -c '
 import json, sys
-s = json.load(sys.stdin); d = s["dispatcher"]
-print(f"role {d[\"role\"]} on {d[\"host\"]}, term {d[\"term\"]}, epoch {s[\"cluster\"][\"epoch\"]}, "
-      f"members alive {[m[\"id\"] for m in s[\"members\"] if m[\"alive\"]]}")' || true
+s = json.load(sys.stdin)
+d = s["dispatcher"]
+alive = [m["id"] for m in s["members"] if m["alive"]]
+print("role", d["role"], "on", d["host"], "term", d["term"], "epoch", s["cluster"]["epoch"],
+      "members alive", alive)' 2>/dev/null || echo "(no answer)"
   done
 }
 
