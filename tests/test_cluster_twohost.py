@@ -237,48 +237,56 @@ def _arrivals(pair: Pair) -> list[float]:
     return sorted(out)
 
 
+def _up(pair: Pair, procs: Procs, tmp_path: Path
+        ) -> tuple[dict[int, tuple[int, int]], set[tuple[str, str]], int]:
+    """Both hosts (a active), both members, our peer's IKE SAs and children:
+    the members' (pid, sender id), the IKE SAs and disp-a's term."""
+    pair.start_dispatcher("a")
+    wait_status(pair.config["a"], "disp-a active (VRRP master)",
+                lambda s: s["dispatcher"]["role"] == "active", timeout=15, diag=pair.diag)
+    pair.start_dispatcher("b")
+    time.sleep(1.0)
+    assert pair.status("b")["dispatcher"]["role"] == "standby", pair.diag()
+    for m in (1, 2):
+        pair.start_member(m)
+    wait_status(pair.config["a"], "2 members with segments at disp-a",
+                lambda s: len(alive_members(s)) == 2
+                and all(m["segments"] and m["backup_segments"] for m in s["members"]),
+                timeout=30, diag=pair.diag)
+    assert not pair.status("b")["members"]
+    assert pair.status("b")["dispatcher"]["counters"].get("notice_standby", 0) == 0
+    for side in ("a", "b"):
+        pair.inside[side] = TimedEndpoint(INSIDE, INSIDE_BIND, ns=pair.ns[side])
+    pair.peer_ep = TimedEndpoint(INSIDE, INSIDE_BIND, ns=pair.ns["peer"])
+    peer_cfg = tmp_path / "peer.toml"
+    peer_cfg.write_text(gateway_toml(
+        address=PEER, ports=PEER_PORTS, inside=f"udp:{INSIDE[0]}:{INSIDE[1]}",
+        inside_bind=f"{INSIDE_BIND[0]}:{INSIDE_BIND[1]}", conns=pair.conns,
+        remote=(VIP, GW_PORTS[0])))
+    procs.start("peer", cli_argv("peer", "--config", str(peer_cfg)), ns=pair.ns["peer"])
+    wait_for("all children up", lambda: sum(
+        m["child_sas"] for m in pair.status("a")["members"]) == N_IKE * N_CHILD,
+        timeout=30, diag=pair.diag)
+    wait_for("children replicated", lambda: all(
+        not m["replication"].get("degraded") for m in pair.status("a")["members"]),
+        timeout=10, diag=pair.diag)
+    st_a = pair.status("a")
+    term_a = st_a["dispatcher"]["term"]
+    assert term_a >= 1 and st_a["dispatcher"]["host"]
+    ids = {m["id"]: (m["pid"], m["sender_id"]) for m in st_a["members"]}
+    ike0 = pair.ike("a")
+    assert len(ike0) == N_IKE
+
+    return ids, ike0, term_a
+
+
 def test_the_standby_host_takes_over_with_the_same_sas_and_the_old_one_stays_fenced(
         lab: Lab, tmp_path: Path) -> None:
     keepalived = _need_keepalived()
     procs = Procs(tmp_path)
     pair = Pair(lab, tmp_path, procs, keepalived)
     try:
-        pair.start_dispatcher("a")
-        wait_status(pair.config["a"], "disp-a active (VRRP master)",
-                    lambda s: s["dispatcher"]["role"] == "active", timeout=15, diag=pair.diag)
-        pair.start_dispatcher("b")
-        time.sleep(1.0)
-        assert pair.status("b")["dispatcher"]["role"] == "standby", pair.diag()
-        for m in (1, 2):
-            pair.start_member(m)
-        wait_status(pair.config["a"], "2 members with segments at disp-a",
-                    lambda s: len(alive_members(s)) == 2
-                    and all(m["segments"] and m["backup_segments"] for m in s["members"]),
-                    timeout=30, diag=pair.diag)
-        assert not pair.status("b")["members"]
-        assert pair.status("b")["dispatcher"]["counters"].get("notice_standby", 0) == 0
-        for side in ("a", "b"):
-            pair.inside[side] = TimedEndpoint(INSIDE, INSIDE_BIND, ns=pair.ns[side])
-        pair.peer_ep = TimedEndpoint(INSIDE, INSIDE_BIND, ns=pair.ns["peer"])
-        peer_cfg = tmp_path / "peer.toml"
-        peer_cfg.write_text(gateway_toml(
-            address=PEER, ports=PEER_PORTS, inside=f"udp:{INSIDE[0]}:{INSIDE[1]}",
-            inside_bind=f"{INSIDE_BIND[0]}:{INSIDE_BIND[1]}", conns=pair.conns,
-            remote=(VIP, GW_PORTS[0])))
-        procs.start("peer", cli_argv("peer", "--config", str(peer_cfg)), ns=pair.ns["peer"])
-        wait_for("all children up", lambda: sum(
-            m["child_sas"] for m in pair.status("a")["members"]) == N_IKE * N_CHILD,
-            timeout=30, diag=pair.diag)
-        wait_for("children replicated", lambda: all(
-            not m["replication"].get("degraded") for m in pair.status("a")["members"]),
-            timeout=10, diag=pair.diag)
-        st_a = pair.status("a")
-        term_a = st_a["dispatcher"]["term"]
-        assert term_a >= 1 and st_a["dispatcher"]["host"]
-        ids = {m["id"]: (m["pid"], m["sender_id"]) for m in st_a["members"]}
-        ike0 = pair.ike("a")
-        assert len(ike0) == N_IKE
-
+        ids, ike0, term_a = _up(pair, procs, tmp_path)
         stop, sent = threading.Event(), list[float]()
         sender = threading.Thread(target=_sender, args=(pair, stop, sent), daemon=True)
         sender.start()
@@ -336,3 +344,50 @@ def test_the_standby_host_takes_over_with_the_same_sas_and_the_old_one_stays_fen
         assert {m["id"]: (m["pid"], m["sender_id"]) for m in sb["members"]} == ids
     finally:
         pair.close()
+
+
+def test_a_hung_active_that_wakes_up_is_fenced_by_the_term_then_reactivated(
+        lab: Lab, tmp_path: Path) -> None:
+    """disp-a hangs (every process of its host stopped) and disp-b takes over
+    (term 2). disp-a wakes up believing it is active at term 1, and VRRP
+    gives it the address back (its priority is higher): disp-b stands down,
+    the members turn to disp-a, and their first claim (term 2) deposes the
+    old incarnation; the next one rebuilds at term 3 from the same members,
+    sender ids and SAs. Nothing of term 1 is taken by a member meanwhile."""
+    keepalived = _need_keepalived()
+    procs = Procs(tmp_path)
+    pair = Pair(lab, tmp_path, procs, keepalived)
+    try:
+        ids, ike0, term_a = _up(pair, procs, tmp_path)
+        a_pids = lab_pids(pair.ns["a"])
+        for pid in a_pids:
+            os.kill(pid, signal.SIGSTOP)
+        st = wait_status(pair.config["b"], "disp-b active with both members",
+                         lambda s: s["dispatcher"]["role"] == "active"
+                         and len(alive_members(s)) == 2, timeout=20, diag=pair.diag)
+        term_b = st["dispatcher"]["term"]
+        assert term_b > term_a
+        for pid in a_pids:
+            os.kill(pid, signal.SIGCONT)
+        st = wait_status(pair.config["a"], "disp-a active again above disp-b's term",
+                         lambda s: s["dispatcher"]["role"] == "active"
+                         and s["dispatcher"]["term"] > term_b
+                         and len(alive_members(s)) == 2, timeout=30, diag=pair.diag)
+        assert {m["id"]: (m["pid"], m["sender_id"]) for m in st["members"]} == ids
+        wait_for("disp-b back to standby", lambda: pair.status("b")["dispatcher"]["role"]
+                 == "standby", timeout=10, diag=pair.diag)
+        log_a = (tmp_path / "dispatcher-a.log").read_text(errors="replace")
+        assert "another dispatcher is active" in log_a, pair.diag()
+        wait_for("the same IKE SAs at disp-a", lambda: ike0 <= pair.ike("a"), timeout=10,
+                 diag=pair.diag)
+        print(f"hung active woke up: terms {term_a} -> {term_b} -> "
+              f"{st['dispatcher']['term']}; refused by members: "
+              f"{[m['refused'] for m in st['members']]}")
+    finally:
+        pair.close()
+
+
+def lab_pids(ns: str) -> list[int]:
+    from tests.lab.netns import netns_pids
+
+    return netns_pids(ns)
