@@ -218,6 +218,14 @@ class ClusterConfig:
     #: started anew by its supervisor (0 = it keeps trying to reattach forever;
     #: docs/failover.md "Reattach")
     orphan_after: float = 60.0
+    #: two dispatcher hosts (docs/failover.md "Two dispatcher hosts"): a
+    #: member's second dispatcher endpoint ("tcp://HOST:PORT", "" = one
+    #: dispatcher) and that dispatcher's public key file
+    sync_standby: str = ""
+    curve_server_key_standby: str = ""
+    #: the role ``run`` starts the dispatcher in: "active", or "standby" (it
+    #: takes no member until ``ipsec-cluster role active``, keepalived's notify)
+    role: Literal["active", "standby"] = "active"
 
 
 @dataclass(slots=True, frozen=True)
@@ -574,16 +582,17 @@ def _identity(t: _Table, key: str, default: Any, allow_any: bool) -> Identity:
     return Identity(text, id_type, data)
 
 
-def _sync(t: _Table) -> str:
-    sync = t.filepath("sync")
-    if sync.startswith("ipc://"):
-        _socket_path(t, "sync", sync.removeprefix("ipc://"))
+def _sync(t: _Table, key: str = "sync") -> str:
+    sync = t.filepath(key)
+    if sync.startswith("ipc://") and key == "sync":
+        _socket_path(t, key, sync.removeprefix("ipc://"))
     elif sync.startswith("tcp://"):
-        _, port = _host_port(t, "sync", sync.removeprefix("tcp://"), "tcp://198.18.0.2:7000")
+        _, port = _host_port(t, key, sync.removeprefix("tcp://"), "tcp://198.18.0.2:7000")
         if port == 0:
-            raise t.error("sync", "a port in 1..65535", _show(sync))
+            raise t.error(key, "a port in 1..65535", _show(sync))
     elif sync:
-        raise t.error("sync", '"", "ipc://PATH" or "tcp://HOST:PORT"', _show(sync))
+        raise t.error(key, '"", "ipc://PATH" or "tcp://HOST:PORT"' if key == "sync"
+                      else '"" or "tcp://HOST:PORT"', _show(sync))
     return sync
 
 
@@ -627,6 +636,11 @@ def _cluster(t: _Table) -> ClusterConfig:
                       "tcp://, which needs CURVE; make keys with `ipsec-cluster keygen`)",
                       "nothing")
     server_key = t.filepath("curve_server_key")
+    sync_standby = _sync(t, "sync_standby")
+    server_key_standby = t.filepath("curve_server_key_standby")
+    if sync_standby and not server_key_standby:
+        raise t.error("curve_server_key_standby", "the path of the standby dispatcher's "
+                      "public key file (sync_standby is set)", "nothing")
     authorized = t.filepath("curve_authorized")
     control = t.filepath("control")
     _socket_path(t, "control", f"{control}/{max(CONTROL_SOCKETS, key=len)}")
@@ -662,6 +676,9 @@ def _cluster(t: _Table) -> ClusterConfig:
         save_keys=t.filepath("save_keys"),
         data_path=t.choice("data_path", "kernel", ("kernel", "relay")),
         orphan_after=t.number("orphan_after", 60.0, 0.0, 86400.0),
+        sync_standby=sync_standby,
+        curve_server_key_standby=server_key_standby,
+        role=t.choice("role", "active", ("active", "standby")),
     )
     t.done()
     return cluster
@@ -763,7 +780,9 @@ def _curve_files(filename: str, cluster: ClusterConfig, config_dir: PurePosixPat
     """The CURVE key files exist and hold keys: checked at load, not when a
     member first connects."""
     for key, name, secret in (("curve_secret_key", cluster.curve_secret_key, True),
-                              ("curve_server_key", cluster.curve_server_key, False)):
+                              ("curve_server_key", cluster.curve_server_key, False),
+                              ("curve_server_key_standby", cluster.curve_server_key_standby,
+                               False)):
         if not name:
             continue
         path = str(config_dir / name)

@@ -70,6 +70,7 @@ from common.cluster.wire import (
     InnerOut,
     Message,
     Notice,
+    NoticeKind,
     RouteAdd,
     RouteDel,
     Status,
@@ -222,6 +223,13 @@ class Dispatcher:
         self.adopt_deadline = 0.0
         #: routes found in our table at adoption, kept until it ends
         self._kernel_adopted: dict[IPNetwork, str] = {}
+        #: two dispatcher hosts (docs/failover.md "Two dispatcher hosts"): a
+        #: standby answers members with a STANDBY notice and runs no
+        #: membership until ``activate``; a member reporting a newer term
+        #: deposes us (``on_deposed``: the supervisor starts a standby anew)
+        self.role = "active"
+        self.host = socket.gethostname()
+        self.on_deposed: Callable[[], None] | None = None
 
     # -- network in -----------------------------------------------------------------
 
@@ -455,7 +463,8 @@ class Dispatcher:
                 self._refuse("heartbeat_not_own", identity, msg)
                 return
             info.stats = msg.stats if msg.stats is not None else MemberStats()
-            out = self.membership.heartbeat(member_id, msg.sender_id, self._now(), Channel.LIVE)
+            out = self.membership.heartbeat(member_id, msg.sender_id, self._now(), Channel.LIVE,
+                                            msg.term)
             if out.reply is not None:
                 # (a dead incarnation, or one replaced: it learns what to do)
                 self._notify(identity, out.reply)
@@ -573,6 +582,12 @@ class Dispatcher:
         if hello.member_id != member_id:
             self._refuse("hello_wrong_id", identity, hello)
             return
+        if self.role != "active" or self.membership.deposed:
+            if hello.channel is Channel.LIVE:
+                self._notify(identity, Notice(NoticeKind.STANDBY, hello.sender_id,
+                                              f"{self.host} is the standby dispatcher",
+                                              self.membership.term))
+            return
         info = self.members.get(member_id)
         if hello.channel is Channel.LIVE:
             if info is not None and info.alive and info.identity == identity \
@@ -612,7 +627,8 @@ class Dispatcher:
         if not isinstance(msg, Heartbeat) or msg.member_id != member_id:
             self._refuse("heartbeat_channel", identity, msg)
             return
-        self._carry(self.membership.heartbeat(member_id, msg.sender_id, self._now()))
+        self._carry(self.membership.heartbeat(member_id, msg.sender_id, self._now(),
+                                              term=msg.term))
 
     def _relay_bulk(self, msg: Sync) -> None:
         info = self.members.get(msg.dst)
@@ -651,12 +667,13 @@ class Dispatcher:
         back on this connection; a new incarnation's connections replace
         its predecessor's."""
         member_id = hello.member_id
-        claim = Claim(hello.sender_id, hello.token, hello.table) \
+        claim = Claim(hello.sender_id, hello.token, hello.table, hello.term) \
             if hello.table is not None else None
         token = int.from_bytes(os.urandom(8), "big") | 1
         before = self.membership.incarnation(member_id)
         out = self.membership.hello(member_id, hello.pid, hello.host, token, self._now(),
-                                    self.route_info, timing=hello.timing, claim=claim)
+                                    self.route_info, timing=hello.timing, claim=claim,
+                                    term=hello.term)
         if out.reply is not None:
             self._notify(identity, out.reply)
         if out.refused is not None:
@@ -716,6 +733,8 @@ class Dispatcher:
                 self._drain_members()
                 self.counters["monitor_stalls"] += 1
             last = now
+            if self.role != "active":
+                continue
             try:
                 self._carry(self.membership.tick(now, self.route_info))
             except Exception as exc:
@@ -728,6 +747,8 @@ class Dispatcher:
         the new table first (before any member hears of it), then log, send,
         re-point the cleartext routes when the table changed, publish its
         events."""
+        if out.deposed and self.on_deposed is not None:
+            self.on_deposed()
         if self.adopting:
             self._check_adopted()
         self._steer()
@@ -994,7 +1015,8 @@ class Dispatcher:
                              len(self.routes), dict(self._refusals().counts),
                              self.counters["esp_relayed"],
                              "kernel" if self.groups else "relay", self.steering_off,
-                             self.supervisor_pid, self.adopting),
+                             self.supervisor_pid, self.adopting, self.role, self.host,
+                             self.membership.term),
             members, self._pools_status())
 
     def _pools_status(self) -> tuple[PoolStatus, ...]:
@@ -1097,11 +1119,27 @@ class Dispatcher:
             self.drops["member_handshake_failed"] += 1
             log.debug("member handshake failed: %s", event)
 
+    def activate(self) -> None:
+        """The standby becomes the active dispatcher (it holds the cluster's
+        address now): the members of the previous active reattach within
+        ``reattach_wait``, and the rebuild takes a term above every one they
+        report."""
+        if self.role == "active":
+            return
+        self.role = "active"
+        c = self.config.cluster
+        wait = reattach_wait(c.heartbeat_interval, c.dead_after)
+        self.membership.expect_reattach(wait, self._now())
+        self.counters["activated"] += 1
+        log.warning("%s: active: collecting the members' reattach claims for %.1f s",
+                    self.host, wait)
+
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         c = self.config.cluster
-        self.membership.expect_reattach(reattach_wait(c.heartbeat_interval, c.dead_after),
-                                        self._now())
+        if self.role == "active":
+            self.membership.expect_reattach(reattach_wait(c.heartbeat_interval, c.dead_after),
+                                            self._now())
         # The ports first: a second cluster with the same config fails here,
         # before its bind replaces the first one's members socket.
         self._open_ports()

@@ -46,8 +46,8 @@ from member.tuns import MemberTuns
 
 #: the longest line either side writes (a handoff of 64 members fits easily)
 MAX_LINE = 1 << 20
-OPS_TO_DISPATCHER = frozenset({"handoff", "key", "exited", "stop"})
-OPS_TO_SUPERVISOR = frozenset({"ready", "failed", "key_ok", "dead"})
+OPS_TO_DISPATCHER = frozenset({"handoff", "key", "exited", "stop", "activate"})
+OPS_TO_SUPERVISOR = frozenset({"ready", "failed", "key_ok", "dead", "deposed"})
 
 
 @dataclass(slots=True)
@@ -91,6 +91,9 @@ class Handoff:
     tuns_base: str = ""
     tuns_mtu: int = 0
     tuns_off: str = ""
+    #: two dispatcher hosts: "active", or "standby" (it takes no member until
+    #: the supervisor's ``activate``)
+    role: str = "active"
 
     def fds(self) -> list[int]:
         """Every descriptor this handoff names (for ``pass_fds``)."""
@@ -115,6 +118,7 @@ class Handoff:
             "inside": None if self.inside_fd is None else [self.inside_fd, self.inside_name],
             "tuns": {str(m): [fd, name] for m, (fd, name) in self.tuns.items()},
             "tuns_base": self.tuns_base, "tuns_mtu": self.tuns_mtu, "tuns_off": self.tuns_off,
+            "role": self.role,
         }
 
     @classmethod
@@ -138,7 +142,8 @@ class Handoff:
                 inside_name="" if inside is None else _str(inside[1]),
                 tuns={_int(m): (_int(v[0]), _str(v[1])) for m, v in dict(obj["tuns"]).items()},
                 tuns_base=_str(obj.get("tuns_base", "")), tuns_mtu=_int(obj.get("tuns_mtu", 0)),
-                tuns_off=_str(obj.get("tuns_off", "")))
+                tuns_off=_str(obj.get("tuns_off", "")),
+                role="standby" if obj.get("role") == "standby" else "active")
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise ValueError(f"handoff: bad or missing field ({type(exc).__name__}: {exc})") \
                 from None

@@ -126,6 +126,8 @@ class DispatcherProcess:
         d.want_member_tuns = True
         d.adopting = bool(handoff.running) and bool(handed.groups or handed.tuns)
         d.on_member_dead = self._declared_dead
+        d.role = handoff.role
+        d.on_deposed = self._deposed
         return d
 
     async def run(self) -> int:
@@ -214,11 +216,18 @@ class DispatcherProcess:
             elif op == "stop":
                 self._clean_stop = True
                 self._stop.set()
+            elif op == "activate":
+                d.activate()
             elif op in OPS_TO_DISPATCHER:   # (a second handoff)
                 self.channel.refused += 1
         except (KeyError, TypeError, ValueError) as exc:
             self.channel.refused += 1
             log.warning("refused a message of the supervisor (%s): %s", op, exc)
+
+    def _deposed(self) -> None:
+        """A member reported a term above ours: another dispatcher is active.
+        The supervisor ends us and starts a standby (we send nothing more)."""
+        self.channel.send({"op": "deposed"})
 
     def _declared_dead(self, member_id: int) -> None:
         """The machine declared a member dead: the supervisor ends the

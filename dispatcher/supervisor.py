@@ -18,7 +18,14 @@ not its children, and the next dispatcher adopts them.
 SIGINT/SIGTERM stop everything cleanly: the dispatcher has the members
 delete every IKE SA with its peer first, then the members, the dispatcher,
 and last what the supervisor holds (sockets, devices, routes, rules). SIGHUP
-is passed to the dispatcher (it reloads the connections)."""
+is passed to the dispatcher (it reloads the connections).
+
+Two dispatcher hosts (docs/failover.md "Two dispatcher hosts"): with
+``cluster.role = "standby"`` the dispatcher starts as the standby; SIGUSR1
+(keepalived's notify on MASTER) makes it active, SIGUSR2 (BACKUP, FAULT)
+ends an active one and starts a standby in its place (nothing deleted: the
+members follow the other host). Our pid is in ``supervisor.pid`` in the run
+directory."""
 
 from __future__ import annotations
 
@@ -77,6 +84,8 @@ KEY_ACK_S = 2.0
 #: a clean stop: how long the dispatcher may take for the Deletes, then SIGKILL
 DISPATCHER_STOP_S = STOP_GRACE_S + CONTROL_TIMEOUT_S + 3.0
 SOCKETS = ("control.ipc", "members.ipc")
+#: our pid, for keepalived's notify scripts (SIGUSR1: active, SIGUSR2: standby)
+PID_FILE = "supervisor.pid"
 #: how often the supervisor looks at its members' processes (the exit of a
 #: member is seen at once through its pidfd; this poll is the fallback where
 #: pidfd_open(2) is missing, Linux < 5.3, and starts the restarts)
@@ -150,6 +159,8 @@ class _DispatcherInc:
         self.task: asyncio.Future[None] | None = None
         #: the run's first: its failure to start is the run's (a StartupError)
         self.first = False
+        #: ended by us to stand down (a standby starts at once, no backoff)
+        self.deposed = False
 
 
 class Supervisor:
@@ -216,6 +227,9 @@ class Supervisor:
         self.pidfds: dict[int, int] = {}
         #: why exits are polled instead (logged once), None while pidfds work
         self._no_pidfd: str | None = None
+        #: two dispatcher hosts: the role our dispatcher has (a restarted one
+        #: gets it in its handoff)
+        self.role: str = config.cluster.role
 
     def new_backoff(self) -> Backoff:
         return Backoff()
@@ -282,7 +296,8 @@ class Supervisor:
             inside_fd=self.inside.fd if self.inside is not None else None,
             inside_name=self.inside.name if self.inside is not None else "",
             tuns=tuns, tuns_base=self.tuns.base if self.tuns is not None else "",
-            tuns_mtu=self.tuns.mtu if self.tuns is not None else 0, tuns_off=self.tuns_off)
+            tuns_mtu=self.tuns.mtu if self.tuns is not None else 0, tuns_off=self.tuns_off,
+            role=self.role)
 
     # -- the dispatcher ------------------------------------------------------------------
 
@@ -392,9 +407,44 @@ class Supervisor:
                 fut.set_result(None)
         elif op == "dead":
             self._declared_dead(int(msg.get("member", 0)), int(msg.get("pid", 0)))
+        elif op == "deposed":
+            self._restart_deposed(inc)
+
+    def set_role(self, role: str, why: str) -> None:
+        """Two dispatcher hosts: become active (the dispatcher starts
+        collecting the members' reattach claims) or stand down (the active
+        dispatcher is ended at once, nothing deleted, and a standby starts in
+        its place: it knows nothing a deposed one held)."""
+        if role == self.role or self.stopping:
+            return
+        log.warning("role %s -> %s (%s)", self.role, role, why)
+        self.role = role
+        inc = self.dispatcher
+        if inc is None or inc.proc.poll() is not None:
+            return    # (the next one starts with the new role)
+        if role == "active":
+            inc.channel.send({"op": "activate"})
+            return
+        inc.deposed = True
+        inc.proc.kill()
+
+    def _restart_deposed(self, inc: _DispatcherInc) -> None:
+        """Our dispatcher learnt from a member that another one was activated
+        after it: it ends (nothing deleted), and the next one starts in our
+        role: a standby, or, while keepalived says we hold the address, a new
+        activation (its rebuild takes a term above every one the members
+        report)."""
+        if inc.proc.poll() is None and not self.stopping:
+            log.warning("the dispatcher (pid %d) was deposed (a member reported a newer "
+                        "term); starting a new %s one", inc.proc.pid, self.role)
+            inc.deposed = True
+            inc.proc.kill()
 
     def _dispatcher_exited(self, inc: _DispatcherInc) -> None:
         now = time.monotonic()
+        if inc.deposed:
+            self.dispatcher_restart_at = now
+            return
         ran_s = now - inc.started
         code = inc.proc.returncode
         delay = self.dispatcher_backoff.exited(ran_s)
@@ -592,6 +642,8 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        loop.add_signal_handler(signal.SIGUSR1, self.set_role, "active", "SIGUSR1")
+        loop.add_signal_handler(signal.SIGUSR2, self.set_role, "standby", "SIGUSR2")
         tasks: list[asyncio.Future[Any]] = []
         try:
             try:
@@ -608,6 +660,8 @@ class Supervisor:
                 self._close()
                 self._remove_run_dir()
                 raise
+            with contextlib.suppress(OSError):
+                (self.dir / PID_FILE).write_text(f"{os.getpid()}\n")
             for member_id in range(1, self.config.cluster.members + 1):
                 await self._spawn(member_id)
             tasks.append(asyncio.ensure_future(self._watch()))
@@ -646,6 +700,8 @@ class Supervisor:
 
     def _remove_run_dir(self) -> None:
         """Our sockets go with us (not a configured ``control`` folder)."""
+        with contextlib.suppress(OSError):
+            (self.dir / PID_FILE).unlink()
         if self.config.cluster.control:
             return
         for name in SOCKETS:

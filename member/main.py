@@ -47,6 +47,17 @@ def load_member_curve(config: Config, config_path: str) -> tuple[bytes, bytes, b
     return public, secret, server
 
 
+def load_standby(config: Config, config_path: str) -> tuple[str, bytes] | None:
+    """Two dispatcher hosts: the standby's endpoint (``cluster.sync_standby``)
+    and its public key (``cluster.curve_server_key_standby``), or None."""
+    c = config.cluster
+    if not c.sync_standby:
+        return None
+    path = Path(config_path).parent / c.curve_server_key_standby
+    server, _ = load_certificate(config_path, "curve_server_key_standby", path)
+    return c.sync_standby, server
+
+
 def read_key_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     """(our public key, our secret key, the dispatcher's public key), z85,
     as the supervisor writes them to a member's stdin."""
@@ -81,7 +92,8 @@ def run_member(config: Config, config_path: str, member_id: int, endpoint: str, 
     if tun_fd is not None:
         check_tun_fd(tun_fd)
     proc = MemberProcess(config, member_id, endpoint, curve=curve,
-                         udp=own_sockets(udp_fds or {}), tun_fd=tun_fd)
+                         udp=own_sockets(udp_fds or {}), tun_fd=tun_fd,
+                         standby=None if key_stdin else load_standby(config, config_path))
     proc.config_path = config_path
 
     async def main() -> None:

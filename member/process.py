@@ -100,13 +100,18 @@ EXIT_REPLACED = 3
 EXIT_REJOIN = 75
 
 
-def heartbeat_refusal(hb: Heartbeat, sender_id: int) -> str | None:
+def heartbeat_refusal(hb: Heartbeat, sender_id: int, term: int = 0) -> str | None:
     """Why a HEARTBEAT from the dispatcher is refused, or None. Ours carry
     member id 0, our incarnation's IV sender id (fixed once given: changing
-    it under live SAs would reuse IVs, RFC 6027 §3.7.1) and the loads of
-    members (``Heartbeat.loads``, read by ``placement.read_loads``)."""
+    it under live SAs would reuse IVs, RFC 6027 §3.7.1), the loads of
+    members (``Heartbeat.loads``, read by ``placement.read_loads``) and the
+    dispatcher's term, never below ``term``, the highest we saw (a lower one
+    is a deposed dispatcher's: its sender ids and liveness are not ours to
+    take, docs/failover.md "Two dispatcher hosts")."""
     if hb.member_id != 0:
         return "not_from_dispatcher"
+    if hb.term < term:
+        return "stale_term"
     if not 1 <= hb.sender_id <= MAX_SENDER_ID:
         return "bad_sender_id"
     if sender_id and hb.sender_id != sender_id:
@@ -114,13 +119,19 @@ def heartbeat_refusal(hb: Heartbeat, sender_id: int) -> str | None:
     return None
 
 
-def table_refusal(old: SegmentTable | None, new: SegmentTable, segment_bits: int) -> str | None:
+def table_refusal(old: SegmentTable | None, new: SegmentTable, segment_bits: int, *,
+                  term: int = 0, seen: int = 0, old_term: int = 0) -> str | None:
     """Why a TABLE update is refused, or None: our segment arithmetic needs our
-    ``segment_bits``; an epoch never goes back (a replayed old table would
-    hand our segments to a dead member); member ids are 1..MAX_MEMBERS."""
+    ``segment_bits``; a table of a dispatcher whose ``term`` is below the
+    highest we ``seen`` is a deposed dispatcher's (it moves no segment of
+    ours); (term, epoch) never goes back (a replayed old table would hand our
+    segments to a dead member; ``old_term``: the term of the table we hold);
+    member ids are 1..MAX_MEMBERS."""
     if new.segment_bits != segment_bits:
         return "bad_segment_bits"
-    if old is not None and new.epoch < old.epoch:
+    if term < seen:
+        return "stale_term"
+    if old is not None and (term, new.epoch) < (old_term, old.epoch):
         return "epoch_backwards"
     if any(not 1 <= m <= MAX_MEMBERS for m in new.members):
         return "bad_member"
@@ -205,13 +216,34 @@ class MemberProcess:
     def __init__(self, config: Config, member_id: int, endpoint: str, *,
                  curve: tuple[bytes, bytes, bytes] | None = None,
                  udp: dict[int, socket.socket] | None = None,
-                 tun_fd: int | None = None) -> None:
+                 tun_fd: int | None = None,
+                 standby: tuple[str, bytes | None] | None = None) -> None:
         """``curve`` = (our public key, our secret key, the dispatcher's public
         key); ``udp``: port -> our socket of the cluster's steered group on
         that port (the kernel data path: we receive our own IKE and ESP on it
         and send from the cluster's address with it; empty: the relay);
-        ``tun_fd``: our own TUN device (member/tuns.py), read once we joined."""
+        ``tun_fd``: our own TUN device (member/tuns.py), read once we joined;
+        ``standby``: the other dispatcher of a two-host pair (its endpoint
+        and public key): we talk to one at a time and try the other when ours
+        is silent for ``dead_after`` intervals (docs/failover.md "Two
+        dispatcher hosts")."""
         self.config = config
+        #: the dispatchers we know (endpoint, its public key), and which one
+        #: we talk to now
+        self.endpoints: list[tuple[str, bytes | None]] = [
+            (endpoint, curve[2] if curve is not None else None)]
+        if standby is not None:
+            self.endpoints.append(standby)
+        self.current = 0
+        #: when we last turned to another dispatcher, and when one last told
+        #: us it is the standby (loop time)
+        self.switched = 0.0
+        self.standby_heard = 0.0
+        #: the highest dispatcher term we saw: anything of a lower term (a
+        #: deposed dispatcher's heartbeat, table or notice) is refused
+        self.term = 0
+        #: the term of the table we hold
+        self.table_term = 0
         self.udp = udp if udp is not None else {}
         #: the file ``reload`` re-reads (set by ``run_member``)
         self.config_path: str | None = None
@@ -273,6 +305,31 @@ class MemberProcess:
         if curve is not None:
             self.bulk.curve_publickey, self.bulk.curve_secretkey, self.bulk.curve_serverkey = curve
         self.bulk_seq = StreamSeq()
+
+    # -- two dispatchers -----------------------------------------------------------
+
+    def _switch(self, why: str) -> None:
+        """Turn to the other dispatcher (both our sockets; the heartbeat
+        thread follows): a DEALER talks to one dispatcher at a time."""
+        if len(self.endpoints) < 2 or self.loop is None:
+            return
+        old, _ = self.endpoints[self.current]
+        self.current = (self.current + 1) % len(self.endpoints)
+        new, key = self.endpoints[self.current]
+        for sock in (self.sock, self.bulk):
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(old)
+            if key is not None:
+                sock.curve_serverkey = key
+            sock.connect(new)
+        self.endpoint = new
+        self.switched = self.loop.time()
+        self.rx_seq = StreamSeq()
+        self.attached += 1
+        if self.reattaching:
+            # (the next reattach HELLO goes to the new one at once)
+            self.reattaching = self.switched - self.config.cluster.heartbeat_interval
+        log.warning("member %d: %s: turning to the dispatcher at %s", self.member_id, why, new)
 
     # -- sending ------------------------------------------------------------------
 
@@ -429,7 +486,7 @@ class MemberProcess:
         elif isinstance(msg, InnerIn):
             self._inner(msg)
         elif isinstance(msg, TableUpdate):
-            self._table(msg.table)
+            self._table(msg.table, msg.term)
         elif isinstance(msg, Heartbeat):
             self._dispatcher_heartbeat(msg)
         elif isinstance(msg, ChildPush):
@@ -506,14 +563,20 @@ class MemberProcess:
                                  f"child {push.spi_in:#010x} in segment {segment}")
 
     def _dispatcher_heartbeat(self, hb: Heartbeat) -> None:
-        reason = heartbeat_refusal(hb, self.sender_id)
+        reason = heartbeat_refusal(hb, self.sender_id, self.term)
         if reason is not None:
             self.refusals.refuse(f"heartbeat_{reason}", DISPATCHER,
-                                 f"sender id {hb.sender_id}")
+                                 f"sender id {hb.sender_id}, term {hb.term}")
             return
+        prev_term = self.term
+        if hb.term > self.term:
+            if self.term:
+                log.warning("member %d: dispatcher term %d (was %d)", self.member_id, hb.term,
+                            self.term)
+            self.term = hb.term
         if self.loop is not None:
             self.heard = self.loop.time()
-        new_dispatcher = hb.pid != self.dispatcher_pid
+        new_dispatcher = hb.pid != self.dispatcher_pid or hb.term != prev_term
         self.dispatcher_pid = hb.pid
         if self.member is not None and hb.token and hb.token == self.token:
             self._reattached(hb, new_dispatcher)
@@ -587,6 +650,18 @@ class MemberProcess:
         if notice.kind is NoticeKind.REFUSED:
             self._exit(EXIT_REFUSED, f"member {self.member_id}: refused by the dispatcher: "
                                      f"{notice.text}")
+        if notice.kind is NoticeKind.STANDBY:
+            # (we stay twice as long as with a silent one: the standby is
+            # alive, and about to be activated when ours died)
+            self.refusals.refuse("notice_standby", DISPATCHER, notice.text)
+            if self.loop is not None:
+                self.standby_heard = self.loop.time()
+            return
+        if notice.term < self.term:
+            # a deposed dispatcher cannot end us
+            self.refusals.refuse("notice_stale_term", DISPATCHER,
+                                 f"{notice.kind.name} of term {notice.term} < {self.term}")
+            return
         if notice.sender_id != self.sender_id or not self.sender_id:
             self.refusals.refuse("notice_not_ours", DISPATCHER, f"sender id {notice.sender_id}")
             return
@@ -608,11 +683,15 @@ class MemberProcess:
                 handler.flush()
         os._exit(status)
 
-    def _table(self, table: SegmentTable) -> None:
-        reason = table_refusal(self.table, table, self.config.cluster.segment_bits)
+    def _table(self, table: SegmentTable, term: int = 0) -> None:
+        reason = table_refusal(self.table, table, self.config.cluster.segment_bits, term=term,
+                               seen=self.term, old_term=self.table_term)
         if reason is not None:
-            self.refusals.refuse(f"table_{reason}", DISPATCHER, f"epoch {table.epoch}")
+            self.refusals.refuse(f"table_{reason}", DISPATCHER,
+                                 f"epoch {table.epoch}, term {term}")
             return
+        self.term = max(self.term, term)
+        self.table_term = term
         old, self.table = self.table, table
         if self.member is not None and self.replicator is not None and self.loop is not None:
             mine = table.segments_of(self.member_id)
@@ -817,12 +896,23 @@ class MemberProcess:
         sock.setsockopt(zmq.SNDHWM, 100)
         if self.curve is not None:
             sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.curve
-        sock.connect(self.endpoint)
+        current = self.current
+        endpoint, _ = self.endpoints[current]
+        sock.connect(endpoint)
         interval = self.config.cluster.heartbeat_interval
         seq = StreamSeq()
         opened: tuple[int, int] = (0, 0)
         try:
             while not self._hb_stop.wait(interval):
+                if current != self.current:
+                    # (the live channel turned to the other dispatcher: we follow)
+                    with contextlib.suppress(zmq.ZMQError):
+                        sock.disconnect(endpoint)
+                    current = self.current
+                    endpoint, key = self.endpoints[current]
+                    if key is not None:
+                        sock.curve_serverkey = key
+                    sock.connect(endpoint)
                 if time.monotonic() - self.progress > WATCHDOG_S or not self.sender_id:
                     continue
                 epoch = self.table.epoch if self.table else 0
@@ -836,7 +926,8 @@ class MemberProcess:
                 with contextlib.suppress(zmq.ZMQError):
                     # (liveness only: the figures travel on the live channel)
                     sock.send(encode(Heartbeat(self.member_id, self.sender_id, os.getpid(),
-                                               epoch), seq.next()), zmq.NOBLOCK)
+                                               epoch, term=self.term), seq.next()),
+                              zmq.NOBLOCK)
         finally:
             sock.close(linger=0)
 
@@ -850,9 +941,9 @@ class MemberProcess:
                 # (no table yet: an empty one, epoch 0, claims nothing)
                 table = self.table if self.table is not None else SegmentTable(c.segment_bits)
                 return Hello(self.member_id, os.getpid(), socket.gethostname(), channel,
-                             self.sender_id, self.token, timing, table)
+                             self.sender_id, self.token, timing, table, self.term)
             return Hello(self.member_id, os.getpid(), socket.gethostname(), channel,
-                         timing=timing)
+                         timing=timing, term=self.term)
         return Hello(self.member_id, os.getpid(), socket.gethostname(), channel,
                      self.sender_id, self.token)
 
@@ -869,7 +960,12 @@ class MemberProcess:
     def _heartbeat_tick(self) -> None:
         if not self.sender_id:
             # Not a member yet: the dispatcher refuses a HELLO while the
-            # previous incarnation of our id is alive; ask again.
+            # previous incarnation of our id is alive; ask again (two
+            # dispatchers: the other one when this one stays silent).
+            c = self.config.cluster
+            if self.loop is not None and self.loop.time() - max(self.heard, self.switched) \
+                    > c.dead_after * c.heartbeat_interval:
+                self._switch("no answer to our HELLO")
             self.send(self._hello(Channel.LIVE))
             return
         loop = self.loop
@@ -882,12 +978,20 @@ class MemberProcess:
                 self._exit(EXIT_REJOIN, f"member {self.member_id}: no dispatcher for "
                                         f"{silent:.1f} s (cluster.orphan_after = "
                                         f"{c.orphan_after:g}): stopping, to join anew")
-            if silent > c.dead_after * c.heartbeat_interval:
+            limit = c.dead_after * c.heartbeat_interval
+            if silent > limit:
+                # (a standby that answers is given twice as long as a silent
+                # one: VRRP takes a few advert intervals to activate it)
+                patience = limit * (2 if self.standby_heard > self.switched else 1)
+                if loop.time() - max(self.heard, self.switched) > patience:
+                    # two dispatchers: ours is silent (so is the other, if we
+                    # tried it last): the other one
+                    self._switch(f"no dispatcher heartbeat for {silent:.2f} s")
                 # the dispatcher died, restarted or lost us: ask to be kept
                 self._reattach(f"no dispatcher heartbeat for {silent:.2f} s")
         epoch = self.table.epoch if self.table else 0
         self.send(Heartbeat(self.member_id, self.sender_id, os.getpid(), epoch,
-                            stats=self.stats()))
+                            stats=self.stats(), term=self.term))
         rep, loop = self.replicator, self.loop
         if rep is not None and loop is not None:
             now = loop.time()

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the real-peer tests need (strongSwan's charon with
-# libipsec, swanctl, ping, tcpdump, iproute2, tshark for the key export test) and
+# libipsec, swanctl, ping, tcpdump, iproute2, tshark for the key export test,
+# keepalived for the two dispatcher hosts' VRRP) and
 # the OpenSSL headers the compiled ESP path builds against (libssl-dev), when
 # running as root and missing.
 set -eu
-PKGS="strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins iputils-ping tcpdump iproute2 libssl-dev nftables tshark"
+PKGS="strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins iputils-ping tcpdump iproute2 libssl-dev nftables tshark keepalived"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

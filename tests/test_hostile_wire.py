@@ -313,8 +313,8 @@ _STATS = MemberStats(
     connections=ConnectionCounts({"branch": 14}, {"net": 15}))
 _STATS_RAW = encode(Heartbeat(3, 4, 5, 6, stats=_STATS), 7)
 #: where the first map (counters: one name) starts: head, the heartbeat's fixed
-#: part, its empty counters, token, the stats flag, the stats' 11 u64
-_FIRST_MAP = 10 + 16 + 1 + 8 + 1 + 88
+#: part, its empty counters, token, term, the stats flag, the stats' 11 u64
+_FIRST_MAP = 10 + 16 + 1 + 8 + 8 + 1 + 88
 
 
 def test_member_stats_round_trip_and_every_truncation_is_malformed() -> None:

@@ -953,3 +953,107 @@ def test_the_dispatchers_monitor_outlives_a_failing_tick() -> None:
         assert d._refusals().counts["bug.tick.RuntimeError"] == len(calls)
 
     asyncio.run(go())
+
+
+# -- terms: two dispatcher hosts, a deposed dispatcher is fenced ------------------------------
+
+
+def term_claim(c: Cluster, member: int, sender_id: int, table: SegmentTable, term: int
+               ) -> Outputs:
+    return c.m.hello(member, 100 + member, "host", 0, c.now, c.children,
+                     claim=Claim(sender_id, 0xC0FFEE + member, table, term))
+
+
+def test_a_rebuild_takes_a_term_above_every_claimed_one_and_sends_it() -> None:
+    old = old_cluster()
+    table = old.m.table.copy()
+    ids = {m: old.m.members[m].sender_id for m in (1, 2, 3)}
+    c = successor()
+    term_claim(c, 1, ids[1], table, 4)
+    term_claim(c, 2, ids[2], table, 7)
+    out = term_claim(c, 3, ids[3], table, 5)
+    assert c.m.term == 8 and "dispatcher term 8" in texts(out)
+    sent = [s.message for s in out.sends]
+    assert sent and all(isinstance(m, Heartbeat | TableUpdate) and m.term == 8 for m in sent)
+    c.tick(INTERVAL)
+    assert all(s.message.term == 8 for s in c.m.tick(c.now).sends)
+    # every notice carries it too (a member ignores DEAD/REPLACED of a lower term)
+    assert c.m.standing(2, ids[2] + 1) is not None
+    assert c.m.standing(2, ids[2] + 1).term == 8   # type: ignore[union-attr]
+
+
+def test_a_member_reporting_a_newer_term_deposes_the_dispatcher_for_good() -> None:
+    old = old_cluster()
+    a = successor()
+    table = old.m.table.copy()
+    for m in (1, 2, 3):
+        term_claim(a, m, old.m.members[m].sender_id, table, 1)
+    assert a.m.term == 2 and not a.m.deposed
+    epoch = a.m.table.epoch
+    # member 1 went to the other host's dispatcher (term 3) and writes to us
+    out = a.m.heartbeat(1, a.m.members[1].sender_id, a.now, Channel.LIVE, term=3)
+    assert out.deposed and a.m.deposed
+    assert any("another dispatcher is active" in t for t in texts(out))
+    # from now on: no failover, no table, no sender id, no notice
+    a.tick(10.0)
+    assert a.m.tick(a.now).sends == [] and a.m.table.epoch == epoch
+    assert a.m.exited(2, 102).sends == [] and a.m.table.epoch == epoch
+    assert a.hello(4).refused == "deposed" and 4 not in a.m.members
+    assert a.m.heartbeat(2, a.m.members[2].sender_id, a.now, Channel.LIVE).reply is None
+    # (a claim with a lower term while rebuilding only raises ours: not deposed)
+    b = successor()
+    term_claim(b, 1, 1, table, 9)
+    assert b.m.term == 9 and not b.m.deposed
+
+
+def test_a_deposed_dispatcher_that_never_learnt_it_moves_nothing_members_accept() -> None:
+    """A (term 2) loses its link; B rebuilds from the members' claims (term 3).
+    A, back and still believing it is active, declares every member dead, fails
+    their segments over and gives a new process a sender id: members that saw
+    term 3 refuse each of those messages, and take B's."""
+    from member.process import heartbeat_refusal, table_refusal
+
+    old = old_cluster()
+    a = successor()
+    table0 = old.m.table.copy()
+    for m in (1, 2, 3):
+        term_claim(a, m, old.m.members[m].sender_id, table0, 1)
+    assert a.m.term == 2
+    held = a.m.table.copy()                    # what the members hold (term 2)
+    ids = {m: a.m.members[m].sender_id for m in (1, 2, 3)}
+    b = successor()
+    for m in (1, 2, 3):
+        out = term_claim(b, m, ids[m], held, 2)
+    assert b.m.term == 3
+    b_table = next(s.message for s in out.sends if isinstance(s.message, TableUpdate))
+    seen = 3
+    assert table_refusal(held, b_table.table, 4, term=b_table.term, seen=seen,
+                         old_term=2) is None
+    # A wakes up: its members are silent -> failover, and a new process joins A
+    a.tick(1.0)
+    moved = [s.message for s in a.m.tick(a.now).sends if isinstance(s.message, TableUpdate)]
+    assert a.m.table.epoch > b_table.table.epoch or moved == []
+    joined = a.hello(4)
+    hb = next(s.message for s in joined.sends if isinstance(s.message, Heartbeat))
+    for update in [*moved, *(s.message for s in joined.sends
+                             if isinstance(s.message, TableUpdate))]:
+        assert update.term == 2
+        assert table_refusal(b_table.table, update.table, 4, term=update.term, seen=seen,
+                             old_term=b_table.term) == "stale_term"
+    assert heartbeat_refusal(hb, 0, seen) == "stale_term"
+    # B's heartbeats pass; of one term, an epoch going back does not
+    b_hb = Heartbeat(0, ids[1], DISPATCHER_PID + 1, b_table.table.epoch, term=3)
+    assert heartbeat_refusal(b_hb, ids[1], seen) is None
+    older = held.copy()
+    assert table_refusal(b_table.table, older, 4, term=3, seen=3,
+                         old_term=3) == "epoch_backwards"
+    # a newer term's table is taken even at a lower epoch (its rebuild is newer)
+    assert table_refusal(b_table.table, older, 4, term=4, seen=3, old_term=3) is None
+
+
+def test_terms_travel_in_every_message_that_carries_one() -> None:
+    table = SegmentTable(4)
+    for msg in (Heartbeat(0, 3, 9, 4, term=7), TableUpdate(table, 7),
+                Notice(NoticeKind.STANDBY, 3, "disp-b is the standby dispatcher", 7)):
+        _, back = decode(encode(msg, 1))
+        assert back == msg and back.term == 7

@@ -147,7 +147,8 @@ def test_totals_after_a_live_failover_count_each_sa_once(tmp_path: Path) -> None
 STATUS_KEYS = ["cluster", "dispatcher", "members", "pools"]
 CLUSTER_KEYS = ["address", "mode", "epoch", "uptime_s", "endpoint"]
 DISPATCHER_KEYS = ["pid", "counters", "drops", "inside_routes", "refused", "esp_relayed",
-                   "data_path", "data_path_off", "supervisor_pid", "adopting"]
+                   "data_path", "data_path_off", "supervisor_pid", "adopting", "role", "host",
+                   "term"]
 MEMBER_KEYS = ["id", "pid", "host", "alive", "sender_id", "last_heartbeat_ms", "segments",
                "backup_segments", "ike_sas", "half_open_ike_sas", "child_sas", "packets_in",
                "bytes_in", "packets_out", "bytes_out", "drops", "refused", "sync_gaps",
@@ -172,7 +173,8 @@ CLUSTER_STATUS = {
                 "endpoint": "ipc:///x"},
     "dispatcher": {"pid": 9, "counters": {"udp_in": 1}, "drops": {}, "inside_routes": 2,
                    "refused": {"wire_frames": 1}, "esp_relayed": 5, "data_path": "kernel",
-                   "data_path_off": "", "supervisor_pid": 4321, "adopting": False},
+                   "data_path_off": "", "supervisor_pid": 4321, "adopting": False,
+                   "role": "standby", "host": "disp-b", "term": 3},
     "members": [_full_member(1), _full_member(2)],
     "pools": [{"name": "rw", "addrs": "10.9.0.0/24", "dns": ["10.9.0.1"], "size": 254,
                "per_segment": 15, "leased": 3, "by_member": {1: 2, 3: 1}}]}
@@ -182,7 +184,8 @@ SINGLE_STATUS = {
     "dispatcher": {"pid": 9, "counters": {}, "drops": {}, "inside_routes": 0,
                    "refused": {"bug.ike.KeyError": 2}, "esp_relayed": 0,
                    "data_path": "single-process", "data_path_off": "",
-                   "supervisor_pid": 0, "adopting": False},
+                   "supervisor_pid": 0, "adopting": False, "role": "active", "host": "",
+                   "term": 0},
     "members": [{**_full_member(1), "replication": {}, "sync": {}}]}
 
 

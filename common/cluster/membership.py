@@ -35,6 +35,13 @@ Rules of this file:
   "Reattach").
 - Timing keys (``Timing``) that differ from ours are refused at join, with a
   notice naming the key and both values.
+- Terms fence a deposed dispatcher (docs/failover.md "Two dispatcher hosts"):
+  every heartbeat, table and notice we send carries ``term``; a rebuild takes
+  a term above ours and above every term a claim reports (members keep the
+  highest term they saw and ignore anything of a lower one). A member that
+  reports a term above ours outside a rebuild means another dispatcher was
+  activated after us: we are deposed (``Outputs.deposed``) and from then on
+  take no input and send nothing (the shell stands down).
 """
 
 from __future__ import annotations
@@ -126,6 +133,9 @@ class Outputs:
     refused: str | None = None
     #: what to tell whoever sent this input (on the connection it came on)
     reply: Notice | None = None
+    #: this input showed a term above ours: another dispatcher is active
+    #: (we are deposed; the shell stands down)
+    deposed: bool = False
 
     def log(self, level: Level, text: str) -> None:
         self.logs.append(LogLine(level, text))
@@ -155,6 +165,8 @@ class Claim:
     sender_id: int
     token: int = field(repr=False)
     table: SegmentTable
+    #: the highest dispatcher term the member saw
+    term: int = 0
 
 
 def reattach_wait(heartbeat_interval: float, dead_after: int) -> float:
@@ -194,10 +206,13 @@ class Membership:
 
     def __init__(self, segment_bits: int, *, expect: int, heartbeat_interval: float,
                  dead_after: int, hot_standby: bool = False, pid: int = 0,
-                 timing: Timing | None = None, reattach_wait: float = 0.0) -> None:
+                 timing: Timing | None = None, reattach_wait: float = 0.0,
+                 term: int = 0) -> None:
         """``pid``: the dispatcher's, in the heartbeats it sends; ``timing``:
         ours (None: not checked); ``reattach_wait``: the window in which the
-        members of a previous dispatcher may reattach (0: none, a new cluster)."""
+        members of a previous dispatcher may reattach (0: none, a new cluster);
+        ``term``: the highest dispatcher term we know of (a rebuild takes one
+        above it)."""
         self.table = SegmentTable(segment_bits)
         self.expect = expect
         self.interval = heartbeat_interval
@@ -222,6 +237,11 @@ class Membership:
         self.claimed: dict[int, SegmentTable] = {}
         #: members whose new incarnation waits for the rebuild
         self.waiting: set[int] = set()
+        #: our term (every message we send carries it); a rebuild raises it
+        #: above every term claimed
+        self.term = term
+        #: a member reported a term above ours: another dispatcher is active
+        self.deposed = False
 
     # -- reading ------------------------------------------------------------------------
 
@@ -251,17 +271,36 @@ class Membership:
         REPLACED (a newer one of your id came: stop)."""
         inc = self.incarnation(member_id)
         if inc is None:
-            return Notice(NoticeKind.UNKNOWN, sender_id, "no incarnation of this member here")
+            return Notice(NoticeKind.UNKNOWN, sender_id, "no incarnation of this member here",
+                          self.term)
         if inc.sender_id == sender_id:
             if inc.alive or self.rebuilding:
                 return None
             return Notice(NoticeKind.DEAD, sender_id,
-                          f"member {member_id} sender id {sender_id} was declared dead")
+                          f"member {member_id} sender id {sender_id} was declared dead",
+                          self.term)
         return Notice(NoticeKind.REPLACED, sender_id,
                       f"member {member_id} has a newer incarnation (pid {inc.pid} on "
-                      f"{inc.host or '?'}, sender id {inc.sender_id})")
+                      f"{inc.host or '?'}, sender id {inc.sender_id})", self.term)
 
     # -- inputs -------------------------------------------------------------------------
+
+    def newer_term(self, term: int, out: Outputs) -> bool:
+        """A member reported ``term``: above ours outside a rebuild, another
+        dispatcher was activated after us: we are deposed from now on (True).
+        While rebuilding, ours rises to it (the rebuild takes one above)."""
+        if term <= self.term:
+            return self.deposed
+        if self.rebuilding:
+            self.term = term
+            return False
+        if not self.deposed:
+            self.deposed = True
+            out.deposed = True
+            out.log(Level.WARNING, f"a member reports dispatcher term {term}, above ours "
+                                   f"({self.term}): another dispatcher is active; standing "
+                                   "down (no table, sender id or notice from us any more)")
+        return True
 
     def expect_reattach(self, wait: float, now: float) -> None:
         """From ``now`` on, for ``wait``: the window in which the members of
@@ -279,17 +318,25 @@ class Membership:
 
     def hello(self, member_id: int, pid: int, host: str, token: int, now: float,
               children: Children = _NO_CHILDREN, *, timing: Timing | None = None,
-              claim: Claim | None = None) -> Outputs:
+              claim: Claim | None = None, term: int = 0) -> Outputs:
         """A LIVE HELLO: a new incarnation of ``member_id`` (refused while
         its current one is alive: it must be dead or fenced first). It gets
         its sender id and token first, then the table; it is the last one
         ``expect`` waited for (the table is assigned), or it joins the
         autobalance. With ``claim``, a reattach (``reattach``). Timing keys
-        other than ours are refused (the reply names the key)."""
+        other than ours are refused (the reply names the key). ``term``: the
+        highest the member saw (above ours: we are deposed, ``newer_term``)."""
+        if claim is not None:
+            term = max(term, claim.term)
+        fenced = Outputs()
+        if self.newer_term(term, fenced):
+            fenced.refused = "deposed"
+            return fenced
         if timing is not None and self.timing is not None:
             why = timing_refusal(self.timing, timing, member_id)
             if why is not None:
-                return Outputs(refused="hello_timing", reply=Notice(NoticeKind.REFUSED, 0, why))
+                return Outputs(refused="hello_timing",
+                               reply=Notice(NoticeKind.REFUSED, 0, why, self.term))
         if claim is not None:
             return self.reattach(member_id, pid, host, claim, now, children)
         out = Outputs()
@@ -315,7 +362,7 @@ class Membership:
         if not self.table.members and len(alive) >= self.expect:
             self._assign(alive, out)
         else:
-            out.sends.append(Send(member_id, TableUpdate(self.table.copy())))
+            out.sends.append(Send(member_id, TableUpdate(self.table.copy(), self.term)))
             if self.table.members and member_id not in self.table.members:
                 # A new or returning member: it gets state first (as a backup),
                 # then segments, a batch at a time (autobalance).
@@ -329,12 +376,16 @@ class Membership:
         was replaced) until the rebuild. After it: our live incarnation with
         that sender id and token gets the same answer as a repeated HELLO;
         any other is told it is dead (rejoin as new) or replaced (stop)."""
+        fenced = Outputs()
+        if self.newer_term(claim.term, fenced):
+            fenced.refused = "deposed"
+            return fenced
         if not 1 <= claim.sender_id <= MAX_SENDER_ID or claim.token == 0 \
                 or claim.table.segment_bits != self.table.segment_bits \
                 or claim.table.epoch > MAX_CLAIMED_EPOCH:
             return Outputs(refused="reattach_bad_claim",
                            reply=Notice(NoticeKind.DEAD, claim.sender_id,
-                                        "a reattach claim we cannot keep"))
+                                        "a reattach claim we cannot keep", self.term))
         if not self.rebuilding:
             inc = self.members.get(member_id)
             if inc is not None and inc.alive and inc.sender_id == claim.sender_id \
@@ -349,7 +400,7 @@ class Membership:
             if notice is None or notice.kind is NoticeKind.UNKNOWN:
                 notice = Notice(NoticeKind.DEAD, claim.sender_id,
                                 f"member {member_id} did not reattach in time: its segments "
-                                "have new owners")
+                                "have new owners", self.term)
             return Outputs(refused="reattach_late", reply=notice)
         self.start(now)
         out = Outputs()
@@ -358,7 +409,8 @@ class Membership:
             if self.claimed[member_id].epoch >= claim.table.epoch:
                 return Outputs(refused="reattach_replaced", reply=Notice(
                     NoticeKind.REPLACED, claim.sender_id,
-                    f"member {member_id} reattached with a newer table (pid {prev.pid})"))
+                    f"member {member_id} reattached with a newer table (pid {prev.pid})",
+                    self.term))
             out.log(Level.WARNING, f"member {member_id}: the claim of pid {pid} (epoch "
                                    f"{claim.table.epoch}) replaces that of pid {prev.pid}")
         if prev is None or prev.pid != pid:
@@ -380,18 +432,21 @@ class Membership:
             out.refused = "hello_no_incarnation"
             return out
         out.sends.append(Send(member_id, self._own_heartbeat(inc, children)))
-        out.sends.append(Send(member_id, TableUpdate(self.table.copy())))
+        out.sends.append(Send(member_id, TableUpdate(self.table.copy(), self.term)))
         return out
 
     def heartbeat(self, member_id: int, sender_id: int, now: float,
-                  via: Channel = Channel.HEARTBEAT) -> Outputs:
+                  via: Channel = Channel.HEARTBEAT, term: int = 0) -> Outputs:
         """A heartbeat of incarnation ``sender_id`` of ``member_id``, on its
         heartbeat connection or its live one. Only the current incarnation's
         count; a dead one stays dead (its live connection's heartbeat is
         logged once: its output is ignored from now on). Any other heartbeat
         on a live connection gets ``standing``'s notice as ``reply`` (the
-        member learns it must reattach, rejoin or stop)."""
+        member learns it must reattach, rejoin or stop). ``term``: the highest
+        the member saw (above ours: we are deposed)."""
         out = Outputs()
+        if self.newer_term(term, out):
+            return out
         inc = self.incarnation(member_id)
         if inc is None or inc.sender_id != sender_id or self.rebuilding:
             if via is Channel.LIVE:
@@ -415,6 +470,8 @@ class Membership:
         taken. Another pid (an older incarnation) changes nothing."""
         out = Outputs()
         inc = self.members.get(member_id)
+        if self.deposed:
+            return out
         if inc is not None and inc.alive and inc.pid == pid:
             out.log(Level.WARNING, f"member {member_id} (pid {pid}) exited: fenced")
             self._dead(inc, out, f"process {pid} exited")
@@ -426,6 +483,8 @@ class Membership:
         whoever came once the startup wait is over, and every
         AUTOBALANCE_STEP_S heal backups and take the autobalance a step."""
         out = Outputs()
+        if self.deposed:
+            return out
         self.start(now)
         if self.rebuilding:
             if not self._rebuild_due(now):
@@ -441,7 +500,8 @@ class Membership:
         for inc in self.members.values():
             if inc.alive:
                 out.sends.append(Send(inc.member_id, Heartbeat(0, inc.sender_id, self.pid,
-                                                               self.table.epoch, loads=loads)))
+                                                               self.table.epoch, loads=loads,
+                                                               term=self.term)))
         started = self._started if self._started is not None else now
         alive = self.alive()
         if not self.table.members and alive and now - started > STARTUP_WAIT_S:
@@ -459,7 +519,7 @@ class Membership:
     def _own_heartbeat(self, inc: Incarnation, children: Children) -> Heartbeat:
         """The answer to a HELLO: the incarnation's sender id and its token."""
         return Heartbeat(0, inc.sender_id, self.pid, self.table.epoch, token=inc.token,
-                         loads=self._loads(children))
+                         loads=self._loads(children), term=self.term)
 
     def _loads(self, children: Children) -> dict[int, int]:
         return member_loads((c.member for c in children.values()), self.members)
@@ -483,7 +543,7 @@ class Membership:
         self._broadcast(out)
 
     def _broadcast(self, out: Outputs) -> None:
-        update = TableUpdate(self.table.copy())
+        update = TableUpdate(self.table.copy(), self.term)
         for inc in self.members.values():
             if inc.alive:
                 out.sends.append(Send(inc.member_id, update))
@@ -553,6 +613,9 @@ class Membership:
         over the members it names that did not reattach, and hand the table
         out. No claim: a new cluster (the table stays empty)."""
         self.rebuilding = False
+        # (every claim raised ours to its term: the new one is above them all)
+        self.term += 1
+        out.log(Level.INFO, f"dispatcher term {self.term}")
         claims, tables = self.claims, self.claimed
         self.claims, self.claimed = {}, {}
         if not claims:
@@ -602,7 +665,7 @@ class Membership:
             inc = claims[m]
             out.events.append(Event(EventType.MEMBER_JOINED, member=m, sender_id=inc.sender_id))
             out.sends.append(Send(m, Heartbeat(0, inc.sender_id, self.pid, self.table.epoch,
-                                               token=inc.token)))
+                                               token=inc.token, term=self.term)))
         self._changed(out, before.diff(self.table), "rebuild")
 
     # -- autobalance ----------------------------------------------------------------------

@@ -261,6 +261,12 @@ class DispatcherStatus:
     #: a restarted dispatcher waiting for the running members to come back
     #: (the kernel's steering and routes stay as they were meanwhile)
     adopting: bool = False
+    #: two dispatcher hosts (docs/failover.md "Two dispatcher hosts"):
+    #: "active" (it holds the cluster's address and the members) or
+    #: "standby"; the host it runs on; its term (0: not active yet)
+    role: str = "active"
+    host: str = ""
+    term: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -401,7 +407,8 @@ class StatusReport:
                              _int(disp, "inside_routes"), _counts(disp, "refused"),
                              _int(disp, "esp_relayed"), _str(disp, "data_path") or "relay",
                              _str(disp, "data_path_off"), _int(disp, "supervisor_pid"),
-                             _bool(disp, "adopting", False)),
+                             _bool(disp, "adopting", False), _str(disp, "role") or "active",
+                             _str(disp, "host"), _int(disp, "term")),
             tuple(_member_of_json(_obj(m, "member")) for m in members),
             None if pools is None else tuple(_pool_of_json(_obj(p, "pool"))
                                              for p in _list(pools, "pools")))

@@ -40,7 +40,8 @@ from common.esp.natt import Bytes
 from common.ike.constants import TsType
 from common.ike.ts import TrafficSelector
 
-WIRE_VERSION = 2  # 2: HELLO carries timing keys and reattach claims; NOTICE, CHILD_CLAIM
+WIRE_VERSION = 3  # 2: HELLO carries timing keys and reattach claims; NOTICE, CHILD_CLAIM;
+#                  3: the dispatcher's term in HEARTBEAT, TABLE, NOTICE and a HELLO's claim
 MAX_SEQ = (1 << 64) - 1
 
 _HEAD = struct.Struct("!BBQ")
@@ -133,6 +134,9 @@ class NoticeKind(enum.IntEnum):
     REPLACED = 3
     #: your HELLO is refused for good (``text`` says why): stop, fix, start
     REFUSED = 4
+    #: this dispatcher is the standby of a two-host pair (it does not hold
+    #: the cluster's address): talk to the other one
+    STANDBY = 5
 
 
 # -- messages ------------------------------------------------------------------------
@@ -195,11 +199,18 @@ class Heartbeat:
     token: int = field(default=0, repr=False)
     #: a member's figures (common/cluster/stats.py); None: liveness only
     stats: MemberStats | None = None
+    #: the dispatcher's: its term (docs/failover.md "Two dispatcher hosts": a
+    #: member ignores a dispatcher whose term is below the highest it saw);
+    #: a member's: the highest term it saw
+    term: int = 0
 
 
 @dataclass(slots=True, frozen=True)
 class TableUpdate:
     table: SegmentTable
+    #: the term of the dispatcher that sends it (a member refuses a table of
+    #: a term below the highest it saw: the deposed dispatcher's)
+    term: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -261,6 +272,9 @@ class Hello:
     #: reattach: the incarnation of a previous dispatcher asks to be kept,
     #: with the segment table it holds (docs/failover.md "Reattach")
     table: SegmentTable | None = None
+    #: a LIVE HELLO's: the highest dispatcher term the member saw (a new
+    #: active dispatcher takes a term above every one its members report)
+    term: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -271,6 +285,9 @@ class Notice:
     kind: NoticeKind
     sender_id: int
     text: str = ""
+    #: the sending dispatcher's term (DEAD and REPLACED of a lower term than
+    #: the member saw are ignored: a deposed dispatcher cannot end members)
+    term: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -557,6 +574,7 @@ def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
     w.push_uint64(m.epoch_seen)
     push_loads(w, m.loads)
     w.push_uint64(m.token)
+    w.push_uint64(m.term)
     if m.stats is None:
         w.push_uint8(0)
     else:
@@ -567,11 +585,12 @@ def _body_heartbeat(w: Writer, m: Heartbeat) -> None:
 def _pull_heartbeat(r: Reader) -> Heartbeat:
     member_id, sender_id, pid = r.pull_uint16(), r.pull_uint16(), r.pull_uint32()
     epoch, loads, token = r.pull_uint64(), pull_loads(r), r.pull_uint64()
+    term = r.pull_uint64()
     has_stats = r.pull_uint8()
     if has_stats > 1:
         raise MalformedMessage(f"heartbeat stats flag {has_stats}")
     stats = pull_member_stats(r) if has_stats else None
-    return Heartbeat(member_id, sender_id, pid, epoch, loads, token, stats)
+    return Heartbeat(member_id, sender_id, pid, epoch, loads, token, stats, term)
 
 
 def push_loads(w: Writer, loads: dict[int, int]) -> None:
@@ -649,6 +668,7 @@ def _body_hello(w: Writer, m: Hello) -> None:
     w.push_uint8(m.channel)
     w.push_uint16(m.sender_id)
     w.push_uint64(m.token)
+    w.push_uint64(m.term)
     if m.timing is None:
         w.push_uint8(0)
     else:
@@ -681,7 +701,7 @@ def _pull_hello(r: Reader) -> Hello:
         kind = Channel(channel)
     except ValueError:
         raise MalformedMessage(f"HELLO for unknown channel {channel}") from None
-    sender_id, token = r.pull_uint16(), r.pull_uint64()
+    sender_id, token, term = r.pull_uint16(), r.pull_uint64(), r.pull_uint64()
     timing = table = None
     if _flag(r, "timing"):
         interval, dead_after, bits, mode = (r.pull_uint32(), r.pull_uint16(), r.pull_uint8(),
@@ -691,12 +711,13 @@ def _pull_hello(r: Reader) -> Hello:
         timing = Timing(interval, dead_after, bits, MODES[mode])
     if _flag(r, "table"):
         table = SegmentTable.decode(r.pull_view(r.pull_uint32()))
-    return Hello(member_id, pid, host, kind, sender_id, token, timing, table)
+    return Hello(member_id, pid, host, kind, sender_id, token, timing, table, term)
 
 
 def _body_notice(w: Writer, m: Notice) -> None:
     w.push_uint8(m.kind)
     w.push_uint16(m.sender_id)
+    w.push_uint64(m.term)
     push_blob(w, m.text.encode()[:MAX_NOTICE_TEXT])
 
 
@@ -706,14 +727,14 @@ def _pull_notice(r: Reader) -> Notice:
         what = NoticeKind(kind)
     except ValueError:
         raise MalformedMessage(f"NOTICE of unknown kind {kind}") from None
-    sender_id, raw = r.pull_uint16(), pull_blob(r)
+    sender_id, term, raw = r.pull_uint16(), r.pull_uint64(), pull_blob(r)
     if len(raw) > MAX_NOTICE_TEXT:
         raise MalformedMessage(f"NOTICE text of {len(raw)} bytes")
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         raise MalformedMessage("NOTICE text is not UTF-8") from None
-    return Notice(what, sender_id, text)
+    return Notice(what, sender_id, text, term)
 
 
 def _body_child_claim(w: Writer, m: ChildClaim) -> None:
@@ -770,7 +791,8 @@ def _pull_events(r: Reader) -> Events:
 
 
 def _pull_table(r: Reader) -> TableUpdate:
-    return TableUpdate(SegmentTable.decode(r.pull_view(r.remaining)))
+    term = r.pull_uint64()
+    return TableUpdate(SegmentTable.decode(r.pull_view(r.remaining)), term)
 
 
 _PULL: dict[MsgType, Callable[[Reader], Message]] = {
@@ -821,6 +843,7 @@ def encode(msg: Message, seq: int) -> bytes:
             _body_heartbeat(w, msg)
         elif isinstance(msg, TableUpdate):
             kind = MsgType.TABLE
+            w.push_uint64(msg.term)
             w.push_bytes(msg.table.encode())
         elif isinstance(msg, ChildPush):
             kind = MsgType.CHILD_PUSH
