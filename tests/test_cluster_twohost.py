@@ -185,7 +185,17 @@ class Pair:
             "--connect", f"tcp://{DISP['a']}:{SYNC_PORT}"), ns=self.ns[f"host{m}"])
 
     def status(self, side: str) -> dict[str, Any]:
-        return status(self.config[side])
+        """That host's status; a dispatcher restarting (deposed, or a role
+        change) leaves its control socket unanswered for a moment
+        (docs/operations.md): asked again for up to STATUS_RETRY_S."""
+        end = time.monotonic() + STATUS_RETRY_S
+        while True:
+            try:
+                return status(self.config[side])
+            except AssertionError:
+                if time.monotonic() >= end:
+                    raise
+                time.sleep(0.1)
 
     def diag(self) -> str:
         out = ""
@@ -235,6 +245,10 @@ def _arrivals(pair: Pair) -> list[float]:
             if p is not None and p.payload[:4] == b"CLTT":
                 out.append(t)
     return sorted(out)
+
+
+#: how long a status request is retried while a dispatcher restarts
+STATUS_RETRY_S = 5.0
 
 
 def _up(pair: Pair, procs: Procs, tmp_path: Path
