@@ -259,9 +259,14 @@ def sas(config: Path, *, cli: bool = False) -> dict[str, Any]:
 def wait_status(config: Path, what: str, predicate: Callable[[dict[str, Any]], bool], *,
                 timeout: float = 20.0,
                 diag: Callable[[], str] = lambda: "") -> dict[str, Any]:
-    """The first ``status --json`` answer that satisfies ``predicate``."""
+    """The first ``status --json`` answer that satisfies ``predicate`` (a
+    control socket that does not answer, e.g. while a dispatcher restarts,
+    is "not yet")."""
     def check() -> dict[str, Any] | None:
-        st = status(config)
+        try:
+            st = status(config)
+        except AssertionError:
+            return None
         return st if predicate(st) else None
     return wait_for(what, check, timeout=timeout, diag=diag)
 
