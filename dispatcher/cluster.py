@@ -153,6 +153,9 @@ class Dispatcher:
         #: ends a process that still runs at once: on the kernel path it
         #: holds sockets it could still send from, RFC 6027 §3.7)
         self.on_member_dead: Callable[[int], None] | None = None
+        #: pidfds of our host's members' processes (pid -> fd, pid -> member)
+        self._pidfds: dict[int, int] = {}
+        self._pidfd_member: dict[int, int] = {}
         self.endpoint = endpoint
         self.curve = curve if curve is not None else zmq.curve_keypair()
         self.keys = keys if keys is not None else KeyRing()
@@ -699,6 +702,42 @@ class Dispatcher:
         self.conns[identity] = Conn(member_id, Channel.LIVE)
         self.by_identity[identity] = member_id
         self._carry(out)
+        if inc is not None and member_id in self.local_members:
+            self._watch_exit(member_id, inc.pid)
+
+    def _watch_exit(self, member_id: int, pid: int) -> None:
+        """A member on our host: its exit fences it here at once (a pidfd of
+        its process becomes readable when it ends), without waiting for the
+        supervisor's word, one process hop and a scheduling delay later (that
+        word still comes: fencing is idempotent)."""
+        loop = self.loop
+        if loop is None or pid <= 0 or pid in self._pidfds:
+            return
+        for old_pid in list(self._pidfds):
+            if self._pidfd_member.get(old_pid) == member_id:
+                self._unwatch_exit(old_pid)
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            return   # (the supervisor fences it: its pidfd or its poll)
+        self._pidfds[pid] = fd
+        self._pidfd_member[pid] = member_id
+        loop.add_reader(fd, self._exit_seen, member_id, pid)
+
+    def _unwatch_exit(self, pid: int) -> None:
+        fd = self._pidfds.pop(pid, None)
+        self._pidfd_member.pop(pid, None)
+        if fd is None:
+            return
+        if self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(fd)
+        os.close(fd)
+
+    def _exit_seen(self, member_id: int, pid: int) -> None:
+        self._unwatch_exit(pid)
+        self.counters["exits_seen"] += 1
+        self.fence(member_id, pid)
 
     def _notify(self, identity: bytes, notice: Notice) -> None:
         """Tell the connection ``identity`` why we do not take its output."""
@@ -1184,6 +1223,8 @@ class Dispatcher:
             for port, member in self._draining:
                 with contextlib.suppress(Exception):
                     self.loop.remove_reader(self.groups[port].socket_of(member).fileno())
+        for pid in list(self._pidfds):
+            self._unwatch_exit(pid)
         for group in self.groups.values():
             group.close()
         self._close_member_tuns()
