@@ -92,10 +92,14 @@ def kill_and_rejoin(disp: Proc, member: int) -> tuple[Event, Event, Event]:
     row = member_row(disp, member)
     pid, sender_id = row["pid"], row["sender_id"]
     assert isinstance(pid, int)
+    seen = status(disp.config_path)["dispatcher"]["counters"].get("exits_seen", 0)
     mark = disp.mark()
     os.kill(pid, signal.SIGKILL)
     dead = disp.wait_event(event_is(EventType.MEMBER_DEAD, member=member), 5.0, since=mark,
                            what=f"member {member} dead after kill -9 of pid {pid}")
+    # (the dispatcher's own pidfd of the member saw the exit, besides the
+    # supervisor's: whichever came first fenced it)
+    assert status(disp.config_path)["dispatcher"]["counters"].get("exits_seen", 0) > seen
     takeover = disp.wait_event(event_is(EventType.TAKEOVER, dead=member), 5.0, since=mark,
                                what=f"the takeover of member {member}'s segments")
     joined = disp.wait_event(event_is(EventType.MEMBER_JOINED, member=member), 20.0,
