@@ -250,10 +250,11 @@ def stop_the_active_host(lab: Lab, tmp: Path) -> HostStopped:
         killed_at = time.time()
         for proc in (pair.disp["a"], pair.ka["a"]):
             proc.signal_group(signal.SIGKILL)
-        lab.run(pair.ns["a"], ["ip", "link", "set", pair.dev["a"], "down"])
-        poller.start()
         starter = threading.Thread(target=initiate)
         starter.start()
+        poller.start()
+        # (after the threads: taking a veth down can take a second here)
+        lab.run(pair.ns["a"], ["ip", "link", "set", pair.dev["a"], "down"])
         streams.wait(timeout=STREAM_S + 20)
         starter.join(NEW_IKE_TIMEOUT_S + 10)
         takeover.stop.set()
