@@ -103,6 +103,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("tests/test_dispatcher_failover_strongswan.py",
      "test_kill_9_of_the_dispatcher_with_strongswan"):
         "no Python traceback in the cluster's log (log hygiene, not an event)",
+    ("tests/test_twohost_strongswan.py", "diag"):
+        "strongSwan's own log, shown when a check fails (a diagnosis, not a cluster event)",
+    ("tests/test_twohost_strongswan.py", "test_the_active_host_stopped_with_strongswan"):
+        "no Python traceback in the new active dispatcher's log (log hygiene, not an event)",
     ("tests/test_cluster_multihost.py", "test_members_on_other_hosts_over_curve"):
         "the refusal's log line itself (logger ipsec_cluster.zap, level WARNING) after the "
         "refusal was learnt from its counter",
