@@ -83,6 +83,19 @@ def cmd_dispatcher(args: argparse.Namespace) -> int:
     return run_dispatcher(config, args.config, args.channel_fd, read_config, spare=args.spare)
 
 
+def parse_udp_fds(items: list[str]) -> dict[int, int]:
+    """``--udp-fd PORT=FD`` arguments (set by ``run``): port -> fd; one
+    StartupError line for anything else."""
+    out = {}
+    for item in items:
+        port, _, fd = item.partition("=")
+        if not (port.isdigit() and fd.isdigit() and 1 <= int(port) <= 65535
+                and int(fd) <= 2**31 - 1):
+            raise StartupError(f"--udp-fd {item}: expected PORT=FD (given by `ipsec-cluster run`)")
+        out[int(port)] = int(fd)
+    return out
+
+
 def cmd_member(args: argparse.Namespace) -> int:
     from member.main import run_member
 
@@ -91,12 +104,7 @@ def cmd_member(args: argparse.Namespace) -> int:
         raise StartupError(f"--id: expected a member id in 1..{MAX_MEMBERS}, got {args.id}")
     _setup_logging(args.log_level or config.cluster.log_level, config.cluster.log_format,
                    f"member {args.id}")
-    udp_fds = {}
-    for item in args.udp_fd or []:
-        port, _, fd = item.partition("=")
-        if not (port.isdigit() and fd.isdigit() and 1 <= int(port) <= 65535):
-            raise StartupError(f"--udp-fd {item}: expected PORT=FD (given by `ipsec-cluster run`)")
-        udp_fds[int(port)] = int(fd)
+    udp_fds = parse_udp_fds(args.udp_fd or [])
     return run_member(config, args.config, args.id, args.connect, key_stdin=args.key_stdin,
                       udp_fds=udp_fds, tun_fd=args.tun_fd)
 
